@@ -1,0 +1,193 @@
+"""``python -m bcd_engine <command>``: headless, scriptable access to the engine.
+
+With ``--json`` a command prints exactly one JSON document on stdout; logs, warnings and progress bars
+go to stderr. Bad input prints one line ``bcd: error: ...`` on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from .errors import BCDError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of a usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"bcd: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m bcd_engine", description="bcd: blood cancer detection by transfer learning")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return sub
+
+    scan = command("scan", "scan a folder of class subfolders: counts, unreadable files, duplicate groups")
+    scan.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+
+    command("runs", "list the stored runs with their headline metrics")
+    command("backbones", "list the available backbones")
+
+    train = command("train", "fine-tune a backbone on a folder, evaluate it on its test split and store it")
+    train.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+    train.add_argument("--backbone", required=True, help="backbone name (see the backbones command)")
+    train.add_argument("--weights", help="imagenet, none or a path to a .weights.h5 file (default: none)")
+    train.add_argument("--epochs", type=int, help="phase-1 epochs (head on the frozen backbone)")
+    train.add_argument("--fine-tune-epochs", type=int, help="phase-2 epochs with the top layers unfrozen")
+    train.add_argument("--fine-tune-layers", type=int, help="number of top backbone layers to unfreeze in phase 2")
+    train.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's native)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--fine-tune-learning-rate", type=float)
+    train.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
+    train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--class-weights", action="store_true", default=None, help="weight classes by frequency")
+    train.add_argument("--dense-units", type=int, help="units of the head's dense layer (0: none)")
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--pooling", choices=("avg", "max"))
+    train.add_argument("--patience", type=int, help="early-stopping patience on validation loss")
+    train.add_argument("--augment", type=int, help="augmented views per training image, 1 to 20")
+    train.add_argument("--val-fraction", type=float)
+    train.add_argument("--test-fraction", type=float)
+    train.add_argument("--seed", type=int)
+
+    evaluate = command("evaluate", "run a trained model on another folder with the same class names")
+    evaluate.add_argument("--run", type=int, required=True, help="run id")
+    evaluate.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+
+    predict = command("predict", "predict the class of image files with a trained run")
+    predict.add_argument("--run", type=int, required=True, help="run id")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    return parser
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to stdout (Python and C level) to stderr; yield the real stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    real_stdout = os.fdopen(saved, "w")
+    os.dup2(2, 1)
+    previous, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield real_stdout
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        sys.stdout = previous
+        real_stdout.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    with _stdout_to_stderr() as real_stdout:
+        try:
+            payload, text, code = _run(args)
+        except BCDError as exc:
+            print(f"bcd: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        output = json.dumps(payload, indent=2, default=str) if args.json else text
+        real_stdout.write(output + "\n")
+        real_stdout.flush()
+    return code
+
+
+def _run(args) -> tuple[object, str, int]:
+    """Run one command: (JSON payload, human-readable text, exit code)."""
+    handler = globals()[f"_cmd_{args.command}"]
+    return handler(args)
+
+
+def _cmd_scan(args):
+    from .datasets import scan_dataset
+
+    result = scan_dataset(args.data, progress=True).to_dict()
+    lines = [f"{result['n_images']} images in {len(result['classes'])} classes under {result['root']}"]
+    lines += [f"  {name}: {count}" for name, count in result["classes"].items()]
+    lines.append(f"unreadable: {len(result['unreadable'])}")
+    lines += [f"  {item['path']}: {item['reason']}" for item in result["unreadable"]]
+    lines.append(f"exact-duplicate groups: {len(result['duplicate_groups'])}")
+    lines.append(f"near-duplicate groups: {len(result['near_duplicate_groups'])}")
+    return result, "\n".join(lines), 0
+
+
+def _cmd_runs(args):
+    from .store import RunStore
+
+    runs = [
+        {"id": r.id, "backbone": r.backbone, "status": r.status, "protocol": r.protocol,
+         "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc, "created_at": r.created_at,
+         "seconds": r.seconds}
+        for r in RunStore().list_runs()
+    ]
+    lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  protocol"]
+    for r in runs:
+        acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        auc = "-" if r["macro_auc"] is None else f"{r['macro_auc']:.4f}"
+        lines.append(f"{r['id']:>4}  {r['backbone']:<14} {r['status']:<11} {acc:>8} {auc:>6}  {r['protocol']}")
+    return {"runs": runs}, "\n".join(lines) if runs else "no runs yet", 0
+
+
+def _cmd_backbones(args):
+    from dataclasses import asdict
+
+    from .backbones import BACKBONES
+
+    rows = [asdict(spec) for spec in BACKBONES.values()]
+    lines = [f"{s['name']:<15} {s['native_size']:>4}px  {s['params_millions']:>6.1f}M  {s['description']}" for s in rows]
+    return {"backbones": rows}, "\n".join(lines), 0
+
+
+def _cmd_train(args):
+    from .config import TrainConfig
+    from .training import train
+
+    config = TrainConfig.for_backbone(
+        args.backbone, weights=args.weights, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_layers=args.fine_tune_layers, image_size=args.image_size, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
+        optimizer=args.optimizer, label_smoothing=args.label_smoothing, class_weights=args.class_weights,
+        dense_units=args.dense_units, dropout=args.dropout, pooling=args.pooling, patience=args.patience,
+        augment=args.augment, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+    )
+    result = train(config, args.data, progress=True).to_dict()
+    result.pop("model_path")
+    text = (f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
+            f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
+            f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']} s)")
+    return result, text, 0 if result["status"] == "completed" else 1
+
+
+def _cmd_evaluate(args):
+    from .inference import evaluate_run_on_folder
+
+    evaluation = evaluate_run_on_folder(args.run, args.data, progress=True)
+    payload = {
+        "n_images": evaluation.metrics["n"], "accuracy": evaluation.accuracy,
+        "macro_f1": evaluation.metrics["macro_f1"], "macro_auc": evaluation.macro_auc,
+        "confusion_matrix": evaluation.confusion_matrix, "class_names": evaluation.class_names,
+    }
+    text = (f"run {args.run} on {args.data}: {payload['n_images']} images, accuracy {payload['accuracy']:.4f}, "
+            f"macro F1 {payload['macro_f1']:.4f}, macro AUC {payload['macro_auc']}")
+    return payload, text, 0
+
+
+def _cmd_predict(args):
+    from .inference import predict_files
+
+    results = predict_files(args.run, args.images)
+    lines = [f"{r['path']}: {r['predicted_class']} ({max(r['probabilities'].values()):.3f})" if "error" not in r
+             else f"{r['path']}: error: {r['error']}" for r in results]
+    code = 0 if any("error" not in r for r in results) else 1
+    return results, "\n".join(lines), code

@@ -1,0 +1,393 @@
+"""Scanning a dataset folder (one subfolder per class) and loading images.
+
+:func:`scan_dataset` reads every image once, records its md5, size, mode and a 16x16 gradient
+hash, sorts out files that do not decode, and groups exact and near duplicates so that splits
+can keep each group on one side. Per-file results are cached, so re-scanning an unchanged
+folder is near-instant. :func:`load_image` is the one loader the rest of the engine uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from bcd_engine import settings
+from bcd_engine.errors import ConfigError, DataError, ImageLoadError
+
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+DHASH_SIZE = 16
+_CACHE_FORMAT = 1
+_MAX_REASON_CHARS = 160
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What a scan learned about one file."""
+
+    path: str
+    class_name: str
+    md5: str
+    size_bytes: int
+    width: int
+    height: int
+    mode: str
+    readable: bool
+    error: str | None
+    dhash: str | None
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """A scanned dataset: readable images (sorted by class, then path), unreadable files, duplicates."""
+
+    root: str
+    images: tuple[ImageRecord, ...]
+    unreadable: tuple[ImageRecord, ...]
+    class_names: tuple[str, ...]
+    duplicate_groups: tuple[tuple[str, ...], ...]
+    near_duplicate_groups: tuple[tuple[str, ...], ...]
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """Number of readable images per class, in class order."""
+        counts = dict.fromkeys(self.class_names, 0)
+        for record in self.images:
+            counts[record.class_name] += 1
+        return counts
+
+    @property
+    def n_images(self) -> int:
+        """Number of readable images."""
+        return len(self.images)
+
+    @property
+    def paths(self) -> list[str]:
+        """Absolute paths of the readable images, aligned with :attr:`images`."""
+        return [record.path for record in self.images]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class index (into :attr:`class_names`) of every readable image."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return np.array([index[record.class_name] for record in self.images], dtype=np.int64)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Group id of every readable image: near-duplicates share one id, other images get their own."""
+        group_of_path = {path: k for k, group in enumerate(self.near_duplicate_groups) for path in group}
+        ids: dict[tuple[str, int], int] = {}
+        out = np.empty(len(self.images), dtype=np.int64)
+        for i, record in enumerate(self.images):
+            key = ("group", group_of_path[record.path]) if record.path in group_of_path else ("image", i)
+            out[i] = ids.setdefault(key, len(ids))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document the CLI prints for a scan."""
+        return {
+            "root": self.root,
+            "n_images": self.n_images,
+            "classes": self.class_counts,
+            "unreadable": [{"path": r.path, "reason": r.error} for r in self.unreadable],
+            "duplicate_groups": [list(group) for group in self.duplicate_groups],
+            "near_duplicate_groups": [list(group) for group in self.near_duplicate_groups],
+        }
+
+
+def scan_dataset(
+    root: str | os.PathLike[str],
+    *,
+    use_cache: bool = True,
+    progress: bool = False,
+    near_duplicate_distance: int = 12,
+    allow_single_class: bool = False,
+) -> ScanResult:
+    """Scan ``root/<Class>/*`` for images; raise :class:`DataError` when the folder cannot be used."""
+    if isinstance(near_duplicate_distance, bool) or not isinstance(near_duplicate_distance, int) or not (
+        0 <= near_duplicate_distance <= DHASH_SIZE * DHASH_SIZE
+    ):
+        raise ConfigError(
+            f"near_duplicate_distance must be an integer from 0 to {DHASH_SIZE * DHASH_SIZE}, "
+            f"got {near_duplicate_distance!r}"
+        )
+    root_path = Path(root).expanduser().resolve()
+    files = _list_files(root_path)
+
+    cache_file = _cache_file(root_path) if use_cache else None
+    cached = _read_cache(cache_file) if cache_file is not None else {}
+    stats = {path: os.stat(path) for _, path in files}
+    todo = [path for _, path in files if _cache_key(stats[path]) != tuple(cached.get(path, {}).get("key", ()))]
+
+    fresh: dict[str, dict[str, Any]] = {}
+    if todo:
+        workers = min(8, os.cpu_count() or 1, len(todo))
+        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            total=len(todo), disable=not progress, file=sys.stderr, desc="Scanning images", unit="img"
+        ) as bar:
+            for path, info in zip(todo, pool.map(_read_file, todo)):
+                fresh[path] = {"key": list(_cache_key(stats[path])), **info}
+                bar.update()
+    entries = {path: fresh.get(path) or cached[path] for _, path in files}
+    if cache_file is not None and (fresh or set(cached) != set(entries)):
+        _write_cache(cache_file, root_path, entries)
+
+    records = [_record(path, class_name, entries[path]) for class_name, path in files]
+    images = [r for r in records if r.readable]
+    unreadable = tuple(r for r in records if not r.readable)
+    if not images:
+        raise DataError(f"{root_path}: none of the {len(records)} image files could be read")
+    class_names = tuple(sorted({r.class_name for r in images}))
+    if len(class_names) < 2 and not allow_single_class:
+        raise DataError(
+            f"{root_path}: needs at least two classes with readable images, found only {class_names[0]!r}"
+        )
+    images.sort(key=lambda r: (r.class_name, r.path))
+    return ScanResult(
+        root=str(root_path),
+        images=tuple(images),
+        unreadable=unreadable,
+        class_names=class_names,
+        duplicate_groups=_duplicate_groups(images),
+        near_duplicate_groups=_near_duplicate_groups(images, near_duplicate_distance),
+    )
+
+
+def load_image(path_or_bytes: str | os.PathLike[str] | bytes, *, image_size: int | None = None) -> np.ndarray:
+    """Decode an image file (or its bytes) to a uint8 RGB array, optionally resized to image_size x image_size."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        name, data = "image bytes", bytes(path_or_bytes)
+    else:
+        name = str(path_or_bytes)
+        try:
+            data = Path(path_or_bytes).read_bytes()
+        except OSError as exc:
+            raise ImageLoadError(f"{name}: cannot read file ({_short(exc)})") from exc
+    try:
+        img = _decode(data)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{name}: {exc}") from exc
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    if image_size is not None and img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)
+
+
+def _list_files(root: Path) -> list[tuple[str, str]]:
+    """(class name, absolute path) of every supported, non-hidden file in root's class subfolders."""
+    if not root.exists():
+        raise DataError(f"dataset folder does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"dataset path is not a folder: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} is empty: no class subfolders (expected {root}/<Class>/<image>)")
+    files = [
+        (class_dir.name, str(path))
+        for class_dir in class_dirs
+        for path in sorted(class_dir.iterdir())
+        if not path.name.startswith(".") and path.suffix.lower() in SUPPORTED_EXTENSIONS and path.is_file()
+    ]
+    if not files:
+        raise DataError(
+            f"{root} is empty: no supported image files ({', '.join(SUPPORTED_EXTENSIONS)}) in its class subfolders"
+        )
+    return files
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """Hash and fully decode one file; the result is what the cache stores."""
+    info: dict[str, Any] = {"md5": "", "size": 0, "width": 0, "height": 0, "mode": "", "error": None, "dhash": None}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        info["error"] = f"cannot read file ({_short(exc)})"
+        return info
+    info["md5"] = hashlib.md5(data).hexdigest()
+    info["size"] = len(data)
+    try:
+        img = _decode(data)
+    except ImageLoadError as exc:
+        info["error"] = str(exc)
+        return info
+    info["width"], info["height"] = img.size
+    info["mode"] = img.mode
+    info["dhash"] = str(imagehash.dhash(img.convert("RGB"), hash_size=DHASH_SIZE))
+    return info
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Open and fully decode image bytes (first frame); raise ImageLoadError with a short reason."""
+    if not data:
+        raise ImageLoadError("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError("not a recognised image format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"too large to decode safely ({_short(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unusable
+        raise ImageLoadError(f"corrupt or truncated image ({_short(exc)})") from exc
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: 16-bit and float scaled to 8 bits, transparency composited on white."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max(initial=0.0))
+        if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
+            arr = arr / 257.0
+        elif img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
+
+
+def _record(path: str, class_name: str, info: dict[str, Any]) -> ImageRecord:
+    return ImageRecord(
+        path=path,
+        class_name=class_name,
+        md5=info["md5"],
+        size_bytes=info["size"],
+        width=info["width"],
+        height=info["height"],
+        mode=info["mode"],
+        readable=info["error"] is None,
+        error=info["error"],
+        dhash=info["dhash"],
+    )
+
+
+def _duplicate_groups(images: list[ImageRecord]) -> tuple[tuple[str, ...], ...]:
+    """Paths of readable images with equal md5, in image order, groups ordered by first member."""
+    by_md5: dict[str, list[str]] = {}
+    for record in images:
+        by_md5.setdefault(record.md5, []).append(record.path)
+    return tuple(tuple(paths) for paths in by_md5.values() if len(paths) > 1)
+
+
+def _near_duplicate_groups(images: list[ImageRecord], max_distance: int) -> tuple[tuple[str, ...], ...]:
+    """Union-find over pairs whose dhash Hamming distance is <= max_distance (exact duplicates included)."""
+    n = len(images)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    def union(pairs: Iterable[tuple[int, int]]) -> None:
+        for a, b in pairs:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+
+    union(_close_pairs(_hash_words(images), max_distance))
+    first_of_md5: dict[str, int] = {}
+    union((first_of_md5.setdefault(r.md5, i), i) for i, r in enumerate(images))
+
+    members: dict[int, list[str]] = {}
+    for i, record in enumerate(images):
+        members.setdefault(find(i), []).append(record.path)
+    return tuple(tuple(paths) for _, paths in sorted(members.items()) if len(paths) > 1)
+
+
+def _hash_words(images: list[ImageRecord]) -> np.ndarray:
+    """The readable images' dhashes as an (n, words) uint64 bit array."""
+    n_bytes = DHASH_SIZE * DHASH_SIZE // 8
+    raw = b"".join(bytes.fromhex(r.dhash or "") for r in images)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(len(images), n_bytes).view(np.uint64)
+
+
+def _close_pairs(words: np.ndarray, max_distance: int, block: int = 512) -> list[tuple[int, int]]:
+    """Index pairs (i < j) whose Hamming distance is <= max_distance, computed in row blocks."""
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(words), block):
+        rows = words[start : start + block]
+        distance = _popcount(rows[:, None, :] ^ words[None, start:, :]).sum(axis=2)
+        ii, jj = np.nonzero(distance <= max_distance)
+        keep = jj > ii
+        pairs.extend(zip((ii[keep] + start).tolist(), (jj[keep] + start).tolist()))
+    return pairs
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 element (numpy >= 2 has a native ufunc; older numpy counts bytes)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return table[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
+
+
+def _cache_key(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _cache_file(root: Path) -> Path:
+    digest = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:24]
+    return settings.cache_dir() / "scan" / f"{digest}.json"
+
+
+def _read_cache(cache_file: Path) -> dict[str, dict[str, Any]]:
+    """Per-file entries from the cache file; a missing or corrupt file gives an empty cache."""
+    try:
+        doc = json.loads(cache_file.read_text(encoding="utf-8"))
+        files = doc["files"] if doc.get("format") == _CACHE_FORMAT else {}
+        return {path: entry for path, entry in files.items() if _valid_entry(entry)}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _valid_entry(entry: Any) -> bool:
+    """Whether a cache entry has every field, with a full-length dhash exactly when it is readable."""
+    required = {"key", "md5", "size", "width", "height", "mode", "error", "dhash"}
+    if not isinstance(entry, dict) or not required <= entry.keys():
+        return False
+    dhash = entry["dhash"]
+    readable = entry["error"] is None
+    return not readable or (isinstance(dhash, str) and len(dhash) == DHASH_SIZE * DHASH_SIZE // 4)
+
+
+def _write_cache(cache_file: Path, root: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Write the cache atomically (temp file + os.replace); failing to write only warns."""
+    doc = {"format": _CACHE_FORMAT, "root": str(root), "files": entries}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, separators=(",", ":"))
+            os.replace(tmp, cache_file)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        warnings.warn(f"could not write the scan cache {cache_file}: {exc}", RuntimeWarning, stacklevel=3)

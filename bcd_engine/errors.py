@@ -1,0 +1,33 @@
+"""The engine's error types: one root, specific subclasses.
+
+Pages and the CLI catch :class:`BCDError` and show its message; anything else is a bug.
+"""
+from __future__ import annotations
+
+
+class BCDError(Exception):
+    """Root of every error the engine raises on purpose (bad input, missing files, ...)."""
+
+
+class DataError(BCDError):
+    """A dataset folder or image cannot be used (missing, empty, one class, unreadable)."""
+
+
+class ConfigError(BCDError):
+    """A configuration value is invalid (unknown backbone, image size too small, ...)."""
+
+
+class StoreError(BCDError):
+    """The run store cannot be reached or a record is missing."""
+
+
+class RunNotFoundError(StoreError):
+    """No run has the given id."""
+
+
+class ImageLoadError(DataError):
+    """One image file cannot be read as a supported image."""
+
+
+class CancelledError(BCDError):
+    """A run was cancelled through the store while it was running."""

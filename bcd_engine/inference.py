@@ -1,0 +1,105 @@
+"""Using a trained run: load its model safely, predict images, evaluate it on another folder."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import settings
+from .backbones import get_backbone
+from .config import TrainConfig
+from .datasets import load_image, scan_dataset
+from .errors import DataError, ImageLoadError, StoreError
+from .evaluation import Evaluation, evaluate_probabilities
+from .features import file_sha256
+from .store import RunStore
+from .training import load_images, predict_proba
+
+
+@dataclass
+class LoadedModel:
+    """A run's Keras model with what is needed to feed it."""
+
+    run_id: int
+    model: object
+    config: TrainConfig
+    class_names: list[str]
+
+    def preprocess(self):
+        return get_backbone(self.config.backbone).preprocess()
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for uint8 images already at the model's size."""
+        return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size)
+
+
+def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel:
+    """Load the model a completed run saved, after checking it lies in the artifacts folder and its sha256."""
+    import keras
+
+    store = store or RunStore()
+    run = store.get_run(run_id)
+    if run.status != "completed":
+        raise StoreError(f"run {run_id} is {run.status}, not completed: it has no model to use")
+    models = [a for a in store.get_artifacts(run_id) if a.kind == "model"]
+    if not models:
+        raise StoreError(f"run {run_id} has no saved model")
+    path = Path(models[-1].path).resolve()
+    root = settings.artifacts_dir().resolve()
+    if root not in path.parents:
+        raise StoreError(f"model of run {run_id} lies outside the artifacts folder {root}; refusing to load it")
+    if not path.is_file():
+        raise StoreError(f"model file of run {run_id} is missing: {path}")
+    if file_sha256(path) != models[-1].sha256:
+        raise StoreError(f"model file of run {run_id} does not match its recorded sha256; refusing to load it")
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
+
+
+def predict_files(run_id: int, paths: list[str], *, store: RunStore | None = None) -> list[dict]:
+    """Predict each image file; a file that cannot be read gets ``{"path", "error"}`` and the rest go on."""
+    loaded = load_run_model(run_id, store=store)
+    results: list[dict] = [{"path": str(p)} for p in paths]
+    images, ok = [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path, image_size=loaded.config.image_size))
+            ok.append(i)
+        except ImageLoadError as exc:
+            results[i]["error"] = str(exc)
+    if images:
+        probabilities = loaded.predict_arrays(np.stack(images))
+        for i, prob in zip(ok, probabilities):
+            results[i]["predicted_class"] = loaded.class_names[int(prob.argmax())]
+            results[i]["probabilities"] = {name: float(p) for name, p in zip(loaded.class_names, prob)}
+    return results
+
+
+def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: RunStore | None = None,
+                           progress: bool = False) -> Evaluation:
+    """External validation: the run's model on every readable image of a folder with the same class names."""
+    store = store or RunStore()
+    loaded = load_run_model(run_id, store=store)
+    scan = scan_dataset(data_dir, progress=progress, allow_single_class=True)
+    unknown = sorted(set(scan.class_names) - set(loaded.class_names))
+    if unknown:
+        raise DataError(
+            f"class names of {data_dir} ({', '.join(scan.class_names)}) differ from run {run_id}'s "
+            f"({', '.join(loaded.class_names)}): unknown {', '.join(unknown)}"
+        )
+    images = load_images(list(scan.paths), image_size=loaded.config.image_size, progress=progress)
+    y_true = np.array([loaded.class_names.index(scan.class_names[k]) for k in scan.labels])
+    y_prob = loaded.predict_arrays(images)
+    evaluation = evaluate_probabilities(y_true, y_prob, class_names=loaded.class_names)
+    store.save_evaluation(
+        run_id, name="external", data_dir=str(scan.root), metrics=evaluation.metrics,
+        class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
+        predictions=[
+            {"path": path, "true_class": loaded.class_names[t], "predicted_class": loaded.class_names[int(p)],
+             "probabilities": prob.tolist()}
+            for path, t, p, prob in zip(scan.paths, y_true, evaluation.predicted, y_prob)
+        ],
+    )
+    return evaluation

@@ -1,0 +1,139 @@
+"""The CLI as a user scripts it: one JSON document on stdout, one-line errors with exit code 2."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update(BCD_DATABASE_URL=f"sqlite:///{tmp_path / 'results.db'}", BCD_ARTIFACTS_DIR=str(tmp_path / "artifacts"),
+               BCD_CACHE_DIR=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="3")
+    return env
+
+
+def bcd(*args, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bcd_engine", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]  # progress bars may come before it
+    assert last.startswith("bcd: error:") and proc.stderr.count("bcd: error:") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in last
+
+
+def test_scan_json_is_one_document(synthetic_dataset, cli_env):
+    proc = bcd("scan", "--data", synthetic_dataset, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["n_images"] == sum(doc["classes"].values()) > 0
+    assert set(doc) >= {"n_images", "classes", "unreadable", "duplicate_groups", "near_duplicate_groups"}
+
+
+def test_scan_reports_unreadable_files_and_still_succeeds(synthetic_dataset, tmp_path, cli_env):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    broken = data / sorted(p.name for p in data.iterdir() if p.is_dir())[0] / "broken.jpg"
+    broken.write_text("<html>not an image</html>")
+    doc = json.loads(bcd("scan", "--data", data, "--json", env=cli_env).stdout)
+    assert [u["path"] for u in doc["unreadable"]] == [str(broken)]
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: d / "missing", "does not exist"),
+        (lambda d: d, "is empty"),
+        (lambda d: _one_class(d), "at least two classes"),
+    ],
+)
+def test_scan_bad_folders(tmp_path, cli_env, make, fragment):
+    assert_one_line_error(bcd("scan", "--data", make(tmp_path), env=cli_env), fragment)
+
+
+def _one_class(folder: Path) -> Path:
+    from PIL import Image
+
+    (folder / "Benign").mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "Benign" / "a.png")
+    return folder
+
+
+def test_folder_without_a_readable_image(tmp_path, cli_env):
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jpg").write_bytes(b"")
+    assert_one_line_error(bcd("scan", "--data", tmp_path, env=cli_env), "could be read")
+
+
+@pytest.mark.parametrize("args, fragment", [(["fly"], "invalid choice"), (["runs", "--colour"], "unrecognized")])
+def test_unknown_command_or_option(cli_env, args, fragment):
+    assert_one_line_error(bcd(*args, env=cli_env), fragment)
+
+
+def test_unreachable_database(cli_env):
+    cli_env["BCD_DATABASE_URL"] = "postgresql://bcd:secret@127.0.0.1:1/nowhere"
+    proc = bcd("runs", "--json", env=cli_env)
+    assert_one_line_error(proc, "127.0.0.1:1")
+    assert "secret" not in proc.stderr
+
+
+def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env):
+    proc = bcd("train", "--data", synthetic_dataset, "--backbone", "mobilenetv2", "--weights", "none",
+               "--image-size", 32, "--epochs", 2, "--batch-size", 8, "--augment", 2, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    trained = json.loads(proc.stdout)
+    assert trained["status"] == "completed" and 0 <= trained["test_accuracy"] <= 1
+    for key in ("run_id", "backbone", "protocol", "n_train", "n_val", "n_test", "macro_auc", "seconds"):
+        assert key in trained
+    run_id = trained["run_id"]
+
+    evaluated = json.loads(bcd("evaluate", "--run", run_id, "--data", synthetic_dataset, "--json", env=cli_env).stdout)
+    assert evaluated["n_images"] == trained["n_train"] + trained["n_val"] + trained["n_test"]
+    assert sum(map(sum, evaluated["confusion_matrix"])) == evaluated["n_images"]
+
+    images = sorted(Path(synthetic_dataset).glob("*/*.png"))[:2]
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    proc = bcd("predict", "--run", run_id, *images, junk, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    predictions = json.loads(proc.stdout)
+    assert [p["path"] for p in predictions] == [str(p) for p in [*images, junk]]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions[:2])
+    assert "error" in predictions[2] and "predicted_class" not in predictions[2]
+    assert bcd("predict", "--run", run_id, junk, env=cli_env).returncode == 1
+
+    runs = json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"]
+    assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "completed"
+
+    other = tmp_path / "other"
+    for name in ("Cats", "Dogs"):
+        shutil.copytree(next(Path(synthetic_dataset).iterdir()), other / name)
+    assert_one_line_error(bcd("evaluate", "--run", run_id, "--data", other, env=cli_env), "differ")
+    assert_one_line_error(bcd("predict", "--run", 999, images[0], env=cli_env), "999")
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--backbone", "alexnet"], "unknown backbone"),
+        (["--backbone", "inceptionv3", "--image-size", "64"], "minimum"),
+        (["--backbone", "resnet50", "--weights", "/nope/w.weights.h5"], "weights file not found"),
+    ],
+)
+def test_train_bad_input_writes_nothing(synthetic_dataset, cli_env, extra, fragment):
+    assert_one_line_error(bcd("train", "--data", synthetic_dataset, *extra, env=cli_env), fragment)
+    assert json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"] == []

@@ -1,0 +1,166 @@
+"""Training on tiny synthetic images with random weights: backbones, cache, equivalence, cancellation."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bcd_engine.backbones import BACKBONES, build_backbone, get_backbone
+from bcd_engine.config import AugmentConfig, TrainConfig
+from bcd_engine.errors import ConfigError
+from bcd_engine.store import RunStore
+
+keras = pytest.importorskip("keras")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> RunStore:
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    return RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+
+
+def tiny_config(backbone: str = "mobilenetv2", **overrides) -> TrainConfig:
+    spec = get_backbone(backbone)
+    base = dict(weights=None, image_size=max(32, spec.min_size), epochs=2, batch_size=8, dense_units=16,
+                dropout=0.0, augment=AugmentConfig(factor=2), patience=2)
+    base.update(overrides)
+    return TrainConfig(backbone=backbone, **base)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_and_trains_one_step(name):
+    spec = get_backbone(name)
+    size = max(32, spec.min_size)
+    backbone = build_backbone(spec, image_size=size, weights=None)
+    assert backbone.get_layer(spec.last_conv_layer) is not None
+    inputs = keras.Input((size, size, 3))
+    outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(backbone(inputs)))
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "categorical_crossentropy")
+    x = spec.preprocess()(np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32"))
+    loss = model.train_on_batch(x, keras.utils.to_categorical([0, 3], 4))
+    assert np.isfinite(float(np.asarray(loss).ravel()[0]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"backbone": "alexnet"}, "unknown backbone 'alexnet'"),
+        ({"backbone": "inceptionv3", "image_size": 64}, "below inceptionv3's minimum of 75"),
+        ({"weights": "/nonexistent/w.weights.h5"}, "weights file not found"),
+        ({"augment": AugmentConfig(factor=1), "epochs": 0}, "epochs must be >= 1"),
+        ({"optimizer": "adagrad"}, "optimizer must be one of"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_message(overrides, message):
+    backbone = overrides.pop("backbone", "mobilenetv2")
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(backbone, **overrides)
+
+
+def test_augmentation_factor_is_bounded():
+    with pytest.raises(ConfigError, match="between 1 and 20"):
+        AugmentConfig(factor=21)
+
+
+def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dataset):
+    from bcd_engine.training import train
+
+    result = train(tiny_config(), synthetic_dataset, store=store)
+    assert result.status == "completed"
+    run = store.get_run(result.run_id)
+    assert run.status == "completed" and run.test_accuracy == result.test_accuracy
+    assert run.environment["tensorflow"] and run.environment["device"]
+    split = store.get_split(result.run_id)
+    assert {row["subset"] for row in split} == {"train", "val", "test"}
+    assert len(split) == result.n_train + result.n_val + result.n_test
+    assert [e.epoch for e in store.get_epochs(result.run_id)][:1] == [1]
+    (evaluation,) = store.get_evaluations(result.run_id)
+    assert evaluation.name == "test"
+    assert np.asarray(evaluation.confusion_matrix).sum() == result.n_test
+    for key in ("accuracy", "loss", "macro_f1", "parameters", "model_bytes", "latency_ms"):
+        assert key in evaluation.metrics
+    assert set(evaluation.metrics["per_class"]) == set(run.config["class_names"])
+    assert len(store.get_predictions(evaluation.id)) == result.n_test
+    (artifact,) = store.get_artifacts(result.run_id)
+    assert artifact.path.endswith("model.keras") and len(artifact.sha256) == 64
+
+
+def test_feature_cache_is_hit_on_identical_run_and_missed_when_augmentation_changes(store, synthetic_dataset):
+    from bcd_engine.training import train
+
+    first = train(tiny_config(), synthetic_dataset, store=store)
+    again = train(tiny_config(), synthetic_dataset, store=store)
+    changed = train(tiny_config(augment=AugmentConfig(factor=2, hue=0.05)), synthetic_dataset, store=store)
+    assert first.feature_cache["misses"] > 0 and first.feature_cache["hits"] == 0
+    assert again.feature_cache["misses"] == 0 and again.feature_cache["hits"] == first.feature_cache["misses"]
+    assert changed.feature_cache["hits"] == 0 and changed.feature_cache["file"] != first.feature_cache["file"]
+    assert again.test_accuracy == first.test_accuracy
+
+
+def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_path):
+    import tensorflow as tf
+
+    from bcd_engine.augment import augment_image, view_seeds
+    from bcd_engine.features import FeatureCache, build_feature_extractor, extract_features
+    from bcd_engine.training import assemble_model, build_head, compile_model, fit_head_on_features
+
+    config = tiny_config(epochs=3, patience=10, dense_units=8)
+    spec = get_backbone(config.backbone)
+    preprocess = spec.preprocess()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(12) % 4
+    keys = [f"{i:032x}" for i in range(12)]
+    train_rows, val_rows = np.arange(8).repeat(2), np.arange(8, 12)
+    train_views = np.tile([0, 1], 8)
+
+    keras.utils.set_random_seed(0)
+    extractor, backbone = build_feature_extractor(spec, config)
+    cache = FeatureCache.for_config(config, root=tmp_path)
+    common = dict(preprocess=preprocess, augment=config.augment, seed=config.seed, cache=cache, batch_size=4)
+    train_x = extract_features(extractor, images, train_rows, [keys[i] for i in train_rows], train_views, **common)
+    val_x = extract_features(extractor, images, val_rows, [keys[i] for i in val_rows], np.zeros(4, int), **common)
+    head = fit_head_on_features(train_x, labels[train_rows], val_x, labels[val_rows], n_classes=4, config=config)
+    cached_model = assemble_model(backbone, head, config)
+
+    # The naive way: the same views as images, through the frozen backbone on every step.
+    seeds = view_seeds([keys[i] for i in train_rows], train_views, seed=config.seed)
+    view_images = np.stack([
+        images[i].astype("float32") if v == 0 else np.asarray(augment_image(images[i].astype("float32"), s, config.augment))
+        for i, v, s in zip(train_rows, train_views, seeds)
+    ])
+    naive = assemble_model(backbone, build_head(train_x.shape[1], 4, config), config)
+    compile_model(naive, config, config.learning_rate)
+    train_ds = (tf.data.Dataset.from_tensor_slices((preprocess(view_images), keras.utils.to_categorical(labels[train_rows], 4)))
+                .shuffle(len(view_images), seed=config.seed, reshuffle_each_iteration=True).batch(config.batch_size))
+    val_data = (preprocess(images[val_rows].astype("float32")), keras.utils.to_categorical(labels[val_rows], 4))
+    naive.fit(train_ds, validation_data=val_data, epochs=config.epochs, verbose=0,
+              callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True)])
+
+    probe = preprocess(images.astype("float32"))
+    np.testing.assert_allclose(cached_model.predict(probe, verbose=0), naive.predict(probe, verbose=0), atol=1e-4)
+
+
+def test_cancelling_a_run_stops_it_and_keeps_its_epochs(store, synthetic_dataset):
+    from bcd_engine.training import train
+
+    config = tiny_config("scratch_cnn", epochs=1000, patience=1000, augment=AugmentConfig(factor=1))
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=train(config, synthetic_dataset, store=store)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (store.list_runs() and store.get_epochs(store.list_runs()[0].id)):
+        time.sleep(0.2)
+    run_id = store.list_runs()[0].id
+    store.request_cancel(run_id)
+    cancelled_at = time.monotonic()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert time.monotonic() - cancelled_at < 15
+    assert outcome["result"].status == "cancelled"
+    assert store.get_run(run_id).status == "cancelled"
+    assert len(store.get_epochs(run_id)) >= 1

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict = command("predict", "predict the class of image files with a trained run")
     predict.add_argument("--run", type=int, required=True, help="run id")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
+
+    worker = command("worker", "train queued runs one after another (the dashboard starts one when needed)")
+    worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
+    worker.add_argument("--poll", type=float, default=2.0, metavar="SECONDS", help="queue poll interval")
     return parser
 
 
@@ -191,3 +195,14 @@ def _cmd_predict(args):
              else f"{r['path']}: error: {r['error']}" for r in results]
     code = 0 if any("error" not in r for r in results) else 1
     return results, "\n".join(lines), code
+
+
+def _cmd_worker(args):
+    import logging
+
+    from .worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    done = run_worker(once=args.once, poll_seconds=args.poll)
+    text = "\n".join(f"run {d['run_id']}: {d['status']}" for d in done) or "no queued runs"
+    return {"runs": done}, text, 0

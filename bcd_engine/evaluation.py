@@ -58,7 +58,7 @@ def evaluate_probabilities(y_true, y_prob, *, class_names) -> Evaluation:
     present = np.unique(y_true)
     metrics = {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "loss": float(skm.log_loss(y_true, np.clip(y_prob, 1e-7, 1), labels=labels)),
+        "loss": float(skm.log_loss(y_true, y_prob, labels=labels)),
         "macro_f1": float(skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "macro_auc": float(np.mean(aucs)) if len(aucs) == len(class_names) else None,
         "n": int(len(y_true)),

@@ -29,6 +29,7 @@ from .store import RunStore
 
 PROTOCOL_HOLDOUT = "holdout (group-aware, stratified)"
 CANCEL_POLL_SECONDS = 1.0
+HEARTBEAT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,18 @@ class _RunMonitor:
 
     def __init__(self, store: RunStore, run_id: int, *, progress: bool):
         self.store, self.run_id, self.progress = store, run_id, progress
-        self._last_poll = 0.0
+        self._last_poll = self._last_heartbeat = 0.0
 
     def check_cancel(self) -> None:
+        """Raise CancelledError when the run's cancel flag is set; keep its heartbeat fresh meanwhile."""
         now = time.monotonic()
         if now - self._last_poll >= CANCEL_POLL_SECONDS:
             self._last_poll = now
             if self.store.is_cancel_requested(self.run_id):
                 raise CancelledError(f"run {self.run_id} was cancelled")
+        if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
+            self._last_heartbeat = now
+            self.store.heartbeat(self.run_id)
 
     def callback(self, *, phase: int, epochs: int):
         import keras

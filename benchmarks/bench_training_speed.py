@@ -1,0 +1,121 @@
+"""Frozen-backbone training: bcd's feature cache against the naive Keras workflow, interleaved.
+
+The naive way (what most notebooks do) is ``model.fit`` on backbone + head with the backbone frozen, so
+the backbone's forward pass is recomputed for every image in every epoch. bcd extracts each view's
+features once and trains the head on them. Both train the same head, on the same views, for the same
+number of epochs, in one process; the order alternates between repeats.
+
+    python benchmarks/bench_training_speed.py --epochs 10 [--limit 600] [--json]
+
+Uses ../shared/datasets/all_taleqani/Original and ../shared/weights when present, else the synthetic
+demo set with random weights (and says so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bcd_engine.backbones import get_backbone  # noqa: E402
+from bcd_engine.config import AugmentConfig, TrainConfig  # noqa: E402
+from bcd_engine.datasets import scan_dataset  # noqa: E402
+from bcd_engine.features import build_feature_extractor, extract_features  # noqa: E402
+from bcd_engine.splits import holdout_split  # noqa: E402
+from bcd_engine.synthetic import ensure_demo_dataset  # noqa: E402
+from bcd_engine.training import (  # noqa: E402
+    assemble_model, build_head, compile_model, configure_device, fit_head_on_features, load_images, predict_proba,
+)
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+ALL_DATA = SHARED / "datasets" / "all_taleqani" / "Original"
+RESNET_WEIGHTS = SHARED / "weights" / "resnet50_imagenet_notop.weights.h5"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=600, help="training images used (0: all)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    real = ALL_DATA.is_dir() and RESNET_WEIGHTS.is_file()
+    data = ALL_DATA if real else ensure_demo_dataset()
+    note = "ALL dataset, ImageNet ResNet50 weights" if real else "../shared missing: synthetic demo set, random weights"
+    print(f"data: {note}", file=sys.stderr)
+    environment = configure_device()
+    config = TrainConfig(backbone="resnet50", weights=str(RESNET_WEIGHTS) if real else None,
+                         image_size=224 if real else 96, epochs=args.epochs, patience=args.epochs + 1,
+                         dropout=0.0, augment=AugmentConfig(factor=1))
+    spec = get_backbone(config.backbone)
+    preprocess = spec.preprocess()
+    scan = scan_dataset(data)
+    split = holdout_split(scan.labels, scan.groups, seed=0)
+    train_rows = split.train[: args.limit] if args.limit else split.train
+    images = load_images(scan.paths, image_size=config.image_size)
+    labels, n_classes = scan.labels, len(scan.class_names)
+    md5s = [r.md5 for r in scan.images]
+    extractor, backbone = build_feature_extractor(spec, config)
+
+    def cached() -> float:
+        common = dict(preprocess=preprocess, augment=config.augment, seed=0, cache=None, batch_size=config.batch_size)
+        train_x = extract_features(extractor, images, train_rows, [md5s[i] for i in train_rows],
+                                   np.zeros(len(train_rows), int), **common)
+        val_x = extract_features(extractor, images, split.val, [md5s[i] for i in split.val],
+                                 np.zeros(len(split.val), int), **common)
+        head = fit_head_on_features(train_x, labels[train_rows], val_x, labels[split.val], n_classes=n_classes,
+                                    config=config)
+        return accuracy(assemble_model(backbone, head, config))
+
+    def naive() -> float:
+        import keras
+
+        model = assemble_model(backbone, build_head(backbone.output_shape[-1], n_classes, config), config)
+        compile_model(model, config, config.learning_rate)
+        x = preprocess(images[train_rows].astype("float32"))
+        val = (preprocess(images[split.val].astype("float32")), keras.utils.to_categorical(labels[split.val], n_classes))
+        model.fit(x, keras.utils.to_categorical(labels[train_rows], n_classes), batch_size=config.batch_size,
+                  epochs=config.epochs, validation_data=val, verbose=0)
+        return accuracy(model)
+
+    def accuracy(model) -> float:
+        prob = predict_proba(model, images[split.test], preprocess=preprocess)
+        return float((prob.argmax(1) == labels[split.test]).mean())
+
+    timings = {"naive": [], "cached": []}
+    accuracies = {"naive": [], "cached": []}
+    for repeat in range(args.repeats):
+        order = (("naive", naive), ("cached", cached)) if repeat % 2 == 0 else (("cached", cached), ("naive", naive))
+        for name, fn in order:
+            started = time.perf_counter()
+            accuracies[name].append(fn())
+            timings[name].append(time.perf_counter() - started)
+            print(f"{name}: {timings[name][-1]:.1f} s, test accuracy {accuracies[name][-1]:.4f}", file=sys.stderr)
+
+    result = {
+        "benchmark": "frozen-backbone training, naive model.fit vs bcd feature cache",
+        "data": note, "n_train": int(len(train_rows)), "n_test": int(len(split.test)), "epochs": args.epochs,
+        "image_size": config.image_size, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": environment["device"],
+        "naive_seconds": float(np.median(timings["naive"])), "cached_seconds": float(np.median(timings["cached"])),
+        "speedup": float(np.median(timings["naive"]) / np.median(timings["cached"])),
+        "naive_accuracy": float(np.mean(accuracies["naive"])), "cached_accuracy": float(np.mean(accuracies["cached"])),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Dataset explorer: what is in a dataset folder, before any training."""
+from pathlib import Path
+
+import plotly.express as px
+import streamlit as st
+
+from bcd_engine import dashboard
+from bcd_engine.augment import preview_views
+from bcd_engine.config import AugmentConfig
+from bcd_engine.datasets import load_image
+from bcd_engine.errors import BCDError
+from ui import common
+
+st.title("Dataset explorer")
+common.explain(
+    "A dataset is a folder with one subfolder of images per class. Here you see how many images each class "
+    "has, sample images, their size and colour per class, duplicates (which must never be split between "
+    "training and test) and what training-time augmentation does to one image.\n\n"
+    "The default is a **SYNTHETIC** demo set drawn by a program — not medical data. The real ALL dataset "
+    "(Aria et al., Kaggle `mehradaria/leukemia`) can be downloaded below or pointed at as a local folder."
+)
+common.demo_banner()
+store = common.store()
+
+SOURCES = ("Built-in or registered dataset", "Local folder", "Download the ALL dataset (Kaggle)")
+source = st.radio("Dataset", SOURCES, horizontal=True, key="explorer_source")
+if source == SOURCES[0]:
+    choices = dashboard.dataset_choices(store)
+    choice = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="explorer_dataset")
+    root = choice.root
+elif source == SOURCES[1]:
+    root = st.text_input("Folder with one subfolder per class", key="explorer_folder",
+                         placeholder="~/data/leukemia/Original").strip()
+    if not root:
+        st.info("Type the path of a folder on this machine, e.g. the `Original` folder of the ALL dataset.")
+        st.stop()
+    root = str(Path(root).expanduser())
+else:
+    st.caption("Needs internet and Kaggle credentials (`~/.kaggle/kaggle.json` or KAGGLE_USERNAME/KAGGLE_KEY). "
+               "The dataset's terms forbid redistribution, so bcd never ships it.")
+    if st.button("Download with kagglehub", key="explorer_kaggle", disabled=common.demo_mode()):
+        with st.spinner("Downloading ..."):
+            folder, message = dashboard.download_kaggle_dataset()
+        st.session_state["explorer_kaggle_path"] = None if folder is None else str(folder)
+        (st.success if folder else st.error)(message)
+    root = st.session_state.get("explorer_kaggle_path")
+    if not root:
+        st.stop()
+
+try:
+    scan = common.scan(root)
+except BCDError as exc:
+    st.error(str(exc))
+    st.stop()
+
+synthetic = Path(root).resolve() == Path(dashboard.ensure_demo_dataset()).resolve()
+if synthetic:
+    st.warning("**SYNTHETIC dataset** — images drawn by a program for demos and tests. Not medical data.",
+               icon=":material/science:")
+
+cols = st.columns(4)
+cols[0].metric("Images", scan.n_images)
+cols[1].metric("Classes", len(scan.class_names))
+cols[2].metric("Unreadable files", len(scan.unreadable))
+cols[3].metric("Near-duplicate groups", len(scan.near_duplicate_groups))
+
+balance, samples, stats_tab, dups, twins, augment = st.tabs(
+    ["Class balance", "Samples", "Size and colour", "Duplicates", "Original / Segmented", "Augmentation"])
+
+with balance:
+    counts = scan.class_counts
+    fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "class", "y": "images"},
+                 color=list(counts), text=list(counts.values()), title="Images per class")
+    st.plotly_chart(fig, key="explorer_balance_chart")
+    if scan.unreadable:
+        st.dataframe([{"path": r.path, "reason": r.error} for r in scan.unreadable], key="explorer_unreadable")
+
+by_class = dashboard.samples_by_class(scan)
+with samples:
+    c1, c2 = st.columns([2, 1])
+    class_name = c1.selectbox("Class", scan.class_names, key="explorer_sample_class")
+    per_page = 12
+    items, n_pages = dashboard.page_of(by_class[class_name], 1, per_page)
+    page = c2.number_input(f"Page (of {n_pages})", 1, n_pages, 1, key="explorer_sample_page")
+    items, _ = dashboard.page_of(by_class[class_name], int(page), per_page)
+    grid = st.columns(6)
+    for i, path in enumerate(items):
+        grid[i % 6].image(load_image(path), caption=Path(path).name, width="stretch")
+
+with stats_tab:
+    stats = common.image_stats(root)
+    st.caption(f"Measured on up to 40 images per class ({len(stats)} images), resized to 64 px.")
+    st.dataframe(dashboard.class_summary(stats), key="explorer_stats_table")
+    long = stats.melt(id_vars=["class"], value_vars=["mean_r", "mean_g", "mean_b"], var_name="channel",
+                      value_name="mean value")
+    st.plotly_chart(px.box(long, x="class", y="mean value", color="channel", title="Mean colour per class",
+                           color_discrete_map={"mean_r": "#d62728", "mean_g": "#2ca02c", "mean_b": "#1f77b4"}),
+                    key="explorer_colour_chart")
+    st.caption("Classes that differ in stain colour can be told apart without looking at cell shape — "
+               "a shortcut a CNN may learn instead of morphology.")
+
+with dups:
+    st.write(f"{len(scan.duplicate_groups)} exact-duplicate groups (same bytes), "
+             f"{len(scan.near_duplicate_groups)} near-duplicate groups (similar gradient hash).")
+    kind = st.radio("Show", ("exact", "near"), horizontal=True, key="explorer_dup_kind")
+    groups = scan.duplicate_groups if kind == "exact" else scan.near_duplicate_groups
+    if groups:
+        group = st.number_input(f"Group (of {len(groups)})", 1, len(groups), 1, key="explorer_dup_group")
+        members = groups[int(group) - 1][:6]
+        for col, path in zip(st.columns(len(members)), members):
+            col.image(load_image(path), caption=f"{Path(path).parent.name}/{Path(path).name}", width="stretch")
+    else:
+        st.success("No such groups in this dataset.")
+
+with twins:
+    other = dashboard.twin_root(root)
+    if other is None:
+        st.info("This folder has no `Original`/`Segmented` twin next to it (the ALL dataset has both).")
+    else:
+        path = st.selectbox("Image", scan.paths[:500], format_func=lambda p: Path(p).name, key="explorer_twin")
+        twin = dashboard.twin_of(path, root)
+        left, right = st.columns(2)
+        left.image(load_image(path), caption=f"{Path(root).name}: {Path(path).name}")
+        if twin is None:
+            right.info(f"No file with this name in {other}.")
+        else:
+            right.image(load_image(twin), caption=f"{other.name}: {twin.name}")
+
+with augment:
+    st.caption("Training shows the network random variations of each image, so it learns what does not "
+               "matter (orientation, small colour shifts). View 0 is the original.")
+    if st.toggle("Show augmentation preview", key="explorer_aug_on"):
+        c1, c2, c3, c4 = st.columns(4)
+        cfg = AugmentConfig(rotation_degrees=c1.slider("Rotation (degrees)", 0.0, 45.0, 15.0, key="explorer_aug_rot"),
+                            scale=c2.slider("Zoom", 0.0, 0.4, 0.1, key="explorer_aug_scale"),
+                            brightness=c3.slider("Brightness", 0.0, 0.4, 0.1, key="explorer_aug_bright"),
+                            hue=c4.slider("Hue", 0.0, 0.2, 0.02, key="explorer_aug_hue"))
+        image = load_image(by_class[scan.class_names[0]][0], image_size=128)
+        views = preview_views(image, cfg, n_views=8)
+        for i, (col, view) in enumerate(zip(st.columns(8), views)):
+            col.image(view, caption=f"view {i}", width="stretch")

@@ -1,0 +1,96 @@
+"""The dashboard pages through Streamlit's AppTest, on an empty isolated store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from bcd_engine import worker
+from bcd_engine.store import RunStore
+
+PAGES = ["pages/explorer.py", "pages/train.py", "pages/compare.py", "pages/diagnose.py"]
+TIMEOUT = 120
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Empty store, artifacts and cache under tmp_path; no worker process is ever spawned."""
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    monkeypatch.setenv("BCD_DATABASE_URL", url)
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BCD_DEMO_MODE", raising=False)
+    spawned = []
+    monkeypatch.setattr(worker, "spawn_worker", lambda: spawned.append(1) or 0)
+    return {"url": url, "spawned": spawned}
+
+
+def open_page(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    if page != PAGES[0]:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_an_empty_store(page):
+    at = open_page(page)
+    assert at.title[0].value
+    assert at.expander  # the "what am I looking at" explainer
+
+
+def test_explorer_shows_the_synthetic_demo_set_by_default():
+    at = open_page("pages/explorer.py")
+    assert any("SYNTHETIC" in w.value for w in at.warning)
+    assert at.metric[0].value == "240"
+    assert at.tabs and at.selectbox(key="explorer_sample_class").value == "Benign"
+
+
+def test_explorer_reports_a_bad_folder_without_crashing():
+    at = open_page("pages/explorer.py")
+    at.radio(key="explorer_source").set_value("Local folder").run()
+    at.text_input(key="explorer_folder").input("/nonexistent/folder").run()
+    assert not at.exception
+    assert "does not exist" in at.error[0].value
+
+
+def test_compare_and_diagnose_offer_the_demo_model_when_there_are_no_runs():
+    for page in ("pages/compare.py", "pages/diagnose.py"):
+        at = open_page(page)
+        assert any("No completed runs yet" in i.value for i in at.info)
+        assert at.button(key=f"{page.split('/')[1][:-3]}_train_demo")
+
+
+def test_launching_a_tiny_run_from_the_form_queues_it(isolated):
+    at = open_page("pages/train.py")
+    at.multiselect(key="train_backbones_sel").set_value(["mobilenetv2", "scratch_cnn"])
+    at.number_input(key="train_image_size").set_value(32)
+    at.number_input(key="train_epochs").set_value(1)
+    at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+    assert not at.exception, at.exception
+    runs = RunStore(isolated["url"]).list_runs()
+    assert sorted(r.backbone for r in runs) == ["mobilenetv2", "scratch_cnn"]
+    assert {r.status for r in runs} == {"queued"}
+    assert runs[0].config["train"]["image_size"] == 32 and runs[0].config["train"]["epochs"] == 1
+    assert isolated["spawned"]  # the page asked for a worker
+
+
+def test_train_demo_model_button_queues_the_demo_run(isolated):
+    at = open_page("pages/train.py")
+    at.button(key="train_demo").click().run()
+    (run,) = RunStore(isolated["url"]).list_runs()
+    assert (run.backbone, run.status) == ("scratch_cnn", "queued")
+    assert run.config["data_dir"].endswith("synthetic-demo")
+
+
+def test_demo_mode_hides_training(monkeypatch):
+    monkeypatch.setenv("BCD_DEMO_MODE", "1")
+    at = open_page("pages/train.py")
+    assert any("Demo mode" in i.value for i in at.info)
+    assert not [b for b in at.button if b.key in ("train_demo", "FormSubmitter:train_form-Queue run(s)")]
+    compare = open_page("pages/compare.py")
+    assert not [b for b in compare.button if b.key == "compare_train_demo"]

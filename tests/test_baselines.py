@@ -1,0 +1,65 @@
+"""The classical hand-crafted-feature baseline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bcd_engine.audit import N_COLOUR_FEATURES
+from bcd_engine.baselines import (
+    glcm_features,
+    handcrafted_features,
+    otsu_threshold,
+    shape_features,
+    train_classical_baseline,
+)
+from bcd_engine.datasets import scan_dataset
+from bcd_engine.errors import ConfigError
+
+
+def test_glcm_of_flat_and_striped_images():
+    flat = np.full((1, 8, 8), 100, dtype=np.uint8)
+    contrast, homogeneity, energy, correlation = glcm_features(flat)[0, :4]
+    assert (contrast, homogeneity, energy, correlation) == (0, 1, 1, 1)
+    stripes = np.zeros((1, 8, 8), dtype=np.uint8)
+    stripes[:, :, ::2] = 255
+    features = glcm_features(stripes)[0].reshape(2, 4, 4)  # distance, angle, property
+    assert features[0, 0, 0] == 31 ** 2  # distance 1, angle 0: every neighbour differs by all levels
+    assert features[0, 2, 0] == 0  # angle 90: along the stripe
+    assert features[0, 0, 3] == pytest.approx(-1)
+
+
+def test_otsu_and_shape_of_a_dark_disc():
+    yy, xx = np.mgrid[:40, :40]
+    disc = np.where((yy - 20) ** 2 + (xx - 20) ** 2 <= 64, 40, 220).astype(np.uint8)
+    assert 40 <= otsu_threshold(disc) < 220
+    dark, nucleus, perimeter, eccentricity = shape_features(disc)
+    assert dark == nucleus == pytest.approx(np.pi * 64 / 1600, rel=0.1)
+    assert 0 < perimeter < 1 and eccentricity < 0.2
+    ellipse = np.where(((yy - 20) / 4) ** 2 + ((xx - 20) / 15) ** 2 <= 1, 40, 220).astype(np.uint8)
+    assert shape_features(ellipse)[3] > 0.9
+    assert shape_features(np.full((5, 5), 9, dtype=np.uint8)).tolist() == [0, 0, 0, 0]  # flat: nothing dark
+
+
+def test_handcrafted_features_shape():
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    features = handcrafted_features(images)
+    assert features.shape == (3, N_COLOUR_FEATURES + 32 + 4) and np.isfinite(features).all()
+    with pytest.raises(ConfigError):
+        handcrafted_features(images[..., 0])
+
+
+@pytest.mark.parametrize("model", ["svm", "logreg"])
+def test_classical_baseline_runs_on_synthetic_data(synthetic_dataset, isolated_cache, model):
+    scan = scan_dataset(synthetic_dataset)
+    result = train_classical_baseline(scan, image_size=32, model=model)
+    assert result["protocol"] == "holdout (group-aware, stratified)" and result["model"] == model
+    assert result["n_train"] + result["n_test"] == scan.n_images
+    assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["macro_auc"] <= 1
+    assert set(result["per_class"]) == set(scan.class_names) and result["seconds"] >= 0
+    again = train_classical_baseline(scan, image_size=32, model=model)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+
+
+def test_unknown_model_is_a_config_error(synthetic_dataset, isolated_cache):
+    with pytest.raises(ConfigError):
+        train_classical_baseline(scan_dataset(synthetic_dataset), model="knn")

@@ -1,0 +1,89 @@
+"""Bootstrap confidence intervals and calibration error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bcd_engine.confidence import (
+    METRICS,
+    bootstrap_ci,
+    bootstrap_cis,
+    expected_calibration_error,
+    reliability_diagram,
+)
+from bcd_engine.errors import ConfigError
+
+
+def _calibrated(n: int, n_classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities from a Dirichlet and labels drawn from them: calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    prob = rng.dirichlet(np.full(n_classes, 0.7), size=n)
+    labels = (rng.random(n)[:, None] > np.cumsum(prob, axis=1)).sum(axis=1)
+    return np.minimum(labels, n_classes - 1), prob
+
+
+def test_intervals_contain_the_estimate_for_every_metric():
+    y, prob = _calibrated(300)
+    cis = bootstrap_cis(y, prob, n_resamples=200, seed=1)
+    assert set(cis) == set(METRICS)
+    for ci in cis.values():
+        assert 0 <= ci["low"] <= ci["estimate"] <= ci["high"] <= 1
+        assert ci["n_resamples"] == 200
+
+
+def test_intervals_narrow_with_more_data():
+    small, large = _calibrated(80, seed=2), _calibrated(2000, seed=2)
+    for metric in METRICS:
+        a = bootstrap_ci(*small, metric=metric, n_resamples=150)
+        b = bootstrap_ci(*large, metric=metric, n_resamples=150)
+        assert b["high"] - b["low"] < 0.6 * (a["high"] - a["low"]), metric
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    y, prob = _calibrated(100)
+    assert bootstrap_ci(y, prob, metric="macro_f1", n_resamples=50, seed=3) == bootstrap_ci(
+        y, prob, metric="macro_f1", n_resamples=50, seed=3)
+
+
+def test_auc_skips_resamples_missing_a_class_and_is_none_without_one():
+    y, prob = _calibrated(40)
+    y = np.where(y == 2, 1, y)
+    y[0] = 2  # one member of class 2: many resamples miss it
+    ci = bootstrap_ci(y, prob, metric="macro_auc", n_resamples=100)
+    assert 0 < ci["n_resamples"] < 100 and ci["low"] <= ci["estimate"] <= ci["high"]
+    y[0] = 1
+    assert bootstrap_ci(y, prob, metric="macro_auc", n_resamples=10) == {
+        "estimate": None, "low": None, "high": None, "n_resamples": 0}
+
+
+def test_ece_near_zero_when_calibrated_and_large_when_overconfident():
+    y, prob = _calibrated(20000, seed=4)
+    assert expected_calibration_error(y, prob) < 0.02
+    sharp = prob ** 4 / (prob ** 4).sum(axis=1, keepdims=True)
+    assert expected_calibration_error(y, sharp) > 0.1
+
+
+def test_reliability_diagram_bins():
+    y = np.array([0, 1, 1, 0])
+    prob = np.array([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.55, 0.45]])
+    bins = reliability_diagram(y, prob, n_bins=5)
+    assert bins["bin_edges"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert bins["count"] == [0, 0, 2, 0, 2]
+    assert bins["confidence"][:2] == [None, None] and bins["confidence"][2] == pytest.approx(0.575)
+    assert bins["accuracy"][2] == pytest.approx(0.5) and bins["accuracy"][4] == pytest.approx(1.0)
+    assert expected_calibration_error(y, prob, n_bins=5) == pytest.approx((2 * 0.075 + 2 * 0.05) / 4)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"metric": "recall"}, {"metric": "accuracy", "n_resamples": 0}, {"metric": "accuracy", "confidence": 1.0},
+])
+def test_bad_arguments_raise_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        bootstrap_ci([0, 1], [[0.6, 0.4], [0.3, 0.7]], **kwargs)
+
+
+@pytest.mark.parametrize("y, prob", [([0, 2], [[0.6, 0.4], [0.3, 0.7]]), ([0], [[0.5, 0.5], [0.5, 0.5]]),
+                                     ([0, 1], [0.5, 0.5]), ([0, 1], [[-1, 2], [0.5, 0.5]])])
+def test_bad_inputs_raise_config_error(y, prob):
+    with pytest.raises(ConfigError):
+        expected_calibration_error(y, prob)

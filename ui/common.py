@@ -1,0 +1,73 @@
+"""Streamlit-side glue shared by the pages: cached store/scan/model, demo mode, explainers."""
+from __future__ import annotations
+
+import streamlit as st
+
+from bcd_engine import dashboard, settings
+from bcd_engine.datasets import scan_dataset
+from bcd_engine.errors import BCDError
+from bcd_engine.store import RunStore
+
+
+@st.cache_resource(show_spinner=False)
+def _store(url: str) -> RunStore:
+    return RunStore(url)
+
+
+def store() -> RunStore:
+    """The run store at ``settings.database_url()`` (one per URL); on failure an error and stop."""
+    try:
+        return _store(settings.database_url())
+    except BCDError as exc:
+        st.error(f"Cannot open the run store: {exc}")
+        st.stop()
+
+
+@st.cache_data(show_spinner="Scanning the dataset ...", max_entries=8)
+def scan(root: str) -> "dashboard.ScanResult":
+    return scan_dataset(root)
+
+
+@st.cache_resource(show_spinner="Loading the model ...", max_entries=4)
+def load_model(run_id: int, url: str, artifacts: str):
+    """The run's model, loaded once per (run, store, artifacts folder)."""
+    from bcd_engine.inference import load_run_model
+
+    return load_run_model(run_id, store=_store(url))
+
+
+def demo_mode() -> bool:
+    """True when the app runs as a browse-and-diagnose demo (``BCD_DEMO_MODE`` or secret ``demo_mode``)."""
+    try:
+        secret = st.secrets.get("demo_mode")
+    except Exception:  # noqa: BLE001 - no secrets.toml at all is the normal case
+        secret = None
+    return dashboard.demo_mode(secret)
+
+
+def demo_banner() -> None:
+    if demo_mode():
+        st.info("**Demo mode**: browse and diagnose only. Training and deleting runs are switched off.",
+                icon=":material/visibility:")
+
+
+def explain(text: str) -> None:
+    """The page's "what am I looking at" explainer."""
+    with st.expander("What am I looking at?", icon=":material/school:"):
+        st.markdown(text)
+
+
+def no_runs_yet(key: str) -> None:
+    """Say there is no completed run and offer to queue the demo model (unless in demo mode); then stop."""
+    st.info("No completed runs yet — train the demo model on the Train page.", icon=":material/hourglass_empty:")
+    if not demo_mode() and st.button("Train demo model", key=f"{key}_train_demo", type="primary"):
+        run_id = dashboard.queue_demo_run(store())
+        dashboard.ensure_worker(store())
+        st.success(f"Queued demo run {run_id}; follow it on the Train page.")
+    st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
+    st.stop()
+
+
+@st.cache_data(show_spinner="Measuring image colours ...", max_entries=8)
+def image_stats(root: str):
+    return dashboard.image_stats(scan(root))

@@ -293,9 +293,13 @@ def train(
     run_id: int | None = None,
     progress: bool = False,
     feature_cache_dir: Path | None = None,
+    split: Split | None = None,
+    protocol: str = PROTOCOL_HOLDOUT,
 ) -> TrainResult:
     """Train ``config`` on ``data_dir`` and store the run, its split, epochs, evaluation and model.
 
+    The split is the config's group-aware hold-out split unless ``split`` is given (cross-validation
+    folds), and the run is labelled with ``protocol``.
     With ``run_id`` the (already claimed) run is used; otherwise a new one is created. Bad input raises
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
     run ``failed`` or ``cancelled`` with its epochs so far.
@@ -303,14 +307,15 @@ def train(
     started = time.monotonic()
     store = store or RunStore()
     scan = scan_dataset(data_dir, progress=progress)
-    split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
-                          test_fraction=config.test_fraction, seed=config.seed)
+    if split is None:
+        split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
+                              test_fraction=config.test_fraction, seed=config.seed)
     run_config = {"train": config.to_dict(), "data_dir": str(Path(data_dir).resolve()),
                   "class_names": list(scan.class_names)}
     dataset_id = store.register_dataset(name=Path(data_dir).resolve().name, root=str(Path(data_dir).resolve()),
                                         n_images=scan.n_images, class_counts=scan.class_counts)
     if run_id is None:
-        run_id = store.create_run(backbone=config.backbone, protocol=PROTOCOL_HOLDOUT, config=run_config,
+        run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
                                   dataset_id=dataset_id, status="running")
     environment = configure_device()
     store.start_run(run_id, environment=environment)
@@ -320,19 +325,19 @@ def train(
                                                             progress=progress, feature_cache_dir=feature_cache_dir)
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
-        return _result(run_id, "cancelled", config, split, None, started, None)
+        return _result(run_id, "cancelled", config, split, None, started, None, protocol=protocol)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, BCDError) else f"{type(exc).__name__}: {exc}"
         store.finish_run(run_id, status="failed", error=message)
         raise
     store.finish_run(run_id, status="completed", test_accuracy=evaluation.accuracy, macro_auc=evaluation.macro_auc)
-    return _result(run_id, "completed", config, split, evaluation, started, model_path, cache_stats)
+    return _result(run_id, "completed", config, split, evaluation, started, model_path, cache_stats, protocol=protocol)
 
 
 def _result(run_id, status, config, split, evaluation: Evaluation | None, started, model_path,
-            cache_stats=None) -> TrainResult:
+            cache_stats=None, *, protocol: str) -> TrainResult:
     return TrainResult(
-        run_id=run_id, status=status, backbone=config.backbone, protocol=PROTOCOL_HOLDOUT,
+        run_id=run_id, status=status, backbone=config.backbone, protocol=protocol,
         n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
         test_accuracy=None if evaluation is None else evaluation.accuracy,
         macro_auc=None if evaluation is None else evaluation.macro_auc,

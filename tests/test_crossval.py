@@ -1,0 +1,48 @@
+"""k-fold cross-validation: folds cover the data once, groups never cross, one stored run per fold."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bcd_engine.config import AugmentConfig, TrainConfig
+from bcd_engine.crossval import cross_validate, cv_protocol, fold_splits
+from bcd_engine.errors import ConfigError
+from bcd_engine.store import RunStore
+
+
+def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    groups = np.arange(120) // 2  # pairs of near-duplicates
+    rng.shuffle(groups)
+    splits = fold_splits(labels, groups, folds=5, val_fraction=0.15, seed=0)
+    tests = np.concatenate([s.test for s in splits])
+    assert sorted(tests.tolist()) == list(range(120))
+    for split in splits:
+        parts = [set(split.train), set(split.val), set(split.test)]
+        assert sum(map(len, parts)) == 120 and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        subset_of_group = {}
+        for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)):
+            for g in groups[idx]:
+                assert subset_of_group.setdefault(g, name) == name
+
+
+def test_cross_validate_stores_one_run_per_fold(tmp_path, monkeypatch, synthetic_dataset):
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+    config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
+                         dense_units=8, augment=AugmentConfig(factor=1))
+    result = cross_validate(config, synthetic_dataset, folds=2, store=store)
+    assert result["protocol"] == cv_protocol(2)
+    assert [f["fold"] for f in result["folds"]] == [1, 2]
+    assert sum(f["n_test"] for f in result["folds"]) == 48
+    accuracies = [f["accuracy"] for f in result["folds"]]
+    assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    runs = store.list_runs()
+    assert len(runs) == 2 and all(r.protocol.startswith(cv_protocol(2)) for r in runs)
+
+
+def test_cross_validate_needs_two_folds(synthetic_dataset):
+    with pytest.raises(ConfigError, match="folds must be >= 2"):
+        cross_validate(TrainConfig(backbone="scratch_cnn", image_size=32), synthetic_dataset, folds=1)

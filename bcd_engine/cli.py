@@ -39,27 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     command("backbones", "list the available backbones")
 
     train = command("train", "fine-tune a backbone on a folder, evaluate it on its test split and store it")
-    train.add_argument("--data", required=True, help="folder with one subfolder of images per class")
-    train.add_argument("--backbone", required=True, help="backbone name (see the backbones command)")
-    train.add_argument("--weights", help="imagenet, none or a path to a .weights.h5 file (default: none)")
-    train.add_argument("--epochs", type=int, help="phase-1 epochs (head on the frozen backbone)")
-    train.add_argument("--fine-tune-epochs", type=int, help="phase-2 epochs with the top layers unfrozen")
-    train.add_argument("--fine-tune-layers", type=int, help="number of top backbone layers to unfreeze in phase 2")
-    train.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's native)")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--fine-tune-learning-rate", type=float)
-    train.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
-    train.add_argument("--label-smoothing", type=float)
-    train.add_argument("--class-weights", action="store_true", default=None, help="weight classes by frequency")
-    train.add_argument("--dense-units", type=int, help="units of the head's dense layer (0: none)")
-    train.add_argument("--dropout", type=float)
-    train.add_argument("--pooling", choices=("avg", "max"))
-    train.add_argument("--patience", type=int, help="early-stopping patience on validation loss")
-    train.add_argument("--augment", type=int, help="augmented views per training image, 1 to 20")
-    train.add_argument("--val-fraction", type=float)
-    train.add_argument("--test-fraction", type=float)
-    train.add_argument("--seed", type=int)
+    _add_train_options(train)
+
+    cv = command("cv", "k-fold cross-validation (stratified, group-aware): one stored run per fold")
+    _add_train_options(cv)
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+
+    audit = command("audit", "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
+    audit.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+    audit.add_argument("--seed", type=int, default=0)
 
     evaluate = command("evaluate", "run a trained model on another folder with the same class names")
     evaluate.add_argument("--run", type=int, required=True, help="run id")
@@ -73,6 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
     worker.add_argument("--poll", type=float, default=2.0, metavar="SECONDS", help="queue poll interval")
     return parser
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``train`` and ``cv``: data, backbone and every TrainConfig setting."""
+    parser.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+    parser.add_argument("--backbone", required=True, help="backbone name (see the backbones command)")
+    parser.add_argument("--weights", help="imagenet, none or a path to a .weights.h5 file (default: none)")
+    parser.add_argument("--epochs", type=int, help="phase-1 epochs (head on the frozen backbone)")
+    parser.add_argument("--fine-tune-epochs", type=int, help="phase-2 epochs with the top layers unfrozen")
+    parser.add_argument("--fine-tune-layers", type=int, help="number of top backbone layers to unfreeze in phase 2")
+    parser.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's native)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--fine-tune-learning-rate", type=float)
+    parser.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--class-weights", action="store_true", default=None, help="weight classes by frequency")
+    parser.add_argument("--dense-units", type=int, help="units of the head's dense layer (0: none)")
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--pooling", choices=("avg", "max"))
+    parser.add_argument("--patience", type=int, help="early-stopping patience on validation loss")
+    parser.add_argument("--augment", type=int, help="augmented views per training image, 1 to 20")
+    parser.add_argument("--tta-views", type=int, help="test-time augmentation: average over this many views (1: off)")
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--test-fraction", type=float)
+    parser.add_argument("--seed", type=int)
+
+
+def _config_from_args(args):
+    from .config import TrainConfig
+
+    return TrainConfig.for_backbone(
+        args.backbone, weights=args.weights, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_layers=args.fine_tune_layers, image_size=args.image_size, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
+        optimizer=args.optimizer, label_smoothing=args.label_smoothing, class_weights=args.class_weights,
+        dense_units=args.dense_units, dropout=args.dropout, pooling=args.pooling, patience=args.patience,
+        augment=args.augment, tta_views=args.tta_views, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+    )
 
 
 @contextlib.contextmanager
@@ -154,23 +181,42 @@ def _cmd_backbones(args):
 
 
 def _cmd_train(args):
-    from .config import TrainConfig
     from .training import train
 
-    config = TrainConfig.for_backbone(
-        args.backbone, weights=args.weights, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_layers=args.fine_tune_layers, image_size=args.image_size, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        optimizer=args.optimizer, label_smoothing=args.label_smoothing, class_weights=args.class_weights,
-        dense_units=args.dense_units, dropout=args.dropout, pooling=args.pooling, patience=args.patience,
-        augment=args.augment, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-    )
+    config = _config_from_args(args)
     result = train(config, args.data, progress=True).to_dict()
     result.pop("model_path")
     text = (f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
             f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
             f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']} s)")
     return result, text, 0 if result["status"] == "completed" else 1
+
+
+def _cmd_cv(args):
+    from .crossval import cross_validate
+
+    result = cross_validate(_config_from_args(args), args.data, folds=args.folds, progress=True)
+    lines = [f"{result['protocol']}, {args.backbone}:"]
+    lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}, run {f['run_id']}"
+              for f in result["folds"]]
+    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f}")
+    return result, "\n".join(lines), 0
+
+
+def _cmd_audit(args):
+    from .audit import audit_dataset
+
+    result = audit_dataset(args.data, seed=args.seed, progress=True)
+    short = result["shortcuts"]
+    text = "\n".join([
+        f"leakage: {'ok' if result['leakage']['ok'] else 'GROUPS CROSS THE SPLIT'}",
+        *[f"  warning: {w}" for w in result["leakage"]["warnings"]],
+        f"colour-only accuracy: {short['colour_only_accuracy']:.4f}",
+        f"corner-only accuracy: {short['corner_only_accuracy']:.4f}",
+        f"chance accuracy:      {short['chance_accuracy']:.4f}",
+        short["interpretation"],
+    ])
+    return result, text, 0
 
 
 def _cmd_evaluate(args):

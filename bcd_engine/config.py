@@ -57,6 +57,7 @@ class TrainConfig:
     pooling: str = "avg"
     patience: int = 6  # early stopping on validation loss, best weights restored
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tta_views: int = 1  # test-time augmentation: predictions averaged over this many views (1 = off)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -83,6 +84,7 @@ class TrainConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (1 <= self.tta_views <= MAX_AUGMENT, f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}"),
             (0 < self.val_fraction < 1, f"validation fraction must be in (0, 1), got {self.val_fraction}"),
             (0 < self.test_fraction < 1, f"test fraction must be in (0, 1), got {self.test_fraction}"),
             (self.val_fraction + self.test_fraction < 0.9, "validation + test fractions must be < 0.9"),
@@ -100,8 +102,9 @@ class TrainConfig:
         """A config with the backbone's sensible defaults; ``None`` overrides are ignored.
 
         With pretrained weights the recipe is: augmentation x8 (flips, 90-degree turns and mild
-        jitter) cached through the frozen backbone, then a dense head. A scratch CNN trains end to
-        end on smaller images for longer.
+        jitter) cached through the frozen backbone, a dense head, and predictions averaged over 8
+        augmented views (test-time augmentation). A scratch CNN trains end to end on smaller images
+        for longer.
         """
         spec = get_backbone(backbone)
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -110,7 +113,7 @@ class TrainConfig:
         if spec.name == SCRATCH:
             defaults.update(epochs=60, patience=10, learning_rate=1e-3, dense_units=128)
         elif pretrained:
-            defaults.update(augment=AugmentConfig(factor=8))
+            defaults.update(augment=AugmentConfig(factor=8), tta_views=8)
         else:
             defaults.update(augment=AugmentConfig(factor=4))
         aug = overrides.pop("augment", None)

@@ -140,8 +140,7 @@ def download_kaggle_dataset() -> tuple[Path | None, str]:
 def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike) -> int:
     """Scan ``data_dir`` (``DataError`` when unusable), put one run in the queue (status queued); its id.
 
-    The class names go into the run's config now: ``load_run_model`` needs them and training a claimed
-    run does not add them.
+    Scanning first turns an unusable folder into a clear error before anything is queued.
     """
     from .datasets import scan_dataset
     from .training import PROTOCOL_HOLDOUT

@@ -31,8 +31,9 @@ class LoadedModel:
         return get_backbone(self.config.backbone).preprocess()
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for uint8 images already at the model's size."""
-        return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size)
+        """Probabilities for uint8 images already at the model's size (with the run's test-time augmentation)."""
+        return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size,
+                             augment=self.config.augment, tta_views=self.config.tta_views, seed=self.config.seed)
 
 
 def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel:

@@ -16,9 +16,9 @@ from typing import Callable
 import numpy as np
 
 from . import settings
-from .augment import augment_image
+from .augment import augment_image, view_seeds
 from .backbones import build_backbone, get_backbone
-from .config import TrainConfig
+from .config import AugmentConfig, TrainConfig
 from .datasets import ScanResult, load_image, scan_dataset
 from .errors import BCDError, CancelledError
 from .evaluation import Evaluation, evaluate_probabilities
@@ -239,7 +239,9 @@ def assemble_model(backbone, head, config: TrainConfig):
 
     pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
-    x = backbone(inputs, training=False)
+    # A pretrained backbone keeps BatchNorm in inference mode, also when its top layers are unfrozen;
+    # the scratch CNN learns its BatchNorm statistics like any network trained from scratch.
+    x = backbone(inputs) if config.is_scratch else backbone(inputs, training=False)
     x = pool(name="pool", dtype="float32")(x)
     return keras.Model(inputs, head(x), name=f"bcd_{config.backbone}")
 
@@ -264,12 +266,25 @@ def image_dataset(images, labels, keys_seed, *, config: TrainConfig, preprocess,
     return ds.map(lambda image, y: (preprocess(image), y)).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities for uint8 images (n, size, size, 3)."""
+def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32, augment: AugmentConfig | None = None,
+                  tta_views: int = 1, seed: int = 0) -> np.ndarray:
+    """Class probabilities for uint8 images (n, size, size, 3).
+
+    With ``tta_views`` > 1 (test-time augmentation) the probabilities are averaged over the image
+    itself and ``tta_views - 1`` views made by the training augmentation ``augment``; view v is the
+    same transform for every image, so results are reproducible.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(images).map(lambda x: preprocess(tf.cast(x, tf.float32)))
-    return np.asarray(model.predict(ds.batch(batch_size), verbose=0), dtype=np.float64)
+    seeds = view_seeds(["0" * 8] * tta_views, np.arange(tta_views), seed=seed)
+    total = 0.0
+    for view in range(tta_views):
+        ds = tf.data.Dataset.from_tensor_slices(images).map(lambda x: tf.cast(x, tf.float32))
+        if view:
+            ds = ds.map(lambda x, s=seeds[view]: augment_image(x, s, augment), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(preprocess).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        total = total + np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+    return total / tta_views
 
 
 def measure_latency(model, image: np.ndarray, *, preprocess, repeats: int = 10) -> float:
@@ -317,6 +332,8 @@ def train(
     if run_id is None:
         run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
                                   dataset_id=dataset_id, status="running")
+    else:
+        store.update_run_config(run_id, {**store.get_run(run_id).config, **run_config})
     environment = configure_device()
     store.start_run(run_id, environment=environment)
     store.save_split(run_id, split.assignments(scan))
@@ -389,10 +406,12 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
                         epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate, phase=2,
                         monitor=monitor, class_weight=weights)
 
-    test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size)
+    test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
+                              augment=config.augment, tta_views=config.tta_views, seed=config.seed)
     evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names))
     model_path = save_model(model, run_id)
     evaluation.metrics.update(
+        tta_views=config.tta_views,
         parameters=int(model.count_params()),
         model_bytes=os.path.getsize(model_path),
         latency_ms=measure_latency(model, images[split.test[0]], preprocess=preprocess),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from bcd_engine import datasets
 from bcd_engine.datasets import SUPPORTED_EXTENSIONS, ScanResult, load_image, scan_dataset
 from bcd_engine.errors import ConfigError, DataError, ImageLoadError
 
@@ -308,7 +309,7 @@ def test_corrupt_cache_is_rebuilt(
     count_opens.clear()
     assert scan_dataset(synthetic_dataset) == expected
     assert len(count_opens) == 48
-    assert json.loads(cache_file.read_text())["format"] == 1
+    assert json.loads(cache_file.read_text())["format"] == datasets._CACHE_FORMAT
 
 
 def test_use_cache_false_neither_reads_nor_writes(

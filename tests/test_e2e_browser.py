@@ -137,6 +137,8 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
 
     page = _open(browser, base, "compare", "Compare runs")
     page.get_by_role("heading", name="Confusion matrices").wait_for(timeout=60_000)
+    page.locator(".js-plotly-plot").nth(2).wait_for(timeout=60_000)  # curves, confusion matrix, ROC drawn
+    page.wait_for_timeout(2000)
     _check(page, "compare")
     page.close()
 

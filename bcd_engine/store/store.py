@@ -399,6 +399,12 @@ class RunStore:
                     return _record(RunRecord, s.get_one(Run, run_id))
                 tried.append(run_id)
 
+    def update_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
+        """Replace a run's config (training adds what it learns from the data, such as class names)."""
+        with self._session(write=True) as s:
+            if s.execute(update(Run).where(Run.id == run_id).values(config=dict(config))).rowcount == 0:
+                raise RunNotFoundError(f"no run with id {run_id} in the run store")
+
     def heartbeat(self, run_id: int) -> None:
         """Note that the run's process is still alive."""
         with self._session(write=True) as s:

@@ -47,8 +47,8 @@ def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel
     models = [a for a in store.get_artifacts(run_id) if a.kind == "model"]
     if not models:
         raise StoreError(f"run {run_id} has no saved model")
-    path = Path(models[-1].path).resolve()
     root = settings.artifacts_dir().resolve()
+    path = (root / models[-1].path).resolve()  # an absolute stored path stays as it is
     if root not in path.parents:
         raise StoreError(f"model of run {run_id} lies outside the artifacts folder {root}; refusing to load it")
     if not path.is_file():

@@ -416,7 +416,9 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         model_bytes=os.path.getsize(model_path),
         latency_ms=measure_latency(model, images[split.test[0]], preprocess=preprocess),
     )
-    store.save_artifact(run_id, kind="model", path=str(model_path), sha256=file_sha256(model_path),
+    # Stored relative to the artifacts folder, so a results.db shipped with its artifacts/ works anywhere.
+    store.save_artifact(run_id, kind="model", path=model_path.relative_to(settings.artifacts_dir()).as_posix(),
+                        sha256=file_sha256(model_path),
                         size_bytes=os.path.getsize(model_path))
     store.save_evaluation(
         run_id, name="test", data_dir=str(scan.root), metrics=evaluation.metrics,

@@ -137,3 +137,23 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
 def test_train_bad_input_writes_nothing(synthetic_dataset, cli_env, extra, fragment):
     assert_one_line_error(bcd("train", "--data", synthetic_dataset, *extra, env=cli_env), fragment)
     assert json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"] == []
+
+
+def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, cli_env):
+    proc = bcd("cv", "--data", synthetic_dataset, "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1,
+               "--folds", 2, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["protocol"].startswith("2-fold CV") and len(doc["folds"]) == 2
+    assert set(doc["folds"][0]) >= {"fold", "n_train", "n_test", "accuracy", "macro_auc"}
+    assert set(doc["mean"]) == set(doc["std"]) == {"accuracy", "macro_auc"}
+
+
+def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, cli_env):
+    proc = bcd("audit", "--data", synthetic_dataset, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["leakage"]["ok"] is True
+    assert any("patient" in w for w in doc["leakage"]["warnings"])
+    for key in ("colour_only_accuracy", "corner_only_accuracy", "chance_accuracy"):
+        assert 0 <= doc["shortcuts"][key] <= 1

@@ -1,0 +1,69 @@
+"""Loading trained models safely: only bcd's own files, checked by sha256, movable with their store."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bcd_engine.config import AugmentConfig, TrainConfig
+from bcd_engine.errors import StoreError
+from bcd_engine.inference import load_run_model, predict_files
+from bcd_engine.store import RunStore
+from bcd_engine.training import train
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch, synthetic_dataset):
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+    config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
+                         augment=AugmentConfig(factor=1), tta_views=3)
+    return store, train(config, synthetic_dataset, store=store)
+
+
+def test_model_path_is_stored_relative_to_the_artifacts_folder(trained):
+    store, result = trained
+    (artifact,) = store.get_artifacts(result.run_id)
+    assert artifact.path == f"run-{result.run_id}/model.keras"
+
+
+def test_store_and_artifacts_can_move_together(trained, tmp_path, monkeypatch, synthetic_dataset):
+    store, result = trained
+    moved = tmp_path / "shipped" / "artifacts"
+    shutil.copytree(tmp_path / "artifacts", moved)
+    shutil.rmtree(tmp_path / "artifacts")
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(moved))
+    image = sorted(synthetic_dataset.glob("*/*.png"))[0]
+    (prediction,) = predict_files(result.run_id, [str(image)], store=store)
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_tta_predictions_are_deterministic(trained, synthetic_dataset):
+    store, result = trained
+    loaded = load_run_model(result.run_id, store=store)
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict_arrays(images), loaded.predict_arrays(images))
+
+
+def test_a_tampered_model_file_is_never_loaded(trained, tmp_path):
+    store, result = trained
+    model_file = tmp_path / "artifacts" / f"run-{result.run_id}" / "model.keras"
+    model_file.write_bytes(model_file.read_bytes() + b"tampered")
+    with pytest.raises(StoreError, match="does not match its recorded sha256"):
+        load_run_model(result.run_id, store=store)
+
+
+def test_a_model_outside_the_artifacts_folder_is_never_loaded(trained, tmp_path):
+    store, result = trained
+    store.save_artifact(result.run_id, kind="model", path="../../etc/model.keras", sha256="0" * 64, size_bytes=1)
+    with pytest.raises(StoreError, match="outside the artifacts folder"):
+        load_run_model(result.run_id, store=store)
+
+
+def test_an_unfinished_run_has_no_model(trained):
+    store, _ = trained
+    queued = store.create_run(backbone="scratch_cnn", protocol="p", config={})
+    with pytest.raises(StoreError, match="is queued, not completed"):
+        load_run_model(queued, store=store)

@@ -164,3 +164,30 @@ def test_cancelling_a_run_stops_it_and_keeps_its_epochs(store, synthetic_dataset
     assert outcome["result"].status == "cancelled"
     assert store.get_run(run_id).status == "cancelled"
     assert len(store.get_epochs(run_id)) >= 1
+
+
+def test_phase_two_unfreezes_top_layers_but_keeps_batchnorm_frozen(store, synthetic_dataset):
+    from bcd_engine.training import train, unfreeze_top_layers
+
+    result = train(tiny_config(fine_tune_epochs=1, fine_tune_layers=6), synthetic_dataset, store=store)
+    assert result.status == "completed"
+    assert {e.phase for e in store.get_epochs(result.run_id)} == {1, 2}
+
+    backbone = build_backbone(get_backbone("mobilenetv2"), image_size=32, weights=None)
+    unfreeze_top_layers(backbone, 6)
+    top, rest = backbone.layers[-6:], backbone.layers[:-6]
+    assert not any(layer.trainable for layer in rest)
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+
+
+def test_imagenet_weights_offline_name_the_file_to_provide(monkeypatch, tmp_path):
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    spec = get_backbone("mobilenetv2")
+    with pytest.raises(ConfigError, match="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"):
+        build_backbone(spec, image_size=224, weights="imagenet")

@@ -142,7 +142,9 @@ def extract_features(
         rows = np.asarray(indices, dtype=np.int64)[missing]
 
         def make_view(index, view, seed_pair):
-            image = tf.cast(tf.gather(images, index), tf.float32)
+            # Index the array from Python: capturing it would copy every image into the graph.
+            image = tf.numpy_function(lambda i: images[i], [index], tf.uint8)
+            image = tf.cast(tf.ensure_shape(image, images.shape[1:]), tf.float32)
             image = tf.cond(view > 0, lambda: augment_image(image, seed_pair, augment), lambda: image)
             return preprocess(image)
 

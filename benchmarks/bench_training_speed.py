@@ -40,6 +40,17 @@ ALL_DATA = SHARED / "datasets" / "all_taleqani" / "Original"
 RESNET_WEIGHTS = SHARED / "weights" / "resnet50_imagenet_notop.weights.h5"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -60,7 +71,9 @@ def main() -> None:
     preprocess = spec.preprocess()
     scan = scan_dataset(data)
     split = holdout_split(scan.labels, scan.groups, seed=0)
-    train_rows = split.train[: args.limit] if args.limit else split.train
+    # A seeded random subset: split.train is sorted by class, so its head would hold one or two classes.
+    shuffled = np.random.default_rng(0).permutation(split.train)
+    train_rows = np.sort(shuffled[: args.limit] if args.limit else shuffled)
     images = load_images(scan.paths, image_size=config.image_size)
     labels, n_classes = scan.labels, len(scan.class_names)
     md5s = [r.md5 for r in scan.images]
@@ -104,7 +117,7 @@ def main() -> None:
     result = {
         "benchmark": "frozen-backbone training, naive model.fit vs bcd feature cache",
         "data": note, "n_train": int(len(train_rows)), "n_test": int(len(split.test)), "epochs": args.epochs,
-        "image_size": config.image_size, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "image_size": config.image_size, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "device": environment["device"],
         "naive_seconds": float(np.median(timings["naive"])), "cached_seconds": float(np.median(timings["cached"])),
         "speedup": float(np.median(timings["naive"]) / np.median(timings["cached"])),

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "run a trained model on another folder with the same class names")
     evaluate.add_argument("--run", type=int, required=True, help="run id")
     evaluate.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+    evaluate.add_argument("--label-map", help='JSON file {"run": {class: label}, "data": {class: label}} when '
+                          "class names differ (e.g. onto benign/malignant)")
 
     predict = command("predict", "predict the class of image files with a trained run")
     predict.add_argument("--run", type=int, required=True, help="run id")
@@ -222,7 +224,10 @@ def _cmd_audit(args):
 def _cmd_evaluate(args):
     from .inference import evaluate_run_on_folder
 
-    evaluation = evaluate_run_on_folder(args.run, args.data, progress=True)
+    from .inference import load_label_map
+
+    label_map = load_label_map(args.label_map) if args.label_map else None
+    evaluation = evaluate_run_on_folder(args.run, args.data, label_map=label_map, progress=True)
     payload = {
         "n_images": evaluation.metrics["n"], "accuracy": evaluation.accuracy,
         "macro_f1": evaluation.metrics["macro_f1"], "macro_auc": evaluation.macro_auc,

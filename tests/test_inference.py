@@ -67,3 +67,31 @@ def test_an_unfinished_run_has_no_model(trained):
     queued = store.create_run(backbone="scratch_cnn", protocol="p", config={})
     with pytest.raises(StoreError, match="is queued, not completed"):
         load_run_model(queued, store=store)
+
+
+def test_external_evaluation_with_a_label_map_onto_shared_labels(trained, tmp_path, synthetic_dataset):
+    import json
+
+    from bcd_engine.errors import DataError
+    from bcd_engine.inference import evaluate_run_on_folder, load_label_map
+
+    store, result = trained
+    external = tmp_path / "external"
+    shutil.copytree(synthetic_dataset / "Benign", external / "lymphocyte")
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps({"run": {"Benign": "benign", "Early": "malignant", "Pre": "malignant",
+                                            "Pro": "malignant"}, "data": {"lymphocyte": "benign"}}))
+    evaluation = evaluate_run_on_folder(result.run_id, external, store=store, label_map=load_label_map(map_file))
+    n_images = len(list(external.glob("*/*.png")))
+    assert evaluation.class_names == ["benign", "malignant"]
+    assert np.asarray(evaluation.confusion_matrix).tolist()[1] == [0, 0]
+    assert sum(evaluation.confusion_matrix[0]) == n_images
+    (external_eval,) = [e for e in store.get_evaluations(result.run_id) if e.name == "external"]
+    predictions = store.get_predictions(external_eval.id)
+    assert all(abs(sum(p.probabilities) - 1) < 1e-5 and p.true_class == "benign" for p in predictions)
+
+    with pytest.raises(DataError, match="unknown lymphocyte"):
+        evaluate_run_on_folder(result.run_id, external, store=store)
+    map_file.write_text("[1, 2]")
+    with pytest.raises(DataError, match="label map"):
+        load_label_map(map_file)

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
+from .confidence import bootstrap_cis, expected_calibration_error, reliability_diagram
+
 
 @dataclass(frozen=True)
 class Evaluation:
     """Everything bcd stores about one evaluation: headline figures, per-class table, curves."""
 
     class_names: list[str]
-    metrics: dict  # accuracy, loss, macro_f1, macro_auc, per_class {name: {precision, recall, ...}}
+    metrics: dict  # accuracy, loss, macro_f1, macro_auc, per_class, confidence_intervals, ece, reliability
     confusion_matrix: list[list[int]]
     roc: dict  # class name -> {"fpr", "tpr", "thresholds", "auc"}
     predicted: np.ndarray  # predicted class index per sample
@@ -63,5 +65,8 @@ def evaluate_probabilities(y_true, y_prob, *, class_names) -> Evaluation:
         "macro_auc": float(np.mean(aucs)) if len(aucs) == len(class_names) else None,
         "n": int(len(y_true)),
         "per_class": per_class,
+        "confidence_intervals": bootstrap_cis(y_true, y_prob),  # 95% bootstrap: accuracy, macro_f1, macro_auc
+        "ece": expected_calibration_error(y_true, y_prob),
+        "reliability": reliability_diagram(y_true, y_prob),
     }
     return Evaluation(list(class_names), metrics, cm.tolist(), roc, y_pred)

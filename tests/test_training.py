@@ -81,8 +81,10 @@ def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dat
     (evaluation,) = store.get_evaluations(result.run_id)
     assert evaluation.name == "test"
     assert np.asarray(evaluation.confusion_matrix).sum() == result.n_test
-    for key in ("accuracy", "loss", "macro_f1", "parameters", "model_bytes", "latency_ms"):
+    for key in ("accuracy", "loss", "macro_f1", "parameters", "model_bytes", "latency_ms", "ece", "reliability"):
         assert key in evaluation.metrics
+    interval = evaluation.metrics["confidence_intervals"]["accuracy"]
+    assert interval["low"] <= evaluation.metrics["accuracy"] <= interval["high"]
     assert set(evaluation.metrics["per_class"]) == set(run.config["class_names"])
     assert len(store.get_predictions(evaluation.id)) == result.n_test
     (artifact,) = store.get_artifacts(result.run_id)

@@ -276,9 +276,10 @@ def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32
     import tensorflow as tf
 
     seeds = view_seeds(["0" * 8] * tta_views, np.arange(tta_views), seed=seed)
+    base = tf.data.Dataset.from_tensor_slices(images).map(lambda x: tf.cast(x, tf.float32))
     total = 0.0
     for view in range(tta_views):
-        ds = tf.data.Dataset.from_tensor_slices(images).map(lambda x: tf.cast(x, tf.float32))
+        ds = base
         if view:
             ds = ds.map(lambda x, s=seeds[view]: augment_image(x, s, augment), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(preprocess).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import accuracy_score
 
+from .colour import NORMALISATION_METHODS, normalise_colour
 from .datasets import ScanResult, scan_dataset
 from .errors import ConfigError
 from .splits import SUBSETS, Split, holdout_split, split_from_assignments
@@ -24,13 +25,8 @@ HIST_BINS = 16
 N_COLOUR_FEATURES = 6 + 3 * HIST_BINS
 CORNER_FRACTION = 0.25
 NO_PATIENT_IDS_WARNING = "no patient identifiers: image-level splits of one patient's fields are optimistic"
-NORMALISATION_METHODS = ("grayscale", "reinhard")
 _N_TREES = 200
 
-# Reinhard et al. (2001): RGB -> LMS cone space, then log LMS -> decorrelated l-alpha-beta.
-_RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
-_LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
-_LMS_FLOOR = 1e-4
 
 
 def colour_features(images) -> np.ndarray:
@@ -158,29 +154,6 @@ def audit_dataset(root: str | os.PathLike[str], *, seed: int = 0, progress: bool
     }
 
 
-def normalise_colour(images, *, method: str = "grayscale", reference=None) -> np.ndarray:
-    """Remove colour cues from uint8 RGB images (n, h, w, 3); returns uint8 of the same shape.
-
-    ``grayscale``: ITU-R 601 luminance copied to all three channels. ``reinhard``: each image's
-    per-channel mean and standard deviation in Reinhard's l-alpha-beta space are set to a target,
-    the average per-image statistics of ``reference`` images (default: ``images`` themselves).
-    """
-    if method not in NORMALISATION_METHODS:
-        raise ConfigError(f"method must be one of {NORMALISATION_METHODS}, got {method!r}")
-    pixels = _check_images(images).astype(np.float64)
-    if method == "grayscale":
-        luminance = pixels @ np.array([0.299, 0.587, 0.114])
-        return np.repeat(np.clip(np.rint(luminance), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-    lab = _to_lab(pixels)
-    ref = lab if reference is None else _to_lab(_check_images(reference).astype(np.float64))
-    target_mean = ref.mean(axis=(1, 2)).mean(axis=0)
-    target_std = ref.std(axis=(1, 2)).mean(axis=0)
-    mean = lab.mean(axis=(1, 2), keepdims=True)
-    std = lab.std(axis=(1, 2), keepdims=True)
-    matched = (lab - mean) / np.where(std > 1e-8, std, 1.0) * target_std + target_mean
-    return np.clip(np.rint(_from_lab(matched)), 0, 255).astype(np.uint8)
-
-
 def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False) -> dict[str, Any]:
     """Colour-only random forest accuracy on the test split before and after colour normalisation.
 
@@ -278,19 +251,3 @@ def _interpretation(colour: float, corner: float, opposite: float, chance: float
         f" The bottom-right corner (scale-bar label) alone gives {corner:.1%}, the top-left corner of the same "
         f"size {opposite:.1%}: the difference is what the label adds beyond colour and content."
     )
-
-
-def _check_images(images) -> np.ndarray:
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ConfigError(f"expected uint8 RGB images of shape (n, h, w, 3), got {arr.dtype} {arr.shape}")
-    return arr
-
-
-def _to_lab(rgb: np.ndarray) -> np.ndarray:
-    return np.log10(np.maximum(rgb / 255.0 @ _RGB_TO_LMS.T, _LMS_FLOOR)) @ _LOG_LMS_TO_LAB.T
-
-
-def _from_lab(lab: np.ndarray) -> np.ndarray:
-    lms = 10.0 ** (lab @ np.linalg.inv(_LOG_LMS_TO_LAB).T)
-    return lms @ np.linalg.inv(_RGB_TO_LMS).T * 255.0

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import BCDError
+from .progress import progress_bar
 
 EXIT_BAD_INPUT = 2
 
@@ -55,9 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-map", help='JSON file {"run": {class: label}, "data": {class: label}} when '
                           "class names differ (e.g. onto benign/malignant)")
 
-    predict = command("predict", "predict the class of image files with a trained run")
-    predict.add_argument("--run", type=int, required=True, help="run id")
-    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict = command("predict", "diagnose image files, folders of images or zip archives with trained runs")
+    predict.add_argument("--run", type=int, action="append", required=True,
+                         help="run id; repeat it for an ensemble (probabilities averaged over the runs)")
+    predict.add_argument("--tta", action="store_true",
+                         help="average over the 8 flips and quarter turns and add an uncertainty to each result")
+    predict.add_argument("--csv", metavar="FILE", help="also write the results table to this CSV file")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image file, folder of images or .zip archive")
+
+    explain = command("explain", "Grad-CAM: where in the image the model looked, as an overlay PNG")
+    explain.add_argument("--run", type=int, required=True, help="run id")
+    explain.add_argument("--out", required=True, metavar="FILE.png", help="where to write the overlay")
+    explain.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity, 0 to 1 (default 0.45)")
+    explain.add_argument("image", metavar="IMAGE")
+
+    export = command("export", "export a run's model (.keras or TensorFlow Lite) with a model card")
+    export.add_argument("--run", type=int, required=True, help="run id")
+    export.add_argument("--format", choices=("keras", "tflite"), default="keras")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder for the model, labels.json and MODEL_CARD.md")
+    export.add_argument("--audit-data", metavar="DIR", help="also run the shortcut audit on this folder for the card")
+    export.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
 
     worker = command("worker", "train queued runs one after another (the dashboard starts one when needed)")
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
@@ -86,6 +104,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, help="early-stopping patience on validation loss")
     parser.add_argument("--augment", type=int, help="augmented views per training image, 1 to 20")
     parser.add_argument("--tta-views", type=int, help="test-time augmentation: average over this many views (1: off)")
+    parser.add_argument("--colour", choices=("rgb", "grayscale"),
+                        help="grayscale: train and predict on grayscale images, so stain colour is no shortcut")
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--test-fraction", type=float)
     parser.add_argument("--seed", type=int)
@@ -100,7 +120,8 @@ def _config_from_args(args):
         learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
         optimizer=args.optimizer, label_smoothing=args.label_smoothing, class_weights=args.class_weights,
         dense_units=args.dense_units, dropout=args.dropout, pooling=args.pooling, patience=args.patience,
-        augment=args.augment, tta_views=args.tta_views, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        augment=args.augment, tta_views=args.tta_views, colour=args.colour, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed,
     )
 
 
@@ -239,13 +260,49 @@ def _cmd_evaluate(args):
 
 
 def _cmd_predict(args):
-    from .inference import predict_files
+    from .diagnosis import Diagnoser, results_csv, sources_from_paths
 
-    results = predict_files(args.run, args.images)
-    lines = [f"{r['path']}: {r['predicted_class']} ({max(r['probabilities'].values()):.3f})" if "error" not in r
-             else f"{r['path']}: error: {r['error']}" for r in results]
+    sources = sources_from_paths(args.images)
+    diagnoser = Diagnoser.for_runs(args.run)
+    with progress_bar(len(sources), "diagnosing") as bar:
+        results = diagnoser.diagnose(sources, tta=args.tta, on_progress=lambda done, _: bar.update(done - bar.n))
+    if args.csv:
+        with open(args.csv, "wb") as handle:
+            handle.write(results_csv(results))
+    for result in results:
+        result["path"] = result.pop("name")
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['path']}: error: {r['error']}")
+        else:
+            extra = f", disagreement {r['uncertainty']['disagreement']:.2f} ({r['reading']})" if args.tta else ""
+            lines.append(f"{r['path']}: {r['predicted_class']} ({r['probabilities'][r['predicted_class']]:.3f}{extra})")
     code = 0 if any("error" not in r for r in results) else 1
     return results, "\n".join(lines), code
+
+
+def _cmd_explain(args):
+    from PIL import Image
+
+    from .explain import explain_file, overlay
+
+    image, cam = explain_file(args.run, args.image)
+    Image.fromarray(overlay(image, cam.heatmap, opacity=args.opacity)).save(args.out, format="PNG")
+    payload = {"out": args.out, "class_index": cam.class_index,
+               "probabilities": [float(p) for p in cam.probabilities]}
+    return payload, f"wrote {args.out} (Grad-CAM of class {cam.class_index})", 0
+
+
+def _cmd_export(args):
+    from .audit import audit_dataset
+    from .export import export_run
+
+    audit = audit_dataset(args.audit_data, progress=True) if args.audit_data else None
+    result = export_run(args.run, format=args.format, out_dir=args.out, audit=audit, overwrite=args.overwrite)
+    payload = {"run_id": result.run_id, "format": result.format, "files": [str(p) for p in result.paths],
+               "max_abs_diff": result.max_abs_diff}
+    return payload, "\n".join(f"wrote {p}" for p in result.paths), 0
 
 
 def _cmd_worker(args):

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .backbones import SCRATCH, get_backbone, resolve_weights
+from .colour import COLOUR_MODES
 from .errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -58,6 +59,7 @@ class TrainConfig:
     patience: int = 6  # early stopping on validation loss, best weights restored
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta_views: int = 1  # test-time augmentation: predictions averaged over this many views (1 = off)
+    colour: str = "rgb"  # "grayscale" trains and predicts on grayscale images (stain colour is no shortcut)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -85,6 +87,7 @@ class TrainConfig:
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (1 <= self.tta_views <= MAX_AUGMENT, f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}"),
+            (self.colour in COLOUR_MODES, f"colour must be one of {COLOUR_MODES}, got {self.colour!r}"),
             (0 < self.val_fraction < 1, f"validation fraction must be in (0, 1), got {self.val_fraction}"),
             (0 < self.test_fraction < 1, f"test fraction must be in (0, 1), got {self.test_fraction}"),
             (self.val_fraction + self.test_fraction < 0.9, "validation + test fractions must be < 0.9"),

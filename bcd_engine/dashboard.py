@@ -16,11 +16,15 @@ from . import worker
 from .backbones import BACKBONES
 from .config import TrainConfig
 from .datasets import ScanResult, load_image
+from .diagnosis import Source, sources_from_archive
+from .errors import BCDError
+from .explain import explain_image
 from .store import RunStore
 from .store.records import EvaluationRecord, RunRecord
 from .synthetic import DEMO_DATASET_NAME, ensure_demo_dataset
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
+MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
 KAGGLE_DATASET = "mehradaria/leukemia"
 TWIN_FOLDERS = ("Original", "Segmented")
 
@@ -232,13 +236,30 @@ def misclassified(store: RunStore, evaluation: EvaluationRecord, limit: int = 24
     return out[:limit]
 
 
-def predict_bytes(loaded, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-    """Decode uploaded bytes (``ImageLoadError`` when unusable), predict; (image, {class: probability})."""
-    if len(data) > MAX_UPLOAD_BYTES:
-        from .errors import ImageLoadError
+def upload_sources(uploads: list[tuple[str, bytes]]) -> tuple[list[Source], list[dict]]:
+    """Uploaded (name, bytes) as diagnosis sources; zip archives are opened safely.
 
-        raise ImageLoadError(f"file is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
-    image = load_image(data)
-    resized = load_image(data, image_size=loaded.config.image_size)
-    probabilities = loaded.predict_arrays(resized[None])[0]
-    return image, {name: float(p) for name, p in zip(loaded.class_names, probabilities)}
+    Returns (sources, rejected): an upload over its size limit or an unsafe archive becomes a
+    ``{"name", "error"}`` result, so one bad upload never costs the others.
+    """
+    sources, rejected = [], []
+    for name, data in uploads:
+        archive = data[:4] == b"PK\x03\x04" or name.lower().endswith(".zip")
+        limit = MAX_ARCHIVE_UPLOAD_BYTES if archive else MAX_UPLOAD_BYTES
+        if len(data) > limit:
+            rejected.append({"name": name, "error": f"file is {len(data) / 2**20:.1f} MB; "
+                                                   f"the limit is {limit // 2**20} MB"})
+        elif archive:
+            try:
+                sources += sources_from_archive(data, name=name)
+            except BCDError as exc:
+                rejected.append({"name": name, "error": str(exc)})
+        else:
+            sources.append(Source(name, data))
+    return sources, rejected
+
+
+def grad_cam_of(loaded, image: str | bytes, *, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image at the model's size, Grad-CAM heatmap in [0, 1]) of an image file or uploaded bytes for a loaded run."""
+    image = load_image(image, image_size=loaded.config.image_size)
+    return image, explain_image(loaded, image, class_index=class_index).heatmap

@@ -29,5 +29,9 @@ class ImageLoadError(DataError):
     """One image file cannot be read as a supported image."""
 
 
+class ArchiveError(DataError):
+    """An uploaded archive is refused: not a zip, corrupt, unsafe member paths, or it expands too far."""
+
+
 class CancelledError(BCDError):
     """A run was cancelled through the store while it was running."""

@@ -3,7 +3,7 @@
 Phase 1 of fine-tuning trains only the head, so the frozen backbone's output for each training view
 never changes: bcd computes it once and trains the head on the cached vectors. Entries are keyed by
 the image's md5 and the view number, inside a cache file keyed by everything that changes the
-vectors (backbone, weights, image size, pooling, augmentation, seed, Keras version). A new split of the
+vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode, Keras version). A new split of the
 same images reuses the entries; a changed image has a new md5 and is recomputed.
 """
 from __future__ import annotations
@@ -88,6 +88,8 @@ class FeatureCache:
             "seed": config.seed,
             "keras": keras.__version__,
         }
+        if config.colour != "rgb":  # only when set, so caches made before the option existed stay valid
+            parts["colour"] = config.colour
         return cls(parts, root=root)
 
     def get(self, entry_key: str) -> np.ndarray | None:

@@ -1,4 +1,4 @@
-"""Using a trained run: load its model safely, predict images, evaluate it on another folder."""
+"""Using a trained run: load its model safely and evaluate it on another folder (diagnosis: ``diagnosis``)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,10 @@ import numpy as np
 
 from . import settings
 from .backbones import get_backbone
+from .colour import apply_colour_mode
 from .config import TrainConfig
-from .datasets import load_image, scan_dataset
-from .errors import DataError, ImageLoadError, StoreError
+from .datasets import scan_dataset
+from .errors import DataError, StoreError
 from .evaluation import Evaluation, evaluate_probabilities
 from .features import file_sha256
 from .store import RunStore
@@ -33,6 +34,7 @@ class LoadedModel:
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for uint8 images already at the model's size (with the run's test-time augmentation)."""
+        images = apply_colour_mode(images, self.config.colour)
         return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size,
                              augment=self.config.augment, tta_views=self.config.tta_views, seed=self.config.seed)
 
@@ -58,25 +60,6 @@ def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel
         raise StoreError(f"model file of run {run_id} does not match its recorded sha256; refusing to load it")
     model = keras.models.load_model(path, compile=False, safe_mode=True)
     return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
-
-
-def predict_files(run_id: int, paths: list[str], *, store: RunStore | None = None) -> list[dict]:
-    """Predict each image file; a file that cannot be read gets ``{"path", "error"}`` and the rest go on."""
-    loaded = load_run_model(run_id, store=store)
-    results: list[dict] = [{"path": str(p)} for p in paths]
-    images, ok = [], []
-    for i, path in enumerate(paths):
-        try:
-            images.append(load_image(path, image_size=loaded.config.image_size))
-            ok.append(i)
-        except ImageLoadError as exc:
-            results[i]["error"] = str(exc)
-    if images:
-        probabilities = loaded.predict_arrays(np.stack(images))
-        for i, prob in zip(ok, probabilities):
-            results[i]["predicted_class"] = loaded.class_names[int(prob.argmax())]
-            results[i]["probabilities"] = {name: float(p) for name, p in zip(loaded.class_names, prob)}
-    return results
 
 
 def load_label_map(path: str | os.PathLike) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 from . import settings
 from .augment import augment_image, view_seeds
 from .backbones import build_backbone, get_backbone
+from .colour import apply_colour_mode
 from .config import AugmentConfig, TrainConfig
 from .datasets import ScanResult, load_image, scan_dataset
 from .errors import BCDError, CancelledError
@@ -372,12 +373,13 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
     n_classes = len(scan.class_names)
     paths, labels = np.array(scan.paths), scan.labels
     md5s = [record.md5 for record in scan.images]
-    images = load_images(list(paths), image_size=config.image_size, progress=progress)
+    images = apply_colour_mode(load_images(list(paths), image_size=config.image_size, progress=progress),
+                               config.colour)
     monitor.check_cancel()
     weights = class_weight_dict(labels[split.train], n_classes) if config.class_weights else None
     keras.utils.set_random_seed(config.seed)
 
-    cache_stats = None
+    cache_stats, test_prob = None, None
     if config.is_scratch:
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
         head = build_head(backbone.output_shape[-1], n_classes, config)
@@ -405,9 +407,15 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
             _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
                         epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate, phase=2,
                         monitor=monitor, class_weight=weights)
-
-    test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
-                              augment=config.augment, tta_views=config.tta_views, seed=config.seed)
+        else:
+            # The backbone is still the frozen one: test views come from the feature cache too, so
+            # k-fold runs over the same images extract every (image, view) once.
+            test_prob = _cached_tta_proba(head, split.test, config, lambda idx, views, what: _features_for(
+                extractor, images, md5s, idx, views, what, common))
+            cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
+    if test_prob is None:
+        test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
+                                  augment=config.augment, tta_views=config.tta_views, seed=config.seed)
     evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names))
     model_path = save_model(model, run_id)
     evaluation.metrics.update(
@@ -430,6 +438,14 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         ],
     )
     return evaluation, str(model_path), cache_stats
+
+
+def _cached_tta_proba(head, test: np.ndarray, config: TrainConfig, features_for) -> np.ndarray:
+    """Test probabilities from cached features, averaged over views 0..tta_views-1 of each image."""
+    views = config.tta_views
+    x = features_for(np.repeat(test, views), np.tile(np.arange(views), len(test)), "test views")
+    prob = np.asarray(head.predict(x, batch_size=256, verbose=0), dtype=np.float64)
+    return prob.reshape(len(test), views, -1).mean(axis=1)
 
 
 def _features_for(extractor, images, md5s, indices, views, description, common) -> np.ndarray:

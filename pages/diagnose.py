@@ -1,18 +1,23 @@
-"""Diagnose: one uploaded smear image through a trained model."""
+"""Diagnose: smear images (one, several, or a zip archive) through one trained run or an ensemble."""
 import plotly.express as px
 import streamlit as st
 
-from bcd_engine import dashboard, settings
+from bcd_engine import dashboard, diagnosis, explain
 from bcd_engine.errors import BCDError
 from ui import common
 
-st.title("Diagnose an image")
+READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:"}
+
+st.title("Diagnose images")
 st.warning("**Research and teaching use only — not a medical device.** Never use it to diagnose anyone.",
            icon=":material/warning:")
 common.explain(
-    "Upload a peripheral blood smear image and a trained model tells you which class it looks most like, "
-    "with a probability per class. The probabilities are the model's own confidence, not a calibrated "
-    "chance of disease; a model trained on the SYNTHETIC demo set knows nothing about real smears."
+    "Upload peripheral blood smear images (or one zip archive of them) and a trained model tells you which "
+    "class each looks most like, with a probability per class. The model looks at every image 8 times — "
+    "flipped and turned, since a smear has no \"up\" — and averages; if those looks disagree, or no class "
+    "stands out, the result is flagged. The probabilities are the model's own confidence, not a calibrated "
+    "chance of disease; a model trained on the SYNTHETIC demo set knows nothing about real smears. "
+    "The heatmap (Grad-CAM) shows where in the image the model looked for its answer."
 )
 common.demo_banner()
 store = common.store()
@@ -20,27 +25,69 @@ store = common.store()
 best = dashboard.best_completed_run(store)
 if best is None:
     common.no_runs_yet("diagnose")
-runs = [r for r in store.list_runs(status="completed")]
+runs = store.list_runs(status="completed")
 labels = {r.id: f"run {r.id}: {r.backbone}, test accuracy {r.test_accuracy:.3f}" + (" (best)" if r.id == best.id else "")
           for r in runs}
-run_id = st.selectbox("Model", list(labels), index=list(labels).index(best.id), format_func=labels.get,
-                      key="diagnose_run")
-upload = st.file_uploader("Smear image", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff"], key="diagnose_upload",
-                          help=f"At most {dashboard.MAX_UPLOAD_BYTES // 2**20} MB.")
-if upload is None:
+run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
+                         default=[best.id], format_func=labels.get, key="diagnose_runs")
+uploads = st.file_uploader(
+    "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
+    accept_multiple_files=True, key="diagnose_upload",
+    help=f"At most {dashboard.MAX_UPLOAD_BYTES // 2**20} MB per image and "
+         f"{dashboard.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive. A file that cannot be used is "
+         "listed with the reason; the others are still diagnosed.")
+if not run_ids:
+    st.info("Choose at least one model.")
+    st.stop()
+if not uploads:
     st.stop()
 
 try:
-    loaded = common.load_model(run_id, settings.database_url(), str(settings.artifacts_dir()))
-    image, probabilities = dashboard.predict_bytes(loaded, upload.getvalue())
+    diagnoser = common.load_diagnoser(tuple(run_ids))
 except BCDError as exc:
-    st.error(f"Cannot use this: {exc}")
+    st.error(f"Cannot use these models: {exc}")
     st.stop()
 
-predicted = max(probabilities, key=probabilities.get)
-left, right = st.columns(2)
-left.image(image, caption=upload.name, width="stretch")
-right.metric("Predicted class", predicted, f"{probabilities[predicted]:.1%} confidence", delta_color="off")
-fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
-             labels={"x": "probability", "y": "class"}, text=[f"{p:.1%}" for p in probabilities.values()])
-right.plotly_chart(fig, key="diagnose_probabilities")
+sources, rejected = dashboard.upload_sources([(u.name, u.getvalue()) for u in uploads])
+bar = st.progress(0.0, text=f"Diagnosing {len(sources)} image(s) ...")
+results = diagnoser.diagnose(sources, on_progress=lambda done, total: bar.progress(
+    done / total, text=f"Diagnosed {done} of {total} image(s)")) if sources else []
+bar.empty()
+results += rejected
+good = [r for r in results if "predicted_class" in r]
+for bad in (r for r in results if "error" in r):
+    st.error(f"**{bad['name']}** cannot be used: {bad['error']}", icon=":material/block:")
+
+if len(good) == 1 and len(results) == 1:
+    result, data = good[0], sources[0].data
+    st.subheader(result["name"])
+    (st.success if result["reading"] == "ok" else st.warning)(result["advice"], icon=READING_ICONS[result["reading"]])
+    left, right = st.columns(2)
+    probabilities = result["probabilities"]
+    certainty = result["uncertainty"]
+    right.metric("Predicted class", result["predicted_class"], f"{certainty['confidence']:.1%} confidence",
+                 delta_color="off")
+    fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
+                 labels={"x": "probability (mean of 8 views)", "y": "class"},
+                 text=[f"{p:.1%}" for p in probabilities.values()])
+    right.plotly_chart(fig, key="diagnose_probabilities")
+    right.caption(f"Views that disagree with the answer: {certainty['disagreement']:.0%} · "
+                  f"lead over the runner-up: {certainty['margin']:.1%}")
+    opacity = left.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diagnose_opacity",
+                          help="Grad-CAM of the first chosen model: red is where it looked for its answer.")
+    try:
+        image, heatmap = dashboard.grad_cam_of(diagnoser.models[0], data)
+        left.image(explain.overlay(image, heatmap, opacity=opacity), width="stretch",
+                   caption=f"{result['name']} with Grad-CAM (run {diagnoser.run_ids[0]})")
+    except BCDError as exc:
+        left.warning(f"No heatmap for this image: {exc}")
+elif results:
+    table = diagnosis.results_frame(results)
+    flagged = int((table["reading"].isin(["unsure", "conflicting"])).sum())
+    st.metric("Images diagnosed", len(good), f"{flagged} flagged, {len(results) - len(good)} unusable",
+              delta_color="off")
+    st.dataframe(table, hide_index=True, key="diagnose_table",
+                 column_config={"confidence": st.column_config.ProgressColumn(min_value=0, max_value=1),
+                                "disagreement": st.column_config.NumberColumn(format="%.2f")})
+    st.download_button("Download results (CSV)", diagnosis.results_csv(results), "bcd_diagnosis.csv", "text/csv",
+                       key="diagnose_csv", icon=":material/download:")

@@ -15,9 +15,9 @@ from bcd_engine.audit import (
     colour_robustness,
     corner_features,
     leakage_audit,
-    normalise_colour,
     shortcut_audit,
 )
+from bcd_engine.colour import normalise_colour
 from bcd_engine.datasets import scan_dataset
 from bcd_engine.errors import ConfigError
 from bcd_engine.splits import group_kfold, holdout_split

@@ -6,9 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,6 +117,32 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions[:2])
     assert "error" in predictions[2] and "predicted_class" not in predictions[2]
     assert bcd("predict", "--run", run_id, junk, env=cli_env).returncode == 1
+
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("inside.png", images[0].read_bytes())
+        zf.writestr("readme.txt", "not an image")
+    table = tmp_path / "results.csv"
+    proc = bcd("predict", "--run", run_id, "--tta", "--csv", table, images[0].parent, archive, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    batch = json.loads(proc.stdout)
+    n_folder = len(list(images[0].parent.glob("*.png")))
+    assert len(batch) == n_folder + 2 and batch[n_folder]["path"] == f"{archive}/inside.png"
+    assert all(0 <= r["uncertainty"]["disagreement"] <= 1 and r["reading"] for r in batch[:n_folder + 1])
+    assert "not a supported image" in batch[-1]["error"]
+    assert len(table.read_text().splitlines()) == len(batch) + 1
+
+    overlay = tmp_path / "cam.png"
+    proc = bcd("explain", "--run", run_id, images[0], "--out", overlay, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(overlay).size == (32, 32)
+
+    for fmt, model_file in (("keras", "model.keras"), ("tflite", "model.tflite")):
+        proc = bcd("export", "--run", run_id, "--format", fmt, "--out", tmp_path / fmt, "--json", env=cli_env)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / fmt / model_file).is_file()
+        assert "Not a medical device" in (tmp_path / fmt / "MODEL_CARD.md").read_text()
+    assert_one_line_error(bcd("export", "--run", run_id, "--out", tmp_path / "keras", env=cli_env), "already exist")
 
     runs = json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"]
     assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "completed"

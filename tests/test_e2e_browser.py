@@ -5,6 +5,7 @@ uploaded image. Screenshots of every page go to test-artifacts/.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -113,7 +115,7 @@ def _check(page, name: str) -> None:
 def test_pages_train_demo_model_and_diagnose(app, browser):
     base, url, _cache = app
     for path, heading, name in [("", "Dataset explorer", "explorer-empty"), ("compare", "Compare runs", "compare-empty"),
-                                ("diagnose", "Diagnose an image", "diagnose-empty")]:
+                                ("diagnose", "Diagnose images", "diagnose-empty")]:
         page = _open(browser, base, path, heading)
         _check(page, name)
         page.close()
@@ -142,7 +144,7 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
     _check(page, "compare")
     page.close()
 
-    page = _open(browser, base, "diagnose", "Diagnose an image")
+    page = _open(browser, base, "diagnose", "Diagnose images")
     demo_image = next((_cache / "synthetic-demo" / "Pro").glob("*.png"))
     page.locator('input[type="file"]').set_input_files(str(demo_image))
     try:
@@ -153,6 +155,20 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
     _check(page, "diagnose")
     page.locator('input[type="file"]').set_input_files(
         files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"}])
-    page.get_by_text("Cannot use this").wait_for(timeout=60_000)
+    page.get_by_text("cannot be used").wait_for(timeout=60_000)
     _check(page, "diagnose-bad-file")
+    others = sorted((_cache / "synthetic-demo" / "Benign").glob("*.png"))[:2]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../escape.png", others[0].read_bytes())
+    page.locator('input[type="file"]').set_input_files(files=[
+        *[{"name": p.name, "mimeType": "image/png", "buffer": p.read_bytes()} for p in others],
+        {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"},
+        {"name": "evil.zip", "mimeType": "application/zip", "buffer": archive.getvalue()},
+    ])
+    page.get_by_text("Images diagnosed").wait_for(timeout=120_000)
+    page.get_by_text("unsafe member path").wait_for(timeout=10_000)
+    _settle(page)
+    _check(page, "diagnose-batch")
+    assert page.get_by_role("button", name="Download results (CSV)").count() == 1
     page.close()

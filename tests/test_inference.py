@@ -8,7 +8,8 @@ import pytest
 
 from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.errors import StoreError
-from bcd_engine.inference import load_run_model, predict_files
+from bcd_engine.diagnosis import Diagnoser, Source
+from bcd_engine.inference import load_run_model
 from bcd_engine.store import RunStore
 from bcd_engine.training import train
 
@@ -36,7 +37,7 @@ def test_store_and_artifacts_can_move_together(trained, tmp_path, monkeypatch, s
     shutil.rmtree(tmp_path / "artifacts")
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(moved))
     image = sorted(synthetic_dataset.glob("*/*.png"))[0]
-    (prediction,) = predict_files(result.run_id, [str(image)], store=store)
+    (prediction,) = Diagnoser.for_runs([result.run_id], store=store).diagnose([Source(image.name, image)])
     assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
 
 

@@ -36,6 +36,13 @@ def load_model(run_id: int, url: str, artifacts: str):
     return load_run_model(run_id, store=_store(url))
 
 
+def load_diagnoser(run_ids: tuple[int, ...]):
+    """A Diagnoser over the runs' cached models (an ensemble when there are several)."""
+    from bcd_engine.diagnosis import Diagnoser
+
+    return Diagnoser([load_model(run_id, settings.database_url(), str(settings.artifacts_dir())) for run_id in run_ids])
+
+
 def demo_mode() -> bool:
     """True when the app runs as a browse-and-diagnose demo (``BCD_DEMO_MODE`` or secret ``demo_mode``)."""
     try:

@@ -1,0 +1,152 @@
+"""Diagnosis: dihedral test-time augmentation, uncertainty, ensembles and batches with bad files in them."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bcd_engine.config import TrainConfig
+from bcd_engine.diagnosis import (
+    Diagnoser,
+    Source,
+    dihedral_views,
+    reading,
+    results_csv,
+    results_frame,
+    sources_from_paths,
+    uncertainty,
+)
+from bcd_engine.errors import ConfigError, DataError
+from bcd_engine.inference import LoadedModel
+
+CLASSES = ["Benign", "Early", "Pre", "Pro"]
+SIZE = 32
+
+
+def loaded_model(model, run_id: int = 1, class_names=CLASSES) -> LoadedModel:
+    config = TrainConfig(backbone="scratch_cnn", image_size=SIZE, batch_size=8)
+    return LoadedModel(run_id, model, config, list(class_names))
+
+
+def pooled_model(seed: int = 0):
+    """Global average pooling then a dense softmax: its output cannot depend on flips or turns."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
+
+
+def top_row_model():
+    """Reads only the image's top row: flips and turns change what it sees."""
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Lambda(lambda t: t[:, 0, :, 0])(inputs)
+    return keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_dihedral_views_are_the_eight_distinct_flips_and_turns():
+    image = np.arange(9, dtype=np.uint8).reshape(1, 3, 3, 1)
+    views = dihedral_views(image)
+    assert views.shape == (8, 1, 3, 3, 1)
+    np.testing.assert_array_equal(views[0], image)
+    assert len({v.tobytes() for v in views}) == 8
+
+
+def test_a_rotation_invariant_model_has_zero_disagreement():
+    diagnoser = Diagnoser([loaded_model(pooled_model())])
+    for result in diagnoser.diagnose_arrays([random_images(5)]):
+        assert result["uncertainty"]["disagreement"] == 0
+        assert result["uncertainty"]["spread"] == pytest.approx(0, abs=1e-6)
+        assert result["uncertainty"]["views"] == 8
+        assert sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_a_model_that_depends_on_orientation_disagrees_with_itself():
+    diagnoser = Diagnoser([loaded_model(top_row_model())])
+    disagreements = [r["uncertainty"]["disagreement"] for r in diagnoser.diagnose_arrays([random_images(20)])]
+    assert max(disagreements) > 0
+
+
+def test_uncertainty_and_its_plain_reading():
+    agreeing = np.array([[0.9, 0.05, 0.05]] * 8)
+    certainty = uncertainty(agreeing)
+    assert certainty == pytest.approx({"confidence": 0.9, "margin": 0.85, "disagreement": 0.0, "spread": 0.0,
+                                       "views": 8})
+    assert reading("Pro", certainty)[0] == "ok"
+    split = np.array([[0.8, 0.2, 0.0]] * 5 + [[0.2, 0.8, 0.0]] * 3)
+    level, sentence = reading("Benign", uncertainty(split))
+    assert level == "conflicting" and "3 of 8" in sentence
+    assert reading("Pre", uncertainty(np.array([[0.5, 0.3, 0.2]])))[0] == "unsure"
+
+
+def test_an_ensemble_averages_its_models():
+    first, second = loaded_model(pooled_model(0), 1), loaded_model(pooled_model(1), 2)
+    images = random_images(3)
+    single = [Diagnoser([m]).diagnose_arrays([images], tta=False) for m in (first, second)]
+    both = Diagnoser([first, second]).diagnose_arrays([images, images], tta=False)
+    for a, b, ensemble in zip(*single, both):
+        for name in CLASSES:
+            assert ensemble["probabilities"][name] == pytest.approx(
+                (a["probabilities"][name] + b["probabilities"][name]) / 2, abs=1e-6)
+        assert ensemble["uncertainty"]["views"] == 2
+
+
+def test_an_ensemble_needs_the_same_classes():
+    with pytest.raises(ConfigError, match="same classes"):
+        Diagnoser([loaded_model(pooled_model(), 1), loaded_model(pooled_model(), 2, ["a", "b", "c", "d"])])
+    with pytest.raises(ConfigError):
+        Diagnoser([])
+
+
+def test_a_batch_keeps_going_past_bad_files_and_reports_progress(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(random_images(1)[0]))
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("<html>not an image</html>")
+    sources = [Source("good", good), Source("fake", fake), Source("bytes", png_bytes(random_images(1, 1)[0])),
+               Source("missing", tmp_path / "missing.png")]
+    seen = []
+    results = Diagnoser([loaded_model(pooled_model())]).diagnose(
+        sources, batch_size=3, on_progress=lambda done, total: seen.append((done, total)))
+    assert [r["name"] for r in results] == ["good", "fake", "bytes", "missing"]
+    assert "predicted_class" in results[0] and "predicted_class" in results[2]
+    assert "error" in results[1] and "error" in results[3]
+    assert seen == [(3, 4), (4, 4)]
+    table = results_frame(results)
+    assert list(table["image"]) == ["good", "fake", "bytes", "missing"]
+    assert table["error"].notna().tolist() == [False, True, False, True]
+    assert pd.read_csv(io.BytesIO(results_csv(results))).shape[0] == 4
+
+
+def test_sources_from_folders_and_zip_archives(tmp_path):
+    folder = tmp_path / "smears"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(png_bytes(random_images(1)[0]))
+    (folder / "sub" / "b.png").write_bytes(png_bytes(random_images(1)[0]))
+    (folder / "notes.txt").write_text("skip me")
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("c.png", png_bytes(random_images(1)[0]))
+    names = [s.name for s in sources_from_paths([folder, archive])]
+    assert names == [str(folder / "a.png"), str(folder / "sub" / "b.png"), f"{archive}/c.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no supported image files"):
+        sources_from_paths([empty])

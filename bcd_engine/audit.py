@@ -165,7 +165,7 @@ def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64, 
     started = time.perf_counter()
     images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress)
     features = colour_features(images)
-    forest = _forest(seed).fit(features[train], labels[train])
+    forest = shortcut_forest(seed).fit(features[train], labels[train])
     normalised = {}
     for method in NORMALISATION_METHODS:
         converted = normalise_colour(images, method=method, reference=images[train])
@@ -223,12 +223,13 @@ def _indices(scan: ScanResult, indices) -> np.ndarray:
     return out
 
 
-def _forest(seed: int) -> RandomForestClassifier:
+def shortcut_forest(seed: int) -> RandomForestClassifier:
+    """The random forest every shortcut test uses (seeded, all cores)."""
     return RandomForestClassifier(n_estimators=_N_TREES, random_state=seed, n_jobs=-1)
 
 
 def _forest_accuracy(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> float:
-    forest = _forest(seed).fit(features[train], labels[train])
+    forest = shortcut_forest(seed).fit(features[train], labels[train])
     return float(accuracy_score(labels[test], forest.predict(features[test])))
 
 

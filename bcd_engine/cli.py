@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(cv)
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
 
+    lodo = command("lodo", "leave-one-dataset-out CV: train on all datasets but one, test on the one left out")
+    _add_train_options(lodo, data_help="NAME=DIR of one dataset; give two or more (each is held out in turn)",
+                       data_action="append")
+    lodo.add_argument("--label-map", help='JSON file {dataset name: {folder class: shared label}}, e.g. '
+                      '{"all": {"Benign": "benign", "Early": "malignant", ...}, "pbc": {"lymphocyte": "benign"}}')
+
     audit = command("audit", "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
     audit.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     audit.add_argument("--seed", type=int, default=0)
@@ -55,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     evaluate.add_argument("--label-map", help='JSON file {"run": {class: label}, "data": {class: label}} when '
                           "class names differ (e.g. onto benign/malignant)")
+
+    robustness = command("robustness", "colour robustness of a run: accuracy on its test split with colour taken "
+                         "away (grayscale, Reinhard), beside a colour-only baseline on the same images")
+    robustness.add_argument("--run", type=int, required=True, help="run id")
 
     predict = command("predict", "diagnose image files, folders of images or zip archives with trained runs")
     predict.add_argument("--run", type=int, action="append", required=True,
@@ -83,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``train`` and ``cv``: data, backbone and every TrainConfig setting."""
-    parser.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+def _add_train_options(parser: argparse.ArgumentParser, *, data_help: str = "folder with one subfolder of images "
+                       "per class", data_action: str = "store") -> None:
+    """The options of ``train``, ``cv`` and ``lodo``: data, backbone and every TrainConfig setting."""
+    parser.add_argument("--data", required=True, action=data_action, help=data_help)
     parser.add_argument("--backbone", required=True, help="backbone name (see the backbones command)")
     parser.add_argument("--weights", help="imagenet, none or a path to a .weights.h5 file (default: none)")
     parser.add_argument("--epochs", type=int, help="phase-1 epochs (head on the frozen backbone)")
@@ -226,6 +237,30 @@ def _cmd_cv(args):
     return result, "\n".join(lines), 0
 
 
+def _cmd_lodo(args):
+    from .errors import ConfigError
+    from .lodo import leave_one_dataset_out, load_dataset_label_map
+
+    datasets = {}
+    for item in args.data:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--data must be NAME=DIR, got {item!r}")
+        if name in datasets:
+            raise ConfigError(f"dataset name {name!r} is given twice")
+        datasets[name] = folder
+    label_map = load_dataset_label_map(args.label_map) if args.label_map else None
+    result = leave_one_dataset_out(_config_from_args(args), datasets, label_map, progress=True)
+    lines = [f"{result['protocol']}, {args.backbone}, shared labels {', '.join(result['shared_labels'])}:"]
+    for r in result["rounds"]:
+        if r["status"] != "completed":
+            lines.append(f"  held out {r['held_out']}: {r['status']} ({r['reason']})")
+        else:
+            lines.append(f"  held out {r['held_out']}: held-out accuracy {r['held_out_accuracy']:.4f} on "
+                         f"{r['n_held_out']} images, in-domain {r['in_domain_accuracy']:.4f}, run {r['run_id']}")
+    return result, "\n".join(lines), 0
+
+
 def _cmd_audit(args):
     from .audit import audit_dataset
 
@@ -257,6 +292,17 @@ def _cmd_evaluate(args):
     text = (f"run {args.run} on {args.data}: {payload['n_images']} images, accuracy {payload['accuracy']:.4f}, "
             f"macro F1 {payload['macro_f1']:.4f}, macro AUC {payload['macro_auc']}")
     return payload, text, 0
+
+
+def _cmd_robustness(args):
+    from .robustness import colour_robustness_of_run
+
+    result = colour_robustness_of_run(args.run, progress=True)
+    rows = [("original", result["original"]), *result["normalised"].items()]
+    lines = [f"run {args.run} ({result['backbone']}, colour mode {result['colour_mode']}), "
+             f"{result['n_test']} test images:", f"  {'test images':<12} {'model':>7} {'colour-only':>12}"]
+    lines += [f"  {name:<12} {row['model_accuracy']:>7.4f} {row['colour_only_accuracy']:>12.4f}" for name, row in rows]
+    return result, "\n".join(lines), 0
 
 
 def _cmd_predict(args):

@@ -83,13 +83,15 @@ def load_label_map(path: str | os.PathLike) -> dict:
 
 
 def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: RunStore | None = None,
-                           label_map: dict | None = None, progress: bool = False) -> Evaluation:
+                           label_map: dict | None = None, progress: bool = False,
+                           evaluation_name: str = "external") -> Evaluation:
     """External validation: the run's model on every readable image of another folder.
 
     Without ``label_map`` the folder's class names must be among the run's. With one (see
     :func:`load_label_map`) both sides are mapped onto shared labels and a shared label's probability
     is the sum of its run classes' probabilities; a folder with one class is allowed (its accuracy is
     then one minus the rate of wrong shared labels, e.g. the false-malignant rate of benign images).
+    The evaluation is stored under ``evaluation_name``.
     """
     store = store or RunStore()
     loaded = load_run_model(run_id, store=store)
@@ -109,7 +111,7 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     y_prob = loaded.predict_arrays(images) @ merge
     evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names)
     store.save_evaluation(
-        run_id, name="external", data_dir=str(scan.root), metrics=evaluation.metrics,
+        run_id, name=evaluation_name, data_dir=str(scan.root), metrics=evaluation.metrics,
         class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
         predictions=[
             {"path": path, "true_class": class_names[t], "predicted_class": class_names[int(p)],

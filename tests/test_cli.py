@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bcd_engine.synthetic import make_synthetic_dataset
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -175,6 +177,25 @@ def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, cli_env):
     assert doc["protocol"].startswith("2-fold CV") and len(doc["folds"]) == 2
     assert set(doc["folds"][0]) >= {"fold", "n_train", "n_test", "accuracy", "macro_auc"}
     assert set(doc["mean"]) == set(doc["std"]) == {"accuracy", "macro_auc"}
+
+
+def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_path, cli_env):
+    other = make_synthetic_dataset(tmp_path / "other", n_per_class=8, image_size=32, seed=1,
+                                   class_names=("normal", "blast"))
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({
+        "all": {"Benign": "benign", "Early": "malignant", "Pre": "malignant", "Pro": "malignant"},
+        "other": {"normal": "benign", "blast": "malignant"},
+    }))
+    proc = bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", f"other={other}", "--label-map", label_map,
+               "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["shared_labels"] == ["benign", "malignant"]
+    assert [r["held_out"] for r in doc["rounds"]] == ["all", "other"]
+    assert [r["n_held_out"] for r in doc["rounds"]] == [48, 16]
+    assert_one_line_error(bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", str(other), "--backbone",
+                              "scratch_cnn", env=cli_env), "NAME=DIR")
 
 
 def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, cli_env):

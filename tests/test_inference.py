@@ -10,6 +10,7 @@ from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.errors import StoreError
 from bcd_engine.diagnosis import Diagnoser, Source
 from bcd_engine.inference import load_run_model
+from bcd_engine.robustness import colour_robustness_of_run
 from bcd_engine.store import RunStore
 from bcd_engine.training import train
 
@@ -96,3 +97,20 @@ def test_external_evaluation_with_a_label_map_onto_shared_labels(trained, tmp_pa
     map_file.write_text("[1, 2]")
     with pytest.raises(DataError, match="label map"):
         load_label_map(map_file)
+
+
+def test_colour_robustness_of_a_grayscale_run(tmp_path, monkeypatch, synthetic_dataset):
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+    config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
+                         colour="grayscale")
+    run_id = train(config, synthetic_dataset, store=store).run_id
+    result = colour_robustness_of_run(run_id, store=store)
+    # A grayscale model sees the same pixels whether or not the test images were made gray first.
+    assert result["normalised"]["grayscale"]["model_accuracy"] == result["original"]["model_accuracy"]
+    interval = result["original"]["model_accuracy_ci"]
+    assert interval["low"] <= result["original"]["model_accuracy"] <= interval["high"]
+    assert all(0 <= row["colour_only_accuracy"] <= 1 for row in result["normalised"].values())
+    names = [e.name for e in store.get_evaluations(run_id)]
+    assert names == ["test", "test (grayscale)", "test (reinhard)"]

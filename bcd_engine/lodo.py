@@ -1,0 +1,210 @@
+"""Leave-one-dataset-out cross-validation (LODO): train on every dataset but one, test on the one left out.
+
+Datasets whose class names differ are related by a label map onto shared labels (e.g. the four ALL
+classes onto benign/malignant). Each round trains on a merged folder of links to the other datasets'
+images, ``<workdir>/without-<held out>/<shared label>/<dataset>__<class>__<file name>``, so the
+feature cache (keyed by image md5) serves every round and rerun; images byte-identical to a held-out
+image are left out of training. The round's run is then evaluated on the held-out folder, which may
+have a single class (its accuracy is then one minus its false-positive or false-negative rate).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import settings
+from .config import TrainConfig
+from .datasets import ScanResult, scan_dataset
+from .errors import ConfigError, DataError
+from .inference import evaluate_run_on_folder
+from .store import RunStore
+from .training import train
+
+PROTOCOL = "leave-one-dataset-out"
+
+
+def lodo_protocol(held_out: str) -> str:
+    """The protocol label of the run of the round that holds out ``held_out``."""
+    return f"{PROTOCOL}, held out {held_out}"
+
+
+def load_dataset_label_map(path: str | os.PathLike) -> dict:
+    """Read a LODO label map file: JSON ``{dataset name: {folder class: shared label}}``.
+
+    The map is validated against the datasets by :func:`leave_one_dataset_out`.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read label map {path}: {exc}") from exc
+
+
+def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.PathLike], label_map: dict | None = None,
+                          *, store: RunStore | None = None, progress: bool = False,
+                          workdir: str | os.PathLike | None = None) -> dict:
+    """Hold out each dataset in turn: train ``config`` on the others, evaluate on it; one stored run per round.
+
+    ``datasets`` maps names to folders of class subfolders; ``label_map`` maps a dataset name to
+    ``{folder class: shared label}`` (an unmapped class keeps its name). A round whose training
+    datasets have fewer than two shared labels, or lack a label of the held-out set, is skipped with
+    its reason. Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root",
+    "n_images", "labels"}}, "rounds": [...]}``, one round per dataset with its run, in-domain test and
+    held-out figures (accuracy, macro AUC, confusion matrix, per-label rates); ``workdir`` defaults to
+    a folder under the cache keyed by the inputs.
+    """
+    scans = {name: scan_dataset(root, progress=progress, allow_single_class=True)
+             for name, root in _check_datasets(datasets).items()}
+    labels_of = _check_label_map(label_map, scans)
+    workdir = Path(workdir) if workdir is not None else _default_workdir(scans, labels_of)
+    store = store or RunStore()
+    return {
+        "protocol": PROTOCOL,
+        "shared_labels": sorted({label for labels in labels_of.values() for label in labels.values()}),
+        "workdir": str(workdir),
+        "datasets": {name: {"root": scan.root, "n_images": scan.n_images,
+                            "labels": _label_counts(scan, labels_of[name])} for name, scan in scans.items()},
+        "rounds": [_round(config, name, scans, labels_of, store=store, progress=progress, workdir=workdir)
+                   for name in scans],
+    }
+
+
+def _check_datasets(datasets: dict) -> dict[str, Path]:
+    if not isinstance(datasets, dict):
+        raise ConfigError(f"datasets must map names to folders, got {type(datasets).__name__}")
+    if len(datasets) < 2:
+        raise ConfigError(f"leave-one-dataset-out needs at least 2 datasets (NAME=DIR), got {len(datasets)}")
+    roots: dict[Path, str] = {}
+    for name, root in datasets.items():
+        _check_folder_name("dataset name", name)
+        resolved = Path(root).expanduser().resolve()
+        if resolved in roots:
+            raise ConfigError(f"datasets {roots[resolved]!r} and {name!r} are the same folder {resolved}")
+        roots[resolved] = name
+    return {name: Path(root) for name, root in datasets.items()}
+
+
+def _check_label_map(label_map: dict | None, scans: dict[str, ScanResult]) -> dict[str, dict[str, str]]:
+    """{dataset: {class: shared label}} for every class of every dataset, after validating ``label_map``."""
+    label_map = {} if label_map is None else label_map
+    shape = 'a JSON object {"<dataset>": {"<folder class>": "<shared label>"}}'
+    if not isinstance(label_map, dict) or not all(
+        isinstance(part, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in part.items())
+        for part in label_map.values()
+    ):
+        raise ConfigError(f"the label map must be {shape}")
+    unknown = sorted(set(label_map) - set(scans))
+    if unknown:
+        raise ConfigError(f"the label map names unknown dataset(s) {', '.join(map(repr, unknown))}; "
+                          f"the datasets are {', '.join(map(repr, scans))}")
+    labels_of = {}
+    for name, scan in scans.items():
+        part = label_map.get(name, {})
+        missing = sorted(set(part) - set(scan.class_names))
+        if missing:
+            raise DataError(f"the label map for dataset {name!r} names class(es) {', '.join(map(repr, missing))} "
+                            f"that {scan.root} does not have (its classes: {', '.join(scan.class_names)})")
+        labels_of[name] = {cls: part.get(cls, cls) for cls in scan.class_names}
+    seen: dict[str, str] = {}
+    for label in sorted({label for labels in labels_of.values() for label in labels.values()}):
+        _check_folder_name("shared label", label)
+        if seen.setdefault(label.casefold(), label) != label:
+            raise ConfigError(f"shared labels {seen[label.casefold()]!r} and {label!r} differ only in case; "
+                              "map them onto one label")
+    return labels_of
+
+
+def _check_folder_name(what: str, name: object) -> None:
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{what} {name!r} cannot be used as a folder name "
+                          "(empty, starts with '.', or contains '/' or '\\')")
+
+
+def _default_workdir(scans: dict[str, ScanResult], labels_of: dict) -> Path:
+    """``<cache>/lodo/<digest of the dataset folders and label map>``: the same inputs reuse one folder."""
+    key = json.dumps({name: [scan.root, labels_of[name]] for name, scan in scans.items()}, sort_keys=True)
+    return settings.cache_dir() / "lodo" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _label_counts(scan: ScanResult, labels: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in scan.images:
+        counts[labels[record.class_name]] = counts.get(labels[record.class_name], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], labels_of: dict, *,
+           store: RunStore, progress: bool, workdir: Path) -> dict:
+    """Train on the datasets other than ``held_out`` and evaluate on it; one row of the LODO table."""
+    train_names = [name for name in scans if name != held_out]
+    held_out_md5s = {record.md5 for record in scans[held_out].images}
+    sources, excluded = {}, 0
+    for name in train_names:
+        for record in scans[name].images:
+            if record.md5 in held_out_md5s:
+                excluded += 1
+                continue
+            label = labels_of[name][record.class_name]
+            sources[Path(label) / f"{name}__{record.class_name}__{Path(record.path).name}"] = record.path
+    train_labels = sorted({rel.parts[0] for rel in sources})
+    held_out_labels = sorted(set(labels_of[held_out].values()))
+    row = {
+        "held_out": held_out, "status": "skipped", "reason": None, "run_id": None, "train_datasets": train_names,
+        "train_labels": train_labels, "excluded_duplicates": excluded, "n_train": None, "n_val": None, "n_test_in_domain": None, "in_domain_accuracy": None,
+        "in_domain_macro_auc": None, "n_held_out": scans[held_out].n_images, "held_out_labels": held_out_labels,
+        "held_out_accuracy": None, "held_out_macro_auc": None, "confusion_matrix": None, "per_label_rate": None,
+    }
+    unseen = [label for label in held_out_labels if label not in train_labels]
+    if len(train_labels) < 2:
+        have = f"only the shared label {train_labels[0]!r}" if train_labels else "no images left"
+        row["reason"] = f"the training datasets ({', '.join(train_names)}) have {have}; training needs two labels"
+        return row
+    if unseen:
+        row["reason"] = (f"held-out label(s) {', '.join(map(repr, unseen))} do not occur in the training datasets "
+                         f"({', '.join(train_names)}), so the model cannot predict them")
+        return row
+    train_dir = _link_folder(workdir / f"without-{held_out}", sources)
+    result = train(config, train_dir, store=store, progress=progress, protocol=lodo_protocol(held_out))
+    row.update(run_id=result.run_id, status=result.status, n_train=result.n_train, n_val=result.n_val,
+               n_test_in_domain=result.n_test, in_domain_accuracy=result.test_accuracy,
+               in_domain_macro_auc=result.macro_auc)
+    if result.status != "completed":
+        row["reason"] = f"run {result.run_id} was {result.status}"
+        return row
+    evaluation = evaluate_run_on_folder(
+        result.run_id, scans[held_out].root, store=store, progress=progress,
+        label_map={"run": {label: label for label in train_labels}, "data": labels_of[held_out]},
+        evaluation_name=f"held-out {held_out}",
+    )
+    names = evaluation.class_names
+    row.update(
+        held_out_accuracy=evaluation.accuracy, held_out_macro_auc=evaluation.macro_auc,
+        confusion_matrix={"labels": names, "counts": evaluation.confusion_matrix},
+        per_label_rate={names[i]: {names[j]: n / sum(counts) for j, n in enumerate(counts)}
+                        for i, counts in enumerate(evaluation.confusion_matrix) if sum(counts)},
+    )
+    return row
+
+
+def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:
+    """(Re)build ``folder`` with a link at each relative path to its source file; return it."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    for rel, source in sources.items():
+        link = folder / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        _link(Path(source).resolve(), link)
+    return folder
+
+
+def _link(source: Path, link: Path) -> None:
+    """A symbolic link, else a hard link, else a copy (its mtime kept, so scan caches stay valid)."""
+    try:
+        link.symlink_to(source)
+    except OSError:
+        try:
+            os.link(source, link)
+        except OSError:
+            shutil.copy2(source, link)

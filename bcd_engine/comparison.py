@@ -71,12 +71,13 @@ def error_bar(frame: pd.DataFrame, column: str) -> dict:
 
 def run_label(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
     """One line naming a run: id, backbone, protocol and test accuracy with its interval."""
-    return f"run {run.id}: {run.backbone} · {run.protocol} · accuracy {format_interval(*interval(evaluation, 'accuracy'))}"
+    accuracy = format_interval(*interval(evaluation, "accuracy"))
+    return f"run {run.id}: {run.backbone} · {run.protocol} · accuracy {accuracy}"
 
 
 def figure_title(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
-    """A plotly title: run, backbone and protocol, then accuracy and macro AUC with their intervals."""
-    return (f"run {run.id}: {run.backbone} — {run.protocol}<br><sup>accuracy "
+    """A three-line plotly title: run and backbone; protocol; accuracy and macro AUC with their intervals."""
+    return (f"run {run.id}: {run.backbone}<br><sup>{run.protocol}<br>accuracy "
             f"{format_interval(*interval(evaluation, 'accuracy'))} · macro AUC "
             f"{format_interval(*interval(evaluation, 'macro_auc'))}</sup>")
 

@@ -112,15 +112,11 @@ class Diagnoser:
 
     def view_probabilities(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> np.ndarray:
         """Probabilities (n, models x views, n_classes) for uint8 images given at each model's size."""
-        import tensorflow as tf
-
         per_model = []
         for model, images in zip(self.models, images_by_model):
             images = apply_colour_mode(images, model.config.colour)
             views = dihedral_views(images) if tta else images[None]
-            batch = views.reshape(-1, *images.shape[1:])
-            x = model.preprocess()(tf.cast(batch, tf.float32))
-            prob = np.asarray(model.model.predict(x, batch_size=model.config.batch_size, verbose=0), np.float64)
+            prob = model.forward(np.ascontiguousarray(views.reshape(-1, *images.shape[1:])))
             per_model.append(prob.reshape(len(views), len(images), -1).transpose(1, 0, 2))
         return np.concatenate(per_model, axis=1)
 

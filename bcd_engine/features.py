@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,19 @@ def build_feature_extractor(spec: BackboneSpec, config: TrainConfig):
     features = backbone(inputs, training=False)
     pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     return keras.Model(inputs, pool(name="pool", dtype="float32")(features), name="feature_extractor"), backbone
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(extractor):
+    """The extractor's forward pass as one tf.function per extractor, so repeated calls skip retracing."""
+    import tensorflow as tf
+
+    if extractor not in _COMPILED:
+        model = weakref.ref(extractor)  # the cached function must not keep its key alive
+        _COMPILED[extractor] = tf.function(lambda batch: model()(batch, training=False), reduce_retracing=True)
+    return _COMPILED[extractor]
 
 
 class FeatureCache:
@@ -156,7 +170,7 @@ def extract_features(
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE)
         )
-        infer = tf.function(lambda batch: extractor(batch, training=False), reduce_retracing=True)
+        infer = _compiled(extractor)
         outputs = []
         with progress_bar(len(missing), description, enabled=progress) as bar:
             for batch in dataset:

@@ -1,4 +1,4 @@
-"""Compare runs: the runs table, curves, confusion matrices, ROC curves, per-class metrics, mistakes."""
+"""Compare runs: runs table, cross-validation, leave-one-dataset-out, shortcut audit, curves, matrices, calibration."""
 from pathlib import Path
 
 import numpy as np
@@ -7,22 +7,61 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from bcd_engine import dashboard
+from bcd_engine import comparison, dashboard, explain, settings
 from bcd_engine.datasets import load_image
 from bcd_engine.errors import BCDError
 from ui import common
+
+TOP = {"t": 110}  # figure margin with room for comparison.figure_title's three lines
+AUDIT_DASHES = {"colour only": "dash", "corner only": "dot", "chance": "longdashdot"}
 
 st.title("Compare runs")
 common.explain(
     "Each run is one backbone trained with one configuration and tested on images it never saw (its test "
     "split). **Accuracy** is the share of test images classified right; **AUC** (area under the ROC curve) "
-    "measures how well the scores rank each class above the others, 1.0 being perfect. The **confusion "
-    "matrix** shows which classes are mixed up (rows: true class, columns: predicted). The thesis rows are "
-    "the numbers the thesis reported, for reference — they were measured on a different split and protocol."
+    "measures how well the scores rank each class above the others, 1.0 being perfect. The numbers in brackets, "
+    "like 0.996 (0.990–1.000), are **95% confidence intervals**: the test images were resampled 1,000 times and "
+    "the figure stayed in that range 95% of the time. A small test set gives a wide interval, and two runs whose "
+    "intervals overlap may not really differ. Every figure says which **protocol** produced it: a hold-out split, "
+    "one fold of a cross-validation, or training without one dataset and testing on it. The **confusion "
+    "matrix** shows which classes are mixed up (rows: true class, columns: predicted). The **shortcut audit** "
+    "asks how far colour alone gets: a model near that line may be reading colour rather than cells. The "
+    "thesis rows are the numbers the thesis reported, for reference — they were measured on a different split "
+    "and protocol."
 )
 common.demo_banner()
 store = common.store()
 runs = dashboard.runs_frame(store)
+records = {r.id: r for r in store.list_runs()}
+evaluations = comparison.evaluations_by_run(store, runs.loc[runs["status"] == "completed", "id"])
+audits: dict[str, dict | None] = {}
+
+
+def audit_of(root: str) -> dict | None:
+    """The cached shortcut audit of a dataset folder (None when never run or the folder is not readable here)."""
+    if root not in audits:
+        try:
+            audits[root] = comparison.cached_audit(common.scan(root))
+        except BCDError:
+            audits[root] = None
+    return audits[root]
+
+
+def add_audit_lines(fig: go.Figure, roots: list[str]) -> None:
+    """Draw the audited datasets' colour-only, corner-only and chance accuracies as labelled horizontal lines."""
+    known = {root: audit for root in roots if (audit := audit_of(root)) is not None}
+    for ref in comparison.audit_references(known).itertuples():
+        fig.add_hline(y=ref.accuracy, line_dash=AUDIT_DASHES[ref.reference], line_color="grey",
+                      annotation_text=f"{ref.reference} ({ref.dataset}): {ref.accuracy:.1%}",
+                      annotation_position="bottom left", annotation_bgcolor="rgba(255, 255, 255, 0.8)")
+
+
+def interval_bars(frame: pd.DataFrame, x: str, bars: dict[str, str], title: str) -> go.Figure:
+    """Grouped bars of ``frame``'s interval columns (column -> legend name) with 95% CI error bars."""
+    fig = go.Figure([go.Bar(name=name, x=frame[x], y=frame[column], error_y=comparison.error_bar(frame, column))
+                     for column, name in bars.items()])
+    return fig.update_layout(title=title, barmode="group", yaxis_title="share of test images", yaxis_range=[0, 1.05])
+
 
 st.subheader("Runs")
 c1, c2, c3 = st.columns(3)
@@ -35,30 +74,132 @@ for column, wanted in (("backbone", backbones), ("status", statuses), ("protocol
         shown = shown[shown[column].isin(wanted)]
 sort_by = st.selectbox("Sort by", ["test_accuracy", "macro_auc", "macro_f1", "parameters_M", "seconds", "id"],
                        key="compare_sort")
-st.dataframe(shown.sort_values(sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last"),
+st.dataframe(comparison.runs_table(shown, evaluations).sort_values(
+                 sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last"),
              hide_index=True, key="compare_runs_table",
-             column_config={"test_accuracy": st.column_config.NumberColumn(format="%.3f"),
-                            "macro_auc": st.column_config.NumberColumn(format="%.3f"),
+             column_config={"test_accuracy": None, "macro_auc": None,
                             "macro_f1": st.column_config.NumberColumn(format="%.3f")})
 
 st.subheader("Reference: reported results (not run here)")
-st.dataframe(pd.DataFrame(dashboard.THESIS_REFERENCE), hide_index=True, key="compare_reference",
+st.dataframe(comparison.reference_frame(), hide_index=True, key="compare_reference",
              column_config={"train_accuracy": st.column_config.NumberColumn("train accuracy", format="percent"),
                             "val_accuracy": st.column_config.NumberColumn("validation accuracy", format="percent")})
 st.caption("Thesis: *A Transfer Learning Approach for Blood Cancer Detection*; dataset authors: Ghaderzadeh "
-           "et al. 2022. Reported numbers, copied for comparison — not reproduced by bcd.")
+           "et al. 2022. Reported numbers, copied for comparison — not reproduced by bcd, and reported without "
+           "confidence intervals.")
 
-completed = runs[runs["status"] == "completed"].sort_values("test_accuracy", ascending=False)
+completed = runs[runs["status"] == "completed"].sort_values("test_accuracy", ascending=False, na_position="last")
 if completed.empty:
     common.no_runs_yet("compare")
-labels = {int(r.id): f"run {r.id}: {r.backbone} ({r.test_accuracy:.3f})" for r in completed.itertuples()}
+
+st.subheader("Cross-validation")
+groups = comparison.cv_groups(records.values())
+if not groups:
+    st.caption("No cross-validation runs yet. `python -m bcd_engine cv --data FOLDER --backbone NAME --folds 5` "
+               "trains one run per fold.")
+else:
+    st.caption("Cross-validation cuts the images into K parts (folds) and trains K times; each time another fold "
+               "is the test set, so every image is tested exactly once. The bar is the mean over the folds and the "
+               "error bar ± one standard deviation: how much the result moves when the split changes. The pooled "
+               "confusion matrix adds up the test results of all folds.")
+    summary = comparison.cv_summary_frame(groups, evaluations)
+    fig = go.Figure([go.Bar(name=name, x=summary["group"].str.replace(" · ", "<br>"), y=summary[f"{metric}_mean"],
+                            error_y={"type": "data", "array": summary[f"{metric}_std"].tolist()})
+                     for metric, name in (("accuracy", "accuracy"), ("macro_auc", "macro AUC"))])
+    fig.update_layout(title="Mean over folds ± one standard deviation", barmode="group", yaxis_range=[0, 1.05],
+                      yaxis_title="share of test images")
+    add_audit_lines(fig, sorted({g.data_dir for g in groups if g.data_dir}))
+    st.plotly_chart(fig, key="compare_cv_chart")
+    st.dataframe(summary, hide_index=True, key="compare_cv_summary",
+                 column_config={c: None for c in ("data_dir", "accuracy_mean", "accuracy_std", "macro_auc_mean",
+                                                  "macro_auc_std")})
+    st.dataframe(comparison.cv_folds_frame(groups, evaluations), hide_index=True, key="compare_cv_folds",
+                 column_config={"accuracy": None, "macro_auc": None,
+                                "ece": st.column_config.NumberColumn("ECE", format="%.3f")})
+    group = groups[st.selectbox("Pooled confusion matrix of", range(len(groups)), format_func=lambda i: groups[i].label,
+                                key="compare_cv_group")]
+    pooled = comparison.pooled_confusion(group, evaluations)
+    if pooled is None:
+        st.info("No fold of this cross-validation has test results yet.")
+    else:
+        names, counts = pooled
+        fig = go.Figure(go.Heatmap(z=counts, x=names, y=names, colorscale="Blues", texttemplate="%{z}",
+                                   hovertemplate="true %{y}, predicted %{x}: %{z} images<extra></extra>"))
+        accuracy = comparison.format_interval(*comparison.pooled_accuracy(counts))
+        st.plotly_chart(fig.update_layout(
+            title=f"{group.label}<br><sup>all folds' test images, accuracy {accuracy} (95% CI)</sup>",
+            xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed"), key="compare_cv_cm")
+
+st.subheader("Leave one dataset out")
+lodo = comparison.lodo_frame(records.values(), evaluations)
+if lodo.empty:
+    st.caption("No leave-one-dataset-out runs yet. They train on every dataset but one and test on the one "
+               "left out, to show how well a model carries over to another lab's images.")
+else:
+    st.caption("Each row trained on every dataset but one and was then tested on the one it never saw (held "
+               "out). In-domain accuracy comes from test images of the training datasets. A big drop means the "
+               "model learned things of one lab — stain, microscope, camera — rather than the cells.")
+    chart = lodo.assign(x=lodo["held_out"] + " (" + lodo["backbone"] + ", run " + lodo["run"].astype(str) + ")")
+    st.plotly_chart(interval_bars(chart, "x", {"in_domain": "in-domain test", "held_out_accuracy": "held-out"},
+                                  "leave-one-dataset-out: accuracy with 95% confidence intervals"),
+                    key="compare_lodo_chart")
+    st.dataframe(lodo, hide_index=True, key="compare_lodo",
+                 column_config={**{c: None for c in ("in_domain", "in_domain_low", "in_domain_high",
+                                                     "held_out_accuracy", "held_out_accuracy_low",
+                                                     "held_out_accuracy_high")},
+                                "held_out": "held-out dataset", "n_in_domain": "in-domain test images",
+                                "n_held_out": "held-out images",
+                                "drop": st.column_config.NumberColumn("drop", format="%.3f")})
+
+st.subheader("Runs side by side")
+labels = {int(i): comparison.run_label(records[int(i)], comparison.latest(evaluations[int(i)], "test"))
+          for i in completed["id"]}
 selected = st.multiselect("Runs to compare", list(labels), default=list(labels)[:2], format_func=labels.get,
                           key="compare_selected")
 if not selected:
     st.info("Select one or more completed runs.")
     st.stop()
-evaluations = {run_id: dashboard.holdout_evaluation(store, run_id) for run_id in selected}
-evaluations = {k: v for k, v in evaluations.items() if v is not None}
+tests = {run_id: ev for run_id in selected if (ev := comparison.latest(evaluations[run_id], "test")) is not None}
+if not tests:
+    st.info("The selected runs have no test results stored.")
+    st.stop()
+titles = {run_id: comparison.figure_title(records[run_id], ev) for run_id, ev in tests.items()}
+
+st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
+chart_col, audit_col = st.columns([3, 2])
+intervals = comparison.intervals_frame([records[run_id] for run_id in selected], evaluations)
+fig = interval_bars(intervals, "label", {"accuracy": "accuracy", "macro_auc": "macro AUC"},
+                    "Test accuracy and macro AUC (error bars: 95% confidence interval)")
+roots = comparison.dataset_roots(records[run_id] for run_id in selected)
+add_audit_lines(fig, roots)
+chart_col.plotly_chart(fig, key="compare_intervals")
+audit_col.markdown("**Shortcut audit**: can colour alone tell the classes apart? Grey lines on the charts.")
+for i, root in enumerate(roots):
+    box = audit_col.container(border=True)
+    box.markdown(f"**{Path(root).name}** (`{root}`)")
+    try:
+        scan = common.scan(root)
+    except BCDError as exc:
+        box.warning(f"This folder cannot be read here, so it cannot be audited: {exc}")
+        continue
+    audit = audit_of(root)
+    if audit is None:
+        box.caption("Not audited yet. It takes a few seconds for a few thousand images; the result is kept.")
+        if box.button("Run shortcut audit", key=f"compare_audit_{i}", icon=":material/search:"):
+            try:
+                with st.spinner(f"Auditing {Path(root).name} ..."):
+                    comparison.run_audit(scan)
+            except BCDError as exc:
+                box.error(f"The audit failed: {exc}")
+            else:
+                st.rerun()
+        continue
+    shortcuts = audit["shortcuts"]
+    m1, m2, m3 = box.columns(3)
+    m1.metric("colour only", f"{shortcuts['colour_only_accuracy']:.1%}")
+    m2.metric("corner only", f"{shortcuts['corner_only_accuracy']:.1%}")
+    m3.metric("chance", f"{shortcuts['chance_accuracy']:.1%}")
+    box.caption(comparison.audit_explanation(audit))
 
 st.subheader("Training curves")
 frame = dashboard.epochs_frame(store, selected)
@@ -69,41 +210,76 @@ st.plotly_chart(fig, key="compare_curves")
 
 st.subheader("Confusion matrices")
 normalise = st.toggle("Row-normalised (share of each true class)", key="compare_normalise")
-for col, (run_id, ev) in zip(st.columns(len(evaluations)), evaluations.items()):
+for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
     counts = np.asarray(ev.confusion_matrix, dtype=float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     heat = go.Heatmap(z=share if normalise else counts, x=ev.class_names, y=ev.class_names, colorscale="Blues",
                       customdata=np.dstack([counts, share * 100]), texttemplate="%{z:.2f}" if normalise else "%{z}",
                       hovertemplate="true %{y}, predicted %{x}<br>%{customdata[0]:.0f} images "
                                     "(%{customdata[1]:.1f}% of the true class)<extra></extra>")
-    fig = go.Figure(heat).update_layout(title=labels[run_id], xaxis_title="predicted", yaxis_title="true",
-                                        yaxis_autorange="reversed")
+    fig = go.Figure(heat).update_layout(title=titles[run_id], margin=TOP, xaxis_title="predicted",
+                                        yaxis_title="true", yaxis_autorange="reversed")
     col.plotly_chart(fig, key=f"compare_cm_{run_id}")
 
 st.subheader("ROC curves (one class against the rest)")
-for col, (run_id, ev) in zip(st.columns(len(evaluations)), evaluations.items()):
+for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
     fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
                                name="chance"))
     for name, curve in ev.roc.items():
         auc = "n/a" if curve.auc is None else f"{curve.auc:.3f}"
         fig.add_scatter(x=curve.fpr, y=curve.tpr, mode="lines", name=f"{name} (AUC {auc})")
-    fig.update_layout(title=labels[run_id], xaxis_title="false positive rate", yaxis_title="true positive rate")
+    fig.update_layout(title=titles[run_id], margin=TOP, xaxis_title="false positive rate",
+                      yaxis_title="true positive rate")
     col.plotly_chart(fig, key=f"compare_roc_{run_id}")
 
+st.subheader("Reliability: does the model's confidence match how often it is right?")
+st.caption("Test images are put in bins by the model's confidence in its answer. Each bar shows how many in the "
+           "bin were right; a well-calibrated model's bars reach the diagonal (of the answers given with 90% "
+           "confidence, 90% are right). Bars below the diagonal mean over-confidence. **ECE** (expected calibration "
+           "error) is the average gap, weighted by the number of images in each bin: 0 is perfect.")
+for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
+    bins = comparison.reliability_frame(ev)
+    if bins.empty:
+        col.info(f"Run {run_id} has no stored calibration data (it was evaluated before bcd recorded it).")
+        continue
+    fig = go.Figure([
+        go.Bar(x=bins["centre"], y=bins["accuracy"], width=bins["width"], name="share right", customdata=bins,
+               hovertemplate="confidence %{customdata[0]:.2f}–%{customdata[1]:.2f}: %{customdata[6]} images, "
+                             "mean confidence %{customdata[4]:.2f}, %{y:.0%} right<extra></extra>"),
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect calibration"),
+    ])
+    fig.update_layout(title=titles[run_id], margin=TOP,
+                      xaxis_title="model's confidence in its answer", yaxis_title="share of answers right",
+                      xaxis_range=[0, 1], yaxis_range=[0, 1.05])
+    col.plotly_chart(fig, key=f"compare_reliability_{run_id}")
+    col.metric("ECE", f"{ev.metrics.get('ece', float('nan')):.3f}", help="0 is perfect; lower is better.")
+
 st.subheader("Per-class precision, recall and F1")
-per_class = pd.concat([dashboard.per_class_frame(ev).assign(run=labels[run_id])
-                       for run_id, ev in evaluations.items()])
+per_class = pd.concat([dashboard.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
+                       for run_id, ev in tests.items()])
 st.dataframe(per_class.set_index(["run", "class"]).round(3), key="compare_per_class")
 
 st.subheader("Misclassified test images")
-gallery_run = st.selectbox("Run", list(evaluations), format_func=labels.get, key="compare_gallery_run")
-wrong = dashboard.misclassified(store, evaluations[gallery_run])
+gallery_run = st.selectbox("Run", list(tests), format_func=labels.get, key="compare_gallery_run")
+wrong = dashboard.misclassified(store, tests[gallery_run])
+show_cam = st.toggle("Show where the model looked (Grad-CAM)", key="compare_gradcam",
+                     help="Red marks the parts of the image that pushed the model towards its (wrong) answer.")
+loaded = None
+if show_cam and wrong:
+    try:
+        loaded = common.load_model(gallery_run, settings.database_url(), str(settings.artifacts_dir()))
+    except BCDError as exc:
+        st.error(f"Cannot load the model of run {gallery_run}, so no heatmaps: {exc}")
 if not wrong:
     st.success("No misclassified test images.")
 for col, item in zip(st.columns(6) * 4, wrong):
+    caption = f"true {item['true']} → predicted {item['predicted']} ({item['confidence']:.2f})"
     try:
-        col.image(load_image(item["path"]), width="stretch",
-                  caption=f"true {item['true']} → predicted {item['predicted']} ({item['confidence']:.2f})")
+        if loaded is None:
+            col.image(load_image(item["path"]), width="stretch", caption=caption)
+        else:
+            image, heatmap = dashboard.grad_cam_of(loaded, item["path"])
+            col.image(explain.overlay(image, heatmap), width="stretch", caption=caption)
     except BCDError as exc:
         col.warning(f"{Path(item['path']).name}: {exc}")
 

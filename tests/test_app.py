@@ -1,10 +1,12 @@
 """The dashboard pages through Streamlit's AppTest, on an empty isolated store."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_comparison import fill_store
 
 from bcd_engine import worker
 from bcd_engine.store import RunStore
@@ -94,3 +96,54 @@ def test_demo_mode_hides_training(monkeypatch):
     assert not [b for b in at.button if b.key in ("train_demo", "FormSubmitter:train_form-Queue run(s)")]
     compare = open_page("pages/compare.py")
     assert not [b for b in compare.button if b.key == "compare_train_demo"]
+
+
+def _charts(at: AppTest) -> dict[str, dict]:
+    """The page's plotly figures by widget key."""
+    return {c.proto.id.rpartition("-")[2]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+
+
+def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated, synthetic_dataset):
+    ids = fill_store(RunStore(isolated["url"]), synthetic_dataset)
+    at = open_page("pages/compare.py")
+    headers = [s.value for s in at.subheader]
+    for wanted in ("Cross-validation", "Leave one dataset out", "Confusion matrices", "Misclassified test images"):
+        assert wanted in headers
+    assert any("Reliability" in h for h in headers) and any("shortcut audit" in h for h in headers)
+    runs_table, _reference, cv_summary, cv_folds, lodo, _per_class = (d.value for d in at.dataframe)
+    assert runs_table.set_index("id").loc[ids["holdout"], "accuracy (95% CI)"].count("–") == 1
+    assert list(cv_summary["folds"]) == ["3 of 3 completed"] and len(cv_folds) == 3
+    assert list(lodo["held_out"]) == ["Segmented"] and "–" in lodo.loc[0, "held-out accuracy (95% CI)"]
+
+    charts = _charts(at)
+    selected = at.multiselect(key="compare_selected").value
+    assert {"compare_cv_chart", "compare_cv_cm", "compare_lodo_chart", "compare_intervals",
+            *(f"compare_reliability_{i}" for i in selected)} <= charts.keys()
+    assert all(len(bar["error_y"]["array"]) == 1 for bar in charts["compare_cv_chart"]["data"])
+    assert sum(map(sum, charts["compare_cv_cm"]["data"][0]["z"])) == 48
+    assert all("arrayminus" in bar["error_y"] for bar in charts["compare_intervals"]["data"])
+    bars, diagonal = charts[f"compare_reliability_{selected[0]}"]["data"]
+    assert bars["type"] == "bar" and diagonal["x"] == [0, 1] == diagonal["y"]
+    assert "(group-aware, stratified)" in charts[f"compare_cm_{selected[0]}"]["layout"]["title"]["text"]
+    assert [m.label for m in at.metric].count("ECE") == len(selected)
+
+
+def test_compare_runs_the_shortcut_audit_once_and_reports_a_missing_model(isolated, synthetic_dataset):
+    fill_store(RunStore(isolated["url"]), synthetic_dataset)
+    at = open_page("pages/compare.py")
+    assert "shapes" not in _charts(at)["compare_intervals"]["layout"]
+    at.button(key="compare_audit_0").click().run()
+    assert not at.exception, at.exception
+    assert {"colour only", "corner only", "chance"} <= {m.label for m in at.metric}
+    assert any(c.value.startswith("Colour statistics alone reach") for c in at.caption)
+    assert len(_charts(at)["compare_intervals"]["layout"]["shapes"]) == 3  # colour, corner and chance lines
+    assert len(list((Path(isolated["url"][len("sqlite:///"):]).parent / "cache" / "audits").glob("*.json"))) == 1
+
+    again = open_page("pages/compare.py")  # a later visit shows the cached audit at once
+    assert not [b for b in again.button if b.key == "compare_audit_0"]
+    assert {"colour only", "chance"} <= {m.label for m in again.metric}
+
+    again.toggle(key="compare_gradcam").set_value(True).run()
+    assert not again.exception, again.exception
+    assert any("no saved model" in e.value for e in again.error)
+    assert again.get("image")  # the gallery still shows the images, without heatmaps

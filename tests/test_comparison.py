@@ -1,0 +1,247 @@
+"""Tests of bcd_engine.comparison (the Compare page's data) on a run store filled through the RunStore API."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from store_fixtures import db_url, store  # noqa: F401  (pytest fixtures)
+
+from bcd_engine import comparison, confidence, dashboard, evaluation
+from bcd_engine.datasets import scan_dataset
+from bcd_engine.store import RunStore
+
+CLASSES = ["Benign", "Early", "Pre", "Pro"]
+HOLDOUT = "holdout (group-aware, stratified)"
+CV = "3-fold CV (group-aware, stratified)"
+LODO = "leave-one-dataset-out, held out Segmented"
+
+
+def _evaluation(name: str, paths: list[str], data_dir: str, *, right: float, seed: int) -> dict:
+    """save_evaluation() arguments for ``paths`` (class = parent folder): about ``right`` of them classified right.
+
+    Metrics come from evaluation.evaluate_probabilities, with 100 bootstrap resamples instead of 1000 to stay fast.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.array([CLASSES.index(Path(p).parent.name) for p in paths])
+    prob = rng.dirichlet(np.full(len(CLASSES), 0.7), size=len(paths))
+    for i, label in enumerate(labels):
+        top = label if rng.random() < right else (label + 1) % len(CLASSES)
+        prob[i, top] += 1.5
+    prob /= prob.sum(axis=1, keepdims=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "bootstrap_cis", functools.partial(confidence.bootstrap_cis, n_resamples=100))
+        ev = evaluation.evaluate_probabilities(labels, prob, class_names=CLASSES)
+    predictions = [{"path": p, "true_class": CLASSES[t], "predicted_class": CLASSES[k], "probabilities": q.tolist()}
+                   for p, t, k, q in zip(paths, labels, ev.predicted, prob)]
+    return {"name": name, "data_dir": data_dir, "metrics": ev.metrics, "class_names": CLASSES,
+            "confusion_matrix": ev.confusion_matrix, "roc": ev.roc, "predictions": predictions}
+
+
+def _completed_run(db: RunStore, backbone: str, protocol: str, root: str, evaluations: list[dict]) -> int:
+    config = {"train": {"backbone": backbone, "image_size": 64, "weights": "imagenet"}, "data_dir": root,
+              "class_names": CLASSES}
+    run_id = db.create_run(backbone=backbone, protocol=protocol, config=config, status="running")
+    db.start_run(run_id, environment={"tensorflow": "test"})
+    for epoch in range(1, 4):
+        db.log_epoch(run_id, phase=1, epoch=epoch, train_loss=1 / epoch, train_accuracy=0.6 + epoch / 10,
+                        val_loss=1.2 / epoch, val_accuracy=0.55 + epoch / 10)
+    for kwargs in evaluations:
+        db.save_evaluation(run_id, **kwargs)
+    test = evaluations[0]["metrics"]
+    db.finish_run(run_id, status="completed", test_accuracy=test["accuracy"], macro_auc=test["macro_auc"])
+    return run_id
+
+
+def fill_store(db: RunStore, root: str | Path) -> dict:
+    """Realistic runs on the dataset folder ``root`` (classes Benign/Early/Pre/Pro, 48 images).
+
+    A hold-out run, a failed run, a 3-fold cross-validation (16 test images per fold, every image
+    once) and a leave-one-dataset-out run with a "held-out Segmented" evaluation. Returns their ids.
+    """
+    root = str(Path(root).resolve())
+    paths = sorted(str(p) for p in Path(root).glob("*/*.png"))
+    ids = {"holdout": _completed_run(db, "resnet50", HOLDOUT, root,
+                                     [_evaluation("test", paths[::4], root, right=0.75, seed=1)])}
+    ids["failed"] = db.create_run(backbone="vgg16", protocol=HOLDOUT, config={"data_dir": root})
+    db.finish_run(ids["failed"], status="failed", error="out of memory")
+    ids["cv"] = [_completed_run(db, "mobilenetv2", f"{CV}, fold {k}/3", root,
+                                [_evaluation("test", paths[k - 1::3], root, right=0.6 + k / 10, seed=10 + k)])
+                 for k in (1, 2, 3)]
+    ids["lodo"] = _completed_run(db, "resnet50", LODO, root, [
+        _evaluation("test", paths[1::4], root, right=0.9, seed=20),
+        _evaluation("held-out Segmented", paths[::2], "/data/Segmented", right=0.5, seed=21)])
+    return ids
+
+
+@pytest.fixture
+def filled(store: RunStore, synthetic_dataset: Path) -> tuple[RunStore, dict]:  # noqa: F811
+    return store, fill_store(store, synthetic_dataset)
+
+
+def _everything(db: RunStore) -> tuple[list, dict]:
+    runs = db.list_runs()
+    return runs, comparison.evaluations_by_run(db, [r.id for r in runs if r.status == "completed"])
+
+
+def test_format_interval():
+    assert comparison.format_interval(0.9961, 0.99, 1.0) == "0.996 (0.990–1.000)"
+    assert comparison.format_interval(0.5) == "0.500 (no CI)"
+    assert comparison.format_interval(None, 0.1, 0.2) == "n/a"
+    assert comparison.format_interval(float("nan")) == "n/a"
+
+
+def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
+    db, ids = filled
+    runs, evaluations = _everything(db)
+    test = comparison.latest(evaluations[ids["holdout"]], "test")
+    ci = test.metrics["confidence_intervals"]["accuracy"]
+    expected = f"{test.metrics['accuracy']:.3f} ({ci['low']:.3f}–{ci['high']:.3f})"
+
+    table = comparison.runs_table(dashboard.runs_frame(db), evaluations).set_index("id")
+    assert list(table.columns[:4]) == ["backbone", "status", "accuracy (95% CI)", "macro AUC (95% CI)"]
+    assert table.loc[ids["holdout"], "accuracy (95% CI)"] == expected
+    assert table.loc[ids["failed"], "accuracy (95% CI)"] == "n/a"
+
+    frame = comparison.intervals_frame(runs, evaluations).set_index("run")
+    assert ids["failed"] not in frame.index and len(frame) == 5
+    row = frame.loc[ids["holdout"]]
+    assert (row["accuracy_low"], row["accuracy"], row["accuracy_high"]) == (
+        ci["low"], test.metrics["accuracy"], ci["high"])
+    assert row["protocol"] == HOLDOUT and HOLDOUT in row["label"] and row["n"] == 12
+    bars = comparison.error_bar(frame, "accuracy")
+    assert bars["array"][0] == pytest.approx(ci["high"] - test.metrics["accuracy"])
+    assert min(bars["array"] + bars["arrayminus"]) >= 0
+
+    run = db.get_run(ids["holdout"])
+    assert comparison.run_label(run, test) == f"run {run.id}: resnet50 · {HOLDOUT} · accuracy {expected}"
+    assert expected in comparison.figure_title(run, test) and "macro AUC" in comparison.figure_title(run, test)
+    assert set(comparison.reference_frame()["95% CI"]) == {"not reported"}
+
+
+def test_cv_runs_are_grouped_summarised_and_pooled(filled):
+    db, ids = filled
+    runs, evaluations = _everything(db)
+    (group,) = comparison.cv_groups(runs)
+    assert [r.id for r in group.runs] == ids["cv"]
+    assert (group.protocol, group.backbone, group.folds) == (CV, "mobilenetv2", 3)
+    assert group.label == f"mobilenetv2 · {CV} · runs {ids['cv'][0]}–{ids['cv'][-1]}"
+
+    folds = comparison.cv_folds_frame([group], evaluations)
+    assert list(folds["fold"]) == ["1/3", "2/3", "3/3"] and list(folds["n"]) == [16, 16, 16]
+    accuracies = [db.get_run(i).test_accuracy for i in ids["cv"]]
+    assert list(folds["accuracy"]) == pytest.approx(accuracies)
+    assert all("–" in text for text in folds["accuracy (95% CI)"])
+
+    (row,) = comparison.cv_summary_frame([group], evaluations).to_dict("records")
+    assert row["folds"] == "3 of 3 completed" and row["n"] == 48
+    assert row["accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert row["accuracy_std"] == pytest.approx(np.std(accuracies))
+    assert row["accuracy (mean ± std)"] == f"{np.mean(accuracies):.3f} ± {np.std(accuracies):.3f}"
+
+    names, counts = comparison.pooled_confusion(group, evaluations)
+    tests = [comparison.latest(evaluations[i], "test") for i in ids["cv"]]
+    assert names == CLASSES
+    assert counts == np.sum([t.confusion_matrix for t in tests], axis=0).tolist()
+    assert np.sum(counts) == 48 and np.sum(counts, axis=1).tolist() == [12, 12, 12, 12]
+    pooled, low, high = comparison.pooled_accuracy(counts)
+    assert pooled == pytest.approx(np.trace(counts) / 48) and low <= pooled <= high
+    assert row["pooled accuracy (95% CI)"] == comparison.format_interval(pooled, low, high)
+
+
+def test_cv_groups_split_restarts_interleaving_and_other_configs(store):  # noqa: F811
+    def run(protocol, backbone="resnet50", config=None):
+        return store.create_run(backbone=backbone, protocol=protocol, config=config or {"data_dir": "/d"})
+
+    first = [run(f"{CV}, fold 1/3"), run(f"{CV}, fold 2/3")]  # stopped after two folds
+    other = run("2-fold CV (group-aware, stratified), fold 1/2", backbone="vgg16")
+    second = [run(f"{CV}, fold 1/3"), run(f"{CV}, fold 2/3")]
+    other_2 = run("2-fold CV (group-aware, stratified), fold 2/2", backbone="vgg16")
+    second.append(run(f"{CV}, fold 3/3"))
+    different = run(f"{CV}, fold 1/3", config={"data_dir": "/elsewhere"})
+    run(HOLDOUT)
+    groups = comparison.cv_groups(store.list_runs())
+    assert [[r.id for r in g.runs] for g in groups] == [first, [other, other_2], second, [different]]
+    assert [g.folds for g in groups] == [3, 2, 3, 3]
+    summary = comparison.cv_summary_frame(groups, {})
+    assert list(summary["folds"]) == ["0 of 3 completed", "0 of 2 completed", "0 of 3 completed", "0 of 3 completed"]
+    assert set(summary["accuracy (mean ± std)"]) == {"n/a"} and set(summary["pooled accuracy (95% CI)"]) == {"n/a"}
+    assert comparison.pooled_confusion(groups[0], {}) is None
+
+
+def test_pooled_accuracy_is_a_binomial_bootstrap():
+    assert comparison.pooled_accuracy([[5, 0], [0, 5]]) == (1.0, 1.0, 1.0)
+    accuracy, low, high = comparison.pooled_accuracy([[90, 10], [10, 90]])
+    assert accuracy == 0.9 and 0.84 <= low < 0.9 < high <= 0.95
+    assert comparison.pooled_accuracy([[90, 10], [10, 90]]) == (accuracy, low, high)  # seeded
+
+
+def test_lodo_rows_have_in_domain_and_held_out_accuracy_with_intervals(filled):
+    db, ids = filled
+    runs, evaluations = _everything(db)
+    (row,) = comparison.lodo_frame(runs, evaluations).to_dict("records")
+    test = comparison.latest(evaluations[ids["lodo"]], "test")
+    held = comparison.latest(evaluations[ids["lodo"]], "held-out Segmented")
+    assert (row["held_out"], row["backbone"], row["run"]) == ("Segmented", "resnet50", ids["lodo"])
+    assert (row["in_domain"], row["n_in_domain"]) == (test.metrics["accuracy"], 12)
+    assert (row["held_out_accuracy"], row["n_held_out"]) == (held.metrics["accuracy"], 24)
+    assert row["drop"] == pytest.approx(test.metrics["accuracy"] - held.metrics["accuracy"])
+    assert row["held-out accuracy (95% CI)"] == comparison.format_interval(*comparison.interval(held, "accuracy"))
+    assert row["in_domain_low"] <= row["in_domain"] <= row["in_domain_high"]
+
+
+def test_lodo_run_without_its_held_out_evaluation_says_n_a(store, synthetic_dataset):  # noqa: F811
+    paths = sorted(str(p) for p in synthetic_dataset.glob("*/*.png"))
+    run_id = _completed_run(store, "vgg16", "leave-one-dataset-out, held out Other", str(synthetic_dataset),
+                            [_evaluation("test", paths[::6], str(synthetic_dataset), right=0.8, seed=3)])
+    (row,) = comparison.lodo_frame(store.list_runs(), comparison.evaluations_by_run(store, [run_id])).to_dict("records")
+    assert row["held_out"] == "Other" and row["held-out accuracy (95% CI)"] == "n/a"
+    assert row["n_held_out"] is None and np.isnan(row["drop"])
+
+
+def test_reliability_frame_holds_the_stored_non_empty_bins(filled):
+    db, ids = filled
+    test = comparison.latest(db.get_evaluations(ids["holdout"]), "test")
+    bins = comparison.reliability_frame(test)
+    stored = test.metrics["reliability"]
+    assert bins["count"].sum() == 12 and (bins["count"] > 0).all()
+    assert len(bins) == sum(1 for c in stored["count"] if c)
+    assert bins["width"].tolist() == pytest.approx([1 / 15] * len(bins))
+    assert ((bins["low"] < bins["confidence"]) & (bins["confidence"] <= bins["high"])).all()
+    weighted_gap = (bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()).sum() / 12
+    assert weighted_gap == pytest.approx(test.metrics["ece"])
+    assert comparison.reliability_frame(dataclasses.replace(test, metrics={"accuracy": 0.9})).empty
+
+
+def test_shortcut_audit_is_cached_by_dataset_content(synthetic_dataset_copy, isolated_cache, tmp_path):
+    scan = scan_dataset(synthetic_dataset_copy)
+    assert comparison.cached_audit(scan) is None
+    audit = comparison.run_audit(scan)
+    path = isolated_cache / "audits" / f"{comparison.audit_key(scan)}.json"
+    assert path.is_file() and comparison.cached_audit(scan) == json.loads(path.read_text()) == audit
+    assert audit["root"] == scan.root and {"leakage", "shortcuts"} <= audit.keys()
+    shortcuts = audit["shortcuts"]
+    assert 0 <= shortcuts["chance_accuracy"] <= shortcuts["colour_only_accuracy"] <= 1
+    assert comparison.audit_explanation(audit).startswith(
+        f"Colour statistics alone reach {shortcuts['colour_only_accuracy']:.1%}: a model's accuracy close to this "
+        "may come from colour, not cell shape.")
+    refs = comparison.audit_references({scan.root: audit})
+    assert list(refs["reference"]) == ["colour only", "corner only", "chance"]
+    assert set(refs["dataset"]) == {"dataset"}
+
+    moved = scan_dataset(shutil.copytree(synthetic_dataset_copy, tmp_path / "elsewhere"))
+    assert comparison.audit_key(moved) == comparison.audit_key(scan)  # same content: same audit
+    first = next((synthetic_dataset_copy / "Benign").glob("*.png"))
+    first.rename(synthetic_dataset_copy / "Early" / first.name)  # one image relabelled: different content
+    assert comparison.cached_audit(scan_dataset(synthetic_dataset_copy)) is None
+    path.write_text("{not json")
+    assert comparison.cached_audit(scan) is None
+
+
+def test_dataset_roots_are_distinct_and_sorted(filled, synthetic_dataset):
+    db, _ = filled
+    assert comparison.dataset_roots(db.list_runs()) == [str(synthetic_dataset.resolve())]

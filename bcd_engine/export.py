@@ -103,12 +103,20 @@ def labels_document(run: RunRecord, *, model_file: str) -> dict[str, Any]:
             "shape": [None, size, size, 3],
             "dtype": "float32",
             "resize": f"whole image, bilinear, to {size}x{size} (no crop), RGB 0..255",
+            "colour": _colour_instruction(train.get("colour", "rgb")),
             "preprocessed": True,
         },
         "preprocessing": preprocessing_info(run.backbone),
         "output": "softmax probabilities, one per class, in class_names order",
         "tta_views_in_reported_metrics": int(train.get("tta_views", 1)),
     }
+
+
+def _colour_instruction(mode: str) -> str:
+    if mode == "grayscale":
+        return ("convert to grayscale first (luminance 0.299 R + 0.587 G + 0.114 B, rounded, copied to all three "
+                "channels): the model was trained on grayscale images only")
+    return "keep the colours as they are"
 
 
 def model_card(
@@ -155,7 +163,8 @@ def model_card(
         "## Input",
         "",
         f"The model expects **preprocessed** images, not raw pixels: resize the whole image (bilinear, no crop) to "
-        f"{train['image_size']} x {train['image_size']} RGB with values 0..255 as float32, then apply the "
+        f"{train['image_size']} x {train['image_size']} RGB with values 0..255 as float32; "
+        f"{_colour_instruction(train.get('colour', 'rgb'))}; then apply the "
         f"{run.backbone} preprocessing ({prep['mode']}: {prep['description']})"
         + (f", i.e. `{prep['keras_function']}`" if prep["keras_function"] else "")
         + f". Without Keras: `{prep['formula']}` with channels {prep['channels']}, divisor {prep['divisor']}, "

@@ -25,6 +25,7 @@ NESTED_LEVELS = 1  # zips inside the zip are expanded; zips inside those are not
 
 _RATIO_MIN_BYTES = 2**20  # smaller members may compress well without harm
 _CHUNK_BYTES = 2**20
+_MAX_ENTRIES_PER_FILE = 10  # directory entries allowed per counted file (folders and junk are entries too)
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
 _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
@@ -70,6 +71,10 @@ def read_archive(
     label = "archive" if is_bytes else str(path_or_bytes)
     data = bytes(path_or_bytes) if is_bytes else _read_file(path_or_bytes, max_total_bytes, label)
     _check_archive_size(len(data), max_total_bytes, label)
+    declared = _declared_entries(data)
+    if declared is not None and declared > _MAX_ENTRIES_PER_FILE * max_files:
+        # zipfile would build an object per entry before any other check: refuse from the directory's count.
+        raise ArchiveError(f"{label}: too many entries: {declared:,}; the limit is {max_files} files")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except Exception as exc:  # BadZipFile mostly; broken headers also raise OSError, ValueError, ...
@@ -78,6 +83,20 @@ def read_archive(
                          allow_nested=allow_nested)
     expander.expand(archive, label=label, prefix="", depth=0)
     return ArchiveContents(images=tuple(expander.images), skipped=tuple(expander.skipped))
+
+
+def _declared_entries(data: bytes) -> int | None:
+    """The entry count in the zip's end-of-central-directory record (zip64 too); None when not found."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
+    if end < 0 or end + 12 > len(data):
+        return None
+    count = int.from_bytes(data[end + 10:end + 12], "little")
+    locator = end - 20
+    if count == 0xFFFF and locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
+        record = int.from_bytes(data[locator + 8:locator + 16], "little")
+        if data[record:record + 4] == b"PK\x06\x06":
+            count = int.from_bytes(data[record + 32:record + 40], "little")
+    return count
 
 
 def _read_file(path: str | os.PathLike[str], limit: int, label: str) -> bytes:

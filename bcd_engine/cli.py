@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
 
-from .errors import BCDError
+from .errors import BCDError, ConfigError
 from .progress import progress_bar
 
 EXIT_BAD_INPUT = 2
@@ -238,7 +239,6 @@ def _cmd_cv(args):
 
 
 def _cmd_lodo(args):
-    from .errors import ConfigError
     from .lodo import leave_one_dataset_out, load_dataset_label_map
 
     datasets = {}
@@ -313,8 +313,7 @@ def _cmd_predict(args):
     with progress_bar(len(sources), "diagnosing") as bar:
         results = diagnoser.diagnose(sources, tta=args.tta, on_progress=lambda done, _: bar.update(done - bar.n))
     if args.csv:
-        with open(args.csv, "wb") as handle:
-            handle.write(results_csv(results))
+        _write(args.csv, results_csv(results))
     for result in results:
         result["path"] = result.pop("name")
     lines = []
@@ -331,13 +330,32 @@ def _cmd_predict(args):
 def _cmd_explain(args):
     from PIL import Image
 
-    from .explain import explain_file, overlay
+    from .datasets import load_image
+    from .explain import explain_image, overlay
+    from .inference import load_run_model
 
-    image, cam = explain_file(args.run, args.image)
-    Image.fromarray(overlay(image, cam.heatmap, opacity=args.opacity)).save(args.out, format="PNG")
-    payload = {"out": args.out, "class_index": cam.class_index,
-               "probabilities": [float(p) for p in cam.probabilities]}
-    return payload, f"wrote {args.out} (Grad-CAM of class {cam.class_index})", 0
+    if not 0 <= args.opacity <= 1:
+        raise ConfigError(f"--opacity must be between 0 and 1, got {args.opacity}")
+    loaded = load_run_model(args.run)
+    class_names = loaded.class_names
+    image = load_image(args.image, image_size=loaded.config.image_size)
+    cam = explain_image(loaded, image)
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(image, cam.heatmap, opacity=args.opacity)).save(buffer, format="PNG")
+    _write(args.out, buffer.getvalue())
+    predicted = class_names[cam.class_index]
+    payload = {"out": args.out, "class": predicted,
+               "probabilities": dict(zip(class_names, (float(p) for p in cam.probabilities)))}
+    return payload, f"wrote {args.out} (Grad-CAM of class {predicted})", 0
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write a file the user named; a failure is a one-line error, not a traceback."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _cmd_export(args):

@@ -40,11 +40,19 @@ def normalise_colour(images, *, method: str = "grayscale", reference=None) -> np
     return np.clip(np.rint(_from_lab(matched)), 0, 255).astype(np.uint8)
 
 
-def apply_colour_mode(images: np.ndarray, mode: str) -> np.ndarray:
-    """Images as a model trained with colour ``mode`` sees them: unchanged for ``rgb``, else normalised."""
+def apply_colour_mode(images: np.ndarray, mode: str, *, chunk: int = 256) -> np.ndarray:
+    """Images as a model trained with colour ``mode`` sees them: unchanged for ``rgb``, else normalised.
+
+    Works through ``chunk`` images at a time, so a whole dataset never needs a float copy in memory.
+    """
     if mode not in COLOUR_MODES:
         raise ConfigError(f"colour mode must be one of {COLOUR_MODES}, got {mode!r}")
-    return images if mode == "rgb" or len(images) == 0 else normalise_colour(images, method=mode)
+    if mode == "rgb" or len(images) == 0:
+        return images
+    out = np.empty_like(_check_images(images))
+    for start in range(0, len(images), chunk):
+        out[start:start + chunk] = normalise_colour(images[start:start + chunk], method=mode)
+    return out
 
 
 def _check_images(images) -> np.ndarray:

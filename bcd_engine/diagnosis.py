@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .colour import apply_colour_mode
 from .datasets import SUPPORTED_EXTENSIONS, load_image, read_image_bytes
-from .errors import ConfigError, DataError, ImageLoadError
+from .errors import BCDError, ConfigError, DataError, ImageLoadError
 from .inference import LoadedModel, load_run_model
 from .store import RunStore
 
@@ -63,14 +62,17 @@ def uncertainty(view_probabilities: np.ndarray) -> dict:
     }
 
 
-def reading(predicted_class: str, certainty: dict) -> tuple[str, str]:
-    """A (level, sentence) reading of a result for non-specialists; level is ``ok``, ``unsure`` or ``conflicting``."""
-    confidence, disagreement = certainty["confidence"], certainty["disagreement"]
+def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and turns") -> tuple[str, str]:
+    """A (level, sentence) reading of a result for non-specialists; level is ``ok``, ``unsure`` or ``conflicting``.
+
+    ``looks`` says what the averaged views were (e.g. "flips and turns", "models", "flips, turns and
+    models"); with a single view there is no agreement to report.
+    """
+    confidence, disagreement, views = certainty["confidence"], certainty["disagreement"], certainty["views"]
     if disagreement >= HIGH_DISAGREEMENT:
-        turned = round(disagreement * certainty["views"])
         return "conflicting", (
-            f"Treat this result with caution: when the same image is flipped or turned, the answer changes "
-            f"({turned} of {certainty['views']} views say something other than {predicted_class}). "
+            f"Treat this result with caution: the answer changes between the {looks} "
+            f"({round(disagreement * views)} of {views} looks say something other than {predicted_class}). "
             "The image may be unusual for this model; ask a specialist."
         )
     if confidence < LOW_CONFIDENCE:
@@ -78,13 +80,14 @@ def reading(predicted_class: str, certainty: dict) -> tuple[str, str]:
             f"The model is unsure: it leans towards {predicted_class} ({confidence:.0%}) but other classes "
             "are close. Do not rely on this result; ask a specialist."
         )
-    return "ok", (
-        f"The model gives {predicted_class} with {confidence:.0%} confidence, and every flip and turn of the "
-        "image agrees. This is a research tool, not a diagnosis."
-        if disagreement == 0 else
-        f"The model gives {predicted_class} with {confidence:.0%} confidence; most flips and turns of the "
-        "image agree. This is a research tool, not a diagnosis."
-    )
+    if views == 1:
+        agreement = ""
+    elif disagreement == 0:
+        agreement = f", and all {views} looks ({looks}) agree"
+    else:
+        agreement = f"; most of the {views} looks ({looks}) agree"
+    return "ok", (f"The model gives {predicted_class} with {confidence:.0%} confidence{agreement}. "
+                  "This is a research tool, not a diagnosis.")
 
 
 class Diagnoser:
@@ -114,7 +117,6 @@ class Diagnoser:
         """Probabilities (n, models x views, n_classes) for uint8 images given at each model's size."""
         per_model = []
         for model, images in zip(self.models, images_by_model):
-            images = apply_colour_mode(images, model.config.colour)
             views = dihedral_views(images) if tta else images[None]
             prob = model.forward(np.ascontiguousarray(views.reshape(-1, *images.shape[1:])))
             per_model.append(prob.reshape(len(views), len(images), -1).transpose(1, 0, 2))
@@ -123,10 +125,11 @@ class Diagnoser:
     def diagnose_arrays(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> list[dict]:
         """One result per image: predicted class, mean probabilities, uncertainty and a plain reading."""
         results = []
+        looks = ("flips, turns and models" if len(self.models) > 1 else "flips and turns") if tta else "models"
         for views in self.view_probabilities(images_by_model, tta=tta):
             certainty = uncertainty(views)
             predicted = self.class_names[int(views.mean(axis=0).argmax())]
-            level, sentence = reading(predicted, certainty)
+            level, sentence = reading(predicted, certainty, looks=looks)
             results.append({
                 "predicted_class": predicted,
                 "probabilities": dict(zip(self.class_names, views.mean(axis=0).tolist())),
@@ -154,7 +157,7 @@ class Diagnoser:
                     data = _read(sources[i].data)
                     loaded[i] = [load_image(data, image_size=m.config.image_size) for m in self.models]
                 except ImageLoadError as exc:
-                    results[i]["error"] = str(exc)
+                    results[i]["error"] = str(exc).removeprefix("image bytes: ")
             if loaded:
                 arrays = [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))]
                 for i, result in zip(loaded, self.diagnose_arrays(arrays, tta=tta)):
@@ -169,20 +172,26 @@ def _read(data: str | os.PathLike | bytes) -> bytes:
 
 
 def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:
-    """Files as given; folders expanded to their supported image files (recursively, sorted); zips opened safely."""
+    """Files as given; folders expanded to their supported image files (recursively, sorted); zips opened safely.
+
+    A folder without images or an unusable archive becomes one source carrying its error.
+    """
     sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not files:
-                raise DataError(f"{path} has no supported image files ({', '.join(SUPPORTED_EXTENSIONS)})")
-            sources += [Source(str(p), p) for p in files]
-        elif path.suffix.lower() == ".zip":
-            sources += sources_from_archive(path, name=str(path))
-        else:
-            sources.append(Source(str(path), path))
+        try:
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
+                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                if not files:
+                    raise DataError(f"{path} has no supported image files ({', '.join(SUPPORTED_EXTENSIONS)})")
+                sources += [Source(str(p), p) for p in files]
+            elif path.suffix.lower() == ".zip":
+                sources += sources_from_archive(path, name=str(path))
+            else:
+                sources.append(Source(str(path), path))
+        except BCDError as exc:  # one bad folder or archive costs only itself
+            sources.append(Source(str(path), None, error=str(exc)))
     return sources
 
 

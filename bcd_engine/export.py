@@ -103,6 +103,7 @@ def labels_document(run: RunRecord, *, model_file: str) -> dict[str, Any]:
             "shape": [None, size, size, 3],
             "dtype": "float32",
             "resize": f"whole image, bilinear, to {size}x{size} (no crop), RGB 0..255",
+            "colour_mode": train.get("colour", "rgb"),
             "colour": _colour_instruction(train.get("colour", "rgb")),
             "preprocessed": True,
         },
@@ -151,7 +152,8 @@ def model_card(
         f"- Run id: {run.id}",
         f"- Backbone: {run.backbone}; {get_backbone(run.backbone).paper}",
         f"- Weights before training: {_weights(train.get('weights'))}",
-        f"- Image size: {train['image_size']} x {train['image_size']} RGB",
+        f"- Image size: {train['image_size']} x {train['image_size']} RGB"
+        + (" (grayscale content: trained on grayscale images)" if train.get("colour") == "grayscale" else ""),
         f"- Classes (output order): {', '.join(run.config['class_names'])}",
         f"- Parameters: {test_metrics['parameters']:,}" if "parameters" in test_metrics else "- Parameters: not stored",
         f"- Trained: {_day(run.finished_at)}; TensorFlow {environment.get('tensorflow', '?')}, "
@@ -277,16 +279,20 @@ def export_run(
     loaded = load_run_model(run_id, store=store)
     run = store.get_run(run_id)
     content, max_diff = _checked_tflite(loaded) if format == "tflite" else (None, None)
-    out.mkdir(parents=True, exist_ok=True)
-    if content is None:
-        loaded.model.save(model_path)
-    else:
-        model_path.write_bytes(content)
-    labels_path.write_text(json.dumps(labels_document(run, model_file=model_path.name), indent=2) + "\n")
-    card_path.write_text(model_card(
-        run, store.get_evaluations(run_id), audit=audit, split=store.get_split(run_id), model_file=model_path.name,
-        model_sha256=file_sha256(model_path), exported_on=datetime.now(timezone.utc).date(),
-    ))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            loaded.model.save(model_path)
+        else:
+            model_path.write_bytes(content)
+        labels_path.write_text(json.dumps(labels_document(run, model_file=model_path.name), indent=2) + "\n")
+        card_path.write_text(model_card(
+            run, store.get_evaluations(run_id), audit=audit, split=store.get_split(run_id),
+            model_file=model_path.name, model_sha256=file_sha256(model_path),
+            exported_on=datetime.now(timezone.utc).date(),
+        ))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export to {out}: {exc.strerror or exc}") from exc
     return ExportResult(run_id, format, model_path, labels_path, card_path, max_diff)
 
 
@@ -459,6 +465,8 @@ def _load_snippet(model_file: str, prep: dict) -> list[str]:
         'labels = json.load(open("labels.json"))',
         'p, size = labels["preprocessing"], labels["image_size"]',
         'rgb = np.asarray(Image.open("smear.jpg").convert("RGB").resize((size, size), Image.BILINEAR), "float32")',
+        'if labels["input"]["colour_mode"] == "grayscale":  # the model was trained on grayscale images',
+        '    rgb = np.repeat(np.rint(rgb @ np.array([0.299, 0.587, 0.114], "float32"))[..., None], 3, axis=-1)',
         'x = (rgb[..., p["channels"]] / p["divisor"] - np.array(p["mean"])) / np.array(p["std"])',
         'x = x[None].astype("float32")' + same,
     ]

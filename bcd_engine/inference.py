@@ -34,7 +34,7 @@ class LoadedModel:
         return get_backbone(self.config.backbone).preprocess()
 
     def forward(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (n, classes) for uint8 images at the model's size: one view each, no augmentation.
+        """Probabilities (n, classes) for uint8 images at the model's size: one view each, in the run's colour mode.
 
         Runs the preprocessing and the model in batches through one compiled function, without the
         per-call overhead of ``model.predict`` (which matters when diagnosing one image at a time).
@@ -48,15 +48,21 @@ class LoadedModel:
                 lambda x: self.model(preprocess(tf.cast(x, tf.float32)), training=False),
                 input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
             )
+        images = apply_colour_mode(images, self.config.colour)
         step = self.config.batch_size
         batches = [np.asarray(self._forward(images[i:i + step]), np.float64) for i in range(0, len(images), step)]
         return np.concatenate(batches) if batches else np.zeros((0, len(self.class_names)))
 
-    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for uint8 images already at the model's size (with the run's test-time augmentation)."""
+    def predict_arrays(self, images: np.ndarray, *, image_keys: list[str] | None = None,
+                       progress: bool = False) -> np.ndarray:
+        """Probabilities for uint8 images already at the model's size, with the run's test-time augmentation.
+
+        ``image_keys`` (the images' md5 digests) make each view the one training used for that image.
+        """
         images = apply_colour_mode(images, self.config.colour)
         return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size,
-                             augment=self.config.augment, tta_views=self.config.tta_views, seed=self.config.seed)
+                             augment=self.config.augment, tta_views=self.config.tta_views, seed=self.config.seed,
+                             image_keys=image_keys, progress=progress)
 
 
 def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel:
@@ -128,7 +134,7 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     images = load_images(list(scan.paths), image_size=loaded.config.image_size, progress=progress)
     y_true = np.array([class_names.index(data_map[scan.class_names[k]]) for k in scan.labels])
     merge = np.array([[run_map[run_class] == label for label in class_names] for run_class in loaded.class_names])
-    y_prob = loaded.predict_arrays(images) @ merge
+    y_prob = loaded.predict_arrays(images, image_keys=[r.md5 for r in scan.images], progress=progress) @ merge
     evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names)
     store.save_evaluation(
         run_id, name=evaluation_name, data_dir=str(scan.root), metrics=evaluation.metrics,

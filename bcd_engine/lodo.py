@@ -18,7 +18,7 @@ from pathlib import Path
 from . import settings
 from .config import TrainConfig
 from .datasets import ScanResult, scan_dataset
-from .errors import ConfigError, DataError
+from .errors import BCDError, ConfigError, DataError
 from .inference import evaluate_run_on_folder
 from .store import RunStore
 from .training import train
@@ -50,7 +50,8 @@ def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.Path
     ``datasets`` maps names to folders of class subfolders; ``label_map`` maps a dataset name to
     ``{folder class: shared label}`` (an unmapped class keeps its name). A round whose training
     datasets have fewer than two shared labels, or lack a label of the held-out set, is skipped with
-    its reason. Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root",
+    its reason; a round whose training or evaluation fails is marked failed with the error, and the
+    other rounds still run. Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root",
     "n_images", "labels"}}, "rounds": [...]}``, one round per dataset with its run, in-domain test and
     held-out figures (accuracy, macro AUC, confusion matrix, per-label rates); ``workdir`` defaults to
     a folder under the cache keyed by the inputs.
@@ -166,18 +167,26 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
                          f"({', '.join(train_names)}), so the model cannot predict them")
         return row
     train_dir = _link_folder(workdir / f"without-{held_out}", sources)
-    result = train(config, train_dir, store=store, progress=progress, protocol=lodo_protocol(held_out))
+    try:
+        result = train(config, train_dir, store=store, progress=progress, protocol=lodo_protocol(held_out))
+    except BCDError as exc:  # one failed round does not cost the others their results
+        row.update(status="failed", reason=str(exc))
+        return row
     row.update(run_id=result.run_id, status=result.status, n_train=result.n_train, n_val=result.n_val,
                n_test_in_domain=result.n_test, in_domain_accuracy=result.test_accuracy,
                in_domain_macro_auc=result.macro_auc)
     if result.status != "completed":
         row["reason"] = f"run {result.run_id} was {result.status}"
         return row
-    evaluation = evaluate_run_on_folder(
-        result.run_id, scans[held_out].root, store=store, progress=progress,
-        label_map={"run": {label: label for label in train_labels}, "data": labels_of[held_out]},
-        evaluation_name=f"held-out {held_out}",
-    )
+    try:
+        evaluation = evaluate_run_on_folder(
+            result.run_id, scans[held_out].root, store=store, progress=progress,
+            label_map={"run": {label: label for label in train_labels}, "data": labels_of[held_out]},
+            evaluation_name=f"held-out {held_out}",
+        )
+    except BCDError as exc:
+        row.update(status="failed", reason=f"run {result.run_id} trained, but its held-out evaluation failed: {exc}")
+        return row
     names = evaluation.class_names
     row.update(
         held_out_accuracy=evaluation.accuracy, held_out_macro_auc=evaluation.macro_auc,

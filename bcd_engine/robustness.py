@@ -39,6 +39,7 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
     labels = scan.labels
     paths = list(scan.paths)
 
+    test_keys = [scan.images[i].md5 for i in split.test]
     size = loaded.config.image_size
     test_images = load_images([paths[i] for i in split.test], image_size=size, progress=progress,
                               description="test images")
@@ -48,7 +49,7 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
     forest = shortcut_forest(seed).fit(colour_features(small[split.train]), labels[split.train])
 
     def measure(images: np.ndarray, small_images: np.ndarray, name: str) -> dict:
-        probabilities = loaded.predict_arrays(images)
+        probabilities = loaded.predict_arrays(images, image_keys=test_keys, progress=progress)
         evaluation = evaluate_probabilities(labels[split.test], probabilities, class_names=list(scan.class_names))
         if name != "test":
             store.save_evaluation(

@@ -267,24 +267,32 @@ def image_dataset(images, labels, keys_seed, *, config: TrainConfig, preprocess,
 
 
 def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32, augment: AugmentConfig | None = None,
-                  tta_views: int = 1, seed: int = 0) -> np.ndarray:
+                  tta_views: int = 1, seed: int = 0, image_keys: list[str] | None = None,
+                  progress: bool = False) -> np.ndarray:
     """Class probabilities for uint8 images (n, size, size, 3).
 
     With ``tta_views`` > 1 (test-time augmentation) the probabilities are averaged over the image
-    itself and ``tta_views - 1`` views made by the training augmentation ``augment``; view v is the
-    same transform for every image, so results are reproducible.
+    itself and ``tta_views - 1`` views made by the training augmentation ``augment``. With
+    ``image_keys`` (the images' md5 digests) view v of an image is the same transform that training
+    and its test evaluation used (so a stored evaluation can be reproduced); without them view v is
+    one fixed transform for every image.
     """
     import tensorflow as tf
 
-    seeds = view_seeds(["0" * 8] * tta_views, np.arange(tta_views), seed=seed)
-    base = tf.data.Dataset.from_tensor_slices(images).map(lambda x: tf.cast(x, tf.float32))
+    keys = image_keys if image_keys is not None else ["0" * 8] * len(images)
     total = 0.0
-    for view in range(tta_views):
-        ds = base
-        if view:
-            ds = ds.map(lambda x, s=seeds[view]: augment_image(x, s, augment), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(preprocess).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        total = total + np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+    with progress_bar(tta_views * len(images), "predicting", enabled=progress) as bar:
+        for view in range(tta_views):
+            seeds = view_seeds(keys, np.full(len(images), view), seed=seed)
+            ds = tf.data.Dataset.from_tensor_slices((images, seeds))
+            if view:
+                ds = ds.map(lambda x, s: augment_image(tf.cast(x, tf.float32), s, augment),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+            else:
+                ds = ds.map(lambda x, s: tf.cast(x, tf.float32))
+            ds = ds.map(preprocess).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+            total = total + np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+            bar.update(len(images))
     return total / tta_views
 
 
@@ -415,7 +423,8 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
             cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
     if test_prob is None:
         test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
-                                  augment=config.augment, tta_views=config.tta_views, seed=config.seed)
+                                  augment=config.augment, tta_views=config.tta_views, seed=config.seed,
+                                  image_keys=[md5s[i] for i in split.test])
     evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names))
     model_path = save_model(model, run_id)
     evaluation.metrics.update(

@@ -278,7 +278,7 @@ for col, item in zip(st.columns(6) * 4, wrong):
         if loaded is None:
             col.image(load_image(item["path"]), width="stretch", caption=caption)
         else:
-            image, heatmap = dashboard.grad_cam_of(loaded, item["path"])
+            image, heatmap = common.grad_cam(gallery_run, item["path"], item["predicted"])
             col.image(explain.overlay(image, heatmap), width="stretch", caption=caption)
     except BCDError as exc:
         col.warning(f"{Path(item['path']).name}: {exc}")

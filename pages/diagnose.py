@@ -29,7 +29,7 @@ runs = store.list_runs(status="completed")
 labels = {r.id: f"run {r.id}: {r.backbone}, test accuracy {r.test_accuracy:.3f}" + (" (best)" if r.id == best.id else "")
           for r in runs}
 run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
-                         default=[best.id], format_func=labels.get, key="diagnose_runs")
+                         default=[best.id], format_func=labels.get, key="diagnose_runs", max_selections=4)
 uploads = st.file_uploader(
     "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
     accept_multiple_files=True, key="diagnose_upload",
@@ -48,12 +48,18 @@ except BCDError as exc:
     st.error(f"Cannot use these models: {exc}")
     st.stop()
 
-sources, rejected = dashboard.upload_sources([(u.name, u.getvalue()) for u in uploads])
-bar = st.progress(0.0, text=f"Diagnosing {len(sources)} image(s) ...")
-results = diagnoser.diagnose(sources, on_progress=lambda done, total: bar.progress(
-    done / total, text=f"Diagnosed {done} of {total} image(s)")) if sources else []
-bar.empty()
-results += rejected
+# Diagnose once per (models, uploads): moving the opacity slider or downloading must not redo the work.
+job = (tuple(run_ids), tuple(u.file_id for u in uploads))
+if st.session_state.get("diagnose_job", (None,))[0] != job:
+    sources, rejected = dashboard.upload_sources([(u.name, u.getvalue()) for u in uploads])
+    bar = st.progress(0.0, text=f"Diagnosing {len(sources)} image(s) ...")
+    results = diagnoser.diagnose(sources, on_progress=lambda done, total: bar.progress(
+        done / total, text=f"Diagnosed {done} of {total} image(s)")) if sources else []
+    bar.empty()
+    st.session_state["diagnose_job"] = (job, sources, results + rejected)
+_, sources, results = st.session_state["diagnose_job"]
+if not results:
+    st.warning("No images found in the upload (an archive holding only folders or hidden files?).")
 good = [r for r in results if "predicted_class" in r]
 for bad in (r for r in results if "error" in r):
     st.error(f"**{bad['name']}** cannot be used: {bad['error']}", icon=":material/block:")
@@ -90,4 +96,4 @@ elif results:
                  column_config={"confidence": st.column_config.ProgressColumn(min_value=0, max_value=1),
                                 "disagreement": st.column_config.NumberColumn(format="%.2f")})
     st.download_button("Download results (CSV)", diagnosis.results_csv(results), "bcd_diagnosis.csv", "text/csv",
-                       key="diagnose_csv", icon=":material/download:")
+                       key="diagnose_csv", icon=":material/download:", on_click="ignore")

@@ -222,3 +222,12 @@ def test_fuzz_damaged_archives(data: st.DataObject, cuts: list[tuple[int, bytes]
         return
     assert all(isinstance(name, str) and isinstance(content, bytes) for name, content in contents.images)
     assert all(isinstance(name, str) and isinstance(reason, str) for name, reason in contents.skipped)
+
+
+def test_an_archive_with_too_many_entries_is_refused_before_it_is_parsed():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(60):
+            zf.writestr(f"folder{i}/", b"")
+    with pytest.raises(ArchiveError, match="too many entries: 60"):
+        read_archive(buffer.getvalue(), max_files=5)

@@ -20,7 +20,7 @@ from bcd_engine.diagnosis import (
     sources_from_paths,
     uncertainty,
 )
-from bcd_engine.errors import ConfigError, DataError
+from bcd_engine.errors import ConfigError
 from bcd_engine.inference import LoadedModel
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -89,7 +89,10 @@ def test_uncertainty_and_its_plain_reading():
     certainty = uncertainty(agreeing)
     assert certainty == pytest.approx({"confidence": 0.9, "margin": 0.85, "disagreement": 0.0, "spread": 0.0,
                                        "views": 8})
-    assert reading("Pro", certainty)[0] == "ok"
+    assert reading("Pro", certainty) == ("ok", "The model gives Pro with 90% confidence, and all 8 looks "
+                                            "(flips and turns) agree. This is a research tool, not a diagnosis.")
+    single = uncertainty(np.array([[0.9, 0.1]]))
+    assert "agree" not in reading("Pro", single)[1]
     split = np.array([[0.8, 0.2, 0.0]] * 5 + [[0.2, 0.8, 0.0]] * 3)
     level, sentence = reading("Benign", uncertainty(split))
     assert level == "conflicting" and "3 of 8" in sentence
@@ -148,5 +151,8 @@ def test_sources_from_folders_and_zip_archives(tmp_path):
     assert names == [str(folder / "a.png"), str(folder / "sub" / "b.png"), f"{archive}/c.png"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match="no supported image files"):
-        sources_from_paths([empty])
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    (no_images, bad_archive) = sources_from_paths([empty, broken])
+    assert no_images.data is None and "no supported image files" in no_images.error
+    assert bad_archive.data is None and bad_archive.error

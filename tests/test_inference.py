@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from bcd_engine.config import AugmentConfig, TrainConfig
+from bcd_engine.datasets import scan_dataset
 from bcd_engine.errors import StoreError
 from bcd_engine.diagnosis import Diagnoser, Source
 from bcd_engine.inference import load_run_model
 from bcd_engine.robustness import colour_robustness_of_run
 from bcd_engine.store import RunStore
-from bcd_engine.training import train
+from bcd_engine.training import load_images, train
 
 
 @pytest.fixture
@@ -114,3 +115,21 @@ def test_colour_robustness_of_a_grayscale_run(tmp_path, monkeypatch, synthetic_d
     assert all(0 <= row["colour_only_accuracy"] <= 1 for row in result["normalised"].values())
     names = [e.name for e in store.get_evaluations(run_id)]
     assert names == ["test", "test (grayscale)", "test (reinhard)"]
+
+
+def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(tmp_path, monkeypatch, synthetic_dataset):
+    """Cached test-time views (training) and views made from the saved model (later) are the same transforms."""
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+    config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
+                         dense_units=8, augment=AugmentConfig(factor=3), tta_views=3)
+    run_id = train(config, synthetic_dataset, store=store).run_id
+    (evaluation,) = store.get_evaluations(run_id)
+    stored = store.get_predictions(evaluation.id)
+    scan = scan_dataset(synthetic_dataset)
+    md5 = {path: record.md5 for path, record in zip(scan.paths, scan.images)}
+    paths = [p.path for p in stored]
+    images = load_images(paths, image_size=32)
+    again = load_run_model(run_id, store=store).predict_arrays(images, image_keys=[md5[p] for p in paths])
+    np.testing.assert_allclose(again, [p.probabilities for p in stored], atol=1e-4)

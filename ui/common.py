@@ -36,6 +36,13 @@ def load_model(run_id: int, url: str, artifacts: str):
     return load_run_model(run_id, store=_store(url))
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def grad_cam(run_id: int, path: str, class_name: str):
+    """(image, Grad-CAM heatmap) of an image file for the run's class ``class_name``, computed once."""
+    loaded = load_model(run_id, settings.database_url(), str(settings.artifacts_dir()))
+    return dashboard.grad_cam_of(loaded, path, class_index=loaded.class_names.index(class_name))
+
+
 def load_diagnoser(run_ids: tuple[int, ...]):
     """A Diagnoser over the runs' cached models (an ensemble when there are several)."""
     from bcd_engine.diagnosis import Diagnoser

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-PAGES = [("", "Dataset explorer"), ("train", "Train"), ("compare", "Compare runs"), ("diagnose", "Diagnose an image")]
+PAGES = [("", "Dataset explorer"), ("train", "Train"), ("compare", "Compare runs"), ("diagnose", "Diagnose images")]
 TIMEOUT_MS = 120_000
 # The metric of the upload named `name` is on screen: its image caption shows the name and the metric is not a
 # stale leftover of the previous script run.
@@ -45,7 +45,7 @@ PREDICTION_SHOWN_JS = """name => {
   const metric = [...document.querySelectorAll('[data-testid="stMetric"]')]
       .find(m => m.textContent.includes('Predicted class'));
   const val = metric && metric.querySelector('[data-testid="stMetricValue"]');
-  return cap && cap.textContent.trim() === name && val && val.textContent.trim() !== ''
+  return cap && cap.textContent.trim().startsWith(name) && val && val.textContent.trim() !== ''
       && !val.closest('[data-stale="true"]');
 }"""
 
@@ -131,7 +131,16 @@ def time_page(browser, base: str, path: str, heading: str) -> float:
         page.close()
 
 
+def clear_uploads(page) -> None:
+    """Remove the files already in the uploader (it takes several files, so a new upload would add to them)."""
+    buttons = page.locator('[data-testid="stFileUploaderDeleteBtn"] button')
+    while buttons.count():
+        buttons.first.click()
+        wait_script_done(page)
+
+
 def time_upload(page, image: Path, name: str) -> float:
+    clear_uploads(page)
     t0 = time.perf_counter()
     page.locator('input[type="file"]').set_input_files(
         files=[{"name": name, "mimeType": "image/png", "buffer": image.read_bytes()}])
@@ -182,7 +191,7 @@ def main() -> None:
 
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
             page.goto(f"{base}/diagnose")
-            page.get_by_role("heading", level=1, name="Diagnose an image").first.wait_for(timeout=TIMEOUT_MS)
+            page.get_by_role("heading", level=1, name="Diagnose images").first.wait_for(timeout=TIMEOUT_MS)
             wait_script_done(page)
             names = [f"{i}-{img.name}" for i, img in enumerate(picks)]
             warm_s = time_upload(page, picks[0], names[0])

@@ -133,7 +133,8 @@ def time_page(browser, base: str, path: str, heading: str) -> float:
 
 def clear_uploads(page) -> None:
     """Remove the files already in the uploader (it takes several files, so a new upload would add to them)."""
-    buttons = page.locator('[data-testid="stFileUploaderDeleteBtn"] button')
+    # The delete button's test id changed across Streamlit releases: accept both.
+    buttons = page.locator('[data-testid="stFileChipDeleteBtn"], [data-testid="stFileUploaderDeleteBtn"] button')
     while buttons.count():
         buttons.first.click()
         wait_script_done(page)

@@ -1,5 +1,5 @@
 """The thesis' classical baseline: hand-crafted colour, texture and nucleus-shape features with an SVM or
-logistic regression, on the same group-aware holdout split as the CNNs.
+logistic regression, on the same group-aware holdout split and k-fold folds as the CNNs.
 
 Texture is a grey-level co-occurrence matrix (GLCM) computed with numpy, with the property definitions
 of scikit-image's ``graycoprops`` (scikit-image is not a bcd dependency).
@@ -21,7 +21,7 @@ from .audit import colour_features, holdout_data
 from .datasets import ScanResult
 from .errors import ConfigError
 from .evaluation import evaluate_probabilities
-from .training import PROTOCOL_HOLDOUT
+from .training import PROTOCOL_HOLDOUT, load_images
 
 MODELS = ("svm", "logreg")
 GLCM_LEVELS = 32
@@ -96,13 +96,8 @@ def train_classical_baseline(
     started = time.perf_counter()
     images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress)
     features = handcrafted_features(images)
-    if model == "svm":
-        classifier = CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)
-    else:
-        classifier = LogisticRegression(max_iter=5000, random_state=seed)
-    pipeline = make_pipeline(StandardScaler(), classifier).fit(features[train], labels[train])
-    evaluation = evaluate_probabilities(labels[test], pipeline.predict_proba(features[test]),
-                                        class_names=scan.class_names)
+    evaluation = _fit_and_evaluate(features, labels, train, test, model=model, seed=seed,
+                                   class_names=list(scan.class_names))
     return {
         "model": model,
         "protocol": PROTOCOL_HOLDOUT,
@@ -114,11 +109,51 @@ def train_classical_baseline(
         "test_accuracy": evaluation.accuracy,
         "macro_auc": evaluation.macro_auc,
         "macro_f1": evaluation.metrics["macro_f1"],
+        "confidence_intervals": evaluation.metrics["confidence_intervals"],
         "per_class": evaluation.metrics["per_class"],
         "confusion_matrix": evaluation.confusion_matrix,
         "class_names": list(scan.class_names),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def cross_validate_classical(
+    scan: ScanResult, *, folds: int = 5, seed: int = 0, image_size: int = 128, model: str = "svm",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The classical baseline under k-fold CV: the same group-aware folds as ``cv`` (``crossval.fold_splits``).
+
+    Each fold fits on its training and validation images and is tested on the fold. Returns the
+    shape of :func:`crossval.cross_validate`: ``protocol``, ``folds``, ``mean`` and ``std``.
+    """
+    from .crossval import cv_protocol, fold_splits, summarise_folds
+
+    if model not in MODELS:
+        raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
+    if folds < 2:
+        raise ConfigError(f"folds must be >= 2, got {folds}")
+    started = time.perf_counter()
+    images = load_images(scan.paths, image_size=image_size, progress=progress, description="baseline: loading")
+    features = handcrafted_features(images)
+    rows = []
+    for fold, split in enumerate(fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=0.15, seed=seed), 1):
+        fit_on = np.sort(np.concatenate([split.train, split.val]))
+        evaluation = _fit_and_evaluate(features, scan.labels, fit_on, split.test, model=model, seed=seed,
+                                       class_names=list(scan.class_names))
+        rows.append({"fold": fold, "n_train": int(len(fit_on)), "n_test": int(len(split.test)),
+                     "accuracy": evaluation.accuracy, "macro_auc": evaluation.macro_auc})
+    return {"protocol": cv_protocol(folds), "model": f"classical baseline ({model})", "image_size": image_size,
+            "folds": rows, **summarise_folds(rows), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _fit_and_evaluate(features, labels, train, test, *, model: str, seed: int, class_names: list[str]):
+    """Scaler + SVM (sigmoid-calibrated) or logistic regression fitted on ``train``, evaluated on ``test``."""
+    if model == "svm":
+        classifier = CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)
+    else:
+        classifier = LogisticRegression(max_iter=5000, random_state=seed)
+    pipeline = make_pipeline(StandardScaler(), classifier).fit(features[train], labels[train])
+    return evaluate_probabilities(labels[test], pipeline.predict_proba(features[test]), class_names=class_names)
 
 
 def _glcm_chunk(gray: np.ndarray) -> np.ndarray:

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     lodo.add_argument("--label-map", help='JSON file {dataset name: {folder class: shared label}}, e.g. '
                       '{"all": {"Benign": "benign", "Early": "malignant", ...}, "pbc": {"lymphocyte": "benign"}}')
 
+    baseline = command("baseline", "the classical baseline (colour, GLCM texture and shape features + SVM or "
+                       "logistic regression) on the hold-out split or under k-fold CV")
+    baseline.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+    baseline.add_argument("--model", choices=("svm", "logreg"), default="svm")
+    baseline.add_argument("--folds", type=int, help="k-fold CV with K folds (default: the hold-out split)")
+    baseline.add_argument("--image-size", type=int, default=128)
+    baseline.add_argument("--seed", type=int, default=0)
+
     audit = command("audit", "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
     audit.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     audit.add_argument("--seed", type=int, default=0)
@@ -258,6 +266,23 @@ def _cmd_lodo(args):
         else:
             lines.append(f"  held out {r['held_out']}: held-out accuracy {r['held_out_accuracy']:.4f} on "
                          f"{r['n_held_out']} images, in-domain {r['in_domain_accuracy']:.4f}, run {r['run_id']}")
+    return result, "\n".join(lines), 0
+
+
+def _cmd_baseline(args):
+    from .baselines import cross_validate_classical, train_classical_baseline
+    from .datasets import scan_dataset
+
+    scan = scan_dataset(args.data, progress=True)
+    options = dict(seed=args.seed, image_size=args.image_size, model=args.model, progress=True)
+    if args.folds is None:
+        result = train_classical_baseline(scan, **options)
+        return result, (f"classical baseline ({args.model}), {result['protocol']}: test accuracy "
+                        f"{result['test_accuracy']:.4f}, macro AUC {result['macro_auc']}"), 0
+    result = cross_validate_classical(scan, folds=args.folds, **options)
+    lines = [f"{result['model']}, {result['protocol']}:"]
+    lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}" for f in result["folds"]]
+    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f}")
     return result, "\n".join(lines), 0
 
 

@@ -49,8 +49,13 @@ def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: i
                        protocol=f"{protocol}, fold {fold}/{folds}")
         rows.append({"fold": fold, "run_id": result.run_id, "n_train": result.n_train, "n_test": result.n_test,
                      "accuracy": result.test_accuracy, "macro_auc": result.macro_auc})
+    return {"protocol": protocol, "folds": rows, **summarise_folds(rows)}
+
+
+def summarise_folds(rows: list[dict]) -> dict:
+    """``{"mean": {...}, "std": {...}}`` of the folds' accuracy and macro AUC (None when a fold lacks one)."""
     summary = {}
     for stat, fn in (("mean", np.mean), ("std", np.std)):
         summary[stat] = {key: float(fn([r[key] for r in rows])) if all(r[key] is not None for r in rows) else None
                          for key in ("accuracy", "macro_auc")}
-    return {"protocol": protocol, "folds": rows, **summary}
+    return summary

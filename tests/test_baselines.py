@@ -6,6 +6,7 @@ import pytest
 
 from bcd_engine.audit import N_COLOUR_FEATURES
 from bcd_engine.baselines import (
+    cross_validate_classical,
     glcm_features,
     handcrafted_features,
     otsu_threshold,
@@ -63,3 +64,16 @@ def test_classical_baseline_runs_on_synthetic_data(synthetic_dataset, isolated_c
 def test_unknown_model_is_a_config_error(synthetic_dataset, isolated_cache):
     with pytest.raises(ConfigError):
         train_classical_baseline(scan_dataset(synthetic_dataset), model="knn")
+    with pytest.raises(ConfigError):
+        cross_validate_classical(scan_dataset(synthetic_dataset), folds=1)
+
+
+def test_classical_baseline_under_k_fold_cv_tests_every_image_once(synthetic_dataset, isolated_cache):
+    scan = scan_dataset(synthetic_dataset)
+    result = cross_validate_classical(scan, folds=3, image_size=32, model="logreg")
+    assert result["protocol"].startswith("3-fold CV") and len(result["folds"]) == 3
+    assert sum(f["n_test"] for f in result["folds"]) == scan.n_images
+    assert all(f["n_train"] + f["n_test"] == scan.n_images for f in result["folds"])
+    accuracies = [f["accuracy"] for f in result["folds"]]
+    assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies))

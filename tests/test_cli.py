@@ -179,6 +179,15 @@ def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, cli_env):
     assert set(doc["mean"]) == set(doc["std"]) == {"accuracy", "macro_auc"}
 
 
+def test_baseline_json_hold_out_and_k_fold(synthetic_dataset, cli_env):
+    holdout = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--json", env=cli_env).stdout)
+    assert holdout["protocol"].startswith("holdout") and 0 <= holdout["test_accuracy"] <= 1
+    assert holdout["confidence_intervals"]["accuracy"]["low"] <= holdout["test_accuracy"]
+    folds = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--folds", 2, "--model",
+                           "logreg", "--json", env=cli_env).stdout)
+    assert folds["protocol"].startswith("2-fold CV") and len(folds["folds"]) == 2
+
+
 def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_path, cli_env):
     other = make_synthetic_dataset(tmp_path / "other", n_per_class=8, image_size=32, seed=1,
                                    class_names=("normal", "blast"))

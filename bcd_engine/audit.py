@@ -101,6 +101,19 @@ def leakage_audit(scan: ScanResult, assignments_or_split) -> dict[str, Any]:
     }
 
 
+def run_leakage_audit(run_ids, *, store=None) -> dict[str, Any]:
+    """:func:`leakage_audit` of stored runs' splits (e.g. every fold of a CV): ``{"runs": [{"run_id", ...}], "ok"}``."""
+    from .store import RunStore
+
+    store = store or RunStore()
+    rows = []
+    for run_id in run_ids:
+        run = store.get_run(run_id)
+        scan = scan_dataset(run.config["data_dir"])
+        rows.append({"run_id": run_id, "run_protocol": run.protocol, **leakage_audit(scan, store.get_split(run_id))})
+    return {"runs": rows, "ok": all(row["ok"] for row in rows)}
+
+
 def holdout_data(
     scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--seed", type=int, default=0)
 
     audit = command("audit", "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
-    audit.add_argument("--data", required=True, help="folder with one subfolder of images per class")
+    audit_target = audit.add_mutually_exclusive_group(required=True)
+    audit_target.add_argument("--data", help="folder with one subfolder of images per class")
+    audit_target.add_argument("--run", type=int, action="append",
+                              help="leakage audit of a stored run's split instead; repeat it, e.g. for every CV fold")
     audit.add_argument("--seed", type=int, default=0)
 
     evaluate = command("evaluate", "run a trained model on another folder with the same class names")
@@ -287,8 +290,14 @@ def _cmd_baseline(args):
 
 
 def _cmd_audit(args):
-    from .audit import audit_dataset
+    from .audit import audit_dataset, run_leakage_audit
 
+    if args.run:
+        result = run_leakage_audit(args.run)
+        lines = [f"run {r['run_id']} ({r['run_protocol']}): "
+                 f"{'ok' if r['ok'] else 'DUPLICATE GROUPS CROSS ITS SPLIT'}; " + "; ".join(r["warnings"])
+                 for r in result["runs"]]
+        return result, "\n".join(lines), 0 if result["ok"] else 1
     result = audit_dataset(args.data, seed=args.seed, progress=True)
     short = result["shortcuts"]
     text = "\n".join([

@@ -146,6 +146,10 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
         assert "Not a medical device" in (tmp_path / fmt / "MODEL_CARD.md").read_text()
     assert_one_line_error(bcd("export", "--run", run_id, "--out", tmp_path / "keras", env=cli_env), "already exist")
 
+    leakage = json.loads(bcd("audit", "--run", run_id, "--json", env=cli_env).stdout)
+    assert leakage["ok"] and leakage["runs"][0]["run_id"] == run_id
+    assert leakage["runs"][0]["counts"]["crossing_exact"] == 0 and leakage["runs"][0]["warnings"]
+
     runs = json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"]
     assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "completed"
 

@@ -364,16 +364,14 @@ def _cmd_predict(args):
 def _cmd_explain(args):
     from PIL import Image
 
-    from .datasets import load_image
-    from .explain import explain_image, overlay
+    from .explain import explain_source, overlay
     from .inference import load_run_model
 
     if not 0 <= args.opacity <= 1:
         raise ConfigError(f"--opacity must be between 0 and 1, got {args.opacity}")
     loaded = load_run_model(args.run)
     class_names = loaded.class_names
-    image = load_image(args.image, image_size=loaded.config.image_size)
-    cam = explain_image(loaded, image)
+    image, cam = explain_source(loaded, args.image)
     buffer = io.BytesIO()
     Image.fromarray(overlay(image, cam.heatmap, opacity=args.opacity)).save(buffer, format="PNG")
     _write(args.out, buffer.getvalue())

@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .datasets import ScanResult, load_image
 from .diagnosis import Source, sources_from_archive
 from .errors import BCDError
-from .explain import explain_image
+from .explain import explain_source
 from .store import RunStore
 from .store.records import EvaluationRecord, RunRecord
 from .synthetic import DEMO_DATASET_NAME, ensure_demo_dataset
@@ -261,5 +261,5 @@ def upload_sources(uploads: list[tuple[str, bytes]]) -> tuple[list[Source], list
 
 def grad_cam_of(loaded, image: str | bytes, *, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image at the model's size, Grad-CAM heatmap in [0, 1]) of an image file or uploaded bytes for a loaded run."""
-    image = load_image(image, image_size=loaded.config.image_size)
-    return image, explain_image(loaded, image, class_index=class_index).heatmap
+    image, cam = explain_source(loaded, image, class_index=class_index)
+    return image, cam.heatmap

@@ -127,12 +127,13 @@ class Diagnoser:
         results = []
         looks = ("flips, turns and models" if len(self.models) > 1 else "flips and turns") if tta else "models"
         for views in self.view_probabilities(images_by_model, tta=tta):
+            mean = views.mean(axis=0)
             certainty = uncertainty(views)
-            predicted = self.class_names[int(views.mean(axis=0).argmax())]
+            predicted = self.class_names[int(mean.argmax())]
             level, sentence = reading(predicted, certainty, looks=looks)
             results.append({
                 "predicted_class": predicted,
-                "probabilities": dict(zip(self.class_names, views.mean(axis=0).tolist())),
+                "probabilities": dict(zip(self.class_names, mean.tolist())),
                 "uncertainty": certainty,
                 "reading": level,
                 "advice": sentence,

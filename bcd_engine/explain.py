@@ -133,15 +133,18 @@ def explain_image(loaded: LoadedModel, image: np.ndarray, *, class_index: int | 
                     class_index=class_index)
 
 
-def explain_file(run_id: int, image_path_or_bytes: str | os.PathLike[str] | bytes, *, store: RunStore | None = None,
-                 class_index: int | None = None) -> tuple[np.ndarray, GradCam]:
-    """Load run ``run_id`` and an image file (or its bytes); return the image at the model's size and its Grad-CAM.
-
-    The returned image is the unchanged RGB one, for drawing on.
-    """
+def explain_source(loaded: LoadedModel, image_path_or_bytes: str | os.PathLike[str] | bytes, *,
+                   class_index: int | None = None) -> tuple[np.ndarray, GradCam]:
+    """An image file (or its bytes) at the run's input size, and its Grad-CAM; the image is returned unchanged RGB."""
     from .datasets import load_image
-    from .inference import load_run_model
 
-    loaded = load_run_model(run_id, store=store)
     image = load_image(image_path_or_bytes, image_size=loaded.config.image_size)
     return image, explain_image(loaded, image, class_index=class_index)
+
+
+def explain_file(run_id: int, image_path_or_bytes: str | os.PathLike[str] | bytes, *, store: RunStore | None = None,
+                 class_index: int | None = None) -> tuple[np.ndarray, GradCam]:
+    """Load run ``run_id`` and explain an image file (or its bytes), as :func:`explain_source`."""
+    from .inference import load_run_model
+
+    return explain_source(load_run_model(run_id, store=store), image_path_or_bytes, class_index=class_index)

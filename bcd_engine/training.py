@@ -280,16 +280,17 @@ def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32
     import tensorflow as tf
 
     keys = image_keys if image_keys is not None else ["0" * 8] * len(images)
+    # One dataset of (image, row) for every view: the images are put into the graph once.
+    base = tf.data.Dataset.from_tensor_slices((images, np.arange(len(images))))
     total = 0.0
     with progress_bar(tta_views * len(images), "predicting", enabled=progress) as bar:
         for view in range(tta_views):
-            seeds = view_seeds(keys, np.full(len(images), view), seed=seed)
-            ds = tf.data.Dataset.from_tensor_slices((images, seeds))
             if view:
-                ds = ds.map(lambda x, s: augment_image(tf.cast(x, tf.float32), s, augment),
-                            num_parallel_calls=tf.data.AUTOTUNE)
+                seeds = tf.constant(view_seeds(keys, np.full(len(images), view), seed=seed))
+                ds = base.map(lambda x, row, s=seeds: augment_image(tf.cast(x, tf.float32), tf.gather(s, row), augment),
+                              num_parallel_calls=tf.data.AUTOTUNE)
             else:
-                ds = ds.map(lambda x, s: tf.cast(x, tf.float32))
+                ds = base.map(lambda x, row: tf.cast(x, tf.float32))
             ds = ds.map(preprocess).batch(batch_size).prefetch(tf.data.AUTOTUNE)
             total = total + np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
             bar.update(len(images))
@@ -404,7 +405,6 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
                       batch_size=config.batch_size, progress=progress, on_batch=monitor.check_cancel)
         train_x = _features_for(extractor, images, md5s, train_idx, train_views, "train views", common)
         val_x = _features_for(extractor, images, md5s, split.val, np.zeros(len(split.val), int), "val", common)
-        cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
         head = fit_head_on_features(
             train_x, labels[train_idx], val_x, labels[split.val], n_classes=n_classes, config=config,
             callbacks=[monitor.callback(phase=1, epochs=config.epochs)], class_weight=weights,
@@ -418,9 +418,11 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         else:
             # The backbone is still the frozen one: test views come from the feature cache too, so
             # k-fold runs over the same images extract every (image, view) once.
-            test_prob = _cached_tta_proba(head, split.test, config, lambda idx, views, what: _features_for(
-                extractor, images, md5s, idx, views, what, common))
-            cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
+            views = config.tta_views
+            test_x = _features_for(extractor, images, md5s, np.repeat(split.test, views),
+                                   np.tile(np.arange(views), len(split.test)), "test views", common)
+            test_prob = _mean_over_views(head, test_x, views)
+        cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
     if test_prob is None:
         test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
                                   augment=config.augment, tta_views=config.tta_views, seed=config.seed,
@@ -449,12 +451,10 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
     return evaluation, str(model_path), cache_stats
 
 
-def _cached_tta_proba(head, test: np.ndarray, config: TrainConfig, features_for) -> np.ndarray:
-    """Test probabilities from cached features, averaged over views 0..tta_views-1 of each image."""
-    views = config.tta_views
-    x = features_for(np.repeat(test, views), np.tile(np.arange(views), len(test)), "test views")
-    prob = np.asarray(head.predict(x, batch_size=256, verbose=0), dtype=np.float64)
-    return prob.reshape(len(test), views, -1).mean(axis=1)
+def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:
+    """Head probabilities of features laid out image by image, ``views`` per image, averaged per image."""
+    prob = np.asarray(head.predict(features, batch_size=256, verbose=0), dtype=np.float64)
+    return prob.reshape(len(prob) // views, views, -1).mean(axis=1)
 
 
 def _features_for(extractor, images, md5s, indices, views, description, common) -> np.ndarray:

@@ -40,6 +40,15 @@ class ArchiveContents:
     skipped: tuple[tuple[str, str], ...]
 
 
+def is_zip(name: str, head: bytes) -> bool:
+    """Whether a file is meant as a zip archive: its name ends in ``.zip`` or its first bytes are a zip's.
+
+    >>> is_zip("batch.ZIP", b""), is_zip("cells.jpg", b"PK\\x03\\x04..."), is_zip("cell.jpg", b"\\xff\\xd8")
+    (True, True, False)
+    """
+    return name.lower().endswith(".zip") or head.startswith(_ZIP_MAGIC)
+
+
 def read_archive(
     path_or_bytes: str | os.PathLike[str] | bytes,
     *,

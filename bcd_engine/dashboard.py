@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import worker
+from .archives import is_zip
 from .backbones import BACKBONES
 from .config import TrainConfig
 from .datasets import ScanResult, load_image
@@ -244,7 +245,7 @@ def upload_sources(uploads: list[tuple[str, bytes]]) -> tuple[list[Source], list
     """
     sources, rejected = [], []
     for name, data in uploads:
-        archive = data[:4] == b"PK\x03\x04" or name.lower().endswith(".zip")
+        archive = is_zip(name, data[:4])
         limit = MAX_ARCHIVE_UPLOAD_BYTES if archive else MAX_UPLOAD_BYTES
         if len(data) > limit:
             rejected.append({"name": name, "error": f"file is {len(data) / 2**20:.1f} MB; "

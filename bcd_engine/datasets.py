@@ -30,7 +30,7 @@ from tqdm import tqdm
 from bcd_engine import settings
 from bcd_engine.errors import ConfigError, DataError, ImageLoadError
 
-SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # files a folder scan picks up
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # what load_image decodes, told by content
 MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
 MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is decoded
@@ -211,13 +211,28 @@ def load_image(path_or_bytes: str | os.PathLike[str] | bytes, *, image_size: int
     name = "image bytes" if is_bytes else str(path_or_bytes)
     try:
         data = bytes(path_or_bytes) if is_bytes else read_image_bytes(path_or_bytes)
-        img = _to_rgb(_decode(data))
-        if image_size is not None:
-            _check_min_side(img.size)
+        return image_array(decode_image(data), image_size=image_size)
     except ImageLoadError as exc:
         raise ImageLoadError(f"{name}: {exc}") from exc
-    if image_size is not None and img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes as :func:`load_image` does, to an upright RGB image; errors carry only the reason.
+
+    Decode once and call :func:`image_array` per size when one image feeds models of different sizes.
+    """
+    return _to_rgb(_decode(data))
+
+
+def image_array(img: Image.Image, *, image_size: int | None = None) -> np.ndarray:
+    """A decoded RGB image as a uint8 array, resized to image_size x image_size when given.
+
+    Raises :class:`ImageLoadError` when resizing an image under :data:`MIN_IMAGE_SIDE` pixels.
+    """
+    if image_size is not None:
+        _check_min_side(img.size)
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.array(img, dtype=np.uint8)
 
 

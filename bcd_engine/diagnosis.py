@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .datasets import SUPPORTED_EXTENSIONS, load_image, read_image_bytes
+from .archives import is_zip, read_archive
+from .datasets import SUPPORTED_EXTENSIONS, decode_image, image_array, read_image_bytes
 from .errors import BCDError, ConfigError, DataError, ImageLoadError
 from .inference import LoadedModel, load_run_model
 from .store import RunStore
@@ -155,10 +156,10 @@ class Diagnoser:
                     results[i]["error"] = sources[i].error
                     continue
                 try:
-                    data = _read(sources[i].data)
-                    loaded[i] = [load_image(data, image_size=m.config.image_size) for m in self.models]
+                    image = decode_image(_read(sources[i].data))  # decoded once, resized per model
+                    loaded[i] = [image_array(image, image_size=m.config.image_size) for m in self.models]
                 except ImageLoadError as exc:
-                    results[i]["error"] = str(exc).removeprefix("image bytes: ")
+                    results[i]["error"] = str(exc)
             if loaded:
                 arrays = [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))]
                 for i, result in zip(loaded, self.diagnose_arrays(arrays, tta=tta)):
@@ -187,7 +188,7 @@ def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:
                 if not files:
                     raise DataError(f"{path} has no supported image files ({', '.join(SUPPORTED_EXTENSIONS)})")
                 sources += [Source(str(p), p) for p in files]
-            elif path.suffix.lower() == ".zip":
+            elif is_zip(path.name, _head(path)):
                 sources += sources_from_archive(path, name=str(path))
             else:
                 sources.append(Source(str(path), path))
@@ -196,13 +197,20 @@ def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:
     return sources
 
 
+def _head(path: Path) -> bytes:
+    """A file's first bytes (empty when it cannot be read: loading it then reports why)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4)
+    except OSError:
+        return b""
+
+
 def sources_from_archive(data: str | os.PathLike | bytes, *, name: str) -> list[Source]:
     """The members of a zip archive as sources named ``archive/member``, skipped ones with their reason.
 
     Unsafe archives (path traversal, zip bombs, deep nesting) are refused with ``ArchiveError``.
     """
-    from .archives import read_archive
-
     contents = read_archive(data)
     return ([Source(f"{name}/{member}", payload) for member, payload in contents.images]
             + [Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped])

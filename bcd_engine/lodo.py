@@ -9,10 +9,12 @@ have a single class (its accuracy is then one minus its false-positive or false-
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from . import settings
@@ -24,6 +26,7 @@ from .store import RunStore
 from .training import train
 
 PROTOCOL = "leave-one-dataset-out"
+_SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it was built from
 
 
 def lodo_protocol(held_out: str) -> str:
@@ -198,14 +201,42 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
 
 
 def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:
-    """(Re)build ``folder`` with a link at each relative path to its source file; return it."""
-    if folder.exists():
-        shutil.rmtree(folder)
+    """``folder`` with a link at each relative path to its source file; return it.
+
+    A folder already built from the same sources is reused as it is. Otherwise the links are made in a
+    hidden sibling that is renamed into place when complete, so runs with the same inputs at the same
+    time share one whole folder and none removes a folder another is training from.
+    """
+    digest = hashlib.sha256(json.dumps(sorted((str(rel), src) for rel, src in sources.items())).encode()).hexdigest()
+    if _built_from(folder) == digest:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     for rel, source in sources.items():
-        link = folder / rel
+        link = building / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         _link(Path(source).resolve(), link)
+    (building / _SOURCES_DIGEST).write_text(digest)
+    if folder.exists():  # built from other sources (a dataset changed since): set it aside, then remove it
+        stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
+        with contextlib.suppress(FileNotFoundError):
+            folder.rename(stale / folder.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        building.rename(folder)
+    except OSError:  # another run renamed its folder into place first
+        shutil.rmtree(building, ignore_errors=True)
+        if _built_from(folder) != digest:
+            raise
     return folder
+
+
+def _built_from(folder: Path) -> str | None:
+    """The digest of the sources ``folder`` was built from, or None when it is not a finished folder."""
+    try:
+        return (folder / _SOURCES_DIGEST).read_text()
+    except OSError:
+        return None
 
 
 def _link(source: Path, link: Path) -> None:

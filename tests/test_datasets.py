@@ -107,7 +107,8 @@ def test_ignores_hidden_unsupported_and_nested_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extension", SUPPORTED_EXTENSIONS)
 def test_every_supported_extension_is_read(tmp_path: Path, extension: str) -> None:
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[extension]
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+           ".gif": "GIF", ".webp": "WEBP"}[extension]
     root = _two_class_folder(tmp_path / "data")
     _write(root / "A" / f"extra{extension}", _encode(_smooth_image(9), fmt))
     assert scan_dataset(root).class_counts["A"] == 3

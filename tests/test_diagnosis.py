@@ -27,17 +27,17 @@ CLASSES = ["Benign", "Early", "Pre", "Pro"]
 SIZE = 32
 
 
-def loaded_model(model, run_id: int = 1, class_names=CLASSES) -> LoadedModel:
-    config = TrainConfig(backbone="scratch_cnn", image_size=SIZE, batch_size=8)
+def loaded_model(model, run_id: int = 1, class_names=CLASSES, size: int = SIZE) -> LoadedModel:
+    config = TrainConfig(backbone="scratch_cnn", image_size=size, batch_size=8)
     return LoadedModel(run_id, model, config, list(class_names))
 
 
-def pooled_model(seed: int = 0):
+def pooled_model(seed: int = 0, size: int = SIZE):
     """Global average pooling then a dense softmax: its output cannot depend on flips or turns."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((SIZE, SIZE, 3))
+    inputs = keras.Input((size, size, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
     return keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
 
@@ -111,6 +111,17 @@ def test_an_ensemble_averages_its_models():
         assert ensemble["uncertainty"]["views"] == 2
 
 
+def test_an_ensemble_of_models_of_different_sizes_diagnoses_each_file_once_decoded(tmp_path):
+    small, large = loaded_model(pooled_model(0), 1), loaded_model(pooled_model(1, size=40), 2, size=40)
+    smear = tmp_path / "smear.png"
+    smear.write_bytes(png_bytes(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8)))
+    (alone_small,), (alone_large,) = (Diagnoser([m]).diagnose([Source("s", smear)]) for m in (small, large))
+    (both,) = Diagnoser([small, large]).diagnose([Source("s", smear)])
+    for name in CLASSES:
+        assert both["probabilities"][name] == pytest.approx(
+            (alone_small["probabilities"][name] + alone_large["probabilities"][name]) / 2, abs=1e-6)
+
+
 def test_an_ensemble_needs_the_same_classes():
     with pytest.raises(ConfigError, match="same classes"):
         Diagnoser([loaded_model(pooled_model(), 1), loaded_model(pooled_model(), 2, ["a", "b", "c", "d"])])
@@ -124,18 +135,21 @@ def test_a_batch_keeps_going_past_bad_files_and_reports_progress(tmp_path):
     fake = tmp_path / "fake.jpg"
     fake.write_text("<html>not an image</html>")
     sources = [Source("good", good), Source("fake", fake), Source("bytes", png_bytes(random_images(1, 1)[0])),
-               Source("missing", tmp_path / "missing.png")]
+               Source("missing", tmp_path / "missing.png"), Source("garbage", b"\x00" * 64)]
     seen = []
     results = Diagnoser([loaded_model(pooled_model())]).diagnose(
         sources, batch_size=3, on_progress=lambda done, total: seen.append((done, total)))
-    assert [r["name"] for r in results] == ["good", "fake", "bytes", "missing"]
+    assert [r["name"] for r in results] == ["good", "fake", "bytes", "missing", "garbage"]
     assert "predicted_class" in results[0] and "predicted_class" in results[2]
-    assert "error" in results[1] and "error" in results[3]
-    assert seen == [(3, 4), (4, 4)]
+    # The reason alone: the result already carries the file's name.
+    assert results[1]["error"] == "not a recognised image format (looks like an HTML page)"
+    assert results[3]["error"].startswith("cannot read file")
+    assert results[4]["error"] == "not a recognised image format"
+    assert seen == [(3, 5), (5, 5)]
     table = results_frame(results)
-    assert list(table["image"]) == ["good", "fake", "bytes", "missing"]
-    assert table["error"].notna().tolist() == [False, True, False, True]
-    assert pd.read_csv(io.BytesIO(results_csv(results))).shape[0] == 4
+    assert list(table["image"]) == ["good", "fake", "bytes", "missing", "garbage"]
+    assert table["error"].notna().tolist() == [False, True, False, True, True]
+    assert pd.read_csv(io.BytesIO(results_csv(results))).shape[0] == 5
 
 
 def test_sources_from_folders_and_zip_archives(tmp_path):
@@ -147,8 +161,10 @@ def test_sources_from_folders_and_zip_archives(tmp_path):
     archive = tmp_path / "batch.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("c.png", png_bytes(random_images(1)[0]))
-    names = [s.name for s in sources_from_paths([folder, archive])]
-    assert names == [str(folder / "a.png"), str(folder / "sub" / "b.png"), f"{archive}/c.png"]
+    renamed = tmp_path / "batch.download"  # a zip is known by its content as well as its name
+    renamed.write_bytes(archive.read_bytes())
+    names = [s.name for s in sources_from_paths([folder, archive, renamed])]
+    assert names == [str(folder / "a.png"), str(folder / "sub" / "b.png"), f"{archive}/c.png", f"{renamed}/c.png"]
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken.zip"
@@ -156,3 +172,22 @@ def test_sources_from_folders_and_zip_archives(tmp_path):
     (no_images, bad_archive) = sources_from_paths([empty, broken])
     assert no_images.data is None and "no supported image files" in no_images.error
     assert bad_archive.data is None and bad_archive.error
+
+
+def test_uploads_become_sources_and_a_bad_upload_costs_only_itself(monkeypatch):
+    from bcd_engine import dashboard
+
+    image = png_bytes(random_images(1)[0])
+    good_zip, evil_zip = io.BytesIO(), io.BytesIO()
+    with zipfile.ZipFile(good_zip, "w") as zf:
+        zf.writestr("c.png", image)
+    with zipfile.ZipFile(evil_zip, "w") as zf:
+        zf.writestr("../escape.png", image)
+    monkeypatch.setattr(dashboard, "MAX_UPLOAD_BYTES", len(image) + 10)
+    sources, rejected = dashboard.upload_sources([
+        ("a.png", image), ("big.png", image + b"\0" * 20), ("batch.download", good_zip.getvalue()),
+        ("evil.zip", evil_zip.getvalue()),
+    ])
+    assert [s.name for s in sources] == ["a.png", "batch.download/c.png"]
+    assert [r["name"] for r in rejected] == ["big.png", "evil.zip"]
+    assert "the limit is" in rejected[0]["error"] and "unsafe member path" in rejected[1]["error"]

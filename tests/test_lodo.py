@@ -165,3 +165,26 @@ def test_training_folder_falls_back_to_hard_links_then_copies(tmp_path, monkeypa
     folder = _link_folder(tmp_path / "copy", {Path("benign") / "g.png": str(source)})
     copied = folder / "benign" / "g.png"
     assert md5(copied) == md5(source) and copied.stat().st_mtime_ns == source.stat().st_mtime_ns
+
+
+def test_training_folder_is_reused_when_its_sources_are_the_same_and_rebuilt_when_not(tmp_path, datasets):
+    first, second = images(datasets["gamma"])[:2]
+    folder = _link_folder(tmp_path / "without-x", {Path("benign") / "a.png": str(first)})
+    link = folder / "benign" / "a.png"
+    made = link.lstat().st_ino
+    assert _link_folder(tmp_path / "without-x", {Path("benign") / "a.png": str(first)}) == folder
+    assert link.lstat().st_ino == made  # not rebuilt
+    _link_folder(tmp_path / "without-x", {Path("benign") / "b.png": str(second)})
+    assert [p.name for p in images(folder)] == ["b.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["without-x"]  # no half-built or stale folder left
+
+
+def test_concurrent_rounds_with_the_same_inputs_share_one_whole_folder(tmp_path, datasets):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = {Path("benign") / p.name: str(p) for p in images(datasets["gamma"])}
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: _link_folder(tmp_path / "without-x", sources), range(8)))
+    assert set(folders) == {tmp_path / "without-x"}
+    assert sorted(p.name for p in images(folders[0])) == sorted(p.name for p in sources)
+    assert [p.name for p in tmp_path.iterdir()] == ["without-x"]

@@ -5,6 +5,7 @@ Shared by the benchmark scripts, so every figure they print carries the same mac
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -63,10 +64,6 @@ def machine_info() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = None
     info = {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
@@ -79,7 +76,7 @@ def machine_info() -> dict:
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_at_start": load,
+        "load_average_at_start": load_average(),
     }
     info["summary"] = (f"{info['cpu']}, {usable} cores"
                        + (f" (cgroup quota {info['cpu_quota']})" if info["cpu_quota"] else "")
@@ -94,3 +91,14 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def print_report_start(document: dict, machine: dict, *, as_json: bool) -> bool:
+    """Print the whole document as JSON and return True (the report is done), or else print the text
+    report's first line, the machine with its load averages at start and end, and return False."""
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return True
+    print(f"machine: {machine['summary']}; load average {machine['load_average_at_start']} at start, "
+          f"{document['load_average_at_end']} at end")
+    return False

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _machine import load_average, machine_info  # noqa: E402
+from _machine import load_average, machine_info, print_report_start  # noqa: E402
 from bcd_engine import baselines  # noqa: E402
 from bcd_engine.config import TrainConfig  # noqa: E402
 from bcd_engine.dashboard import THESIS_REFERENCE  # noqa: E402
@@ -242,11 +241,8 @@ def main() -> None:
             "the thesis reports validation accuracy, not a group-aware held-out test accuracy",
         ],
     }
-    if args.json:
-        print(json.dumps(document, indent=2))
+    if print_report_start(document, machine, as_json=args.json):
         return
-    print(f"machine: {machine['summary']}; load average {machine['load_average_at_start']} at start, "
-          f"{document['load_average_at_end']} at end")
     s = document["split"]
     print(f"data: {note}; split seed {s['seed']}: {s['n_train']} train / {s['n_val']} val / {s['n_test']} test")
     print(f"{'model':<28}{'px':>5}{'test accuracy (95% CI)':>28}{'macro AUC (95% CI)':>28}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _machine import load_average, machine_info  # noqa: E402
+from _machine import load_average, machine_info, print_report_start  # noqa: E402
 from bcd_engine.backbones import build_backbone, get_backbone  # noqa: E402
 from bcd_engine.config import TrainConfig  # noqa: E402
 from bcd_engine.diagnosis import Diagnoser  # noqa: E402
@@ -287,11 +286,8 @@ def main() -> None:
         ],
         "results": results,
     }
-    if args.json:
-        print(json.dumps(document, indent=2))
+    if print_report_start(document, machine, as_json=args.json):
         return
-    print(f"machine: {machine['summary']}; load average {machine['load_average_at_start']} at start, "
-          f"{document['load_average_at_end']} at end")
     print(f"matmul rate ({dtype}): {rate_before['best_gflops']:.1f} GFLOP/s before, "
           f"{rate_after['best_gflops']:.1f} after; floor uses {rate:.1f}")
     header = (f"{'backbone':<15}{'px':>5}{'GFLOP':>8}{'prof':>8}{'floor ms':>10}"

@@ -21,7 +21,6 @@ synthetic folder made on the fly with random weights, and says so.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _machine import load_average, machine_info  # noqa: E402
+from _machine import load_average, machine_info, print_report_start  # noqa: E402
 from bcd_engine.backbones import get_backbone  # noqa: E402
 from bcd_engine.config import AugmentConfig, TrainConfig  # noqa: E402
 from bcd_engine.datasets import scan_dataset  # noqa: E402
@@ -200,11 +199,8 @@ def main() -> None:
             "medians of interleaved repeats after warm-up",
         ],
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if print_report_start(result, machine, as_json=args.json):
         return
-    print(f"machine: {machine['summary']}; load average {machine['load_average_at_start']} at start, "
-          f"{result['load_average_at_end']} at end")
     print(f"data: {note}; {n} images, {spec.name} at {config.image_size} px, batch {config.batch_size}, "
           f"{result['weights']} weights, median of {args.repeats}")
     rows_out = [

@@ -1,4 +1,4 @@
-"""Shared dataset fixtures: a tiny synthetic smear dataset and an isolated scan cache."""
+"""Shared fixtures: a tiny synthetic smear dataset, an isolated scan cache and a private run workspace."""
 from __future__ import annotations
 
 import shutil
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bcd_engine.store import RunStore
 from bcd_engine.synthetic import make_synthetic_dataset
 
 SYNTHETIC_CLASSES = ("Benign", "Early", "Pre", "Pro")
@@ -37,3 +38,19 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "bcd_cache"
     monkeypatch.setenv("BCD_CACHE_DIR", str(cache))
     return cache
+
+
+def workspace_store(root: Path, patch: pytest.MonkeyPatch) -> RunStore:
+    """A new SQLite run store under ``root``, with the artifacts and cache folders there too (set on ``patch``).
+
+    For module-scoped fixtures (``with pytest.MonkeyPatch.context() as patch``); tests use ``workspace``.
+    """
+    patch.setenv("BCD_ARTIFACTS_DIR", str(root / "artifacts"))
+    patch.setenv("BCD_CACHE_DIR", str(root / "cache"))
+    return RunStore(f"sqlite:///{root / 'results.db'}")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunStore:
+    """An empty run store with its own artifacts and cache folders under ``tmp_path``."""
+    return workspace_store(tmp_path, monkeypatch)

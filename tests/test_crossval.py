@@ -7,7 +7,6 @@ import pytest
 from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.crossval import cross_validate, cv_protocol, fold_splits
 from bcd_engine.errors import ConfigError
-from bcd_engine.store import RunStore
 
 
 def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():
@@ -27,10 +26,8 @@ def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():
                 assert subset_of_group.setdefault(g, name) == name
 
 
-def test_cross_validate_stores_one_run_per_fold(tmp_path, monkeypatch, synthetic_dataset):
-    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+def test_cross_validate_stores_one_run_per_fold(workspace, synthetic_dataset):
+    store = workspace
     config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
                          dense_units=8, augment=AugmentConfig(factor=1))
     result = cross_validate(config, synthetic_dataset, folds=2, store=store)

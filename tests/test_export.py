@@ -19,8 +19,8 @@ from bcd_engine.export import (
     to_tflite,
 )
 from bcd_engine.inference import load_run_model
-from bcd_engine.store import RunStore
 from bcd_engine.training import PROTOCOL_HOLDOUT, train
+from conftest import workspace_store
 
 keras = pytest.importorskip("keras")
 
@@ -36,9 +36,7 @@ def trained(tmp_path_factory, synthetic_dataset):
     """A store with one completed tiny scratch-CNN run (trained once for the module)."""
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BCD_ARTIFACTS_DIR", str(root / "artifacts"))
-        patch.setenv("BCD_CACHE_DIR", str(root / "cache"))
-        store = RunStore(f"sqlite:///{root / 'results.db'}")
+        store = workspace_store(root, patch)
         config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                              augment=AugmentConfig(factor=1), tta_views=2)
         yield store, train(config, synthetic_dataset, store=store).run_id

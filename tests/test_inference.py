@@ -12,15 +12,12 @@ from bcd_engine.errors import StoreError
 from bcd_engine.diagnosis import Diagnoser, Source
 from bcd_engine.inference import load_run_model
 from bcd_engine.robustness import colour_robustness_of_run
-from bcd_engine.store import RunStore
 from bcd_engine.training import load_images, train
 
 
 @pytest.fixture
-def trained(tmp_path, monkeypatch, synthetic_dataset):
-    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+def trained(workspace, synthetic_dataset):
+    store = workspace
     config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                          augment=AugmentConfig(factor=1), tta_views=3)
     return store, train(config, synthetic_dataset, store=store)
@@ -100,10 +97,8 @@ def test_external_evaluation_with_a_label_map_onto_shared_labels(trained, tmp_pa
         load_label_map(map_file)
 
 
-def test_colour_robustness_of_a_grayscale_run(tmp_path, monkeypatch, synthetic_dataset):
-    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+def test_colour_robustness_of_a_grayscale_run(workspace, synthetic_dataset):
+    store = workspace
     config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                          colour="grayscale")
     run_id = train(config, synthetic_dataset, store=store).run_id
@@ -117,11 +112,9 @@ def test_colour_robustness_of_a_grayscale_run(tmp_path, monkeypatch, synthetic_d
     assert names == ["test", "test (grayscale)", "test (reinhard)"]
 
 
-def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(tmp_path, monkeypatch, synthetic_dataset):
+def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(workspace, synthetic_dataset):
     """Cached test-time views (training) and views made from the saved model (later) are the same transforms."""
-    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+    store = workspace
     config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
                          dense_units=8, augment=AugmentConfig(factor=3), tta_views=3)
     run_id = train(config, synthetic_dataset, store=store).run_id

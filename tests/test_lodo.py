@@ -12,8 +12,8 @@ import pytest
 from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.errors import ConfigError, DataError
 from bcd_engine.lodo import _link_folder, leave_one_dataset_out, load_dataset_label_map, lodo_protocol
-from bcd_engine.store import RunStore
 from bcd_engine.synthetic import make_synthetic_dataset
+from conftest import workspace_store
 
 CONFIG = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                      augment=AugmentConfig(factor=1))
@@ -46,21 +46,12 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     return {"alpha": alpha, "beta": beta, "gamma": gamma}
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch) -> RunStore:
-    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    return RunStore(f"sqlite:///{tmp_path / 'results.db'}")
-
-
 @pytest.fixture(scope="module")
 def lodo(tmp_path_factory, datasets):
     """One LODO over the three datasets (three trainings), shared by the tests below."""
     tmp = tmp_path_factory.mktemp("lodo-run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BCD_ARTIFACTS_DIR", str(tmp / "artifacts"))
-        mp.setenv("BCD_CACHE_DIR", str(tmp / "cache"))
-        store = RunStore(f"sqlite:///{tmp / 'results.db'}")
+        store = workspace_store(tmp, mp)
         result = leave_one_dataset_out(CONFIG, datasets, LABEL_MAP, store=store)
         yield result, store, tmp / "cache"
 
@@ -112,16 +103,16 @@ def test_a_single_class_dataset_is_a_held_out_set(lodo):
     assert gamma["held_out_accuracy"] == pytest.approx(rates["benign"]["benign"])
 
 
-def test_rounds_without_two_training_labels_or_with_unseen_labels_are_skipped(env, datasets):
+def test_rounds_without_two_training_labels_or_with_unseen_labels_are_skipped(workspace, datasets):
     label_map = {"alpha": LABEL_MAP["alpha"], "gamma": {"lymphocyte": "normal"}}
     subset = {"alpha": datasets["alpha"], "gamma": datasets["gamma"]}
-    result = leave_one_dataset_out(CONFIG, subset, label_map, store=env)
+    result = leave_one_dataset_out(CONFIG, subset, label_map, store=workspace)
     alpha, gamma = result["rounds"]
     assert alpha["status"] == gamma["status"] == "skipped" and alpha["run_id"] is None
     assert "only the shared label 'normal'" in alpha["reason"]
     assert "'normal'" in gamma["reason"] and "do not occur in the training datasets" in gamma["reason"]
-    assert env.list_runs() == []
-    assert leave_one_dataset_out(CONFIG, subset, label_map, store=env)["workdir"] == result["workdir"]
+    assert workspace.list_runs() == []
+    assert leave_one_dataset_out(CONFIG, subset, label_map, store=workspace)["workdir"] == result["workdir"]
 
 
 @pytest.mark.parametrize("label_map, error, message", [
@@ -132,18 +123,18 @@ def test_rounds_without_two_training_labels_or_with_unseen_labels_are_skipped(en
     ({"gamma": {"lymphocyte": "benign"}, "alpha": {"Benign": "Benign"}}, ConfigError, "differ only in case"),
     ({"gamma": {"lymphocyte": "a/b"}}, ConfigError, "shared label 'a/b' cannot be used as a folder name"),
 ])
-def test_label_map_errors(env, datasets, label_map, error, message):
+def test_label_map_errors(workspace, datasets, label_map, error, message):
     with pytest.raises(error, match=message):
-        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"], "gamma": datasets["gamma"]}, label_map, store=env)
+        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"], "gamma": datasets["gamma"]}, label_map, store=workspace)
 
 
-def test_dataset_errors(env, datasets, tmp_path):
+def test_dataset_errors(workspace, datasets, tmp_path):
     with pytest.raises(ConfigError, match="at least 2 datasets"):
-        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"]}, {}, store=env)
+        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"]}, {}, store=workspace)
     with pytest.raises(ConfigError, match="'alpha' and 'again' are the same folder"):
-        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"], "again": datasets["alpha"]}, {}, store=env)
+        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"], "again": datasets["alpha"]}, {}, store=workspace)
     with pytest.raises(ConfigError, match="dataset name '../x'"):
-        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"], "../x": datasets["gamma"]}, {}, store=env)
+        leave_one_dataset_out(CONFIG, {"alpha": datasets["alpha"], "../x": datasets["gamma"]}, {}, store=workspace)
     bad = tmp_path / "map.json"
     bad.write_text("{not json")
     with pytest.raises(DataError, match="cannot read label map"):

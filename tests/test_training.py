@@ -16,10 +16,9 @@ keras = pytest.importorskip("keras")
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> RunStore:
-    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    return RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+def store(workspace) -> RunStore:
+    """A private run store (every test here trains into one)."""
+    return workspace
 
 
 def tiny_config(backbone: str = "mobilenetv2", **overrides) -> TrainConfig:

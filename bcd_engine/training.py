@@ -6,8 +6,11 @@ BatchNorm kept in inference mode. The scratch CNN trains end to end on images.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ from .store import RunStore
 PROTOCOL_HOLDOUT = "holdout (group-aware, stratified)"
 CANCEL_POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 30.0
+
+log = logging.getLogger("bcd.training")
 
 
 @dataclass(frozen=True)
@@ -93,23 +98,42 @@ def load_images(paths, *, image_size: int, progress: bool = False, description: 
     return out
 
 
+@contextlib.contextmanager
+def _heartbeat(store: RunStore, run_id: int):
+    """Refresh the run's heartbeat in the store every HEARTBEAT_SECONDS from a thread while the block runs,
+    so no phase (loading, extraction, evaluation, saving) makes a live run look dead to other processes."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                store.heartbeat(run_id)
+            except BCDError as exc:  # a busy database costs one beat, not the run
+                log.warning("heartbeat of run %s failed: %s", run_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"bcd-heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 class _RunMonitor:
     """Keras callback glue: logs epochs to the store, polls the cancel flag, drives a progress bar."""
 
     def __init__(self, store: RunStore, run_id: int, *, progress: bool):
         self.store, self.run_id, self.progress = store, run_id, progress
-        self._last_poll = self._last_heartbeat = 0.0
+        self._last_poll = 0.0
 
     def check_cancel(self) -> None:
-        """Raise CancelledError when the run's cancel flag is set; keep its heartbeat fresh meanwhile."""
+        """Raise CancelledError when the run's cancel flag is set (the store is asked at most once a second)."""
         now = time.monotonic()
         if now - self._last_poll >= CANCEL_POLL_SECONDS:
             self._last_poll = now
             if self.store.is_cancel_requested(self.run_id):
                 raise CancelledError(f"run {self.run_id} was cancelled")
-        if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
-            self._last_heartbeat = now
-            self.store.heartbeat(self.run_id)
 
     def callback(self, *, phase: int, epochs: int):
         import keras
@@ -348,8 +372,10 @@ def train(
     store.start_run(run_id, environment=environment)
     store.save_split(run_id, split.assignments(scan))
     try:
-        evaluation, model_path, cache_stats = _train_and_evaluate(config, scan, split, store=store, run_id=run_id,
-                                                            progress=progress, feature_cache_dir=feature_cache_dir)
+        with _heartbeat(store, run_id):
+            evaluation, model_path, cache_stats = _train_and_evaluate(
+                config, scan, split, store=store, run_id=run_id, progress=progress,
+                feature_cache_dir=feature_cache_dir)
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
         return _result(run_id, "cancelled", config, split, None, started, None, protocol=protocol)

@@ -2,8 +2,8 @@
 
 ``python -m bcd_engine worker`` runs :func:`run_worker`. Claiming is atomic in the store, so several
 workers (on one or several machines) never train the same run twice. A worker keeps a heartbeat file
-under the cache folder (pid, host, time) so the dashboard can tell whether one is alive, and refreshes
-its run's heartbeat in the store while it trains so the run is never mistaken for a dead one.
+under the cache folder (pid, host, time) so the dashboard can tell whether one is alive; the run's own
+heartbeat in the store is kept by :func:`bcd_engine.training.train`, whoever calls it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 from . import settings
-from .errors import BCDError
 from .store import RunStore
 
 HEARTBEAT_SECONDS = 10.0
@@ -79,13 +78,9 @@ def spawn_worker() -> int:
     return process.pid
 
 
-def _keep_alive(store: RunStore, run_id: int, worker_id: str, stop: threading.Event) -> None:
+def _keep_alive(worker_id: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_SECONDS):
         write_heartbeat(worker_id=worker_id)
-        try:
-            store.heartbeat(run_id)
-        except BCDError as exc:
-            log.warning("heartbeat of run %s failed: %s", run_id, exc)
 
 
 def train_claimed(store: RunStore, run, worker_id: str) -> str:
@@ -94,7 +89,7 @@ def train_claimed(store: RunStore, run, worker_id: str) -> str:
     from .training import train
 
     stop = threading.Event()
-    beat = threading.Thread(target=_keep_alive, args=(store, run.id, worker_id, stop), daemon=True)
+    beat = threading.Thread(target=_keep_alive, args=(worker_id, stop), daemon=True)
     beat.start()
     try:
         config = TrainConfig.from_dict(run.config["train"])

@@ -192,3 +192,17 @@ def test_imagenet_weights_offline_name_the_file_to_provide(monkeypatch, tmp_path
     spec = get_backbone("mobilenetv2")
     with pytest.raises(ConfigError, match="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"):
         build_backbone(spec, image_size=224, weights="imagenet")
+
+
+def test_a_run_keeps_its_heartbeat_fresh_in_phases_without_batches(store, monkeypatch):
+    from bcd_engine import training
+
+    monkeypatch.setattr(training, "HEARTBEAT_SECONDS", 0.05)
+    run_id = store.create_run(backbone="scratch_cnn", protocol="test", config={}, status="running")
+    store.start_run(run_id, environment={})
+    before = store.get_run(run_id).heartbeat_at
+    with training._heartbeat(store, run_id):
+        time.sleep(0.4)  # e.g. saving or evaluating: no Keras batch, no callback
+    assert store.get_run(run_id).heartbeat_at > before
+    with training._heartbeat(store, 4242):  # a failed beat (no such run) is logged; the block goes on
+        time.sleep(0.15)

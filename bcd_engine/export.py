@@ -3,8 +3,9 @@
 :func:`export_run` writes three files into a folder: the model (``model.keras`` or ``model.tflite``),
 ``labels.json`` (class names, input size and the exact preprocessing) and ``MODEL_CARD.md``
 (:func:`model_card`: data, protocol, metrics with 95% confidence intervals, shortcut audit, intended
-use and limitations). The model is loaded through :func:`inference.load_run_model`, so only a file
-bcd saved and whose sha256 matches the run store is ever exported. The model takes *preprocessed*
+use and limitations). Only a file bcd saved and whose sha256 matches the run store is ever exported
+(:func:`inference.run_model_file`): ``.keras`` is that very file, so its sha256 is the store's; TFLite
+is converted from the model loaded through :func:`inference.load_run_model`. The model takes *preprocessed*
 images: the backbone's ``preprocess_input`` is applied outside it, as ``labels.json`` describes.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -25,9 +27,9 @@ import numpy as np
 
 from . import __version__
 from .backbones import SCRATCH, get_backbone
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .features import file_sha256
-from .inference import load_run_model
+from .inference import load_run_model, run_model_file
 from .store import EvaluationRecord, RunRecord, RunStore
 
 FORMATS = ("keras", "tflite")
@@ -276,13 +278,15 @@ def export_run(
     if existing and not overwrite:
         raise ConfigError(f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True (CLI: --overwrite)")
     store = store or RunStore()
-    loaded = load_run_model(run_id, store=store)
     run = store.get_run(run_id)
-    content, max_diff = _checked_tflite(loaded) if format == "tflite" else (None, None)
+    content, max_diff = _checked_tflite(load_run_model(run_id, store=store)) if format == "tflite" else (None, None)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if content is None:
-            loaded.model.save(model_path)
+        if content is None:  # the very file the run saved, so its sha256 is the one in the store
+            source, recorded_sha256 = run_model_file(run_id, store=store)
+            shutil.copyfile(source, model_path)
+            if file_sha256(model_path) != recorded_sha256:
+                raise StoreError(f"model file of run {run_id} changed while it was exported; try again")
         else:
             model_path.write_bytes(content)
         labels_path.write_text(json.dumps(labels_document(run, model_file=model_path.name), indent=2) + "\n")

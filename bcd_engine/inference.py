@@ -70,6 +70,15 @@ def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel
     import keras
 
     store = store or RunStore()
+    path, _ = run_model_file(run_id, store=store)
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    run = store.get_run(run_id)
+    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
+
+
+def run_model_file(run_id: int, *, store: RunStore) -> tuple[Path, str]:
+    """The model file a completed run saved and its recorded sha256, checked: the file lies in the
+    artifacts folder and its content matches the record (StoreError otherwise)."""
     run = store.get_run(run_id)
     if run.status != "completed":
         raise StoreError(f"run {run_id} is {run.status}, not completed: it has no model to use")
@@ -84,8 +93,7 @@ def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel
         raise StoreError(f"model file of run {run_id} is missing: {path}")
     if file_sha256(path) != models[-1].sha256:
         raise StoreError(f"model file of run {run_id} does not match its recorded sha256; refusing to load it")
-    model = keras.models.load_model(path, compile=False, safe_mode=True)
-    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
+    return path, models[-1].sha256
 
 
 def load_label_map(path: str | os.PathLike) -> dict:

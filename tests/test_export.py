@@ -18,6 +18,7 @@ from bcd_engine.export import (
     tflite_probabilities,
     to_tflite,
 )
+from bcd_engine.features import file_sha256
 from bcd_engine.inference import load_run_model
 from bcd_engine.training import PROTOCOL_HOLDOUT, train
 from conftest import workspace_store
@@ -55,6 +56,10 @@ def test_keras_export_loads_back_and_predicts_the_same(trained, tmp_path):
     original = load_run_model(run_id, store=store).model
     np.testing.assert_allclose(exported.predict(_inputs(), verbose=0), original.predict(_inputs(), verbose=0),
                                atol=1e-6)
+    # The exported file is the one the run saved: its sha256 is the store's, and the card names it.
+    (artifact,) = store.get_artifacts(run_id)
+    assert file_sha256(result.model_path) == artifact.sha256
+    assert artifact.sha256 in result.card_path.read_text()
     labels = json.loads(result.labels_path.read_text())
     assert labels["class_names"] == ["Benign", "Early", "Pre", "Pro"]
     assert labels["image_size"] == 32

@@ -58,7 +58,9 @@ def test_classical_baseline_runs_on_synthetic_data(synthetic_dataset, isolated_c
     assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["macro_auc"] <= 1
     assert set(result["per_class"]) == set(scan.class_names) and result["seconds"] >= 0
     again = train_classical_baseline(scan, image_size=32, model=model)
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    timings = ("seconds", "stage_seconds")
+    assert {k: v for k, v in again.items() if k not in timings} == {k: v for k, v in result.items() if k not in timings}
+    assert sum(result["stage_seconds"].values()) == pytest.approx(result["seconds"], abs=0.05)
 
 
 def test_unknown_model_is_a_config_error(synthetic_dataset, isolated_cache):

@@ -260,6 +260,14 @@ def upload_sources(uploads: list[tuple[str, bytes]]) -> tuple[list[Source], list
     return sources, rejected
 
 
+def model_identity(run_id: int, *, store: RunStore) -> str:
+    """What tells this run's model from any other, even one saved later under a reused run id:
+    the run's creation time and its model's recorded sha256 (caches key on it)."""
+    run = store.get_run(run_id)
+    models = [a.sha256 for a in store.get_artifacts(run_id) if a.kind == "model"]
+    return f"{run.created_at.isoformat()}/{models[-1] if models else 'no model'}"
+
+
 def grad_cam_of(loaded, image: str | bytes, *, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image at the model's size, Grad-CAM heatmap in [0, 1]) of an image file or uploaded bytes for a loaded run."""
     image, cam = explain_source(loaded, image, class_index=class_index)

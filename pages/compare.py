@@ -7,7 +7,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from bcd_engine import comparison, dashboard, explain, settings
+from bcd_engine import comparison, dashboard, explain
 from bcd_engine.datasets import load_image
 from bcd_engine.errors import BCDError
 from ui import common
@@ -267,7 +267,7 @@ show_cam = st.toggle("Show where the model looked (Grad-CAM)", key="compare_grad
 loaded = None
 if show_cam and wrong:
     try:
-        loaded = common.load_model(gallery_run, settings.database_url(), str(settings.artifacts_dir()))
+        loaded = common.load_model(gallery_run)
     except BCDError as exc:
         st.error(f"Cannot load the model of run {gallery_run}, so no heatmaps: {exc}")
 if not wrong:

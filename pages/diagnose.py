@@ -49,15 +49,16 @@ except BCDError as exc:
     st.stop()
 
 # Diagnose once per (models, uploads): moving the opacity slider or downloading must not redo the work.
-job = (tuple(run_ids), tuple(u.file_id for u in uploads))
+job = (tuple(dashboard.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
 if st.session_state.get("diagnose_job", (None,))[0] != job:
     sources, rejected = dashboard.upload_sources([(u.name, u.getvalue()) for u in uploads])
     bar = st.progress(0.0, text=f"Diagnosing {len(sources)} image(s) ...")
     results = diagnoser.diagnose(sources, on_progress=lambda done, total: bar.progress(
         done / total, text=f"Diagnosed {done} of {total} image(s)")) if sources else []
     bar.empty()
-    st.session_state["diagnose_job"] = (job, sources, results + rejected)
-_, sources, results = st.session_state["diagnose_job"]
+    # Only a lone image's bytes are kept (for its heatmap), never a whole batch.
+    st.session_state["diagnose_job"] = (job, sources[0].data if len(sources) == 1 else None, results + rejected)
+_, single_image, results = st.session_state["diagnose_job"]
 if not results:
     st.warning("No images found in the upload (an archive holding only folders or hidden files?).")
 good = [r for r in results if "predicted_class" in r]
@@ -65,7 +66,7 @@ for bad in (r for r in results if "error" in r):
     st.error(f"**{bad['name']}** cannot be used: {bad['error']}", icon=":material/block:")
 
 if len(good) == 1 and len(results) == 1:
-    result, data = good[0], sources[0].data
+    result = good[0]
     st.subheader(result["name"])
     (st.success if result["reading"] == "ok" else st.warning)(result["advice"], icon=READING_ICONS[result["reading"]])
     left, right = st.columns(2)
@@ -74,15 +75,16 @@ if len(good) == 1 and len(results) == 1:
     right.metric("Predicted class", result["predicted_class"], f"{certainty['confidence']:.1%} confidence",
                  delta_color="off")
     fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
-                 labels={"x": "probability (mean of 8 views)", "y": "class"},
+                 labels={"x": f"probability (mean of {certainty['views']} looks)", "y": "class"},
                  text=[f"{p:.1%}" for p in probabilities.values()])
     right.plotly_chart(fig, key="diagnose_probabilities")
     right.caption(f"Views that disagree with the answer: {certainty['disagreement']:.0%} · "
                   f"lead over the runner-up: {certainty['margin']:.1%}")
     opacity = left.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diagnose_opacity",
-                          help="Grad-CAM of the first chosen model: red is where it looked for its answer.")
+                          help="Grad-CAM of the first chosen model for the answer shown: red is where it "
+                               "looked for that class.")
     try:
-        image, heatmap = dashboard.grad_cam_of(diagnoser.models[0], data)
+        image, heatmap = common.grad_cam(diagnoser.run_ids[0], single_image, result["predicted_class"])
         left.image(explain.overlay(image, heatmap, opacity=opacity), width="stretch",
                    caption=f"{result['name']} with Grad-CAM (run {diagnoser.run_ids[0]})")
     except BCDError as exc:

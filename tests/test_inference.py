@@ -126,3 +126,18 @@ def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(workspa
     images = load_images(paths, image_size=32)
     again = load_run_model(run_id, store=store).predict_arrays(images, image_keys=[md5[p] for p in paths])
     np.testing.assert_allclose(again, [p.probabilities for p in stored], atol=1e-4)
+
+
+def test_model_identity_tells_a_reused_run_id_from_the_deleted_run(trained, synthetic_dataset):
+    from bcd_engine.dashboard import model_identity
+
+    store, result = trained
+    before = model_identity(result.run_id, store=store)
+    (artifact,) = store.get_artifacts(result.run_id)
+    assert before.endswith(artifact.sha256)
+    store.delete_run(result.run_id)
+    config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
+                         augment=AugmentConfig(factor=1), tta_views=1, seed=1)
+    again = train(config, synthetic_dataset, store=store)
+    assert again.run_id == result.run_id  # SQLite hands the id out again
+    assert model_identity(again.run_id, store=store) != before

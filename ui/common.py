@@ -28,26 +28,37 @@ def scan(root: str) -> "dashboard.ScanResult":
     return scan_dataset(root)
 
 
+def load_model(run_id: int):
+    """The run's model, loaded once per model: the cache key names the model itself, not only the run id,
+    so a run deleted and its id reused by a new run never serves the old model (BCDError when unusable)."""
+    url = settings.database_url()
+    return _load_model(run_id, dashboard.model_identity(run_id, store=_store(url)), url,
+                       str(settings.artifacts_dir()))
+
+
 @st.cache_resource(show_spinner="Loading the model ...", max_entries=4)
-def load_model(run_id: int, url: str, artifacts: str):
-    """The run's model, loaded once per (run, store, artifacts folder)."""
+def _load_model(run_id: int, identity: str, url: str, artifacts: str):
     from bcd_engine.inference import load_run_model
 
     return load_run_model(run_id, store=_store(url))
 
 
+def grad_cam(run_id: int, image: str | bytes, class_name: str):
+    """(image, Grad-CAM heatmap) of an image file or its bytes for the run's class ``class_name``, computed once."""
+    return _grad_cam(run_id, dashboard.model_identity(run_id, store=store()), image, class_name)
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
-def grad_cam(run_id: int, path: str, class_name: str):
-    """(image, Grad-CAM heatmap) of an image file for the run's class ``class_name``, computed once."""
-    loaded = load_model(run_id, settings.database_url(), str(settings.artifacts_dir()))
-    return dashboard.grad_cam_of(loaded, path, class_index=loaded.class_names.index(class_name))
+def _grad_cam(run_id: int, identity: str, image: str | bytes, class_name: str):
+    loaded = load_model(run_id)
+    return dashboard.grad_cam_of(loaded, image, class_index=loaded.class_names.index(class_name))
 
 
 def load_diagnoser(run_ids: tuple[int, ...]):
     """A Diagnoser over the runs' cached models (an ensemble when there are several)."""
     from bcd_engine.diagnosis import Diagnoser
 
-    return Diagnoser([load_model(run_id, settings.database_url(), str(settings.artifacts_dir())) for run_id in run_ids])
+    return Diagnoser([load_model(run_id) for run_id in run_ids])
 
 
 def demo_mode() -> bool:

@@ -101,7 +101,13 @@ def _score(metric: str, y: np.ndarray, prob: np.ndarray) -> float | None:
     pred = prob.argmax(axis=1)
     if metric == "accuracy":
         return float(skm.accuracy_score(y, pred))
-    return float(skm.f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0))
+    return macro_f1(y, pred)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean F1 over every class that occurs in the labels or the predictions: a class the model
+    predicts but the test set lacks counts (its F1 is 0) instead of being left out."""
+    return float(skm.f1_score(y_true, y_pred, labels=np.union1d(y_true, y_pred), average="macro", zero_division=0))
 
 
 def _check_inputs(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
-from .confidence import bootstrap_cis, expected_calibration_error, reliability_diagram
+from .confidence import (
+    bootstrap_cis,
+    expected_calibration_error,
+    macro_f1,
+    reliability_diagram,
+)
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,10 @@ def evaluate_probabilities(y_true, y_prob, *, class_names) -> Evaluation:
         per_class[name] = {"precision": float(precision[k]), "recall": float(recall[k]),
                            "specificity": specificity, "f1": float(f1[k]), "support": int(support[k]), "auc": auc}
     aucs = [v["auc"] for v in per_class.values() if v["auc"] is not None]
-    present = np.unique(y_true)
     metrics = {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "loss": float(skm.log_loss(y_true, y_prob, labels=labels)),
-        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred),
         "macro_auc": float(np.mean(aucs)) if len(aucs) == len(class_names) else None,
         "n": int(len(y_true)),
         "per_class": per_class,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sklearn.metrics as skm
 
 from bcd_engine.confidence import (
     METRICS,
@@ -87,3 +88,13 @@ def test_bad_arguments_raise_config_error(kwargs):
 def test_bad_inputs_raise_config_error(y, prob):
     with pytest.raises(ConfigError):
         expected_calibration_error(y, prob)
+
+
+def test_macro_f1_counts_a_class_predicted_but_absent_from_the_test_set():
+    from bcd_engine.confidence import macro_f1
+
+    y_true = np.array([0, 0, 1, 1])
+    y_pred = np.array([0, 2, 1, 1])  # class 2 never occurs, but the model says it once
+    assert macro_f1(y_true, y_pred) == pytest.approx(
+        skm.f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
+    assert macro_f1(y_true, y_true) == 1.0

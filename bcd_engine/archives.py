@@ -28,6 +28,7 @@ _CHUNK_BYTES = 2**20
 _MAX_ENTRIES_PER_FILE = 10  # directory entries allowed per counted file (folders and junk are entries too)
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+_MIN_DIRECTORY_ENTRY_BYTES = 46  # a central directory file header without name, extra or comment
 _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
 
 
@@ -80,10 +81,9 @@ def read_archive(
     label = "archive" if is_bytes else str(path_or_bytes)
     data = bytes(path_or_bytes) if is_bytes else _read_file(path_or_bytes, max_total_bytes, label)
     _check_archive_size(len(data), max_total_bytes, label)
-    declared = _declared_entries(data)
-    if declared is not None and declared > _MAX_ENTRIES_PER_FILE * max_files:
-        # zipfile would build an object per entry before any other check: refuse from the directory's count.
-        raise ArchiveError(f"{label}: too many entries: {declared:,}; the limit is {max_files} files")
+    too_many = _too_many_entries(data, max_files)
+    if too_many:
+        raise ArchiveError(f"{label}: {too_many}")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except Exception as exc:  # BadZipFile mostly; broken headers also raise OSError, ValueError, ...
@@ -94,18 +94,33 @@ def read_archive(
     return ArchiveContents(images=tuple(expander.images), skipped=tuple(expander.skipped))
 
 
-def _declared_entries(data: bytes) -> int | None:
-    """The entry count in the zip's end-of-central-directory record (zip64 too); None when not found."""
+def _too_many_entries(data: bytes, max_files: int) -> str | None:
+    """Why the archive has too many directory entries to parse, or None.
+
+    ``zipfile`` builds an object per entry before any other check, so the count is bounded from the
+    end-of-central-directory record first: by its entry count and by the directory's size (every
+    entry takes at least 46 bytes there, whatever count the record claims), zip64 records included.
+    """
+    entries = _entry_bound(data)
+    if entries is not None and entries > _MAX_ENTRIES_PER_FILE * max_files:
+        return f"too many entries (up to {entries:,} by its directory); the limit is {max_files} files"
+    return None
+
+
+def _entry_bound(data: bytes) -> int | None:
+    """The most directory entries the zip can hold by its end record (zip64 too); None when not found."""
     end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
-    if end < 0 or end + 12 > len(data):
+    if end < 0 or end + 16 > len(data):
         return None
     count = int.from_bytes(data[end + 10:end + 12], "little")
+    directory_bytes = int.from_bytes(data[end + 12:end + 16], "little")
     locator = end - 20
-    if count == 0xFFFF and locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
+    if locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
         record = int.from_bytes(data[locator + 8:locator + 16], "little")
         if data[record:record + 4] == b"PK\x06\x06":
-            count = int.from_bytes(data[record + 32:record + 40], "little")
-    return count
+            count = max(count, int.from_bytes(data[record + 32:record + 40], "little"))
+            directory_bytes = max(directory_bytes, int.from_bytes(data[record + 40:record + 48], "little"))
+    return max(count, directory_bytes // _MIN_DIRECTORY_ENTRY_BYTES)
 
 
 def _read_file(path: str | os.PathLike[str], limit: int, label: str) -> bytes:
@@ -146,7 +161,7 @@ class _Expander:
             content = self._read(archive, info, name)
             if content is None:
                 continue
-            if content.startswith(_ZIP_MAGIC) and name.lower().endswith(".zip"):
+            if name.lower().endswith(".zip"):  # by name: office documents and the like are zips too
                 self._expand_nested(content, name, depth)
             elif detect_image_format(content):
                 self.images.append((name, content))
@@ -199,6 +214,10 @@ class _Expander:
         if depth >= self.allow_nested:
             reason = f"nested archive not expanded: nesting is limited to {self.allow_nested} level(s)"
             self.skipped.append((name, reason))
+            return
+        too_many = _too_many_entries(content, self.max_files)
+        if too_many:
+            self.skipped.append((name, f"nested archive not expanded: {too_many}"))
             return
         try:
             nested = zipfile.ZipFile(io.BytesIO(content))

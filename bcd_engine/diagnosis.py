@@ -170,7 +170,7 @@ class Diagnoser:
 
 
 def _read(data: str | os.PathLike | bytes) -> bytes:
-    return bytes(data) if isinstance(data, (bytes, bytearray)) else read_image_bytes(data)
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else read_image_bytes(data)
 
 
 def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:

@@ -229,5 +229,21 @@ def test_an_archive_with_too_many_entries_is_refused_before_it_is_parsed():
     with zipfile.ZipFile(buffer, "w") as zf:
         for i in range(60):
             zf.writestr(f"folder{i}/", b"")
-    with pytest.raises(ArchiveError, match="too many entries: 60"):
-        read_archive(buffer.getvalue(), max_files=5)
+    data = buffer.getvalue()
+    with pytest.raises(ArchiveError, match=r"too many entries \(up to \d+ by its directory\); the limit is 5 files"):
+        read_archive(data, max_files=5)
+    # A record that lies about its count is bounded by its directory's size (46 bytes or more per entry).
+    end = data.rfind(b"PK\x05\x06")
+    lying = data[:end + 8] + (1).to_bytes(2, "little") * 2 + data[end + 12:]
+    with pytest.raises(ArchiveError, match="too many entries"):
+        read_archive(lying, max_files=5)
+    # The same bound holds for an archive nested in an innocent one: it is skipped with the reason.
+    contents = read_archive(_zip([("a.png", RED), ("more.zip", lying)]), max_files=5)
+    assert contents.images == (("a.png", RED),)
+    assert contents.skipped[0][0] == "more.zip" and "too many entries" in contents.skipped[0][1]
+
+
+def test_a_nested_member_named_zip_that_is_not_one_is_reported_as_a_corrupt_archive() -> None:
+    contents = read_archive(_zip([("a.png", RED), ("broken.zip", b"not a zip")]))
+    assert contents.images == (("a.png", RED),)
+    assert contents.skipped[0][0] == "broken.zip" and contents.skipped[0][1].startswith("corrupt nested archive")

@@ -159,7 +159,10 @@ def _fit_and_evaluate(features, labels, train, test, *, model: str, seed: int, c
     else:
         classifier = LogisticRegression(max_iter=5000, random_state=seed)
     pipeline = make_pipeline(StandardScaler(), classifier).fit(features[train], labels[train])
-    return evaluate_probabilities(labels[test], pipeline.predict_proba(features[test]), class_names=class_names)
+    # One column per class, zero for a class the training side lacked (a tiny class in one fold).
+    probabilities = np.zeros((len(test), len(class_names)))
+    probabilities[:, pipeline.classes_] = pipeline.predict_proba(features[test])
+    return evaluate_probabilities(labels[test], probabilities, class_names=class_names)
 
 
 def _glcm_chunk(gray: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from .store.records import EvaluationRecord, RunRecord
 
 CV_FOLD = re.compile(r"^(?P<protocol>.+), fold (?P<fold>\d+)/(?P<folds>\d+)$")
 LODO_PREFIX = "leave-one-dataset-out"
+IN_DOMAIN_NOTE = " (in-domain hold-out test; the held-out dataset's figure is in the LODO table)"
 HELD_OUT_PREFIX = "held-out "
 AUDIT_REFERENCES = (("colour_only_accuracy", "colour only"), ("corner_only_accuracy", "corner only"),
                     ("chance_accuracy", "chance"))
@@ -87,14 +88,16 @@ def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Ev
 
     Columns: run, label (for chart axes), backbone, protocol, data_dir, n, accuracy, accuracy_low,
     accuracy_high, macro_auc, macro_auc_low, macro_auc_high, ``accuracy (95% CI)``, ``macro AUC (95% CI)``.
+    A leave-one-dataset-out run's test evaluation is its in-domain hold-out, and its protocol says so.
     """
     rows = []
     for run in runs:
         test = latest(evaluations.get(run.id, []), "test")
         if test is None:
             continue
-        row = {"run": run.id, "label": f"run {run.id}: {run.backbone}<br>{run.protocol}", "backbone": run.backbone,
-               "protocol": run.protocol, "data_dir": run.config.get("data_dir"), "n": test.metrics.get("n")}
+        protocol = run.protocol + (IN_DOMAIN_NOTE if run.protocol.startswith(LODO_PREFIX) else "")
+        row = {"run": run.id, "label": f"run {run.id}: {run.backbone}<br>{protocol}", "backbone": run.backbone,
+               "protocol": protocol, "data_dir": run.config.get("data_dir"), "n": test.metrics.get("n")}
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
             value, low, high = interval(test, metric)
             row.update({metric: value, f"{metric}_low": low, f"{metric}_high": high,

@@ -25,7 +25,12 @@ from .config import AugmentConfig, TrainConfig
 from .datasets import ScanResult, load_image, scan_dataset
 from .errors import BCDError, CancelledError
 from .evaluation import Evaluation, evaluate_probabilities
-from .features import FeatureCache, build_feature_extractor, extract_features, file_sha256
+from .features import (
+    FeatureCache,
+    build_feature_extractor,
+    extract_features,
+    file_sha256,
+)
 from .progress import progress_bar
 from .splits import Split, holdout_split
 from .store import RunStore

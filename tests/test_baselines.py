@@ -79,3 +79,18 @@ def test_classical_baseline_under_k_fold_cv_tests_every_image_once(synthetic_dat
     accuracies = [f["accuracy"] for f in result["folds"]]
     assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
     assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies))
+
+
+@pytest.mark.parametrize("model", ["svm", "logreg"])
+def test_a_class_missing_from_the_training_side_gets_a_zero_column(model):
+    from bcd_engine.baselines import _fit_and_evaluate
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 12)
+    features = rng.normal(size=(36, 4)) + labels[:, None] * 3.0
+    train = np.flatnonzero(labels < 2)[::2].tolist() + np.flatnonzero(labels < 2)[1::4].tolist()
+    test = np.setdiff1d(np.arange(36), train)  # holds every class-2 image
+    evaluation = _fit_and_evaluate(features, labels, np.array(train), test, model=model, seed=0,
+                                   class_names=["a", "b", "c"])
+    assert evaluation.metrics["per_class"]["c"]["recall"] == 0.0  # never predicted: it was never seen
+    assert evaluation.metrics["per_class"]["a"]["recall"] > 0.5

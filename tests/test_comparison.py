@@ -113,6 +113,7 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
     assert (row["accuracy_low"], row["accuracy"], row["accuracy_high"]) == (
         ci["low"], test.metrics["accuracy"], ci["high"])
     assert row["protocol"] == HOLDOUT and HOLDOUT in row["label"] and row["n"] == 12
+    assert frame.loc[ids["lodo"], "protocol"] == LODO + comparison.IN_DOMAIN_NOTE  # not the held-out figure
     bars = comparison.error_bar(frame, "accuracy")
     assert bars["array"][0] == pytest.approx(ci["high"] - test.metrics["accuracy"])
     assert min(bars["array"] + bars["arrayminus"]) >= 0

@@ -106,10 +106,11 @@ def run_leakage_audit(run_ids, *, store=None) -> dict[str, Any]:
     from .store import RunStore
 
     store = store or RunStore()
-    rows = []
+    rows, scans = [], {}
     for run_id in run_ids:
         run = store.get_run(run_id)
-        scan = scan_dataset(run.config["data_dir"])
+        data_dir = run.config["data_dir"]
+        scan = scans[data_dir] = scans.get(data_dir) or scan_dataset(data_dir)  # CV folds share one folder
         rows.append({"run_id": run_id, "run_protocol": run.protocol, **leakage_audit(scan, store.get_split(run_id))})
     return {"runs": rows, "ok": all(row["ok"] for row in rows)}
 

@@ -17,7 +17,6 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .inference import LoadedModel
-    from .store import RunStore
 
 
 @dataclass(frozen=True)
@@ -140,11 +139,3 @@ def explain_source(loaded: LoadedModel, image_path_or_bytes: str | os.PathLike[s
 
     image = load_image(image_path_or_bytes, image_size=loaded.config.image_size)
     return image, explain_image(loaded, image, class_index=class_index)
-
-
-def explain_file(run_id: int, image_path_or_bytes: str | os.PathLike[str] | bytes, *, store: RunStore | None = None,
-                 class_index: int | None = None) -> tuple[np.ndarray, GradCam]:
-    """Load run ``run_id`` and explain an image file (or its bytes), as :func:`explain_source`."""
-    from .inference import load_run_model
-
-    return explain_source(load_run_model(run_id, store=store), image_path_or_bytes, class_index=class_index)

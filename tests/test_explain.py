@@ -7,7 +7,7 @@ import pytest
 from bcd_engine.backbones import build_backbone, get_backbone
 from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.errors import ConfigError
-from bcd_engine.explain import explain_file, grad_cam, jet, overlay
+from bcd_engine.explain import explain_source, grad_cam, jet, overlay
 
 keras = pytest.importorskip("keras")
 
@@ -104,10 +104,11 @@ def test_a_model_loaded_back_from_disk_gives_the_same_heatmap(name, square_model
     np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-6)
 
 
-def test_explain_file_loads_the_run_and_explains_an_image_file(square_model, tmp_path, monkeypatch):
+def test_a_stored_run_explains_an_image_file(square_model, tmp_path, monkeypatch):
     from PIL import Image
 
     from bcd_engine.features import file_sha256
+    from bcd_engine.inference import load_run_model
     from bcd_engine.store import RunStore
 
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
@@ -125,7 +126,7 @@ def test_explain_file_loads_the_run_and_explains_an_image_file(square_model, tmp
     image_file = tmp_path / "square.png"
     Image.fromarray(images[1]).save(image_file)
 
-    image, result = explain_file(run_id, image_file.read_bytes(), store=store)
+    image, result = explain_source(load_run_model(run_id, store=store), image_file.read_bytes())
     np.testing.assert_array_equal(image, images[1])
     direct = grad_cam(square_model, images[1], preprocess=get_backbone("scratch_cnn").preprocess(),
                       backbone_name="scratch_cnn")

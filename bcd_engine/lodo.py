@@ -9,13 +9,14 @@ have a single class (its accuracy is then one minus its false-positive or false-
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from filelock import FileLock
 
 from . import settings
 from .config import TrainConfig
@@ -203,31 +204,28 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
 def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:
     """``folder`` with a link at each relative path to its source file; return it.
 
-    A folder already built from the same sources is reused as it is. Otherwise the links are made in a
-    hidden sibling that is renamed into place when complete, so runs with the same inputs at the same
-    time share one whole folder and none removes a folder another is training from.
+    A folder already built from the same sources is reused as it is. Otherwise it is built under a lock (so
+    concurrent runs with the same inputs build it once and share it) in a hidden sibling that is renamed into
+    place when complete, so a reader never sees a half-built folder.
     """
     digest = hashlib.sha256(json.dumps(sorted((str(rel), src) for rel, src in sources.items())).encode()).hexdigest()
     if _built_from(folder) == digest:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    for rel, source in sources.items():
-        link = building / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        _link(Path(source).resolve(), link)
-    (building / _SOURCES_DIGEST).write_text(digest)
-    if folder.exists():  # built from other sources (a dataset changed since): set it aside, then remove it
-        stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
-        with contextlib.suppress(FileNotFoundError):
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        if _built_from(folder) == digest:  # another run built it while this one waited
+            return folder
+        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        for rel, source in sources.items():
+            link = building / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            _link(Path(source).resolve(), link)
+        (building / _SOURCES_DIGEST).write_text(digest)
+        if folder.exists():  # built from other sources (a dataset changed since): set it aside, then remove it
+            stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
             folder.rename(stale / folder.name)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
+            shutil.rmtree(stale, ignore_errors=True)
         building.rename(folder)
-    except OSError:  # another run renamed its folder into place first
-        shutil.rmtree(building, ignore_errors=True)
-        if _built_from(folder) != digest:
-            raise
     return folder
 
 

@@ -37,7 +37,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is de
 MIN_IMAGE_SIDE = 8  # smallest width and height load_image resizes for a model
 
 DHASH_SIZE = 16
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 _MAX_REASON_CHARS = 160
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -60,6 +60,8 @@ _NOT_IMAGE_PREFIXES = (
     (b"pk\x03\x04", "a zip archive"),
 )
 _WARNINGS_LOCK = threading.Lock()
+_QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+_VIEWS = 8  # dihedral views hashed per image, so a flipped or turned copy is still a near-duplicate
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class ImageRecord:
     mode: str
     readable: bool
     error: str | None
-    dhash: str | None
+    dhash: str | None  # hex dhash of each of the 8 flips and quarter turns, concatenated (the file as stored first)
 
 
 @dataclass(frozen=True)
@@ -286,8 +288,14 @@ def _read_file(path: str) -> dict[str, Any]:
         return info
     info["width"], info["height"] = img.size
     info["mode"] = img.mode
-    info["dhash"] = _gradient_hash(img)
+    info["dhash"] = "".join(_gradient_hash(view) for view in _dihedral_views(img.convert("L")))
     return info
+
+
+def _dihedral_views(img: Image.Image) -> list[Image.Image]:
+    """The image as stored, turned by 90, 180 and 270 degrees, and the same four mirrored."""
+    turns = [img, *(img.transpose(t) for t in _QUARTER_TURNS)]
+    return turns + [view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in turns]
 
 
 def _gradient_hash(img: Image.Image) -> str:
@@ -450,7 +458,7 @@ def _duplicate_groups(images: list[ImageRecord]) -> tuple[tuple[str, ...], ...]:
 
 
 def _near_duplicate_groups(images: list[ImageRecord], max_distance: int) -> tuple[tuple[str, ...], ...]:
-    """Union-find over pairs whose dhash Hamming distance is <= max_distance (exact duplicates included)."""
+    """Union-find over pairs within max_distance bits in some flip or turn (exact duplicates included)."""
     n = len(images)
     parent = np.arange(n)
 
@@ -477,21 +485,22 @@ def _near_duplicate_groups(images: list[ImageRecord], max_distance: int) -> tupl
 
 
 def _hash_words(images: list[ImageRecord]) -> np.ndarray:
-    """The readable images' dhashes as an (n, words) uint64 bit array."""
+    """The readable images' view dhashes as an (n, views, words) uint64 bit array."""
     n_bytes = DHASH_SIZE * DHASH_SIZE // 8
     raw = b"".join(bytes.fromhex(r.dhash or "") for r in images)
-    return np.frombuffer(raw, dtype=np.uint8).reshape(len(images), n_bytes).view(np.uint64)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(len(images), _VIEWS, n_bytes).view(np.uint64)
 
 
-def _close_pairs(words: np.ndarray, max_distance: int, block: int = 512) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose Hamming distance is <= max_distance, computed in row blocks."""
-    pairs: list[tuple[int, int]] = []
+def _close_pairs(words: np.ndarray, max_distance: int, block: int = 512) -> set[tuple[int, int]]:
+    """Index pairs (i < j) where i as stored is within max_distance bits of some view of j (or j of i)."""
+    pairs: set[tuple[int, int]] = set()
+    stored = words[:, 0, :]
     for start in range(0, len(words), block):
-        rows = words[start : start + block]
-        distance = _popcount(rows[:, None, :] ^ words[None, start:, :]).sum(axis=2)
+        rows = stored[start : start + block, None, :]
+        distance = np.min([_popcount(rows ^ words[None, :, view, :]).sum(axis=2) for view in range(_VIEWS)], axis=0)
         ii, jj = np.nonzero(distance <= max_distance)
-        keep = jj > ii
-        pairs.extend(zip((ii[keep] + start).tolist(), (jj[keep] + start).tolist()))
+        ii += start
+        pairs.update((min(i, j), max(i, j)) for i, j in zip(ii.tolist(), jj.tolist()) if i != j)
     return pairs
 
 
@@ -523,13 +532,13 @@ def _read_cache(cache_file: Path) -> dict[str, dict[str, Any]]:
 
 
 def _valid_entry(entry: Any) -> bool:
-    """Whether a cache entry has every field, with a full-length dhash exactly when it is readable."""
+    """Whether a cache entry has every field, with every view's full-length dhash exactly when it is readable."""
     required = {"key", "md5", "size", "width", "height", "mode", "error", "dhash"}
     if not isinstance(entry, dict) or not required <= entry.keys():
         return False
     dhash = entry["dhash"]
     readable = entry["error"] is None
-    return not readable or (isinstance(dhash, str) and len(dhash) == DHASH_SIZE * DHASH_SIZE // 4)
+    return not readable or (isinstance(dhash, str) and len(dhash) == _VIEWS * DHASH_SIZE * DHASH_SIZE // 4)
 
 
 def _write_cache(cache_file: Path, root: Path, entries: dict[str, dict[str, Any]]) -> None:

@@ -77,7 +77,7 @@ def test_scan_synthetic_dataset(synthetic_dataset: Path) -> None:
         assert os.path.isabs(record.path) and Path(record.path).parent.name == record.class_name
         assert (record.width, record.height, record.mode, record.readable, record.error) == (32, 32, "RGB", True, None)
         assert record.size_bytes == Path(record.path).stat().st_size
-        assert len(record.md5) == 32 and len(record.dhash or "") == 64
+        assert len(record.md5) == 32 and len(record.dhash or "") == 8 * 64  # one dhash per flip or turn
 
 
 def test_to_dict_is_the_cli_document(synthetic_dataset_copy: Path) -> None:
@@ -177,6 +177,26 @@ def test_exact_and_near_duplicates_are_grouped(tmp_path: Path) -> None:
     assert groups[resolved[a]] == groups[resolved[copy]] == groups[resolved[near]]
     assert len(set(groups.values())) == scan.n_images - 2
     assert all(resolved[other] not in group for group in scan.near_duplicate_groups)
+
+
+def test_flipped_and_turned_copies_are_near_duplicates_and_stay_on_one_side_of_a_split(tmp_path: Path) -> None:
+    from bcd_engine.splits import holdout_split
+
+    root = _two_class_folder(tmp_path / "data", per_class=2)
+    originals = [_smooth_image(500 + i) for i in range(10)]
+    for i, img in enumerate(originals):
+        _write(root / "A" / f"cell{i}.png", _encode(img, "PNG"))
+        _write(root / "A" / f"cell{i}-mirrored.jpg",
+               _encode(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90))
+        _write(root / "B" / f"cell{i}-turned.png", _encode(img.transpose(Image.Transpose.ROTATE_90), "PNG"))
+    scan = scan_dataset(root)
+    triples = [g for g in scan.near_duplicate_groups if any("cell" in Path(p).name for p in g)]
+    assert sorted(sorted(Path(p).name for p in g) for g in triples) == sorted(
+        sorted([f"cell{i}.png", f"cell{i}-mirrored.jpg", f"cell{i}-turned.png"]) for i in range(10))
+    split = holdout_split(scan.labels, scan.groups, val_fraction=0.2, test_fraction=0.2, seed=0)
+    side = {i: name for name in ("train", "val", "test") for i in getattr(split, name).tolist()}
+    index = {p: i for i, p in enumerate(scan.paths)}
+    assert all(len({side[index[p]] for p in group}) == 1 for group in triples)
 
 
 @pytest.mark.parametrize(("distance", "group_size"), [(0, 2), (12, 2), (256, 5)])

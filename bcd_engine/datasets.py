@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is de
 MIN_IMAGE_SIDE = 8  # smallest width and height load_image resizes for a model
 
 DHASH_SIZE = 16
+NEAR_DUPLICATE_DISTANCE = 12  # dhash bits; reproduces the ALL dataset's published near-duplicate groups
 _CACHE_FORMAT = 3
 _MAX_REASON_CHARS = 160
 _SIGNATURES = (
@@ -143,7 +144,7 @@ def scan_dataset(
     *,
     use_cache: bool = True,
     progress: bool = False,
-    near_duplicate_distance: int = 12,
+    near_duplicate_distance: int = NEAR_DUPLICATE_DISTANCE,
     allow_single_class: bool = False,
 ) -> ScanResult:
     """Scan ``root/<Class>/*`` for images; raise :class:`DataError` when the folder cannot be used."""
@@ -482,6 +483,14 @@ def _near_duplicate_groups(images: list[ImageRecord], max_distance: int) -> tupl
     for i, record in enumerate(images):
         members.setdefault(find(i), []).append(record.path)
     return tuple(tuple(paths) for _, paths in sorted(members.items()) if len(paths) > 1)
+
+
+def near_copies(records: Sequence[ImageRecord], of: Sequence[ImageRecord],
+                max_distance: int = NEAR_DUPLICATE_DISTANCE) -> list[bool]:
+    """For each readable record, whether it is an exact or near-duplicate (in some flip or turn) of one in ``of``."""
+    pairs = _close_pairs(_hash_words([*records, *of]), max_distance) if records and of else set()
+    copies = {i for i, j in pairs if i < len(records) <= j}
+    return [i in copies for i in range(len(records))]
 
 
 def _hash_words(images: list[ImageRecord]) -> np.ndarray:

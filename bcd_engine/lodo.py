@@ -3,8 +3,9 @@
 Datasets whose class names differ are related by a label map onto shared labels (e.g. the four ALL
 classes onto benign/malignant). Each round trains on a merged folder of links to the other datasets'
 images, ``<workdir>/without-<held out>/<shared label>/<dataset>__<class>__<file name>``, so the
-feature cache (keyed by image md5) serves every round and rerun; images byte-identical to a held-out
-image are left out of training. The round's run is then evaluated on the held-out folder, which may
+feature cache (keyed by image md5) serves every round and rerun; images that are exact or near
+duplicates of a held-out image (in any flip or quarter turn, as :func:`scan_dataset` groups them) are
+left out of training. The round's run is then evaluated on the held-out folder, which may
 have a single class (its accuracy is then one minus its false-positive or false-negative rate).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from filelock import FileLock
 
 from . import settings
 from .config import TrainConfig
-from .datasets import ScanResult, scan_dataset
+from .datasets import ScanResult, near_copies, scan_dataset
 from .errors import BCDError, ConfigError, DataError
 from .inference import evaluate_run_on_folder
 from .store import RunStore
@@ -144,12 +145,12 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
            store: RunStore, progress: bool, workdir: Path) -> dict:
     """Train on the datasets other than ``held_out`` and evaluate on it; one row of the LODO table."""
     train_names = [name for name in scans if name != held_out]
-    held_out_md5s = {record.md5 for record in scans[held_out].images}
     sources, excluded = {}, 0
     for name in train_names:
-        for record in scans[name].images:
-            if record.md5 in held_out_md5s:
-                excluded += 1
+        copies = near_copies(scans[name].images, scans[held_out].images)
+        excluded += sum(copies)
+        for record, is_copy in zip(scans[name].images, copies):
+            if is_copy:
                 continue
             label = labels_of[name][record.class_name]
             sources[Path(label) / f"{name}__{record.class_name}__{Path(record.path).name}"] = record.path

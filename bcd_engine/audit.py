@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score
 from .colour import NORMALISATION_METHODS, normalise_colour
 from .datasets import ScanResult, scan_dataset
 from .errors import ConfigError
-from .splits import SUBSETS, Split, holdout_split, split_from_assignments
+from .splits import DEFAULT_FRACTION, SUBSETS, Split, holdout_split, split_from_assignments
 from .training import load_images
 
 HIST_BINS = 16
@@ -116,19 +116,21 @@ def run_leakage_audit(run_ids, *, store=None) -> dict[str, Any]:
 
 
 def holdout_data(
-    scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False
+    scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False,
+    val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Images (n, size, size, 3), labels, and the training (train + val) and test indices of the default split.
+    """Images (n, size, size, 3), labels, and the training (train + val) and test indices of a hold-out split.
 
-    The split is :func:`holdout_split` with its default fractions, the one ``train`` uses for ``seed``;
-    validation images join the training side because the audits tune nothing.
+    The split is :func:`holdout_split` with these fractions and ``seed``, the one ``train`` makes for a
+    config with the same values; validation images join the training side because the audits tune nothing.
     """
-    split = holdout_split(scan.labels, scan.groups, seed=seed)
+    split = holdout_split(scan.labels, scan.groups, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     images = load_images(scan.paths, image_size=image_size, progress=progress, description="audit: loading")
     return images, scan.labels, np.sort(np.concatenate([split.train, split.val])), split.test
 
 
-def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False) -> dict[str, Any]:
+def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False,
+                   val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION) -> dict[str, Any]:
     """Test accuracy of a random forest on whole-image colour statistics and on the bottom-right corner alone.
 
     Corner statistics also carry the stain's colour cast, so the top-left corner of the same size is
@@ -137,7 +139,8 @@ def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, pro
     majority-class rate on the test side.
     """
     started = time.perf_counter()
-    images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress)
+    images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress,
+                                               val_fraction=val_fraction, test_fraction=test_fraction)
     chance = _chance(labels[test])
     colour = _forest_accuracy(colour_features(images), labels, train, test, seed)
     corner = _forest_accuracy(corner_features(images), labels, train, test, seed)
@@ -159,12 +162,14 @@ def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, pro
     }
 
 
-def audit_dataset(root: str | os.PathLike[str], *, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Scan ``root`` and audit it: leakage of the default holdout split for ``seed``, and shortcuts."""
+def audit_dataset(root: str | os.PathLike[str], *, seed: int = 0, progress: bool = False,
+                  val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION) -> dict[str, Any]:
+    """Scan ``root`` and audit it: leakage of the hold-out split for ``seed`` and the fractions, and shortcuts."""
     scan = scan_dataset(root, progress=progress)
+    fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
     return {
-        "leakage": leakage_audit(scan, holdout_split(scan.labels, scan.groups, seed=seed)),
-        "shortcuts": shortcut_audit(scan, seed=seed, progress=progress),
+        "leakage": leakage_audit(scan, holdout_split(scan.labels, scan.groups, seed=seed, **fractions)),
+        "shortcuts": shortcut_audit(scan, seed=seed, progress=progress, **fractions),
     }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -21,9 +22,11 @@ from .audit import colour_features, holdout_data
 from .datasets import ScanResult
 from .errors import ConfigError
 from .evaluation import evaluate_probabilities
+from .splits import DEFAULT_FRACTION
 from .training import PROTOCOL_HOLDOUT, load_images
 
 MODELS = ("svm", "logreg")
+CALIBRATION_FOLDS = 5  # the SVM's sigmoid calibration, cross-validated group-aware on the training side
 GLCM_LEVELS = 32
 GLCM_DISTANCES = (1, 3)
 GLCM_ANGLES = (0, 45, 90, 135)  # degrees, as offsets (row, col) like scikit-image: 0 is to the right
@@ -84,22 +87,25 @@ def otsu_threshold(gray: np.ndarray) -> int:
 
 
 def train_classical_baseline(
-    scan: ScanResult, *, seed: int = 0, image_size: int = 128, model: str = "svm", progress: bool = False
+    scan: ScanResult, *, seed: int = 0, image_size: int = 128, model: str = "svm", progress: bool = False,
+    val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION,
 ) -> dict[str, Any]:
     """Fit StandardScaler + SVM (sigmoid-calibrated) or logistic regression on hand-crafted features.
 
-    Trained on the train + val side of the default group-aware holdout split (nothing is tuned) and
-    evaluated on its test side with :func:`bcd_engine.evaluation.evaluate_probabilities`. ``seconds``
-    is the wall time, ``stage_seconds`` its parts (load_images, features, fit_and_evaluate).
+    Trained on the train + val side of the group-aware holdout split that ``train`` makes for the same
+    seed and fractions (nothing is tuned) and evaluated on its test side with
+    :func:`bcd_engine.evaluation.evaluate_probabilities`. ``seconds`` is the wall time, ``stage_seconds``
+    its parts (load_images, features, fit_and_evaluate).
     """
     if model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
     started = time.perf_counter()
-    images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress)
+    images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress,
+                                               val_fraction=val_fraction, test_fraction=test_fraction)
     loaded = time.perf_counter()
     features = handcrafted_features(images)
     featured = time.perf_counter()
-    evaluation = _fit_and_evaluate(features, labels, train, test, model=model, seed=seed,
+    evaluation = _fit_and_evaluate(features, labels, scan.groups, train, test, model=model, seed=seed,
                                    class_names=list(scan.class_names))
     finished = time.perf_counter()
     return {
@@ -142,9 +148,10 @@ def cross_validate_classical(
     images = load_images(scan.paths, image_size=image_size, progress=progress, description="baseline: loading")
     features = handcrafted_features(images)
     rows = []
-    for fold, split in enumerate(fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=0.15, seed=seed), 1):
+    for fold, split in enumerate(fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=DEFAULT_FRACTION,
+                                                   seed=seed), 1):
         fit_on = np.sort(np.concatenate([split.train, split.val]))
-        evaluation = _fit_and_evaluate(features, scan.labels, fit_on, split.test, model=model, seed=seed,
+        evaluation = _fit_and_evaluate(features, scan.labels, scan.groups, fit_on, split.test, model=model, seed=seed,
                                        class_names=list(scan.class_names))
         rows.append({"fold": fold, "n_train": int(len(fit_on)), "n_test": int(len(split.test)),
                      "accuracy": evaluation.accuracy, "macro_auc": evaluation.macro_auc})
@@ -152,17 +159,22 @@ def cross_validate_classical(
             "folds": rows, **summarise_folds(rows), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _fit_and_evaluate(features, labels, train, test, *, model: str, seed: int, class_names: list[str]):
-    """Scaler + SVM (sigmoid-calibrated) or logistic regression fitted on ``train``, evaluated on ``test``."""
+def _fit_and_evaluate(features, labels, groups, train, test, *, model: str, seed: int, class_names: list[str]):
+    """Scaler + SVM (sigmoid-calibrated) or logistic regression fitted on ``train``, evaluated on ``test``.
+
+    The SVM's calibration folds are group-aware, so no duplicate group is on both sides of one.
+    """
     if model == "svm":
-        classifier = CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)
+        folds = StratifiedGroupKFold(n_splits=CALIBRATION_FOLDS, shuffle=True, random_state=seed)
+        calibration_cv = list(folds.split(features[train], labels[train], groups[train]))
+        classifier = CalibratedClassifierCV(SVC(random_state=seed), cv=calibration_cv, ensemble=False)
     else:
         classifier = LogisticRegression(max_iter=5000, random_state=seed)
     pipeline = make_pipeline(StandardScaler(), classifier).fit(features[train], labels[train])
     # One column per class, zero for a class the training side lacked (a tiny class in one fold).
     probabilities = np.zeros((len(test), len(class_names)))
     probabilities[:, pipeline.classes_] = pipeline.predict_proba(features[test])
-    return evaluate_probabilities(labels[test], probabilities, class_names=class_names)
+    return evaluate_probabilities(labels[test], probabilities, class_names=class_names, groups=groups[test])
 
 
 def _glcm_chunk(gray: np.ndarray) -> np.ndarray:

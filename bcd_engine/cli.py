@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--folds", type=int, help="k-fold CV with K folds (default: the hold-out split)")
     baseline.add_argument("--image-size", type=int, default=128)
     baseline.add_argument("--seed", type=int, default=0)
+    _add_fraction_options(baseline, "of the hold-out split (the one `train` makes with the same values)")
 
     audit = command("audit", "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
     audit_target = audit.add_mutually_exclusive_group(required=True)
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_target.add_argument("--run", type=int, action="append",
                               help="leakage audit of a stored run's split instead; repeat it, e.g. for every CV fold")
     audit.add_argument("--seed", type=int, default=0)
+    _add_fraction_options(audit, "of the hold-out split audited (the one `train` makes with the same values)")
 
     evaluate = command("evaluate", "run a trained model on another folder with the same class names")
     evaluate.add_argument("--run", type=int, required=True, help="run id")
@@ -96,13 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", type=int, required=True, help="run id")
     export.add_argument("--format", choices=("keras", "tflite"), default="keras")
     export.add_argument("--out", required=True, metavar="DIR", help="folder for the model, labels.json and MODEL_CARD.md")
-    export.add_argument("--audit-data", metavar="DIR", help="also run the shortcut audit on this folder for the card")
+    export.add_argument("--audit-data", metavar="DIR",
+                        help="also audit this folder for the card, on the split the run's seed and fractions make")
     export.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
 
     worker = command("worker", "train queued runs one after another (the dashboard starts one when needed)")
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
     worker.add_argument("--poll", type=float, default=2.0, metavar="SECONDS", help="queue poll interval")
     return parser
+
+
+def _add_fraction_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--val-fraction", type=float, help=f"validation fraction {what}; default 0.15")
+    parser.add_argument("--test-fraction", type=float, help=f"test fraction {what}; default 0.15")
+
+
+def _fractions(args: argparse.Namespace) -> dict[str, float]:
+    """The split fractions given on the command line (the engine's defaults stand for the others)."""
+    given = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _add_train_options(parser: argparse.ArgumentParser, *, data_help: str = "folder with one subfolder of images "
@@ -245,7 +259,7 @@ def _cmd_cv(args):
     lines = [f"{result['protocol']}, {args.backbone}:"]
     lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}, run {f['run_id']}"
               for f in result["folds"]]
-    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f}")
+    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} (sample std over folds)")
     return result, "\n".join(lines), 0
 
 
@@ -276,16 +290,18 @@ def _cmd_baseline(args):
     from .baselines import cross_validate_classical, train_classical_baseline
     from .datasets import scan_dataset
 
+    if args.folds is not None and _fractions(args):
+        raise ConfigError("--val-fraction and --test-fraction set the hold-out split; with --folds each fold is the test set")
     scan = scan_dataset(args.data, progress=True)
     options = dict(seed=args.seed, image_size=args.image_size, model=args.model, progress=True)
     if args.folds is None:
-        result = train_classical_baseline(scan, **options)
+        result = train_classical_baseline(scan, **options, **_fractions(args))
         return result, (f"classical baseline ({args.model}), {result['protocol']}: test accuracy "
                         f"{result['test_accuracy']:.4f}, macro AUC {result['macro_auc']}"), 0
     result = cross_validate_classical(scan, folds=args.folds, **options)
     lines = [f"{result['model']}, {result['protocol']}:"]
     lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}" for f in result["folds"]]
-    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f}")
+    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} (sample std over folds)")
     return result, "\n".join(lines), 0
 
 
@@ -298,7 +314,7 @@ def _cmd_audit(args):
                  f"{'ok' if r['ok'] else 'DUPLICATE GROUPS CROSS ITS SPLIT'}; " + "; ".join(r["warnings"])
                  for r in result["runs"]]
         return result, "\n".join(lines), 0 if result["ok"] else 1
-    result = audit_dataset(args.data, seed=args.seed, progress=True)
+    result = audit_dataset(args.data, seed=args.seed, progress=True, **_fractions(args))
     short = result["shortcuts"]
     text = "\n".join([
         f"leakage: {'ok' if result['leakage']['ok'] else 'GROUPS CROSS THE SPLIT'}",
@@ -393,8 +409,13 @@ def _write(path: str, data: bytes) -> None:
 def _cmd_export(args):
     from .audit import audit_dataset
     from .export import export_run
+    from .store import RunStore
 
-    audit = audit_dataset(args.audit_data, progress=True) if args.audit_data else None
+    audit = None
+    if args.audit_data:
+        train = RunStore().get_run(args.run).config["train"]
+        audit = audit_dataset(args.audit_data, progress=True, seed=train["seed"], val_fraction=train["val_fraction"],
+                              test_fraction=train["test_fraction"])
     result = export_run(args.run, format=args.format, out_dir=args.out, audit=audit, overwrite=args.overwrite)
     payload = {"run_id": result.run_id, "format": result.format, "files": [str(p) for p in result.paths],
                "max_abs_diff": result.max_abs_diff}

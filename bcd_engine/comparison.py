@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import settings
+from .confidence import sample_std
 from .dashboard import THESIS_REFERENCE
 from .datasets import ScanResult
 from .store import RunStore
@@ -219,7 +220,8 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
     Columns: group, backbone, protocol, data_dir, folds (``"3 of 3 completed"``), n (test images over
     the folds), accuracy_mean/_std, macro_auc_mean/_std (None when a fold has no macro AUC), display
     strings ``accuracy (mean ± std)`` and ``macro AUC (mean ± std)``, and ``pooled accuracy (95% CI)``
-    from :func:`pooled_confusion`. The standard deviation is the one ``bcd_engine cv`` prints (numpy's).
+    from :func:`pooled_confusion`. The standard deviation is the sample one that ``bcd_engine cv`` prints
+    (:func:`confidence.sample_std`; None, shown as "n/a", with fewer than two completed folds).
     """
     rows = []
     for group in groups:
@@ -231,9 +233,9 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
             values = [t.metrics.get(metric) for t in tests]
             known = bool(values) and all(v is not None for v in values)
-            mean, std = (float(np.mean(values)), float(np.std(values))) if known else (None, None)
-            row.update({f"{metric}_mean": mean, f"{metric}_std": std,
-                        f"{title} (mean ± std)": f"{mean:.3f} ± {std:.3f}" if known else "n/a"})
+            mean, std = (float(np.mean(values)), sample_std(values)) if known else (None, None)
+            shown = "n/a" if not known else f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f} ± n/a"
+            row.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{title} (mean ± std)": shown})
         pooled = pooled_confusion(group, evaluations) if tests else None
         row["pooled accuracy (95% CI)"] = format_interval(*pooled_accuracy(pooled[1])) if pooled else "n/a"
         rows.append(row)

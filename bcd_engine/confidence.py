@@ -13,6 +13,11 @@ from .errors import ConfigError
 METRICS = ("accuracy", "macro_f1", "macro_auc")
 
 
+def sample_std(values) -> float | None:
+    """Sample standard deviation (n - 1 in the denominator), e.g. of CV folds' figures; None for fewer than two."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def bootstrap_ci(
     y_true,
     y_prob,
@@ -21,13 +26,17 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    groups=None,
 ) -> dict:
     """Point estimate and percentile bootstrap interval of one metric: {"estimate", "low", "high", "n_resamples"}.
 
-    Resamples test cases with replacement. For macro_auc, resamples missing a class are skipped
-    (``n_resamples`` reports how many were used); every value is None when the full set misses a class.
+    Resamples test cases with replacement; with ``groups`` (a group id per case, e.g. the scan's
+    near-duplicate groups) whole groups are resampled, since the members of a group are not independent.
+    For macro_auc, resamples missing a class are skipped (``n_resamples`` reports how many were used);
+    every value is None when the full set misses a class.
     """
     y, prob = _check_inputs(y_true, y_prob)
+    group_of = _group_codes(groups, len(y))
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
@@ -37,9 +46,11 @@ def bootstrap_ci(
     estimate = _score(metric, y, prob)
     if estimate is None:
         return {"estimate": None, "low": None, "high": None, "n_resamples": 0}
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, len(y), size=(n_resamples, len(y)))
-    values = [v for v in (_score(metric, y[idx], prob[idx]) for idx in indices) if v is not None]
+    n_groups = int(group_of.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
+    cases = np.arange(len(y))
+    resamples = (np.repeat(cases, np.bincount(draw, minlength=n_groups)[group_of]) for draw in draws)
+    values = [v for v in (_score(metric, y[idx], prob[idx]) for idx in resamples) if v is not None]
     if not values:
         return {"estimate": estimate, "low": None, "high": None, "n_resamples": 0}
     alpha = (1 - confidence) / 2
@@ -50,6 +61,16 @@ def bootstrap_ci(
 def bootstrap_cis(y_true, y_prob, **kwargs) -> dict[str, dict]:
     """:func:`bootstrap_ci` for accuracy, macro_f1 and macro_auc, on the same resamples (same seed)."""
     return {metric: bootstrap_ci(y_true, y_prob, metric=metric, **kwargs) for metric in METRICS}
+
+
+def _group_codes(groups, n: int) -> np.ndarray:
+    """Group ids as codes 0..k-1 per case (each case its own group when ``groups`` is None)."""
+    if groups is None:
+        return np.arange(n)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ConfigError(f"groups must hold one id per case ({n}), got shape {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].reshape(n)
 
 
 def reliability_diagram(y_true, y_prob, *, n_bins: int = 15) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .backbones import SCRATCH, get_backbone, resolve_weights
 from .colour import COLOUR_MODES
 from .errors import ConfigError
+from .splits import DEFAULT_FRACTION
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 POOLINGS = ("avg", "max")
@@ -60,8 +61,8 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta_views: int = 1  # test-time augmentation: predictions averaged over this many views (1 = off)
     colour: str = "rgb"  # "grayscale" trains and predicts on grayscale images (stain colour is no shortcut)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = DEFAULT_FRACTION
+    test_fraction: float = DEFAULT_FRACTION
     seed: int = 0
 
     def __post_init__(self):

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from .confidence import sample_std
 from .config import TrainConfig
 from .datasets import scan_dataset
 from .errors import ConfigError
@@ -35,7 +36,8 @@ def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: i
     """Train and test ``config`` on each of ``folds`` group-aware folds; per-fold metrics, mean and std.
 
     Returns ``{"protocol", "folds": [{"fold", "run_id", "n_train", "n_test", "accuracy", "macro_auc"}],
-    "mean": {...}, "std": {...}}``. Each fold is stored as its own run, labelled with the protocol.
+    "mean": {...}, "std": {...}}``. Each fold is stored as its own run, labelled with the protocol. Every
+    fold trains on the one scan its split was made from, so the split's indices name the same files.
     """
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
@@ -45,7 +47,7 @@ def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: i
     rows = []
     splits = fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=config.val_fraction, seed=config.seed)
     for fold, split in enumerate(splits, start=1):
-        result = train(config, data_dir, store=store, split=split, progress=progress,
+        result = train(config, data_dir, store=store, split=split, scan=scan, progress=progress,
                        protocol=f"{protocol}, fold {fold}/{folds}")
         rows.append({"fold": fold, "run_id": result.run_id, "n_train": result.n_train, "n_test": result.n_test,
                      "accuracy": result.test_accuracy, "macro_auc": result.macro_auc})
@@ -53,9 +55,13 @@ def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: i
 
 
 def summarise_folds(rows: list[dict]) -> dict:
-    """``{"mean": {...}, "std": {...}}`` of the folds' accuracy and macro AUC (None when a fold lacks one)."""
+    """``{"mean": {...}, "std": {...}}`` of the folds' accuracy and macro AUC (None when a fold lacks one).
+
+    The std is the sample standard deviation (:func:`confidence.sample_std`).
+    """
     summary = {}
-    for stat, fn in (("mean", np.mean), ("std", np.std)):
-        summary[stat] = {key: float(fn([r[key] for r in rows])) if all(r[key] is not None for r in rows) else None
+    for stat, fn in (("mean", lambda values: float(np.mean(values))), ("std", sample_std)):
+        summary[stat] = {key: fn([r[key] for r in rows]) if all(r[key] is not None for r in rows) else None
                          for key in ("accuracy", "macro_auc")}
     return summary
+

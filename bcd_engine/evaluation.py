@@ -33,11 +33,12 @@ class Evaluation:
         return self.metrics["macro_auc"]
 
 
-def evaluate_probabilities(y_true, y_prob, *, class_names) -> Evaluation:
+def evaluate_probabilities(y_true, y_prob, *, class_names, groups=None) -> Evaluation:
     """Accuracy, loss, per-class precision/recall/specificity/F1, one-vs-rest AUC and ROC, confusion matrix.
 
     ``y_true`` holds class indices into ``class_names``; ``y_prob`` is (n, n_classes). AUC of a class
-    absent from ``y_true`` (or the only class present) is undefined and reported as None.
+    absent from ``y_true`` (or the only class present) is undefined and reported as None. The bootstrap
+    intervals resample whole ``groups`` (duplicate groups) when given, single cases otherwise.
     """
     y_true = np.asarray(y_true, dtype=int)
     y_prob = np.asarray(y_prob, dtype=np.float64)
@@ -69,7 +70,7 @@ def evaluate_probabilities(y_true, y_prob, *, class_names) -> Evaluation:
         "macro_auc": float(np.mean(aucs)) if len(aucs) == len(class_names) else None,
         "n": int(len(y_true)),
         "per_class": per_class,
-        "confidence_intervals": bootstrap_cis(y_true, y_prob),  # 95% bootstrap: accuracy, macro_f1, macro_auc
+        "confidence_intervals": bootstrap_cis(y_true, y_prob, groups=groups),  # 95%: accuracy, macro_f1, macro_auc
         "ece": expected_calibration_error(y_true, y_prob),
         "reliability": reliability_diagram(y_true, y_prob),
     }

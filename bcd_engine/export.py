@@ -374,8 +374,9 @@ def _audit_lines(shortcuts: dict | None, leakage: dict | None, data_dir: str) ->
     if shortcuts is None:
         return ["Not run for this export. Run it with `" + AUDIT_COMMAND.format(data_dir=data_dir) + "` and pass "
                 "its result to `export_run(..., audit=...)` to include it here."]
+    tested_on = f", tested on {shortcuts['n_test']} images" if "n_test" in shortcuts else ""
     lines = [
-        "A random forest on simple colour statistics (no morphology) on a group-aware hold-out split:",
+        f"A random forest on simple colour statistics (no morphology) on a group-aware hold-out split{tested_on}:",
         "",
         f"- Colour-only accuracy: {_pct(shortcuts['colour_only_accuracy'])}",
         f"- Corner-only accuracy (bottom-right {_pct(shortcuts.get('corner_fraction'))} patch): "
@@ -389,7 +390,7 @@ def _audit_lines(shortcuts: dict | None, leakage: dict | None, data_dir: str) ->
     if leakage is not None:
         verdict = ("no duplicate group crosses subsets." if leakage.get("ok")
                    else "duplicate groups cross subsets; test figures are inflated.")
-        lines += ["", f"Leakage of the audit's default split: {verdict}"]
+        lines += ["", f"Leakage of the audit's split: {verdict}"]
     return lines
 
 

@@ -143,7 +143,7 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     y_true = np.array([class_names.index(data_map[scan.class_names[k]]) for k in scan.labels])
     merge = np.array([[run_map[run_class] == label for label in class_names] for run_class in loaded.class_names])
     y_prob = loaded.predict_arrays(images, image_keys=[r.md5 for r in scan.images], progress=progress) @ merge
-    evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names)
+    evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names, groups=scan.groups)
     store.save_evaluation(
         run_id, name=evaluation_name, data_dir=str(scan.root), metrics=evaluation.metrics,
         class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,

@@ -50,7 +50,8 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
 
     def measure(images: np.ndarray, small_images: np.ndarray, name: str) -> dict:
         probabilities = loaded.predict_arrays(images, image_keys=test_keys, progress=progress)
-        evaluation = evaluate_probabilities(labels[split.test], probabilities, class_names=list(scan.class_names))
+        evaluation = evaluate_probabilities(labels[split.test], probabilities, class_names=list(scan.class_names),
+                                            groups=scan.groups[split.test])
         if name != "test":
             store.save_evaluation(
                 run_id, name=name, data_dir=str(scan.root), metrics=evaluation.metrics,

@@ -20,6 +20,7 @@ from bcd_engine.errors import ConfigError, DataError
 
 SUBSETS = ("train", "val", "test")
 MAX_HOLDOUT_FOLDS = 20
+DEFAULT_FRACTION = 0.15  # of the images, for validation and for test, unless a config says otherwise
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +65,8 @@ def holdout_split(
     labels: Iterable[int] | np.ndarray,
     groups: Iterable[int] | np.ndarray,
     *,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
+    val_fraction: float = DEFAULT_FRACTION,
+    test_fraction: float = DEFAULT_FRACTION,
     seed: int = 0,
 ) -> Split:
     """Stratified, group-aware, seeded train/val/test split (val_fraction or test_fraction may be 0)."""

@@ -23,7 +23,7 @@ from .backbones import build_backbone, get_backbone
 from .colour import apply_colour_mode
 from .config import AugmentConfig, TrainConfig
 from .datasets import ScanResult, load_image, scan_dataset
-from .errors import BCDError, CancelledError
+from .errors import BCDError, CancelledError, ConfigError
 from .evaluation import Evaluation, evaluate_probabilities
 from .features import (
     FeatureCache,
@@ -348,19 +348,23 @@ def train(
     progress: bool = False,
     feature_cache_dir: Path | None = None,
     split: Split | None = None,
+    scan: ScanResult | None = None,
     protocol: str = PROTOCOL_HOLDOUT,
 ) -> TrainResult:
     """Train ``config`` on ``data_dir`` and store the run, its split, epochs, evaluation and model.
 
     The split is the config's group-aware hold-out split unless ``split`` is given (cross-validation
-    folds), and the run is labelled with ``protocol``.
+    folds, with the ``scan`` of ``data_dir`` it indexes), and the run is labelled with ``protocol``.
     With ``run_id`` the (already claimed) run is used; otherwise a new one is created. Bad input raises
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
     run ``failed`` or ``cancelled`` with its epochs so far.
     """
     started = time.monotonic()
     store = store or RunStore()
-    scan = scan_dataset(data_dir, progress=progress)
+    if scan is None:
+        scan = scan_dataset(data_dir, progress=progress)
+    elif Path(scan.root) != Path(data_dir).resolve():
+        raise ConfigError(f"the scan given is of {scan.root}, not of {Path(data_dir).resolve()}")
     if split is None:
         split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
                               test_fraction=config.test_fraction, seed=config.seed)
@@ -458,7 +462,8 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
                                   augment=config.augment, tta_views=config.tta_views, seed=config.seed,
                                   image_keys=[md5s[i] for i in split.test])
-    evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names))
+    evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names),
+                                        groups=scan.groups[split.test])
     model_path = save_model(model, run_id)
     evaluation.metrics.update(
         tta_views=config.tta_views,

@@ -204,7 +204,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "notes": [
             ("accuracy, macro_auc (one-vs-rest) and macro_f1 are on the test side of the split, with 95% "
-             "percentile bootstrap CIs over 1000 resamples of the test images"),
+             "percentile bootstrap CIs over 1000 resamples of the test set's duplicate groups (most hold one image)"),
             ("the classical baseline fits on train + val (nothing is tuned); the scratch CNN trains on train and "
              "stops early on val"),
             "the thesis reports validation accuracy, not a group-aware held-out test accuracy",

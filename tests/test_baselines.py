@@ -15,6 +15,7 @@ from bcd_engine.baselines import (
 )
 from bcd_engine.datasets import scan_dataset
 from bcd_engine.errors import ConfigError
+from bcd_engine.splits import holdout_split
 
 
 def test_glcm_of_flat_and_striped_images():
@@ -63,6 +64,36 @@ def test_classical_baseline_runs_on_synthetic_data(synthetic_dataset, isolated_c
     assert sum(result["stage_seconds"].values()) == pytest.approx(result["seconds"], abs=0.05)
 
 
+def test_classical_baseline_tests_on_the_split_train_makes_for_the_same_fractions(synthetic_dataset, isolated_cache):
+    scan = scan_dataset(synthetic_dataset)
+    split = holdout_split(scan.labels, scan.groups, seed=1, val_fraction=0.1, test_fraction=0.3)
+    result = train_classical_baseline(scan, image_size=32, model="logreg", seed=1, val_fraction=0.1, test_fraction=0.3)
+    assert result["n_test"] == len(split.test) and result["n_train"] == len(split.train) + len(split.val)
+    assert result["n_test"] != len(holdout_split(scan.labels, scan.groups, seed=1).test)
+
+
+def test_svm_calibration_folds_keep_duplicate_groups_together(monkeypatch):
+    from bcd_engine import baselines
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    groups = np.arange(80) // 4  # groups of four near-copies
+    features = rng.normal(size=(80, 3)) + labels[:, None]
+    seen = []
+    calibrated = baselines.CalibratedClassifierCV
+
+    def recording(*args, cv, **kwargs):
+        seen.extend(cv)
+        return calibrated(*args, cv=cv, **kwargs)
+
+    monkeypatch.setattr(baselines, "CalibratedClassifierCV", recording)
+    train, test = np.arange(60), np.arange(60, 80)
+    baselines._fit_and_evaluate(features, labels, groups, train, test, model="svm", seed=0, class_names=["a", "b"])
+    assert len(seen) == baselines.CALIBRATION_FOLDS
+    for fit_on, calibrate_on in seen:
+        assert not set(groups[train][fit_on]) & set(groups[train][calibrate_on])
+
+
 def test_unknown_model_is_a_config_error(synthetic_dataset, isolated_cache):
     with pytest.raises(ConfigError):
         train_classical_baseline(scan_dataset(synthetic_dataset), model="knn")
@@ -78,7 +109,7 @@ def test_classical_baseline_under_k_fold_cv_tests_every_image_once(synthetic_dat
     assert all(f["n_train"] + f["n_test"] == scan.n_images for f in result["folds"])
     accuracies = [f["accuracy"] for f in result["folds"]]
     assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
-    assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies))
+    assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))
 
 
 @pytest.mark.parametrize("model", ["svm", "logreg"])
@@ -90,7 +121,7 @@ def test_a_class_missing_from_the_training_side_gets_a_zero_column(model):
     features = rng.normal(size=(36, 4)) + labels[:, None] * 3.0
     train = np.flatnonzero(labels < 2)[::2].tolist() + np.flatnonzero(labels < 2)[1::4].tolist()
     test = np.setdiff1d(np.arange(36), train)  # holds every class-2 image
-    evaluation = _fit_and_evaluate(features, labels, np.array(train), test, model=model, seed=0,
+    evaluation = _fit_and_evaluate(features, labels, np.arange(36), np.array(train), test, model=model, seed=0,
                                    class_names=["a", "b", "c"])
     assert evaluation.metrics["per_class"]["c"]["recall"] == 0.0  # never predicted: it was never seen
     assert evaluation.metrics["per_class"]["a"]["recall"] > 0.5

@@ -144,6 +144,9 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / fmt / model_file).is_file()
         assert "Not a medical device" in (tmp_path / fmt / "MODEL_CARD.md").read_text()
+    proc = bcd("export", "--run", run_id, "--out", tmp_path / "audited", "--audit-data", synthetic_dataset, env=cli_env)
+    assert proc.returncode == 0, proc.stderr  # the audit tests on the run's own test split
+    assert f"tested on {trained['n_test']} images" in (tmp_path / "audited" / "MODEL_CARD.md").read_text()
     assert_one_line_error(bcd("export", "--run", run_id, "--out", tmp_path / "keras", env=cli_env), "already exist")
 
     leakage = json.loads(bcd("audit", "--run", run_id, "--json", env=cli_env).stdout)
@@ -190,6 +193,11 @@ def test_baseline_json_hold_out_and_k_fold(synthetic_dataset, cli_env):
     folds = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--folds", 2, "--model",
                            "logreg", "--json", env=cli_env).stdout)
     assert folds["protocol"].startswith("2-fold CV") and len(folds["folds"]) == 2
+    larger = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--model", "logreg",
+                            "--test-fraction", 0.3, "--json", env=cli_env).stdout)
+    assert larger["n_test"] > holdout["n_test"] and larger["n_train"] + larger["n_test"] == 48
+    assert_one_line_error(bcd("baseline", "--data", synthetic_dataset, "--folds", 2, "--test-fraction", 0.3,
+                              env=cli_env), "with --folds each fold is the test set")
 
 
 def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_path, cli_env):
@@ -219,3 +227,5 @@ def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, cli_env):
     assert any("patient" in w for w in doc["leakage"]["warnings"])
     for key in ("colour_only_accuracy", "corner_only_accuracy", "chance_accuracy"):
         assert 0 <= doc["shortcuts"][key] <= 1
+    larger = json.loads(bcd("audit", "--data", synthetic_dataset, "--test-fraction", 0.3, "--json", env=cli_env).stdout)
+    assert larger["shortcuts"]["n_test"] > doc["shortcuts"]["n_test"]

@@ -141,8 +141,8 @@ def test_cv_runs_are_grouped_summarised_and_pooled(filled):
     (row,) = comparison.cv_summary_frame([group], evaluations).to_dict("records")
     assert row["folds"] == "3 of 3 completed" and row["n"] == 48
     assert row["accuracy_mean"] == pytest.approx(np.mean(accuracies))
-    assert row["accuracy_std"] == pytest.approx(np.std(accuracies))
-    assert row["accuracy (mean ± std)"] == f"{np.mean(accuracies):.3f} ± {np.std(accuracies):.3f}"
+    assert row["accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert row["accuracy (mean ± std)"] == f"{np.mean(accuracies):.3f} ± {np.std(accuracies, ddof=1):.3f}"
 
     names, counts = comparison.pooled_confusion(group, evaluations)
     tests = [comparison.latest(evaluations[i], "test") for i in ids["cv"]]

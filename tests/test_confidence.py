@@ -98,3 +98,28 @@ def test_macro_f1_counts_a_class_predicted_but_absent_from_the_test_set():
     assert macro_f1(y_true, y_pred) == pytest.approx(
         skm.f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
     assert macro_f1(y_true, y_true) == 1.0
+
+
+def test_sample_std_divides_by_n_minus_one_and_needs_two_values():
+    from bcd_engine.confidence import sample_std
+
+    assert sample_std([0.98, 0.99, 1.0]) == pytest.approx(0.01)
+    assert sample_std([0.99]) is None and sample_std([]) is None
+
+
+def test_group_bootstrap_resamples_whole_groups_so_copies_do_not_narrow_the_interval():
+    rng = np.random.default_rng(0)
+    y_true = np.repeat(rng.integers(0, 2, 40), 5)  # 40 cases, each seen five times (near-copies)
+    right = np.repeat(rng.random(40) < 0.75, 5)
+    y_prob = np.eye(2)[np.where(right, y_true, 1 - y_true)]
+    groups = np.arange(200) // 5
+    by_image = bootstrap_ci(y_true, y_prob, metric="accuracy")
+    by_group = bootstrap_ci(y_true, y_prob, metric="accuracy", groups=groups)
+    singles = bootstrap_ci(y_true[::5], y_prob[::5], metric="accuracy")
+    assert by_group["estimate"] == by_image["estimate"]
+    assert by_group["high"] - by_group["low"] > 1.5 * (by_image["high"] - by_image["low"])
+    assert by_group["high"] - by_group["low"] == pytest.approx(singles["high"] - singles["low"], abs=0.05)
+    # One case per group is the plain bootstrap, resample for resample.
+    assert bootstrap_ci(y_true, y_prob, metric="accuracy", groups=np.arange(200)) == by_image
+    with pytest.raises(ConfigError, match="one id per case"):
+        bootstrap_ci(y_true, y_prob, metric="accuracy", groups=groups[:-1])

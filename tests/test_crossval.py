@@ -1,12 +1,16 @@
 """k-fold cross-validation: folds cover the data once, groups never cross, one stored run per fold."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
+from bcd_engine import crossval
 from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.crossval import cross_validate, cv_protocol, fold_splits
 from bcd_engine.errors import ConfigError
+from bcd_engine.training import train
 
 
 def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():
@@ -36,8 +40,36 @@ def test_cross_validate_stores_one_run_per_fold(workspace, synthetic_dataset):
     assert sum(f["n_test"] for f in result["folds"]) == 48
     accuracies = [f["accuracy"] for f in result["folds"]]
     assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))  # sample std over folds
     runs = store.list_runs()
     assert len(runs) == 2 and all(r.protocol.startswith(cv_protocol(2)) for r in runs)
+
+
+def test_folds_train_on_the_scan_their_splits_were_made_from(workspace, synthetic_dataset, tmp_path, monkeypatch):
+    data = shutil.copytree(synthetic_dataset, tmp_path / "data")
+    first_image = sorted((data / "Benign").iterdir())[0]
+    scan_dataset = crossval.scan_dataset
+
+    def scan_then_a_file_arrives(root, **kwargs):
+        scan = scan_dataset(root, **kwargs)
+        shutil.copy(first_image, data / "Benign" / "0-arrived-during-cv.png")  # sorts first: would shift indices
+        return scan
+
+    monkeypatch.setattr(crossval, "scan_dataset", scan_then_a_file_arrives)
+    config = TrainConfig(backbone="scratch_cnn", weights=None, image_size=32, epochs=1, batch_size=8,
+                         dense_units=8, augment=AugmentConfig(factor=1))
+    result = cross_validate(config, data, folds=2, store=workspace)
+    scanned = sorted(str(p.resolve()) for p in data.glob("*/*") if "arrived" not in p.name)
+    for row in result["folds"]:
+        split = workspace.get_split(row["run_id"])
+        assert sorted(s["path"] for s in split) == scanned
+
+
+def test_training_refuses_a_scan_of_another_folder(workspace, synthetic_dataset, tmp_path):
+    other = shutil.copytree(synthetic_dataset, tmp_path / "other")
+    with pytest.raises(ConfigError, match="the scan given is of"):
+        train(TrainConfig(backbone="scratch_cnn", image_size=32), synthetic_dataset, store=workspace,
+              scan=crossval.scan_dataset(other))
 
 
 def test_cross_validate_needs_two_folds(synthetic_dataset):

@@ -65,9 +65,15 @@ def test_augmentation_factor_is_bounded():
         AugmentConfig(factor=21)
 
 
-def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dataset):
+def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dataset, monkeypatch):
+    from bcd_engine import training
     from bcd_engine.training import train
 
+    groups_given = []
+    evaluate = training.evaluate_probabilities
+    monkeypatch.setattr(training, "evaluate_probabilities",
+                        lambda *args, groups, **kwargs: groups_given.append(groups) or evaluate(*args, groups=groups,
+                                                                                                 **kwargs))
     result = train(tiny_config(), synthetic_dataset, store=store)
     assert result.status == "completed"
     run = store.get_run(result.run_id)
@@ -84,6 +90,8 @@ def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dat
         assert key in evaluation.metrics
     interval = evaluation.metrics["confidence_intervals"]["accuracy"]
     assert interval["low"] <= evaluation.metrics["accuracy"] <= interval["high"]
+    # The intervals resample the test images' duplicate groups, as stored with the split.
+    assert groups_given[0].tolist() == [int(row["group_id"]) for row in split if row["subset"] == "test"]
     assert set(evaluation.metrics["per_class"]) == set(run.config["class_names"])
     assert len(store.get_predictions(evaluation.id)) == result.n_test
     (artifact,) = store.get_artifacts(result.run_id)

@@ -250,6 +250,17 @@ def detect_image_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
 
 
+def folder_signature(root: str | os.PathLike[str]) -> str:
+    """A digest of the folder's image files (paths, sizes, modification times): it changes whenever a scan
+    of the folder could; cheap (no file is read), so callers can key their own caches on it."""
+    entries = []
+    for _, path in _list_files(Path(root).expanduser().resolve()):
+        with contextlib.suppress(OSError):  # removed since it was listed: leave it out, as a scan would
+            st = os.stat(path)
+            entries.append((path, *_cache_key(st)))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 def _list_files(root: Path) -> list[tuple[str, str]]:
     """(class name, absolute path) of every supported, non-hidden file in root's class subfolders."""
     if not root.exists():

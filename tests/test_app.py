@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,17 @@ def test_explorer_shows_the_synthetic_demo_set_by_default():
     assert any("SYNTHETIC" in w.value for w in at.warning)
     assert at.metric[0].value == "240"
     assert at.tabs and at.selectbox(key="explorer_sample_class").value == "Benign"
+
+
+def test_explorer_sees_images_added_to_a_folder_it_has_shown(tmp_path, synthetic_dataset):
+    folder = shutil.copytree(synthetic_dataset, tmp_path / "data")
+    at = open_page("pages/explorer.py")
+    at.radio(key="explorer_source").set_value("Local folder").run()
+    at.text_input(key="explorer_folder").input(str(folder)).run()
+    assert at.metric[0].value == "48"
+    shutil.copy(next((folder / "Benign").iterdir()), folder / "Benign" / "added.png")
+    at.run()
+    assert not at.exception and at.metric[0].value == "49"
 
 
 def test_explorer_reports_a_bad_folder_without_crashing():

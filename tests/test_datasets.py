@@ -451,3 +451,20 @@ def test_load_image_error_names_the_path(tmp_path: Path) -> None:
 def test_load_image_bad_size(size: object) -> None:
     with pytest.raises(ConfigError, match=r"image_size must be a positive integer"):
         load_image(_encode(Image.new("RGB", (4, 4)), "PNG"), image_size=size)  # type: ignore[arg-type]
+
+
+def test_folder_signature_changes_exactly_when_a_scan_could(tmp_path: Path) -> None:
+    root = _two_class_folder(tmp_path / "data")
+    first = datasets.folder_signature(root)
+    assert datasets.folder_signature(root) == first
+    (root / "A" / "notes.txt").write_text("not an image")  # not scanned: no change
+    assert datasets.folder_signature(root) == first
+    added = _write(root / "A" / "new.png", _encode(_smooth_image(7), "PNG"))
+    with_new = datasets.folder_signature(root)
+    assert with_new != first
+    os.utime(added, ns=(added.stat().st_atime_ns, added.stat().st_mtime_ns + 10**9))
+    assert datasets.folder_signature(root) not in (first, with_new)
+    added.unlink()
+    assert datasets.folder_signature(root) == first
+    with pytest.raises(DataError, match="does not exist"):
+        datasets.folder_signature(tmp_path / "missing")

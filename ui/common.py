@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from bcd_engine import dashboard, settings
-from bcd_engine.datasets import scan_dataset
+from bcd_engine.datasets import folder_signature, scan_dataset
 from bcd_engine.errors import BCDError
 from bcd_engine.store import RunStore
 
@@ -23,8 +23,13 @@ def store() -> RunStore:
         st.stop()
 
 
-@st.cache_data(show_spinner="Scanning the dataset ...", max_entries=8)
 def scan(root: str) -> "dashboard.ScanResult":
+    """The folder's scan, cached until an image in it is added, removed or changed (DataError when unusable)."""
+    return _scan(root, folder_signature(root))
+
+
+@st.cache_data(show_spinner="Scanning the dataset ...", max_entries=8)
+def _scan(root: str, signature: str) -> "dashboard.ScanResult":
     return scan_dataset(root)
 
 
@@ -93,6 +98,11 @@ def no_runs_yet(key: str) -> None:
     st.stop()
 
 
-@st.cache_data(show_spinner="Measuring image colours ...", max_entries=8)
 def image_stats(root: str):
+    """Per-image colour statistics of the folder, cached like :func:`scan`."""
+    return _image_stats(root, folder_signature(root))
+
+
+@st.cache_data(show_spinner="Measuring image colours ...", max_entries=8)
+def _image_stats(root: str, signature: str):
     return dashboard.image_stats(scan(root))

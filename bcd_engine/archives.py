@@ -20,6 +20,7 @@ from .errors import ArchiveError, ConfigError
 
 MAX_FILES = 1000  # members read, nested archives and their members included
 MAX_TOTAL_BYTES = 500 * 2**20  # the archive's size; and the bytes read from it, all levels together
+# (a nested archive's own bytes and its members' bytes both count: both are held in memory at once)
 MAX_RATIO = 100  # uncompressed / compressed size of one member
 NESTED_LEVELS = 1  # zips inside the zip are expanded; zips inside those are not
 

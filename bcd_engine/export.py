@@ -11,6 +11,7 @@ images: the backbone's ``preprocess_input`` is applied outside it, as ``labels.j
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -285,14 +286,16 @@ def export_run(
         if content is None:  # the very file the run saved, so its sha256 is the one in the store
             source, recorded_sha256 = run_model_file(run_id, store=store)
             shutil.copyfile(source, model_path)
-            if file_sha256(model_path) != recorded_sha256:
+            model_sha256 = file_sha256(model_path)
+            if model_sha256 != recorded_sha256:
                 raise StoreError(f"model file of run {run_id} changed while it was exported; try again")
         else:
             model_path.write_bytes(content)
+            model_sha256 = hashlib.sha256(content).hexdigest()
         labels_path.write_text(json.dumps(labels_document(run, model_file=model_path.name), indent=2) + "\n")
         card_path.write_text(model_card(
             run, store.get_evaluations(run_id), audit=audit, split=store.get_split(run_id),
-            model_file=model_path.name, model_sha256=file_sha256(model_path),
+            model_file=model_path.name, model_sha256=model_sha256,
             exported_on=datetime.now(timezone.utc).date(),
         ))
     except OSError as exc:

@@ -162,11 +162,10 @@ def cross_validate_classical(
 def _fit_and_evaluate(features, labels, groups, train, test, *, model: str, seed: int, class_names: list[str]):
     """Scaler + SVM (sigmoid-calibrated) or logistic regression fitted on ``train``, evaluated on ``test``.
 
-    The SVM's calibration folds are group-aware, so no duplicate group is on both sides of one.
+    The SVM's calibration folds are group-aware (see :func:`_calibration_folds`).
     """
     if model == "svm":
-        folds = StratifiedGroupKFold(n_splits=CALIBRATION_FOLDS, shuffle=True, random_state=seed)
-        calibration_cv = list(folds.split(features[train], labels[train], groups[train]))
+        calibration_cv = _calibration_folds(labels[train], groups[train], seed=seed)
         classifier = CalibratedClassifierCV(SVC(random_state=seed), cv=calibration_cv, ensemble=False)
     else:
         classifier = LogisticRegression(max_iter=5000, random_state=seed)
@@ -175,6 +174,18 @@ def _fit_and_evaluate(features, labels, groups, train, test, *, model: str, seed
     probabilities = np.zeros((len(test), len(class_names)))
     probabilities[:, pipeline.classes_] = pipeline.predict_proba(features[test])
     return evaluate_probabilities(labels[test], probabilities, class_names=class_names, groups=groups[test])
+
+
+def _calibration_folds(labels: np.ndarray, groups: np.ndarray, *, seed: int) -> list | int:
+    """Cross-validation folds for the SVM's calibration: group-aware, so no duplicate group is on both
+    sides of one, with as many folds (up to CALIBRATION_FOLDS) as the class with fewest groups allows.
+    When a class is a single group, group-aware folds cannot keep it in every fold's training side, and
+    plain stratified folds (scikit-learn's default) are used instead."""
+    fewest_groups = min(len(np.unique(groups[labels == label])) for label in np.unique(labels))
+    if fewest_groups < 2:
+        return CALIBRATION_FOLDS
+    folds = StratifiedGroupKFold(n_splits=min(CALIBRATION_FOLDS, fewest_groups), shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(labels)), labels, groups))
 
 
 def _glcm_chunk(gray: np.ndarray) -> np.ndarray:

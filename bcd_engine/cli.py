@@ -309,6 +309,9 @@ def _cmd_audit(args):
     from .audit import audit_dataset, run_leakage_audit
 
     if args.run:
+        if _fractions(args):
+            raise ConfigError("--val-fraction and --test-fraction set the split audited with --data; "
+                              "--run audits the run's stored split")
         result = run_leakage_audit(args.run)
         lines = [f"run {r['run_id']} ({r['run_protocol']}): "
                  f"{'ok' if r['ok'] else 'DUPLICATE GROUPS CROSS ITS SPLIT'}; " + "; ".join(r["warnings"])

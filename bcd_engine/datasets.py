@@ -38,7 +38,7 @@ MIN_IMAGE_SIDE = 8  # smallest width and height load_image resizes for a model
 
 DHASH_SIZE = 16
 NEAR_DUPLICATE_DISTANCE = 12  # dhash bits; reproduces the ALL dataset's published near-duplicate groups
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 _MAX_REASON_CHARS = 160
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -63,6 +63,7 @@ _NOT_IMAGE_PREFIXES = (
 _WARNINGS_LOCK = threading.Lock()
 _QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 _VIEWS = 8  # dihedral views hashed per image, so a flipped or turned copy is still a near-duplicate
+_VIEW_BASE = 4 * (DHASH_SIZE + 1)  # pixels a side of the reduced copy the turned and mirrored views come from
 
 
 @dataclass(frozen=True)
@@ -300,14 +301,21 @@ def _read_file(path: str) -> dict[str, Any]:
         return info
     info["width"], info["height"] = img.size
     info["mode"] = img.mode
-    info["dhash"] = "".join(_gradient_hash(view) for view in _dihedral_views(img.convert("L")))
+    gray = img.convert("L")
+    info["dhash"] = _gradient_hash(gray) + "".join(map(_gradient_hash, _turned_and_mirrored(gray)))
     return info
 
 
-def _dihedral_views(img: Image.Image) -> list[Image.Image]:
-    """The image as stored, turned by 90, 180 and 270 degrees, and the same four mirrored."""
+def _turned_and_mirrored(img: Image.Image) -> list[Image.Image]:
+    """The seven other views: turned by 90, 180 and 270 degrees, and all four mirrored.
+
+    They are made from a copy reduced to _VIEW_BASE pixels a side (the hash is 17 x 16 pixels anyway),
+    so a large image costs one extra resize rather than seven full-size turns.
+    """
+    if max(img.size) > _VIEW_BASE:
+        img = img.resize((_VIEW_BASE, _VIEW_BASE), Image.Resampling.BILINEAR)
     turns = [img, *(img.transpose(t) for t in _QUARTER_TURNS)]
-    return turns + [view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in turns]
+    return turns[1:] + [view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in turns]
 
 
 def _gradient_hash(img: Image.Image) -> str:

@@ -3,10 +3,11 @@
 Datasets whose class names differ are related by a label map onto shared labels (e.g. the four ALL
 classes onto benign/malignant). Each round trains on a merged folder of links to the other datasets'
 images, ``<workdir>/without-<held out>/<shared label>/<dataset>__<class>__<file name>``, so the
-feature cache (keyed by image md5) serves every round and rerun; images that are exact or near
-duplicates of a held-out image (in any flip or quarter turn, as :func:`scan_dataset` groups them) are
-left out of training. The round's run is then evaluated on the held-out folder, which may
-have a single class (its accuracy is then one minus its false-positive or false-negative rate).
+feature cache (keyed by image md5) serves every round and rerun; an image within the near-duplicate
+distance of a held-out image (in any flip or quarter turn, the measure :func:`scan_dataset` groups by,
+but pair by pair rather than through chains) is left out of training. The round's run is then
+evaluated on the held-out folder, which may have a single class (its accuracy is then one minus its
+false-positive or false-negative rate).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from . import settings
 from .config import TrainConfig
@@ -29,6 +30,7 @@ from .training import train
 
 PROTOCOL = "leave-one-dataset-out"
 _SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it was built from
+_BUILD_LOCK_SECONDS = 600  # the longest a round waits for another to finish building the same folder
 
 
 def lodo_protocol(held_out: str) -> str:
@@ -213,10 +215,22 @@ def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:
     if _built_from(folder) == digest:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.parent / f".{folder.name}.lock"):
-        if _built_from(folder) == digest:  # another run built it while this one waited
-            return folder
-        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    lock = FileLock(folder.parent / f".{folder.name}.lock", timeout=_BUILD_LOCK_SECONDS)
+    try:
+        with lock:
+            if _built_from(folder) == digest:  # another run built it while this one waited
+                return folder
+            _build_folder(folder, sources, digest)
+    except Timeout as exc:
+        raise DataError(f"another run has been building {folder} for over {_BUILD_LOCK_SECONDS} s; "
+                        f"if no run is, remove {lock.lock_file} and try again") from exc
+    return folder
+
+
+def _build_folder(folder: Path, sources: dict[Path, str], digest: str) -> None:
+    """Make the links in a hidden sibling, then rename it into place (nothing half-built is left behind)."""
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
         for rel, source in sources.items():
             link = building / rel
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +241,9 @@ def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:
             folder.rename(stale / folder.name)
             shutil.rmtree(stale, ignore_errors=True)
         building.rename(folder)
-    return folder
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
 
 
 def _built_from(folder: Path) -> str | None:

@@ -363,15 +363,15 @@ def train(
     store = store or RunStore()
     if scan is None:
         scan = scan_dataset(data_dir, progress=progress)
-    elif Path(scan.root) != Path(data_dir).resolve():
-        raise ConfigError(f"the scan given is of {scan.root}, not of {Path(data_dir).resolve()}")
+    elif Path(scan.root) != Path(data_dir).expanduser().resolve():
+        raise ConfigError(f"the scan given is of {scan.root}, not of {Path(data_dir).expanduser().resolve()}")
+    root = Path(scan.root)  # resolved, ``~`` expanded
     if split is None:
         split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
                               test_fraction=config.test_fraction, seed=config.seed)
-    run_config = {"train": config.to_dict(), "data_dir": str(Path(data_dir).resolve()),
-                  "class_names": list(scan.class_names)}
-    dataset_id = store.register_dataset(name=Path(data_dir).resolve().name, root=str(Path(data_dir).resolve()),
-                                        n_images=scan.n_images, class_counts=scan.class_counts)
+    run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names)}
+    dataset_id = store.register_dataset(name=root.name, root=str(root), n_images=scan.n_images,
+                                        class_counts=scan.class_counts)
     if run_id is None:
         run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
                                   dataset_id=dataset_id, status="running")

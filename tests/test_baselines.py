@@ -94,6 +94,21 @@ def test_svm_calibration_folds_keep_duplicate_groups_together(monkeypatch):
         assert not set(groups[train][fit_on]) & set(groups[train][calibrate_on])
 
 
+@pytest.mark.parametrize(("groups_per_class", "folds"), [((2, 2), 2), ((3, 1), 5)])
+def test_svm_calibration_copes_with_classes_of_few_groups(groups_per_class, folds):
+    from bcd_engine.baselines import _calibration_folds, _fit_and_evaluate
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 12)
+    groups = np.concatenate([np.arange(12) % n + 10 * k for k, n in enumerate(groups_per_class)])
+    chosen = _calibration_folds(labels, groups, seed=0)
+    assert (len(chosen) if isinstance(chosen, list) else chosen) == folds  # a single-group class: plain folds
+    features = rng.normal(size=(24, 3)) + labels[:, None] * 3.0
+    train, test = np.flatnonzero(np.arange(24) % 4 != 3), np.arange(3, 24, 4)  # every group on the training side
+    evaluation = _fit_and_evaluate(features, labels, groups, train, test, model="svm", seed=0, class_names=["a", "b"])
+    assert evaluation.accuracy > 0.8
+
+
 def test_unknown_model_is_a_config_error(synthetic_dataset, isolated_cache):
     with pytest.raises(ConfigError):
         train_classical_baseline(scan_dataset(synthetic_dataset), model="knn")

@@ -150,6 +150,7 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
     assert_one_line_error(bcd("export", "--run", run_id, "--out", tmp_path / "keras", env=cli_env), "already exist")
 
     leakage = json.loads(bcd("audit", "--run", run_id, "--json", env=cli_env).stdout)
+    assert_one_line_error(bcd("audit", "--run", run_id, "--test-fraction", 0.3, env=cli_env), "stored split")
     assert leakage["ok"] and leakage["runs"][0]["run_id"] == run_id
     assert leakage["runs"][0]["counts"]["crossing_exact"] == 0 and leakage["runs"][0]["warnings"]
 

@@ -72,6 +72,15 @@ def test_training_refuses_a_scan_of_another_folder(workspace, synthetic_dataset,
               scan=crossval.scan_dataset(other))
 
 
+def test_a_folder_given_under_home_is_stored_expanded(workspace, synthetic_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = shutil.copytree(synthetic_dataset, tmp_path / "data")
+    config = TrainConfig(backbone="scratch_cnn", weights=None, image_size=32, epochs=1, batch_size=8,
+                         dense_units=8, augment=AugmentConfig(factor=1))
+    result = train(config, "~/data", store=workspace, scan=crossval.scan_dataset("~/data"))
+    assert workspace.get_run(result.run_id).config["data_dir"] == str(data.resolve())
+
+
 def test_cross_validate_needs_two_folds(synthetic_dataset):
     with pytest.raises(ConfigError, match="folds must be >= 2"):
         cross_validate(TrainConfig(backbone="scratch_cnn", image_size=32), synthetic_dataset, folds=1)

@@ -183,7 +183,7 @@ def test_flipped_and_turned_copies_are_near_duplicates_and_stay_on_one_side_of_a
     from bcd_engine.splits import holdout_split
 
     root = _two_class_folder(tmp_path / "data", per_class=2)
-    originals = [_smooth_image(500 + i) for i in range(10)]
+    originals = [_smooth_image(500 + i, size=160) for i in range(10)]  # larger than the views' reduced copy
     for i, img in enumerate(originals):
         _write(root / "A" / f"cell{i}.png", _encode(img, "PNG"))
         _write(root / "A" / f"cell{i}-mirrored.jpg",

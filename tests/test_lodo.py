@@ -191,3 +191,23 @@ def test_concurrent_rounds_with_the_same_inputs_share_one_whole_folder(tmp_path,
         assert set(folders) == {parent / "without-x"}
         assert sorted(p.name for p in images(folders[0])) == sorted(p.name for p in sources)
         assert folders_in(parent) == ["without-x"]
+
+
+def test_a_failed_build_leaves_nothing_behind_and_a_stuck_lock_is_a_clear_error(tmp_path, datasets, monkeypatch):
+    from filelock import FileLock
+
+    import bcd_engine.lodo as lodo_module
+
+    def link_or_fail(source: Path, link: Path) -> None:
+        if not source.exists():
+            raise OSError("cannot link")
+        link.symlink_to(source)
+
+    sources = {Path("benign") / "a.png": str(images(datasets["gamma"])[0]), Path("benign") / "b.png": "/missing"}
+    monkeypatch.setattr(lodo_module, "_link", link_or_fail)
+    with pytest.raises(OSError, match="cannot link"):
+        _link_folder(tmp_path / "without-x", sources)
+    assert folders_in(tmp_path) == []  # no half-built folder left
+    monkeypatch.setattr(lodo_module, "_BUILD_LOCK_SECONDS", 0.2)
+    with FileLock(tmp_path / ".without-y.lock"), pytest.raises(DataError, match="another run has been building"):
+        _link_folder(tmp_path / "without-y", sources)  # as if another process held the lock

@@ -505,11 +505,17 @@ def _near_duplicate_groups(images: list[ImageRecord], max_distance: int) -> tupl
 
 
 def near_copies(records: Sequence[ImageRecord], of: Sequence[ImageRecord],
-                max_distance: int = NEAR_DUPLICATE_DISTANCE) -> list[bool]:
+                max_distance: int = NEAR_DUPLICATE_DISTANCE, block: int = 512) -> list[bool]:
     """For each readable record, whether it is an exact or near-duplicate (in some flip or turn) of one in ``of``."""
-    pairs = _close_pairs(_hash_words([*records, *of]), max_distance) if records and of else set()
-    copies = {i for i, j in pairs if i < len(records) <= j}
-    return [i in copies for i in range(len(records))]
+    close = np.zeros(len(records), dtype=bool)
+    if records and of:
+        mine, theirs = _hash_words(list(records)), _hash_words(list(of))
+        for start in range(0, len(mine), block):  # a record as stored near a view of one in ``of``
+            near = _view_distances(mine[start : start + block], theirs) <= max_distance
+            close[start : start + block] |= near.any(axis=1)
+        for start in range(0, len(theirs), block):  # or one in ``of`` as stored near a view of the record
+            close |= (_view_distances(theirs[start : start + block], mine) <= max_distance).any(axis=0)
+    return close.tolist()
 
 
 def _hash_words(images: list[ImageRecord]) -> np.ndarray:
@@ -520,25 +526,26 @@ def _hash_words(images: list[ImageRecord]) -> np.ndarray:
 
 
 def _close_pairs(words: np.ndarray, max_distance: int, block: int = 512) -> set[tuple[int, int]]:
-    """Index pairs (i < j) where i as stored is within max_distance bits of some view of j (or j of i).
-
-    Distances are summed word by word into uint16 blocks (much faster than one popcount-and-sum over a
-    3-D array), and the minimum over views is kept in place.
-    """
+    """Index pairs (i < j) where i as stored is within max_distance bits of some view of j (or j of i)."""
     pairs: set[tuple[int, int]] = set()
-    stored = words[:, 0, :]
     for start in range(0, len(words), block):
-        rows = stored[start : start + block]
-        nearest = np.full((len(rows), len(words)), np.iinfo(np.uint16).max, dtype=np.uint16)
-        for view in range(_VIEWS):
-            distance = np.zeros_like(nearest)
-            for word in range(words.shape[2]):
-                distance += _popcount(rows[:, None, word] ^ words[None, :, view, word])
-            np.minimum(nearest, distance, out=nearest)
-        ii, jj = np.nonzero(nearest <= max_distance)
+        ii, jj = np.nonzero(_view_distances(words[start : start + block], words) <= max_distance)
         ii += start
         pairs.update((min(i, j), max(i, j)) for i, j in zip(ii.tolist(), jj.tolist()) if i != j)
     return pairs
+
+
+def _view_distances(rows: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """(len(rows), len(words)) uint16: bits between each of ``rows`` as stored and the nearest view of each
+    of ``words``, summed word by word (far faster than one popcount-and-sum over a 3-D array)."""
+    stored = rows[:, 0, :]
+    nearest = np.full((len(rows), len(words)), np.iinfo(np.uint16).max, dtype=np.uint16)
+    for view in range(_VIEWS):
+        distance = np.zeros_like(nearest)
+        for word in range(words.shape[2]):
+            distance += _popcount(stored[:, None, word] ^ words[None, :, view, word])
+        np.minimum(nearest, distance, out=nearest)
+    return nearest
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:

@@ -468,3 +468,17 @@ def test_folder_signature_changes_exactly_when_a_scan_could(tmp_path: Path) -> N
     assert datasets.folder_signature(root) == first
     with pytest.raises(DataError, match="does not exist"):
         datasets.folder_signature(tmp_path / "missing")
+
+
+def test_near_copies_match_in_either_direction_and_only_across_the_two_sets(tmp_path: Path) -> None:
+    root = _two_class_folder(tmp_path / "data", per_class=1)
+    img = _smooth_image(900, size=160)
+    _write(root / "A" / "x.png", _encode(img, "PNG"))
+    _write(root / "A" / "x-twin.png", _encode(img, "PNG"))  # a copy inside the same set is not a "copy of"
+    _write(root / "B" / "x-turned.png", _encode(img.transpose(Image.Transpose.ROTATE_270), "PNG"))
+    by_name = {Path(r.path).name: r for r in scan_dataset(root).images}
+    records = [by_name["img0.png"], by_name["x.png"], by_name["x-twin.png"]]
+    assert datasets.near_copies(records, [by_name["x-turned.png"]]) == [False, True, True]
+    assert datasets.near_copies([by_name["x-turned.png"]], records) == [True]
+    assert datasets.near_copies(records[:1], records[1:]) == [False]
+    assert datasets.near_copies([], records) == [] and datasets.near_copies(records, []) == [False] * 3

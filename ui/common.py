@@ -105,4 +105,4 @@ def image_stats(root: str):
 
 @st.cache_data(show_spinner="Measuring image colours ...", max_entries=8)
 def _image_stats(root: str, signature: str):
-    return dashboard.image_stats(scan(root))
+    return dashboard.image_stats(_scan(root, signature))  # the signature just computed, not a second one

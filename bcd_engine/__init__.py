@@ -5,7 +5,15 @@ Modules by concern: ``datasets`` (scan, load images), ``splits`` (group-aware sp
 feature cache), ``training``, ``evaluation`` (metrics), ``inference`` (predict, external evaluation),
 ``store`` (runs in SQLAlchemy), ``cli``. Importing the package does not import TensorFlow.
 """
-from .errors import BCDError, CancelledError, ConfigError, DataError, ImageLoadError, RunNotFoundError, StoreError
+from bcd_engine.errors import (
+    BCDError,
+    CancelledError,
+    ConfigError,
+    DataError,
+    ImageLoadError,
+    RunNotFoundError,
+    StoreError,
+)
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-from .errors import BCDError, ConfigError
-from .progress import progress_bar
+from bcd_engine.errors import BCDError, ConfigError
+from bcd_engine.progress import progress_bar
 
 EXIT_BAD_INPUT = 2
 
@@ -149,7 +149,7 @@ def _add_train_options(parser: argparse.ArgumentParser, *, data_help: str = "fol
 
 
 def _config_from_args(args):
-    from .config import TrainConfig
+    from bcd_engine.models.config import TrainConfig
 
     return TrainConfig.for_backbone(
         args.backbone, weights=args.weights, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
@@ -201,7 +201,7 @@ def _run(args) -> tuple[object, str, int]:
 
 
 def _cmd_scan(args):
-    from .datasets import scan_dataset
+    from bcd_engine.data.scan import scan_dataset
 
     result = scan_dataset(args.data, progress=True).to_dict()
     lines = [f"{result['n_images']} images in {len(result['classes'])} classes under {result['root']}"]
@@ -214,7 +214,7 @@ def _cmd_scan(args):
 
 
 def _cmd_runs(args):
-    from .store import RunStore
+    from bcd_engine.store import RunStore
 
     runs = [
         {"id": r.id, "backbone": r.backbone, "status": r.status, "protocol": r.protocol,
@@ -233,7 +233,7 @@ def _cmd_runs(args):
 def _cmd_backbones(args):
     from dataclasses import asdict
 
-    from .backbones import BACKBONES
+    from bcd_engine.models.backbones import BACKBONES
 
     rows = [asdict(spec) for spec in BACKBONES.values()]
     lines = [f"{s['name']:<15} {s['native_size']:>4}px  {s['params_millions']:>6.1f}M  {s['description']}" for s in rows]
@@ -241,7 +241,7 @@ def _cmd_backbones(args):
 
 
 def _cmd_train(args):
-    from .training import train
+    from bcd_engine.training.run import train
 
     config = _config_from_args(args)
     result = train(config, args.data, progress=True).to_dict()
@@ -253,7 +253,7 @@ def _cmd_train(args):
 
 
 def _cmd_cv(args):
-    from .crossval import cross_validate
+    from bcd_engine.protocols.crossval import cross_validate
 
     result = cross_validate(_config_from_args(args), args.data, folds=args.folds, progress=True)
     lines = [f"{result['protocol']}, {args.backbone}:"]
@@ -264,7 +264,7 @@ def _cmd_cv(args):
 
 
 def _cmd_lodo(args):
-    from .lodo import leave_one_dataset_out, load_dataset_label_map
+    from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_map
 
     datasets = {}
     for item in args.data:
@@ -287,8 +287,11 @@ def _cmd_lodo(args):
 
 
 def _cmd_baseline(args):
-    from .baselines import cross_validate_classical, train_classical_baseline
-    from .datasets import scan_dataset
+    from bcd_engine.data.scan import scan_dataset
+    from bcd_engine.protocols.baselines import (
+        cross_validate_classical,
+        train_classical_baseline,
+    )
 
     if args.folds is not None and _fractions(args):
         raise ConfigError("--val-fraction and --test-fraction set the hold-out split; with --folds each fold is the test set")
@@ -306,7 +309,7 @@ def _cmd_baseline(args):
 
 
 def _cmd_audit(args):
-    from .audit import audit_dataset, run_leakage_audit
+    from bcd_engine.protocols.audit import audit_dataset, run_leakage_audit
 
     if args.run:
         if _fractions(args):
@@ -331,9 +334,7 @@ def _cmd_audit(args):
 
 
 def _cmd_evaluate(args):
-    from .inference import evaluate_run_on_folder
-
-    from .inference import load_label_map
+    from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
 
     label_map = load_label_map(args.label_map) if args.label_map else None
     evaluation = evaluate_run_on_folder(args.run, args.data, label_map=label_map, progress=True)
@@ -348,7 +349,7 @@ def _cmd_evaluate(args):
 
 
 def _cmd_robustness(args):
-    from .robustness import colour_robustness_of_run
+    from bcd_engine.protocols.robustness import colour_robustness_of_run
 
     result = colour_robustness_of_run(args.run, progress=True)
     rows = [("original", result["original"]), *result["normalised"].items()]
@@ -359,7 +360,11 @@ def _cmd_robustness(args):
 
 
 def _cmd_predict(args):
-    from .diagnosis import Diagnoser, results_csv, sources_from_paths
+    from bcd_engine.inference.diagnosis import (
+        Diagnoser,
+        results_csv,
+        sources_from_paths,
+    )
 
     sources = sources_from_paths(args.images)
     diagnoser = Diagnoser.for_runs(args.run)
@@ -383,8 +388,8 @@ def _cmd_predict(args):
 def _cmd_explain(args):
     from PIL import Image
 
-    from .explain import explain_source, overlay
-    from .inference import load_run_model
+    from bcd_engine.inference.explain import explain_source, overlay
+    from bcd_engine.inference.loading import load_run_model
 
     if not 0 <= args.opacity <= 1:
         raise ConfigError(f"--opacity must be between 0 and 1, got {args.opacity}")
@@ -410,9 +415,9 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _cmd_export(args):
-    from .audit import audit_dataset
-    from .export import export_run
-    from .store import RunStore
+    from bcd_engine.export.bundle import export_run
+    from bcd_engine.protocols.audit import audit_dataset
+    from bcd_engine.store import RunStore
 
     audit = None
     if args.audit_data:
@@ -428,7 +433,7 @@ def _cmd_export(args):
 def _cmd_worker(args):
     import logging
 
-    from .worker import run_worker
+    from bcd_engine.training.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     done = run_worker(once=args.once, poll_seconds=args.poll)

@@ -23,3 +23,9 @@ def artifacts_dir() -> Path:
 def cache_dir() -> Path:
     """Folder for scan and feature caches: ``BCD_CACHE_DIR`` or ``.bcd_cache/`` at the project root."""
     return Path(os.environ.get("BCD_CACHE_DIR") or PROJECT_ROOT / ".bcd_cache")
+
+
+def demo_mode(secret: object = None) -> bool:
+    """Demo mode (browse and diagnose only): ``BCD_DEMO_MODE`` or a ``demo_mode`` secret set to a true value."""
+    values = [os.environ.get("BCD_DEMO_MODE", ""), "" if secret is None else str(secret)]
+    return any(v.strip().lower() in ("1", "true", "yes", "on") for v in values)

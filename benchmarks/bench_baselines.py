@@ -39,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _machine import load_average, machine_info, print_report_start  # noqa: E402
-from bcd_engine import baselines  # noqa: E402
-from bcd_engine.config import TrainConfig  # noqa: E402
-from bcd_engine.dashboard import THESIS_REFERENCE  # noqa: E402
-from bcd_engine.datasets import scan_dataset  # noqa: E402
-from bcd_engine.splits import holdout_split  # noqa: E402
-from bcd_engine.synthetic import ensure_demo_dataset  # noqa: E402
+
+from bcd_engine.protocols import baselines  # noqa: E402
+from bcd_engine.data.scan import scan_dataset  # noqa: E402
+from bcd_engine.data.splits import holdout_split  # noqa: E402
+from bcd_engine.data.synthetic import ensure_demo_dataset  # noqa: E402
+from bcd_engine.models.config import TrainConfig  # noqa: E402
+from bcd_engine.reports.runs import THESIS_REFERENCE  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 ALL_DATA = SHARED / "datasets" / "all_taleqani" / "Original"
@@ -84,7 +84,7 @@ def classical(scan, *, model: str, image_size: int, seed: int) -> dict:
 def scratch(data: Path, *, image_size: int, epochs: int, patience: int | None, seed: int, tmp: Path) -> dict:
     """Train the scratch CNN with ``training.train`` into a temporary store and artifacts folder."""
     from bcd_engine.store import RunStore
-    from bcd_engine.training import train
+    from bcd_engine.training.run import train
 
     os.environ["BCD_ARTIFACTS_DIR"] = str(tmp / "artifacts")  # the model is saved there, not in artifacts/
     store = RunStore(f"sqlite:///{tmp / 'runs.db'}")
@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
-    from bcd_engine.training import configure_device
+    from bcd_engine.models.device import configure_device
 
     environment = configure_device()
     machine = machine_info()

@@ -78,10 +78,10 @@ def kill_group(pid: int) -> None:
 
 
 def train_demo_model(url: str) -> float:
-    from bcd_engine.dashboard import demo_config
+    from bcd_engine.data.synthetic import ensure_demo_dataset
     from bcd_engine.store import RunStore
-    from bcd_engine.synthetic import ensure_demo_dataset
-    from bcd_engine.training import train
+    from bcd_engine.training.queue import demo_config
+    from bcd_engine.training.run import train
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # keep Keras' output off stdout

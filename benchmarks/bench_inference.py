@@ -35,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _machine import load_average, machine_info, print_report_start  # noqa: E402
-from bcd_engine.backbones import build_backbone, get_backbone  # noqa: E402
-from bcd_engine.config import TrainConfig  # noqa: E402
-from bcd_engine.diagnosis import Diagnoser  # noqa: E402
-from bcd_engine.inference import LoadedModel  # noqa: E402
-from bcd_engine.training import assemble_model, build_head, configure_device  # noqa: E402
+
+from bcd_engine.inference.diagnosis import Diagnoser  # noqa: E402
+from bcd_engine.inference.loading import LoadedModel  # noqa: E402
+from bcd_engine.models.backbones import build_backbone, get_backbone  # noqa: E402
+from bcd_engine.models.config import TrainConfig  # noqa: E402
+from bcd_engine.models.device import configure_device  # noqa: E402
+from bcd_engine.models.head import assemble_model, build_head  # noqa: E402
 
 DEFAULT_BACKBONES = "scratch_cnn,mobilenetv2,efficientnetb0,resnet50,densenet121,inceptionv3,vgg16"
 CLASS_NAMES = ["Benign", "Early", "Pre", "Pro"]  # the ALL dataset's classes (only their number matters here)
@@ -89,7 +90,9 @@ def layer_macs(model) -> dict[str, int]:
 def profiler_flops(model, image_size: int) -> int | None:
     """TensorFlow profiler's float-op total for one image on the model's frozen inference graph."""
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec([1, image_size, image_size, 3], tf.float32))

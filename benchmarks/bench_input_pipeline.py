@@ -34,14 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _machine import load_average, machine_info, print_report_start  # noqa: E402
-from bcd_engine.backbones import get_backbone  # noqa: E402
-from bcd_engine.config import AugmentConfig, TrainConfig  # noqa: E402
-from bcd_engine.datasets import scan_dataset  # noqa: E402
-from bcd_engine.features import build_feature_extractor, extract_features  # noqa: E402
-from bcd_engine.synthetic import make_synthetic_dataset  # noqa: E402
-from bcd_engine.training import configure_device, load_images  # noqa: E402
+
+from bcd_engine.data.images import load_images  # noqa: E402
+from bcd_engine.data.scan import scan_dataset  # noqa: E402
+from bcd_engine.data.synthetic import make_synthetic_dataset  # noqa: E402
+from bcd_engine.models.backbones import get_backbone  # noqa: E402
+from bcd_engine.models.config import AugmentConfig, TrainConfig  # noqa: E402
+from bcd_engine.models.device import configure_device  # noqa: E402
+from bcd_engine.models.features import build_feature_extractor, extract_features  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 ALL_DATA = SHARED / "datasets" / "all_taleqani" / "Original"

@@ -25,14 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bcd_engine.backbones import get_backbone  # noqa: E402
-from bcd_engine.config import AugmentConfig, TrainConfig  # noqa: E402
-from bcd_engine.datasets import scan_dataset  # noqa: E402
-from bcd_engine.features import build_feature_extractor, extract_features  # noqa: E402
-from bcd_engine.splits import holdout_split  # noqa: E402
-from bcd_engine.synthetic import ensure_demo_dataset  # noqa: E402
-from bcd_engine.training import (  # noqa: E402
-    assemble_model, build_head, compile_model, configure_device, fit_head_on_features, load_images, predict_proba,
+from bcd_engine.data.images import load_images
+from bcd_engine.data.scan import scan_dataset  # noqa: E402
+from bcd_engine.data.splits import holdout_split  # noqa: E402
+from bcd_engine.data.synthetic import ensure_demo_dataset  # noqa: E402
+from bcd_engine.inference.predict import predict_proba
+from bcd_engine.models.backbones import get_backbone  # noqa: E402
+from bcd_engine.models.config import AugmentConfig, TrainConfig  # noqa: E402
+from bcd_engine.models.device import configure_device
+from bcd_engine.models.features import build_feature_extractor, extract_features  # noqa: E402
+from bcd_engine.models.head import (
+    assemble_model,
+    build_head,
+    compile_model,
+    fit_head_on_features,
 )
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"

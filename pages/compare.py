@@ -7,12 +7,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from bcd_engine import comparison, dashboard, explain
-from bcd_engine.datasets import load_image
+from bcd_engine.data.images import load_image
 from bcd_engine.errors import BCDError
-from ui import common
+from bcd_engine.inference import explain
+from bcd_engine.reports import comparison
+from bcd_engine.reports import runs as run_tables
+from ui import charts, common
 
-TOP = {"t": 110}  # figure margin with room for comparison.figure_title's three lines
+TOP = {"t": 110}  # figure margin with room for charts.figure_title's three lines
 AUDIT_DASHES = {"colour only": "dash", "corner only": "dot", "chance": "longdashdot"}
 
 st.title("Compare runs")
@@ -31,7 +33,7 @@ common.explain(
 )
 common.demo_banner()
 store = common.store()
-runs = dashboard.runs_frame(store)
+runs = run_tables.runs_frame(store)
 records = {r.id: r for r in store.list_runs()}
 evaluations = comparison.evaluations_by_run(store, runs.loc[runs["status"] == "completed", "id"])
 audits: dict[str, dict | None] = {}
@@ -58,7 +60,7 @@ def add_audit_lines(fig: go.Figure, roots: list[str]) -> None:
 
 def interval_bars(frame: pd.DataFrame, x: str, bars: dict[str, str], title: str) -> go.Figure:
     """Grouped bars of ``frame``'s interval columns (column -> legend name) with 95% CI error bars."""
-    fig = go.Figure([go.Bar(name=name, x=frame[x], y=frame[column], error_y=comparison.error_bar(frame, column))
+    fig = go.Figure([go.Bar(name=name, x=frame[x], y=frame[column], error_y=charts.error_bar(frame, column))
                      for column, name in bars.items()])
     return fig.update_layout(title=title, barmode="group", yaxis_title="share of test images", yaxis_range=[0, 1.05])
 
@@ -163,7 +165,7 @@ tests = {run_id: ev for run_id in selected if (ev := comparison.latest(evaluatio
 if not tests:
     st.info("The selected runs have no test results stored.")
     st.stop()
-titles = {run_id: comparison.figure_title(records[run_id], ev) for run_id, ev in tests.items()}
+titles = {run_id: charts.figure_title(records[run_id], ev) for run_id, ev in tests.items()}
 
 st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
 chart_col, audit_col = st.columns([3, 2])
@@ -202,7 +204,7 @@ for i, root in enumerate(roots):
     box.caption(comparison.audit_explanation(audit))
 
 st.subheader("Training curves")
-frame = dashboard.epochs_frame(store, selected)
+frame = run_tables.epochs_frame(store, selected)
 fig = px.line(frame, x="step", y="value", color="run", line_dash="split", facet_col="metric", markers=True,
               labels={"step": "epoch (all phases)"})
 fig.update_yaxes(matches=None)
@@ -255,13 +257,13 @@ for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
     col.metric("ECE", f"{ev.metrics.get('ece', float('nan')):.3f}", help="0 is perfect; lower is better.")
 
 st.subheader("Per-class precision, recall and F1")
-per_class = pd.concat([dashboard.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
+per_class = pd.concat([run_tables.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
                        for run_id, ev in tests.items()])
 st.dataframe(per_class.set_index(["run", "class"]).round(3), key="compare_per_class")
 
 st.subheader("Misclassified test images")
 gallery_run = st.selectbox("Run", list(tests), format_func=labels.get, key="compare_gallery_run")
-wrong = dashboard.misclassified(store, tests[gallery_run])
+wrong = run_tables.misclassified(store, tests[gallery_run])
 show_cam = st.toggle("Show where the model looked (Grad-CAM)", key="compare_gradcam",
                      help="Red marks the parts of the image that pushed the model towards its (wrong) answer.")
 loaded = None

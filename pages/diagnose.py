@@ -2,8 +2,9 @@
 import plotly.express as px
 import streamlit as st
 
-from bcd_engine import dashboard, diagnosis, explain
 from bcd_engine.errors import BCDError
+from bcd_engine.inference import diagnosis, explain, loading
+from bcd_engine.reports import runs as run_tables
 from ui import common
 
 READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:"}
@@ -22,7 +23,7 @@ common.explain(
 common.demo_banner()
 store = common.store()
 
-best = dashboard.best_completed_run(store)
+best = run_tables.best_completed_run(store)
 if best is None:
     common.no_runs_yet("diagnose")
 runs = store.list_runs(status="completed")
@@ -33,8 +34,8 @@ run_ids = st.multiselect("Model (choose several for an ensemble: their probabili
 uploads = st.file_uploader(
     "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
     accept_multiple_files=True, key="diagnose_upload",
-    help=f"At most {dashboard.MAX_UPLOAD_BYTES // 2**20} MB per image and "
-         f"{dashboard.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive. A file that cannot be used is "
+    help=f"At most {diagnosis.MAX_UPLOAD_BYTES // 2**20} MB per image and "
+         f"{diagnosis.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive. A file that cannot be used is "
          "listed with the reason; the others are still diagnosed.")
 if not run_ids:
     st.info("Choose at least one model.")
@@ -49,9 +50,9 @@ except BCDError as exc:
     st.stop()
 
 # Diagnose once per (models, uploads): moving the opacity slider or downloading must not redo the work.
-job = (tuple(dashboard.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
+job = (tuple(loading.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
 if st.session_state.get("diagnose_job", (None,))[0] != job:
-    sources, rejected = dashboard.upload_sources([(u.name, u.getvalue()) for u in uploads])
+    sources, rejected = diagnosis.upload_sources([(u.name, u.getvalue()) for u in uploads])
     bar = st.progress(0.0, text=f"Diagnosing {len(sources)} image(s) ...")
     results = diagnoser.diagnose(sources, on_progress=lambda done, total: bar.progress(
         done / total, text=f"Diagnosed {done} of {total} image(s)")) if sources else []

@@ -4,11 +4,13 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from bcd_engine import dashboard
-from bcd_engine.augment import preview_views
-from bcd_engine.config import AugmentConfig
-from bcd_engine.datasets import load_image
+from bcd_engine.data import kaggle
+from bcd_engine.data.images import load_image
+from bcd_engine.data.scan import twin_of, twin_root
 from bcd_engine.errors import BCDError
+from bcd_engine.models.augment import preview_views
+from bcd_engine.models.config import AugmentConfig
+from bcd_engine.reports import explorer as explorer_tables
 from ui import common
 
 st.title("Dataset explorer")
@@ -25,7 +27,7 @@ store = common.store()
 SOURCES = ("Built-in or registered dataset", "Local folder", "Download the ALL dataset (Kaggle)")
 source = st.radio("Dataset", SOURCES, horizontal=True, key="explorer_source")
 if source == SOURCES[0]:
-    choices = dashboard.dataset_choices(store)
+    choices = explorer_tables.dataset_choices(store, common.demo_dataset())
     choice = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="explorer_dataset")
     root = choice.root
 elif source == SOURCES[1]:
@@ -40,7 +42,7 @@ else:
                "The dataset's terms forbid redistribution, so bcd never ships it.")
     if st.button("Download with kagglehub", key="explorer_kaggle", disabled=common.demo_mode()):
         with st.spinner("Downloading ..."):
-            folder, message = dashboard.download_kaggle_dataset()
+            folder, message = kaggle.download_kaggle_dataset()
         st.session_state["explorer_kaggle_path"] = None if folder is None else str(folder)
         (st.success if folder else st.error)(message)
     root = st.session_state.get("explorer_kaggle_path")
@@ -53,7 +55,7 @@ except BCDError as exc:
     st.error(str(exc))
     st.stop()
 
-synthetic = Path(root).resolve() == Path(dashboard.ensure_demo_dataset()).resolve()
+synthetic = Path(root).resolve() == Path(common.demo_dataset()).resolve()
 if synthetic:
     st.warning("**SYNTHETIC dataset** — images drawn by a program for demos and tests. Not medical data.",
                icon=":material/science:")
@@ -75,14 +77,14 @@ with balance:
     if scan.unreadable:
         st.dataframe([{"path": r.path, "reason": r.error} for r in scan.unreadable], key="explorer_unreadable")
 
-by_class = dashboard.samples_by_class(scan)
+by_class = explorer_tables.samples_by_class(scan)
 with samples:
     c1, c2 = st.columns([2, 1])
     class_name = c1.selectbox("Class", scan.class_names, key="explorer_sample_class")
     per_page = 12
-    items, n_pages = dashboard.page_of(by_class[class_name], 1, per_page)
+    items, n_pages = explorer_tables.page_of(by_class[class_name], 1, per_page)
     page = c2.number_input(f"Page (of {n_pages})", 1, n_pages, 1, key="explorer_sample_page")
-    items, _ = dashboard.page_of(by_class[class_name], int(page), per_page)
+    items, _ = explorer_tables.page_of(by_class[class_name], int(page), per_page)
     grid = st.columns(6)
     for i, path in enumerate(items):
         grid[i % 6].image(load_image(path), caption=Path(path).name, width="stretch")
@@ -90,7 +92,7 @@ with samples:
 with stats_tab:
     stats = common.image_stats(root)
     st.caption(f"Measured on up to 40 images per class ({len(stats)} images), resized to 64 px.")
-    st.dataframe(dashboard.class_summary(stats), key="explorer_stats_table")
+    st.dataframe(explorer_tables.class_summary(stats), key="explorer_stats_table")
     long = stats.melt(id_vars=["class"], value_vars=["mean_r", "mean_g", "mean_b"], var_name="channel",
                       value_name="mean value")
     st.plotly_chart(px.box(long, x="class", y="mean value", color="channel", title="Mean colour per class",
@@ -113,12 +115,12 @@ with dups:
         st.success("No such groups in this dataset.")
 
 with twins:
-    other = dashboard.twin_root(root)
+    other = twin_root(root)
     if other is None:
         st.info("This folder has no `Original`/`Segmented` twin next to it (the ALL dataset has both).")
     else:
         path = st.selectbox("Image", scan.paths[:500], format_func=lambda p: Path(p).name, key="explorer_twin")
-        twin = dashboard.twin_of(path, root)
+        twin = twin_of(path, root)
         left, right = st.columns(2)
         left.image(load_image(path), caption=f"{Path(root).name}: {Path(path).name}")
         if twin is None:

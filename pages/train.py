@@ -5,10 +5,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from bcd_engine import dashboard
-from bcd_engine.backbones import BACKBONES, SCRATCH
-from bcd_engine.config import OPTIMIZERS, TrainConfig
 from bcd_engine.errors import BCDError
+from bcd_engine.models.backbones import BACKBONES, SCRATCH
+from bcd_engine.models.config import OPTIMIZERS, TrainConfig
+from bcd_engine.reports import explorer as explorer_tables
+from bcd_engine.reports import runs as run_tables
+from bcd_engine.training import queue, worker
 from ui import common
 
 st.title("Train")
@@ -33,11 +35,11 @@ with st.expander("Backbones", icon=":material/table:"):
 
 def _launch(configs: list[TrainConfig], data_dir: str) -> None:
     try:
-        ids = [dashboard.queue_run(store, config, data_dir) for config in configs]
+        ids = [queue.queue_run(store, config, data_dir) for config in configs]
     except BCDError as exc:
         st.error(str(exc))
         return
-    dashboard.ensure_worker(store)
+    worker.ensure_worker(store)
     st.success(f"Queued run{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}.")
 
 
@@ -48,10 +50,10 @@ else:
     right.write("New here?")
     if right.button("Train demo model", key="train_demo", type="primary",
                     help="A tiny CNN on the SYNTHETIC demo set; about a minute on a CPU."):
-        _launch([dashboard.demo_config()], str(dashboard.ensure_demo_dataset()))
+        _launch([queue.demo_config()], common.demo_dataset())
 
     with left.form("train_form"):
-        choices = dashboard.dataset_choices(store)
+        choices = explorer_tables.dataset_choices(store, common.demo_dataset())
         dataset = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="train_dataset")
         folder = st.text_input("... or a local folder", key="train_folder", help="Overrides the dataset above.")
         names = st.multiselect("Backbone(s)", list(BACKBONES), default=["mobilenetv2"], key="train_backbones_sel",
@@ -104,7 +106,7 @@ def queue_panel() -> None:
     """The queue, the running job's progress and curves; refreshed every few seconds from the store."""
     store.recover_interrupted()
     if not demo:
-        dashboard.ensure_worker(store)
+        worker.ensure_worker(store)
     runs = store.list_runs(limit=30)
     st.subheader("Queue and recent runs")
     if not runs:
@@ -119,7 +121,7 @@ def queue_panel() -> None:
         epochs = store.get_epochs(run.id)
         planned = cfg["epochs"] + cfg["fine_tune_epochs"]
         st.progress(min(1.0, len(epochs) / planned), text=f"{len(epochs)} of at most {planned} epochs")
-        frame = dashboard.epochs_frame(store, [run.id])
+        frame = run_tables.epochs_frame(store, [run.id])
         if not frame.empty:
             fig = px.line(frame, x="step", y="value", color="split", facet_col="metric", markers=True)
             fig.update_yaxes(matches=None)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from bcd_engine.data.synthetic import make_synthetic_dataset
 from bcd_engine.store import RunStore
-from bcd_engine.synthetic import make_synthetic_dataset
 
 SYNTHETIC_CLASSES = ("Benign", "Early", "Pre", "Pro")
 SYNTHETIC_PER_CLASS = 12

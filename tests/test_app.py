@@ -9,8 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_comparison import fill_store
 
-from bcd_engine import worker
 from bcd_engine.store import RunStore
+from bcd_engine.training import worker
 
 PAGES = ["pages/explorer.py", "pages/train.py", "pages/compare.py", "pages/diagnose.py"]
 TIMEOUT = 120

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bcd_engine.archives import MAX_RATIO, ArchiveContents, read_archive
+from bcd_engine.data.archives import MAX_RATIO, ArchiveContents, read_archive
 from bcd_engine.errors import ArchiveError, ConfigError, DataError
 
 

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcd_engine.audit import (
-    NO_PATIENT_IDS_WARNING,
+from bcd_engine.data.colour import normalise_colour
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.splits import group_kfold, holdout_split
+from bcd_engine.errors import ConfigError
+from bcd_engine.protocols.audit import (
     N_COLOUR_FEATURES,
+    NO_PATIENT_IDS_WARNING,
     colour_features,
     colour_robustness,
     corner_features,
     leakage_audit,
     shortcut_audit,
 )
-from bcd_engine.colour import normalise_colour
-from bcd_engine.datasets import scan_dataset
-from bcd_engine.errors import ConfigError
-from bcd_engine.splits import group_kfold, holdout_split
 
 
 def _noise_dataset(root: Path, *, tinted: bool, n_per_class: int = 16, size: int = 12) -> Path:

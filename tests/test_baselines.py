@@ -4,8 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bcd_engine.audit import N_COLOUR_FEATURES
-from bcd_engine.baselines import (
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.splits import holdout_split
+from bcd_engine.errors import ConfigError
+from bcd_engine.protocols.audit import N_COLOUR_FEATURES
+from bcd_engine.protocols.baselines import (
     cross_validate_classical,
     glcm_features,
     handcrafted_features,
@@ -13,9 +16,6 @@ from bcd_engine.baselines import (
     shape_features,
     train_classical_baseline,
 )
-from bcd_engine.datasets import scan_dataset
-from bcd_engine.errors import ConfigError
-from bcd_engine.splits import holdout_split
 
 
 def test_glcm_of_flat_and_striped_images():
@@ -73,7 +73,7 @@ def test_classical_baseline_tests_on_the_split_train_makes_for_the_same_fraction
 
 
 def test_svm_calibration_folds_keep_duplicate_groups_together(monkeypatch):
-    from bcd_engine import baselines
+    from bcd_engine.protocols import baselines
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 40)
@@ -96,7 +96,7 @@ def test_svm_calibration_folds_keep_duplicate_groups_together(monkeypatch):
 
 @pytest.mark.parametrize(("groups_per_class", "folds"), [((2, 2), 2), ((3, 1), 5)])
 def test_svm_calibration_copes_with_classes_of_few_groups(groups_per_class, folds):
-    from bcd_engine.baselines import _calibration_folds, _fit_and_evaluate
+    from bcd_engine.protocols.baselines import _calibration_folds, _fit_and_evaluate
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 12)
@@ -129,7 +129,7 @@ def test_classical_baseline_under_k_fold_cv_tests_every_image_once(synthetic_dat
 
 @pytest.mark.parametrize("model", ["svm", "logreg"])
 def test_a_class_missing_from_the_training_side_gets_a_zero_column(model):
-    from bcd_engine.baselines import _fit_and_evaluate
+    from bcd_engine.protocols.baselines import _fit_and_evaluate
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 12)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bcd_engine.synthetic import make_synthetic_dataset
+from bcd_engine.data.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

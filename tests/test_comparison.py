@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 from store_fixtures import db_url, store  # noqa: F401  (pytest fixtures)
 
-from bcd_engine import comparison, confidence, dashboard, evaluation
-from bcd_engine.datasets import scan_dataset
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.evaluation import confidence
+from bcd_engine.evaluation import metrics as evaluation
+from bcd_engine.reports import comparison
+from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import RunStore
+from ui import charts
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 HOLDOUT = "holdout (group-aware, stratified)"
@@ -102,7 +106,7 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
     ci = test.metrics["confidence_intervals"]["accuracy"]
     expected = f"{test.metrics['accuracy']:.3f} ({ci['low']:.3f}–{ci['high']:.3f})"
 
-    table = comparison.runs_table(dashboard.runs_frame(db), evaluations).set_index("id")
+    table = comparison.runs_table(run_tables.runs_frame(db), evaluations).set_index("id")
     assert list(table.columns[:4]) == ["backbone", "status", "accuracy (95% CI)", "macro AUC (95% CI)"]
     assert table.loc[ids["holdout"], "accuracy (95% CI)"] == expected
     assert table.loc[ids["failed"], "accuracy (95% CI)"] == "n/a"
@@ -114,13 +118,13 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
         ci["low"], test.metrics["accuracy"], ci["high"])
     assert row["protocol"] == HOLDOUT and HOLDOUT in row["label"] and row["n"] == 12
     assert frame.loc[ids["lodo"], "protocol"] == LODO + comparison.IN_DOMAIN_NOTE  # not the held-out figure
-    bars = comparison.error_bar(frame, "accuracy")
+    bars = charts.error_bar(frame, "accuracy")
     assert bars["array"][0] == pytest.approx(ci["high"] - test.metrics["accuracy"])
     assert min(bars["array"] + bars["arrayminus"]) >= 0
 
     run = db.get_run(ids["holdout"])
     assert comparison.run_label(run, test) == f"run {run.id}: resnet50 · {HOLDOUT} · accuracy {expected}"
-    assert expected in comparison.figure_title(run, test) and "macro AUC" in comparison.figure_title(run, test)
+    assert expected in charts.figure_title(run, test) and "macro AUC" in charts.figure_title(run, test)
     assert set(comparison.reference_frame()["95% CI"]) == {"not reported"}
 
 

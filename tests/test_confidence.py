@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import sklearn.metrics as skm
 
-from bcd_engine.confidence import (
+from bcd_engine.errors import ConfigError
+from bcd_engine.evaluation.confidence import (
     METRICS,
     bootstrap_ci,
     bootstrap_cis,
     expected_calibration_error,
     reliability_diagram,
 )
-from bcd_engine.errors import ConfigError
 
 
 def _calibrated(n: int, n_classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +91,7 @@ def test_bad_inputs_raise_config_error(y, prob):
 
 
 def test_macro_f1_counts_a_class_predicted_but_absent_from_the_test_set():
-    from bcd_engine.confidence import macro_f1
+    from bcd_engine.evaluation.confidence import macro_f1
 
     y_true = np.array([0, 0, 1, 1])
     y_pred = np.array([0, 2, 1, 1])  # class 2 never occurs, but the model says it once
@@ -101,7 +101,7 @@ def test_macro_f1_counts_a_class_predicted_but_absent_from_the_test_set():
 
 
 def test_sample_std_divides_by_n_minus_one_and_needs_two_values():
-    from bcd_engine.confidence import sample_std
+    from bcd_engine.evaluation.confidence import sample_std
 
     assert sample_std([0.98, 0.99, 1.0]) == pytest.approx(0.01)
     assert sample_std([0.99]) is None and sample_std([]) is None

@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-from bcd_engine import crossval
-from bcd_engine.config import AugmentConfig, TrainConfig
-from bcd_engine.crossval import cross_validate, cv_protocol, fold_splits
 from bcd_engine.errors import ConfigError
-from bcd_engine.training import train
+from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.protocols import crossval
+from bcd_engine.protocols.crossval import cross_validate, cv_protocol, fold_splits
+from bcd_engine.training.run import train
 
 
 def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from bcd_engine import datasets
-from bcd_engine.datasets import SUPPORTED_EXTENSIONS, ScanResult, load_image, scan_dataset
+from bcd_engine.data import dedup, scan
+from bcd_engine.data.images import SUPPORTED_EXTENSIONS, load_image
+from bcd_engine.data.scan import ScanResult, scan_dataset
 from bcd_engine.errors import ConfigError, DataError, ImageLoadError
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -180,7 +181,7 @@ def test_exact_and_near_duplicates_are_grouped(tmp_path: Path) -> None:
 
 
 def test_flipped_and_turned_copies_are_near_duplicates_and_stay_on_one_side_of_a_split(tmp_path: Path) -> None:
-    from bcd_engine.splits import holdout_split
+    from bcd_engine.data.splits import holdout_split
 
     root = _two_class_folder(tmp_path / "data", per_class=2)
     originals = [_smooth_image(500 + i, size=160) for i in range(10)]  # larger than the views' reduced copy
@@ -330,7 +331,7 @@ def test_corrupt_cache_is_rebuilt(
     count_opens.clear()
     assert scan_dataset(synthetic_dataset) == expected
     assert len(count_opens) == 48
-    assert json.loads(cache_file.read_text())["format"] == datasets._CACHE_FORMAT
+    assert json.loads(cache_file.read_text())["format"] == scan._CACHE_FORMAT
 
 
 def test_use_cache_false_neither_reads_nor_writes(
@@ -455,19 +456,19 @@ def test_load_image_bad_size(size: object) -> None:
 
 def test_folder_signature_changes_exactly_when_a_scan_could(tmp_path: Path) -> None:
     root = _two_class_folder(tmp_path / "data")
-    first = datasets.folder_signature(root)
-    assert datasets.folder_signature(root) == first
+    first = scan.folder_signature(root)
+    assert scan.folder_signature(root) == first
     (root / "A" / "notes.txt").write_text("not an image")  # not scanned: no change
-    assert datasets.folder_signature(root) == first
+    assert scan.folder_signature(root) == first
     added = _write(root / "A" / "new.png", _encode(_smooth_image(7), "PNG"))
-    with_new = datasets.folder_signature(root)
+    with_new = scan.folder_signature(root)
     assert with_new != first
     os.utime(added, ns=(added.stat().st_atime_ns, added.stat().st_mtime_ns + 10**9))
-    assert datasets.folder_signature(root) not in (first, with_new)
+    assert scan.folder_signature(root) not in (first, with_new)
     added.unlink()
-    assert datasets.folder_signature(root) == first
+    assert scan.folder_signature(root) == first
     with pytest.raises(DataError, match="does not exist"):
-        datasets.folder_signature(tmp_path / "missing")
+        scan.folder_signature(tmp_path / "missing")
 
 
 def test_near_copies_match_in_either_direction_and_only_across_the_two_sets(tmp_path: Path) -> None:
@@ -478,7 +479,7 @@ def test_near_copies_match_in_either_direction_and_only_across_the_two_sets(tmp_
     _write(root / "B" / "x-turned.png", _encode(img.transpose(Image.Transpose.ROTATE_270), "PNG"))
     by_name = {Path(r.path).name: r for r in scan_dataset(root).images}
     records = [by_name["img0.png"], by_name["x.png"], by_name["x-twin.png"]]
-    assert datasets.near_copies(records, [by_name["x-turned.png"]]) == [False, True, True]
-    assert datasets.near_copies([by_name["x-turned.png"]], records) == [True]
-    assert datasets.near_copies(records[:1], records[1:]) == [False]
-    assert datasets.near_copies([], records) == [] and datasets.near_copies(records, []) == [False] * 3
+    assert dedup.near_copies(records, [by_name["x-turned.png"]]) == [False, True, True]
+    assert dedup.near_copies([by_name["x-turned.png"]], records) == [True]
+    assert dedup.near_copies(records[:1], records[1:]) == [False]
+    assert dedup.near_copies([], records) == [] and dedup.near_copies(records, []) == [False] * 3

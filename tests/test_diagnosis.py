@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bcd_engine.config import TrainConfig
-from bcd_engine.diagnosis import (
+from bcd_engine.errors import ConfigError
+from bcd_engine.inference.diagnosis import (
     Diagnoser,
     Source,
     dihedral_views,
@@ -20,8 +20,8 @@ from bcd_engine.diagnosis import (
     sources_from_paths,
     uncertainty,
 )
-from bcd_engine.errors import ConfigError
-from bcd_engine.inference import LoadedModel
+from bcd_engine.inference.loading import LoadedModel
+from bcd_engine.models.config import TrainConfig
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 SIZE = 32
@@ -175,7 +175,7 @@ def test_sources_from_folders_and_zip_archives(tmp_path):
 
 
 def test_uploads_become_sources_and_a_bad_upload_costs_only_itself(monkeypatch):
-    from bcd_engine import dashboard
+    from bcd_engine.inference import diagnosis
 
     image = png_bytes(random_images(1)[0])
     good_zip, evil_zip = io.BytesIO(), io.BytesIO()
@@ -183,8 +183,8 @@ def test_uploads_become_sources_and_a_bad_upload_costs_only_itself(monkeypatch):
         zf.writestr("c.png", image)
     with zipfile.ZipFile(evil_zip, "w") as zf:
         zf.writestr("../escape.png", image)
-    monkeypatch.setattr(dashboard, "MAX_UPLOAD_BYTES", len(image) + 10)
-    sources, rejected = dashboard.upload_sources([
+    monkeypatch.setattr(diagnosis, "MAX_UPLOAD_BYTES", len(image) + 10)
+    sources, rejected = diagnosis.upload_sources([
         ("a.png", image), ("big.png", image + b"\0" * 20), ("batch.download", good_zip.getvalue()),
         ("evil.zip", evil_zip.getvalue()),
     ])

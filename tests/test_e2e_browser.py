@@ -18,9 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from store_fixtures import PROJECT_ROOT, subprocess_env
 
 from bcd_engine.store import RunStore
-from store_fixtures import PROJECT_ROOT, subprocess_env
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = PROJECT_ROOT / "test-artifacts"

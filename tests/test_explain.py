@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bcd_engine.backbones import build_backbone, get_backbone
-from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.errors import ConfigError
-from bcd_engine.explain import explain_source, grad_cam, jet, overlay
+from bcd_engine.inference.explain import explain_source, grad_cam, jet, overlay
+from bcd_engine.models.backbones import build_backbone, get_backbone
+from bcd_engine.models.config import AugmentConfig, TrainConfig
 
 keras = pytest.importorskip("keras")
 
@@ -27,7 +27,7 @@ def bright_square_images(n: int, rng: np.random.Generator):
 
 
 def assembled(name: str, *, image_size: int, n_classes: int = 2, **overrides):
-    from bcd_engine.training import assemble_model, build_head
+    from bcd_engine.models.head import assemble_model, build_head
 
     options = {"dense_units": 8, "dropout": 0.0, "augment": AugmentConfig(factor=1), **overrides}
     config = TrainConfig(backbone=name, image_size=image_size, **options)
@@ -38,7 +38,7 @@ def assembled(name: str, *, image_size: int, n_classes: int = 2, **overrides):
 @pytest.fixture(scope="module")
 def square_model():
     """A scratch CNN trained to tell dark noise (0) from dark noise with a bright square (1)."""
-    from bcd_engine.training import compile_model
+    from bcd_engine.models.head import compile_model
 
     model, config = assembled("scratch_cnn", image_size=SIZE, dense_units=16, seed=0)
     images, labels, _ = bright_square_images(192, np.random.default_rng(0))
@@ -107,8 +107,8 @@ def test_a_model_loaded_back_from_disk_gives_the_same_heatmap(name, square_model
 def test_a_stored_run_explains_an_image_file(square_model, tmp_path, monkeypatch):
     from PIL import Image
 
-    from bcd_engine.features import file_sha256
-    from bcd_engine.inference import load_run_model
+    from bcd_engine.files import file_sha256
+    from bcd_engine.inference.loading import load_run_model
     from bcd_engine.store import RunStore
 
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))

@@ -6,22 +6,17 @@ import json
 
 import numpy as np
 import pytest
-
-from bcd_engine.backbones import BACKBONES, get_backbone
-from bcd_engine.config import AugmentConfig, TrainConfig
-from bcd_engine.errors import ConfigError, RunNotFoundError, StoreError
-from bcd_engine.export import (
-    TFLITE_ATOL,
-    export_run,
-    model_card,
-    preprocessing_info,
-    tflite_probabilities,
-    to_tflite,
-)
-from bcd_engine.features import file_sha256
-from bcd_engine.inference import load_run_model
-from bcd_engine.training import PROTOCOL_HOLDOUT, train
 from conftest import workspace_store
+
+from bcd_engine.errors import ConfigError, RunNotFoundError, StoreError
+from bcd_engine.export.bundle import export_run
+from bcd_engine.export.card import model_card
+from bcd_engine.export.tflite import TFLITE_ATOL, tflite_probabilities, to_tflite
+from bcd_engine.files import file_sha256
+from bcd_engine.inference.loading import load_run_model
+from bcd_engine.models.backbones import BACKBONES, get_backbone, preprocessing_info
+from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.training.run import PROTOCOL_HOLDOUT, train
 
 keras = pytest.importorskip("keras")
 
@@ -77,8 +72,8 @@ def test_tflite_export_matches_keras(trained, tmp_path):
 
 
 def test_a_mixed_precision_model_converts_in_float32():
-    from bcd_engine.backbones import build_backbone
-    from bcd_engine.training import assemble_model, build_head
+    from bcd_engine.models.backbones import build_backbone
+    from bcd_engine.models.head import assemble_model, build_head
 
     config = TrainConfig(backbone="scratch_cnn", image_size=32, dense_units=8)
     keras.mixed_precision.set_global_policy("mixed_float16")

@@ -21,7 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bcd_engine.datasets import MAX_FILE_BYTES, MIN_IMAGE_SIDE, detect_image_format, load_image
+from bcd_engine.data.images import (
+    MAX_FILE_BYTES,
+    MIN_IMAGE_SIDE,
+    detect_image_format,
+    load_image,
+)
 from bcd_engine.errors import ImageLoadError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -6,13 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from bcd_engine.config import AugmentConfig, TrainConfig
-from bcd_engine.datasets import scan_dataset
+from bcd_engine.data.images import load_images
+from bcd_engine.data.scan import scan_dataset
 from bcd_engine.errors import StoreError
-from bcd_engine.diagnosis import Diagnoser, Source
-from bcd_engine.inference import load_run_model
-from bcd_engine.robustness import colour_robustness_of_run
-from bcd_engine.training import load_images, train
+from bcd_engine.inference.diagnosis import Diagnoser, Source
+from bcd_engine.inference.loading import load_run_model
+from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.protocols.robustness import colour_robustness_of_run
+from bcd_engine.training.run import train
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_external_evaluation_with_a_label_map_onto_shared_labels(trained, tmp_pa
     import json
 
     from bcd_engine.errors import DataError
-    from bcd_engine.inference import evaluate_run_on_folder, load_label_map
+    from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
 
     store, result = trained
     external = tmp_path / "external"
@@ -129,7 +130,7 @@ def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(workspa
 
 
 def test_model_identity_tells_a_reused_run_id_from_the_deleted_run(trained, synthetic_dataset):
-    from bcd_engine.dashboard import model_identity
+    from bcd_engine.inference.loading import model_identity
 
     store, result = trained
     before = model_identity(result.run_id, store=store)

@@ -8,13 +8,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import workspace_store
 from PIL import Image
 
-from bcd_engine.config import AugmentConfig, TrainConfig
+from bcd_engine.data.synthetic import make_synthetic_dataset
 from bcd_engine.errors import ConfigError, DataError
-from bcd_engine.lodo import _link_folder, leave_one_dataset_out, load_dataset_label_map, lodo_protocol
-from bcd_engine.synthetic import make_synthetic_dataset
-from conftest import workspace_store
+from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.protocols.lodo import (
+    _link_folder,
+    leave_one_dataset_out,
+    load_dataset_label_map,
+    lodo_protocol,
+)
 
 CONFIG = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                      augment=AugmentConfig(factor=1))
@@ -196,7 +201,7 @@ def test_concurrent_rounds_with_the_same_inputs_share_one_whole_folder(tmp_path,
 def test_a_failed_build_leaves_nothing_behind_and_a_stuck_lock_is_a_clear_error(tmp_path, datasets, monkeypatch):
     from filelock import FileLock
 
-    import bcd_engine.lodo as lodo_module
+    import bcd_engine.protocols.lodo as lodo_module
 
     def link_or_fail(source: Path, link: Path) -> None:
         if not source.exists():

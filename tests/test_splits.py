@@ -9,9 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bcd_engine.datasets import scan_dataset
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.splits import (
+    Split,
+    group_kfold,
+    holdout_split,
+    split_from_assignments,
+)
 from bcd_engine.errors import ConfigError, DataError
-from bcd_engine.splits import Split, group_kfold, holdout_split, split_from_assignments
 
 CLASS_SHARES = (0.15, 0.3, 0.3, 0.25)
 

@@ -9,15 +9,16 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from bcd_engine import synthetic
-from bcd_engine.datasets import load_image, scan_dataset
-from bcd_engine.errors import ConfigError
-from bcd_engine.synthetic import (
+from bcd_engine.data import synthetic
+from bcd_engine.data.images import load_image
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.synthetic import (
     DEMO_DATASET_NAME,
     demo_dataset_dir,
     ensure_demo_dataset,
     make_synthetic_dataset,
 )
+from bcd_engine.errors import ConfigError
 
 
 def _files(root: Path) -> dict[str, bytes]:

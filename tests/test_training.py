@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from bcd_engine.backbones import BACKBONES, build_backbone, get_backbone
-from bcd_engine.config import AugmentConfig, TrainConfig
 from bcd_engine.errors import ConfigError
+from bcd_engine.models.backbones import BACKBONES, build_backbone, get_backbone
+from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.store import RunStore
 
 keras = pytest.importorskip("keras")
@@ -66,8 +66,8 @@ def test_augmentation_factor_is_bounded():
 
 
 def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dataset, monkeypatch):
-    from bcd_engine import training
-    from bcd_engine.training import train
+    from bcd_engine.training import run as training
+    from bcd_engine.training.run import train
 
     groups_given = []
     evaluate = training.evaluate_probabilities
@@ -99,7 +99,7 @@ def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dat
 
 
 def test_feature_cache_is_hit_on_identical_run_and_missed_when_augmentation_changes(store, synthetic_dataset):
-    from bcd_engine.training import train
+    from bcd_engine.training.run import train
 
     first = train(tiny_config(), synthetic_dataset, store=store)
     again = train(tiny_config(), synthetic_dataset, store=store)
@@ -113,9 +113,18 @@ def test_feature_cache_is_hit_on_identical_run_and_missed_when_augmentation_chan
 def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_path):
     import tensorflow as tf
 
-    from bcd_engine.augment import augment_image, view_seeds
-    from bcd_engine.features import FeatureCache, build_feature_extractor, extract_features
-    from bcd_engine.training import assemble_model, build_head, compile_model, fit_head_on_features
+    from bcd_engine.models.augment import augment_image, view_seeds
+    from bcd_engine.models.features import (
+        FeatureCache,
+        build_feature_extractor,
+        extract_features,
+    )
+    from bcd_engine.models.head import (
+        assemble_model,
+        build_head,
+        compile_model,
+        fit_head_on_features,
+    )
 
     config = tiny_config(epochs=3, patience=10, dense_units=8)
     spec = get_backbone(config.backbone)
@@ -155,7 +164,7 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
 
 
 def test_cancelling_a_run_stops_it_and_keeps_its_epochs(store, synthetic_dataset):
-    from bcd_engine.training import train
+    from bcd_engine.training.run import train
 
     config = tiny_config("scratch_cnn", epochs=1000, patience=1000, augment=AugmentConfig(factor=1))
     outcome = {}
@@ -176,7 +185,8 @@ def test_cancelling_a_run_stops_it_and_keeps_its_epochs(store, synthetic_dataset
 
 
 def test_phase_two_unfreezes_top_layers_but_keeps_batchnorm_frozen(store, synthetic_dataset):
-    from bcd_engine.training import train, unfreeze_top_layers
+    from bcd_engine.models.head import unfreeze_top_layers
+    from bcd_engine.training.run import train
 
     result = train(tiny_config(fine_tune_epochs=1, fine_tune_layers=6), synthetic_dataset, store=store)
     assert result.status == "completed"
@@ -203,14 +213,14 @@ def test_imagenet_weights_offline_name_the_file_to_provide(monkeypatch, tmp_path
 
 
 def test_a_run_keeps_its_heartbeat_fresh_in_phases_without_batches(store, monkeypatch):
-    from bcd_engine import training
+    from bcd_engine.training import monitor as training
 
     monkeypatch.setattr(training, "HEARTBEAT_SECONDS", 0.05)
     run_id = store.create_run(backbone="scratch_cnn", protocol="test", config={}, status="running")
     store.start_run(run_id, environment={})
     before = store.get_run(run_id).heartbeat_at
-    with training._heartbeat(store, run_id):
+    with training.heartbeat(store, run_id):
         time.sleep(0.4)  # e.g. saving or evaluating: no Keras batch, no callback
     assert store.get_run(run_id).heartbeat_at > before
-    with training._heartbeat(store, 4242):  # a failed beat (no such run) is logged; the block goes on
+    with training.heartbeat(store, 4242):  # a failed beat (no such run) is logged; the block goes on
         time.sleep(0.15)

@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
-
-from bcd_engine import dashboard, worker
-from bcd_engine.config import TrainConfig
-from bcd_engine.inference import load_run_model
-from bcd_engine.store import RunStore
 from store_fixtures import subprocess_env
+
+from bcd_engine.inference.loading import load_run_model
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.reports import runs as run_tables
+from bcd_engine.store import RunStore
+from bcd_engine.training import queue, worker
 
 pytest.importorskip("keras")
 
@@ -31,31 +32,31 @@ def tiny(backbone: str = "scratch_cnn") -> TrainConfig:
 
 
 def test_worker_once_trains_a_queued_run_to_completed(store, synthetic_dataset):
-    run_id = dashboard.queue_run(store, tiny("mobilenetv2"), synthetic_dataset)
+    run_id = queue.queue_run(store, tiny("mobilenetv2"), synthetic_dataset)
     assert store.get_run(run_id).status == "queued"
     done = worker.run_worker(once=True, store=store, worker_id="w1")
     assert done == [{"run_id": run_id, "status": "completed"}]
     run = store.get_run(run_id)
     assert run.status == "completed" and run.test_accuracy is not None
-    assert store.get_epochs(run_id) and dashboard.holdout_evaluation(store, run_id) is not None
-    assert dashboard.best_completed_run(store).id == run_id
+    assert store.get_epochs(run_id) and run_tables.holdout_evaluation(store, run_id) is not None
+    assert run_tables.best_completed_run(store).id == run_id
     assert load_run_model(run_id, store=store).class_names == ["Benign", "Early", "Pre", "Pro"]
     assert worker.run_worker(once=True, store=store) == []  # queue empty: returns at once
 
 
 def test_a_failing_run_is_marked_failed_and_the_queue_goes_on(store, synthetic_dataset, tmp_path):
-    from bcd_engine.training import PROTOCOL_HOLDOUT
+    from bcd_engine.training.run import PROTOCOL_HOLDOUT
 
     bad = store.create_run(backbone="scratch_cnn", protocol=PROTOCOL_HOLDOUT,
                            config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")})
-    good = dashboard.queue_run(store, tiny(), synthetic_dataset)
+    good = queue.queue_run(store, tiny(), synthetic_dataset)
     done = worker.run_worker(once=True, store=store)
     assert done == [{"run_id": bad, "status": "failed"}, {"run_id": good, "status": "completed"}]
     assert "does not exist" in store.get_run(bad).error
 
 
 def test_two_concurrent_workers_train_each_run_exactly_once(store, synthetic_dataset):
-    ids = [dashboard.queue_run(store, tiny(), synthetic_dataset) for _ in range(3)]
+    ids = [queue.queue_run(store, tiny(), synthetic_dataset) for _ in range(3)]
     command = [sys.executable, "-m", "bcd_engine", "worker", "--once", "--json"]
     env = {**subprocess_env(), "TF_CPP_MIN_LOG_LEVEL": "2"}
     workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,8 +81,8 @@ def test_heartbeat_file_tells_whether_a_worker_lives(store):
 def test_ensure_worker_starts_one_only_when_runs_wait_and_none_lives(store, synthetic_dataset, monkeypatch):
     started = []
     monkeypatch.setattr(worker, "spawn_worker", lambda: started.append(1))
-    assert dashboard.ensure_worker(store) is False
-    dashboard.queue_run(store, tiny(), synthetic_dataset)
-    assert dashboard.ensure_worker(store) is True and started == [1]
+    assert worker.ensure_worker(store) is False
+    queue.queue_run(store, tiny(), synthetic_dataset)
+    assert worker.ensure_worker(store) is True and started == [1]
     worker.write_heartbeat()
-    assert dashboard.ensure_worker(store) is False and started == [1]
+    assert worker.ensure_worker(store) is False and started == [1]

@@ -6,8 +6,8 @@ URL (``postgresql://`` URLs use psycopg 3). Everything it returns is a frozen re
 """
 from __future__ import annotations
 
-from .models import FINAL_STATUSES, RUN_STATUSES
-from .records import (
+from bcd_engine.store.models import FINAL_STATUSES, RUN_STATUSES
+from bcd_engine.store.records import (
     ArtifactRecord,
     DatasetRecord,
     EpochRecord,
@@ -16,7 +16,7 @@ from .records import (
     RocCurve,
     RunRecord,
 )
-from .store import RunStore
+from bcd_engine.store.store import RunStore
 
 __all__ = [
     "FINAL_STATUSES",

@@ -42,8 +42,7 @@ from sqlalchemy.orm import Session
 
 from bcd_engine import settings
 from bcd_engine.errors import RunNotFoundError, StoreError
-
-from .models import (
+from bcd_engine.store.models import (
     FINAL_STATUSES,
     Artifact,
     Dataset,
@@ -55,7 +54,7 @@ from .models import (
     SplitAssignment,
     utcnow,
 )
-from .records import (
+from bcd_engine.store.records import (
     ArtifactRecord,
     DatasetRecord,
     EpochRecord,

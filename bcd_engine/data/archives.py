@@ -1,0 +1,271 @@
+"""Safe expansion of an uploaded zip archive of images, for batch diagnosis.
+
+Everything happens in memory, so no member name ever becomes a filesystem path. An archive is refused
+with :class:`ArchiveError` when it is not a zip or is corrupt, names a member outside itself (``../x``,
+``/x``, ``C:x``), or would expand past the limits (zip bombs): the size its headers declare, the bytes
+actually read and each member's compression ratio are all checked. Zips inside the zip are expanded
+``allow_nested`` levels deep. A member is an image when its content starts like one (whatever its
+name); :func:`bcd_engine.datasets.load_image` decodes it later.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+
+from bcd_engine.data.images import (
+    IMAGE_FORMATS,
+    detect_image_format,
+    format_size,
+    short_reason,
+)
+from bcd_engine.errors import ArchiveError, ConfigError
+
+MAX_FILES = 1000  # members read, nested archives and their members included
+
+
+MAX_TOTAL_BYTES = 500 * 2**20  # the archive's size; and the bytes read from it, all levels together
+
+
+# (a nested archive's own bytes and its members' bytes both count: both are held in memory at once)
+MAX_RATIO = 100  # uncompressed / compressed size of one member
+
+
+NESTED_LEVELS = 1  # zips inside the zip are expanded; zips inside those are not
+
+
+_RATIO_MIN_BYTES = 2**20  # smaller members may compress well without harm
+
+
+_CHUNK_BYTES = 2**20
+
+
+_MAX_ENTRIES_PER_FILE = 10  # directory entries allowed per counted file (folders and junk are entries too)
+
+
+_JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+
+
+_MIN_DIRECTORY_ENTRY_BYTES = 46  # a central directory file header without name, extra or comment
+
+
+_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class ArchiveContents:
+    """The image members of an archive as (name, bytes), in archive order, and the members left out
+    as (name, reason). A nested archive's members are named after it: ``"more.zip/cell.jpg"``."""
+
+    images: tuple[tuple[str, bytes], ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def is_zip(name: str, head: bytes) -> bool:
+    """Whether a file is meant as a zip archive: its name ends in ``.zip`` or its first bytes are a zip's.
+
+    >>> is_zip("batch.ZIP", b""), is_zip("cells.jpg", b"PK\\x03\\x04..."), is_zip("cell.jpg", b"\\xff\\xd8")
+    (True, True, False)
+    """
+    return name.lower().endswith(".zip") or head.startswith(_ZIP_MAGIC)
+
+
+def read_archive(
+    path_or_bytes: str | os.PathLike[str] | bytes,
+    *,
+    max_files: int = MAX_FILES,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_ratio: int = MAX_RATIO,
+    allow_nested: int = NESTED_LEVELS,
+) -> ArchiveContents:
+    """Expand a zip archive (a path or its bytes) in memory into its image members.
+
+    Folders, hidden files and ``__MACOSX`` entries are left out silently; other members that are not
+    images, members that cannot be extracted and archives nested deeper than ``allow_nested`` levels
+    are listed in ``skipped`` with the reason. Raise :class:`ArchiveError` when the archive is refused
+    and :class:`ConfigError` for a bad limit.
+
+    >>> contents = read_archive("batch.zip")  # doctest: +SKIP
+    >>> [name for name, _ in contents.images]  # doctest: +SKIP
+    ['cell1.jpg', 'cell2.png', 'more.zip/cell3.jpg']
+    """
+    for option, value, minimum in (
+        ("max_files", max_files, 1),
+        ("max_total_bytes", max_total_bytes, 1),
+        ("max_ratio", max_ratio, 1),
+        ("allow_nested", allow_nested, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{option} must be an integer >= {minimum}, got {value!r}")
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+    label = "archive" if is_bytes else str(path_or_bytes)
+    data = bytes(path_or_bytes) if is_bytes else _read_file(path_or_bytes, max_total_bytes, label)
+    _check_archive_size(len(data), max_total_bytes, label)
+    too_many = _too_many_entries(data, max_files)
+    if too_many:
+        raise ArchiveError(f"{label}: {too_many}")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except Exception as exc:  # BadZipFile mostly; broken headers also raise OSError, ValueError, ...
+        raise ArchiveError(f"{label}: not a zip archive, or a corrupt one ({short_reason(exc)})") from exc
+    expander = _Expander(max_files=max_files, max_total_bytes=max_total_bytes, max_ratio=max_ratio,
+                         allow_nested=allow_nested)
+    expander.expand(archive, label=label, prefix="", depth=0)
+    return ArchiveContents(images=tuple(expander.images), skipped=tuple(expander.skipped))
+
+
+def _too_many_entries(data: bytes, max_files: int) -> str | None:
+    """Why the archive has too many directory entries to parse, or None.
+
+    ``zipfile`` builds an object per entry before any other check, so the count is bounded from the
+    end-of-central-directory record first: by its entry count and by the directory's size (every
+    entry takes at least 46 bytes there, whatever count the record claims), zip64 records included.
+    """
+    entries = _entry_bound(data)
+    if entries is not None and entries > _MAX_ENTRIES_PER_FILE * max_files:
+        return f"too many entries (up to {entries:,} by its directory); the limit is {max_files} files"
+    return None
+
+
+def _entry_bound(data: bytes) -> int | None:
+    """The most directory entries the zip can hold by its end record (zip64 too); None when not found."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
+    if end < 0 or end + 16 > len(data):
+        return None
+    count = int.from_bytes(data[end + 10:end + 12], "little")
+    directory_bytes = int.from_bytes(data[end + 12:end + 16], "little")
+    locator = end - 20
+    if locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
+        record = int.from_bytes(data[locator + 8:locator + 16], "little")
+        if data[record:record + 4] == b"PK\x06\x06":
+            count = max(count, int.from_bytes(data[record + 32:record + 40], "little"))
+            directory_bytes = max(directory_bytes, int.from_bytes(data[record + 40:record + 48], "little"))
+    return max(count, directory_bytes // _MIN_DIRECTORY_ENTRY_BYTES)
+
+
+def _read_file(path: str | os.PathLike[str], limit: int, label: str) -> bytes:
+    """At most limit + 1 bytes of a file; a regular file over the limit is refused before reading."""
+    try:
+        with open(path, "rb") as fh:
+            _check_archive_size(os.fstat(fh.fileno()).st_size, limit, label)
+            return fh.read(limit + 1)
+    except OSError as exc:
+        raise ArchiveError(f"{label}: cannot read file ({short_reason(exc)})") from exc
+
+
+def _check_archive_size(n_bytes: int, limit: int, label: str) -> None:
+    if n_bytes > limit:
+        raise ArchiveError(f"{label}: too large: {format_size(n_bytes)}; the limit is {format_size(limit)}")
+
+
+class _Expander:
+    """Walks an archive and the archives nested in it, sharing one budget of files and bytes."""
+
+    def __init__(self, *, max_files: int, max_total_bytes: int, max_ratio: int, allow_nested: int) -> None:
+        self.max_files = max_files
+        self.max_total_bytes = max_total_bytes
+        self.max_ratio = max_ratio
+        self.allow_nested = allow_nested
+        self.files_seen = 0
+        self.bytes_read = 0
+        self.images: list[tuple[str, bytes]] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def expand(self, archive: zipfile.ZipFile, *, label: str, prefix: str, depth: int) -> None:
+        """Check the headers of every entry of ``archive``, then read its members in order."""
+        entries = archive.infolist()
+        members = [info for info in entries if not _is_folder_or_hidden(info.filename)]
+        self._check_headers(entries, members, label)
+        for info in members:
+            name = prefix + info.filename.replace("\\", "/")
+            content = self._read(archive, info, name)
+            if content is None:
+                continue
+            if name.lower().endswith(".zip"):  # by name: office documents and the like are zips too
+                self._expand_nested(content, name, depth)
+            elif detect_image_format(content):
+                self.images.append((name, content))
+            else:
+                self.skipped.append((name, f"not a supported image ({', '.join(IMAGE_FORMATS)})"))
+
+    def _check_headers(self, entries: list[zipfile.ZipInfo], members: list[zipfile.ZipInfo], label: str) -> None:
+        """Refuse unsafe names, too many files, and sizes or ratios past the limits, before reading."""
+        for info in entries:
+            problem = _unsafe_path(info.filename)
+            if problem:
+                raise ArchiveError(f"{label}: unsafe member path {info.filename!r} ({problem}); the archive is refused")
+            if info.file_size > _RATIO_MIN_BYTES and info.file_size > self.max_ratio * max(info.compress_size, 1):
+                ratio = info.file_size / max(info.compress_size, 1)
+                raise ArchiveError(
+                    f"{label}: member {info.filename!r} expands {ratio:,.0f} times "
+                    f"(the limit is {self.max_ratio}); refused as a possible zip bomb"
+                )
+        self.files_seen += len(members)
+        if self.files_seen > self.max_files:
+            raise ArchiveError(f"{label}: too many files: at least {self.files_seen}; the limit is {self.max_files}")
+        declared = sum(info.file_size for info in entries)
+        if self.bytes_read + declared > self.max_total_bytes:
+            raise ArchiveError(
+                f"{label}: expands to {format_size(declared)} (declared in its headers); the limit is "
+                f"{format_size(self.max_total_bytes)} in all; refused as a possible zip bomb"
+            )
+
+    def _read(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> bytes | None:
+        """A member's bytes, read in chunks against the byte budget; None (and a skip) if it cannot be read."""
+        chunks = []
+        try:
+            with archive.open(info) as member:
+                while chunk := member.read(_CHUNK_BYTES):
+                    self.bytes_read += len(chunk)
+                    if self.bytes_read > self.max_total_bytes:
+                        raise ArchiveError(
+                            f"{name}: the archive expands past {format_size(self.max_total_bytes)}; "
+                            "refused as a possible zip bomb"
+                        )
+                    chunks.append(chunk)
+        except ArchiveError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zipfile, zlib, bz2 and lzma each raise their own types
+            self.skipped.append((name, f"cannot be extracted ({short_reason(exc)})"))
+            return None
+        return b"".join(chunks)
+
+    def _expand_nested(self, content: bytes, name: str, depth: int) -> None:
+        if depth >= self.allow_nested:
+            reason = f"nested archive not expanded: nesting is limited to {self.allow_nested} level(s)"
+            self.skipped.append((name, reason))
+            return
+        too_many = _too_many_entries(content, self.max_files)
+        if too_many:
+            self.skipped.append((name, f"nested archive not expanded: {too_many}"))
+            return
+        try:
+            nested = zipfile.ZipFile(io.BytesIO(content))
+        except Exception as exc:  # noqa: BLE001 - as for the outer archive
+            self.skipped.append((name, f"corrupt nested archive ({short_reason(exc)})"))
+            return
+        self.expand(nested, label=name, prefix=name + "/", depth=depth + 1)
+
+
+def _is_folder_or_hidden(filename: str) -> bool:
+    """Folders, hidden files (``.x``), ``__MACOSX`` resource forks and Windows' ``Thumbs.db``."""
+    path = filename.replace("\\", "/")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return path.endswith("/") or not parts or any(part.startswith(".") or part in _JUNK_NAMES for part in parts)
+
+
+def _unsafe_path(filename: str) -> str | None:
+    """Why a member name points outside the archive (backslashes read as separators), or None."""
+    path = filename.replace("\\", "/")
+    if path.startswith("/"):
+        return "absolute path"
+    if _DRIVE_LETTER.match(path):
+        return "drive letter"
+    if ".." in path.split("/"):
+        return "parent folder '..'"
+    return None

@@ -1,0 +1,274 @@
+"""Diagnosis you can weigh: test-time augmentation over the 8 dihedral views, uncertainty, ensembles, batches.
+
+A smear has no "up", so a sound model should answer the same for every flip and quarter turn of an
+image. :class:`Diagnoser` averages the probabilities over those 8 views (and over the models of an
+ensemble) and reports how much the views disagree, with a plain-words reading for non-specialists.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bcd_engine.data.archives import is_zip, read_archive
+from bcd_engine.data.images import (
+    SUPPORTED_EXTENSIONS,
+    decode_image,
+    image_array,
+    read_image_bytes,
+)
+from bcd_engine.errors import BCDError, ConfigError, DataError, ImageLoadError
+from bcd_engine.inference.loading import LoadedModel, load_run_model
+from bcd_engine.store import RunStore
+
+N_DIHEDRAL_VIEWS = 8
+
+
+LOW_CONFIDENCE = 0.7  # below this mean probability of the answer, the result is flagged as unsure
+
+
+HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image to diagnose: a display name and the file path or the bytes (or why it cannot be used)."""
+
+    name: str
+    data: str | os.PathLike | bytes | None
+    error: str | None = None  # set for an archive member that was skipped, with the reason
+
+
+def dihedral_views(images: np.ndarray) -> np.ndarray:
+    """The 8 flips and quarter turns of images (n, h, w, c) -> (8, n, h, w, c); view 0 is the images."""
+    images = np.asarray(images)
+    turns = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    return np.stack(turns + [turn[:, :, ::-1] for turn in turns])
+
+
+def uncertainty(view_probabilities: np.ndarray) -> dict:
+    """Uncertainty of one image from its per-view (or per-model-and-view) probabilities (v, n_classes).
+
+    ``confidence``: the mean probability of the answer (the class with the highest mean probability);
+    ``margin``: its lead over the runner-up; ``disagreement``: the share of views whose own top class
+    is not the answer (0 when every view agrees); ``spread``: the standard deviation of the answer's
+    probability across views.
+    """
+    view_probabilities = np.asarray(view_probabilities, dtype=np.float64)
+    mean = view_probabilities.mean(axis=0)
+    order = np.argsort(mean)[::-1]
+    answer = int(order[0])
+    return {
+        "confidence": float(mean[answer]),
+        "margin": float(mean[answer] - (mean[order[1]] if len(order) > 1 else 0.0)),
+        "disagreement": float(np.mean(view_probabilities.argmax(axis=1) != answer)),
+        "spread": float(view_probabilities[:, answer].std()),
+        "views": int(len(view_probabilities)),
+    }
+
+
+def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and turns") -> tuple[str, str]:
+    """A (level, sentence) reading of a result for non-specialists; level is ``ok``, ``unsure`` or ``conflicting``.
+
+    ``looks`` says what the averaged views were (e.g. "flips and turns", "models", "flips, turns and
+    models"); with a single view there is no agreement to report.
+    """
+    confidence, disagreement, views = certainty["confidence"], certainty["disagreement"], certainty["views"]
+    if disagreement >= HIGH_DISAGREEMENT:
+        return "conflicting", (
+            f"Treat this result with caution: the answer changes between the {looks} "
+            f"({round(disagreement * views)} of {views} looks say something other than {predicted_class}). "
+            "The image may be unusual for this model; ask a specialist."
+        )
+    if confidence < LOW_CONFIDENCE:
+        return "unsure", (
+            f"The model is unsure: it leans towards {predicted_class} ({confidence:.0%}) but other classes "
+            "are close. Do not rely on this result; ask a specialist."
+        )
+    if views == 1:
+        agreement = ""
+    elif disagreement == 0:
+        agreement = f", and all {views} looks ({looks}) agree"
+    else:
+        agreement = f"; most of the {views} looks ({looks}) agree"
+    return "ok", (f"The model gives {predicted_class} with {confidence:.0%} confidence{agreement}. "
+                  "This is a research tool, not a diagnosis.")
+
+
+class Diagnoser:
+    """One trained run, or an ensemble of runs with the same classes, ready to diagnose images."""
+
+    def __init__(self, models: Sequence[LoadedModel]):
+        if not models:
+            raise ConfigError("choose at least one run")
+        names = {tuple(m.class_names) for m in models}
+        if len(names) > 1:
+            raise ConfigError("an ensemble needs runs trained on the same classes; these runs differ: "
+                              + "; ".join(f"run {m.run_id}: {', '.join(m.class_names)}" for m in models))
+        self.models = list(models)
+        self.class_names = list(models[0].class_names)
+
+    @classmethod
+    def for_runs(cls, run_ids: Iterable[int], *, store: RunStore | None = None) -> "Diagnoser":
+        """Load each run's model (sha256-checked, see :func:`inference.load_run_model`)."""
+        store = store or RunStore()
+        return cls([load_run_model(int(run_id), store=store) for run_id in dict.fromkeys(run_ids)])
+
+    @property
+    def run_ids(self) -> list[int]:
+        return [m.run_id for m in self.models]
+
+    def view_probabilities(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> np.ndarray:
+        """Probabilities (n, models x views, n_classes) for uint8 images given at each model's size."""
+        per_model = []
+        for model, images in zip(self.models, images_by_model):
+            views = dihedral_views(images) if tta else images[None]
+            prob = model.forward(np.ascontiguousarray(views.reshape(-1, *images.shape[1:])))
+            per_model.append(prob.reshape(len(views), len(images), -1).transpose(1, 0, 2))
+        return np.concatenate(per_model, axis=1)
+
+    def diagnose_arrays(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> list[dict]:
+        """One result per image: predicted class, mean probabilities, uncertainty and a plain reading."""
+        results = []
+        looks = ("flips, turns and models" if len(self.models) > 1 else "flips and turns") if tta else "models"
+        for views in self.view_probabilities(images_by_model, tta=tta):
+            mean = views.mean(axis=0)
+            certainty = uncertainty(views)
+            predicted = self.class_names[int(mean.argmax())]
+            level, sentence = reading(predicted, certainty, looks=looks)
+            results.append({
+                "predicted_class": predicted,
+                "probabilities": dict(zip(self.class_names, mean.tolist())),
+                "uncertainty": certainty,
+                "reading": level,
+                "advice": sentence,
+            })
+        return results
+
+    def diagnose(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """Diagnose many images in batches; an unreadable one gets ``{"name", "error"}`` and the rest go on.
+
+        ``on_progress(done, total)`` is called after every batch (pages drive a progress bar with it).
+        """
+        results: list[dict] = [{"name": s.name} for s in sources]
+        for start in range(0, len(sources), batch_size):
+            chunk = range(start, min(start + batch_size, len(sources)))
+            loaded = {}
+            for i in chunk:
+                if sources[i].error:
+                    results[i]["error"] = sources[i].error
+                    continue
+                try:
+                    image = decode_image(_read(sources[i].data))  # decoded once, resized per model
+                    loaded[i] = [image_array(image, image_size=m.config.image_size) for m in self.models]
+                except ImageLoadError as exc:
+                    results[i]["error"] = str(exc)
+            if loaded:
+                arrays = [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))]
+                for i, result in zip(loaded, self.diagnose_arrays(arrays, tta=tta)):
+                    results[i].update(result)
+            if on_progress is not None:
+                on_progress(chunk.stop, len(sources))
+        return results
+
+
+def _read(data: str | os.PathLike | bytes) -> bytes:
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else read_image_bytes(data)
+
+
+def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:
+    """Files as given; folders expanded to their supported image files (recursively, sorted); zips opened safely.
+
+    A folder without images or an unusable archive becomes one source carrying its error.
+    """
+    sources: list[Source] = []
+    for raw in paths:
+        path = Path(raw)
+        try:
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
+                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                if not files:
+                    raise DataError(f"{path} has no supported image files ({', '.join(SUPPORTED_EXTENSIONS)})")
+                sources += [Source(str(p), p) for p in files]
+            elif is_zip(path.name, _head(path)):
+                sources += sources_from_archive(path, name=str(path))
+            else:
+                sources.append(Source(str(path), path))
+        except BCDError as exc:  # one bad folder or archive costs only itself
+            sources.append(Source(str(path), None, error=str(exc)))
+    return sources
+
+
+def _head(path: Path) -> bytes:
+    """A file's first bytes (empty when it cannot be read: loading it then reports why)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4)
+    except OSError:
+        return b""
+
+
+def sources_from_archive(data: str | os.PathLike | bytes, *, name: str) -> list[Source]:
+    """The members of a zip archive as sources named ``archive/member``, skipped ones with their reason.
+
+    Unsafe archives (path traversal, zip bombs, deep nesting) are refused with ``ArchiveError``.
+    """
+    contents = read_archive(data)
+    return ([Source(f"{name}/{member}", payload) for member, payload in contents.images]
+            + [Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped])
+
+
+def results_frame(results: Sequence[dict]) -> pd.DataFrame:
+    """A flat table of diagnosis results (one row per image) for display and CSV download."""
+    rows = []
+    for r in results:
+        row = {"image": r["name"], "predicted_class": r.get("predicted_class"), "reading": r.get("reading"),
+               "error": r.get("error")}
+        if "uncertainty" in r:
+            row.update({k: r["uncertainty"][k] for k in ("confidence", "margin", "disagreement")})
+        row.update({f"p({name})": p for name, p in r.get("probabilities", {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def results_csv(results: Sequence[dict]) -> bytes:
+    """The results table as UTF-8 CSV bytes."""
+    buffer = io.StringIO()
+    results_frame(results).to_csv(buffer, index=False)
+    return buffer.getvalue().encode()
+
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
+
+
+MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
+
+
+def upload_sources(uploads: list[tuple[str, bytes]]) -> tuple[list[Source], list[dict]]:
+    """Uploaded (name, bytes) as diagnosis sources; zip archives are opened safely.
+
+    Returns (sources, rejected): an upload over its size limit or an unsafe archive becomes a
+    ``{"name", "error"}`` result, so one bad upload never costs the others.
+    """
+    sources, rejected = [], []
+    for name, data in uploads:
+        archive = is_zip(name, data[:4])
+        limit = MAX_ARCHIVE_UPLOAD_BYTES if archive else MAX_UPLOAD_BYTES
+        if len(data) > limit:
+            rejected.append({"name": name, "error": f"file is {len(data) / 2**20:.1f} MB; "
+                                                   f"the limit is {limit // 2**20} MB"})
+        elif archive:
+            try:
+                sources += sources_from_archive(data, name=name)
+            except BCDError as exc:
+                rejected.append({"name": name, "error": str(exc)})
+        else:
+            sources.append(Source(name, data))
+    return sources, rejected

@@ -1,0 +1,141 @@
+"""Grad-CAM (Selvaraju et al., ICCV 2017): where in an image a run's model looks for a class.
+
+The engine computes the heatmap as an array; drawing it is the caller's job (``overlay`` blends it
+onto the image for the CLI and the pages). The target layer is the backbone's last convolutional
+layer from the registry, inside the nested backbone model that ``training.assemble_model`` builds.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bcd_engine.errors import ConfigError
+from bcd_engine.models.backbones import get_backbone
+
+if TYPE_CHECKING:
+    from bcd_engine.inference.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class GradCam:
+    """A Grad-CAM result: ``heatmap`` float32 (h, w) in [0, 1] at the image's size, for ``class_index``.
+
+    The heatmap is all zeros when no location raises the class score.
+    """
+
+    heatmap: np.ndarray
+    class_index: int
+    probabilities: np.ndarray  # the model's class probabilities for the image (no test-time augmentation)
+
+
+def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_index: int | None = None) -> GradCam:
+    """Grad-CAM of ``image`` (uint8 (h, w, 3) at the model's input size) for ``class_index`` (default: predicted).
+
+    The class score is the pre-softmax logit when the model ends in a softmax Dense layer, so a
+    confident prediction does not saturate the gradients.
+    """
+    import tensorflow as tf
+
+    image = np.asarray(image)
+    expected = tuple(model.input_shape[1:3])
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or image.shape[:2] != expected:
+        raise ConfigError(f"expected a uint8 RGB image of shape {expected + (3,)}, got {image.dtype} {image.shape}")
+    conv_and_features, tail = _split_at_conv(model, get_backbone(backbone_name).last_conv_layer)
+    x = preprocess(tf.cast(image[None], tf.float32))
+    with tf.GradientTape() as tape:
+        conv, features = conv_and_features(x, training=False)
+        logits, probabilities = _apply_tail(tail, features)
+        probabilities = np.asarray(probabilities[0], dtype=np.float32)
+        if class_index is None:
+            class_index = int(probabilities.argmax())
+        if not 0 <= class_index < len(probabilities):
+            raise ConfigError(f"class index must be in 0..{len(probabilities) - 1}, got {class_index}")
+        score = logits[0, class_index]
+    grads = tf.cast(tape.gradient(score, conv)[0], tf.float32)
+    cam = tf.nn.relu(tf.reduce_sum(tf.cast(conv[0], tf.float32) * tf.reduce_mean(grads, axis=(0, 1)), axis=-1))
+    heatmap = tf.image.resize(cam[..., None], expected, method="bilinear")[..., 0].numpy()
+    peak = float(heatmap.max())
+    heatmap = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
+    return GradCam(np.clip(heatmap, 0, 1).astype(np.float32), class_index, probabilities)
+
+
+def _split_at_conv(model, conv_name: str):
+    """(backbone input -> [conv activations, backbone output], the layers after the backbone in order).
+
+    Keras 3 cannot reach a nested model's inner layer from the outer model's inputs, so the backbone
+    is re-entered as a two-output model and the layers after it (pooling, head) are applied to its output.
+    """
+    import keras
+
+    for position, layer in enumerate(model.layers):
+        if isinstance(layer, keras.Model) and any(inner.name == conv_name for inner in layer.layers):
+            conv_and_features = keras.Model(layer.inputs, [layer.get_layer(conv_name).output, layer.output])
+            return conv_and_features, model.layers[position + 1:]
+    raise ConfigError(f"model {model.name!r} has no nested backbone with layer {conv_name!r}")
+
+
+def _apply_tail(layers, x):
+    """Logits and probabilities from the backbone's output through the (chained) layers after it."""
+    import keras
+
+    flat = [inner for layer in layers for inner in (_chain(layer) if isinstance(layer, keras.Model) else [layer])]
+    for layer in flat[:-1]:
+        x = layer(x, training=False)
+    last = flat[-1]
+    if isinstance(last, keras.layers.Dense) and getattr(last.activation, "__name__", "") == "softmax":
+        logits = keras.ops.matmul(keras.ops.cast(x, "float32"), keras.ops.cast(last.kernel, "float32"))
+        if last.use_bias:
+            logits = logits + keras.ops.cast(last.bias, "float32")
+        return logits, keras.ops.softmax(logits)
+    out = last(x, training=False)
+    return out, out
+
+
+def _chain(model) -> list:
+    """A nested model's layers in call order, without its input layer."""
+    import keras
+
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.45) -> np.ndarray:
+    """Blend a jet-coloured ``heatmap`` onto ``image`` (uint8 RGB); the heatmap is resized to the image if needed."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ConfigError(f"expected a uint8 RGB image (h, w, 3), got {image.dtype} {image.shape}")
+    if not 0 <= opacity <= 1:
+        raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1)
+    if heat.shape != image.shape[:2]:
+        from PIL import Image
+
+        heat = np.asarray(Image.fromarray(heat, mode="F").resize(image.shape[1::-1], Image.Resampling.BILINEAR))
+    colours = jet(heat) * 255.0
+    return np.clip(np.rint((1 - opacity) * image + opacity * colours), 0, 255).astype(np.uint8)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """The jet colormap: values in [0, 1] -> float RGB in [0, 1] (dark blue, cyan, yellow, dark red)."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1)[..., None]
+    return np.clip(1.5 - np.abs(4 * v - np.array([3, 2, 1], dtype=np.float32)), 0, 1)
+
+
+def explain_image(loaded: LoadedModel, image: np.ndarray, *, class_index: int | None = None) -> GradCam:
+    """Grad-CAM of a loaded run for a uint8 image at its input size, seen in the run's colour mode."""
+    from bcd_engine.data.colour import apply_colour_mode
+
+    seen = apply_colour_mode(np.asarray(image)[None], loaded.config.colour)[0]
+    return grad_cam(loaded.model, seen, preprocess=loaded.preprocess(), backbone_name=loaded.config.backbone,
+                    class_index=class_index)
+
+
+def explain_source(loaded: LoadedModel, image_path_or_bytes: str | os.PathLike[str] | bytes, *,
+                   class_index: int | None = None) -> tuple[np.ndarray, GradCam]:
+    """An image file (or its bytes) at the run's input size, and its Grad-CAM; the image is returned unchanged RGB."""
+    from bcd_engine.data.images import load_image
+
+    image = load_image(image_path_or_bytes, image_size=loaded.config.image_size)
+    return image, explain_image(loaded, image, class_index=class_index)

@@ -1,0 +1,100 @@
+"""Loading a completed run's model safely: the file must lie in the artifacts folder and match its sha256."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bcd_engine import settings
+from bcd_engine.data.colour import apply_colour_mode
+from bcd_engine.errors import StoreError
+from bcd_engine.files import file_sha256
+from bcd_engine.inference.predict import predict_proba
+from bcd_engine.models.backbones import get_backbone
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.store import RunStore
+
+
+@dataclass
+class LoadedModel:
+    """A run's Keras model with what is needed to feed it."""
+
+    run_id: int
+    model: object
+    config: TrainConfig
+    class_names: list[str]
+    _forward: object = field(default=None, init=False, repr=False)  # the compiled forward pass, built on first use
+
+    def preprocess(self):
+        return get_backbone(self.config.backbone).preprocess()
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (n, classes) for uint8 images at the model's size: one view each, in the run's colour mode.
+
+        Runs the preprocessing and the model in batches through one compiled function, without the
+        per-call overhead of ``model.predict`` (which matters when diagnosing one image at a time).
+        """
+        import tensorflow as tf
+
+        if self._forward is None:
+            size = self.config.image_size
+            preprocess = self.preprocess()
+            self._forward = tf.function(
+                lambda x: self.model(preprocess(tf.cast(x, tf.float32)), training=False),
+                input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
+            )
+        images = apply_colour_mode(images, self.config.colour)
+        step = self.config.batch_size
+        batches = [np.asarray(self._forward(images[i:i + step]), np.float64) for i in range(0, len(images), step)]
+        return np.concatenate(batches) if batches else np.zeros((0, len(self.class_names)))
+
+    def predict_arrays(self, images: np.ndarray, *, image_keys: list[str] | None = None,
+                       progress: bool = False) -> np.ndarray:
+        """Probabilities for uint8 images already at the model's size, with the run's test-time augmentation.
+
+        ``image_keys`` (the images' md5 digests) make each view the one training used for that image.
+        """
+        images = apply_colour_mode(images, self.config.colour)
+        return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size,
+                             augment=self.config.augment, tta_views=self.config.tta_views, seed=self.config.seed,
+                             image_keys=image_keys, progress=progress)
+
+
+def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel:
+    """Load the model a completed run saved, after checking it lies in the artifacts folder and its sha256."""
+    import keras
+
+    store = store or RunStore()
+    path, _ = run_model_file(run_id, store=store)
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    run = store.get_run(run_id)
+    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
+
+
+def run_model_file(run_id: int, *, store: RunStore) -> tuple[Path, str]:
+    """The model file a completed run saved and its recorded sha256, checked: the file lies in the
+    artifacts folder and its content matches the record (StoreError otherwise)."""
+    run = store.get_run(run_id)
+    if run.status != "completed":
+        raise StoreError(f"run {run_id} is {run.status}, not completed: it has no model to use")
+    models = [a for a in store.get_artifacts(run_id) if a.kind == "model"]
+    if not models:
+        raise StoreError(f"run {run_id} has no saved model")
+    root = settings.artifacts_dir().resolve()
+    path = (root / models[-1].path).resolve()  # an absolute stored path stays as it is
+    if root not in path.parents:
+        raise StoreError(f"model of run {run_id} lies outside the artifacts folder {root}; refusing to load it")
+    if not path.is_file():
+        raise StoreError(f"model file of run {run_id} is missing: {path}")
+    if file_sha256(path) != models[-1].sha256:
+        raise StoreError(f"model file of run {run_id} does not match its recorded sha256; refusing to load it")
+    return path, models[-1].sha256
+
+
+def model_identity(run_id: int, *, store: RunStore) -> str:
+    """What tells this run's model from any other, even one saved later under a reused run id:
+    the run's creation time and its model's recorded sha256 (caches key on it)."""
+    run = store.get_run(run_id)
+    models = [a.sha256 for a in store.get_artifacts(run_id) if a.kind == "model"]
+    return f"{run.created_at.isoformat()}/{models[-1] if models else 'no model'}"

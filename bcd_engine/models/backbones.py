@@ -1,0 +1,196 @@
+"""The backbone registry: one table of data, one generic builder.
+
+Each entry names the Keras application, its own ``preprocess_input``, its native and minimum input
+size, the figures Keras documents for it (parameters and depth of the full ImageNet model), the last
+convolutional layer (for Grad-CAM) and a one-line description. ``scratch_cnn`` is the thesis' baseline:
+a small CNN trained from scratch, built and trained the same way as the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bcd_engine.errors import ConfigError
+
+SCRATCH = "scratch_cnn"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What bcd knows about one backbone."""
+
+    name: str
+    module: str  # keras.applications submodule holding the builder and preprocess_input
+    builder: str  # builder function name in that module
+    native_size: int
+    min_size: int
+    params_millions: float  # full ImageNet model, as documented by Keras
+    depth: int  # as documented by Keras
+    year: int
+    paper: str
+    last_conv_layer: str
+    weights_file: str  # Keras' file name for the no-top ImageNet weights
+    description: str
+    fine_tune_layers: int  # default K for phase 2 (top layers unfrozen)
+
+    def preprocess(self) -> Callable:
+        """The backbone's own ``preprocess_input`` (expects float RGB in 0..255)."""
+        if self.name == SCRATCH:
+            return _rescale_unit
+        import keras
+
+        return getattr(getattr(keras.applications, self.module), "preprocess_input")
+
+
+def _rescale_unit(x):
+    return x / 255.0
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("xception", "xception", "Xception", 299, 71, 22.9, 81, 2017,
+                     "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions (CVPR 2017)",
+                     "block14_sepconv2_act", "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "Inception modules replaced by depthwise-separable convolutions.", 30),
+        BackboneSpec("vgg16", "vgg16", "VGG16", 224, 32, 138.4, 16, 2014,
+                     "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
+                     "block5_conv3", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "Plain stack of 3x3 convolutions; the thesis' best model (94%).", 4),
+        BackboneSpec("vgg19", "vgg19", "VGG19", 224, 32, 143.7, 19, 2014,
+                     "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
+                     "block5_conv4", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "VGG16 with three more convolution layers.", 5),
+        BackboneSpec("resnet50", "resnet50", "ResNet50", 224, 32, 25.6, 107, 2015,
+                     "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
+                     "conv5_block3_out", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "50-layer residual network with bottleneck blocks.", 33),
+        BackboneSpec("resnet101", "resnet", "ResNet101", 224, 32, 44.7, 209, 2015,
+                     "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
+                     "conv5_block3_out", "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "Deeper ResNet: 101 layers.", 33),
+        BackboneSpec("inceptionv3", "inception_v3", "InceptionV3", 299, 75, 23.9, 189, 2015,
+                     "Szegedy et al., Rethinking the Inception Architecture (CVPR 2016)",
+                     "mixed10", "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "Parallel convolution branches of several sizes, factorised kernels.", 31),
+        BackboneSpec("mobilenetv2", "mobilenet_v2", "MobileNetV2", 224, 32, 3.5, 105, 2018,
+                     "Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks (CVPR 2018)",
+                     "out_relu", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+                     "Light network of inverted residual blocks, made for phones.", 20),
+        BackboneSpec("densenet121", "densenet", "DenseNet121", 224, 32, 8.1, 242, 2017,
+                     "Huang et al., Densely Connected Convolutional Networks (CVPR 2017)",
+                     "relu", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "Each layer receives the feature maps of all earlier layers in its block.", 30),
+        BackboneSpec("efficientnetb0", "efficientnet", "EfficientNetB0", 224, 32, 5.3, 132, 2019,
+                     "Tan & Le, EfficientNet: Rethinking Model Scaling (ICML 2019)",
+                     "top_activation", "efficientnetb0_notop.h5",
+                     "Compound-scaled mobile blocks with squeeze-and-excitation.", 20),
+        BackboneSpec(SCRATCH, "", "", 128, 32, 0.4, 8, 2026,
+                     "bcd baseline: a small CNN trained from scratch (the thesis' baseline model)",
+                     "scratch_conv4_out", "",
+                     "Four conv blocks trained from random initialisation; no transfer learning.", 0),
+    )
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Look a backbone up by name (case-insensitive); unknown names raise ConfigError listing the known ones."""
+    spec = BACKBONES.get(name.lower().replace("-", ""))
+    if spec is None:
+        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return spec
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
+    """Normalise a weights option: 'imagenet', None (random init) or an existing .weights.h5/.h5 path."""
+    if weights is None or str(weights).lower() in ("none", ""):
+        return None
+    if str(weights).lower() == "imagenet":
+        if spec.name == SCRATCH:
+            raise ConfigError("the scratch CNN has no ImageNet weights; use --weights none")
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}")
+    if not path.name.endswith(".h5"):
+        raise ConfigError(f"weights file must be a Keras .weights.h5 or .h5 file: {path}")
+    return str(path.resolve())
+
+
+def build_backbone(spec: BackboneSpec, *, image_size: int, weights: str | None):
+    """Build the convolutional part (no top, no pooling) at ``image_size`` with the given weights."""
+    import keras
+
+    if image_size < spec.min_size:
+        raise ConfigError(
+            f"image size {image_size} is below {spec.name}'s minimum of {spec.min_size} px"
+        )
+    input_shape = (image_size, image_size, 3)
+    if spec.name == SCRATCH:
+        return _scratch_cnn(input_shape)
+    builder = getattr(keras.applications, spec.builder)
+    try:
+        return builder(include_top=False, weights=weights, input_shape=input_shape)
+    except Exception as exc:  # Keras raises many types for a failed download or a bad file
+        if weights == "imagenet":
+            raise ConfigError(
+                f"could not get ImageNet weights for {spec.builder} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); on a machine without internet, "
+                f"download {spec.weights_file} from the Keras applications release and pass "
+                f"--weights PATH (a .weights.h5 or .h5 file)"
+            ) from exc
+        raise ConfigError(f"could not load weights {weights} into {spec.builder}: {exc}") from exc
+
+
+def _scratch_cnn(input_shape):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, filters in enumerate((32, 64, 128, 256)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"scratch_conv{i + 1}")(x)
+        # Few steps per epoch on small datasets: a faster-moving average than the 0.99 default.
+        x = layers.BatchNormalization(momentum=0.9, name=f"scratch_bn{i + 1}")(x)
+        x = layers.Activation("relu", name=f"scratch_conv{i + 1}_act" if i < 3 else "scratch_conv4_out")(x)
+        x = layers.MaxPooling2D(name=f"scratch_pool{i + 1}")(x)
+    return keras.Model(inputs, x, name=SCRATCH)
+
+
+# keras.applications preprocessing modes, per BackboneSpec.module, as x = (rgb[..., channels] / divisor - mean) / std
+_MODE_OF_MODULE = {
+    "vgg16": "caffe", "vgg19": "caffe", "resnet50": "caffe", "resnet": "caffe",
+    "xception": "tf", "inception_v3": "tf", "mobilenet_v2": "tf",
+    "densenet": "torch", "efficientnet": "passthrough", "": "unit",
+}
+
+
+_MODES = {
+    "caffe": ([2, 1, 0], 1.0, [103.939, 116.779, 123.68], [1.0, 1.0, 1.0],
+              "RGB to BGR, then the ImageNet channel means subtracted (no scaling)"),
+    "tf": ([0, 1, 2], 127.5, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], "scaled to [-1, 1]"),
+    "torch": ([0, 1, 2], 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+              "scaled to [0, 1], then normalised with the ImageNet channel means and standard deviations"),
+    "passthrough": ([0, 1, 2], 1.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
+                    "unchanged 0..255 values (the network rescales inside)"),
+    "unit": ([0, 1, 2], 255.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], "scaled to [0, 1]"),
+}
+
+
+def preprocessing_info(backbone: str) -> dict[str, Any]:
+    """How to turn an RGB image (float 0..255) into the model's input for ``backbone``, as plain data."""
+    spec = get_backbone(backbone)
+    mode = _MODE_OF_MODULE[spec.module]
+    channels, divisor, mean, std, description = _MODES[mode]
+    return {
+        "backbone": spec.name,
+        "mode": mode,
+        "keras_function": None if spec.name == SCRATCH else f"keras.applications.{spec.module}.preprocess_input",
+        "description": description,
+        "formula": "x = (rgb[..., channels] / divisor - mean) / std",
+        "channels": channels,
+        "divisor": divisor,
+        "mean": mean,
+        "std": std,
+    }

@@ -1,0 +1,180 @@
+"""Frozen-backbone features and their cache.
+
+Phase 1 of fine-tuning trains only the head, so the frozen backbone's output for each training view
+never changes: bcd computes it once and trains the head on the cached vectors. Entries are keyed by
+the image's md5 and the view number, inside a cache file keyed by everything that changes the
+vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode, Keras version). A new split of the
+same images reuses the entries; a changed image has a new md5 and is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bcd_engine import settings
+from bcd_engine.files import file_sha256
+from bcd_engine.models.augment import augment_image, view_seeds
+from bcd_engine.models.backbones import BackboneSpec, build_backbone
+from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.progress import progress_bar
+
+CACHE_FORMAT = 1
+
+
+def weights_identity(weights: str | None, *, seed: int) -> str:
+    """A short identity of the weights: 'imagenet', 'random-seed-S' or the sha256 of the weights file."""
+    if weights is None:
+        return f"random-seed-{seed}"
+    if weights == "imagenet":
+        return "imagenet"
+    return "sha256:" + file_sha256(weights)
+
+
+def build_feature_extractor(spec: BackboneSpec, config: TrainConfig):
+    """The frozen backbone followed by global pooling: image batch -> one vector per image."""
+    import keras
+
+    backbone = build_backbone(spec, image_size=config.image_size, weights=config.weights)
+    backbone.trainable = False
+    inputs = keras.Input((config.image_size, config.image_size, 3))
+    features = backbone(inputs, training=False)
+    pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    return keras.Model(inputs, pool(name="pool", dtype="float32")(features), name="feature_extractor"), backbone
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(extractor):
+    """The extractor's forward pass as one tf.function per extractor, so repeated calls skip retracing."""
+    import tensorflow as tf
+
+    if extractor not in _COMPILED:
+        model = weakref.ref(extractor)  # the cached function must not keep its key alive
+        _COMPILED[extractor] = tf.function(lambda batch: model()(batch, training=False), reduce_retracing=True)
+    return _COMPILED[extractor]
+
+
+class FeatureCache:
+    """A file of feature vectors keyed by (image md5, view) for one extraction setting."""
+
+    def __init__(self, key_parts: dict, *, root: Path | None = None):
+        self.key_parts = key_parts
+        self.key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+        self.path = Path(root or settings.cache_dir() / "features") / f"{self.key}.npz"
+        self._entries: dict[str, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+        if self.path.is_file():
+            try:
+                with np.load(self.path) as data:
+                    self._entries = dict(zip(data["keys"].tolist(), data["features"]))
+            except (OSError, ValueError, KeyError):
+                self._entries = {}  # a damaged cache file is rebuilt
+
+    @classmethod
+    def for_config(cls, config: TrainConfig, *, root: Path | None = None) -> "FeatureCache":
+        import keras
+
+        parts = {
+            "format": CACHE_FORMAT,
+            "backbone": config.backbone,
+            "weights": weights_identity(config.weights, seed=config.seed),
+            "image_size": config.image_size,
+            "pooling": config.pooling,
+            "augment": asdict(config.augment),
+            "seed": config.seed,
+            "keras": keras.__version__,
+        }
+        if config.colour != "rgb":  # only when set, so caches made before the option existed stay valid
+            parts["colour"] = config.colour
+        return cls(parts, root=root)
+
+    def get(self, entry_key: str) -> np.ndarray | None:
+        return self._entries.get(entry_key)
+
+    def put(self, entry_key: str, vector: np.ndarray) -> None:
+        self._entries[entry_key] = vector
+
+    def save(self) -> None:
+        """Write the cache atomically (temp file, then rename)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(self._entries), dtype=str)
+        features = np.stack(list(self._entries.values())) if self._entries else np.zeros((0, 0), np.float32)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, keys=keys, features=features)
+        os.replace(tmp, self.path)
+
+
+def extract_features(
+    extractor,
+    images: np.ndarray,
+    indices: np.ndarray,
+    image_keys: list[str],
+    views: np.ndarray,
+    *,
+    preprocess: Callable,
+    augment: AugmentConfig,
+    seed: int,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    description: str = "features",
+    on_batch: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """Feature vectors for ``images[indices[j]]`` seen as ``views[j]`` (0 = untouched), using and filling ``cache``.
+
+    ``image_keys[j]`` is that image's md5 digest (they seed the augmentation and key the cache).
+    ``on_batch`` is called after every batch (cancellation checks raise from there).
+    """
+    import tensorflow as tf
+
+    entry_keys = [f"{key}:{view}" for key, view in zip(image_keys, views)]
+    found = [cache.get(k) if cache is not None else None for k in entry_keys]
+    missing = np.array([i for i, f in enumerate(found) if f is None], dtype=np.int64)
+    if cache is not None:
+        cache.hits += len(entry_keys) - len(missing)
+        cache.misses += len(missing)
+    if len(missing):
+        seeds = view_seeds([image_keys[i] for i in missing], views[missing], seed=seed)
+
+        rows = np.asarray(indices, dtype=np.int64)[missing]
+
+        def make_view(index, view, seed_pair):
+            # Index the array from Python: capturing it would copy every image into the graph.
+            image = tf.numpy_function(lambda i: images[i], [index], tf.uint8)
+            image = tf.cast(tf.ensure_shape(image, images.shape[1:]), tf.float32)
+            image = tf.cond(view > 0, lambda: augment_image(image, seed_pair, augment), lambda: image)
+            return preprocess(image)
+
+        dataset = (
+            tf.data.Dataset.from_tensor_slices((rows, views[missing], seeds))
+            .map(make_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        infer = _compiled(extractor)
+        outputs = []
+        with progress_bar(len(missing), description, enabled=progress) as bar:
+            for batch in dataset:
+                outputs.append(infer(batch).numpy().astype(np.float32))
+                bar.update(len(outputs[-1]))
+                if on_batch is not None:
+                    on_batch()
+        computed = np.concatenate(outputs)
+        for row, index in enumerate(missing):
+            found[index] = computed[row]
+            if cache is not None:
+                cache.put(entry_keys[index], computed[row])
+        if cache is not None:
+            cache.save()
+    return np.stack(found).astype(np.float32)

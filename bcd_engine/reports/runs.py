@@ -1,0 +1,82 @@
+"""Tables for the Train and Compare pages: one row per run, epochs as a long table, per-class metrics,
+misclassified images, and the accuracies the thesis reported.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from bcd_engine.models.backbones import BACKBONES
+from bcd_engine.store import RunStore
+from bcd_engine.store.records import EvaluationRecord, RunRecord
+
+# Accuracies reported by the thesis (train / validation) and by the dataset's authors.
+THESIS_REFERENCE = [
+    {"model": "VGG16", "train_accuracy": 0.94, "val_accuracy": 0.94, "source": "thesis (reported)"},
+    {"model": "VGG19", "train_accuracy": 0.94, "val_accuracy": 0.91, "source": "thesis (reported)"},
+    {"model": "ResNet50", "train_accuracy": 0.89, "val_accuracy": 0.87, "source": "thesis (reported)"},
+    {"model": "InceptionV3", "train_accuracy": 0.90, "val_accuracy": 0.80, "source": "thesis (reported)"},
+    {"model": "Ghaderzadeh et al. 2022 (dataset authors)", "train_accuracy": None, "val_accuracy": 0.9985,
+     "source": "dataset authors (reported)"},
+]
+
+
+def best_completed_run(store: RunStore) -> RunRecord | None:
+    """The completed run with the highest test accuracy (newest first on ties), or None."""
+    runs = [r for r in store.list_runs(status="completed") if r.test_accuracy is not None]
+    return max(runs, key=lambda r: r.test_accuracy, default=None)
+
+
+def holdout_evaluation(store: RunStore, run_id: int) -> EvaluationRecord | None:
+    """The run's evaluation on its own test split (the newest one), or None."""
+    tests = [e for e in store.get_evaluations(run_id) if e.name == "test"]
+    return tests[-1] if tests else None
+
+
+def runs_frame(store: RunStore) -> pd.DataFrame:
+    """One row per run with its headline numbers, for the runs table."""
+    rows = []
+    for run in store.list_runs():
+        evaluation = holdout_evaluation(store, run.id) if run.status == "completed" else None
+        metrics = evaluation.metrics if evaluation else {}
+        spec = BACKBONES.get(run.backbone)
+        train_cfg = run.config.get("train", {})
+        rows.append({
+            "id": run.id, "backbone": run.backbone, "status": run.status, "protocol": run.protocol,
+            "test_accuracy": run.test_accuracy, "macro_auc": run.macro_auc, "macro_f1": metrics.get("macro_f1"),
+            "parameters_M": (metrics["parameters"] / 1e6) if metrics.get("parameters") else None,
+            "backbone_params_M": spec.params_millions if spec else None,
+            "weights": train_cfg.get("weights") or "none", "image_size": train_cfg.get("image_size"),
+            "seconds": run.seconds, "created": run.created_at, "error": run.error,
+        })
+    return pd.DataFrame(rows, columns=["id", "backbone", "status", "protocol", "test_accuracy", "macro_auc",
+                                       "macro_f1", "parameters_M", "backbone_params_M", "weights", "image_size",
+                                       "seconds", "created", "error"])
+
+
+def epochs_frame(store: RunStore, run_ids: list[int]) -> pd.DataFrame:
+    """Long table of epochs (run, phase, epoch, step, metric, value, split) for curves; step counts across phases."""
+    rows = []
+    for run_id in run_ids:
+        for step, e in enumerate(store.get_epochs(run_id), start=1):
+            for metric in ("accuracy", "loss"):
+                for split in ("train", "val"):
+                    rows.append({"run": f"run {run_id}", "phase": e.phase, "epoch": e.epoch, "step": step,
+                                 "metric": metric, "split": split, "value": getattr(e, f"{split}_{metric}")})
+    return pd.DataFrame(rows, columns=["run", "phase", "epoch", "step", "metric", "split", "value"])
+
+
+def per_class_frame(evaluation: EvaluationRecord) -> pd.DataFrame:
+    """Precision, recall, specificity, F1, AUC and support per class."""
+    per_class = evaluation.metrics.get("per_class", {})
+    return pd.DataFrame([{"class": name, **per_class.get(name, {})} for name in evaluation.class_names])
+
+
+def misclassified(store: RunStore, evaluation: EvaluationRecord, limit: int = 24) -> list[dict]:
+    """Up to ``limit`` wrong predictions: path, true and predicted class, confidence in the prediction."""
+    out = []
+    for p in store.get_predictions(evaluation.id):
+        if p.true_class != p.predicted_class:
+            confidence = p.probabilities[evaluation.class_names.index(p.predicted_class)]
+            out.append({"path": p.path, "true": p.true_class, "predicted": p.predicted_class,
+                        "confidence": confidence})
+    return out[:limit]

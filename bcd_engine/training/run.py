@@ -1,0 +1,267 @@
+"""Fine-tuning a backbone on a folder of class subfolders, end to end: scan, split, train, evaluate, store.
+
+Phase 1 trains the classification head on cached frozen-backbone features (see
+:mod:`bcd_engine.models.features`); phase 2 (optional) unfreezes the top K backbone layers and trains on
+images at a lower learning rate, with BatchNorm kept in inference mode. The scratch CNN trains end to
+end on images.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bcd_engine import settings
+from bcd_engine.data.colour import apply_colour_mode
+from bcd_engine.data.images import load_images
+from bcd_engine.data.scan import ScanResult, scan_dataset
+from bcd_engine.data.splits import Split, holdout_split
+from bcd_engine.errors import BCDError, CancelledError, ConfigError
+from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
+from bcd_engine.files import file_sha256
+from bcd_engine.inference.predict import measure_latency, predict_proba
+from bcd_engine.models.augment import augment_image
+from bcd_engine.models.backbones import build_backbone, get_backbone
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.models.device import configure_device
+from bcd_engine.models.features import (
+    FeatureCache,
+    build_feature_extractor,
+    extract_features,
+)
+from bcd_engine.models.head import (
+    assemble_model,
+    build_head,
+    class_weight_dict,
+    compile_model,
+    early_stopping,
+    fit_head_on_features,
+    unfreeze_top_layers,
+)
+from bcd_engine.store import RunStore
+from bcd_engine.training.monitor import RunMonitor, heartbeat
+
+PROTOCOL_HOLDOUT = "holdout (group-aware, stratified)"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` reports; everything else is in the store under ``run_id``."""
+
+    run_id: int
+    status: str
+    backbone: str
+    protocol: str
+    n_train: int
+    n_val: int
+    n_test: int
+    test_accuracy: float | None
+    macro_auc: float | None
+    seconds: float
+    model_path: str | None
+    feature_cache: dict | None = None  # hits, misses and file of the frozen-feature cache (pretrained backbones)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def train(
+    config: TrainConfig,
+    data_dir: str | os.PathLike,
+    *,
+    store: RunStore | None = None,
+    run_id: int | None = None,
+    progress: bool = False,
+    feature_cache_dir: Path | None = None,
+    split: Split | None = None,
+    scan: ScanResult | None = None,
+    protocol: str = PROTOCOL_HOLDOUT,
+) -> TrainResult:
+    """Train ``config`` on ``data_dir`` and store the run, its split, epochs, evaluation and model.
+
+    The split is the config's group-aware hold-out split unless ``split`` is given (cross-validation
+    folds, with the ``scan`` of ``data_dir`` it indexes), and the run is labelled with ``protocol``.
+    With ``run_id`` the (already claimed) run is used; otherwise a new one is created. Bad input raises
+    a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
+    run ``failed`` or ``cancelled`` with its epochs so far.
+    """
+    started = time.monotonic()
+    store = store or RunStore()
+    if scan is None:
+        scan = scan_dataset(data_dir, progress=progress)
+    elif Path(scan.root) != Path(data_dir).expanduser().resolve():
+        raise ConfigError(f"the scan given is of {scan.root}, not of {Path(data_dir).expanduser().resolve()}")
+    root = Path(scan.root)  # resolved, ``~`` expanded
+    if split is None:
+        split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
+                              test_fraction=config.test_fraction, seed=config.seed)
+    run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names)}
+    dataset_id = store.register_dataset(name=root.name, root=str(root), n_images=scan.n_images,
+                                        class_counts=scan.class_counts)
+    if run_id is None:
+        run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
+                                  dataset_id=dataset_id, status="running")
+    else:
+        store.update_run_config(run_id, {**store.get_run(run_id).config, **run_config})
+    environment = configure_device()
+    store.start_run(run_id, environment=environment)
+    store.save_split(run_id, split.assignments(scan))
+    try:
+        with heartbeat(store, run_id):
+            evaluation, model_path, cache_stats = _train_and_evaluate(
+                config, scan, split, store=store, run_id=run_id, progress=progress,
+                feature_cache_dir=feature_cache_dir)
+    except CancelledError:
+        store.finish_run(run_id, status="cancelled", error="cancelled by user")
+        return _result(run_id, "cancelled", config, split, None, started, None, protocol=protocol)
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, BCDError) else f"{type(exc).__name__}: {exc}"
+        store.finish_run(run_id, status="failed", error=message)
+        raise
+    store.finish_run(run_id, status="completed", test_accuracy=evaluation.accuracy, macro_auc=evaluation.macro_auc)
+    return _result(run_id, "completed", config, split, evaluation, started, model_path, cache_stats, protocol=protocol)
+
+
+def _result(run_id, status, config, split, evaluation: Evaluation | None, started, model_path,
+            cache_stats=None, *, protocol: str) -> TrainResult:
+    return TrainResult(
+        run_id=run_id, status=status, backbone=config.backbone, protocol=protocol,
+        n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+        test_accuracy=None if evaluation is None else evaluation.accuracy,
+        macro_auc=None if evaluation is None else evaluation.macro_auc,
+        seconds=round(time.monotonic() - started, 2), model_path=model_path, feature_cache=cache_stats,
+    )
+
+
+def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, store: RunStore, run_id: int,
+                        progress: bool, feature_cache_dir: Path | None):
+    import keras
+
+    spec = get_backbone(config.backbone)
+    preprocess = spec.preprocess()
+    monitor = RunMonitor(store, run_id, progress=progress)
+    n_classes = len(scan.class_names)
+    paths, labels = np.array(scan.paths), scan.labels
+    md5s = [record.md5 for record in scan.images]
+    images = apply_colour_mode(load_images(list(paths), image_size=config.image_size, progress=progress),
+                               config.colour)
+    monitor.check_cancel()
+    weights = class_weight_dict(labels[split.train], n_classes) if config.class_weights else None
+    keras.utils.set_random_seed(config.seed)
+
+    cache_stats, test_prob = None, None
+    if config.is_scratch:
+        backbone = build_backbone(spec, image_size=config.image_size, weights=None)
+        head = build_head(backbone.output_shape[-1], n_classes, config)
+        model = assemble_model(backbone, head, config)
+        _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
+                    epochs=config.epochs, learning_rate=config.learning_rate, phase=1, monitor=monitor,
+                    class_weight=weights)
+    else:
+        extractor, backbone = build_feature_extractor(spec, config)
+        cache = FeatureCache.for_config(config, root=feature_cache_dir)
+        train_idx = np.repeat(split.train, config.augment.factor)
+        train_views = np.tile(np.arange(config.augment.factor), len(split.train))
+        common = dict(preprocess=preprocess, augment=config.augment, seed=config.seed, cache=cache,
+                      batch_size=config.batch_size, progress=progress, on_batch=monitor.check_cancel)
+        train_x = _features_for(extractor, images, md5s, train_idx, train_views, "train views", common)
+        val_x = _features_for(extractor, images, md5s, split.val, np.zeros(len(split.val), int), "val", common)
+        head = fit_head_on_features(
+            train_x, labels[train_idx], val_x, labels[split.val], n_classes=n_classes, config=config,
+            callbacks=[monitor.callback(phase=1, epochs=config.epochs)], class_weight=weights,
+        )
+        model = assemble_model(backbone, head, config)
+        if config.fine_tune_epochs and config.fine_tune_layers:
+            unfreeze_top_layers(backbone, config.fine_tune_layers)
+            _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
+                        epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate, phase=2,
+                        monitor=monitor, class_weight=weights)
+        else:
+            # The backbone is still the frozen one: test views come from the feature cache too, so
+            # k-fold runs over the same images extract every (image, view) once.
+            views = config.tta_views
+            test_x = _features_for(extractor, images, md5s, np.repeat(split.test, views),
+                                   np.tile(np.arange(views), len(split.test)), "test views", common)
+            test_prob = _mean_over_views(head, test_x, views)
+        cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
+    if test_prob is None:
+        test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
+                                  augment=config.augment, tta_views=config.tta_views, seed=config.seed,
+                                  image_keys=[md5s[i] for i in split.test])
+    evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names),
+                                        groups=scan.groups[split.test])
+    model_path = save_model(model, run_id)
+    evaluation.metrics.update(
+        tta_views=config.tta_views,
+        parameters=int(model.count_params()),
+        model_bytes=os.path.getsize(model_path),
+        latency_ms=measure_latency(model, images[split.test[0]], preprocess=preprocess),
+    )
+    # Stored relative to the artifacts folder, so a results.db shipped with its artifacts/ works anywhere.
+    store.save_artifact(run_id, kind="model", path=model_path.relative_to(settings.artifacts_dir()).as_posix(),
+                        sha256=file_sha256(model_path),
+                        size_bytes=os.path.getsize(model_path))
+    store.save_evaluation(
+        run_id, name="test", data_dir=str(scan.root), metrics=evaluation.metrics,
+        class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
+        predictions=[
+            {"path": str(paths[i]), "true_class": scan.class_names[labels[i]],
+             "predicted_class": scan.class_names[int(pred)], "probabilities": prob.tolist()}
+            for i, pred, prob in zip(split.test, evaluation.predicted, test_prob)
+        ],
+    )
+    return evaluation, str(model_path), cache_stats
+
+
+def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:
+    """Head probabilities of features laid out image by image, ``views`` per image, averaged per image."""
+    prob = np.asarray(head.predict(features, batch_size=256, verbose=0), dtype=np.float64)
+    return prob.reshape(len(prob) // views, views, -1).mean(axis=1)
+
+
+def _features_for(extractor, images, md5s, indices, views, description, common) -> np.ndarray:
+    return extract_features(extractor, images, indices, [md5s[i] for i in indices], np.asarray(views),
+                            description=f"features ({description})", **common)
+
+
+def _fit_images(model, images, labels, split: Split, *, config: TrainConfig, preprocess, n_classes: int,
+                epochs: int, learning_rate: float, phase: int, monitor: RunMonitor, class_weight) -> None:
+    compile_model(model, config, learning_rate)
+    train_ds = image_dataset(images[split.train], labels[split.train], config.seed + phase, config=config,
+                             preprocess=preprocess, n_classes=n_classes, train=True)
+    val_ds = image_dataset(images[split.val], labels[split.val], 0, config=config, preprocess=preprocess,
+                           n_classes=n_classes, train=False)
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, class_weight=class_weight,
+              callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])
+
+
+def image_dataset(images, labels, keys_seed, *, config: TrainConfig, preprocess, n_classes: int, train: bool):
+    """tf.data pipeline over in-memory uint8 images; training batches get a fresh augmented view each epoch."""
+    import keras
+    import tensorflow as tf
+
+    one_hot = keras.utils.to_categorical(labels, n_classes)
+    ds = tf.data.Dataset.from_tensor_slices((images, one_hot))
+    if train:
+        ds = ds.shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=keys_seed).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, seed: (augment_image(tf.cast(pair[0], tf.float32), tf.cast(seed % 2**31, tf.int32),
+                                              config.augment), pair[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        ds = ds.map(lambda image, y: (tf.cast(image, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda image, y: (preprocess(image), y)).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def save_model(model, run_id: int) -> Path:
+    """Save the model as ``<artifacts>/run-<id>/model.keras``."""
+    folder = settings.artifacts_dir() / f"run-{int(run_id)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.keras"
+    model.save(path)
+    return path

@@ -25,12 +25,20 @@ class RunNotFoundError(StoreError):
     """No run has the given id."""
 
 
+class RecordError(StoreError):
+    """A value handed to the store is not one it keeps (an unknown subset or status, a naive timestamp, ...)."""
+
+
 class ImageLoadError(DataError):
     """One image file cannot be read as a supported image."""
 
 
 class ArchiveError(DataError):
     """An uploaded archive is refused: not a zip, corrupt, unsafe member paths, or it expands too far."""
+
+
+class WriteError(BCDError):
+    """A file or folder cannot be written (disk full, read-only file system, no permission)."""
 
 
 class CancelledError(BCDError):

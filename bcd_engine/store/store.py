@@ -210,6 +210,12 @@ class RunStore:
             raise
         self.recover_interrupted()
 
+    @classmethod
+    def open(cls, url: str | None = None) -> RunStore:
+        """The store at ``url`` made ready for a process entry point (CLI, worker, app start):
+        schema upgraded to the newest revision, runs whose process died marked interrupted."""
+        return cls(url)
+
     @property
     def url(self) -> str:
         """The database URL with its password masked."""

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from datetime import date, datetime
 from pathlib import Path
 
-from bcd_engine import __version__
+from bcd_engine.version import __version__
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
 from bcd_engine.store import EvaluationRecord, RunRecord

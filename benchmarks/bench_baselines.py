@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from _machine import load_average, machine_info, print_report_start  # noqa: E402
 
-from bcd_engine.protocols import baselines  # noqa: E402
 from bcd_engine.data.scan import scan_dataset  # noqa: E402
 from bcd_engine.data.splits import holdout_split  # noqa: E402
 from bcd_engine.data.synthetic import ensure_demo_dataset  # noqa: E402
 from bcd_engine.models.config import TrainConfig  # noqa: E402
+from bcd_engine.protocols import baselines  # noqa: E402
 from bcd_engine.reports.runs import THESIS_REFERENCE  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"

@@ -41,7 +41,7 @@ from bcd_engine.inference.diagnosis import Diagnoser  # noqa: E402
 from bcd_engine.inference.loading import LoadedModel  # noqa: E402
 from bcd_engine.models.backbones import build_backbone, get_backbone  # noqa: E402
 from bcd_engine.models.config import TrainConfig  # noqa: E402
-from bcd_engine.models.device import configure_device  # noqa: E402
+from bcd_engine.models.device import configure_device, precision_policy  # noqa: E402
 from bcd_engine.models.head import assemble_model, build_head  # noqa: E402
 
 DEFAULT_BACKBONES = "scratch_cnn,mobilenetv2,efficientnetb0,resnet50,densenet121,inceptionv3,vgg16"
@@ -245,6 +245,7 @@ def main() -> None:
     import keras
 
     environment = configure_device()  # as a run does: float32 on a CPU, mixed float16 on a GPU
+    keras.mixed_precision.set_global_policy(precision_policy(environment))  # this process trains, as a run does
     machine = machine_info()
     log(f"machine: {machine['summary']}")
     dtype = keras.mixed_precision.global_policy().compute_dtype

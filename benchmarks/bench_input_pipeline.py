@@ -41,7 +41,7 @@ from bcd_engine.data.scan import scan_dataset  # noqa: E402
 from bcd_engine.data.synthetic import make_synthetic_dataset  # noqa: E402
 from bcd_engine.models.backbones import get_backbone  # noqa: E402
 from bcd_engine.models.config import AugmentConfig, TrainConfig  # noqa: E402
-from bcd_engine.models.device import configure_device  # noqa: E402
+from bcd_engine.models.device import configure_device, precision_policy  # noqa: E402
 from bcd_engine.models.features import build_feature_extractor, extract_features  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -66,9 +66,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args()
 
+    import keras
     import tensorflow as tf
 
     environment = configure_device()
+    keras.mixed_precision.set_global_policy(precision_policy(environment))  # this process trains, as a run does
     machine = machine_info()
     log(f"machine: {machine['summary']}")
     spec = get_backbone(args.backbone)

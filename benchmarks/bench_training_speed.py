@@ -32,7 +32,7 @@ from bcd_engine.data.synthetic import ensure_demo_dataset  # noqa: E402
 from bcd_engine.inference.predict import predict_proba
 from bcd_engine.models.backbones import get_backbone  # noqa: E402
 from bcd_engine.models.config import AugmentConfig, TrainConfig  # noqa: E402
-from bcd_engine.models.device import configure_device
+from bcd_engine.models.device import configure_device, precision_policy
 from bcd_engine.models.features import build_feature_extractor, extract_features  # noqa: E402
 from bcd_engine.models.head import (
     assemble_model,
@@ -69,7 +69,10 @@ def main() -> None:
     data = ALL_DATA if real else ensure_demo_dataset()
     note = "ALL dataset, ImageNet ResNet50 weights" if real else "../shared missing: synthetic demo set, random weights"
     print(f"data: {note}", file=sys.stderr)
+    import keras
+
     environment = configure_device()
+    keras.mixed_precision.set_global_policy(precision_policy(environment))  # this process trains, as a run does
     config = TrainConfig(backbone="resnet50", weights=str(RESNET_WEIGHTS) if real else None,
                          image_size=224 if real else 96, epochs=args.epochs, patience=args.epochs + 1,
                          dropout=0.0, augment=AugmentConfig(factor=1))

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,8 +33,10 @@ from bcd_engine.data.dedup import (
 )
 from bcd_engine.data.images import SUPPORTED_EXTENSIONS, decode_stored, short_reason
 from bcd_engine.errors import ConfigError, DataError, ImageLoadError
+from bcd_engine.files import atomic_write_text
 
 _CACHE_FORMAT = 4
+TWIN_FOLDERS = ("Original", "Segmented")  # the ALL dataset's twin folders of the same images
 
 
 @dataclass(frozen=True)
@@ -270,23 +271,13 @@ def _valid_entry(entry: Any) -> bool:
 
 
 def _write_cache(cache_file: Path, root: Path, entries: dict[str, dict[str, Any]]) -> None:
-    """Write the cache atomically (temp file + os.replace); failing to write only warns."""
+    """Write the cache atomically; failing to write only warns."""
     doc = {"format": _CACHE_FORMAT, "root": str(root), "files": entries}
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, separators=(",", ":"))
-            os.replace(tmp, cache_file)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(cache_file, json.dumps(doc, separators=(",", ":")))
     except OSError as exc:
         warnings.warn(f"could not write the scan cache {cache_file}: {exc}", RuntimeWarning, stacklevel=3)
 
-
-TWIN_FOLDERS = ("Original", "Segmented")
 
 
 def twin_root(root: str | os.PathLike) -> Path | None:

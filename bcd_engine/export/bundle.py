@@ -84,7 +84,7 @@ def export_run(
     *,
     format: str,
     out_dir: str | os.PathLike,
-    store: RunStore | None = None,
+    store: RunStore,
     audit: dict | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
@@ -103,7 +103,6 @@ def export_run(
     existing = [p.name for p in (model_path, labels_path, card_path) if p.exists()]
     if existing and not overwrite:
         raise ConfigError(f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True (CLI: --overwrite)")
-    store = store or RunStore()
     run = store.get_run(run_id)
     content, max_diff = checked_tflite(load_run_model(run_id, store=store)) if format == "tflite" else (None, None)
     try:

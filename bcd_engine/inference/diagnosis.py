@@ -114,9 +114,8 @@ class Diagnoser:
         self.class_names = list(models[0].class_names)
 
     @classmethod
-    def for_runs(cls, run_ids: Iterable[int], *, store: RunStore | None = None) -> "Diagnoser":
+    def for_runs(cls, run_ids: Iterable[int], *, store: RunStore) -> "Diagnoser":
         """Load each run's model (sha256-checked, see :func:`inference.load_run_model`)."""
-        store = store or RunStore()
         return cls([load_run_model(int(run_id), store=store) for run_id in dict.fromkeys(run_ids)])
 
     @property

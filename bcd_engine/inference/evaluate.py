@@ -37,7 +37,7 @@ def load_label_map(path: str | os.PathLike) -> dict:
     return mapping
 
 
-def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: RunStore | None = None,
+def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: RunStore,
                            label_map: dict | None = None, progress: bool = False,
                            evaluation_name: str = "external") -> Evaluation:
     """External validation: the run's model on every readable image of another folder.
@@ -48,7 +48,6 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     then one minus the rate of wrong shared labels, e.g. the false-malignant rate of benign images).
     The evaluation is stored under ``evaluation_name``.
     """
-    store = store or RunStore()
     loaded = load_run_model(run_id, store=store)
     scan = scan_dataset(data_dir, progress=progress, allow_single_class=True)
     run_map = {name: (label_map or {}).get("run", {}).get(name, name) for name in loaded.class_names}

@@ -61,11 +61,10 @@ class LoadedModel:
                              image_keys=image_keys, progress=progress)
 
 
-def load_run_model(run_id: int, *, store: RunStore | None = None) -> LoadedModel:
+def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
     """Load the model a completed run saved, after checking it lies in the artifacts folder and its sha256."""
     import keras
 
-    store = store or RunStore()
     path, _ = run_model_file(run_id, store=store)
     model = keras.models.load_model(path, compile=False, safe_mode=True)
     run = store.get_run(run_id)

@@ -1,9 +1,10 @@
 """The backbone registry: one table of data, one generic builder.
 
-Each entry names the Keras application, its own ``preprocess_input``, its native and minimum input
-size, the figures Keras documents for it (parameters and depth of the full ImageNet model), the last
-convolutional layer (for Grad-CAM) and a one-line description. ``scratch_cnn`` is the thesis' baseline:
-a small CNN trained from scratch, built and trained the same way as the others.
+Each entry names the Keras application (or bcd's own architecture), its preprocessing mode, its native
+and minimum input size, the figures Keras documents for it (parameters and depth of the full ImageNet
+model), the last convolutional layer (for Grad-CAM), its published ImageNet weights file and a one-line
+description. ``scratch_cnn`` is the thesis' baseline, one more row: a small CNN of bcd's own, trained from
+random initialisation end to end (it has no ImageNet weights, so nothing is cached through it frozen).
 """
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ from typing import Any, Callable
 from bcd_engine.errors import ConfigError
 
 SCRATCH = "scratch_cnn"
+POOLINGS = ("avg", "max")  # global pooling of the backbone's last feature map
+
+# keras.applications preprocessing modes as x = (rgb[..., channels] / divisor - mean) / std, with a description.
+PREPROCESSING_MODES: dict[str, tuple[list[int], float, list[float], list[float], str]] = {
+    "caffe": ([2, 1, 0], 1.0, [103.939, 116.779, 123.68], [1.0, 1.0, 1.0],
+              "RGB to BGR, then the ImageNet channel means subtracted (no scaling)"),
+    "tf": ([0, 1, 2], 127.5, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], "scaled to [-1, 1]"),
+    "torch": ([0, 1, 2], 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+              "scaled to [0, 1], then normalised with the ImageNet channel means and standard deviations"),
+    "passthrough": ([0, 1, 2], 1.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
+                    "unchanged 0..255 values (the network rescales inside)"),
+    "unit": ([0, 1, 2], 255.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], "scaled to [0, 1]"),
+}
 
 
 @dataclass(frozen=True)
@@ -21,8 +35,9 @@ class BackboneSpec:
     """What bcd knows about one backbone."""
 
     name: str
-    module: str  # keras.applications submodule holding the builder and preprocess_input
-    builder: str  # builder function name in that module
+    module: str  # keras.applications submodule with the builder and preprocess_input; "" for bcd's own
+    builder: str  # builder function in that module (or in bcd's own architectures)
+    preprocessing: str  # a key of PREPROCESSING_MODES
     native_size: int
     min_size: int
     params_millions: float  # full ImageNet model, as documented by Keras
@@ -30,17 +45,27 @@ class BackboneSpec:
     year: int
     paper: str
     last_conv_layer: str
-    weights_file: str  # Keras' file name for the no-top ImageNet weights
+    weights_file: str  # Keras' file name for the no-top ImageNet weights; "" when there are none
     description: str
     fine_tune_layers: int  # default K for phase 2 (top layers unfrozen)
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether ImageNet weights exist for it (transfer learning); False for a network trained from scratch."""
+        return bool(self.weights_file)
+
     def preprocess(self) -> Callable:
         """The backbone's own ``preprocess_input`` (expects float RGB in 0..255)."""
-        if self.name == SCRATCH:
+        if not self.module:
             return _rescale_unit
         import keras
 
         return getattr(getattr(keras.applications, self.module), "preprocess_input")
+
+    def check_image_size(self, image_size: int) -> None:
+        """ConfigError when ``image_size`` is below the backbone's minimum input size."""
+        if image_size < self.min_size:
+            raise ConfigError(f"image size {image_size} is below {self.name}'s minimum of {self.min_size} px")
 
 
 def _rescale_unit(x):
@@ -50,43 +75,43 @@ def _rescale_unit(x):
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("xception", "xception", "Xception", 299, 71, 22.9, 81, 2017,
+        BackboneSpec("xception", "xception", "Xception", "tf", 299, 71, 22.9, 81, 2017,
                      "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions (CVPR 2017)",
                      "block14_sepconv2_act", "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "Inception modules replaced by depthwise-separable convolutions.", 30),
-        BackboneSpec("vgg16", "vgg16", "VGG16", 224, 32, 138.4, 16, 2014,
+        BackboneSpec("vgg16", "vgg16", "VGG16", "caffe", 224, 32, 138.4, 16, 2014,
                      "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
                      "block5_conv3", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "Plain stack of 3x3 convolutions; the thesis' best model (94%).", 4),
-        BackboneSpec("vgg19", "vgg19", "VGG19", 224, 32, 143.7, 19, 2014,
+        BackboneSpec("vgg19", "vgg19", "VGG19", "caffe", 224, 32, 143.7, 19, 2014,
                      "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
                      "block5_conv4", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "VGG16 with three more convolution layers.", 5),
-        BackboneSpec("resnet50", "resnet50", "ResNet50", 224, 32, 25.6, 107, 2015,
+        BackboneSpec("resnet50", "resnet50", "ResNet50", "caffe", 224, 32, 25.6, 107, 2015,
                      "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
                      "conv5_block3_out", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "50-layer residual network with bottleneck blocks.", 33),
-        BackboneSpec("resnet101", "resnet", "ResNet101", 224, 32, 44.7, 209, 2015,
+        BackboneSpec("resnet101", "resnet", "ResNet101", "caffe", 224, 32, 44.7, 209, 2015,
                      "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
                      "conv5_block3_out", "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "Deeper ResNet: 101 layers.", 33),
-        BackboneSpec("inceptionv3", "inception_v3", "InceptionV3", 299, 75, 23.9, 189, 2015,
+        BackboneSpec("inceptionv3", "inception_v3", "InceptionV3", "tf", 299, 75, 23.9, 189, 2015,
                      "Szegedy et al., Rethinking the Inception Architecture (CVPR 2016)",
                      "mixed10", "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "Parallel convolution branches of several sizes, factorised kernels.", 31),
-        BackboneSpec("mobilenetv2", "mobilenet_v2", "MobileNetV2", 224, 32, 3.5, 105, 2018,
+        BackboneSpec("mobilenetv2", "mobilenet_v2", "MobileNetV2", "tf", 224, 32, 3.5, 105, 2018,
                      "Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks (CVPR 2018)",
                      "out_relu", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
                      "Light network of inverted residual blocks, made for phones.", 20),
-        BackboneSpec("densenet121", "densenet", "DenseNet121", 224, 32, 8.1, 242, 2017,
+        BackboneSpec("densenet121", "densenet", "DenseNet121", "torch", 224, 32, 8.1, 242, 2017,
                      "Huang et al., Densely Connected Convolutional Networks (CVPR 2017)",
                      "relu", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "Each layer receives the feature maps of all earlier layers in its block.", 30),
-        BackboneSpec("efficientnetb0", "efficientnet", "EfficientNetB0", 224, 32, 5.3, 132, 2019,
+        BackboneSpec("efficientnetb0", "efficientnet", "EfficientNetB0", "passthrough", 224, 32, 5.3, 132, 2019,
                      "Tan & Le, EfficientNet: Rethinking Model Scaling (ICML 2019)",
                      "top_activation", "efficientnetb0_notop.h5",
                      "Compound-scaled mobile blocks with squeeze-and-excitation.", 20),
-        BackboneSpec(SCRATCH, "", "", 128, 32, 0.4, 8, 2026,
+        BackboneSpec(SCRATCH, "", "scratch_cnn", "unit", 128, 32, 0.4, 8, 2026,
                      "bcd baseline: a small CNN trained from scratch (the thesis' baseline model)",
                      "scratch_conv4_out", "",
                      "Four conv blocks trained from random initialisation; no transfer learning.", 0),
@@ -107,8 +132,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     if weights is None or str(weights).lower() in ("none", ""):
         return None
     if str(weights).lower() == "imagenet":
-        if spec.name == SCRATCH:
-            raise ConfigError("the scratch CNN has no ImageNet weights; use --weights none")
+        if not spec.pretrained:
+            raise ConfigError(f"{spec.name} has no ImageNet weights; use --weights none")
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -122,13 +147,10 @@ def build_backbone(spec: BackboneSpec, *, image_size: int, weights: str | None):
     """Build the convolutional part (no top, no pooling) at ``image_size`` with the given weights."""
     import keras
 
-    if image_size < spec.min_size:
-        raise ConfigError(
-            f"image size {image_size} is below {spec.name}'s minimum of {spec.min_size} px"
-        )
+    spec.check_image_size(image_size)
     input_shape = (image_size, image_size, 3)
-    if spec.name == SCRATCH:
-        return _scratch_cnn(input_shape)
+    if not spec.module:
+        return _OWN_ARCHITECTURES[spec.builder](input_shape)
     builder = getattr(keras.applications, spec.builder)
     try:
         return builder(include_top=False, weights=weights, input_shape=input_shape)
@@ -158,35 +180,27 @@ def _scratch_cnn(input_shape):
     return keras.Model(inputs, x, name=SCRATCH)
 
 
-# keras.applications preprocessing modes, per BackboneSpec.module, as x = (rgb[..., channels] / divisor - mean) / std
-_MODE_OF_MODULE = {
-    "vgg16": "caffe", "vgg19": "caffe", "resnet50": "caffe", "resnet": "caffe",
-    "xception": "tf", "inception_v3": "tf", "mobilenet_v2": "tf",
-    "densenet": "torch", "efficientnet": "passthrough", "": "unit",
-}
+_OWN_ARCHITECTURES = {"scratch_cnn": _scratch_cnn}  # BackboneSpec.builder of rows with no Keras module
 
 
-_MODES = {
-    "caffe": ([2, 1, 0], 1.0, [103.939, 116.779, 123.68], [1.0, 1.0, 1.0],
-              "RGB to BGR, then the ImageNet channel means subtracted (no scaling)"),
-    "tf": ([0, 1, 2], 127.5, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], "scaled to [-1, 1]"),
-    "torch": ([0, 1, 2], 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
-              "scaled to [0, 1], then normalised with the ImageNet channel means and standard deviations"),
-    "passthrough": ([0, 1, 2], 1.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
-                    "unchanged 0..255 values (the network rescales inside)"),
-    "unit": ([0, 1, 2], 255.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], "scaled to [0, 1]"),
-}
+def pooling_layer(pooling: str):
+    """The global pooling layer (float32 output) that turns the backbone's feature map into one vector."""
+    import keras
+
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    return layer(name="pool", dtype="float32")
 
 
 def preprocessing_info(backbone: str) -> dict[str, Any]:
     """How to turn an RGB image (float 0..255) into the model's input for ``backbone``, as plain data."""
     spec = get_backbone(backbone)
-    mode = _MODE_OF_MODULE[spec.module]
-    channels, divisor, mean, std, description = _MODES[mode]
+    channels, divisor, mean, std, description = PREPROCESSING_MODES[spec.preprocessing]
     return {
         "backbone": spec.name,
-        "mode": mode,
-        "keras_function": None if spec.name == SCRATCH else f"keras.applications.{spec.module}.preprocess_input",
+        "mode": spec.preprocessing,
+        "keras_function": f"keras.applications.{spec.module}.preprocess_input" if spec.module else None,
         "description": description,
         "formula": "x = (rgb[..., channels] / divisor - mean) / std",
         "channels": channels,

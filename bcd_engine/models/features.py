@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import weakref
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +18,9 @@ from typing import Callable
 import numpy as np
 
 from bcd_engine import settings
-from bcd_engine.files import file_sha256
+from bcd_engine.files import atomic_path, file_sha256
 from bcd_engine.models.augment import augment_image, view_seeds
-from bcd_engine.models.backbones import BackboneSpec, build_backbone
+from bcd_engine.models.backbones import BackboneSpec, build_backbone, pooling_layer
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.progress import progress_bar
 
@@ -46,8 +44,7 @@ def build_feature_extractor(spec: BackboneSpec, config: TrainConfig):
     backbone.trainable = False
     inputs = keras.Input((config.image_size, config.image_size, 3))
     features = backbone(inputs, training=False)
-    pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    return keras.Model(inputs, pool(name="pool", dtype="float32")(features), name="feature_extractor"), backbone
+    return keras.Model(inputs, pooling_layer(config.pooling)(features), name="feature_extractor"), backbone
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -105,14 +102,11 @@ class FeatureCache:
         self._entries[entry_key] = vector
 
     def save(self) -> None:
-        """Write the cache atomically (temp file, then rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the cache atomically."""
         keys = np.array(list(self._entries), dtype=str)
         features = np.stack(list(self._entries.values())) if self._entries else np.zeros((0, 0), np.float32)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, keys=keys, features=features)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, keys=keys, features=features)
 
 
 def extract_features(

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from bcd_engine.models.backbones import get_backbone, pooling_layer
 from bcd_engine.models.config import TrainConfig
 
 
 def build_head(n_features: int, n_classes: int, config: TrainConfig):
-    """The classification head on pooled features: [dense + dropout] then softmax (float32 output)."""
+    """The classification head on pooled features: [dense + dropout] then softmax (float32 output).
+
+    Building touches no global state: the initial weights come from Keras' generators as the caller seeded
+    them (training seeds them with the run's seed first).
+    """
     import keras
     from keras import layers
 
-    keras.utils.set_random_seed(config.seed)
     inputs = keras.Input((n_features,))
     x = inputs
     if config.dense_units:
@@ -61,10 +65,14 @@ def class_weight_dict(labels: np.ndarray, n_classes: int) -> dict[int, float]:
 def fit_head_on_features(
     train_x, train_y, val_x, val_y, *, n_classes: int, config: TrainConfig, callbacks=(), class_weight=None
 ):
-    """Phase 1 on cached features: returns the trained head (best validation-loss weights restored)."""
+    """Phase 1 on cached features: returns the trained head (best validation-loss weights restored).
+
+    Keras' generators are seeded with ``config.seed`` first, so the head starts from the same weights every run.
+    """
     import keras
     import tensorflow as tf
 
+    keras.utils.set_random_seed(config.seed)
     head = build_head(train_x.shape[1], n_classes, config)
     compile_model(head, config, config.learning_rate)
     one_hot = lambda y: keras.utils.to_categorical(y, n_classes)  # noqa: E731
@@ -94,12 +102,11 @@ def assemble_model(backbone, head, config: TrainConfig):
     """Backbone (BatchNorm in inference mode) + pooling + head as one Keras model on preprocessed images."""
     import keras
 
-    pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
     # A pretrained backbone keeps BatchNorm in inference mode, also when its top layers are unfrozen;
-    # the scratch CNN learns its BatchNorm statistics like any network trained from scratch.
-    x = backbone(inputs) if config.is_scratch else backbone(inputs, training=False)
-    x = pool(name="pool", dtype="float32")(x)
+    # a network trained from scratch learns its BatchNorm statistics.
+    x = backbone(inputs, training=False) if get_backbone(config.backbone).pretrained else backbone(inputs)
+    x = pooling_layer(config.pooling)(x)
     return keras.Model(inputs, head(x), name=f"bcd_{config.backbone}")
 
 

@@ -26,6 +26,7 @@ from bcd_engine.data.splits import (
     split_from_assignments,
 )
 from bcd_engine.errors import ConfigError
+from bcd_engine.store import RunStore
 
 HIST_BINS = 16
 
@@ -114,11 +115,8 @@ def leakage_audit(scan: ScanResult, assignments_or_split) -> dict[str, Any]:
     }
 
 
-def run_leakage_audit(run_ids, *, store=None) -> dict[str, Any]:
+def run_leakage_audit(run_ids, *, store: RunStore) -> dict[str, Any]:
     """:func:`leakage_audit` of stored runs' splits (e.g. every fold of a CV): ``{"runs": [{"run_id", ...}], "ok"}``."""
-    from bcd_engine.store import RunStore
-
-    store = store or RunStore()
     rows, scans = [], {}
     for run_id in run_ids:
         run = store.get_run(run_id)

@@ -22,7 +22,7 @@ from bcd_engine.store import RunStore
 BASELINE_IMAGE_SIZE = 64  # the colour-only baseline's image size (as in the shortcut audit)
 
 
-def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, store: RunStore | None = None,
+def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, store: RunStore,
                              seed: int = 0, progress: bool = False) -> dict:
     """Accuracy of run ``run_id`` and of a colour-only baseline on its test split, original and normalised.
 
@@ -31,7 +31,6 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
     "original": {"model_accuracy", "colour_only_accuracy"}, "normalised": {method: {...}}}``, each
     model accuracy with its 95% bootstrap interval.
     """
-    store = store or RunStore()
     loaded = load_run_model(run_id, store=store)
     run = store.get_run(run_id)
     scan = scan_dataset(run.config["data_dir"], progress=progress)

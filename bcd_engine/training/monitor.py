@@ -5,6 +5,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -13,34 +14,42 @@ from bcd_engine.progress import progress_bar
 from bcd_engine.store import RunStore
 
 CANCEL_POLL_SECONDS = 1.0
-
-
 HEARTBEAT_SECONDS = 30.0
-
 
 log = logging.getLogger("bcd.training")
 
 
 @contextlib.contextmanager
-def heartbeat(store: RunStore, run_id: int):
-    """Refresh the run's heartbeat in the store every HEARTBEAT_SECONDS from a thread while the block runs,
-    so no phase (loading, extraction, evaluation, saving) makes a live run look dead to other processes."""
+def repeating(action: Callable[[], None], *, every_s: float, name: str) -> Iterator[None]:
+    """Call ``action`` every ``every_s`` seconds from a daemon thread while the block runs (not at its start)."""
     stop = threading.Event()
 
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            try:
-                store.heartbeat(run_id)
-            except BCDError as exc:  # a busy database costs one beat, not the run
-                log.warning("heartbeat of run %s failed: %s", run_id, exc)
+    def loop() -> None:
+        while not stop.wait(every_s):
+            action()
 
-    thread = threading.Thread(target=beat, name=f"bcd-heartbeat-{run_id}", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def heartbeat(store: RunStore, run_id: int) -> Iterator[None]:
+    """Refresh the run's heartbeat in the store every HEARTBEAT_SECONDS from a thread while the block runs,
+    so no phase (loading, extraction, evaluation, saving) makes a live run look dead to other processes."""
+
+    def beat() -> None:
+        try:
+            store.heartbeat(run_id)
+        except BCDError as exc:  # a busy database costs one beat, not the run
+            log.warning("heartbeat of run %s failed: %s", run_id, exc)
+
+    with repeating(beat, every_s=HEARTBEAT_SECONDS, name=f"bcd-heartbeat-{run_id}"):
+        yield
 
 
 class RunMonitor:

@@ -26,7 +26,11 @@ from bcd_engine.inference.predict import measure_latency, predict_proba
 from bcd_engine.models.augment import augment_image
 from bcd_engine.models.backbones import build_backbone, get_backbone
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.models.device import configure_device
+from bcd_engine.models.device import (
+    compute_precision,
+    configure_device,
+    precision_policy,
+)
 from bcd_engine.models.features import (
     FeatureCache,
     build_feature_extractor,
@@ -110,7 +114,7 @@ def train(
     store.start_run(run_id, environment=environment)
     store.save_split(run_id, split.assignments(scan))
     try:
-        with heartbeat(store, run_id):
+        with heartbeat(store, run_id), compute_precision(precision_policy(environment)):
             evaluation, model_path, cache_stats = _train_and_evaluate(
                 config, scan, split, store=store, run_id=run_id, progress=progress,
                 feature_cache_dir=feature_cache_dir)
@@ -153,8 +157,9 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
     keras.utils.set_random_seed(config.seed)
 
     cache_stats, test_prob = None, None
-    if config.is_scratch:
+    if not spec.pretrained:  # trained end to end on images
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
+        keras.utils.set_random_seed(config.seed)  # the head's initial weights follow the run's seed
         head = build_head(backbone.output_shape[-1], n_classes, config)
         model = assemble_model(backbone, head, config)
         _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,

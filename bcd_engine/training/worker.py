@@ -13,13 +13,17 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from bcd_engine import settings
+from bcd_engine.files import atomic_write_text
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.processes import pid_alive
 from bcd_engine.store import RunStore
+from bcd_engine.training.monitor import repeating
+from bcd_engine.training.run import train
 
 HEARTBEAT_SECONDS = 10.0
 
@@ -42,12 +46,8 @@ def log_file() -> Path:
 
 def write_heartbeat(pid: int | None = None, worker_id: str | None = None) -> None:
     """Note that the worker ``pid`` (default: this process) is alive now."""
-    path = heartbeat_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": pid or os.getpid(), "host": socket.gethostname(),
-                               "worker_id": worker_id, "time": time.time()}))
-    tmp.replace(path)
+    atomic_write_text(heartbeat_file(), json.dumps({"pid": pid or os.getpid(), "host": socket.gethostname(),
+                                                    "worker_id": worker_id, "time": time.time()}))
 
 
 def live_worker() -> dict | None:
@@ -58,13 +58,7 @@ def live_worker() -> dict | None:
         return None
     if beat.get("host") != socket.gethostname() or time.time() - beat.get("time", 0) > STALE_AFTER_SECONDS:
         return None
-    try:
-        os.kill(int(beat["pid"]), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return beat
+    return beat if pid_alive(int(beat["pid"])) else None
 
 
 def spawn_worker() -> int:
@@ -81,40 +75,26 @@ def spawn_worker() -> int:
     return process.pid
 
 
-def _keep_alive(worker_id: str, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_SECONDS):
-        write_heartbeat(worker_id=worker_id)
-
-
 def train_claimed(store: RunStore, run, worker_id: str) -> str:
     """Train one claimed run; return its final status (a failure is logged, never raised)."""
-    from bcd_engine.models.config import TrainConfig
-    from bcd_engine.training.run import train
-
-    stop = threading.Event()
-    beat = threading.Thread(target=_keep_alive, args=(worker_id, stop), daemon=True)
-    beat.start()
     try:
-        config = TrainConfig.from_dict(run.config["train"])
-        result = train(config, run.config["data_dir"], store=store, run_id=run.id)
-        return result.status
+        with repeating(lambda: write_heartbeat(worker_id=worker_id), every_s=HEARTBEAT_SECONDS,
+                       name=f"bcd-worker-{worker_id}"):
+            config = TrainConfig.from_dict(run.config["train"])
+            return train(config, run.config["data_dir"], store=store, run_id=run.id).status
     except Exception as exc:  # noqa: BLE001 - one bad run must not stop the queue
         log.error("run %s failed: %s: %s", run.id, type(exc).__name__, exc)
         if store.get_run(run.id).status == "running":  # failed before train() could close it
             store.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         return "failed"
-    finally:
-        stop.set()
-        beat.join()
 
 
-def run_worker(*, worker_id: str | None = None, once: bool = False, poll_seconds: float = 2.0,
-               store: RunStore | None = None) -> list[dict]:
+def run_worker(*, store: RunStore, worker_id: str | None = None, once: bool = False,
+               poll_seconds: float = 2.0) -> list[dict]:
     """Train queued runs one after another; return ``[{"run_id", "status"}, ...]`` for the runs taken.
 
     With ``once`` the worker stops when the queue is empty; otherwise it polls every ``poll_seconds``.
     """
-    store = store or RunStore()
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     done: list[dict] = []
     while True:

@@ -24,7 +24,6 @@ common.explain(
 common.demo_banner()
 store = common.store()
 demo = common.demo_mode()
-store.recover_interrupted()
 
 with st.expander("Backbones", icon=":material/table:"):
     st.dataframe(pd.DataFrame([
@@ -103,8 +102,8 @@ else:
 
 @st.fragment(run_every=3)
 def queue_panel() -> None:
-    """The queue, the running job's progress and curves; refreshed every few seconds from the store."""
-    store.recover_interrupted()
+    """The queue, the running job's progress and curves; refreshed every few seconds from the store (reads only;
+    runs whose process died are marked by the worker and at the app's start)."""
     if not demo:
         worker.ensure_worker(store)
     runs = store.list_runs(limit=30)

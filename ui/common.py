@@ -16,7 +16,8 @@ from bcd_engine.training import queue, worker
 
 @st.cache_resource(show_spinner=False)
 def _store(url: str) -> RunStore:
-    return RunStore(url)
+    """Opened once per server process: the app's start is where the schema is upgraded and dead runs recovered."""
+    return RunStore.open(url)
 
 
 def store() -> RunStore:

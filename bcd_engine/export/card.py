@@ -7,10 +7,11 @@ from collections import Counter, defaultdict
 from datetime import date, datetime
 from pathlib import Path
 
-from bcd_engine.version import __version__
 from bcd_engine.errors import ConfigError
+from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
 from bcd_engine.store import EvaluationRecord, RunRecord
+from bcd_engine.version import __version__
 
 MODEL_CARD = "MODEL_CARD.md"
 
@@ -37,7 +38,8 @@ def model_card(
     train = run.config["train"]
     data_dir = run.config.get("data_dir", "DIR")
     prep = preprocessing_info(run.backbone)
-    test_metrics = next((e.metrics for e in evaluations if e.name == "test"), {})
+    test = latest_evaluation(evaluations)
+    test_metrics = test.metrics if test is not None else {}
     environment = run.environment or {}
     lines = [
         f"# Model card: bcd run {run.id} ({run.backbone})",

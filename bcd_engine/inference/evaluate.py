@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from bcd_engine.errors import (
 )
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 from bcd_engine.inference.loading import load_run_model
-from bcd_engine.store import RunStore
+from bcd_engine.store import EvaluationRecord, RunStore
+
+TEST = "test"  # the evaluation of a run on its own test split, stored by training
 
 
 def load_label_map(path: str | os.PathLike) -> dict:
@@ -64,13 +67,30 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     merge = np.array([[run_map[run_class] == label for label in class_names] for run_class in loaded.class_names])
     y_prob = loaded.predict_arrays(images, image_keys=[r.md5 for r in scan.images], progress=progress) @ merge
     evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names, groups=scan.groups)
-    store.save_evaluation(
-        run_id, name=evaluation_name, data_dir=str(scan.root), metrics=evaluation.metrics,
-        class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
+    save_evaluation(store, run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths,
+                    y_true=y_true, y_prob=y_prob)
+    return evaluation
+
+
+def save_evaluation(store: RunStore, run_id: int, evaluation: Evaluation, *, name: str, data_dir: str | os.PathLike,
+                    paths: Sequence[str], y_true: Sequence[int], y_prob: np.ndarray) -> int:
+    """Store ``evaluation`` of run ``run_id`` under ``name`` with one prediction row per image; its id.
+
+    ``paths``, ``y_true`` (class indices into ``evaluation.class_names``) and ``y_prob`` are aligned.
+    """
+    names = evaluation.class_names
+    return store.save_evaluation(
+        run_id, name=name, data_dir=str(data_dir), metrics=evaluation.metrics, class_names=names,
+        confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
         predictions=[
-            {"path": path, "true_class": class_names[t], "predicted_class": class_names[int(p)],
+            {"path": str(path), "true_class": names[int(true)], "predicted_class": names[int(predicted)],
              "probabilities": prob.tolist()}
-            for path, t, p, prob in zip(scan.paths, y_true, evaluation.predicted, y_prob)
+            for path, true, predicted, prob in zip(paths, y_true, evaluation.predicted, y_prob, strict=True)
         ],
     )
-    return evaluation
+
+
+def latest_evaluation(evaluations: Iterable[EvaluationRecord], name: str = TEST) -> EvaluationRecord | None:
+    """The newest of ``evaluations`` called ``name``: by default the run's evaluation on its own test split."""
+    named = [e for e in evaluations if e.name == name]
+    return named[-1] if named else None

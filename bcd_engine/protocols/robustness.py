@@ -15,6 +15,7 @@ from bcd_engine.data.images import load_images
 from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import split_from_assignments
 from bcd_engine.evaluation.metrics import evaluate_probabilities
+from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.protocols.audit import colour_features, shortcut_forest
 from bcd_engine.store import RunStore
@@ -51,16 +52,9 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
         probabilities = loaded.predict_arrays(images, image_keys=test_keys, progress=progress)
         evaluation = evaluate_probabilities(labels[split.test], probabilities, class_names=list(scan.class_names),
                                             groups=scan.groups[split.test])
-        if name != "test":
-            store.save_evaluation(
-                run_id, name=name, data_dir=str(scan.root), metrics=evaluation.metrics,
-                class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
-                predictions=[
-                    {"path": paths[i], "true_class": scan.class_names[labels[i]],
-                     "predicted_class": scan.class_names[int(pred)], "probabilities": prob.tolist()}
-                    for i, pred, prob in zip(split.test, evaluation.predicted, probabilities)
-                ],
-            )
+        if name != TEST:
+            save_evaluation(store, run_id, evaluation, name=name, data_dir=scan.root,
+                            paths=[paths[i] for i in split.test], y_true=labels[split.test], y_prob=probabilities)
         return {
             "model_accuracy": evaluation.accuracy,
             "model_accuracy_ci": evaluation.metrics["confidence_intervals"]["accuracy"],
@@ -70,7 +64,7 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
 
     result = {"run_id": run_id, "backbone": loaded.config.backbone, "colour_mode": loaded.config.colour,
               "protocol": run.protocol, "n_test": int(len(split.test)),
-              "original": measure(test_images, small[split.test], "test"), "normalised": {}}
+              "original": measure(test_images, small[split.test], TEST), "normalised": {}}
     for method in methods:
         reinhard = method == "reinhard"
         result["normalised"][method] = measure(

@@ -22,6 +22,7 @@ from bcd_engine.data.splits import Split, holdout_split
 from bcd_engine.errors import BCDError, CancelledError, ConfigError
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 from bcd_engine.files import file_sha256
+from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.predict import measure_latency, predict_proba
 from bcd_engine.models.augment import augment_image
 from bcd_engine.models.backbones import build_backbone, get_backbone
@@ -209,15 +210,8 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
     store.save_artifact(run_id, kind="model", path=model_path.relative_to(settings.artifacts_dir()).as_posix(),
                         sha256=file_sha256(model_path),
                         size_bytes=os.path.getsize(model_path))
-    store.save_evaluation(
-        run_id, name="test", data_dir=str(scan.root), metrics=evaluation.metrics,
-        class_names=evaluation.class_names, confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
-        predictions=[
-            {"path": str(paths[i]), "true_class": scan.class_names[labels[i]],
-             "predicted_class": scan.class_names[int(pred)], "probabilities": prob.tolist()}
-            for i, pred, prob in zip(split.test, evaluation.predicted, test_prob)
-        ],
-    )
+    save_evaluation(store, run_id, evaluation, name=TEST, data_dir=scan.root, paths=paths[split.test],
+                    y_true=labels[split.test], y_prob=test_prob)
     return evaluation, str(model_path), cache_stats
 
 

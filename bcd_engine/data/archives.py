@@ -5,7 +5,7 @@ with :class:`ArchiveError` when it is not a zip or is corrupt, names a member ou
 ``/x``, ``C:x``), or would expand past the limits (zip bombs): the size its headers declare, the bytes
 actually read and each member's compression ratio are all checked. Zips inside the zip are expanded
 ``allow_nested`` levels deep. A member is an image when its content starts like one (whatever its
-name); :func:`bcd_engine.datasets.load_image` decodes it later.
+name); :func:`bcd_engine.data.images.load_image` decodes it later.
 """
 from __future__ import annotations
 

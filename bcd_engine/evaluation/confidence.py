@@ -1,7 +1,7 @@
 """Uncertainty of test-set figures: bootstrap confidence intervals and calibration (ECE, reliability bins).
 
 Everything here computes numbers only; pages draw them. ``y_true`` holds class indices and ``y_prob``
-is an (n, n_classes) array of predicted probabilities, as in :mod:`bcd_engine.evaluation`.
+is an (n, n_classes) array of predicted probabilities, as in :mod:`bcd_engine.evaluation.metrics`.
 """
 from __future__ import annotations
 

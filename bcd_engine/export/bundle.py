@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bcd_engine.errors import ConfigError, StoreError
+from bcd_engine.errors import ConfigError, StoreError, WriteError
 from bcd_engine.export.card import (
     MODEL_CARD,
     audit_parts,
@@ -123,5 +123,5 @@ def export_run(
             exported_on=datetime.now(timezone.utc).date(),
         ))
     except OSError as exc:
-        raise ConfigError(f"cannot write the export to {out}: {exc.strerror or exc}") from exc
+        raise WriteError(f"cannot write the export to {out}: {exc.strerror or exc}") from exc
     return ExportResult(run_id, format, model_path, labels_path, card_path, max_diff)

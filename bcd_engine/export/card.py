@@ -31,7 +31,7 @@ def model_card(
 ) -> str:
     """The model card of ``run`` as Markdown; a pure function of its arguments.
 
-    ``audit`` is :func:`audit.audit_dataset`'s result (or its ``"shortcuts"`` part); ``split`` is
+    ``audit`` is :func:`~bcd_engine.protocols.audit.audit_dataset`'s result (or its ``"shortcuts"`` part); ``split`` is
     :meth:`RunStore.get_split`'s rows. Without them the card says what was not given.
     """
     shortcuts, leakage = audit_parts(audit)

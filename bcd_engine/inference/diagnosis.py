@@ -115,7 +115,7 @@ class Diagnoser:
 
     @classmethod
     def for_runs(cls, run_ids: Iterable[int], *, store: RunStore) -> "Diagnoser":
-        """Load each run's model (sha256-checked, see :func:`inference.load_run_model`)."""
+        """Load each run's model (sha256-checked, see :func:`~bcd_engine.inference.loading.load_run_model`)."""
         return cls([load_run_model(int(run_id), store=store) for run_id in dict.fromkeys(run_ids)])
 
     @property

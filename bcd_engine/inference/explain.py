@@ -2,7 +2,7 @@
 
 The engine computes the heatmap as an array; drawing it is the caller's job (``overlay`` blends it
 onto the image for the CLI and the pages). The target layer is the backbone's last convolutional
-layer from the registry, inside the nested backbone model that ``training.assemble_model`` builds.
+layer from the registry, inside the nested backbone model that :func:`bcd_engine.models.head.assemble_model` builds.
 """
 from __future__ import annotations
 

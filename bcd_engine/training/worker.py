@@ -3,7 +3,7 @@
 ``python -m bcd_engine worker`` runs :func:`run_worker`. Claiming is atomic in the store, so several
 workers (on one or several machines) never train the same run twice. A worker keeps a heartbeat file
 under the cache folder (pid, host, time) so the dashboard can tell whether one is alive; the run's own
-heartbeat in the store is kept by :func:`bcd_engine.training.train`, whoever calls it.
+heartbeat in the store is kept by :func:`bcd_engine.training.run.train`, whoever calls it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,109 @@
+"""The pieces issue 11 made single and side-effect free: the backbone rows, builders that touch no global
+state, the precision policy around training only, atomic writes and process checks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from bcd_engine.errors import ConfigError
+from bcd_engine.files import atomic_path, atomic_write_text
+from bcd_engine.models.backbones import (
+    BACKBONES,
+    PREPROCESSING_MODES,
+    SCRATCH,
+    build_backbone,
+    get_backbone,
+    pooling_layer,
+    resolve_weights,
+)
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.models.device import compute_precision, precision_policy
+from bcd_engine.models.head import build_head
+from bcd_engine.processes import pid_alive
+from bcd_engine.reports.explorer import dataset_choices
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_row_is_complete(name):
+    spec = get_backbone(name)
+    assert spec.preprocessing in PREPROCESSING_MODES
+    assert spec.pretrained == bool(spec.weights_file) == (name != SCRATCH)
+    with pytest.raises(ConfigError, match=f"below {name}'s minimum of {spec.min_size} px"):
+        spec.check_image_size(spec.min_size - 1)
+    spec.check_image_size(spec.min_size)
+
+
+def test_the_scratch_cnn_is_one_more_row_built_by_its_own_builder():
+    spec = get_backbone(SCRATCH)
+    model = build_backbone(spec, image_size=32, weights=None)
+    assert model.name == SCRATCH and model.get_layer(spec.last_conv_layer) is not None
+    assert float(np.asarray(spec.preprocess()(np.full((1, 2), 255.0))).max()) == 1.0
+    with pytest.raises(ConfigError, match="scratch_cnn has no ImageNet weights; use --weights none"):
+        resolve_weights(spec, "imagenet")
+
+
+def test_an_unknown_pooling_is_refused():
+    assert pooling_layer("max").name == "pool"
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        pooling_layer("median")
+
+
+def test_building_a_head_leaves_the_global_generators_alone():
+    config = TrainConfig(backbone="mobilenetv2", image_size=32, dense_units=8, seed=0)
+
+    def head_weights(seed: int) -> list[np.ndarray]:
+        keras.utils.set_random_seed(seed)
+        return build_head(16, 4, config).get_weights()
+
+    # The caller's seeding decides the weights (build_head does not reseed with config.seed) ...
+    assert not np.allclose(head_weights(1)[0], head_weights(2)[0])
+    np.testing.assert_array_equal(head_weights(1)[0], head_weights(1)[0])
+    # ... and numpy's global generator is not touched at all.
+    np.random.seed(123)
+    expected = np.random.random()
+    np.random.seed(123)
+    build_head(16, 4, config)
+    assert np.random.random() == expected
+
+
+def test_the_precision_policy_is_set_inside_the_block_only_and_restored_on_error():
+    before = keras.mixed_precision.global_policy().name
+    with compute_precision("mixed_float16"):
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == before
+    with pytest.raises(RuntimeError, match="boom"), compute_precision("mixed_float16"):
+        raise RuntimeError("boom")
+    assert keras.mixed_precision.global_policy().name == before
+    assert precision_policy({"mixed_precision": True}) == "mixed_float16"
+    assert precision_policy({"mixed_precision": False}) == "float32"
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "deep" / "index.json"
+    atomic_write_text(target, "first")
+    assert target.read_text() == "first"
+    with pytest.raises(ValueError, match="half way"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise ValueError("half way")
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["index.json"]  # no temp file left behind
+
+
+def test_pid_alive_tells_a_live_process_from_a_finished_one():
+    assert pid_alive(os.getpid())
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    assert not pid_alive(int(finished.stdout))
+    assert not pid_alive(0) and not pid_alive(-1)
+
+
+def test_listing_dataset_choices_writes_nothing(workspace, tmp_path):
+    demo = tmp_path / "not-made"
+    choices = dataset_choices(workspace, demo)
+    assert choices[0].root == str(demo) and choices[0].synthetic
+    assert not demo.exists()

@@ -1,18 +1,22 @@
 """The run store: SQLAlchemy models, Alembic migrations and the :class:`RunStore` API.
 
-Open it with ``RunStore()`` (``settings.database_url()``) or ``RunStore(url)`` for any SQLAlchemy
-URL (``postgresql://`` URLs use psycopg 3). Everything it returns is a frozen record from
-:mod:`bcd_engine.store.records`.
+Process entry points open it with ``RunStore.open(url)``, which creates or upgrades the schema and
+marks dead runs interrupted; ``RunStore(url)`` only connects to a store that is ready, and writes
+nothing. ``url`` is any SQLAlchemy URL (default ``settings.database_url()``; ``postgresql://`` URLs
+use psycopg 3). Everything it returns is a frozen record from :mod:`bcd_engine.store.records`; a
+run's protocol is a :class:`Protocol`.
 """
 from __future__ import annotations
 
 from bcd_engine.store.models import FINAL_STATUSES, RUN_STATUSES
 from bcd_engine.store.records import (
+    PROTOCOL_KINDS,
     ArtifactRecord,
     DatasetRecord,
     EpochRecord,
     EvaluationRecord,
     PredictionRecord,
+    Protocol,
     RocCurve,
     RunRecord,
 )
@@ -20,12 +24,14 @@ from bcd_engine.store.store import RunStore
 
 __all__ = [
     "FINAL_STATUSES",
+    "PROTOCOL_KINDS",
     "RUN_STATUSES",
     "ArtifactRecord",
     "DatasetRecord",
     "EpochRecord",
     "EvaluationRecord",
     "PredictionRecord",
+    "Protocol",
     "RocCurve",
     "RunRecord",
     "RunStore",

@@ -5,8 +5,8 @@ these classes must stay in step with them (``tests/test_store.py`` checks that t
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -24,7 +24,10 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column
+
+from bcd_engine.errors import RecordError
+from bcd_engine.store.records import PROTOCOL_KINDS, Protocol
 
 RUN_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 FINAL_STATUSES = ("completed", "failed", "cancelled", "interrupted")
@@ -38,9 +41,13 @@ NAMING_CONVENTION = {
 }
 
 
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN (" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware, in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -53,21 +60,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the run store keeps timezone-aware UTC times")
-        value = value.astimezone(timezone.utc)
+            raise RecordError(f"naive datetime {value!r}: the run store keeps timezone-aware UTC times")
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()
+    }
 
 
 _CASCADE = {"ondelete": "CASCADE"}
@@ -87,15 +96,20 @@ class Dataset(Base):
 class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
-        CheckConstraint(
-            "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")", name="status"
-        ),
+        CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
+        CheckConstraint(_one_of("protocol_kind", PROTOCOL_KINDS), name="protocol_kind"),
         Index("ix_runs_status_created_at", "status", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     backbone: Mapped[str] = mapped_column(String(64))
-    protocol: Mapped[str] = mapped_column(String(64))
+    protocol_kind: Mapped[str] = mapped_column(String(16))
+    protocol_fold: Mapped[int | None] = mapped_column(Integer)
+    protocol_folds: Mapped[int | None] = mapped_column(Integer)
+    protocol_held_out: Mapped[str | None] = mapped_column(Text)
+    protocol_info: Mapped[Protocol] = composite(
+        "protocol_kind", "protocol_fold", "protocol_folds", "protocol_held_out"
+    )
     config: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

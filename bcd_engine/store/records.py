@@ -9,6 +9,87 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from bcd_engine.errors import RecordError
+
+PROTOCOL_KINDS = ("holdout", "kfold", "lodo", "external")
+
+_KFOLD = "{folds}-fold CV (group-aware, stratified)"
+_LODO = "leave-one-dataset-out"
+_LABELS = {"holdout": "holdout (group-aware, stratified)", "external": "external test set"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a run's test figure is obtained, as data: its kind and, for k-fold and LODO, which round.
+
+    ``kind`` is ``"holdout"`` (one group-aware, stratified train/val/test split), ``"kfold"`` (fold
+    ``fold`` of ``folds`` group-aware folds), ``"lodo"`` (leave-one-dataset-out, ``held_out`` the
+    dataset left out) or ``"external"`` (tested on a separate dataset). A k-fold or LODO protocol
+    without its round (``fold`` or ``held_out`` None) is the protocol as a whole, as a summary over
+    all rounds names it. Build one with the constructors; fields that do not fit the kind raise
+    :class:`RecordError`. :attr:`label` is the text runs are shown with.
+
+    >>> Protocol.kfold(2, folds=5).label
+    '5-fold CV (group-aware, stratified), fold 2/5'
+    >>> Protocol.lodo("pbc").label
+    'leave-one-dataset-out, held out pbc'
+    """
+
+    kind: str
+    fold: int | None = None
+    folds: int | None = None
+    held_out: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROTOCOL_KINDS:
+            raise RecordError(f"protocol kind must be one of {', '.join(PROTOCOL_KINDS)}, not {self.kind!r}")
+        given = {"fold": self.fold, "folds": self.folds, "held_out": self.held_out}
+        allowed = {"kfold": {"fold", "folds"}, "lodo": {"held_out"}}.get(self.kind, set())
+        extra = [name for name, value in given.items() if value is not None and name not in allowed]
+        if extra:
+            raise RecordError(f"a {self.kind} protocol has no {' or '.join(extra)}, got {given}")
+        if self.kind == "kfold":
+            if not _is_int(self.folds) or self.folds < 2:
+                raise RecordError(f"a k-fold protocol needs folds >= 2, not {self.folds!r}")
+            if self.fold is not None and not (_is_int(self.fold) and 1 <= self.fold <= self.folds):
+                raise RecordError(f"fold must be 1 to {self.folds} (or None for all folds), not {self.fold!r}")
+        if self.kind == "lodo" and self.held_out is not None and not (isinstance(self.held_out, str) and self.held_out):
+            raise RecordError(f"held_out must name a dataset (or be None for every round), not {self.held_out!r}")
+
+    @classmethod
+    def holdout(cls) -> Protocol:
+        """A group-aware, stratified hold-out split (what ``train`` does unless told otherwise)."""
+        return cls("holdout")
+
+    @classmethod
+    def kfold(cls, fold: int | None = None, *, folds: int) -> Protocol:
+        """Fold ``fold`` (1 to ``folds``) of a group-aware k-fold cross-validation; None: all folds."""
+        return cls("kfold", fold=fold, folds=folds)
+
+    @classmethod
+    def lodo(cls, held_out: str | None = None) -> Protocol:
+        """The leave-one-dataset-out round that holds out dataset ``held_out``; None: every round."""
+        return cls("lodo", held_out=held_out)
+
+    @classmethod
+    def external(cls) -> Protocol:
+        """A test on a dataset apart from the one trained on."""
+        return cls("external")
+
+    @property
+    def label(self) -> str:
+        """The protocol as text, e.g. ``"5-fold CV (group-aware, stratified), fold 2/5"``."""
+        if self.kind == "kfold":
+            label = _KFOLD.format(folds=self.folds)
+            return label if self.fold is None else f"{label}, fold {self.fold}/{self.folds}"
+        if self.kind == "lodo":
+            return _LODO if self.held_out is None else f"{_LODO}, held out {self.held_out}"
+        return _LABELS[self.kind]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 @dataclass(frozen=True)
 class DatasetRecord:
@@ -24,11 +105,14 @@ class DatasetRecord:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One training run: its configuration, lifecycle and headline metrics."""
+    """One training run: its configuration, lifecycle and headline metrics.
+
+    ``protocol_info`` is how its test figure was obtained; :attr:`protocol` the same as text.
+    """
 
     id: int
     backbone: str
-    protocol: str
+    protocol_info: Protocol
     config: dict[str, Any]
     status: str
     created_at: datetime
@@ -45,6 +129,11 @@ class RunRecord:
     dataset_id: int | None
     test_accuracy: float | None
     macro_auc: float | None
+
+    @property
+    def protocol(self) -> str:
+        """The run's protocol as text (``protocol_info.label``), e.g. ``"holdout (group-aware, stratified)"``."""
+        return self.protocol_info.label
 
 
 @dataclass(frozen=True)

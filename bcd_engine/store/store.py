@@ -1,7 +1,9 @@
 """The run store: every training run, its epochs, split, evaluations and artifacts, in one database.
 
-SQLite (the default, ``settings.database_url()``) and PostgreSQL are supported. Opening a store
-brings the schema to the newest Alembic revision and marks runs whose process died as interrupted.
+SQLite (the default, ``settings.database_url()``) and PostgreSQL are supported. ``RunStore(url)``
+only connects (it writes nothing and refuses a schema that is not this bcd's newest); process entry
+points use ``RunStore.open(url)``, which creates or upgrades the schema and marks runs whose process
+died as interrupted.
 """
 from __future__ import annotations
 
@@ -41,9 +43,11 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from bcd_engine import settings
-from bcd_engine.errors import RunNotFoundError, StoreError
+from bcd_engine.errors import RecordError, RunNotFoundError, StoreError
+from bcd_engine.processes import pid_alive
 from bcd_engine.store.models import (
     FINAL_STATUSES,
+    RUN_STATUSES,
     Artifact,
     Dataset,
     Epoch,
@@ -60,6 +64,7 @@ from bcd_engine.store.records import (
     EpochRecord,
     EvaluationRecord,
     PredictionRecord,
+    Protocol,
     RocCurve,
     RunRecord,
 )
@@ -92,8 +97,9 @@ def mask_url(url: str | URL) -> str:
 def make_engine(url: URL) -> Engine:
     """An engine with the store's connection settings.
 
-    SQLite: WAL journal, a busy timeout, foreign keys on, and BEGIN emitted by SQLAlchemy
-    (``BEGIN IMMEDIATE`` for writes, so writers queue on the lock instead of failing).
+    SQLite: a busy timeout, foreign keys on, and BEGIN emitted by SQLAlchemy (``BEGIN IMMEDIATE``
+    for writes, so writers queue on the lock instead of failing); the WAL journal is set once, by
+    :meth:`RunStore.open` (it is kept in the file, and setting it writes).
     PostgreSQL: a connect timeout and pre-ping (dashboards hold engines for hours).
     JSON values are written with NaN/inf as null and numpy values as plain numbers.
     """
@@ -115,7 +121,6 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
@@ -126,6 +131,48 @@ def _sqlite_on_begin(conn: Connection) -> None:
     # A deferred transaction that reads and then writes fails at once with "database is locked"
     # when another process wrote in between; taking the write lock up front waits instead.
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("bcd_write") else "BEGIN")
+
+
+def _sqlite_pragma(conn: Connection, pragma: str) -> None:
+    """Run ``PRAGMA <pragma>`` on the connection's SQLite handle directly, outside any transaction
+    (inside one, SQLite ignores ``foreign_keys`` and refuses ``journal_mode = WAL``)."""
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
+@contextmanager
+def migration_transaction(conn: Connection) -> Iterator[None]:
+    """One transaction on ``conn`` (not yet in one) to change the schema in.
+
+    On SQLite foreign keys are off meanwhile and checked before the commit: a batch migration rebuilds
+    a table by copying it and dropping the original, and with them on the drop would cascade-delete
+    every row that refers to the table.
+    """
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        _sqlite_pragma(conn, "foreign_keys = OFF")
+    try:
+        with conn.begin():
+            yield
+            if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                raise StoreError("the migration would leave rows that refer to missing ones; nothing was changed")
+    finally:
+        if sqlite:
+            _sqlite_pragma(conn, "foreign_keys = ON")
+
+
+@contextmanager
+def _checked(what: str) -> Iterator[None]:
+    """Turn the errors of reading the caller's ``what`` (a missing key, a wrong type or value) into RecordError."""
+    try:
+        yield
+    except KeyError as exc:
+        raise RecordError(f"{what}: missing {exc}") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RecordError(f"{what}: {exc}") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -152,23 +199,16 @@ def _metric(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
+def _require_status(status: str, allowed: Sequence[str], *, what: str = "status must be") -> None:
+    if status not in allowed:
+        raise RecordError(f"{what} one of {', '.join(allowed)}, not {status!r}")
+
+
 def _one_line(exc: BaseException) -> str:
     cause = getattr(exc, "orig", None) or exc
     message = re.sub(r"\(Background on this error at: \S+\)", "", str(cause))
     message = " ".join(message.split()) or type(cause).__name__
     return message if len(message) <= 300 else message[:297] + "..."
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
 
 
 def _record(cls: type[_R], row: Any) -> _R:
@@ -188,33 +228,66 @@ class RunStore:
     """
 
     def __init__(self, url: str | None = None) -> None:
-        """Open (creating or upgrading if needed) the store at ``url`` or ``settings.database_url()``."""
+        """Connect to the store at ``url`` or ``settings.database_url()``; this writes nothing.
+
+        The schema must be this bcd's newest: a missing database, an empty one or an older schema
+        raises :class:`StoreError` saying to open it once with :meth:`open` (which any
+        ``python -m bcd_engine`` command does); so does one newer than this bcd knows.
+        """
+        self._connect(url, create=False)
+        try:
+            current, head = self._revisions()
+            if current != head:
+                found = (
+                    "has no bcd schema" if current is None
+                    else f"has schema revision {current!r}, older than this bcd's {head!r}"
+                )
+                raise StoreError(
+                    f"the run store at {self._masked} {found}; open it once with RunStore.open(url) "
+                    "(or run any `python -m bcd_engine` command) to create or upgrade it"
+                )
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def open(cls, url: str | None = None) -> RunStore:
+        """The store at ``url`` made ready for a process entry point (CLI, worker, app start).
+
+        Creates the SQLite file (and its own folder, not the ones above it) if needed, brings the
+        schema to the newest revision and marks runs whose process died as interrupted
+        (:meth:`recover_interrupted`). Safe to call from several processes at once.
+        """
+        store = cls.__new__(cls)
+        store._connect(url, create=True)
+        try:
+            store._upgrade()
+            store.recover_interrupted()
+        except BaseException:
+            store._engine.dispose()
+            raise
+        return store
+
+    def _connect(self, url: str | None, *, create: bool) -> None:
+        """Make the engines for ``url``; a SQLite file must exist unless ``create``. Nothing is read yet."""
         raw = url or settings.database_url()
         self._masked = mask_url(raw)
         try:
             sa_url = normalize_url(raw)
             if sa_url.get_backend_name() == "sqlite" and sa_url.database not in (None, "", ":memory:"):
-                # Only the file's own folder is created: a typo higher up should fail, not build a tree.
-                Path(sa_url.database).parent.mkdir(exist_ok=True)
+                path = Path(sa_url.database)
+                if create:
+                    # Only the file's own folder is created: a typo higher up should fail, not build a tree.
+                    path.parent.mkdir(exist_ok=True)
+                elif not path.is_file():
+                    raise StoreError(
+                        f"there is no run store at {self._masked} (no such file); RunStore.open(url) "
+                        "(or any `python -m bcd_engine` command) creates it"
+                    )
             self._engine = make_engine(sa_url)
         except (ImportError, OSError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
         self._write_engine = self._engine.execution_options(bcd_write=True)
-        try:
-            self._migrate()
-        except (SQLAlchemyError, CommandError, OSError) as exc:
-            self._engine.dispose()
-            raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
-        except StoreError:
-            self._engine.dispose()
-            raise
-        self.recover_interrupted()
-
-    @classmethod
-    def open(cls, url: str | None = None) -> RunStore:
-        """The store at ``url`` made ready for a process entry point (CLI, worker, app start):
-        schema upgraded to the newest revision, runs whose process died marked interrupted."""
-        return cls(url)
 
     @property
     def url(self) -> str:
@@ -236,30 +309,47 @@ class RunStore:
 
     # -- schema -------------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        """Upgrade the schema to the newest revision; only a read when it is already there.
+    def _revisions(self) -> tuple[str | None, str]:
+        """(the database's schema revision or None, this bcd's newest); a read only.
 
-        The upgrade runs in one transaction that first takes a lock every other opener waits for
-        (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), then checks the revision again.
+        Raises :class:`StoreError` when the database cannot be read or is newer than this bcd.
         """
         script = _script()
         head = script.get_current_head()
-        with self._engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-        if current == head:
-            return
+        try:
+            with self._engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
         if current is not None and current not in {r.revision for r in script.walk_revisions()}:
             raise StoreError(
                 f"the run store at {self._masked} has schema revision {current!r}, newer than this "
                 f"version of bcd knows (newest: {head!r}); upgrade bcd"
             )
-        with self._write_engine.connect() as conn, conn.begin():
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
-            if MigrationContext.configure(conn).get_current_revision() != head:
-                config = Config(str(_ALEMBIC_INI))
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+        return current, head
+
+    def _upgrade(self) -> None:
+        """Bring the schema to the newest revision (SQLite: in WAL mode); only reads when it is there.
+
+        The upgrade runs in one transaction that first takes a lock every other opener waits for
+        (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), then checks the revision again.
+        """
+        try:
+            if self._engine.dialect.name == "sqlite":
+                with self._engine.connect() as conn:
+                    _sqlite_pragma(conn, "journal_mode = WAL")
+            current, head = self._revisions()
+            if current == head:
+                return
+            with self._write_engine.connect() as conn, migration_transaction(conn):
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+                if MigrationContext.configure(conn).get_current_revision() != head:
+                    config = Config(str(_ALEMBIC_INI))
+                    config.attributes["connection"] = conn
+                    command.upgrade(config, "head")
+        except (SQLAlchemyError, CommandError, OSError) as exc:
+            raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -267,14 +357,18 @@ class RunStore:
     def _session(self, *, write: bool = False) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back on any error.
 
-        SQLAlchemy errors become :class:`StoreError` naming the (masked) URL.
+        SQLAlchemy errors become :class:`StoreError` naming the (masked) URL: :class:`RecordError`
+        when the database refused the values (a constraint), or a column type did (a naive time).
         """
         session = Session(self._write_engine if write else self._engine, expire_on_commit=False)
         try:
             yield session
             session.commit()
         except SQLAlchemyError as exc:
-            raise StoreError(f"run store {self._masked}: {_one_line(exc)}") from exc
+            if isinstance(getattr(exc, "orig", None), RecordError):
+                raise exc.orig from None
+            error = RecordError if isinstance(exc, IntegrityError) else StoreError
+            raise error(f"run store {self._masked}: {_one_line(exc)}") from exc
         finally:
             session.close()
 
@@ -292,7 +386,9 @@ class RunStore:
     ) -> int:
         """Record a dataset folder and return its id; a root seen before keeps its id, gets new counts."""
         root = str(root)
-        counts = {str(k): int(v) for k, v in class_counts.items()}
+        with _checked("register_dataset"):
+            n_images = int(n_images)
+            counts = {str(k): int(v) for k, v in class_counts.items()}
         with self._session(write=True) as s:
             row = s.scalar(select(Dataset).where(Dataset.root == root))
             if row is None:
@@ -302,7 +398,7 @@ class RunStore:
                         s.add(row)
                 except IntegrityError:
                     row = s.scalars(select(Dataset).where(Dataset.root == root)).one()
-            row.name, row.n_images, row.class_counts = name, int(n_images), counts
+            row.name, row.n_images, row.class_counts = name, n_images, counts
             s.flush()
             return row.id
 
@@ -318,17 +414,22 @@ class RunStore:
         self,
         *,
         backbone: str,
-        protocol: str,
+        protocol: Protocol,
         config: Mapping[str, Any],
         dataset_id: int | None = None,
         status: str = "queued",
     ) -> int:
-        """Record a new run (queued unless told otherwise) and return its id."""
+        """Record a new run (queued unless told otherwise) under ``protocol`` and return its id."""
+        if not isinstance(protocol, Protocol):
+            raise RecordError(f"protocol must be a Protocol (e.g. Protocol.holdout()), not {protocol!r}")
+        _require_status(status, RUN_STATUSES)
+        with _checked("create_run config"):
+            config = dict(config)
         with self._session(write=True) as s:
             run = Run(
                 backbone=backbone,
-                protocol=protocol,
-                config=dict(config),
+                protocol_info=protocol,
+                config=config,
                 status=status,
                 dataset_id=dataset_id,
                 cancel_requested=False,
@@ -339,6 +440,8 @@ class RunStore:
 
     @staticmethod
     def _running(environment: Mapping[str, Any] | None, worker_id: str | None) -> dict[str, Any]:
+        with _checked("environment"):
+            environment = None if environment is None else dict(environment)
         now = utcnow()
         return {
             "status": "running",
@@ -346,7 +449,7 @@ class RunStore:
             "heartbeat_at": now,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "environment": None if environment is None else dict(environment),
+            "environment": environment,
             "worker_id": worker_id,
         }
 
@@ -406,8 +509,10 @@ class RunStore:
 
     def update_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
         """Replace a run's config (training adds what it learns from the data, such as class names)."""
+        with _checked("update_run_config config"):
+            config = dict(config)
         with self._session(write=True) as s:
-            if s.execute(update(Run).where(Run.id == run_id).values(config=dict(config))).rowcount == 0:
+            if s.execute(update(Run).where(Run.id == run_id).values(config=config)).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
 
     def heartbeat(self, run_id: int) -> None:
@@ -457,22 +562,22 @@ class RunStore:
         seconds: float | None = None,
     ) -> None:
         """Record one epoch's metrics (NaN is kept as None) and refresh the run's heartbeat."""
+        with _checked("log_epoch"):
+            epoch_row = Epoch(
+                run_id=run_id,
+                phase=int(phase),
+                epoch=int(epoch),
+                train_loss=_metric(train_loss),
+                train_accuracy=_metric(train_accuracy),
+                val_loss=_metric(val_loss),
+                val_accuracy=_metric(val_accuracy),
+                learning_rate=_metric(learning_rate),
+                seconds=_metric(seconds),
+            )
         with self._session(write=True) as s:
             if s.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=utcnow())).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
-            s.add(
-                Epoch(
-                    run_id=run_id,
-                    phase=int(phase),
-                    epoch=int(epoch),
-                    train_loss=_metric(train_loss),
-                    train_accuracy=_metric(train_accuracy),
-                    val_loss=_metric(val_loss),
-                    val_accuracy=_metric(val_accuracy),
-                    learning_rate=_metric(learning_rate),
-                    seconds=_metric(seconds),
-                )
-            )
+            s.add(epoch_row)
 
     def finish_run(
         self,
@@ -484,8 +589,9 @@ class RunStore:
         macro_auc: float | None = None,
     ) -> None:
         """Close a run with a final status (completed/failed/cancelled/interrupted) and its headline metrics."""
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"finish_run needs one of {', '.join(FINAL_STATUSES)}, not {status!r}")
+        _require_status(status, FINAL_STATUSES, what="finish_run needs")
+        with _checked("finish_run"):
+            test_accuracy, macro_auc = _metric(test_accuracy), _metric(macro_auc)
         with self._session(write=True) as s:
             run = self._require_run(s, run_id)
             now = utcnow()
@@ -493,8 +599,8 @@ class RunStore:
             run.finished_at = now
             run.seconds = (now - run.started_at).total_seconds() if run.started_at else None
             run.error = error
-            run.test_accuracy = _metric(test_accuracy)
-            run.macro_auc = _metric(macro_auc)
+            run.test_accuracy = test_accuracy
+            run.macro_auc = macro_auc
 
     def recover_interrupted(self, *, stale_after_s: float = 600) -> list[int]:
         """Mark dead 'running' runs as 'interrupted' and return their ids.
@@ -513,7 +619,7 @@ class RunStore:
             ).all()
         dead: list[tuple[Any, Any, str]] = []
         for row in rows:
-            if row.host == host and row.pid is not None and not _pid_alive(row.pid):
+            if row.host == host and row.pid is not None and not pid_alive(row.pid):
                 reason = f"interrupted: its process (pid {row.pid} on {host}) is gone"
                 dead.append((row, Run.pid == row.pid, reason))
             elif row.last_sign < cutoff:
@@ -551,19 +657,20 @@ class RunStore:
         ``subset`` is train, val, test or a fold label such as fold0.
         """
         rows = []
-        for a in assignments:
-            if not _SUBSET.fullmatch(str(a["subset"])):
-                raise ValueError(f"subset must be train, val, test or foldN, not {a['subset']!r}")
-            group = a.get("group_id")
-            rows.append(
-                {
-                    "run_id": run_id,
-                    "path": str(a["path"]),
-                    "class_name": str(a["class_name"]),
-                    "subset": str(a["subset"]),
-                    "group_id": None if group is None else str(group),
-                }
-            )
+        with _checked("save_split assignment"):
+            for a in assignments:
+                if not _SUBSET.fullmatch(str(a["subset"])):
+                    raise RecordError(f"subset must be train, val, test or foldN, not {a['subset']!r}")
+                group = a.get("group_id")
+                rows.append(
+                    {
+                        "run_id": run_id,
+                        "path": str(a["path"]),
+                        "class_name": str(a["class_name"]),
+                        "subset": str(a["subset"]),
+                        "group_id": None if group is None else str(group),
+                    }
+                )
         with self._session(write=True) as s:
             self._require_run(s, run_id)
             s.execute(delete(SplitAssignment).where(SplitAssignment.run_id == run_id))
@@ -601,8 +708,7 @@ class RunStore:
         ``roc`` maps a class to ``{"fpr": [...], "tpr": [...], "thresholds": [...], "auc": float}``;
         each prediction has path, true_class, predicted_class and probabilities (one per class).
         """
-        with self._session(write=True) as s:
-            self._require_run(s, run_id)
+        with _checked("save_evaluation"):
             evaluation = Evaluation(
                 run_id=run_id,
                 name=name,
@@ -612,27 +718,21 @@ class RunStore:
                 confusion_matrix=[[int(n) for n in row] for row in confusion_matrix],
                 roc_auc={str(c): _metric(curve.get("auc")) for c, curve in roc.items()},
             )
-            s.add(evaluation)
-            s.flush()
-            points = [
-                {
-                    "evaluation_id": evaluation.id,
-                    "class_name": str(class_name),
-                    "point_index": i,
-                    "fpr": float(fpr),
-                    "tpr": float(tpr),
-                    "threshold": float(threshold),
-                }
-                for class_name, curve in roc.items()
-                for i, (fpr, tpr, threshold) in enumerate(
-                    zip(curve["fpr"], curve["tpr"], curve["thresholds"], strict=True)
-                )
-            ]
-            if points:
-                s.execute(insert(RocPoint), points)
+            points = []
+            for class_name, curve in roc.items():
+                columns = [list(curve[key]) for key in ("fpr", "tpr", "thresholds")]
+                if len({len(column) for column in columns}) > 1:
+                    raise RecordError(
+                        f"the ROC curve of {class_name!r} has {', '.join(str(len(c)) for c in columns)} "
+                        "values of fpr, tpr and thresholds; they must match"
+                    )
+                points += [
+                    {"class_name": str(class_name), "point_index": i, "fpr": float(fpr), "tpr": float(tpr),
+                     "threshold": float(threshold)}
+                    for i, (fpr, tpr, threshold) in enumerate(zip(*columns, strict=True))
+                ]
             rows = [
                 {
-                    "evaluation_id": evaluation.id,
                     "path": str(p["path"]),
                     "true_class": str(p["true_class"]),
                     "predicted_class": str(p["predicted_class"]),
@@ -640,8 +740,14 @@ class RunStore:
                 }
                 for p in predictions
             ]
+        with self._session(write=True) as s:
+            self._require_run(s, run_id)
+            s.add(evaluation)
+            s.flush()
+            if points:
+                s.execute(insert(RocPoint), [{**point, "evaluation_id": evaluation.id} for point in points])
             if rows:
-                s.execute(insert(Prediction), rows)
+                s.execute(insert(Prediction), [{**row, "evaluation_id": evaluation.id} for row in rows])
             return evaluation.id
 
     def get_evaluations(self, run_id: int) -> list[EvaluationRecord]:
@@ -700,11 +806,12 @@ class RunStore:
         self, run_id: int, *, kind: str, path: str | os.PathLike[str], sha256: str, size_bytes: int
     ) -> int:
         """Record a file the run produced and return the record's id."""
-        with self._session(write=True) as s:
-            self._require_run(s, run_id)
+        with _checked("save_artifact"):
             artifact = Artifact(
                 run_id=run_id, kind=kind, path=str(path), sha256=sha256, size_bytes=int(size_bytes)
             )
+        with self._session(write=True) as s:
+            self._require_run(s, run_id)
             s.add(artifact)
             s.flush()
             return artifact.id
@@ -725,6 +832,8 @@ class RunStore:
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
         """Runs, newest first, optionally only those with ``status`` and at most ``limit``."""
+        if status is not None:
+            _require_status(status, RUN_STATUSES)
         query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
         if status is not None:
             query = query.where(Run.status == status)

@@ -1,8 +1,9 @@
 """Alembic environment of the run store.
 
-``RunStore`` passes its own open connection in ``config.attributes["connection"]`` (inside a
+``RunStore.open`` passes its own open connection in ``config.attributes["connection"]`` (inside a
 transaction that holds the migration lock); the Alembic CLI gets an engine built from the store's
-URL (``BCD_DATABASE_URL`` or the project's ``results.db``).
+URL (``BCD_DATABASE_URL`` or the project's ``results.db``) and migrates in a
+:func:`~bcd_engine.store.store.migration_transaction` too (on SQLite: foreign keys off).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from bcd_engine.settings import database_url
 from bcd_engine.store.models import Base
-from bcd_engine.store.store import make_engine, normalize_url
+from bcd_engine.store.store import make_engine, migration_transaction, normalize_url
 
 
 def _run(connection: Connection) -> None:
@@ -37,9 +38,8 @@ def main() -> None:
         return
     engine = make_engine(url)
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, migration_transaction(conn):
             _run(conn)
-            conn.commit()
     finally:
         engine.dispose()
 

@@ -10,13 +10,8 @@ from bcd_engine.data.splits import Split, group_kfold, holdout_split
 from bcd_engine.errors import ConfigError
 from bcd_engine.evaluation.confidence import sample_std
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training.run import train
-
-
-def cv_protocol(folds: int) -> str:
-    """The protocol label of a k-fold run."""
-    return f"{folds}-fold CV (group-aware, stratified)"
 
 
 def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -> list[Split]:
@@ -31,33 +26,32 @@ def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -
     return splits
 
 
-def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = 5,
-                   store: RunStore | None = None, progress: bool = False) -> dict:
+def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = 5, store: RunStore,
+                   progress: bool = False) -> dict:
     """Train and test ``config`` on each of ``folds`` group-aware folds; per-fold metrics, mean and std.
 
     Returns ``{"protocol", "folds": [{"fold", "run_id", "n_train", "n_test", "accuracy", "macro_auc"}],
-    "mean": {...}, "std": {...}}``. Each fold is stored as its own run, labelled with the protocol. Every
-    fold trains on the one scan its split was made from, so the split's indices name the same files.
+    "mean": {...}, "std": {...}}``. Each fold is stored in ``store`` as its own run, under
+    ``Protocol.kfold(fold, folds=folds)``. Every fold trains on the one scan its split was made from,
+    so the split's indices name the same files.
     """
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
-    store = store or RunStore()
     scan = scan_dataset(data_dir, progress=progress)
-    protocol = cv_protocol(folds)
     rows = []
     splits = fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=config.val_fraction, seed=config.seed)
     for fold, split in enumerate(splits, start=1):
         result = train(config, data_dir, store=store, split=split, scan=scan, progress=progress,
-                       protocol=f"{protocol}, fold {fold}/{folds}")
+                       protocol=Protocol.kfold(fold, folds=folds))
         rows.append({"fold": fold, "run_id": result.run_id, "n_train": result.n_train, "n_test": result.n_test,
                      "accuracy": result.test_accuracy, "macro_auc": result.macro_auc})
-    return {"protocol": protocol, "folds": rows, **summarise_folds(rows)}
+    return {"protocol": Protocol.kfold(folds=folds).label, "folds": rows, **summarise_folds(rows)}
 
 
 def summarise_folds(rows: list[dict]) -> dict:
     """``{"mean": {...}, "std": {...}}`` of the folds' accuracy and macro AUC (None when a fold lacks one).
 
-    The std is the sample standard deviation (:func:`confidence.sample_std`).
+    The std is the sample standard deviation (:func:`bcd_engine.evaluation.confidence.sample_std`).
     """
     summary = {}
     for stat, fn in (("mean", lambda values: float(np.mean(values))), ("std", sample_std)):

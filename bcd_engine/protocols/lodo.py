@@ -26,11 +26,8 @@ from bcd_engine.data.scan import ScanResult, scan_dataset
 from bcd_engine.errors import BCDError, ConfigError, DataError
 from bcd_engine.inference.evaluate import evaluate_run_on_folder
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training.run import train
-
-PROTOCOL = "leave-one-dataset-out"
-
 
 _SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it was built from
 
@@ -38,9 +35,9 @@ _SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it wa
 _BUILD_LOCK_SECONDS = 600  # the longest a round waits for another to finish building the same folder
 
 
-def lodo_protocol(held_out: str) -> str:
-    """The protocol label of the run of the round that holds out ``held_out``."""
-    return f"{PROTOCOL}, held out {held_out}"
+def held_out_evaluation_name(held_out: str) -> str:
+    """The name of the evaluation on the held-out dataset ``held_out`` of a round's run."""
+    return f"held-out {held_out}"
 
 
 def load_dataset_label_map(path: str | os.PathLike) -> dict:
@@ -55,16 +52,16 @@ def load_dataset_label_map(path: str | os.PathLike) -> dict:
 
 
 def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.PathLike], label_map: dict | None = None,
-                          *, store: RunStore | None = None, progress: bool = False,
-                          workdir: str | os.PathLike | None = None) -> dict:
+                          *, store: RunStore, progress: bool = False, workdir: str | os.PathLike | None = None) -> dict:
     """Hold out each dataset in turn: train ``config`` on the others, evaluate on it; one stored run per round.
 
     ``datasets`` maps names to folders of class subfolders; ``label_map`` maps a dataset name to
     ``{folder class: shared label}`` (an unmapped class keeps its name). A round whose training
     datasets have fewer than two shared labels, or lack a label of the held-out set, is skipped with
     its reason; a round whose training or evaluation fails is marked failed with the error, and the
-    other rounds still run. Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root",
-    "n_images", "labels"}}, "rounds": [...]}``, one round per dataset with its run, in-domain test and
+    other rounds still run. Each round's run is stored in ``store`` under ``Protocol.lodo(<held out>)``.
+    Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root", "n_images",
+    "labels"}}, "rounds": [...]}``, one round per dataset with its run, in-domain test and
     held-out figures (accuracy, macro AUC, confusion matrix, per-label rates); ``workdir`` defaults to
     a folder under the cache keyed by the inputs.
     """
@@ -72,9 +69,8 @@ def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.Path
              for name, root in _check_datasets(datasets).items()}
     labels_of = _check_label_map(label_map, scans)
     workdir = Path(workdir) if workdir is not None else _default_workdir(scans, labels_of)
-    store = store or RunStore()
     return {
-        "protocol": PROTOCOL,
+        "protocol": Protocol.lodo().label,
         "shared_labels": sorted({label for labels in labels_of.values() for label in labels.values()}),
         "workdir": str(workdir),
         "datasets": {name: {"root": scan.root, "n_images": scan.n_images,
@@ -156,7 +152,7 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
     for name in train_names:
         copies = near_copies(scans[name].images, scans[held_out].images)
         excluded += sum(copies)
-        for record, is_copy in zip(scans[name].images, copies):
+        for record, is_copy in zip(scans[name].images, copies, strict=True):
             if is_copy:
                 continue
             label = labels_of[name][record.class_name]
@@ -165,7 +161,8 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
     held_out_labels = sorted(set(labels_of[held_out].values()))
     row = {
         "held_out": held_out, "status": "skipped", "reason": None, "run_id": None, "train_datasets": train_names,
-        "train_labels": train_labels, "excluded_duplicates": excluded, "n_train": None, "n_val": None, "n_test_in_domain": None, "in_domain_accuracy": None,
+        "train_labels": train_labels, "excluded_duplicates": excluded, "n_train": None, "n_val": None,
+        "n_test_in_domain": None, "in_domain_accuracy": None,
         "in_domain_macro_auc": None, "n_held_out": scans[held_out].n_images, "held_out_labels": held_out_labels,
         "held_out_accuracy": None, "held_out_macro_auc": None, "confusion_matrix": None, "per_label_rate": None,
     }
@@ -180,7 +177,7 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
         return row
     train_dir = _link_folder(workdir / f"without-{held_out}", sources)
     try:
-        result = train(config, train_dir, store=store, progress=progress, protocol=lodo_protocol(held_out))
+        result = train(config, train_dir, store=store, progress=progress, protocol=Protocol.lodo(held_out))
     except BCDError as exc:  # one failed round does not cost the others their results
         row.update(status="failed", reason=str(exc))
         return row
@@ -194,7 +191,7 @@ def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], lab
         evaluation = evaluate_run_on_folder(
             result.run_id, scans[held_out].root, store=store, progress=progress,
             label_map={"run": {label: label for label in train_labels}, "data": labels_of[held_out]},
-            evaluation_name=f"held-out {held_out}",
+            evaluation_name=held_out_evaluation_name(held_out),
         )
     except BCDError as exc:
         row.update(status="failed", reason=f"run {result.run_id} trained, but its held-out evaluation failed: {exc}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +19,12 @@ import pandas as pd
 from bcd_engine import settings
 from bcd_engine.data.scan import ScanResult
 from bcd_engine.evaluation.confidence import sample_std
+from bcd_engine.protocols.lodo import held_out_evaluation_name
 from bcd_engine.reports.runs import THESIS_REFERENCE
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 from bcd_engine.store.records import EvaluationRecord, RunRecord
 
-CV_FOLD = re.compile(r"^(?P<protocol>.+), fold (?P<fold>\d+)/(?P<folds>\d+)$")
-
-
-LODO_PREFIX = "leave-one-dataset-out"
-
-
 IN_DOMAIN_NOTE = " (in-domain hold-out test; the held-out dataset's figure is in the LODO table)"
-
-
-HELD_OUT_PREFIX = "held-out "
 
 
 AUDIT_REFERENCES = (("colour_only_accuracy", "colour only"), ("corner_only_accuracy", "corner only"),
@@ -89,7 +80,7 @@ def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Ev
         test = latest(evaluations.get(run.id, []), "test")
         if test is None:
             continue
-        protocol = run.protocol + (IN_DOMAIN_NOTE if run.protocol.startswith(LODO_PREFIX) else "")
+        protocol = run.protocol + (IN_DOMAIN_NOTE if run.protocol_info.kind == "lodo" else "")
         row = {"run": run.id, "label": f"run {run.id}: {run.backbone}<br>{protocol}", "backbone": run.backbone,
                "protocol": protocol, "data_dir": run.config.get("data_dir"), "n": test.metrics.get("n")}
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
@@ -137,27 +128,27 @@ class CVGroup:
 
 
 def cv_groups(runs: Iterable[RunRecord]) -> list[CVGroup]:
-    """Group k-fold runs (protocol ``"<protocol>, fold k/K"``) into one :class:`CVGroup` per cross-validation.
+    """Group k-fold runs (protocol kind ``"kfold"``, fold k of K) into one :class:`CVGroup` per cross-validation.
 
-    Runs belong together when protocol, K, backbone and config match and their folds count up 1, 2, ...
-    in run-id order (``crossval.cross_validate`` stores the folds one after another); a fold that does
+    Runs belong together when K, backbone and config match and their folds count up 1, 2, ... in
+    run-id order (``crossval.cross_validate`` stores the folds one after another); a fold that does
     not continue its open group starts a new one. Groups come in order of their first run.
     """
-    groups: list[tuple[str, str, int, list[RunRecord]]] = []
+    groups: list[tuple[str, int, list[RunRecord]]] = []
     open_groups: dict[tuple, tuple[int, list[RunRecord]]] = {}
     for run in sorted(runs, key=lambda r: r.id):
-        match = CV_FOLD.match(run.protocol)
-        if match is None:
+        protocol = run.protocol_info
+        if protocol.kind != "kfold" or protocol.fold is None:
             continue
-        fold, folds = int(match["fold"]), int(match["folds"])
-        key = (match["protocol"], folds, run.backbone, json.dumps(run.config, sort_keys=True))
+        key = (protocol.folds, run.backbone, json.dumps(run.config, sort_keys=True))
         last_fold, members = open_groups.get(key, (0, None))
-        if members is None or fold != last_fold + 1:
+        if members is None or protocol.fold != last_fold + 1:
             members = []
-            groups.append((match["protocol"], run.backbone, folds, members))
+            groups.append((run.backbone, protocol.folds, members))
         members.append(run)
-        open_groups[key] = (fold, members)
-    return [CVGroup(protocol, backbone, folds, tuple(members)) for protocol, backbone, folds, members in groups]
+        open_groups[key] = (protocol.fold, members)
+    return [CVGroup(Protocol.kfold(folds=folds).label, backbone, folds, tuple(members))
+            for backbone, folds, members in groups]
 
 
 def cv_folds_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[EvaluationRecord]]) -> pd.DataFrame:
@@ -167,7 +158,7 @@ def cv_folds_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[Eva
         for run in group.runs:
             test = latest(evaluations.get(run.id, []), "test")
             accuracy, macro_auc = interval(test, "accuracy"), interval(test, "macro_auc")
-            rows.append({"group": group.label, "fold": f"{CV_FOLD.match(run.protocol)['fold']}/{group.folds}",
+            rows.append({"group": group.label, "fold": f"{run.protocol_info.fold}/{group.folds}",
                          "run": run.id, "status": run.status, "n": test.metrics.get("n") if test else None,
                          "accuracy": accuracy[0], "accuracy (95% CI)": format_interval(*accuracy),
                          "macro_auc": macro_auc[0], "macro AUC (95% CI)": format_interval(*macro_auc),
@@ -237,7 +228,7 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
 def lodo_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[EvaluationRecord]]) -> pd.DataFrame:
     """One row per leave-one-dataset-out run: in-domain test and held-out accuracy with intervals.
 
-    A run qualifies when its protocol starts with ``leave-one-dataset-out`` (``"..., held out NAME"``)
+    A run qualifies when its protocol is a leave-one-dataset-out round (kind ``"lodo"``, held out NAME)
     and it has an evaluation; its held-out evaluation is the newest one named ``"held-out NAME"``
     (``held_out`` holds NAME). Columns: held_out, backbone, run, in_domain, in_domain_low/_high,
     n_in_domain, held_out_accuracy, held_out_accuracy_low/_high, n_held_out, drop (in-domain minus
@@ -246,11 +237,10 @@ def lodo_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Evaluat
     """
     rows = []
     for run in runs:
-        evals = evaluations.get(run.id, [])
-        if not run.protocol.startswith(LODO_PREFIX) or not evals:
+        evals, name = evaluations.get(run.id, []), run.protocol_info.held_out
+        if run.protocol_info.kind != "lodo" or name is None or not evals:
             continue
-        name = run.protocol.rpartition("held out ")[2]
-        held_out = latest(evals, HELD_OUT_PREFIX + name)
+        held_out = latest(evals, held_out_evaluation_name(name))
         test = latest(evals, "test")
         inside, outside = interval(test, "accuracy"), interval(held_out, "accuracy")
         rows.append({

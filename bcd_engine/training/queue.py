@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 
 
 def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike) -> int:
@@ -13,10 +13,9 @@ def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike)
     Scanning first turns an unusable folder into a clear error before anything is queued.
     """
     from bcd_engine.data.scan import scan_dataset
-    from bcd_engine.training.run import PROTOCOL_HOLDOUT
 
     scan = scan_dataset(data_dir)
-    return store.create_run(backbone=config.backbone, protocol=PROTOCOL_HOLDOUT,
+    return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(),
                             config={"train": config.to_dict(), "data_dir": scan.root,
                                     "class_names": list(scan.class_names)})
 

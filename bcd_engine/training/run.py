@@ -46,10 +46,8 @@ from bcd_engine.models.head import (
     fit_head_on_features,
     unfreeze_top_layers,
 )
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training.monitor import RunMonitor, heartbeat
-
-PROTOCOL_HOLDOUT = "holdout (group-aware, stratified)"
 
 
 @dataclass(frozen=True)
@@ -77,24 +75,24 @@ def train(
     config: TrainConfig,
     data_dir: str | os.PathLike,
     *,
-    store: RunStore | None = None,
+    store: RunStore,
     run_id: int | None = None,
     progress: bool = False,
     feature_cache_dir: Path | None = None,
     split: Split | None = None,
     scan: ScanResult | None = None,
-    protocol: str = PROTOCOL_HOLDOUT,
+    protocol: Protocol = Protocol.holdout(),  # noqa: B008 (a frozen value)
 ) -> TrainResult:
-    """Train ``config`` on ``data_dir`` and store the run, its split, epochs, evaluation and model.
+    """Train ``config`` on ``data_dir`` and store the run, its split, epochs, evaluation and model in ``store``.
 
     The split is the config's group-aware hold-out split unless ``split`` is given (cross-validation
-    folds, with the ``scan`` of ``data_dir`` it indexes), and the run is labelled with ``protocol``.
+    folds, with the ``scan`` of ``data_dir`` it indexes), and the run is stored under ``protocol``
+    (the result's ``protocol`` is its label).
     With ``run_id`` the (already claimed) run is used; otherwise a new one is created. Bad input raises
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
     run ``failed`` or ``cancelled`` with its epochs so far.
     """
     started = time.monotonic()
-    store = store or RunStore()
     if scan is None:
         scan = scan_dataset(data_dir, progress=progress)
     elif Path(scan.root) != Path(data_dir).expanduser().resolve():
@@ -131,9 +129,9 @@ def train(
 
 
 def _result(run_id, status, config, split, evaluation: Evaluation | None, started, model_path,
-            cache_stats=None, *, protocol: str) -> TrainResult:
+            cache_stats=None, *, protocol: Protocol) -> TrainResult:
     return TrainResult(
-        run_id=run_id, status=status, backbone=config.backbone, protocol=protocol,
+        run_id=run_id, status=status, backbone=config.backbone, protocol=protocol.label,
         n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
         test_accuracy=None if evaluation is None else evaluation.accuracy,
         macro_auc=None if evaluation is None else evaluation.macro_auc,

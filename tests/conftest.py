@@ -1,10 +1,23 @@
-"""Shared fixtures: a tiny synthetic smear dataset, an isolated scan cache and a private run workspace."""
+"""Shared fixtures: a tiny synthetic smear dataset, an isolated scan cache, a private run workspace, and
+one empty database per test on every available backend (``db_url``, ``store``).
+
+SQLite (a file under ``tmp_path``) always; PostgreSQL when ``BCD_TEST_POSTGRES_URL`` holds an admin
+URL (``export BCD_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)``): each test gets its own freshly
+created database there, dropped afterwards. Plain helpers are in ``helpers.py``.
+"""
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from helpers import workspace_store
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from bcd_engine.data.synthetic import make_synthetic_dataset
 from bcd_engine.store import RunStore
@@ -40,17 +53,60 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def workspace_store(root: Path, patch: pytest.MonkeyPatch) -> RunStore:
-    """A new SQLite run store under ``root``, with the artifacts and cache folders there too (set on ``patch``).
-
-    For module-scoped fixtures (``with pytest.MonkeyPatch.context() as patch``); tests use ``workspace``.
-    """
-    patch.setenv("BCD_ARTIFACTS_DIR", str(root / "artifacts"))
-    patch.setenv("BCD_CACHE_DIR", str(root / "cache"))
-    return RunStore(f"sqlite:///{root / 'results.db'}")
-
-
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunStore:
     """An empty run store with its own artifacts and cache folders under ``tmp_path``."""
     return workspace_store(tmp_path, monkeypatch)
+
+
+POSTGRES_ENV = "BCD_TEST_POSTGRES_URL"
+
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            not os.environ.get(POSTGRES_ENV),
+            reason=f"{POSTGRES_ENV} is not set (export {POSTGRES_ENV}=$(bash .ci/postgres.sh))",
+        ),
+    ),
+]
+
+
+def _admin_dsn() -> str:
+    url = make_url(os.environ[POSTGRES_ENV])
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_postgres_database() -> str:
+    """Create a uniquely named database and return its URL."""
+    name = f"bcd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return make_url(os.environ[POSTGRES_ENV]).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty database on each backend (no file yet on SQLite)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'results.db'}"
+        return
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[RunStore]:
+    """A freshly created store on each backend."""
+    with RunStore.open(db_url) as opened:
+        yield opened

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import fill_store
 from streamlit.testing.v1 import AppTest
-from test_comparison import fill_store
 
 from bcd_engine.store import RunStore
 from bcd_engine.training import worker

@@ -2,88 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from store_fixtures import db_url, store  # noqa: F401  (pytest fixtures)
+from helpers import CLASSES, completed_run, fill_store, scored_evaluation
 
 from bcd_engine.data.scan import scan_dataset
-from bcd_engine.evaluation import confidence
-from bcd_engine.evaluation import metrics as evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 from ui import charts
 
-CLASSES = ["Benign", "Early", "Pre", "Pro"]
+# The labels the Compare page has always shown for fill_store's runs.
 HOLDOUT = "holdout (group-aware, stratified)"
 CV = "3-fold CV (group-aware, stratified)"
 LODO = "leave-one-dataset-out, held out Segmented"
 
 
-def _evaluation(name: str, paths: list[str], data_dir: str, *, right: float, seed: int) -> dict:
-    """save_evaluation() arguments for ``paths`` (class = parent folder): about ``right`` of them classified right.
-
-    Metrics come from evaluation.evaluate_probabilities, with 100 bootstrap resamples instead of 1000 to stay fast.
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.array([CLASSES.index(Path(p).parent.name) for p in paths])
-    prob = rng.dirichlet(np.full(len(CLASSES), 0.7), size=len(paths))
-    for i, label in enumerate(labels):
-        top = label if rng.random() < right else (label + 1) % len(CLASSES)
-        prob[i, top] += 1.5
-    prob /= prob.sum(axis=1, keepdims=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "bootstrap_cis", functools.partial(confidence.bootstrap_cis, n_resamples=100))
-        ev = evaluation.evaluate_probabilities(labels, prob, class_names=CLASSES)
-    predictions = [{"path": p, "true_class": CLASSES[t], "predicted_class": CLASSES[k], "probabilities": q.tolist()}
-                   for p, t, k, q in zip(paths, labels, ev.predicted, prob)]
-    return {"name": name, "data_dir": data_dir, "metrics": ev.metrics, "class_names": CLASSES,
-            "confusion_matrix": ev.confusion_matrix, "roc": ev.roc, "predictions": predictions}
-
-
-def _completed_run(db: RunStore, backbone: str, protocol: str, root: str, evaluations: list[dict]) -> int:
-    config = {"train": {"backbone": backbone, "image_size": 64, "weights": "imagenet"}, "data_dir": root,
-              "class_names": CLASSES}
-    run_id = db.create_run(backbone=backbone, protocol=protocol, config=config, status="running")
-    db.start_run(run_id, environment={"tensorflow": "test"})
-    for epoch in range(1, 4):
-        db.log_epoch(run_id, phase=1, epoch=epoch, train_loss=1 / epoch, train_accuracy=0.6 + epoch / 10,
-                        val_loss=1.2 / epoch, val_accuracy=0.55 + epoch / 10)
-    for kwargs in evaluations:
-        db.save_evaluation(run_id, **kwargs)
-    test = evaluations[0]["metrics"]
-    db.finish_run(run_id, status="completed", test_accuracy=test["accuracy"], macro_auc=test["macro_auc"])
-    return run_id
-
-
-def fill_store(db: RunStore, root: str | Path) -> dict:
-    """Realistic runs on the dataset folder ``root`` (classes Benign/Early/Pre/Pro, 48 images).
-
-    A hold-out run, a failed run, a 3-fold cross-validation (16 test images per fold, every image
-    once) and a leave-one-dataset-out run with a "held-out Segmented" evaluation. Returns their ids.
-    """
-    root = str(Path(root).resolve())
-    paths = sorted(str(p) for p in Path(root).glob("*/*.png"))
-    ids = {"holdout": _completed_run(db, "resnet50", HOLDOUT, root,
-                                     [_evaluation("test", paths[::4], root, right=0.75, seed=1)])}
-    ids["failed"] = db.create_run(backbone="vgg16", protocol=HOLDOUT, config={"data_dir": root})
-    db.finish_run(ids["failed"], status="failed", error="out of memory")
-    ids["cv"] = [_completed_run(db, "mobilenetv2", f"{CV}, fold {k}/3", root,
-                                [_evaluation("test", paths[k - 1::3], root, right=0.6 + k / 10, seed=10 + k)])
-                 for k in (1, 2, 3)]
-    ids["lodo"] = _completed_run(db, "resnet50", LODO, root, [
-        _evaluation("test", paths[1::4], root, right=0.9, seed=20),
-        _evaluation("held-out Segmented", paths[::2], "/data/Segmented", right=0.5, seed=21)])
-    return ids
-
-
 @pytest.fixture
-def filled(store: RunStore, synthetic_dataset: Path) -> tuple[RunStore, dict]:  # noqa: F811
+def filled(store: RunStore, synthetic_dataset: Path) -> tuple[RunStore, dict]:
     return store, fill_store(store, synthetic_dataset)
 
 
@@ -158,20 +98,26 @@ def test_cv_runs_are_grouped_summarised_and_pooled(filled):
     assert row["pooled accuracy (95% CI)"] == comparison.format_interval(pooled, low, high)
 
 
-def test_cv_groups_split_restarts_interleaving_and_other_configs(store):  # noqa: F811
+def test_cv_groups_split_restarts_interleaving_and_other_configs(store):
     def run(protocol, backbone="resnet50", config=None):
         return store.create_run(backbone=backbone, protocol=protocol, config=config or {"data_dir": "/d"})
 
-    first = [run(f"{CV}, fold 1/3"), run(f"{CV}, fold 2/3")]  # stopped after two folds
-    other = run("2-fold CV (group-aware, stratified), fold 1/2", backbone="vgg16")
-    second = [run(f"{CV}, fold 1/3"), run(f"{CV}, fold 2/3")]
-    other_2 = run("2-fold CV (group-aware, stratified), fold 2/2", backbone="vgg16")
-    second.append(run(f"{CV}, fold 3/3"))
-    different = run(f"{CV}, fold 1/3", config={"data_dir": "/elsewhere"})
-    run(HOLDOUT)
+    def fold(k, folds=3):
+        return Protocol.kfold(k, folds=folds)
+
+    first = [run(fold(1)), run(fold(2))]  # stopped after two folds
+    other = run(fold(1, 2), backbone="vgg16")
+    second = [run(fold(1)), run(fold(2))]
+    other_2 = run(fold(2, 2), backbone="vgg16")
+    second.append(run(fold(3)))
+    different = run(fold(1), config={"data_dir": "/elsewhere"})
+    run(Protocol.holdout())
+    run(Protocol.kfold(folds=3))  # a cross-validation as a whole is no fold run
+    run(Protocol.lodo("Segmented"))
     groups = comparison.cv_groups(store.list_runs())
     assert [[r.id for r in g.runs] for g in groups] == [first, [other, other_2], second, [different]]
     assert [g.folds for g in groups] == [3, 2, 3, 3]
+    assert [g.protocol for g in groups] == [CV, "2-fold CV (group-aware, stratified)", CV, CV]
     summary = comparison.cv_summary_frame(groups, {})
     assert list(summary["folds"]) == ["0 of 3 completed", "0 of 2 completed", "0 of 3 completed", "0 of 3 completed"]
     assert set(summary["accuracy (mean ± std)"]) == {"n/a"} and set(summary["pooled accuracy (95% CI)"]) == {"n/a"}
@@ -199,10 +145,10 @@ def test_lodo_rows_have_in_domain_and_held_out_accuracy_with_intervals(filled):
     assert row["in_domain_low"] <= row["in_domain"] <= row["in_domain_high"]
 
 
-def test_lodo_run_without_its_held_out_evaluation_says_n_a(store, synthetic_dataset):  # noqa: F811
+def test_lodo_run_without_its_held_out_evaluation_says_n_a(store, synthetic_dataset):
     paths = sorted(str(p) for p in synthetic_dataset.glob("*/*.png"))
-    run_id = _completed_run(store, "vgg16", "leave-one-dataset-out, held out Other", str(synthetic_dataset),
-                            [_evaluation("test", paths[::6], str(synthetic_dataset), right=0.8, seed=3)])
+    run_id = completed_run(store, "vgg16", Protocol.lodo("Other"), str(synthetic_dataset),
+                           [scored_evaluation("test", paths[::6], str(synthetic_dataset), right=0.8, seed=3)])
     (row,) = comparison.lodo_frame(store.list_runs(), comparison.evaluations_by_run(store, [run_id])).to_dict("records")
     assert row["held_out"] == "Other" and row["held-out accuracy (95% CI)"] == "n/a"
     assert row["n_held_out"] is None and np.isnan(row["drop"])

@@ -9,7 +9,8 @@ import pytest
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.protocols import crossval
-from bcd_engine.protocols.crossval import cross_validate, cv_protocol, fold_splits
+from bcd_engine.protocols.crossval import cross_validate, fold_splits
+from bcd_engine.store import Protocol
 from bcd_engine.training.run import train
 
 
@@ -35,14 +36,16 @@ def test_cross_validate_stores_one_run_per_fold(workspace, synthetic_dataset):
     config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
                          dense_units=8, augment=AugmentConfig(factor=1))
     result = cross_validate(config, synthetic_dataset, folds=2, store=store)
-    assert result["protocol"] == cv_protocol(2)
+    assert result["protocol"] == "2-fold CV (group-aware, stratified)"
     assert [f["fold"] for f in result["folds"]] == [1, 2]
     assert sum(f["n_test"] for f in result["folds"]) == 48
     accuracies = [f["accuracy"] for f in result["folds"]]
     assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
     assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))  # sample std over folds
-    runs = store.list_runs()
-    assert len(runs) == 2 and all(r.protocol.startswith(cv_protocol(2)) for r in runs)
+    runs = sorted(store.list_runs(), key=lambda r: r.id)
+    assert [r.protocol_info for r in runs] == [Protocol.kfold(1, folds=2), Protocol.kfold(2, folds=2)]
+    assert [r.protocol for r in runs] == [f"2-fold CV (group-aware, stratified), fold {k}/2" for k in (1, 2)]
+    assert [r.id for r in runs] == [f["run_id"] for f in result["folds"]]
 
 
 def test_folds_train_on_the_scan_their_splits_were_made_from(workspace, synthetic_dataset, tmp_path, monkeypatch):
@@ -81,6 +84,7 @@ def test_a_folder_given_under_home_is_stored_expanded(workspace, synthetic_datas
     assert workspace.get_run(result.run_id).config["data_dir"] == str(data.resolve())
 
 
-def test_cross_validate_needs_two_folds(synthetic_dataset):
-    with pytest.raises(ConfigError, match="folds must be >= 2"):
-        cross_validate(TrainConfig(backbone="scratch_cnn", image_size=32), synthetic_dataset, folds=1)
+def test_cross_validate_needs_two_folds(workspace, synthetic_dataset):
+    with pytest.raises(ConfigError, match="folds must be >= 2, got 1"):
+        cross_validate(TrainConfig(backbone="scratch_cnn", image_size=32), synthetic_dataset, folds=1, store=workspace)
+    assert workspace.list_runs() == []

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from store_fixtures import PROJECT_ROOT, subprocess_env
+from helpers import PROJECT_ROOT, subprocess_env
 
 from bcd_engine.store import RunStore
 

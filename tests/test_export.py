@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import workspace_store
+from helpers import workspace_store
 
 from bcd_engine.errors import ConfigError, RunNotFoundError, StoreError
 from bcd_engine.export.bundle import export_run

@@ -1,6 +1,7 @@
 """Tests of the run store (bcd_engine.store) on SQLite and, when configured, PostgreSQL."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,20 +19,21 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from store_fixtures import db_url, store, subprocess_env  # noqa: F401  (pytest fixtures)
+from helpers import subprocess_env
 
-from bcd_engine.errors import RunNotFoundError, StoreError
+from bcd_engine.errors import RecordError, RunNotFoundError, StoreError
 from bcd_engine.store import (
     ArtifactRecord,
     DatasetRecord,
     EpochRecord,
     PredictionRecord,
+    Protocol,
     RocCurve,
     RunRecord,
     RunStore,
 )
-from bcd_engine.store.models import Base
-from bcd_engine.store.store import _ALEMBIC_INI, _script, make_engine, normalize_url
+from bcd_engine.store.models import Base, Run
+from bcd_engine.store.store import _ALEMBIC_INI, _script, make_engine, migration_transaction, normalize_url
 
 TABLES = {
     "datasets",
@@ -51,7 +53,50 @@ def _engine(url: str) -> sa.Engine:
 
 
 def _new_run(store: RunStore, **kwargs: object) -> int:
-    return store.create_run(backbone="efficientnetb0", protocol="holdout-group-aware", config={}, **kwargs)
+    return store.create_run(backbone="efficientnetb0", protocol=Protocol.holdout(), config={}, **kwargs)
+
+
+def _migrate(url: str, revision: str, direction: str = "upgrade") -> None:
+    """Move the schema at ``url`` to ``revision`` with Alembic, as ``RunStore.open`` migrates."""
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn, migration_transaction(conn):
+            config = Config(str(_ALEMBIC_INI))
+            config.attributes["connection"] = conn
+            getattr(command, direction)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def _sqlite_file(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite") else None
+
+
+def _write_statements(url: str, action) -> list[str]:
+    """The statements that write (or take the write lock) while ``action()`` runs."""
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", record)
+    assert statements, "opening should at least read the schema revision"
+    write = re.compile(r"\s*(INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|BEGIN IMMEDIATE|PRAGMA journal_mode)", re.I)
+    return [s for s in statements if write.match(s)]
+
+
+# Protocol strings as revision 0001 stored them, with what they read back as after 0002.
+OLD_PROTOCOLS = [
+    ("holdout (group-aware, stratified)", Protocol.holdout()),
+    ("5-fold CV (group-aware, stratified), fold 2/5", Protocol.kfold(2, folds=5)),
+    ("3-fold CV (group-aware, stratified), fold 3/3", Protocol.kfold(3, folds=3)),
+    ("leave-one-dataset-out, held out pbc", Protocol.lodo("pbc")),
+    ("leave-one-dataset-out, held out C-NMC 2019, ALL-IDB2 and pbc", Protocol.lodo("C-NMC 2019, ALL-IDB2 and pbc")),
+]
 
 
 def _started_run(store: RunStore) -> int:
@@ -84,67 +129,144 @@ def _evaluation_kwargs() -> dict:
 
 def test_fresh_database_is_migrated_to_head_and_matches_the_models(store: RunStore) -> None:
     with store._engine.connect() as conn:
-        assert TABLES <= set(sa.inspect(conn).get_table_names())
+        assert set(sa.inspect(conn).get_table_names()) >= TABLES
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert context.get_current_revision() == _script().get_current_head()
         assert compare_metadata(context, Base.metadata) == []
 
 
-def test_database_at_initial_revision_upgrades_and_keeps_its_rows(db_url: str) -> None:
+def test_database_at_initial_revision_upgrades_and_keeps_its_rows(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _migrate(db_url, "0001")
     engine = _engine(db_url)
+    old = [*OLD_PROTOCOLS, ("my own protocol", Protocol.holdout())]  # not one bcd wrote: a holdout
     with engine.begin() as conn:
-        config = Config(str(_ALEMBIC_INI))
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0001")
+        for text, _ in old:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO runs (backbone, protocol, config, status, created_at, cancel_requested) "
+                    "VALUES ('resnet50', :protocol, '{}', 'completed', :now, false)"
+                ),
+                {"protocol": text, "now": datetime(2025, 1, 1)},
+            )
+        first = conn.execute(sa.text("SELECT min(id) FROM runs")).scalar()
+        conn.execute(sa.text("INSERT INTO epochs (run_id, phase, epoch) VALUES (:id, 0, 0)"), {"id": first})
         conn.execute(
-            sa.text(
-                "INSERT INTO runs (backbone, protocol, config, status, created_at, cancel_requested) "
-                "VALUES ('resnet50', 'holdout', '{}', 'completed', :now, false)"
-            ),
-            {"now": datetime(2025, 1, 1)},
+            sa.text("INSERT INTO split_assignments (run_id, path, class_name, subset) VALUES (:id, 'a', 'b', 'test')"),
+            {"id": first},
         )
     engine.dispose()
-    with RunStore(db_url) as store, store._engine.connect() as conn:
+    with pytest.raises(StoreError, match=r"schema revision '0001', older .*RunStore\.open"):
+        RunStore(db_url)
+    with caplog.at_level(logging.WARNING, logger="bcd_engine.store.migrations"):
+        store = RunStore.open(db_url)
+    with store, store._engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == _script().get_current_head()
-        [run] = store.list_runs()
-        assert (run.backbone, run.status) == ("resnet50", "completed")
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        checks = {c["name"] for t in ("runs", "split_assignments") for c in sa.inspect(conn).get_check_constraints(t)}
+        assert checks == {"ck_runs_status", "ck_runs_protocol_kind", "ck_split_assignments_subset"}
+        runs = sorted(store.list_runs(), key=lambda r: r.id)
+        assert [(r.protocol_info, r.protocol) for r in runs[:-1]] == [(p, text) for text, p in OLD_PROTOCOLS]
+        assert runs[-1].protocol_info == Protocol.holdout()
+        assert all((r.backbone, r.status) == ("resnet50", "completed") for r in runs)
+        assert len(store.get_epochs(first)) == 1 and len(store.get_split(first)) == 1  # not cascade-deleted
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run {runs[-1].id}: protocol 'my own protocol' is not one bcd wrote; "
+        "it is now 'holdout (group-aware, stratified)'"
+    ]
+
+
+def test_downgrade_to_the_initial_revision_restores_the_protocol_strings(store: RunStore, db_url: str) -> None:
+    ids = [store.create_run(backbone="b", protocol=p, config={}) for _, p in OLD_PROTOCOLS]
+    store.close()
+    _migrate(db_url, "0001", "downgrade")
+    engine = _engine(db_url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT id, protocol FROM runs ORDER BY id")).all()
+    engine.dispose()
+    assert stored == [(run_id, text) for run_id, (text, _) in zip(ids, OLD_PROTOCOLS, strict=True)]
+    with RunStore.open(db_url) as reopened:
+        assert [reopened.get_run(i).protocol_info for i in ids] == [p for _, p in OLD_PROTOCOLS]
+
+
+def test_migrating_sqlite_with_foreign_keys_on_is_refused_before_anything_is_deleted(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    _migrate(url, "0001")
+    engine = _engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO runs (id, backbone, protocol, config, status, created_at, cancel_requested) "
+            "VALUES (1, 'b', 'p', '{}', 'queued', '2025-01-01 00:00:00', 0)"))
+        conn.execute(sa.text("INSERT INTO epochs (run_id, phase, epoch) VALUES (1, 0, 0)"))
+    with pytest.raises(RuntimeError, match="foreign keys off"), engine.begin() as conn:  # foreign keys on
+        config = Config(str(_ALEMBIC_INI))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM epochs")).scalar() == 1
+    engine.dispose()
 
 
 def test_opening_a_database_at_head_does_not_write(db_url: str) -> None:
-    RunStore(db_url).close()
-    statements: list[str] = []
+    def counts(store: RunStore) -> dict[str, int]:
+        with store._engine.connect() as conn:
+            return {table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() for table in TABLES}
 
-    def record(conn, cursor, statement, *args) -> None:  # noqa: ANN001
-        statements.append(statement)
-
-    before = os.stat(db_url.removeprefix("sqlite:///")) if db_url.startswith("sqlite") else None
-    sa.event.listen(sa.Engine, "before_cursor_execute", record)
-    try:
-        RunStore(db_url).close()
-    finally:
-        sa.event.remove(sa.Engine, "before_cursor_execute", record)
-    assert statements, "opening should at least read the schema revision"
-    write = re.compile(r"\s*(INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|BEGIN IMMEDIATE)", re.I)
-    writes = [s for s in statements if write.match(s)]
-    assert writes == []
-    if before is not None:
-        after = os.stat(db_url.removeprefix("sqlite:///"))
+    with RunStore.open(db_url) as store:
+        dead = _started_run(store)
+        with store._engine.begin() as conn:
+            conn.execute(sa.text("UPDATE runs SET pid = 999999999 WHERE id = :id"), {"id": dead})  # no such process
+        rows = counts(store)
+    path = _sqlite_file(db_url)
+    before = os.stat(path) if path else None
+    opened: list[RunStore] = []
+    assert _write_statements(db_url, lambda: opened.append(RunStore(db_url))) == []
+    with opened[0] as store:
+        assert store.get_run(dead).status == "running"  # recovery is RunStore.open's job
+        assert counts(store) == rows
+    if path:
+        after = os.stat(path)
         assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with RunStore.open(db_url) as store:
+        assert store.get_run(dead).status == "interrupted"
+
+
+def test_opening_a_store_that_is_missing_or_empty_asks_for_run_store_open(db_url: str) -> None:
+    path = _sqlite_file(db_url)
+    if path:
+        with pytest.raises(StoreError, match=r"no run store at .*\(no such file\); RunStore\.open"):
+            RunStore(db_url)
+        assert not path.exists()
+        path.touch()  # an empty SQLite database
+
+    def refused() -> None:
+        with pytest.raises(StoreError, match=r"has no bcd schema; open it once with RunStore\.open\(url\)"):
+            RunStore(db_url)
+
+    assert _write_statements(db_url, refused) == []
+    if path:
+        assert path.stat().st_size == 0
+    with RunStore.open(db_url) as store:
+        assert store.list_runs() == []
+    RunStore(db_url).close()
 
 
 def test_database_newer_than_the_code_is_refused(db_url: str) -> None:
-    RunStore(db_url).close()
+    RunStore.open(db_url).close()
     engine = _engine(db_url)
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
     engine.dispose()
-    with pytest.raises(StoreError, match="9999_future"):
+    with pytest.raises(StoreError, match="'9999_future', newer than this version of bcd knows"):
         RunStore(db_url)
+    with pytest.raises(StoreError, match="'9999_future', newer than this version of bcd knows"):
+        RunStore.open(db_url)
 
 
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'new-folder' / 'results.db'}"
-    with RunStore(url) as store, store._engine.connect() as conn:
+    with RunStore.open(url) as store, store._engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -153,9 +275,11 @@ def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path: Path
 
 def test_default_url_comes_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BCD_DATABASE_URL", f"sqlite:///{tmp_path / 'env.db'}")
-    with RunStore() as store:
+    with RunStore.open() as store:
         assert store.url == f"sqlite:///{tmp_path / 'env.db'}"
     assert (tmp_path / "env.db").is_file()
+    with RunStore() as store:
+        assert store.url == f"sqlite:///{tmp_path / 'env.db'}"
 
 
 def test_postgresql_urls_get_the_psycopg_driver() -> None:
@@ -174,9 +298,10 @@ def test_postgresql_urls_get_the_psycopg_driver() -> None:
         ("nosuchdialect://u:secret@host/db", "nosuchdialect://u:***@host/db"),
     ],
 )
-def test_unusable_url_raises_one_line_store_error(url: str, shown: str) -> None:
-    with pytest.raises(StoreError) as caught:
-        RunStore(url)
+@pytest.mark.parametrize("opener", [RunStore, RunStore.open])
+def test_unusable_url_raises_one_line_store_error(url: str, shown: str, opener) -> None:
+    with pytest.raises(StoreError, match=r"cannot open the run store at|no run store at") as caught:
+        opener(url)
     message = str(caught.value)
     assert "\n" not in message
     assert shown in message
@@ -205,7 +330,7 @@ def test_dataset_round_trip_and_reregistration(store: RunStore) -> None:
 
 def test_run_lifecycle_round_trip(store: RunStore) -> None:
     config = {"backbone": "efficientnetb0", "image_size": 224, "lr": [1e-3, 1e-5], "nested": {"seed": 7}}
-    run_id = store.create_run(backbone="efficientnetb0", protocol="holdout-group-aware", config=config)
+    run_id = store.create_run(backbone="efficientnetb0", protocol=Protocol.holdout(), config=config)
     queued = store.get_run(run_id)
     assert isinstance(queued, RunRecord)
     assert (queued.status, queued.config, queued.started_at, queued.cancel_requested) == ("queued", config, None, False)
@@ -216,7 +341,7 @@ def test_run_lifecycle_round_trip(store: RunStore) -> None:
     assert (running.host, running.pid, running.worker_id) == (socket.gethostname(), os.getpid(), "w1")
     assert running.environment == {"tensorflow": "2.16.1", "device": "CPU"}
     assert running.started_at is not None and running.heartbeat_at is not None
-    assert running.started_at.tzinfo == timezone.utc
+    assert running.started_at.tzinfo == UTC
 
     store.heartbeat(run_id)
     assert store.get_run(run_id).heartbeat_at >= running.heartbeat_at
@@ -228,7 +353,7 @@ def test_run_lifecycle_round_trip(store: RunStore) -> None:
 
     with pytest.raises(StoreError, match="completed"):
         store.start_run(run_id, environment={})
-    with pytest.raises(ValueError, match="running"):
+    with pytest.raises(RecordError, match=r"finish_run needs one of completed, .*not 'running'"):
         store.finish_run(run_id, status="running")
 
 
@@ -246,7 +371,7 @@ def test_start_run_accepts_runs_created_running_or_claimed_here_only(store: RunS
     elsewhere = _started_run(store)
     with store._engine.begin() as conn:
         conn.execute(sa.text("UPDATE runs SET host = 'other-host' WHERE id = :id"), {"id": elsewhere})
-    with pytest.raises(StoreError, match="running .*other-host"):
+    with pytest.raises(StoreError, match=r"running .*other-host"):
         store.start_run(elsewhere, environment={})
 
 
@@ -271,7 +396,7 @@ def test_epochs_round_trip(store: RunStore) -> None:
     assert [(e.phase, e.epoch) for e in epochs] == [(0, 0), (0, 1), (1, 0)]
     assert epochs[1].train_loss is None
     assert epochs[2] == EpochRecord(run_id, 1, 0, 0.4, 0.85, 0.5, 0.8, 1e-5, 12.5)
-    with pytest.raises(StoreError):  # (run_id, phase, epoch) is unique
+    with pytest.raises(RecordError, match="epochs"):  # (run_id, phase, epoch) is unique
         store.log_epoch(run_id, phase=0, epoch=0, train_loss=1.0, train_accuracy=0.5)
     assert len(store.get_epochs(run_id)) == 3
 
@@ -287,7 +412,7 @@ def test_split_round_trip_replaces_previous_split(store: RunStore) -> None:
     assert store.get_split(run_id) == assignments
     store.save_split(run_id, assignments[:2])
     assert store.get_split(run_id) == assignments[:2]
-    with pytest.raises(ValueError, match="subset"):
+    with pytest.raises(RecordError, match="subset must be train, val, test or foldN, not 'holdout'"):
         store.save_split(run_id, [{"path": "p", "class_name": "ALL", "subset": "holdout", "group_id": None}])
     assert store.get_split(run_id) == assignments[:2]
 
@@ -322,11 +447,11 @@ def test_evaluation_is_never_half_written(store: RunStore) -> None:
     run_id = _started_run(store)
     kwargs = _evaluation_kwargs()
     kwargs["predictions"] = [*kwargs["predictions"], {"path": "c/3.png", "true_class": "ALL"}]
-    with pytest.raises(KeyError):
+    with pytest.raises(RecordError, match="save_evaluation: missing 'predicted_class'"):
         store.save_evaluation(run_id, **kwargs)
     kwargs = _evaluation_kwargs()
     kwargs["roc"]["AML"]["tpr"] = [0.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(RecordError, match="ROC curve of 'AML' has 2, 1, 2 values of fpr, tpr and thresholds"):
         store.save_evaluation(run_id, **kwargs)
     assert store.get_evaluations(run_id) == []
     with store._engine.connect() as conn:
@@ -345,15 +470,83 @@ def test_artifact_round_trip(store: RunStore) -> None:
     )
 
 
+def test_protocols_round_trip_as_data_with_their_labels(store: RunStore) -> None:
+    long_name = "a dataset with a name far longer than the sixty-four characters a String(64) column holds"
+    protocols = [Protocol.holdout(), Protocol.kfold(4, folds=5), Protocol.lodo(long_name), Protocol.external()]
+    ids = [store.create_run(backbone="b", protocol=p, config={}) for p in protocols]
+    runs = [store.get_run(i) for i in ids]
+    assert [r.protocol_info for r in runs] == protocols
+    assert [r.protocol for r in runs] == [
+        "holdout (group-aware, stratified)",
+        "5-fold CV (group-aware, stratified), fold 4/5",
+        f"leave-one-dataset-out, held out {long_name}",
+        "external test set",
+    ]
+    with store._engine.connect() as conn:
+        assert conn.execute(
+            sa.select(Run.protocol_kind, Run.protocol_fold, Run.protocol_folds).where(Run.id == ids[1])
+        ).one() == ("kfold", 4, 5)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: Protocol("cv"), "protocol kind must be one of holdout, kfold, lodo, external, not 'cv'"),
+    (lambda: Protocol.kfold(6, folds=5), "fold must be 1 to 5"),
+    (lambda: Protocol.kfold(0, folds=5), "fold must be 1 to 5"),
+    (lambda: Protocol.kfold(1, folds=1), "needs folds >= 2, not 1"),
+    (lambda: Protocol.kfold(True, folds=2), "fold must be 1 to 2"),
+    (lambda: Protocol("holdout", fold=1), "a holdout protocol has no fold"),
+    (lambda: Protocol("lodo", folds=3), "a lodo protocol has no folds"),
+    (lambda: Protocol.lodo(""), "held_out must name a dataset"),
+])
+def test_a_protocol_that_does_not_fit_its_kind_is_refused(make, message) -> None:
+    with pytest.raises(RecordError, match=message):
+        make()
+
+
+def test_a_protocol_as_a_whole_names_no_round() -> None:
+    assert Protocol.kfold(folds=5).label == "5-fold CV (group-aware, stratified)"
+    assert Protocol.lodo().label == "leave-one-dataset-out"
+
+
+def test_bad_values_raise_record_error_before_anything_is_written(store: RunStore) -> None:
+    run_id = _started_run(store)
+    calls = [
+        (lambda: store.create_run(backbone="b", protocol="holdout", config={}), "protocol must be a Protocol"),
+        (lambda: store.create_run(backbone="b", protocol=Protocol.holdout(), config=[1]), "create_run config"),
+        (lambda: store.list_runs(status="done"), "status must be one of"),
+        (lambda: store.register_dataset(name="d", root="/d", n_images=1, class_counts={"a": "many"}),
+         "register_dataset: invalid literal"),
+        (lambda: store.log_epoch(run_id, phase="first", epoch=0, train_loss=1.0, train_accuracy=0.5),
+         "log_epoch: invalid literal"),
+        (lambda: store.finish_run(run_id, status="completed", test_accuracy="high"), "finish_run: could not convert"),
+        (lambda: store.save_split(run_id, [{"path": "p", "subset": "train"}]),
+         "save_split assignment: missing 'class_name'"),
+        (lambda: store.save_artifact(run_id, kind="model", path="m", sha256="0", size_bytes=None), "save_artifact"),
+        (lambda: store.start_run(run_id, environment=["cpu"]), "environment"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RecordError, match=message):
+            call()
+    assert [r.id for r in store.list_runs()] == [run_id] and store.list_datasets() == []
+    assert store.get_run(run_id).status == "running" and store.get_epochs(run_id) == []
+
+
+def test_naive_datetimes_are_refused_with_record_error(store: RunStore) -> None:
+    run_id = _new_run(store)
+    with pytest.raises(RecordError, match="naive datetime"), store._session(write=True) as s:
+        s.execute(sa.update(Run).where(Run.id == run_id).values(heartbeat_at=datetime(2025, 1, 1)))
+    assert store.get_run(run_id).heartbeat_at is None
+
+
 # -- constraints, deletion, errors -------------------------------------------------------------
 
 
 def test_status_constraint_rejects_unknown_status(store: RunStore) -> None:
-    with pytest.raises(StoreError, match="ck_runs_status"):
+    with pytest.raises(RecordError, match=r"status must be one of queued, .*not 'exploded'"):
         _new_run(store, status="exploded")
     assert store.list_runs() == []
     run_id = _new_run(store)
-    with pytest.raises(sa.exc.IntegrityError), store._engine.begin() as conn:
+    with pytest.raises(sa.exc.IntegrityError, match="ck_runs_status"), store._engine.begin() as conn:
         conn.execute(sa.text("UPDATE runs SET status = 'paused' WHERE id = :id"), {"id": run_id})
     assert store.get_run(run_id).status == "queued"
 
@@ -367,14 +560,14 @@ def test_delete_run_cascades_to_everything_about_it(store: RunStore) -> None:
     store.save_evaluation(doomed, **_evaluation_kwargs())
     store.save_artifact(doomed, kind="model", path="m.keras", sha256="0" * 64, size_bytes=1)
     store.delete_run(doomed)
-    with pytest.raises(RunNotFoundError):
+    with pytest.raises(RunNotFoundError, match=f"no run with id {doomed}"):
         store.get_run(doomed)
     with store._engine.connect() as conn:
         for table in ("split_assignments", "evaluations", "roc_points", "predictions", "artifacts"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() == 0, table
         assert conn.execute(sa.text("SELECT count(*) FROM epochs")).scalar() == 1
     assert len(store.get_epochs(keep)) == 1
-    with pytest.raises(RunNotFoundError):
+    with pytest.raises(RunNotFoundError, match=f"no run with id {doomed}"):
         store.delete_run(doomed)
 
 
@@ -449,7 +642,7 @@ def test_claim_next_queued_from_many_threads_never_duplicates(store: RunStore) -
         try:
             while (run := store.claim_next_queued(worker_id=f"thread{n}")) is not None:
                 claimed.append(run.id)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
@@ -465,7 +658,7 @@ def test_stale_heartbeat_is_recovered_as_interrupted(store: RunStore) -> None:
     stale = _started_run(store)
     fresh = _started_run(store)
     with store._engine.begin() as conn:
-        old = datetime.now(timezone.utc) - timedelta(hours=2)
+        old = datetime.now(UTC) - timedelta(hours=2)
         if conn.dialect.name == "sqlite":
             old = old.replace(tzinfo=None)
         conn.execute(sa.text("UPDATE runs SET heartbeat_at = :old WHERE id = :id"), {"old": old, "id": stale})
@@ -478,13 +671,13 @@ def test_stale_heartbeat_is_recovered_as_interrupted(store: RunStore) -> None:
     assert store.recover_interrupted(stale_after_s=3600) == []
 
 
-def test_killed_worker_is_marked_interrupted_when_a_store_opens(store: RunStore, db_url: str) -> None:
+def test_killed_worker_is_marked_interrupted_when_an_entry_point_opens_the_store(store: RunStore, db_url: str) -> None:
     alive_here = _started_run(store)
     code = (
         "import sys, time\n"
-        "from bcd_engine.store import RunStore\n"
+        "from bcd_engine.store import Protocol, RunStore\n"
         "store = RunStore(sys.argv[1])\n"
-        "run_id = store.create_run(backbone='b', protocol='p', config={})\n"
+        "run_id = store.create_run(backbone='b', protocol=Protocol.holdout(), config={})\n"
         "store.start_run(run_id, environment={})\n"
         "print(run_id, flush=True)\n"
         "time.sleep(300)\n"
@@ -501,6 +694,8 @@ def test_killed_worker_is_marked_interrupted_when_a_store_opens(store: RunStore,
         child.wait()
         child.stdout.close()
     with RunStore(db_url) as reopened:
+        assert reopened.get_run(run_id).status == "running"  # only RunStore.open recovers
+    with RunStore.open(db_url) as reopened:
         run = reopened.get_run(run_id)
     assert run.status == "interrupted"
     assert f"pid {child.pid}" in run.error

@@ -14,22 +14,21 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from store_fixtures import db_url, store  # noqa: F401  (pytest fixtures)
 
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 
 SPAWN = multiprocessing.get_context("spawn")
 START_TIMEOUT_S = 120
 
 
 def _worker(role: str, job: Callable[..., dict[str, Any]], url: str, barrier: Any, results: Any, *args: Any) -> None:
-    """Open a store, wait for every sibling, run ``job``; report its counts or the error."""
+    """Open a store as an entry point does, wait for every sibling, run ``job``; report its counts or the error."""
     report: dict[str, Any] = {"role": role, "errors": []}
     try:
-        with RunStore(url) as store:
+        with RunStore.open(url) as store:
             barrier.wait(START_TIMEOUT_S)
             report.update(job(store, *args))
-    except BaseException as exc:  # noqa: BLE001 - sent to the parent, which asserts on it
+    except BaseException as exc:
         report["errors"].append(f"{type(exc).__name__}: {exc}")
     results.put(report)
 
@@ -75,7 +74,7 @@ def _write_epochs(store: RunStore, run_id: int, seconds: float) -> dict[str, Any
             store.log_epoch(run_id, phase=0, epoch=writes, train_loss=1.0 / (writes + 1), train_accuracy=0.5,
                             val_loss=0.9, val_accuracy=0.6, learning_rate=1e-4, seconds=0.01)
             writes += 1
-        except Exception as exc:  # noqa: BLE001 - counted, asserted on in the parent
+        except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     return {"writes": writes, "errors": errors}
 
@@ -88,7 +87,7 @@ def _read_runs(store: RunStore, run_id: int, seconds: float) -> dict[str, Any]:
             store.list_runs()
             store.get_epochs(run_id)
             reads += 2
-        except Exception as exc:  # noqa: BLE001 - counted, asserted on in the parent
+        except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     return {"reads": reads, "errors": errors}
 
@@ -101,7 +100,7 @@ def test_processes_opening_a_fresh_database_together_migrate_it_once(db_url: str
 
 
 def test_claim_next_queued_from_many_processes_never_duplicates(store: RunStore, db_url: str) -> None:
-    run_ids = {store.create_run(backbone="b", protocol="p", config={"n": n}) for n in range(60)}
+    run_ids = {store.create_run(backbone="b", protocol=Protocol.holdout(), config={"n": n}) for n in range(60)}
     reports = _run_all(db_url, [(f"worker{n}", _claim_all, (f"worker{n}",)) for n in range(4)], timeout_s=120)
     assert [r["errors"] for r in reports] == [[]] * 4
     claimed = [run_id for r in reports for run_id in r["claimed"]]
@@ -115,7 +114,7 @@ def test_readers_never_see_database_is_locked_while_a_run_logs_epochs(
     store: RunStore, db_url: str, record_property: pytest.RecordProperty
 ) -> None:
     seconds = float(os.environ.get("BCD_CONCURRENCY_SECONDS", "10"))
-    run_id = store.create_run(backbone="b", protocol="p", config={})
+    run_id = store.create_run(backbone="b", protocol=Protocol.holdout(), config={})
     store.start_run(run_id, environment={})
     jobs = [("writer", _write_epochs, (run_id, seconds))]
     jobs += [(f"reader{n}", _read_runs, (run_id, seconds)) for n in range(10)]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from store_fixtures import subprocess_env
+from helpers import subprocess_env
 
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.config import TrainConfig

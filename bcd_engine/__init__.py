@@ -43,6 +43,7 @@ _ENTRY_POINTS = {
     "scan_dataset": "bcd_engine.data.scan",
     "make_synthetic_dataset": "bcd_engine.data.synthetic",
     "RunStore": "bcd_engine.store",
+    "Protocol": "bcd_engine.store",
     "TrainConfig": "bcd_engine.models.config",
     "AugmentConfig": "bcd_engine.models.config",
     "BACKBONES": "bcd_engine.models.backbones",

@@ -87,7 +87,7 @@ def scratch(data: Path, *, image_size: int, epochs: int, patience: int | None, s
     from bcd_engine.training.run import train
 
     os.environ["BCD_ARTIFACTS_DIR"] = str(tmp / "artifacts")  # the model is saved there, not in artifacts/
-    store = RunStore(f"sqlite:///{tmp / 'runs.db'}")
+    store = RunStore.open(f"sqlite:///{tmp / 'runs.db'}")
     config = TrainConfig.for_backbone("scratch_cnn", image_size=image_size, epochs=epochs, patience=patience,
                                       seed=seed)
     result = train(config, data, store=store, progress=True)

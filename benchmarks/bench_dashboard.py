@@ -85,7 +85,7 @@ def train_demo_model(url: str) -> float:
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # keep Keras' output off stdout
-        train(demo_config(), ensure_demo_dataset(), store=RunStore(url))
+        train(demo_config(), ensure_demo_dataset(), store=RunStore.open(url))
     return time.perf_counter() - t0
 
 

@@ -116,7 +116,7 @@ def _charts(at: AppTest) -> dict[str, dict]:
 
 
 def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated, synthetic_dataset):
-    ids = fill_store(RunStore(isolated["url"]), synthetic_dataset)
+    ids = fill_store(RunStore.open(isolated["url"]), synthetic_dataset)
     at = open_page("pages/compare.py")
     headers = [s.value for s in at.subheader]
     for wanted in ("Cross-validation", "Leave one dataset out", "Confusion matrices", "Misclassified test images"):
@@ -141,7 +141,7 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
 
 
 def test_compare_runs_the_shortcut_audit_once_and_reports_a_missing_model(isolated, synthetic_dataset):
-    fill_store(RunStore(isolated["url"]), synthetic_dataset)
+    fill_store(RunStore.open(isolated["url"]), synthetic_dataset)
     at = open_page("pages/compare.py")
     assert "shapes" not in _charts(at)["compare_intervals"]["layout"]
     at.button(key="compare_audit_0").click().run()

@@ -12,7 +12,7 @@ from helpers import subprocess_env
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.reports import runs as run_tables
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training import queue, worker
 
 pytest.importorskip("keras")
@@ -23,7 +23,7 @@ def store(tmp_path, monkeypatch) -> RunStore:
     monkeypatch.setenv("BCD_DATABASE_URL", f"sqlite:///{tmp_path / 'results.db'}")
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
     monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
-    return RunStore()
+    return RunStore.open()
 
 
 def tiny(backbone: str = "scratch_cnn") -> TrainConfig:
@@ -45,9 +45,8 @@ def test_worker_once_trains_a_queued_run_to_completed(store, synthetic_dataset):
 
 
 def test_a_failing_run_is_marked_failed_and_the_queue_goes_on(store, synthetic_dataset, tmp_path):
-    from bcd_engine.training.run import PROTOCOL_HOLDOUT
 
-    bad = store.create_run(backbone="scratch_cnn", protocol=PROTOCOL_HOLDOUT,
+    bad = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(),
                            config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")})
     good = queue.queue_run(store, tiny(), synthetic_dataset)
     done = worker.run_worker(once=True, store=store)

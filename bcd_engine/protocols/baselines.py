@@ -24,7 +24,7 @@ from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import ConfigError
 from bcd_engine.evaluation.metrics import evaluate_probabilities
 from bcd_engine.protocols.audit import colour_features, holdout_data
-from bcd_engine.training.run import PROTOCOL_HOLDOUT
+from bcd_engine.store import Protocol
 
 MODELS = ("svm", "logreg")
 
@@ -121,7 +121,7 @@ def train_classical_baseline(
     finished = time.perf_counter()
     return {
         "model": model,
-        "protocol": PROTOCOL_HOLDOUT,
+        "protocol": Protocol.holdout().label,
         "image_size": image_size,
         "seed": seed,
         "n_features": int(features.shape[1]),
@@ -149,7 +149,7 @@ def cross_validate_classical(
     Each fold fits on its training and validation images and is tested on the fold. Returns the
     shape of :func:`crossval.cross_validate`: ``protocol``, ``folds``, ``mean`` and ``std``.
     """
-    from bcd_engine.protocols.crossval import cv_protocol, fold_splits, summarise_folds
+    from bcd_engine.protocols.crossval import fold_splits, summarise_folds
 
     if model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
@@ -166,7 +166,7 @@ def cross_validate_classical(
                                        class_names=list(scan.class_names))
         rows.append({"fold": fold, "n_train": int(len(fit_on)), "n_test": int(len(split.test)),
                      "accuracy": evaluation.accuracy, "macro_auc": evaluation.macro_auc})
-    return {"protocol": cv_protocol(folds), "model": f"classical baseline ({model})", "image_size": image_size,
+    return {"protocol": Protocol.kfold(folds=folds).label, "model": f"classical baseline ({model})", "image_size": image_size,
             "folds": rows, **summarise_folds(rows), "seconds": round(time.perf_counter() - started, 2)}
 
 

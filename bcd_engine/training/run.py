@@ -81,7 +81,7 @@ def train(
     feature_cache_dir: Path | None = None,
     split: Split | None = None,
     scan: ScanResult | None = None,
-    protocol: Protocol = Protocol.holdout(),  # noqa: B008 (a frozen value)
+    protocol: Protocol = Protocol.holdout(),
 ) -> TrainResult:
     """Train ``config`` on ``data_dir`` and store the run, its split, epochs, evaluation and model in ``store``.
 

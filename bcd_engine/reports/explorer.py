@@ -1,9 +1,8 @@
 """Tables for the Dataset explorer: dataset choices, samples per class, size and colour statistics."""
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np

@@ -10,6 +10,7 @@ import streamlit as st
 from bcd_engine.data.images import load_image
 from bcd_engine.errors import BCDError
 from bcd_engine.inference import explain
+from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
 from ui import charts, common
@@ -105,7 +106,7 @@ else:
                "error bar ± one standard deviation: how much the result moves when the split changes. The pooled "
                "confusion matrix adds up the test results of all folds.")
     summary = comparison.cv_summary_frame(groups, evaluations)
-    fig = go.Figure([go.Bar(name=name, x=summary["group"].str.replace(" · ", "<br>"), y=summary[f"{metric}_mean"],
+    fig = go.Figure([go.Bar(name=name, x=charts.stacked(summary["group"]), y=summary[f"{metric}_mean"],
                             error_y={"type": "data", "array": summary[f"{metric}_std"].tolist()})
                      for metric, name in (("accuracy", "accuracy"), ("macro_auc", "macro AUC"))])
     fig.update_layout(title="Mean over folds ± one standard deviation", barmode="group", yaxis_range=[0, 1.05],
@@ -154,14 +155,14 @@ else:
                                 "drop": st.column_config.NumberColumn("drop", format="%.3f")})
 
 st.subheader("Runs side by side")
-labels = {int(i): comparison.run_label(records[int(i)], comparison.latest(evaluations[int(i)], "test"))
+labels = {int(i): comparison.run_label(records[int(i)], latest_evaluation(evaluations[int(i)]))
           for i in completed["id"]}
 selected = st.multiselect("Runs to compare", list(labels), default=list(labels)[:2], format_func=labels.get,
                           key="compare_selected")
 if not selected:
     st.info("Select one or more completed runs.")
     st.stop()
-tests = {run_id: ev for run_id in selected if (ev := comparison.latest(evaluations[run_id], "test")) is not None}
+tests = {run_id: ev for run_id in selected if (ev := latest_evaluation(evaluations[run_id])) is not None}
 if not tests:
     st.info("The selected runs have no test results stored.")
     st.stop()
@@ -170,8 +171,8 @@ titles = {run_id: charts.figure_title(records[run_id], ev) for run_id, ev in tes
 st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
 chart_col, audit_col = st.columns([3, 2])
 intervals = comparison.intervals_frame([records[run_id] for run_id in selected], evaluations)
-fig = interval_bars(intervals, "label", {"accuracy": "accuracy", "macro_auc": "macro AUC"},
-                    "Test accuracy and macro AUC (error bars: 95% confidence interval)")
+fig = interval_bars(intervals.assign(label=charts.stacked(intervals["label"])), "label",
+                    {"accuracy": "accuracy", "macro_auc": "macro AUC"}, "Test accuracy and macro AUC (error bars: 95% confidence interval)")
 roots = comparison.dataset_roots(records[run_id] for run_id in selected)
 add_audit_lines(fig, roots)
 chart_col.plotly_chart(fig, key="compare_intervals")

@@ -11,6 +11,7 @@ import pytest
 from helpers import CLASSES, completed_run, fill_store, scored_evaluation
 
 from bcd_engine.data.scan import scan_dataset
+from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import Protocol, RunStore
@@ -42,7 +43,7 @@ def test_format_interval():
 def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
     db, ids = filled
     runs, evaluations = _everything(db)
-    test = comparison.latest(evaluations[ids["holdout"]], "test")
+    test = latest_evaluation(evaluations[ids["holdout"]])
     ci = test.metrics["confidence_intervals"]["accuracy"]
     expected = f"{test.metrics['accuracy']:.3f} ({ci['low']:.3f}–{ci['high']:.3f})"
 
@@ -89,7 +90,7 @@ def test_cv_runs_are_grouped_summarised_and_pooled(filled):
     assert row["accuracy (mean ± std)"] == f"{np.mean(accuracies):.3f} ± {np.std(accuracies, ddof=1):.3f}"
 
     names, counts = comparison.pooled_confusion(group, evaluations)
-    tests = [comparison.latest(evaluations[i], "test") for i in ids["cv"]]
+    tests = [latest_evaluation(evaluations[i]) for i in ids["cv"]]
     assert names == CLASSES
     assert counts == np.sum([t.confusion_matrix for t in tests], axis=0).tolist()
     assert np.sum(counts) == 48 and np.sum(counts, axis=1).tolist() == [12, 12, 12, 12]
@@ -135,8 +136,8 @@ def test_lodo_rows_have_in_domain_and_held_out_accuracy_with_intervals(filled):
     db, ids = filled
     runs, evaluations = _everything(db)
     (row,) = comparison.lodo_frame(runs, evaluations).to_dict("records")
-    test = comparison.latest(evaluations[ids["lodo"]], "test")
-    held = comparison.latest(evaluations[ids["lodo"]], "held-out Segmented")
+    test = latest_evaluation(evaluations[ids["lodo"]])
+    held = latest_evaluation(evaluations[ids["lodo"]], "held-out Segmented")
     assert (row["held_out"], row["backbone"], row["run"]) == ("Segmented", "resnet50", ids["lodo"])
     assert (row["in_domain"], row["n_in_domain"]) == (test.metrics["accuracy"], 12)
     assert (row["held_out_accuracy"], row["n_held_out"]) == (held.metrics["accuracy"], 24)
@@ -156,7 +157,7 @@ def test_lodo_run_without_its_held_out_evaluation_says_n_a(store, synthetic_data
 
 def test_reliability_frame_holds_the_stored_non_empty_bins(filled):
     db, ids = filled
-    test = comparison.latest(db.get_evaluations(ids["holdout"]), "test")
+    test = latest_evaluation(db.get_evaluations(ids["holdout"]))
     bins = comparison.reliability_frame(test)
     stored = test.metrics["reliability"]
     assert bins["count"].sum() == 12 and (bins["count"] > 0).all()

@@ -22,3 +22,8 @@ def figure_title(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
     return (f"run {run.id}: {run.backbone}<br><sup>{run.protocol}<br>accuracy "
             f"{format_interval(*interval(evaluation, 'accuracy'))} · macro AUC "
             f"{format_interval(*interval(evaluation, 'macro_auc'))}</sup>")
+
+
+def stacked(labels: pd.Series) -> pd.Series:
+    """Axis labels with each `` · ``-separated part on its own line."""
+    return labels.str.replace(" · ", "<br>", regex=False)

@@ -19,6 +19,7 @@ import pandas as pd
 from bcd_engine import settings
 from bcd_engine.data.scan import ScanResult
 from bcd_engine.evaluation.confidence import sample_std
+from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.protocols.lodo import held_out_evaluation_name
 from bcd_engine.reports.runs import THESIS_REFERENCE
 from bcd_engine.store import Protocol, RunStore
@@ -37,12 +38,6 @@ _POOLED_RESAMPLES = 1000
 def evaluations_by_run(store: RunStore, run_ids: Iterable[int]) -> dict[int, list[EvaluationRecord]]:
     """Every evaluation of each run, oldest first."""
     return {int(run_id): store.get_evaluations(int(run_id)) for run_id in run_ids}
-
-
-def latest(evaluations: Iterable[EvaluationRecord], name: str) -> EvaluationRecord | None:
-    """The newest evaluation called ``name``, or None."""
-    named = [e for e in evaluations if e.name == name]
-    return named[-1] if named else None
 
 
 def interval(evaluation: EvaluationRecord | None, metric: str) -> tuple[float | None, float | None, float | None]:
@@ -77,11 +72,11 @@ def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Ev
     """
     rows = []
     for run in runs:
-        test = latest(evaluations.get(run.id, []), "test")
+        test = latest_evaluation(evaluations.get(run.id, []))
         if test is None:
             continue
         protocol = run.protocol + (IN_DOMAIN_NOTE if run.protocol_info.kind == "lodo" else "")
-        row = {"run": run.id, "label": f"run {run.id}: {run.backbone}<br>{protocol}", "backbone": run.backbone,
+        row = {"run": run.id, "label": f"run {run.id}: {run.backbone} · {protocol}", "backbone": run.backbone,
                "protocol": protocol, "data_dir": run.config.get("data_dir"), "n": test.metrics.get("n")}
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
             value, low, high = interval(test, metric)
@@ -95,7 +90,7 @@ def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Ev
 
 def runs_table(runs: pd.DataFrame, evaluations: Mapping[int, list[EvaluationRecord]]) -> pd.DataFrame:
     """``dashboard.runs_frame`` with ``accuracy (95% CI)`` and ``macro AUC (95% CI)`` after its ``status`` column."""
-    tests = [latest(evaluations.get(int(run_id), []), "test") for run_id in runs["id"]]
+    tests = [latest_evaluation(evaluations.get(int(run_id), [])) for run_id in runs["id"]]
     at = list(runs.columns).index("status") + 1
     out = runs.copy()
     out.insert(at, "accuracy (95% CI)", [format_interval(*interval(t, "accuracy")) for t in tests])
@@ -156,7 +151,7 @@ def cv_folds_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[Eva
     rows = []
     for group in groups:
         for run in group.runs:
-            test = latest(evaluations.get(run.id, []), "test")
+            test = latest_evaluation(evaluations.get(run.id, []))
             accuracy, macro_auc = interval(test, "accuracy"), interval(test, "macro_auc")
             rows.append({"group": group.label, "fold": f"{run.protocol_info.fold}/{group.folds}",
                          "run": run.id, "status": run.status, "n": test.metrics.get("n") if test else None,
@@ -173,7 +168,7 @@ def pooled_confusion(group: CVGroup, evaluations: Mapping[int, list[EvaluationRe
 
     Every image is in exactly one fold's test set, so the sum covers each tested image once.
     """
-    tests = [t for t in (latest(evaluations.get(r.id, []), "test") for r in group.runs) if t is not None]
+    tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in group.runs) if t is not None]
     if not tests:
         return None
     names = tests[0].class_names
@@ -206,7 +201,7 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
     """
     rows = []
     for group in groups:
-        tests = [t for t in (latest(evaluations.get(r.id, []), "test") for r in group.runs if r.status == "completed")
+        tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in group.runs if r.status == "completed")
                  if t is not None]
         row = {"group": group.label, "backbone": group.backbone, "protocol": group.protocol,
                "data_dir": group.data_dir, "folds": f"{len(tests)} of {group.folds} completed",
@@ -240,8 +235,8 @@ def lodo_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Evaluat
         evals, name = evaluations.get(run.id, []), run.protocol_info.held_out
         if run.protocol_info.kind != "lodo" or name is None or not evals:
             continue
-        held_out = latest(evals, held_out_evaluation_name(name))
-        test = latest(evals, "test")
+        held_out = latest_evaluation(evals, held_out_evaluation_name(name))
+        test = latest_evaluation(evals)
         inside, outside = interval(test, "accuracy"), interval(held_out, "accuracy")
         rows.append({
             "held_out": name, "backbone": run.backbone, "run": run.id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.store import RunStore
 from bcd_engine.store.records import EvaluationRecord, RunRecord
@@ -28,8 +29,7 @@ def best_completed_run(store: RunStore) -> RunRecord | None:
 
 def holdout_evaluation(store: RunStore, run_id: int) -> EvaluationRecord | None:
     """The run's evaluation on its own test split (the newest one), or None."""
-    tests = [e for e in store.get_evaluations(run_id) if e.name == "test"]
-    return tests[-1] if tests else None
+    return latest_evaluation(store.get_evaluations(run_id))
 
 
 def runs_frame(store: RunStore) -> pd.DataFrame:

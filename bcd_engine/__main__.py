@@ -4,6 +4,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bcd_engine.cli import main  # noqa: E402
+from bcd_engine.cli import main
 
 sys.exit(main())

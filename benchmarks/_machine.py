@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_training_speed import cpu_model  # noqa: E402
+from bench_training_speed import cpu_model
 
 _SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
 
@@ -58,7 +58,7 @@ def machine_info() -> dict:
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             gpus.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
-        except Exception:  # details are best effort
+        except Exception:  # noqa: BLE001 - details are best effort
             gpus.append(gpu.name)
     try:
         usable = len(os.sched_getaffinity(0))

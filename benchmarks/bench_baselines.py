@@ -38,15 +38,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from _machine import load_average, machine_info, print_report_start  # noqa: E402
+import numpy as np
+from _machine import load_average, machine_info, print_report_start
 
-from bcd_engine.data.scan import scan_dataset  # noqa: E402
-from bcd_engine.data.splits import holdout_split  # noqa: E402
-from bcd_engine.data.synthetic import ensure_demo_dataset  # noqa: E402
-from bcd_engine.models.config import TrainConfig  # noqa: E402
-from bcd_engine.protocols import baselines  # noqa: E402
-from bcd_engine.reports.runs import THESIS_REFERENCE  # noqa: E402
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.splits import holdout_split
+from bcd_engine.data.synthetic import ensure_demo_dataset
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.protocols import baselines
+from bcd_engine.reports.runs import THESIS_REFERENCE
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 ALL_DATA = SHARED / "datasets" / "all_taleqani" / "Original"

@@ -174,7 +174,7 @@ def main() -> None:
     picks = images[:: max(1, len(images) // (args.uploads + 1))][: args.uploads + 1]  # spread over the classes
 
     server_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log_file = open(tmp / "streamlit.log", "wb")
+    log_file = open(tmp / "streamlit.log", "wb")  # noqa: SIM115 - open while the server runs, closed in the finally
     server = None
     try:
         t0 = time.perf_counter()

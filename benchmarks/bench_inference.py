@@ -34,15 +34,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from _machine import load_average, machine_info, print_report_start  # noqa: E402
+import numpy as np
+from _machine import load_average, machine_info, print_report_start
 
-from bcd_engine.inference.diagnosis import Diagnoser  # noqa: E402
-from bcd_engine.inference.loading import LoadedModel  # noqa: E402
-from bcd_engine.models.backbones import build_backbone, get_backbone  # noqa: E402
-from bcd_engine.models.config import TrainConfig  # noqa: E402
-from bcd_engine.models.device import configure_device, precision_policy  # noqa: E402
-from bcd_engine.models.head import assemble_model, build_head  # noqa: E402
+from bcd_engine.inference.diagnosis import Diagnoser
+from bcd_engine.inference.loading import LoadedModel
+from bcd_engine.models.backbones import build_backbone, get_backbone
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.models.device import configure_device, precision_policy
+from bcd_engine.models.head import assemble_model, build_head
 
 DEFAULT_BACKBONES = "scratch_cnn,mobilenetv2,efficientnetb0,resnet50,densenet121,inceptionv3,vgg16"
 CLASS_NAMES = ["Benign", "Early", "Pre", "Pro"]  # the ALL dataset's classes (only their number matters here)
@@ -176,7 +176,7 @@ def bench_backbone(name: str, image_size: int, args, rng: np.random.Generator) -
     try:
         prof = profiler_flops(model, size) if args.profiler else None
         prof_error = None
-    except Exception as exc:  # the cross-check is best effort
+    except Exception as exc:  # noqa: BLE001 - the cross-check is best effort
         prof, prof_error = None, f"{type(exc).__name__}: {exc}"
 
     # Random smear-sized uint8 images: the timing does not depend on the pixel values.

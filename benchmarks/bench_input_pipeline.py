@@ -33,16 +33,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from _machine import load_average, machine_info, print_report_start  # noqa: E402
+import numpy as np
+from _machine import load_average, machine_info, print_report_start
 
-from bcd_engine.data.images import load_images  # noqa: E402
-from bcd_engine.data.scan import scan_dataset  # noqa: E402
-from bcd_engine.data.synthetic import make_synthetic_dataset  # noqa: E402
-from bcd_engine.models.backbones import get_backbone  # noqa: E402
-from bcd_engine.models.config import AugmentConfig, TrainConfig  # noqa: E402
-from bcd_engine.models.device import configure_device, precision_policy  # noqa: E402
-from bcd_engine.models.features import build_feature_extractor, extract_features  # noqa: E402
+from bcd_engine.data.images import load_images
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.synthetic import make_synthetic_dataset
+from bcd_engine.models.backbones import get_backbone
+from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.models.device import configure_device, precision_policy
+from bcd_engine.models.features import build_feature_extractor, extract_features
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 ALL_DATA = SHARED / "datasets" / "all_taleqani" / "Original"
@@ -89,7 +89,8 @@ def main() -> None:
             note = (f"../shared missing: synthetic folder made on the fly ({n_per_class} images per class, "
                     f"{args.image_size} px PNG files; not the ALL dataset's JPEGs)")
         weights = str(RESNET_WEIGHTS) if spec.name == "resnet50" and RESNET_WEIGHTS.is_file() else None
-        log(f"data: {note}; weights: {'ImageNet (../shared)' if weights else 'random (timing does not depend on them)'}")
+        shown = "ImageNet (../shared)" if weights else "random (timing does not depend on them)"
+        log(f"data: {note}; weights: {shown}")
         scan = scan_dataset(data, use_cache=not synthetic)  # no scan-cache entry for a temporary folder
         order = np.random.default_rng(0).permutation(scan.n_images)
         rows = np.sort(order[: args.limit] if args.limit else order)

@@ -23,17 +23,17 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 from bcd_engine.data.images import load_images
-from bcd_engine.data.scan import scan_dataset  # noqa: E402
-from bcd_engine.data.splits import holdout_split  # noqa: E402
-from bcd_engine.data.synthetic import ensure_demo_dataset  # noqa: E402
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.splits import holdout_split
+from bcd_engine.data.synthetic import ensure_demo_dataset
 from bcd_engine.inference.predict import predict_proba
-from bcd_engine.models.backbones import get_backbone  # noqa: E402
-from bcd_engine.models.config import AugmentConfig, TrainConfig  # noqa: E402
+from bcd_engine.models.backbones import get_backbone
+from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.models.device import configure_device, precision_policy
-from bcd_engine.models.features import build_feature_extractor, extract_features  # noqa: E402
+from bcd_engine.models.features import build_feature_extractor, extract_features
 from bcd_engine.models.head import (
     assemble_model,
     build_head,
@@ -104,7 +104,8 @@ def main() -> None:
         model = assemble_model(backbone, build_head(backbone.output_shape[-1], n_classes, config), config)
         compile_model(model, config, config.learning_rate)
         x = preprocess(images[train_rows].astype("float32"))
-        val = (preprocess(images[split.val].astype("float32")), keras.utils.to_categorical(labels[split.val], n_classes))
+        val = (preprocess(images[split.val].astype("float32")),
+               keras.utils.to_categorical(labels[split.val], n_classes))
         model.fit(x, keras.utils.to_categorical(labels[train_rows], n_classes), batch_size=config.batch_size,
                   epochs=config.epochs, validation_data=val, verbose=0)
         return model
@@ -131,7 +132,7 @@ def main() -> None:
     naive_train, cached_train = float(np.median(timings["naive"])), float(np.median(timings["cached"]))
     result = {
         "benchmark": "frozen-backbone training, naive model.fit vs bcd feature cache",
-        "data": note, "n_train": int(len(train_rows)), "n_test": int(len(split.test)), "epochs": args.epochs,
+        "data": note, "n_train": len(train_rows), "n_test": len(split.test), "epochs": args.epochs,
         "image_size": config.image_size, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "device": environment["device"],
         "naive_train_seconds": naive_train, "cached_train_seconds": cached_train,

@@ -172,7 +172,8 @@ st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
 chart_col, audit_col = st.columns([3, 2])
 intervals = comparison.intervals_frame([records[run_id] for run_id in selected], evaluations)
 fig = interval_bars(intervals.assign(label=charts.stacked(intervals["label"])), "label",
-                    {"accuracy": "accuracy", "macro_auc": "macro AUC"}, "Test accuracy and macro AUC (error bars: 95% confidence interval)")
+                    {"accuracy": "accuracy", "macro_auc": "macro AUC"},
+                    "Test accuracy and macro AUC (error bars: 95% confidence interval)")
 roots = comparison.dataset_roots(records[run_id] for run_id in selected)
 add_audit_lines(fig, roots)
 chart_col.plotly_chart(fig, key="compare_intervals")

@@ -27,8 +27,8 @@ best = run_tables.best_completed_run(store)
 if best is None:
     common.no_runs_yet("diagnose")
 runs = store.list_runs(status="completed")
-labels = {r.id: f"run {r.id}: {r.backbone}, test accuracy {r.test_accuracy:.3f}" + (" (best)" if r.id == best.id else "")
-          for r in runs}
+labels = {r.id: f"run {r.id}: {r.backbone}, test accuracy {r.test_accuracy:.3f}"
+          + (" (best)" if r.id == best.id else "") for r in runs}
 run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
                          default=[best.id], format_func=labels.get, key="diagnose_runs", max_selections=4)
 uploads = st.file_uploader(

@@ -5,6 +5,7 @@ uploaded image. Screenshots of every page go to test-artifacts/.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -38,10 +39,8 @@ def _free_port() -> int:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def app(tmp_path_factory):
            "BCD_CACHE_DIR": str(tmp / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("BCD_DEMO_MODE", None)
     port = _free_port()
-    log = open(tmp / "streamlit.log", "wb")
+    log = open(tmp / "streamlit.log", "wb")  # noqa: SIM115 - open while the server runs, closed in the finally
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
@@ -74,10 +73,8 @@ def app(tmp_path_factory):
         _kill(server.pid)
         server.wait(10)
         log.close()
-        try:  # the worker runs in its own session: kill it by the pid it noted
-            _kill(json.loads((tmp / "cache" / "worker.json").read_text())["pid"])
-        except (OSError, ValueError, KeyError):
-            pass
+        with contextlib.suppress(OSError, ValueError, KeyError):  # the worker runs in its own session:
+            _kill(json.loads((tmp / "cache" / "worker.json").read_text())["pid"])  # kill it by the pid it noted
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +105,15 @@ def _settle(page) -> None:
 def _check(page, name: str) -> None:
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-    assert page.locator('[data-testid="stException"]').count() == 0, page.locator('[data-testid="stException"]').first.inner_text()
+    exceptions = page.locator('[data-testid="stException"]')
+    assert exceptions.count() == 0, exceptions.first.inner_text()
     assert "Traceback" not in page.content()
 
 
 def test_pages_train_demo_model_and_diagnose(app, browser):
     base, url, _cache = app
-    for path, heading, name in [("", "Dataset explorer", "explorer-empty"), ("compare", "Compare runs", "compare-empty"),
+    for path, heading, name in [("", "Dataset explorer", "explorer-empty"),
+                                ("compare", "Compare runs", "compare-empty"),
                                 ("diagnose", "Diagnose images", "diagnose-empty")]:
         page = _open(browser, base, path, heading)
         _check(page, name)

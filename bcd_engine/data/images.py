@@ -22,7 +22,8 @@ from bcd_engine.errors import (
 )
 from bcd_engine.progress import progress_bar
 
-SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # files a folder scan picks up
+# Files a folder scan picks up:
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
 
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # what load_image decodes, told by content

@@ -152,7 +152,8 @@ def split_from_assignments(
     )
 
 
-def _check_arrays(labels: Iterable[int] | np.ndarray, groups: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(labels: Iterable[int] | np.ndarray,
+                  groups: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels and groups as 1-D arrays of equal, non-zero length."""
     y = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
     g = np.asarray(groups if isinstance(groups, np.ndarray) else list(groups))

@@ -53,7 +53,8 @@ def evaluate_probabilities(y_true, y_prob, *, class_names, groups=None) -> Evalu
     for k, name in enumerate(class_names):
         positives = y_true == k
         negatives_total = cm.sum() - cm[k, :].sum()
-        specificity = float((negatives_total - (cm[:, k].sum() - cm[k, k])) / negatives_total) if negatives_total else None
+        false_positives = cm[:, k].sum() - cm[k, k]
+        specificity = float((negatives_total - false_positives) / negatives_total) if negatives_total else None
         auc = None
         if 0 < positives.sum() < len(y_true):
             fpr, tpr, thresholds = skm.roc_curve(positives, y_prob[:, k])
@@ -68,7 +69,7 @@ def evaluate_probabilities(y_true, y_prob, *, class_names, groups=None) -> Evalu
         "loss": float(skm.log_loss(y_true, y_prob, labels=labels)),
         "macro_f1": macro_f1(y_true, y_pred),
         "macro_auc": float(np.mean(aucs)) if len(aucs) == len(class_names) else None,
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "per_class": per_class,
         "confidence_intervals": bootstrap_cis(y_true, y_prob, groups=groups),  # 95%: accuracy, macro_f1, macro_auc
         "ece": expected_calibration_error(y_true, y_prob),

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,8 @@ def export_run(
         raise ConfigError(f"export folder {out} exists and is not a folder")
     existing = [p.name for p in (model_path, labels_path, card_path) if p.exists()]
     if existing and not overwrite:
-        raise ConfigError(f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True (CLI: --overwrite)")
+        raise ConfigError(f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True "
+                          "(CLI: --overwrite)")
     run = store.get_run(run_id)
     content, max_diff = checked_tflite(load_run_model(run_id, store=store)) if format == "tflite" else (None, None)
     try:
@@ -120,7 +121,7 @@ def export_run(
         card_path.write_text(model_card(
             run, store.get_evaluations(run_id), audit=audit, split=store.get_split(run_id),
             model_file=model_path.name, model_sha256=model_sha256,
-            exported_on=datetime.now(timezone.utc).date(),
+            exported_on=datetime.now(UTC).date(),
         ))
     except OSError as exc:
         raise WriteError(f"cannot write the export to {out}: {exc.strerror or exc}") from exc

@@ -68,7 +68,7 @@ def uncertainty(view_probabilities: np.ndarray) -> dict:
         "margin": float(mean[answer] - (mean[order[1]] if len(order) > 1 else 0.0)),
         "disagreement": float(np.mean(view_probabilities.argmax(axis=1) != answer)),
         "spread": float(view_probabilities[:, answer].std()),
-        "views": int(len(view_probabilities)),
+        "views": len(view_probabilities),
     }
 
 
@@ -114,7 +114,7 @@ class Diagnoser:
         self.class_names = list(models[0].class_names)
 
     @classmethod
-    def for_runs(cls, run_ids: Iterable[int], *, store: RunStore) -> "Diagnoser":
+    def for_runs(cls, run_ids: Iterable[int], *, store: RunStore) -> Diagnoser:
         """Load each run's model (sha256-checked, see :func:`~bcd_engine.inference.loading.load_run_model`)."""
         return cls([load_run_model(int(run_id), store=store) for run_id in dict.fromkeys(run_ids)])
 

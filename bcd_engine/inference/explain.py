@@ -42,7 +42,7 @@ def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_
     image = np.asarray(image)
     expected = tuple(model.input_shape[1:3])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or image.shape[:2] != expected:
-        raise ConfigError(f"expected a uint8 RGB image of shape {expected + (3,)}, got {image.dtype} {image.shape}")
+        raise ConfigError(f"expected a uint8 RGB image of shape {(*expected, 3)}, got {image.dtype} {image.shape}")
     conv_and_features, tail = _split_at_conv(model, get_backbone(backbone_name).last_conv_layer)
     x = preprocess(tf.cast(image[None], tf.float32))
     with tf.GradientTape() as tape:

@@ -8,9 +8,10 @@ random initialisation end to end (it has no ImageNet weights, so nothing is cach
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bcd_engine.errors import ConfigError
 
@@ -60,7 +61,7 @@ class BackboneSpec:
             return _rescale_unit
         import keras
 
-        return getattr(getattr(keras.applications, self.module), "preprocess_input")
+        return getattr(keras.applications, self.module).preprocess_input
 
     def check_image_size(self, image_size: int) -> None:
         """ConfigError when ``image_size`` is below the backbone's minimum input size."""

@@ -75,7 +75,7 @@ def fit_head_on_features(
     keras.utils.set_random_seed(config.seed)
     head = build_head(train_x.shape[1], n_classes, config)
     compile_model(head, config, config.learning_rate)
-    one_hot = lambda y: keras.utils.to_categorical(y, n_classes)  # noqa: E731
+    one_hot = lambda y: keras.utils.to_categorical(y, n_classes)
     train_ds = (
         tf.data.Dataset.from_tensor_slices((train_x, one_hot(train_y)))
         .shuffle(len(train_x), seed=config.seed, reshuffle_each_iteration=True)

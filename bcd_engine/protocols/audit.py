@@ -46,9 +46,12 @@ _N_TREES = 200
 def colour_features(images) -> np.ndarray:
     """Per image: RGB channel means and standard deviations (0..1 scale) and a 16-bin histogram per channel.
 
-    ``images`` is an (n, h, w, 3) uint8 array or a sequence of (h, w, 3) uint8 arrays; returns (n, N_COLOUR_FEATURES = 54).
+    ``images`` is an (n, h, w, 3) uint8 array or a sequence of (h, w, 3) uint8 arrays; returns
+    (n, N_COLOUR_FEATURES = 54).
     """
-    return np.stack([_colour_stats(np.asarray(image)) for image in images]) if len(images) else np.empty((0, N_COLOUR_FEATURES))
+    if not len(images):
+        return np.empty((0, N_COLOUR_FEATURES))
+    return np.stack([_colour_stats(np.asarray(image)) for image in images])
 
 
 def corner_features(images, *, fraction: float = CORNER_FRACTION) -> np.ndarray:
@@ -163,8 +166,8 @@ def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, pro
         "chance_accuracy": chance,
         "colour_shortcut": _well_above_chance(colour, chance),
         "corner_shortcut": _well_above_chance(corner, chance),
-        "n_train": int(len(train)),
-        "n_test": int(len(test)),
+        "n_train": len(train),
+        "n_test": len(test),
         "image_size": image_size,
         "corner_fraction": CORNER_FRACTION,
         "seed": seed,
@@ -184,7 +187,8 @@ def audit_dataset(root: str | os.PathLike[str], *, seed: int = 0, progress: bool
     }
 
 
-def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False) -> dict[str, Any]:
+def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64,
+                      progress: bool = False) -> dict[str, Any]:
     """Colour-only random forest accuracy on the test split before and after colour normalisation.
 
     ``accuracy``: trained on original colours, tested on normalised test images (a fall shows the
@@ -208,8 +212,8 @@ def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64, 
         "original_accuracy": float(accuracy_score(labels[test], forest.predict(features[test]))),
         "normalised": normalised,
         "chance_accuracy": _chance(labels[test]),
-        "n_train": int(len(train)),
-        "n_test": int(len(test)),
+        "n_train": len(train),
+        "n_test": len(test),
         "image_size": image_size,
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 2),
@@ -238,7 +242,8 @@ def _partitions(scan: ScanResult, value) -> tuple[str, list[dict[str, np.ndarray
         return "holdout", [{name: _indices(scan, idx) for name, idx in value.items()}]
     if isinstance(value, Sequence) and value and all(isinstance(row, Mapping) for row in value):
         return _partitions(scan, split_from_assignments(scan, value))
-    if isinstance(value, Sequence) and value and all(isinstance(fold, (tuple, list)) and len(fold) == 2 for fold in value):
+    pairs = isinstance(value, Sequence) and value and all(isinstance(f, (tuple, list)) and len(f) == 2 for f in value)
+    if pairs:
         return "cross-validation", [{"train": _indices(scan, tr), "test": _indices(scan, te)} for tr, te in value]
     raise ConfigError(
         "expected a Split, a {subset: indices} mapping, assignment rows with path and subset, "

@@ -125,8 +125,8 @@ def train_classical_baseline(
         "image_size": image_size,
         "seed": seed,
         "n_features": int(features.shape[1]),
-        "n_train": int(len(train)),
-        "n_test": int(len(test)),
+        "n_train": len(train),
+        "n_test": len(test),
         "test_accuracy": evaluation.accuracy,
         "macro_auc": evaluation.macro_auc,
         "macro_f1": evaluation.metrics["macro_f1"],
@@ -164,9 +164,10 @@ def cross_validate_classical(
         fit_on = np.sort(np.concatenate([split.train, split.val]))
         evaluation = _fit_and_evaluate(features, scan.labels, scan.groups, fit_on, split.test, model=model, seed=seed,
                                        class_names=list(scan.class_names))
-        rows.append({"fold": fold, "n_train": int(len(fit_on)), "n_test": int(len(split.test)),
+        rows.append({"fold": fold, "n_train": len(fit_on), "n_test": len(split.test),
                      "accuracy": evaluation.accuracy, "macro_auc": evaluation.macro_auc})
-    return {"protocol": Protocol.kfold(folds=folds).label, "model": f"classical baseline ({model})", "image_size": image_size,
+    return {"protocol": Protocol.kfold(folds=folds).label, "model": f"classical baseline ({model})",
+            "image_size": image_size,
             "folds": rows, **summarise_folds(rows), "seconds": round(time.perf_counter() - started, 2)}
 
 

@@ -201,7 +201,8 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
     """
     rows = []
     for group in groups:
-        tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in group.runs if r.status == "completed")
+        completed = [r for r in group.runs if r.status == "completed"]
+        tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in completed)
                  if t is not None]
         row = {"group": group.label, "backbone": group.backbone, "protocol": group.protocol,
                "data_dir": group.data_dir, "folds": f"{len(tests)} of {group.folds} completed",

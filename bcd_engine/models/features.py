@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def build_feature_extractor(spec: BackboneSpec, config: TrainConfig):
     return keras.Model(inputs, pooling_layer(config.pooling)(features), name="feature_extractor"), backbone
 
 
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled(extractor):
@@ -78,7 +78,7 @@ class FeatureCache:
                 self._entries = {}  # a damaged cache file is rebuilt
 
     @classmethod
-    def for_config(cls, config: TrainConfig, *, root: Path | None = None) -> "FeatureCache":
+    def for_config(cls, config: TrainConfig, *, root: Path | None = None) -> FeatureCache:
         import keras
 
         parts = {

@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from bcd_engine.errors import BCDError
-from bcd_engine.models.backbones import BACKBONES, SCRATCH
+from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import OPTIMIZERS, TrainConfig
 from bcd_engine.reports import explorer as explorer_tables
 from bcd_engine.reports import runs as run_tables
@@ -86,7 +86,7 @@ else:
         data_dir = str(Path(folder.strip()).expanduser()) if folder.strip() else dataset.root
         try:
             configs = [TrainConfig.for_backbone(
-                name, weights="none" if name == SCRATCH else weights, image_size=image_size or None,
+                name, weights=weights if BACKBONES[name].pretrained else "none", image_size=image_size or None,
                 epochs=int(epochs), fine_tune_epochs=int(fine_tune),
                 fine_tune_layers=BACKBONES[name].fine_tune_layers if fine_tune else None,
                 batch_size=int(batch), learning_rate=float(lr), optimizer=optimizer, augment=int(augment),

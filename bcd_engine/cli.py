@@ -7,15 +7,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
+import logging
 import os
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import asdict
 
-from bcd_engine.errors import BCDError, ConfigError
+from PIL import Image
+
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.splits import DEFAULT_FRACTION
+from bcd_engine.errors import BCDError, ConfigError, WriteError
+from bcd_engine.export.bundle import FORMATS, export_run
+from bcd_engine.inference.diagnosis import Diagnoser, results_csv, sources_from_paths
+from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
+from bcd_engine.inference.explain import explain_source, overlay
+from bcd_engine.inference.loading import load_run_model
+from bcd_engine.models.backbones import BACKBONES
+from bcd_engine.models.config import TrainConfig
 from bcd_engine.progress import progress_bar
+from bcd_engine.protocols.audit import audit_dataset, run_leakage_audit
+from bcd_engine.protocols.baselines import MODELS, cross_validate_classical, train_classical_baseline
+from bcd_engine.protocols.crossval import cross_validate
+from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_map
+from bcd_engine.protocols.robustness import colour_robustness_of_run
+from bcd_engine.store import RunStore
+from bcd_engine.training.run import train
+from bcd_engine.training.worker import run_worker
 
 EXIT_BAD_INPUT = 2
+
+Handler = Callable[[argparse.Namespace], tuple[object, str, int]]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,58 +55,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m bcd_engine", description="bcd: blood cancer detection by transfer learning")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
         sub.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         return sub
 
-    scan = command("scan", "scan a folder of class subfolders: counts, unreadable files, duplicate groups")
+    scan = command("scan", _cmd_scan, "scan a folder of class subfolders: counts, unreadable files, duplicate groups")
     scan.add_argument("--data", required=True, help="folder with one subfolder of images per class")
 
-    command("runs", "list the stored runs with their headline metrics")
-    command("backbones", "list the available backbones")
+    command("runs", _cmd_runs, "list the stored runs with their headline metrics")
+    command("backbones", _cmd_backbones, "list the available backbones")
 
-    train = command("train", "fine-tune a backbone on a folder, evaluate it on its test split and store it")
-    _add_train_options(train)
+    training = command("train", _cmd_train,
+                       "fine-tune a backbone on a folder, evaluate it on its test split and store it")
+    _add_train_options(training)
 
-    cv = command("cv", "k-fold cross-validation (stratified, group-aware): one stored run per fold")
+    cv = command("cv", _cmd_cv, "k-fold cross-validation (stratified, group-aware): one stored run per fold")
     _add_train_options(cv)
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
 
-    lodo = command("lodo", "leave-one-dataset-out CV: train on all datasets but one, test on the one left out")
+    lodo = command("lodo", _cmd_lodo,
+                   "leave-one-dataset-out CV: train on all datasets but one, test on the one left out")
     _add_train_options(lodo, data_help="NAME=DIR of one dataset; give two or more (each is held out in turn)",
                        data_action="append")
     lodo.add_argument("--label-map", help='JSON file {dataset name: {folder class: shared label}}, e.g. '
                       '{"all": {"Benign": "benign", "Early": "malignant", ...}, "pbc": {"lymphocyte": "benign"}}')
 
-    baseline = command("baseline", "the classical baseline (colour, GLCM texture and shape features + SVM or "
-                       "logistic regression) on the hold-out split or under k-fold CV")
+    baseline = command("baseline", _cmd_baseline, "the classical baseline (colour, GLCM texture and shape features "
+                       "+ SVM or logistic regression) on the hold-out split or under k-fold CV")
     baseline.add_argument("--data", required=True, help="folder with one subfolder of images per class")
-    baseline.add_argument("--model", choices=("svm", "logreg"), default="svm")
+    baseline.add_argument("--model", choices=MODELS, default="svm", help="classifier (default svm)")
     baseline.add_argument("--folds", type=int, help="k-fold CV with K folds (default: the hold-out split)")
-    baseline.add_argument("--image-size", type=int, default=128)
-    baseline.add_argument("--seed", type=int, default=0)
+    baseline.add_argument("--image-size", type=int, default=128, help="input size in pixels (default 128)")
+    baseline.add_argument("--seed", type=int, default=0, help="seed of the split and the classifier (default 0)")
     _add_fraction_options(baseline, "of the hold-out split (the one `train` makes with the same values)")
 
-    audit = command("audit", "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
+    audit = command("audit", _cmd_audit,
+                    "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
     audit_target = audit.add_mutually_exclusive_group(required=True)
     audit_target.add_argument("--data", help="folder with one subfolder of images per class")
     audit_target.add_argument("--run", type=int, action="append",
                               help="leakage audit of a stored run's split instead; repeat it, e.g. for every CV fold")
-    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--seed", type=int, default=0,
+                       help="seed of the split audited and of the shortcut classifiers (default 0)")
     _add_fraction_options(audit, "of the hold-out split audited (the one `train` makes with the same values)")
 
-    evaluate = command("evaluate", "run a trained model on another folder with the same class names")
+    evaluate = command("evaluate", _cmd_evaluate, "run a trained model on another folder with the same class names")
     evaluate.add_argument("--run", type=int, required=True, help="run id")
     evaluate.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     evaluate.add_argument("--label-map", help='JSON file {"run": {class: label}, "data": {class: label}} when '
                           "class names differ (e.g. onto benign/malignant)")
 
-    robustness = command("robustness", "colour robustness of a run: accuracy on its test split with colour taken "
-                         "away (grayscale, Reinhard), beside a colour-only baseline on the same images")
+    robustness = command("robustness", _cmd_robustness, "colour robustness of a run: accuracy on its test split "
+                         "with colour taken away (grayscale, Reinhard), beside a colour-only baseline on the same "
+                         "images")
     robustness.add_argument("--run", type=int, required=True, help="run id")
 
-    predict = command("predict", "diagnose image files, folders of images or zip archives with trained runs")
+    predict = command("predict", _cmd_predict,
+                      "diagnose image files, folders of images or zip archives with trained runs")
     predict.add_argument("--run", type=int, action="append", required=True,
                          help="run id; repeat it for an ensemble (probabilities averaged over the runs)")
     predict.add_argument("--tta", action="store_true",
@@ -88,29 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", metavar="FILE", help="also write the results table to this CSV file")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image file, folder of images or .zip archive")
 
-    explain = command("explain", "Grad-CAM: where in the image the model looked, as an overlay PNG")
+    explain = command("explain", _cmd_explain, "Grad-CAM: where in the image the model looked, as an overlay PNG")
     explain.add_argument("--run", type=int, required=True, help="run id")
     explain.add_argument("--out", required=True, metavar="FILE.png", help="where to write the overlay")
     explain.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity, 0 to 1 (default 0.45)")
     explain.add_argument("image", metavar="IMAGE")
 
-    export = command("export", "export a run's model (.keras or TensorFlow Lite) with a model card")
+    export = command("export", _cmd_export, "export a run's model (.keras or TensorFlow Lite) with a model card")
     export.add_argument("--run", type=int, required=True, help="run id")
-    export.add_argument("--format", choices=("keras", "tflite"), default="keras")
-    export.add_argument("--out", required=True, metavar="DIR", help="folder for the model, labels.json and MODEL_CARD.md")
+    export.add_argument("--format", choices=FORMATS, default="keras", help="model file format (default keras)")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for the model, labels.json and MODEL_CARD.md")
     export.add_argument("--audit-data", metavar="DIR",
                         help="also audit this folder for the card, on the split the run's seed and fractions make")
     export.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
 
-    worker = command("worker", "train queued runs one after another (the dashboard starts one when needed)")
+    worker = command("worker", _cmd_worker,
+                     "train queued runs one after another (the dashboard starts one when needed)")
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
     worker.add_argument("--poll", type=float, default=2.0, metavar="SECONDS", help="queue poll interval")
     return parser
 
 
 def _add_fraction_options(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--val-fraction", type=float, help=f"validation fraction {what}; default 0.15")
-    parser.add_argument("--test-fraction", type=float, help=f"test fraction {what}; default 0.15")
+    parser.add_argument("--val-fraction", type=float, help=f"validation fraction {what}; default {DEFAULT_FRACTION}")
+    parser.add_argument("--test-fraction", type=float, help=f"test fraction {what}; default {DEFAULT_FRACTION}")
 
 
 def _fractions(args: argparse.Namespace) -> dict[str, float]:
@@ -119,47 +154,41 @@ def _fractions(args: argparse.Namespace) -> dict[str, float]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _train_settings() -> list[dataclasses.Field]:
+    """The TrainConfig fields that are options of ``train``, ``cv`` and ``lodo``: all but those with ``cli=False``."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
 def _add_train_options(parser: argparse.ArgumentParser, *, data_help: str = "folder with one subfolder of images "
                        "per class", data_action: str = "store") -> None:
-    """The options of ``train``, ``cv`` and ``lodo``: data, backbone and every TrainConfig setting."""
+    """The options of ``train``, ``cv`` and ``lodo``: data and one flag per TrainConfig setting.
+
+    A flag's default is None, so that :meth:`TrainConfig.for_backbone` fills the backbone's defaults;
+    a boolean setting is a switch (``--class-weights``); a field without a default (``backbone``) is required.
+    """
     parser.add_argument("--data", required=True, action=data_action, help=data_help)
-    parser.add_argument("--backbone", required=True, help="backbone name (see the backbones command)")
-    parser.add_argument("--weights", help="imagenet, none or a path to a .weights.h5 file (default: none)")
-    parser.add_argument("--epochs", type=int, help="phase-1 epochs (head on the frozen backbone)")
-    parser.add_argument("--fine-tune-epochs", type=int, help="phase-2 epochs with the top layers unfrozen")
-    parser.add_argument("--fine-tune-layers", type=int, help="number of top backbone layers to unfreeze in phase 2")
-    parser.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's native)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--fine-tune-learning-rate", type=float)
-    parser.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
-    parser.add_argument("--label-smoothing", type=float)
-    parser.add_argument("--class-weights", action="store_true", default=None, help="weight classes by frequency")
-    parser.add_argument("--dense-units", type=int, help="units of the head's dense layer (0: none)")
-    parser.add_argument("--dropout", type=float)
-    parser.add_argument("--pooling", choices=("avg", "max"))
-    parser.add_argument("--patience", type=int, help="early-stopping patience on validation loss")
-    parser.add_argument("--augment", type=int, help="augmented views per training image, 1 to 20")
-    parser.add_argument("--tta-views", type=int, help="test-time augmentation: average over this many views (1: off)")
-    parser.add_argument("--colour", choices=("rgb", "grayscale"),
-                        help="grayscale: train and predict on grayscale images, so stain colour is no shortcut")
-    parser.add_argument("--val-fraction", type=float)
-    parser.add_argument("--test-fraction", type=float)
-    parser.add_argument("--seed", type=int)
+    hints = typing.get_type_hints(TrainConfig)
+    for setting in _train_settings():
+        flag = "--" + setting.name.replace("_", "-")
+        options = {"dest": setting.name, "help": setting.metadata.get("help", "").format(default=setting.default)}
+        if setting.default is dataclasses.MISSING and setting.default_factory is dataclasses.MISSING:
+            options["required"] = True
+        kind = setting.metadata.get("type", _not_none(hints[setting.name]))
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, **options)
+        else:
+            parser.add_argument(flag, type=kind, choices=setting.metadata.get("choices"), **options)
 
 
-def _config_from_args(args):
-    from bcd_engine.models.config import TrainConfig
+def _not_none(hint: type) -> type:
+    """``str`` for ``str | None``; any other type as it is."""
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    return kinds[0] if kinds else hint
 
-    return TrainConfig.for_backbone(
-        args.backbone, weights=args.weights, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_layers=args.fine_tune_layers, image_size=args.image_size, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        optimizer=args.optimizer, label_smoothing=args.label_smoothing, class_weights=args.class_weights,
-        dense_units=args.dense_units, dropout=args.dropout, pooling=args.pooling, patience=args.patience,
-        augment=args.augment, tta_views=args.tta_views, colour=args.colour, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, seed=args.seed,
-    )
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {setting.name: getattr(args, setting.name) for setting in _train_settings()}
+    return TrainConfig.for_backbone(values.pop("backbone"), **values)
 
 
 @contextlib.contextmanager
@@ -194,15 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _run(args) -> tuple[object, str, int]:
+def _run(args: argparse.Namespace) -> tuple[object, str, int]:
     """Run one command: (JSON payload, human-readable text, exit code)."""
-    handler = globals()[f"_cmd_{args.command}"]
-    return handler(args)
+    return args.handler(args)
 
 
 def _cmd_scan(args):
-    from bcd_engine.data.scan import scan_dataset
-
     result = scan_dataset(args.data, progress=True).to_dict()
     lines = [f"{result['n_images']} images in {len(result['classes'])} classes under {result['root']}"]
     lines += [f"  {name}: {count}" for name, count in result["classes"].items()]
@@ -214,13 +240,11 @@ def _cmd_scan(args):
 
 
 def _cmd_runs(args):
-    from bcd_engine.store import RunStore
-
     runs = [
         {"id": r.id, "backbone": r.backbone, "status": r.status, "protocol": r.protocol,
          "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc, "created_at": r.created_at,
          "seconds": r.seconds}
-        for r in RunStore().list_runs()
+        for r in RunStore.open().list_runs()
     ]
     lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  protocol"]
     for r in runs:
@@ -231,20 +255,15 @@ def _cmd_runs(args):
 
 
 def _cmd_backbones(args):
-    from dataclasses import asdict
-
-    from bcd_engine.models.backbones import BACKBONES
-
     rows = [asdict(spec) for spec in BACKBONES.values()]
-    lines = [f"{s['name']:<15} {s['native_size']:>4}px  {s['params_millions']:>6.1f}M  {s['description']}" for s in rows]
+    lines = [f"{s['name']:<15} {s['native_size']:>4}px  {s['params_millions']:>6.1f}M  {s['description']}"
+             for s in rows]
     return {"backbones": rows}, "\n".join(lines), 0
 
 
 def _cmd_train(args):
-    from bcd_engine.training.run import train
-
     config = _config_from_args(args)
-    result = train(config, args.data, progress=True).to_dict()
+    result = train(config, args.data, store=RunStore.open(), progress=True).to_dict()
     result.pop("model_path")
     text = (f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
             f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
@@ -253,19 +272,17 @@ def _cmd_train(args):
 
 
 def _cmd_cv(args):
-    from bcd_engine.protocols.crossval import cross_validate
-
-    result = cross_validate(_config_from_args(args), args.data, folds=args.folds, progress=True)
+    config = _config_from_args(args)
+    result = cross_validate(config, args.data, folds=args.folds, store=RunStore.open(), progress=True)
     lines = [f"{result['protocol']}, {args.backbone}:"]
     lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}, run {f['run_id']}"
               for f in result["folds"]]
-    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} (sample std over folds)")
+    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} "
+                 "(sample std over folds)")
     return result, "\n".join(lines), 0
 
 
 def _cmd_lodo(args):
-    from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_map
-
     datasets = {}
     for item in args.data:
         name, sep, folder = item.partition("=")
@@ -275,7 +292,8 @@ def _cmd_lodo(args):
             raise ConfigError(f"dataset name {name!r} is given twice")
         datasets[name] = folder
     label_map = load_dataset_label_map(args.label_map) if args.label_map else None
-    result = leave_one_dataset_out(_config_from_args(args), datasets, label_map, progress=True)
+    config = _config_from_args(args)
+    result = leave_one_dataset_out(config, datasets, label_map, store=RunStore.open(), progress=True)
     lines = [f"{result['protocol']}, {args.backbone}, shared labels {', '.join(result['shared_labels'])}:"]
     for r in result["rounds"]:
         if r["status"] != "completed":
@@ -287,14 +305,9 @@ def _cmd_lodo(args):
 
 
 def _cmd_baseline(args):
-    from bcd_engine.data.scan import scan_dataset
-    from bcd_engine.protocols.baselines import (
-        cross_validate_classical,
-        train_classical_baseline,
-    )
-
     if args.folds is not None and _fractions(args):
-        raise ConfigError("--val-fraction and --test-fraction set the hold-out split; with --folds each fold is the test set")
+        raise ConfigError("--val-fraction and --test-fraction set the hold-out split; "
+                          "with --folds each fold is the test set")
     scan = scan_dataset(args.data, progress=True)
     options = dict(seed=args.seed, image_size=args.image_size, model=args.model, progress=True)
     if args.folds is None:
@@ -304,18 +317,17 @@ def _cmd_baseline(args):
     result = cross_validate_classical(scan, folds=args.folds, **options)
     lines = [f"{result['model']}, {result['protocol']}:"]
     lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}" for f in result["folds"]]
-    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} (sample std over folds)")
+    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} "
+                 "(sample std over folds)")
     return result, "\n".join(lines), 0
 
 
 def _cmd_audit(args):
-    from bcd_engine.protocols.audit import audit_dataset, run_leakage_audit
-
     if args.run:
         if _fractions(args):
             raise ConfigError("--val-fraction and --test-fraction set the split audited with --data; "
                               "--run audits the run's stored split")
-        result = run_leakage_audit(args.run)
+        result = run_leakage_audit(args.run, store=RunStore.open())
         lines = [f"run {r['run_id']} ({r['run_protocol']}): "
                  f"{'ok' if r['ok'] else 'DUPLICATE GROUPS CROSS ITS SPLIT'}; " + "; ".join(r["warnings"])
                  for r in result["runs"]]
@@ -334,10 +346,9 @@ def _cmd_audit(args):
 
 
 def _cmd_evaluate(args):
-    from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
-
     label_map = load_label_map(args.label_map) if args.label_map else None
-    evaluation = evaluate_run_on_folder(args.run, args.data, label_map=label_map, progress=True)
+    evaluation = evaluate_run_on_folder(args.run, args.data, store=RunStore.open(), label_map=label_map,
+                                        progress=True)
     payload = {
         "n_images": evaluation.metrics["n"], "accuracy": evaluation.accuracy,
         "macro_f1": evaluation.metrics["macro_f1"], "macro_auc": evaluation.macro_auc,
@@ -349,9 +360,7 @@ def _cmd_evaluate(args):
 
 
 def _cmd_robustness(args):
-    from bcd_engine.protocols.robustness import colour_robustness_of_run
-
-    result = colour_robustness_of_run(args.run, progress=True)
+    result = colour_robustness_of_run(args.run, store=RunStore.open(), progress=True)
     rows = [("original", result["original"]), *result["normalised"].items()]
     lines = [f"run {args.run} ({result['backbone']}, colour mode {result['colour_mode']}), "
              f"{result['n_test']} test images:", f"  {'test images':<12} {'model':>7} {'colour-only':>12}"]
@@ -360,14 +369,8 @@ def _cmd_robustness(args):
 
 
 def _cmd_predict(args):
-    from bcd_engine.inference.diagnosis import (
-        Diagnoser,
-        results_csv,
-        sources_from_paths,
-    )
-
     sources = sources_from_paths(args.images)
-    diagnoser = Diagnoser.for_runs(args.run)
+    diagnoser = Diagnoser.for_runs(args.run, store=RunStore.open())
     with progress_bar(len(sources), "diagnosing") as bar:
         results = diagnoser.diagnose(sources, tta=args.tta, on_progress=lambda done, _: bar.update(done - bar.n))
     if args.csv:
@@ -386,14 +389,9 @@ def _cmd_predict(args):
 
 
 def _cmd_explain(args):
-    from PIL import Image
-
-    from bcd_engine.inference.explain import explain_source, overlay
-    from bcd_engine.inference.loading import load_run_model
-
     if not 0 <= args.opacity <= 1:
         raise ConfigError(f"--opacity must be between 0 and 1, got {args.opacity}")
-    loaded = load_run_model(args.run)
+    loaded = load_run_model(args.run, store=RunStore.open())
     class_names = loaded.class_names
     image, cam = explain_source(loaded, args.image)
     buffer = io.BytesIO()
@@ -401,7 +399,7 @@ def _cmd_explain(args):
     _write(args.out, buffer.getvalue())
     predicted = class_names[cam.class_index]
     payload = {"out": args.out, "class": predicted,
-               "probabilities": dict(zip(class_names, (float(p) for p in cam.probabilities)))}
+               "probabilities": dict(zip(class_names, (float(p) for p in cam.probabilities), strict=True))}
     return payload, f"wrote {args.out} (Grad-CAM of class {predicted})", 0
 
 
@@ -411,31 +409,25 @@ def _write(path: str, data: bytes) -> None:
         with open(path, "wb") as handle:
             handle.write(data)
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _cmd_export(args):
-    from bcd_engine.export.bundle import export_run
-    from bcd_engine.protocols.audit import audit_dataset
-    from bcd_engine.store import RunStore
-
+    store = RunStore.open()
     audit = None
     if args.audit_data:
-        train = RunStore().get_run(args.run).config["train"]
-        audit = audit_dataset(args.audit_data, progress=True, seed=train["seed"], val_fraction=train["val_fraction"],
-                              test_fraction=train["test_fraction"])
-    result = export_run(args.run, format=args.format, out_dir=args.out, audit=audit, overwrite=args.overwrite)
+        train_config = store.get_run(args.run).config["train"]
+        audit = audit_dataset(args.audit_data, progress=True, seed=train_config["seed"],
+                              val_fraction=train_config["val_fraction"], test_fraction=train_config["test_fraction"])
+    result = export_run(args.run, format=args.format, out_dir=args.out, store=store, audit=audit,
+                        overwrite=args.overwrite)
     payload = {"run_id": result.run_id, "format": result.format, "files": [str(p) for p in result.paths],
                "max_abs_diff": result.max_abs_diff}
     return payload, "\n".join(f"wrote {p}" for p in result.paths), 0
 
 
 def _cmd_worker(args):
-    import logging
-
-    from bcd_engine.training.worker import run_worker
-
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    done = run_worker(once=args.once, poll_seconds=args.poll)
+    done = run_worker(once=args.once, poll_seconds=args.poll, store=RunStore.open())
     text = "\n".join(f"run {d['run_id']}: {d['status']}" for d in done) or "no queued runs"
     return {"runs": done}, text, 0

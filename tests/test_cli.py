@@ -1,6 +1,8 @@
 """The CLI as a user scripts it: one JSON document on stdout, one-line errors with exit code 2."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +14,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bcd_engine import cli
+from bcd_engine.data.colour import COLOUR_MODES
+from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.data.synthetic import make_synthetic_dataset
+from bcd_engine.errors import WriteError
+from bcd_engine.export.bundle import FORMATS
+from bcd_engine.models.backbones import BACKBONES
+from bcd_engine.models.config import OPTIMIZERS, POOLINGS, TrainConfig
+from bcd_engine.protocols.baselines import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,3 +240,147 @@ def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, cli_env):
         assert 0 <= doc["shortcuts"][key] <= 1
     larger = json.loads(bcd("audit", "--data", synthetic_dataset, "--test-fraction", 0.3, "--json", env=cli_env).stdout)
     assert larger["shortcuts"]["n_test"] > doc["shortcuts"]["n_test"]
+
+
+# TrainConfig fields that are deliberately no command-line option (see the field's comment).
+NOT_ON_THE_COMMAND_LINE = {"dense_activation"}
+
+
+def options_of(command: str) -> dict[str, argparse.Action]:
+    """The named options of one command, by destination."""
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {a.dest: a for a in commands.choices[command]._actions if a.option_strings}
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "lodo"])
+def test_every_train_config_field_is_an_option(command):
+    options = options_of(command)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in NOT_ON_THE_COMMAND_LINE:
+            assert field.name not in options
+            continue
+        option = options[field.name]
+        assert option.option_strings == ["--" + field.name.replace("_", "-")]
+        assert option.default is None  # TrainConfig.for_backbone fills the backbone's defaults
+        assert option.required == (field.name == "backbone")
+        assert option.help, f"--{field.name} has no help"
+    assert options["class_weights"].nargs == 0 and options["class_weights"].const is True  # a switch
+    assert options["augment"].type is int  # the augmentation factor
+
+
+def test_choices_are_the_engine_constants():
+    train = options_of("train")
+    assert tuple(train["optimizer"].choices) == OPTIMIZERS
+    assert tuple(train["pooling"].choices) == POOLINGS
+    assert tuple(train["colour"].choices) == COLOUR_MODES
+    assert tuple(options_of("export")["format"].choices) == FORMATS
+    assert tuple(options_of("baseline")["model"].choices) == MODELS
+    for command in ("train", "baseline", "audit"):
+        assert f"default {DEFAULT_FRACTION}" in options_of(command)["test_fraction"].help
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {}),
+    (["--weights", "none", "--epochs", "3", "--fine-tune-epochs", "2", "--fine-tune-layers", "5", "--image-size", "64",
+      "--batch-size", "4", "--learning-rate", "0.01", "--fine-tune-learning-rate", "0.0001", "--optimizer", "sgd",
+      "--label-smoothing", "0.1", "--class-weights", "--dense-units", "0", "--dropout", "0.5", "--pooling", "max",
+      "--patience", "3", "--augment", "5", "--tta-views", "4", "--colour", "grayscale", "--val-fraction", "0.2",
+      "--test-fraction", "0.25", "--seed", "7"],
+     dict(weights="none", epochs=3, fine_tune_epochs=2, fine_tune_layers=5, image_size=64, batch_size=4,
+          learning_rate=0.01, fine_tune_learning_rate=0.0001, optimizer="sgd", label_smoothing=0.1,
+          class_weights=True, dense_units=0, dropout=0.5, pooling="max", patience=3, augment=5, tta_views=4,
+          colour="grayscale", val_fraction=0.2, test_fraction=0.25, seed=7)),
+])
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "scratch_cnn"])
+def test_a_parsed_train_command_builds_the_config_for_backbone_builds(backbone, argv, expected):
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--backbone", backbone, *argv])
+    config = cli._config_from_args(args)
+    assert config == TrainConfig.for_backbone(backbone, **expected)
+    if argv:
+        assert config.augment.factor == 5 and config.class_weights and config.colour == "grayscale"
+
+
+class _Stop(Exception):
+    """Raised by a stand-in engine function once it has checked its call."""
+
+
+@pytest.fixture
+def opened_stores(monkeypatch) -> list:
+    """The stores the command opens (stand-ins for ``RunStore.open()``)."""
+    opened = []
+
+    class Store:
+        @classmethod
+        def open(cls):
+            opened.append(cls())
+            return opened[-1]
+
+    monkeypatch.setattr(cli, "RunStore", Store)
+    return opened
+
+
+@pytest.mark.parametrize("argv, function", [
+    (["train", "--data", "d", "--backbone", "mobilenetv2"], "train"),
+    (["cv", "--data", "d", "--backbone", "mobilenetv2"], "cross_validate"),
+    (["lodo", "--data", "a=x", "--data", "b=y", "--backbone", "mobilenetv2"], "leave_one_dataset_out"),
+    (["evaluate", "--run", "1", "--data", "d"], "evaluate_run_on_folder"),
+    (["robustness", "--run", "1"], "colour_robustness_of_run"),
+    (["explain", "--run", "1", "--out", "x.png", "image.png"], "load_run_model"),
+    (["export", "--run", "1", "--out", "dir"], "export_run"),
+    (["audit", "--run", "1"], "run_leakage_audit"),
+    (["worker", "--once"], "run_worker"),
+])
+def test_a_command_opens_the_store_once_and_passes_it(monkeypatch, opened_stores, argv, function):
+    def engine(*args, store, **kwargs):
+        assert store is opened_stores[-1]
+        raise _Stop
+
+    monkeypatch.setattr(cli, function, engine)
+    with pytest.raises(_Stop):
+        cli._run(cli.build_parser().parse_args(argv))
+    assert len(opened_stores) == 1
+
+
+def test_predict_opens_the_store_once_and_passes_it(monkeypatch, opened_stores):
+    class Diagnoser:
+        @classmethod
+        def for_runs(cls, run_ids, *, store):
+            assert run_ids == [1, 2] and store is opened_stores[-1]
+            raise _Stop
+
+    monkeypatch.setattr(cli, "Diagnoser", Diagnoser)
+    monkeypatch.setattr(cli, "sources_from_paths", lambda paths: [])
+    with pytest.raises(_Stop):
+        cli._run(cli.build_parser().parse_args(["predict", "--run", "1", "--run", "2", "image.png"]))
+    assert len(opened_stores) == 1
+
+
+@pytest.mark.parametrize("argv", [["scan", "--data", "d"], ["baseline", "--data", "d"], ["audit", "--data", "d"]])
+def test_a_command_without_runs_opens_no_store(monkeypatch, opened_stores, argv):
+    def engine(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(cli, "scan_dataset", engine)
+    monkeypatch.setattr(cli, "audit_dataset", engine)
+    with pytest.raises(_Stop):
+        cli._run(cli.build_parser().parse_args(argv))
+    assert opened_stores == []
+
+
+def test_backbones_lists_the_registry_without_a_store(opened_stores):
+    payload, text, code = cli._run(cli.build_parser().parse_args(["backbones"]))
+    assert code == 0 and [row["name"] for row in payload["backbones"]] == list(BACKBONES)
+    assert len(text.splitlines()) == len(BACKBONES) and opened_stores == []
+
+
+def test_every_command_has_its_own_handler():
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    handlers = [sub.get_default("handler") for sub in commands.choices.values()]
+    assert all(callable(handler) for handler in handlers) and len(set(handlers)) == len(handlers)
+
+
+def test_a_file_that_cannot_be_written_is_a_write_error(tmp_path):
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'missing' / 'x.csv'}: No such file"):
+        cli._write(str(tmp_path / "missing" / "x.csv"), b"data")

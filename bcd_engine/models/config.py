@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 from bcd_engine.data.colour import COLOUR_MODES
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import ConfigError
-from bcd_engine.models.backbones import SCRATCH, get_backbone, resolve_weights
+from bcd_engine.models.backbones import POOLINGS, get_backbone, resolve_weights
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
-
-
-POOLINGS = ("avg", "max")
 
 
 MAX_AUGMENT = 20
@@ -41,33 +39,52 @@ class AugmentConfig:
             raise ConfigError("augmentation scale must be < 0.5, contrast < 1 and hue <= 0.5")
 
 
+def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING, **cli: Any) -> Any:
+    """A :class:`TrainConfig` field with what the command line shows for it.
+
+    ``help`` may name ``{default}``; ``cli`` holds argparse extras: ``choices``, ``type`` (when the
+    flag's type is not the field's) or ``cli=False`` for a field that is no command-line option.
+    """
+    return field(default=default, default_factory=default_factory, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run. ``TrainConfig.for_backbone`` fills per-backbone defaults."""
+    """Everything that decides a training run. ``TrainConfig.for_backbone`` fills per-backbone defaults.
 
-    backbone: str
-    weights: str | None = None
-    image_size: int = 224
-    batch_size: int = 32
-    epochs: int = 40  # phase 1: head on the frozen backbone (or the whole scratch CNN)
-    fine_tune_epochs: int = 0  # phase 2: top layers unfrozen; 0 skips it
-    fine_tune_layers: int = 0
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-5
-    optimizer: str = "adam"
-    label_smoothing: float = 0.0
-    class_weights: bool = False
-    dense_units: int = 256  # 0: softmax directly on the pooled features
-    dense_activation: str = "relu"
-    dropout: float = 0.3
-    pooling: str = "avg"
-    patience: int = 6  # early stopping on validation loss, best weights restored
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    tta_views: int = 1  # test-time augmentation: predictions averaged over this many views (1 = off)
-    colour: str = "rgb"  # "grayscale" trains and predicts on grayscale images (stain colour is no shortcut)
-    val_fraction: float = DEFAULT_FRACTION
-    test_fraction: float = DEFAULT_FRACTION
-    seed: int = 0
+    Each field is a ``train``, ``cv`` and ``lodo`` option of the CLI (``--fine-tune-epochs`` for
+    ``fine_tune_epochs``) with the help and choices of its metadata, unless that says ``cli=False``
+    (:func:`setting`).
+    """
+
+    backbone: str = setting(help="backbone name (see the backbones command)")
+    weights: str | None = setting(None, help="imagenet, none or a path to a .weights.h5 file (default: none)")
+    image_size: int = setting(224, help="input size in pixels (default: the backbone's native)")
+    batch_size: int = setting(32, help="images per training batch (default {default})")
+    epochs: int = setting(40, help="phase-1 epochs (head on the frozen backbone, or the whole scratch CNN)")
+    fine_tune_epochs: int = setting(0, help="phase-2 epochs with the top layers unfrozen (default {default}: "
+                                            "no phase 2)")
+    fine_tune_layers: int = setting(0, help="number of top backbone layers to unfreeze in phase 2")
+    learning_rate: float = setting(1e-3, help="phase-1 learning rate (default {default})")
+    fine_tune_learning_rate: float = setting(1e-5, help="phase-2 learning rate (default {default})")
+    optimizer: str = setting("adam", help="optimizer of both phases (default {default})", choices=OPTIMIZERS)
+    label_smoothing: float = setting(0.0, help="label smoothing of the loss, in [0, 1) (default {default})")
+    class_weights: bool = setting(False, help="weight classes by frequency")
+    dense_units: int = setting(256, help="units of the head's dense layer (0: none)")
+    # No CLI option: a name Keras does not know would only fail once the head is built.
+    dense_activation: str = setting("relu", help="activation of the head's dense layer", cli=False)
+    dropout: float = setting(0.3, help="dropout before the head's softmax, in [0, 1) (default {default})")
+    pooling: str = setting("avg", help="pooling of the backbone's feature map (default {default})", choices=POOLINGS)
+    patience: int = setting(6, help="early-stopping patience on validation loss (best weights restored)")
+    augment: AugmentConfig = setting(  # noqa: RUF009 (a field, its default made fresh per instance)
+        default_factory=AugmentConfig, type=int, help=f"augmented views per training image, 1 to {MAX_AUGMENT}")
+    tta_views: int = setting(1, help="test-time augmentation: average over this many views (1: off)")
+    colour: str = setting("rgb", choices=COLOUR_MODES,
+                          help="grayscale: train and predict on grayscale images, so stain colour is no shortcut "
+                               "(default {default})")
+    val_fraction: float = setting(DEFAULT_FRACTION, help="fraction of the images for validation (default {default})")
+    test_fraction: float = setting(DEFAULT_FRACTION, help="fraction of the images for testing (default {default})")
+    seed: int = setting(0, help="seed of the split, the initial weights and the augmentation (default {default})")
 
     def __post_init__(self):
         spec = get_backbone(self.backbone)
@@ -75,10 +92,7 @@ class TrainConfig:
         object.__setattr__(self, "weights", resolve_weights(spec, self.weights))
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
-        if self.image_size < spec.min_size:
-            raise ConfigError(
-                f"image size {self.image_size} is below {spec.name}'s minimum of {spec.min_size} px"
-            )
+        spec.check_image_size(self.image_size)
         checks = [
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -91,7 +105,8 @@ class TrainConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (1 <= self.tta_views <= MAX_AUGMENT, f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}"),
+            (1 <= self.tta_views <= MAX_AUGMENT,
+             f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}"),
             (self.colour in COLOUR_MODES, f"colour must be one of {COLOUR_MODES}, got {self.colour!r}"),
             (0 < self.val_fraction < 1, f"validation fraction must be in (0, 1), got {self.val_fraction}"),
             (0 < self.test_fraction < 1, f"test fraction must be in (0, 1), got {self.test_fraction}"),
@@ -101,12 +116,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
-    @property
-    def is_scratch(self) -> bool:
-        return self.backbone == SCRATCH
-
     @classmethod
-    def for_backbone(cls, backbone: str, **overrides) -> "TrainConfig":
+    def for_backbone(cls, backbone: str, **overrides) -> TrainConfig:
         """A config with the backbone's sensible defaults; ``None`` overrides are ignored.
 
         With pretrained weights the recipe is: augmentation x8 (flips, 90-degree turns and mild
@@ -117,10 +128,10 @@ class TrainConfig:
         spec = get_backbone(backbone)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         defaults: dict = {"image_size": spec.native_size}
-        pretrained = overrides.get("weights") not in (None, "none", "None")
-        if spec.name == SCRATCH:
+        with_weights = overrides.get("weights") not in (None, "none", "None")
+        if not spec.pretrained:  # trained from scratch, end to end
             defaults.update(epochs=60, patience=10, learning_rate=1e-3, dense_units=128)
-        elif pretrained:
+        elif with_weights:
             defaults.update(augment=AugmentConfig(factor=8), tta_views=8)
         else:
             defaults.update(augment=AugmentConfig(factor=4))
@@ -136,5 +147,5 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         return cls(**data)

@@ -45,7 +45,7 @@ def test_colour_features_shape_and_values():
     assert features[1, 6 + 1] == 1
     corner = corner_features([image], fraction=0.5)
     assert corner.shape == (1, N_COLOUR_FEATURES)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"corner fraction must be in \(0, 1\], got 0"):
         corner_features([image], fraction=0)
 
 
@@ -102,7 +102,7 @@ def test_leakage_audit_flags_a_crossing_duplicate_and_passes_group_aware_splits(
     subset_of_a = rows[a]["subset"]
     rows[b]["subset"] = next(s for s in ("train", "val", "test") if s != subset_of_a)
     assert not leakage_audit(scan, rows)["ok"]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"expected a Split, a \{subset: indices\} mapping"):
         leakage_audit(scan, [1, 2, 3])
 
 
@@ -113,11 +113,11 @@ def test_normalise_colour():
     assert gray.dtype == np.uint8 and gray.shape == images.shape
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
-    tinted = np.clip(images.astype(int) + [60, 0, -40], 0, 255).astype(np.uint8)
+    tinted = np.clip(images.astype(int) + np.array([60, 0, -40]), 0, 255).astype(np.uint8)
     matched = normalise_colour(tinted, method="reinhard", reference=images)
     assert matched.dtype == np.uint8 and matched.shape == images.shape
     before = np.abs(tinted.mean(axis=(0, 1, 2)) - images.mean(axis=(0, 1, 2))).max()
     after = np.abs(matched.mean(axis=(0, 1, 2)) - images.mean(axis=(0, 1, 2))).max()
     assert after < before / 3
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"method must be one of .*, got 'hsv'"):
         normalise_colour(images, method="hsv")

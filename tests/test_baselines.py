@@ -46,7 +46,7 @@ def test_handcrafted_features_shape():
     images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
     features = handcrafted_features(images)
     assert features.shape == (3, N_COLOUR_FEATURES + 32 + 4) and np.isfinite(features).all()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"expected uint8 RGB images of shape \(n, h, w, 3\)"):
         handcrafted_features(images[..., 0])
 
 
@@ -110,9 +110,9 @@ def test_svm_calibration_copes_with_classes_of_few_groups(groups_per_class, fold
 
 
 def test_unknown_model_is_a_config_error(synthetic_dataset, isolated_cache):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"model must be one of .*, got 'knn'"):
         train_classical_baseline(scan_dataset(synthetic_dataset), model="knn")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="folds must be >= 2, got 1"):
         cross_validate_classical(scan_dataset(synthetic_dataset), folds=1)
 
 

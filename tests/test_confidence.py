@@ -42,8 +42,10 @@ def test_intervals_narrow_with_more_data():
 
 def test_bootstrap_is_deterministic_for_a_seed():
     y, prob = _calibrated(100)
-    assert bootstrap_ci(y, prob, metric="macro_f1", n_resamples=50, seed=3) == bootstrap_ci(
-        y, prob, metric="macro_f1", n_resamples=50, seed=3)
+    first = bootstrap_ci(y, prob, metric="macro_f1", n_resamples=50, seed=3)
+    assert bootstrap_ci(y, prob, metric="macro_f1", n_resamples=50, seed=3) == first
+    other = bootstrap_ci(y, prob, metric="macro_f1", n_resamples=50, seed=4)
+    assert other["estimate"] == first["estimate"] and (other["low"], other["high"]) != (first["low"], first["high"])
 
 
 def test_auc_skips_resamples_missing_a_class_and_is_none_without_one():
@@ -75,18 +77,24 @@ def test_reliability_diagram_bins():
     assert expected_calibration_error(y, prob, n_bins=5) == pytest.approx((2 * 0.075 + 2 * 0.05) / 4)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"metric": "recall"}, {"metric": "accuracy", "n_resamples": 0}, {"metric": "accuracy", "confidence": 1.0},
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metric": "recall"}, "metric must be one of .*, got 'recall'"),
+    ({"metric": "accuracy", "n_resamples": 0}, "n_resamples must be a positive integer, got 0"),
+    ({"metric": "accuracy", "confidence": 1.0}, r"confidence must be a number in \(0, 1\), got 1.0"),
 ])
-def test_bad_arguments_raise_config_error(kwargs):
-    with pytest.raises(ConfigError):
+def test_bad_arguments_raise_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
         bootstrap_ci([0, 1], [[0.6, 0.4], [0.3, 0.7]], **kwargs)
 
 
-@pytest.mark.parametrize("y, prob", [([0, 2], [[0.6, 0.4], [0.3, 0.7]]), ([0], [[0.5, 0.5], [0.5, 0.5]]),
-                                     ([0, 1], [0.5, 0.5]), ([0, 1], [[-1, 2], [0.5, 0.5]])])
-def test_bad_inputs_raise_config_error(y, prob):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("y, prob, message", [
+    ([0, 2], [[0.6, 0.4], [0.3, 0.7]], "y_true must hold class indices from 0 to 1"),
+    ([0], [[0.5, 0.5], [0.5, 0.5]], "y_true must be 1-D and match y_prob's 2 rows"),
+    ([0, 1], [0.5, 0.5], r"y_prob must be \(n, n_classes\) with at least 2 classes"),
+    ([0, 1], [[-1, 2], [0.5, 0.5]], "y_prob must be finite, non-negative"),
+])
+def test_bad_inputs_raise_config_error(y, prob, message):
+    with pytest.raises(ConfigError, match=message):
         expected_calibration_error(y, prob)
 
 

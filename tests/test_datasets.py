@@ -87,7 +87,8 @@ def test_to_dict_is_the_cli_document(synthetic_dataset_copy: Path) -> None:
     assert list(doc) == ["root", "n_images", "classes", "unreadable", "duplicate_groups", "near_duplicate_groups"]
     assert doc["n_images"] == 48 and doc["classes"]["Pro"] == 12
     assert doc["unreadable"] == [
-        {"path": str((synthetic_dataset_copy / "Pro" / "broken.jpg").resolve()), "reason": "not a recognised image format"}
+        {"path": str((synthetic_dataset_copy / "Pro" / "broken.jpg").resolve()),
+         "reason": "not a recognised image format"}
     ]
     assert json.loads(json.dumps(doc)) == doc
 
@@ -174,7 +175,7 @@ def test_exact_and_near_duplicates_are_grouped(tmp_path: Path) -> None:
     resolved = {p: str(p.resolve()) for p in (a, copy, near, other)}
     assert scan.duplicate_groups == (tuple(sorted([resolved[a], resolved[copy]])),)
     assert scan.near_duplicate_groups == (tuple(sorted([resolved[a], resolved[copy], resolved[near]])),)
-    groups = dict(zip(scan.paths, scan.groups.tolist()))
+    groups = dict(zip(scan.paths, scan.groups.tolist(), strict=True))
     assert groups[resolved[a]] == groups[resolved[copy]] == groups[resolved[near]]
     assert len(set(groups.values())) == scan.n_images - 2
     assert all(resolved[other] not in group for group in scan.near_duplicate_groups)
@@ -360,7 +361,7 @@ def test_progress_bar_goes_to_stderr(synthetic_dataset: Path, capsys: pytest.Cap
 def test_scan_result_is_frozen(synthetic_dataset: Path) -> None:
     scan = scan_dataset(synthetic_dataset)
     assert isinstance(scan, ScanResult)
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="cannot assign to field 'root'"):
         scan.root = "elsewhere"  # type: ignore[misc]
 
 
@@ -382,7 +383,7 @@ def _rgb_array() -> np.ndarray:
         (lambda: Image.fromarray(_rgb_array()).convert("CMYK"), "JPEG"),
         (lambda: Image.fromarray(_rgb_array()).convert("CMYK"), "TIFF"),
         (lambda: Image.fromarray(_rgb_array()).convert("1"), "BMP"),
-        (lambda: Image.fromarray((_rgb_array()[..., 0].astype(np.uint16) * 257)), "PNG"),
+        (lambda: Image.fromarray(_rgb_array()[..., 0].astype(np.uint16) * 257), "PNG"),
         (lambda: Image.fromarray(_rgb_array()[..., 0].astype(np.float32)), "TIFF"),
     ],
 )

@@ -104,7 +104,7 @@ def test_an_ensemble_averages_its_models():
     images = random_images(3)
     single = [Diagnoser([m]).diagnose_arrays([images], tta=False) for m in (first, second)]
     both = Diagnoser([first, second]).diagnose_arrays([images, images], tta=False)
-    for a, b, ensemble in zip(*single, both):
+    for a, b, ensemble in zip(*single, both, strict=True):
         for name in CLASSES:
             assert ensemble["probabilities"][name] == pytest.approx(
                 (a["probabilities"][name] + b["probabilities"][name]) / 2, abs=1e-6)
@@ -125,7 +125,7 @@ def test_an_ensemble_of_models_of_different_sizes_diagnoses_each_file_once_decod
 def test_an_ensemble_needs_the_same_classes():
     with pytest.raises(ConfigError, match="same classes"):
         Diagnoser([loaded_model(pooled_model(), 1), loaded_model(pooled_model(), 2, ["a", "b", "c", "d"])])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="choose at least one run"):
         Diagnoser([])
 
 

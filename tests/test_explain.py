@@ -20,7 +20,7 @@ def bright_square_images(n: int, rng: np.random.Generator):
     images = rng.integers(0, 60, (n, SIZE, SIZE, 3), dtype=np.uint8)
     labels = np.arange(n) % 2
     corners = rng.integers(0, SIZE - SQUARE + 1, (n, 2))
-    for image, label, (top, left) in zip(images, labels, corners):
+    for image, label, (top, left) in zip(images, labels, corners, strict=True):
         if label:
             image[top:top + SQUARE, left:left + SQUARE] = rng.integers(200, 256, (SQUARE, SQUARE, 3))
     return images, labels, corners
@@ -53,7 +53,7 @@ def test_grad_cam_peaks_on_the_region_that_decides_the_class(square_model):
     predicted = square_model.predict(images / 255.0, verbose=0).argmax(axis=1)
     assert (predicted == labels).mean() >= 0.9
     hits = {0: [], 1: []}
-    for image, (top, left) in zip(images[labels == 1], corners[labels == 1]):
+    for image, (top, left) in zip(images[labels == 1], corners[labels == 1], strict=True):
         for class_index in (0, 1):
             heatmap = grad_cam(square_model, image, preprocess=preprocess, backbone_name="scratch_cnn",
                                class_index=class_index).heatmap
@@ -83,7 +83,7 @@ def test_default_class_is_the_predicted_one_and_bad_input_is_rejected(square_mod
     image = bright_square_images(2, np.random.default_rng(2))[0][1]
     result = grad_cam(square_model, image, preprocess=preprocess, backbone_name="scratch_cnn")
     assert result.class_index == int(result.probabilities.argmax())
-    with pytest.raises(ConfigError, match="class index must be in 0..1"):
+    with pytest.raises(ConfigError, match=r"class index must be in 0\.\.1"):
         grad_cam(square_model, image, preprocess=preprocess, backbone_name="scratch_cnn", class_index=2)
     with pytest.raises(ConfigError, match=r"shape \(64, 64, 3\)"):
         grad_cam(square_model, image[:32], preprocess=preprocess, backbone_name="scratch_cnn")
@@ -109,12 +109,12 @@ def test_a_stored_run_explains_an_image_file(square_model, tmp_path, monkeypatch
 
     from bcd_engine.files import file_sha256
     from bcd_engine.inference.loading import load_run_model
-    from bcd_engine.store import RunStore
+    from bcd_engine.store import Protocol, RunStore
 
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    store = RunStore(f"sqlite:///{tmp_path / 'results.db'}")
+    store = RunStore.open(f"sqlite:///{tmp_path / 'results.db'}")
     config = TrainConfig(backbone="scratch_cnn", image_size=SIZE)
-    run_id = store.create_run(backbone="scratch_cnn", protocol="test", status="running",
+    run_id = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), status="running",
                               config={"train": config.to_dict(), "class_names": ["noise", "square"]})
     model_file = tmp_path / "artifacts" / f"run-{run_id}" / "model.keras"
     model_file.parent.mkdir(parents=True)

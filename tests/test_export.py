@@ -16,7 +16,8 @@ from bcd_engine.files import file_sha256
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.backbones import BACKBONES, get_backbone, preprocessing_info
 from bcd_engine.models.config import AugmentConfig, TrainConfig
-from bcd_engine.training.run import PROTOCOL_HOLDOUT, train
+from bcd_engine.store import Protocol
+from bcd_engine.training.run import train
 
 keras = pytest.importorskip("keras")
 
@@ -96,7 +97,7 @@ def test_model_card_has_metrics_with_cis_protocol_and_warnings(trained):
     assert f"| Accuracy | {test.metrics['accuracy']:.3f} | {ci['low']:.3f} – {ci['high']:.3f} |" in card
     assert "| Macro F1 |" in card and "| Macro AUC |" in card and f"| ECE | {test.metrics['ece']:.3f} |" in card
     assert "### test (7 images" in card and "### external" in card and "/data/other-lab" in card
-    assert f"Protocol: {PROTOCOL_HOLDOUT}" in card
+    assert f"Protocol: {Protocol.holdout().label}" in card
     assert "No patient identifiers: image-level split" in card
     assert "Not a medical device." in card and "Colour shortcut" in card
     assert "2 test-time augmented views" in card
@@ -146,7 +147,7 @@ def test_bad_format_and_bad_audit_are_config_errors(trained, tmp_path):
 def test_existing_files_are_kept_unless_overwrite(trained, tmp_path):
     store, run_id = trained
     (tmp_path / "MODEL_CARD.md").write_text("mine")
-    with pytest.raises(ConfigError, match="MODEL_CARD.md already exist"):
+    with pytest.raises(ConfigError, match=r"MODEL_CARD\.md already exist"):
         export_run(run_id, format="keras", out_dir=tmp_path, store=store)
     assert (tmp_path / "MODEL_CARD.md").read_text() == "mine"
     export_run(run_id, format="keras", out_dir=tmp_path, store=store, overwrite=True)
@@ -155,9 +156,9 @@ def test_existing_files_are_kept_unless_overwrite(trained, tmp_path):
 
 def test_unknown_runs_and_runs_without_a_model_are_refused(trained, tmp_path):
     store, _ = trained
-    with pytest.raises(RunNotFoundError):
+    with pytest.raises(RunNotFoundError, match="no run with id 9999"):
         export_run(9999, format="keras", out_dir=tmp_path, store=store)
-    queued = store.create_run(backbone="scratch_cnn", protocol="p", config={})
+    queued = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), config={})
     with pytest.raises(StoreError, match="not completed"):
         export_run(queued, format="tflite", out_dir=tmp_path, store=store)
     assert not any(tmp_path.iterdir())

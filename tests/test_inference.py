@@ -11,8 +11,10 @@ from bcd_engine.data.scan import scan_dataset
 from bcd_engine.errors import StoreError
 from bcd_engine.inference.diagnosis import Diagnoser, Source
 from bcd_engine.inference.loading import load_run_model
+from bcd_engine.models.augment import augment_image, view_seeds
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.protocols.robustness import colour_robustness_of_run
+from bcd_engine.store import Protocol
 from bcd_engine.training.run import train
 
 
@@ -41,11 +43,27 @@ def test_store_and_artifacts_can_move_together(trained, tmp_path, monkeypatch, s
     assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
 
 
-def test_tta_predictions_are_deterministic(trained, synthetic_dataset):
+def test_tta_predictions_average_the_augmented_views_and_are_deterministic(trained):
+    import tensorflow as tf
+
     store, result = trained
     loaded = load_run_model(result.run_id, store=store)
+    config = loaded.config
+    assert config.tta_views == 3
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(loaded.predict_arrays(images), loaded.predict_arrays(images))
+    # View 0 is the image itself; view v is the training augmentation with the seeds of (image key, v).
+    views = [images.astype(np.float32)]
+    for view in range(1, config.tta_views):
+        seeds = view_seeds(["0" * 8] * len(images), [view] * len(images), seed=config.seed)
+        views.append(np.stack([augment_image(image.astype(np.float32), pair, config.augment).numpy()
+                               for image, pair in zip(images, seeds, strict=True)]))
+    per_view = [np.asarray(loaded.model(loaded.preprocess()(tf.constant(v)), training=False)) for v in views]
+
+    tta = loaded.predict_arrays(images)
+    np.testing.assert_allclose(tta, np.mean(per_view, axis=0), atol=1e-5)
+    assert np.abs(tta - per_view[0]).max() > 1e-4  # not the single view: test-time augmentation is on
+    np.testing.assert_allclose(loaded.forward(images), per_view[0], atol=1e-5)
+    np.testing.assert_allclose(loaded.predict_arrays(images), tta)
 
 
 def test_a_tampered_model_file_is_never_loaded(trained, tmp_path):
@@ -65,7 +83,7 @@ def test_a_model_outside_the_artifacts_folder_is_never_loaded(trained, tmp_path)
 
 def test_an_unfinished_run_has_no_model(trained):
     store, _ = trained
-    queued = store.create_run(backbone="scratch_cnn", protocol="p", config={})
+    queued = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), config={})
     with pytest.raises(StoreError, match="is queued, not completed"):
         load_run_model(queued, store=store)
 
@@ -122,7 +140,7 @@ def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(workspa
     (evaluation,) = store.get_evaluations(run_id)
     stored = store.get_predictions(evaluation.id)
     scan = scan_dataset(synthetic_dataset)
-    md5 = {path: record.md5 for path, record in zip(scan.paths, scan.images)}
+    md5 = {path: record.md5 for path, record in zip(scan.paths, scan.images, strict=True)}
     paths = [p.path for p in stored]
     images = load_images(paths, image_size=32)
     again = load_run_model(run_id, store=store).predict_arrays(images, image_keys=[md5[p] for p in paths])

@@ -134,7 +134,8 @@ def test_holdout_rejects_bad_fractions(kwargs: dict[str, object], message: str) 
         ([0, 1, 0], [0, 1], r"labels and groups must have the same length, got 3 and 2"),
         ([], [], r"cannot split an empty dataset"),
         ([[0, 1]], [[0, 1]], r"labels and groups must be 1-D"),
-        ([0, 1, 0, 1], [0, 0, 1, 1], r"too few images or groups to make train/val/test subsets \(at most 2 folds possible"),
+        ([0, 1, 0, 1], [0, 0, 1, 1],
+         r"too few images or groups to make train/val/test subsets \(at most 2 folds possible"),
     ],
 )
 def test_holdout_rejects_bad_arrays(labels: list[int], groups: list[int], message: str) -> None:
@@ -162,8 +163,8 @@ def test_group_kfold_folds_are_disjoint_cover_everything_and_keep_groups(n_split
 def test_group_kfold_is_seeded() -> None:
     labels, groups = _labels_and_groups()
     a, b, c = (group_kfold(labels, groups, seed=s) for s in (4, 4, 5))
-    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b))
-    assert not all(np.array_equal(x[1], y[1]) for x, y in zip(a, c))
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x[1], y[1]) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -213,7 +214,8 @@ def _rows(dataset: Path) -> tuple[object, list[dict[str, object]]]:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (lambda rows: rows.append({**rows[0], "path": "/gone/x.png"}), r"names 1 image\(s\) that are not in .* e\.g\. /gone/x\.png"),
+        (lambda rows: rows.append({**rows[0], "path": "/gone/x.png"}),
+         r"names 1 image\(s\) that are not in .* e\.g\. /gone/x\.png"),
         (lambda rows: rows.__setitem__(0, {**rows[0], "subset": "holdout"}), r"unknown subset 'holdout'"),
         (lambda rows: rows.append(dict(rows[0])), r"lists .* more than once"),
         (lambda rows: rows.clear(), r"stored split is empty"),

@@ -1,6 +1,7 @@
 """Training on tiny synthetic images with random weights: backbones, cache, equivalence, cancellation."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import BACKBONES, build_backbone, get_backbone
 from bcd_engine.models.config import AugmentConfig, TrainConfig
-from bcd_engine.store import RunStore
+from bcd_engine.store import Protocol, RunStore
 
 keras = pytest.importorskip("keras")
 
@@ -148,12 +149,15 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
     # The naive way: the same views as images, through the frozen backbone on every step.
     seeds = view_seeds([keys[i] for i in train_rows], train_views, seed=config.seed)
     view_images = np.stack([
-        images[i].astype("float32") if v == 0 else np.asarray(augment_image(images[i].astype("float32"), s, config.augment))
-        for i, v, s in zip(train_rows, train_views, seeds)
+        images[i].astype("float32") if v == 0
+        else np.asarray(augment_image(images[i].astype("float32"), s, config.augment))
+        for i, v, s in zip(train_rows, train_views, seeds, strict=True)
     ])
+    keras.utils.set_random_seed(config.seed)  # as fit_head_on_features does: both heads start from the same weights
     naive = assemble_model(backbone, build_head(train_x.shape[1], 4, config), config)
     compile_model(naive, config, config.learning_rate)
-    train_ds = (tf.data.Dataset.from_tensor_slices((preprocess(view_images), keras.utils.to_categorical(labels[train_rows], 4)))
+    targets = keras.utils.to_categorical(labels[train_rows], 4)
+    train_ds = (tf.data.Dataset.from_tensor_slices((preprocess(view_images), targets))
                 .shuffle(len(view_images), seed=config.seed, reshuffle_each_iteration=True).batch(config.batch_size))
     val_data = (preprocess(images[val_rows].astype("float32")), keras.utils.to_categorical(labels[val_rows], 4))
     naive.fit(train_ds, validation_data=val_data, epochs=config.epochs, verbose=0,
@@ -208,19 +212,28 @@ def test_imagenet_weights_offline_name_the_file_to_provide(monkeypatch, tmp_path
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(file_utils, "get_file", offline)
     spec = get_backbone("mobilenetv2")
-    with pytest.raises(ConfigError, match="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"):
+    with pytest.raises(ConfigError, match=r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1\.0_224_no_top\.h5"):
         build_backbone(spec, image_size=224, weights="imagenet")
 
 
-def test_a_run_keeps_its_heartbeat_fresh_in_phases_without_batches(store, monkeypatch):
+def test_a_run_keeps_its_heartbeat_fresh_in_phases_without_batches(store, monkeypatch, caplog):
     from bcd_engine.training import monitor as training
 
     monkeypatch.setattr(training, "HEARTBEAT_SECONDS", 0.05)
-    run_id = store.create_run(backbone="scratch_cnn", protocol="test", config={}, status="running")
+    run_id = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), config={}, status="running")
     store.start_run(run_id, environment={})
     before = store.get_run(run_id).heartbeat_at
     with training.heartbeat(store, run_id):
         time.sleep(0.4)  # e.g. saving or evaluating: no Keras batch, no callback
     assert store.get_run(run_id).heartbeat_at > before
-    with training.heartbeat(store, 4242):  # a failed beat (no such run) is logged; the block goes on
-        time.sleep(0.15)
+
+    def failed_beats():
+        return [r for r in caplog.records if "heartbeat of run 4242 failed" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING), training.heartbeat(store, 4242):  # no such run: every beat fails
+        deadline = time.monotonic() + 10
+        while not failed_beats() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert failed_beats(), "a failed beat must be logged"
+    assert all(r.levelno == logging.WARNING and "no run with id 4242" in r.getMessage() for r in failed_beats())
+    assert not any(t.name == "bcd-heartbeat-4242" for t in threading.enumerate())  # the beating stopped

@@ -25,19 +25,19 @@ from bcd_engine.errors import BCDError, ConfigError, WriteError
 from bcd_engine.export.bundle import FORMATS, export_run
 from bcd_engine.inference.diagnosis import Diagnoser, results_csv, sources_from_paths
 from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
-from bcd_engine.inference.explain import explain_source, overlay
+from bcd_engine.inference.explain import DEFAULT_OPACITY, explain_source, overlay
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.progress import progress_bar
 from bcd_engine.protocols.audit import audit_dataset, run_leakage_audit
-from bcd_engine.protocols.baselines import MODELS, cross_validate_classical, train_classical_baseline
-from bcd_engine.protocols.crossval import cross_validate
+from bcd_engine.protocols.baselines import IMAGE_SIZE, MODELS, cross_validate_classical, train_classical_baseline
+from bcd_engine.protocols.crossval import DEFAULT_FOLDS, cross_validate
 from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_map
 from bcd_engine.protocols.robustness import colour_robustness_of_run
 from bcd_engine.store import RunStore
 from bcd_engine.training.run import train
-from bcd_engine.training.worker import run_worker
+from bcd_engine.training.worker import POLL_SECONDS, run_worker
 
 EXIT_BAD_INPUT = 2
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = command("cv", _cmd_cv, "k-fold cross-validation (stratified, group-aware): one stored run per fold")
     _add_train_options(cv)
-    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help=f"number of folds (default {DEFAULT_FOLDS})")
 
     lodo = command("lodo", _cmd_lodo,
                    "leave-one-dataset-out CV: train on all datasets but one, test on the one left out")
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     baseline = command("baseline", _cmd_baseline, "the classical baseline (colour, GLCM texture and shape features "
                        "+ SVM or logistic regression) on the hold-out split or under k-fold CV")
     baseline.add_argument("--data", required=True, help="folder with one subfolder of images per class")
-    baseline.add_argument("--model", choices=MODELS, default="svm", help="classifier (default svm)")
+    baseline.add_argument("--model", choices=MODELS, default=MODELS[0], help=f"classifier (default {MODELS[0]})")
     baseline.add_argument("--folds", type=int, help="k-fold CV with K folds (default: the hold-out split)")
-    baseline.add_argument("--image-size", type=int, default=128, help="input size in pixels (default 128)")
+    baseline.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                          help=f"input size in pixels (default {IMAGE_SIZE})")
     baseline.add_argument("--seed", type=int, default=0, help="seed of the split and the classifier (default 0)")
     _add_fraction_options(baseline, "of the hold-out split (the one `train` makes with the same values)")
 
@@ -124,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain = command("explain", _cmd_explain, "Grad-CAM: where in the image the model looked, as an overlay PNG")
     explain.add_argument("--run", type=int, required=True, help="run id")
     explain.add_argument("--out", required=True, metavar="FILE.png", help="where to write the overlay")
-    explain.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity, 0 to 1 (default 0.45)")
+    explain.add_argument("--opacity", type=float, default=DEFAULT_OPACITY,
+                         help=f"heatmap opacity, 0 to 1 (default {DEFAULT_OPACITY})")
     explain.add_argument("image", metavar="IMAGE")
 
     export = command("export", _cmd_export, "export a run's model (.keras or TensorFlow Lite) with a model card")
     export.add_argument("--run", type=int, required=True, help="run id")
-    export.add_argument("--format", choices=FORMATS, default="keras", help="model file format (default keras)")
+    export.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                        help=f"model file format (default {FORMATS[0]})")
     export.add_argument("--out", required=True, metavar="DIR",
                         help="folder for the model, labels.json and MODEL_CARD.md")
     export.add_argument("--audit-data", metavar="DIR",
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = command("worker", _cmd_worker,
                      "train queued runs one after another (the dashboard starts one when needed)")
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
-    worker.add_argument("--poll", type=float, default=2.0, metavar="SECONDS", help="queue poll interval")
+    worker.add_argument("--poll", type=float, default=POLL_SECONDS, metavar="SECONDS",
+                        help=f"queue poll interval (default {POLL_SECONDS:g} s)")
     return parser
 
 

@@ -32,7 +32,7 @@ from bcd_engine.inference.loading import load_run_model, run_model_file
 from bcd_engine.models.backbones import preprocessing_info
 from bcd_engine.store import RunRecord, RunStore
 
-FORMATS = ("keras", "tflite")
+FORMATS = ("keras", "tflite")  # the first is the default
 
 
 LABELS = "labels.json"

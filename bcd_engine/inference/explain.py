@@ -18,6 +18,8 @@ from bcd_engine.models.backbones import get_backbone
 if TYPE_CHECKING:
     from bcd_engine.inference.loading import LoadedModel
 
+DEFAULT_OPACITY = 0.45  # of the heatmap over the image in an overlay
+
 
 @dataclass(frozen=True)
 class GradCam:
@@ -101,7 +103,7 @@ def _chain(model) -> list:
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.45) -> np.ndarray:
+def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
     """Blend a jet-coloured ``heatmap`` onto ``image`` (uint8 RGB); the heatmap is resized to the image if needed."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:

@@ -24,9 +24,11 @@ from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import ConfigError
 from bcd_engine.evaluation.metrics import evaluate_probabilities
 from bcd_engine.protocols.audit import colour_features, holdout_data
+from bcd_engine.protocols.crossval import DEFAULT_FOLDS, fold_splits, summarise_folds
 from bcd_engine.store import Protocol
 
-MODELS = ("svm", "logreg")
+MODELS = ("svm", "logreg")  # the first is the default
+IMAGE_SIZE = 128  # pixels a side the hand-crafted features are computed at, unless told otherwise
 
 
 CALIBRATION_FOLDS = 5  # the SVM's sigmoid calibration, cross-validated group-aware on the training side
@@ -98,7 +100,7 @@ def otsu_threshold(gray: np.ndarray) -> int:
 
 
 def train_classical_baseline(
-    scan: ScanResult, *, seed: int = 0, image_size: int = 128, model: str = "svm", progress: bool = False,
+    scan: ScanResult, *, seed: int = 0, image_size: int = IMAGE_SIZE, model: str = MODELS[0], progress: bool = False,
     val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION,
 ) -> dict[str, Any]:
     """Fit StandardScaler + SVM (sigmoid-calibrated) or logistic regression on hand-crafted features.
@@ -141,15 +143,14 @@ def train_classical_baseline(
 
 
 def cross_validate_classical(
-    scan: ScanResult, *, folds: int = 5, seed: int = 0, image_size: int = 128, model: str = "svm",
-    progress: bool = False,
+    scan: ScanResult, *, folds: int = DEFAULT_FOLDS, seed: int = 0, image_size: int = IMAGE_SIZE,
+    model: str = MODELS[0], progress: bool = False,
 ) -> dict[str, Any]:
     """The classical baseline under k-fold CV: the same group-aware folds as ``cv`` (``crossval.fold_splits``).
 
     Each fold fits on its training and validation images and is tested on the fold. Returns the
     shape of :func:`crossval.cross_validate`: ``protocol``, ``folds``, ``mean`` and ``std``.
     """
-    from bcd_engine.protocols.crossval import fold_splits, summarise_folds
 
     if model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {model!r}")

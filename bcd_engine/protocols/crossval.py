@@ -13,6 +13,8 @@ from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training.run import train
 
+DEFAULT_FOLDS = 5  # the thesis' k-fold cross-validation
+
 
 def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -> list[Split]:
     """One Split per fold: the fold is the test set; validation is carved group-aware from the rest."""
@@ -26,7 +28,7 @@ def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -
     return splits
 
 
-def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = 5, store: RunStore,
+def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = DEFAULT_FOLDS, store: RunStore,
                    progress: bool = False) -> dict:
     """Train and test ``config`` on each of ``folds`` group-aware folds; per-fold metrics, mean and std.
 

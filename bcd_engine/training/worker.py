@@ -29,6 +29,7 @@ HEARTBEAT_SECONDS = 10.0
 
 
 STALE_AFTER_SECONDS = 60.0
+POLL_SECONDS = 2.0  # between looks at an empty queue
 
 
 log = logging.getLogger("bcd.worker")
@@ -90,7 +91,7 @@ def train_claimed(store: RunStore, run, worker_id: str) -> str:
 
 
 def run_worker(*, store: RunStore, worker_id: str | None = None, once: bool = False,
-               poll_seconds: float = 2.0) -> list[dict]:
+               poll_seconds: float = POLL_SECONDS) -> list[dict]:
     """Train queued runs one after another; return ``[{"run_id", "status"}, ...]`` for the runs taken.
 
     With ``once`` the worker stops when the queue is empty; otherwise it polls every ``poll_seconds``.

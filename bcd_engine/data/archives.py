@@ -24,36 +24,16 @@ from bcd_engine.data.images import (
 from bcd_engine.errors import ArchiveError, ConfigError
 
 MAX_FILES = 1000  # members read, nested archives and their members included
-
-
 MAX_TOTAL_BYTES = 500 * 2**20  # the archive's size; and the bytes read from it, all levels together
-
-
 # (a nested archive's own bytes and its members' bytes both count: both are held in memory at once)
 MAX_RATIO = 100  # uncompressed / compressed size of one member
-
-
 NESTED_LEVELS = 1  # zips inside the zip are expanded; zips inside those are not
-
-
 _RATIO_MIN_BYTES = 2**20  # smaller members may compress well without harm
-
-
 _CHUNK_BYTES = 2**20
-
-
 _MAX_ENTRIES_PER_FILE = 10  # directory entries allowed per counted file (folders and junk are entries too)
-
-
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
-
-
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
-
-
 _MIN_DIRECTORY_ENTRY_BYTES = 46  # a central directory file header without name, extra or comment
-
-
 _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
 
 

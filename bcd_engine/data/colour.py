@@ -9,18 +9,10 @@ import numpy as np
 from bcd_engine.errors import ConfigError
 
 NORMALISATION_METHODS = ("grayscale", "reinhard")
-
-
 COLOUR_MODES = ("rgb", "grayscale")  # what a model may be trained on (applied to every image it sees)
-
-
 # Reinhard et al. (2001): RGB -> LMS cone space, then log LMS -> decorrelated l-alpha-beta.
 _RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
-
-
 _LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
-
-
 _LMS_FLOOR = 1e-4
 
 

@@ -18,17 +18,9 @@ import numpy as np
 from PIL import Image
 
 DHASH_SIZE = 16
-
-
 NEAR_DUPLICATE_DISTANCE = 12  # dhash bits; reproduces the ALL dataset's published near-duplicate groups
-
-
 _QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
-
-
 N_VIEWS = 8  # dihedral views hashed per image, so a flipped or turned copy is still a near-duplicate
-
-
 _VIEW_BASE = 4 * (DHASH_SIZE + 1)  # pixels a side of the reduced copy the turned and mirrored views come from
 
 

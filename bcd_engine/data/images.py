@@ -24,23 +24,11 @@ from bcd_engine.progress import progress_bar
 
 # Files a folder scan picks up:
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-
-
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # what load_image decodes, told by content
-
-
 MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
-
-
 MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is decoded
-
-
 MIN_IMAGE_SIDE = 8  # smallest width and height load_image resizes for a model
-
-
 _MAX_REASON_CHARS = 160
-
-
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -52,8 +40,6 @@ _SIGNATURES = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
 )
-
-
 _NOT_IMAGE_PREFIXES = (
     (b"<!doctype html", "an HTML page"),
     (b"<html", "an HTML page"),
@@ -63,8 +49,6 @@ _NOT_IMAGE_PREFIXES = (
     (b"%!ps", "a PostScript file"),
     (b"pk\x03\x04", "a zip archive"),
 )
-
-
 _WARNINGS_LOCK = threading.Lock()
 
 

@@ -19,11 +19,7 @@ from bcd_engine.data.scan import ScanResult
 from bcd_engine.errors import ConfigError, DataError
 
 SUBSETS = ("train", "val", "test")
-
-
 MAX_HOLDOUT_FOLDS = 20
-
-
 DEFAULT_FRACTION = 0.15  # of the images, for validation and for test, unless a config says otherwise
 
 

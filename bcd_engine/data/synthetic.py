@@ -21,14 +21,8 @@ from bcd_engine import settings
 from bcd_engine.errors import ConfigError
 
 DEMO_DATASET_NAME = "synthetic-demo"
-
-
 DEFAULT_CLASS_NAMES = ("Benign", "Early", "Pre", "Pro")
-
-
 MIN_IMAGE_SIZE = 32
-
-
 _README = "README.txt"
 
 

@@ -33,8 +33,6 @@ from bcd_engine.models.backbones import preprocessing_info
 from bcd_engine.store import RunRecord, RunStore
 
 FORMATS = ("keras", "tflite")  # the first is the default
-
-
 LABELS = "labels.json"
 
 

@@ -14,8 +14,6 @@ from bcd_engine.store import EvaluationRecord, RunRecord
 from bcd_engine.version import __version__
 
 MODEL_CARD = "MODEL_CARD.md"
-
-
 AUDIT_COMMAND = "python -m bcd_engine audit --data {data_dir}"
 
 

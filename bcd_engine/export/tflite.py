@@ -13,11 +13,7 @@ import numpy as np
 from bcd_engine.errors import ConfigError
 
 TFLITE_ATOL = 1e-4  # largest allowed probability difference, TFLite vs Keras, for float32 models
-
-
 TFLITE_ATOL_MIXED = 1e-2  # ... for models trained in mixed precision (Keras computes in float16)
-
-
 N_CHECK_IMAGES = 4
 
 

@@ -27,11 +27,7 @@ from bcd_engine.inference.loading import LoadedModel, load_run_model
 from bcd_engine.store import RunStore
 
 N_DIHEDRAL_VIEWS = 8
-
-
 LOW_CONFIDENCE = 0.7  # below this mean probability of the answer, the result is flagged as unsure
-
-
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
 
 
@@ -245,8 +241,6 @@ def results_csv(results: Sequence[dict]) -> bytes:
 
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
-
-
 MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
 
 

@@ -17,7 +17,6 @@ from bcd_engine.errors import ConfigError
 
 SCRATCH = "scratch_cnn"
 POOLINGS = ("avg", "max")  # global pooling of the backbone's last feature map
-
 # keras.applications preprocessing modes as x = (rgb[..., channels] / divisor - mean) / std, with a description.
 PREPROCESSING_MODES: dict[str, tuple[list[int], float, list[float], list[float], str]] = {
     "caffe": ([2, 1, 0], 1.0, [103.939, 116.779, 123.68], [1.0, 1.0, 1.0],

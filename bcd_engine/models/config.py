@@ -11,8 +11,6 @@ from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import POOLINGS, get_backbone, resolve_weights
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
-
-
 MAX_AUGMENT = 20
 
 

@@ -29,17 +29,9 @@ from bcd_engine.errors import ConfigError
 from bcd_engine.store import RunStore
 
 HIST_BINS = 16
-
-
 N_COLOUR_FEATURES = 6 + 3 * HIST_BINS
-
-
 CORNER_FRACTION = 0.25
-
-
 NO_PATIENT_IDS_WARNING = "no patient identifiers: image-level splits of one patient's fields are optimistic"
-
-
 _N_TREES = 200
 
 

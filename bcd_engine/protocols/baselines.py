@@ -29,20 +29,10 @@ from bcd_engine.store import Protocol
 
 MODELS = ("svm", "logreg")  # the first is the default
 IMAGE_SIZE = 128  # pixels a side the hand-crafted features are computed at, unless told otherwise
-
-
 CALIBRATION_FOLDS = 5  # the SVM's sigmoid calibration, cross-validated group-aware on the training side
-
-
 GLCM_LEVELS = 32
-
-
 GLCM_DISTANCES = (1, 3)
-
-
 GLCM_ANGLES = (0, 45, 90, 135)  # degrees, as offsets (row, col) like scikit-image: 0 is to the right
-
-
 _CHUNK = 64  # images per GLCM batch, to bound memory
 
 

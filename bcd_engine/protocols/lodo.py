@@ -30,8 +30,6 @@ from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training.run import train
 
 _SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it was built from
-
-
 _BUILD_LOCK_SECONDS = 600  # the longest a round waits for another to finish building the same folder
 
 

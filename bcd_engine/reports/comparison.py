@@ -26,12 +26,8 @@ from bcd_engine.store import Protocol, RunStore
 from bcd_engine.store.records import EvaluationRecord, RunRecord
 
 IN_DOMAIN_NOTE = " (in-domain hold-out test; the held-out dataset's figure is in the LODO table)"
-
-
 AUDIT_REFERENCES = (("colour_only_accuracy", "colour only"), ("corner_only_accuracy", "corner only"),
                     ("chance_accuracy", "chance"))
-
-
 _POOLED_RESAMPLES = 1000
 
 

@@ -26,12 +26,8 @@ from bcd_engine.training.monitor import repeating
 from bcd_engine.training.run import train
 
 HEARTBEAT_SECONDS = 10.0
-
-
 STALE_AFTER_SECONDS = 60.0
 POLL_SECONDS = 2.0  # between looks at an empty queue
-
-
 log = logging.getLogger("bcd.worker")
 
 

@@ -34,9 +34,10 @@ run_ids = st.multiselect("Model (choose several for an ensemble: their probabili
 uploads = st.file_uploader(
     "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
     accept_multiple_files=True, key="diagnose_upload",
-    help=f"At most {diagnosis.MAX_UPLOAD_BYTES // 2**20} MB per image and "
-         f"{diagnosis.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive. A file that cannot be used is "
-         "listed with the reason; the others are still diagnosed.")
+    help=f"At most {diagnosis.MAX_UPLOAD_BYTES // 2**20} MB per image, "
+         f"{diagnosis.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive and "
+         f"{diagnosis.MAX_UPLOAD_TOTAL_BYTES // 2**20} MB for the whole upload with its archives expanded. A file "
+         "that cannot be used is listed with the reason; the others are still diagnosed.")
 if not run_ids:
     st.info("Choose at least one model.")
     st.stop()

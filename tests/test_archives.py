@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bcd_engine.data.archives import MAX_RATIO, ArchiveContents, read_archive
+from bcd_engine.data.archives import MAX_RATIO, ArchiveContents, ExpansionBudget, read_archive
 from bcd_engine.errors import ArchiveError, ConfigError, DataError
 
 
@@ -133,20 +133,38 @@ def test_zip_bomb_is_refused_from_its_headers(monkeypatch: pytest.MonkeyPatch) -
         read_archive(buf.getvalue())
 
 
+def _stored_bitmaps(n: int) -> bytes:
+    """A zip of n incompressible 4,000-byte members that start like BMP images, stored (ratio 1)."""
+    return _zip([(f"{i}.bmp", b"BM" + os.urandom(3998)) for i in range(n)], compression=zipfile.ZIP_STORED)
+
+
 def test_archive_expanding_past_the_byte_budget_is_refused() -> None:
-    data = _zip([(f"{i}.txt", b"a" * 4000) for i in range(3)])  # small members: no ratio alarm
-    assert len(read_archive(data, max_total_bytes=12_000).skipped) == 3
+    data = _stored_bitmaps(3)
+    assert len(read_archive(data, max_total_bytes=len(data) + 12_000).images) == 3  # the archive itself counts too
     with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes \(declared in its headers\); "
-                                           r"the limit is 11,000 bytes in all; refused as a possible zip bomb$"):
-        read_archive(data, max_total_bytes=11_000)
+                                           r"the limit is [\d,]+ bytes in all; refused as a possible zip bomb$"):
+        read_archive(data, max_total_bytes=len(data) + 11_999)
     with pytest.raises(ArchiveError, match=r"^archive: too large: [\d,]+ bytes; the limit is 300 bytes$"):
         read_archive(data, max_total_bytes=300)
 
 
-def test_nested_archives_share_the_byte_budget() -> None:
-    inner = _zip([(f"{i}.bmp", os.urandom(4000)) for i in range(3)], compression=zipfile.ZIP_STORED)
-    with pytest.raises(ArchiveError, match=r"^more\.zip: expands to .* in all; refused as a possible zip bomb"):
-        read_archive(_zip([("more.zip", inner)]), max_total_bytes=len(inner) + 8000)
+def test_every_member_has_its_ratio_checked_however_small() -> None:
+    """499 deflated members of 1 MiB each once slipped through (only members over 1 MiB were checked)."""
+    data = _zip([(f"{i}.png", b"\x89PNG\r\n\x1a\n" + bytes(2**20 - 8)) for i in range(3)])
+    with pytest.raises(ArchiveError, match=r"^archive: member '0\.png' expands [\d,]+ times \(the limit is 100\)"):
+        read_archive(data)
+    small = _zip([("a.txt", b"a" * 4000)])  # 4 KB that deflate to a few dozen bytes
+    with pytest.raises(ArchiveError, match=r"member 'a\.txt' expands [\d,]+ times"):
+        read_archive(small)
+
+
+def test_archives_of_one_upload_share_one_budget() -> None:
+    data = _stored_bitmaps(3)
+    budget = ExpansionBudget(max_total_bytes=3 * len(data))
+    assert len(read_archive(data, budget=budget).images) == 3
+    assert budget.bytes_used == len(data) + 12_000 and budget.files_seen == 3
+    with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes \(declared in its headers\)"):
+        read_archive(data, budget=budget)  # alone it would fit; after the first it does not
 
 
 def test_too_many_files_is_refused() -> None:

@@ -191,3 +191,22 @@ def test_uploads_become_sources_and_a_bad_upload_costs_only_itself(monkeypatch):
     assert [s.name for s in sources] == ["a.png", "batch.download/c.png"]
     assert [r["name"] for r in rejected] == ["big.png", "evil.zip"]
     assert "the limit is" in rejected[0]["error"] and "unsafe member path" in rejected[1]["error"]
+def test_many_small_archives_in_one_upload_cannot_add_up_past_its_budget():
+    from bcd_engine.inference import diagnosis
+
+    batch = io.BytesIO()
+    with zipfile.ZipFile(batch, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(4):
+            zf.writestr(f"{i}.png", png_bytes(random_images(1, seed=i)[0]))
+    data = batch.getvalue()
+    budget = 3 * len(data)  # an archive costs about twice its size: its bytes and its members'
+    sources, rejected = diagnosis.upload_sources([(f"batch{i}.zip", data) for i in range(3)], max_total_bytes=budget)
+    assert [s.name for s in sources] == [f"batch0.zip/{i}.png" for i in range(4)]
+    assert [r["name"] for r in rejected] == ["batch1.zip", "batch2.zip"]
+    assert all("in all; refused as a possible zip bomb" in r["error"] or "the upload would hold more than" in r["error"]
+               for r in rejected)
+    image = png_bytes(random_images(1)[0])
+    sources, rejected = diagnosis.upload_sources([("a.png", image), ("b.png", image)], max_total_bytes=len(image) + 1)
+    assert [s.name for s in sources] == ["a.png"]
+    assert rejected == [{"name": "b.png", "error": f"b.png: the upload would hold more than {len(image) + 1:,} bytes "
+                                                   f"in memory ({len(image):,} bytes already); refused"}]

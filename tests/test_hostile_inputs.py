@@ -9,6 +9,7 @@ import io
 import re
 import struct
 import sys
+import tracemalloc
 import warnings
 import zlib
 from collections.abc import Callable
@@ -199,6 +200,22 @@ def test_cmyk_is_converted(fmt: str) -> None:
 def test_high_bit_depth_grey_is_scaled_not_clipped(values: np.ndarray, fmt: str, grey: int) -> None:
     arr = load_image(_encode(Image.fromarray(values), fmt))
     assert arr.shape == (16, 16, 3) and (arr == grey).all()
+
+
+def test_a_large_16_bit_image_is_brought_to_8_bits_without_full_size_float_copies() -> None:
+    """A 16-bit 3000 x 3000 grey image (18 MB as stored) once took several float64 copies (72 MB each)."""
+    values = np.random.default_rng(0).integers(0, 65536, (3000, 3000), dtype=np.uint16)
+    data = _encode(Image.fromarray(values), "PNG")
+    expected = np.clip(np.rint(values.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        arr = load_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(arr[..., 0], expected)  # the same pixels as the one-shot conversion gave
+    # The decoded image as stored, its 8-bit copy, the RGB result and one band: well under one float64 copy more.
+    assert peak < values.nbytes + 5 * expected.nbytes + 8 * 2**20, f"peak {peak / 2**20:.0f} MB"
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])

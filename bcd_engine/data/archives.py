@@ -3,9 +3,11 @@
 Everything happens in memory, so no member name ever becomes a filesystem path. An archive is refused
 with :class:`ArchiveError` when it is not a zip or is corrupt, names a member outside itself (``../x``,
 ``/x``, ``C:x``), or would expand past the limits (zip bombs): the size its headers declare, the bytes
-actually read and each member's compression ratio are all checked. Zips inside the zip are expanded
-``allow_nested`` levels deep. A member is an image when its content starts like one (whatever its
-name); :func:`bcd_engine.data.images.load_image` decodes it later.
+actually read and every member's compression ratio (declared and as read, whatever its size) are all
+checked. Zips inside the zip are expanded ``allow_nested`` levels deep. Several archives of one upload
+share one :class:`ExpansionBudget`, so many small archives cannot add up to what one may not. A member is
+an image when its content starts like one (whatever its name); :func:`bcd_engine.data.images.load_image`
+decodes it later.
 """
 from __future__ import annotations
 
@@ -28,13 +30,35 @@ MAX_TOTAL_BYTES = 500 * 2**20  # the archive's size; and the bytes read from it,
 # (a nested archive's own bytes and its members' bytes both count: both are held in memory at once)
 MAX_RATIO = 100  # uncompressed / compressed size of one member
 NESTED_LEVELS = 1  # zips inside the zip are expanded; zips inside those are not
-_RATIO_MIN_BYTES = 2**20  # smaller members may compress well without harm
 _CHUNK_BYTES = 2**20
 _MAX_ENTRIES_PER_FILE = 10  # directory entries allowed per counted file (folders and junk are entries too)
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
 _MIN_DIRECTORY_ENTRY_BYTES = 46  # a central directory file header without name, extra or comment
 _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+
+
+@dataclass
+class ExpansionBudget:
+    """Files and bytes that one upload may bring into memory, shared by all its archives (nested ones too).
+
+    ``bytes_used`` counts the archives' own bytes, everything read from them, and whatever else the caller
+    :meth:`charge` s (e.g. plain images uploaded beside the archives).
+    """
+
+    max_files: int = MAX_FILES
+    max_total_bytes: int = MAX_TOTAL_BYTES
+    files_seen: int = 0
+    bytes_used: int = 0
+
+    def charge(self, n_bytes: int, *, label: str) -> None:
+        """Count ``n_bytes`` more; ArchiveError naming ``label`` when that passes ``max_total_bytes``."""
+        if self.bytes_used + n_bytes > self.max_total_bytes:
+            raise ArchiveError(
+                f"{label}: the upload would hold more than {format_size(self.max_total_bytes)} in memory "
+                f"({format_size(self.bytes_used)} already); refused"
+            )
+        self.bytes_used += n_bytes
 
 
 @dataclass(frozen=True)
@@ -62,8 +86,12 @@ def read_archive(
     max_total_bytes: int = MAX_TOTAL_BYTES,
     max_ratio: int = MAX_RATIO,
     allow_nested: int = NESTED_LEVELS,
+    budget: ExpansionBudget | None = None,
 ) -> ArchiveContents:
     """Expand a zip archive (a path or its bytes) in memory into its image members.
+
+    ``budget`` is shared with the other archives of the same upload; without one the archive gets its own
+    of ``max_files`` and ``max_total_bytes``.
 
     Folders, hidden files and ``__MACOSX`` entries are left out silently; other members that are not
     images, members that cannot be extracted and archives nested deeper than ``allow_nested`` levels
@@ -84,17 +112,18 @@ def read_archive(
             raise ConfigError(f"{option} must be an integer >= {minimum}, got {value!r}")
     is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
     label = "archive" if is_bytes else str(path_or_bytes)
-    data = bytes(path_or_bytes) if is_bytes else _read_file(path_or_bytes, max_total_bytes, label)
-    _check_archive_size(len(data), max_total_bytes, label)
-    too_many = _too_many_entries(data, max_files)
+    budget = budget if budget is not None else ExpansionBudget(max_files, max_total_bytes)
+    data = bytes(path_or_bytes) if is_bytes else _read_file(path_or_bytes, budget.max_total_bytes, label)
+    _check_archive_size(len(data), budget.max_total_bytes, label)
+    too_many = _too_many_entries(data, budget.max_files)
     if too_many:
         raise ArchiveError(f"{label}: {too_many}")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except Exception as exc:  # BadZipFile mostly; broken headers also raise OSError, ValueError, ...
         raise ArchiveError(f"{label}: not a zip archive, or a corrupt one ({short_reason(exc)})") from exc
-    expander = _Expander(max_files=max_files, max_total_bytes=max_total_bytes, max_ratio=max_ratio,
-                         allow_nested=allow_nested)
+    expander = _Expander(budget, max_ratio=max_ratio, allow_nested=allow_nested)
+    budget.charge(len(data), label=label)  # the archive itself is held in memory while it is read
     expander.expand(archive, label=label, prefix="", depth=0)
     return ArchiveContents(images=tuple(expander.images), skipped=tuple(expander.skipped))
 
@@ -146,13 +175,10 @@ def _check_archive_size(n_bytes: int, limit: int, label: str) -> None:
 class _Expander:
     """Walks an archive and the archives nested in it, sharing one budget of files and bytes."""
 
-    def __init__(self, *, max_files: int, max_total_bytes: int, max_ratio: int, allow_nested: int) -> None:
-        self.max_files = max_files
-        self.max_total_bytes = max_total_bytes
+    def __init__(self, budget: ExpansionBudget, *, max_ratio: int, allow_nested: int) -> None:
+        self.budget = budget
         self.max_ratio = max_ratio
         self.allow_nested = allow_nested
-        self.files_seen = 0
-        self.bytes_read = 0
         self.images: list[tuple[str, bytes]] = []
         self.skipped: list[tuple[str, str]] = []
 
@@ -179,34 +205,41 @@ class _Expander:
             problem = _unsafe_path(info.filename)
             if problem:
                 raise ArchiveError(f"{label}: unsafe member path {info.filename!r} ({problem}); the archive is refused")
-            if info.file_size > _RATIO_MIN_BYTES and info.file_size > self.max_ratio * max(info.compress_size, 1):
+            if info.file_size > self.max_ratio * max(info.compress_size, 1):
                 ratio = info.file_size / max(info.compress_size, 1)
                 raise ArchiveError(
                     f"{label}: member {info.filename!r} expands {ratio:,.0f} times "
                     f"(the limit is {self.max_ratio}); refused as a possible zip bomb"
                 )
-        self.files_seen += len(members)
-        if self.files_seen > self.max_files:
-            raise ArchiveError(f"{label}: too many files: at least {self.files_seen}; the limit is {self.max_files}")
+        budget = self.budget
+        budget.files_seen += len(members)
+        if budget.files_seen > budget.max_files:
+            raise ArchiveError(f"{label}: too many files: at least {budget.files_seen}; "
+                               f"the limit is {budget.max_files}")
         declared = sum(info.file_size for info in entries)
-        if self.bytes_read + declared > self.max_total_bytes:
+        if budget.bytes_used + declared > budget.max_total_bytes:
             raise ArchiveError(
                 f"{label}: expands to {format_size(declared)} (declared in its headers); the limit is "
-                f"{format_size(self.max_total_bytes)} in all; refused as a possible zip bomb"
+                f"{format_size(budget.max_total_bytes)} in all; refused as a possible zip bomb"
             )
 
     def _read(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> bytes | None:
-        """A member's bytes, read in chunks against the byte budget; None (and a skip) if it cannot be read."""
-        chunks = []
+        """A member's bytes, read in chunks against the byte budget and the member's own ratio (headers may lie);
+        None (and a skip) if it cannot be read."""
+        chunks, size, most = [], 0, self.max_ratio * max(info.compress_size, 1)
         try:
             with archive.open(info) as member:
                 while chunk := member.read(_CHUNK_BYTES):
-                    self.bytes_read += len(chunk)
-                    if self.bytes_read > self.max_total_bytes:
+                    size += len(chunk)
+                    if size > most:
+                        raise ArchiveError(f"{name}: expands more than {self.max_ratio} times its compressed "
+                                           "size; refused as a possible zip bomb")
+                    if self.budget.bytes_used + len(chunk) > self.budget.max_total_bytes:
                         raise ArchiveError(
-                            f"{name}: the archive expands past {format_size(self.max_total_bytes)}; "
+                            f"{name}: the archive expands past {format_size(self.budget.max_total_bytes)}; "
                             "refused as a possible zip bomb"
                         )
+                    self.budget.bytes_used += len(chunk)
                     chunks.append(chunk)
         except ArchiveError:
             raise
@@ -220,7 +253,7 @@ class _Expander:
             reason = f"nested archive not expanded: nesting is limited to {self.allow_nested} level(s)"
             self.skipped.append((name, reason))
             return
-        too_many = _too_many_entries(content, self.max_files)
+        too_many = _too_many_entries(content, self.budget.max_files)
         if too_many:
             self.skipped.append((name, f"nested archive not expanded: {too_many}"))
             return

@@ -29,6 +29,7 @@ MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
 MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is decoded
 MIN_IMAGE_SIDE = 8  # smallest width and height load_image resizes for a model
 _MAX_REASON_CHARS = 160
+_CONVERT_BAND_PIXELS = 2**18  # pixels per band when a 16-bit or float image is brought to 8 bits
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -205,16 +206,28 @@ def _grey_to_8_bit(img: Image.Image) -> Image.Image:
 
     16-bit modes span 0..65535; 32-bit integers and floats are read as 8-bit or 16-bit by their
     largest value (floats up to 1.0 as 0..1), wider ranges are scaled by their maximum.
+
+    The pixels are converted a band of rows at a time, so memory beyond the image as stored and its 8-bit
+    copy stays within a few megabytes whatever the image's size (never a full-size float64 copy).
     """
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    top = float(arr.max(initial=0.0))
+    arr = np.asarray(img)  # as stored: uint16, int32 or float32
+    rows = max(1, _CONVERT_BAND_PIXELS // max(1, arr.shape[1]))
+    bands = [slice(start, start + rows) for start in range(0, len(arr), rows)]
+
+    def finite(band: slice) -> np.ndarray:
+        return np.nan_to_num(arr[band].astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+    top = max((float(finite(band).max(initial=0.0)) for band in bands), default=0.0)
     if img.mode.startswith("I;16"):
         full_scale = 65535.0
     elif img.mode == "F" and top <= 1.0:
         full_scale = 1.0
     else:
         full_scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
-    return Image.fromarray(np.clip(np.rint(arr * (255.0 / full_scale)), 0, 255).astype(np.uint8), "L")
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for band in bands:
+        out[band] = np.clip(np.rint(finite(band) * (255.0 / full_scale)), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 def format_size(n_bytes: int) -> str:

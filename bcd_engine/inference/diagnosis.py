@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bcd_engine.data.archives import is_zip, read_archive
+from bcd_engine.data.archives import ExpansionBudget, is_zip, read_archive
 from bcd_engine.data.images import (
     SUPPORTED_EXTENSIONS,
     decode_image,
@@ -28,6 +28,9 @@ from bcd_engine.store import RunStore
 
 N_DIHEDRAL_VIEWS = 8
 LOW_CONFIDENCE = 0.7  # below this mean probability of the answer, the result is flagged as unsure
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
+MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
+MAX_UPLOAD_TOTAL_BYTES = 500 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
 
 
@@ -210,12 +213,14 @@ def _head(path: Path) -> bytes:
         return b""
 
 
-def sources_from_archive(data: str | os.PathLike | bytes, *, name: str) -> list[Source]:
+def sources_from_archive(data: str | os.PathLike | bytes, *, name: str,
+                         budget: ExpansionBudget | None = None) -> list[Source]:
     """The members of a zip archive as sources named ``archive/member``, skipped ones with their reason.
 
-    Unsafe archives (path traversal, zip bombs, deep nesting) are refused with ``ArchiveError``.
+    Unsafe archives (path traversal, zip bombs, deep nesting) are refused with ``ArchiveError``; ``budget``
+    is shared with the other archives of one upload (:func:`upload_sources`).
     """
-    contents = read_archive(data)
+    contents = read_archive(data, budget=budget)
     return ([Source(f"{name}/{member}", payload) for member, payload in contents.images]
             + [Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped])
 
@@ -240,28 +245,32 @@ def results_csv(results: Sequence[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
-MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
 
 
-def upload_sources(uploads: list[tuple[str, bytes]]) -> tuple[list[Source], list[dict]]:
+def upload_sources(uploads: list[tuple[str, bytes]], *,
+                   max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES) -> tuple[list[Source], list[dict]]:
     """Uploaded (name, bytes) as diagnosis sources; zip archives are opened safely.
 
-    Returns (sources, rejected): an upload over its size limit or an unsafe archive becomes a
+    All the files of one upload share one budget of ``max_total_bytes`` held in memory (their own bytes
+    and everything their archives expand to) and of archive members. Returns (sources, rejected): an
+    upload over its size limit, an unsafe archive or a file past the shared budget becomes a
     ``{"name", "error"}`` result, so one bad upload never costs the others.
     """
     sources, rejected = [], []
+    budget = ExpansionBudget(max_total_bytes=max_total_bytes)
     for name, data in uploads:
         archive = is_zip(name, data[:4])
         limit = MAX_ARCHIVE_UPLOAD_BYTES if archive else MAX_UPLOAD_BYTES
         if len(data) > limit:
             rejected.append({"name": name, "error": f"file is {len(data) / 2**20:.1f} MB; "
                                                    f"the limit is {limit // 2**20} MB"})
-        elif archive:
-            try:
-                sources += sources_from_archive(data, name=name)
-            except BCDError as exc:
-                rejected.append({"name": name, "error": str(exc)})
-        else:
-            sources.append(Source(name, data))
+            continue
+        try:
+            if archive:
+                sources += sources_from_archive(data, name=name, budget=budget)
+            else:
+                budget.charge(len(data), label=name)
+                sources.append(Source(name, data))
+        except BCDError as exc:
+            rejected.append({"name": name, "error": str(exc)})
     return sources, rejected

@@ -19,18 +19,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary file beside ``path`` to write; renamed onto ``path`` when the block ends, removed if it fails.
 
-    The parent folder is created. Raises ``OSError`` as the file system does; callers decide what a
-    failed write means for them.
+    The parent folder is created; ``suffix`` ends the temporary file's name (for writers that look at it).
+    Raises ``OSError`` as the file system does; callers decide what a failed write means for them.
 
     >>> with atomic_path("cache/index.json") as tmp:  # doctest: +SKIP
     ...     tmp.write_text("{}")
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

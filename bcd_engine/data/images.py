@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 import warnings
 
@@ -107,12 +108,17 @@ def detect_image_format(data: bytes) -> str | None:
 
 
 def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
-    """A file's bytes (ImageLoadError when unreadable); files over MAX_FILE_BYTES are refused before reading."""
+    """A file's bytes (ImageLoadError when unreadable); files over MAX_FILE_BYTES are refused before reading,
+    and so is anything that is not a regular file (a pipe named ``.jpg`` would otherwise block the reader)."""
     try:
-        with open(path, "rb") as fh:
-            _check_file_size(os.fstat(fh.fileno()).st_size)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a pipe must not wait for a writer
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageLoadError("not a regular file (a pipe, device or socket)")
+            _check_file_size(st.st_size)
             data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ImageLoadError(f"cannot read file ({short_reason(exc)})") from exc
     _check_file_size(len(data))
     return data

@@ -31,7 +31,7 @@ from bcd_engine.data.dedup import (
     near_duplicate_groups,
     turned_and_mirrored,
 )
-from bcd_engine.data.images import SUPPORTED_EXTENSIONS, decode_stored, short_reason
+from bcd_engine.data.images import SUPPORTED_EXTENSIONS, decode_stored, read_image_bytes, short_reason
 from bcd_engine.errors import ConfigError, DataError, ImageLoadError
 from bcd_engine.files import atomic_write_text
 
@@ -129,7 +129,7 @@ def scan_dataset(
             f"near_duplicate_distance must be an integer from 0 to {DHASH_SIZE * DHASH_SIZE}, "
             f"got {near_duplicate_distance!r}"
         )
-    root_path = Path(root).expanduser().resolve()
+    root_path = _resolve_root(root)
     files = _list_files(root_path)
 
     cache_file = _cache_file(root_path) if use_cache else None
@@ -175,15 +175,40 @@ def folder_signature(root: str | os.PathLike[str]) -> str:
     """A digest of the folder's image files (paths, sizes, modification times): it changes whenever a scan
     of the folder could; cheap (no file is read), so callers can key their own caches on it."""
     entries = []
-    for _, path in _list_files(Path(root).expanduser().resolve()):
+    for _, path in _list_files(_resolve_root(root)):
         with contextlib.suppress(OSError):  # removed since it was listed: leave it out, as a scan would
             st = os.stat(path)
             entries.append((path, *_cache_key(st)))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
+def _resolve_root(root: str | os.PathLike[str]) -> Path:
+    """The dataset folder as an absolute path (``~`` expanded); DataError for a path that cannot be one."""
+    try:
+        return Path(root).expanduser().resolve()
+    except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser, a NUL byte, a loop of links
+        raise DataError(f"dataset folder {_shown(root)} cannot be used: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The system's reason without the path it repeats (``File name too long``), else the exception's text."""
+    return getattr(exc, "strerror", None) or short_reason(exc)
+
+
+def _shown(root: str | os.PathLike[str]) -> str:
+    text = repr(str(root))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _list_files(root: Path) -> list[tuple[str, str]]:
     """(class name, absolute path) of every supported, non-hidden file in root's class subfolders."""
+    try:
+        return _listed_files(root)
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, no permission
+        raise DataError(f"dataset folder {_shown(root)} cannot be read: {_reason(exc)}") from exc
+
+
+def _listed_files(root: Path) -> list[tuple[str, str]]:
     if not root.exists():
         raise DataError(f"dataset folder does not exist: {root}")
     if not root.is_dir():
@@ -208,9 +233,9 @@ def _read_file(path: str) -> dict[str, Any]:
     """Hash and fully decode one file; the result is what the cache stores."""
     info: dict[str, Any] = {"md5": "", "size": 0, "width": 0, "height": 0, "mode": "", "error": None, "dhash": None}
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        info["error"] = f"cannot read file ({short_reason(exc)})"
+        data = read_image_bytes(path)  # refused unread when too large
+    except ImageLoadError as exc:
+        info["error"] = str(exc)
         return info
     info["md5"] = hashlib.md5(data).hexdigest()
     info["size"] = len(data)

@@ -21,6 +21,7 @@ from bcd_engine.data.images import (
     decode_image,
     image_array,
     read_image_bytes,
+    short_reason,
 )
 from bcd_engine.errors import BCDError, ConfigError, DataError, ImageLoadError
 from bcd_engine.inference.loading import LoadedModel, load_run_model
@@ -201,15 +202,19 @@ def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:
                 sources.append(Source(str(path), path))
         except BCDError as exc:  # one bad folder or archive costs only itself
             sources.append(Source(str(path), None, error=str(exc)))
+        except (OSError, ValueError) as exc:  # a path the system refuses (a NUL byte, a name too long)
+            sources.append(Source(str(path), None, error=f"cannot be read ({short_reason(exc)})"))
     return sources
 
 
 def _head(path: Path) -> bytes:
-    """A file's first bytes (empty when it cannot be read: loading it then reports why)."""
+    """A regular file's first bytes (empty when it is none or cannot be read: loading it then reports why)."""
     try:
+        if not path.is_file():  # a pipe would block the open
+            return b""
         with open(path, "rb") as fh:
             return fh.read(4)
-    except OSError:
+    except (OSError, ValueError):
         return b""
 
 
@@ -221,6 +226,8 @@ def sources_from_archive(data: str | os.PathLike | bytes, *, name: str,
     is shared with the other archives of one upload (:func:`upload_sources`).
     """
     contents = read_archive(data, budget=budget)
+    if not contents.images and not contents.skipped:
+        return [Source(name, None, error="the archive holds no files (only folders or hidden files, or none)")]
     return ([Source(f"{name}/{member}", payload) for member, payload in contents.images]
             + [Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped])
 

@@ -66,7 +66,11 @@ def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
     import keras
 
     path, _ = run_model_file(run_id, store=store)
-    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras refuses unsafe or broken files with many types
+        raise StoreError(f"model file of run {run_id} cannot be loaded safely ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); refusing it") from exc
     run = store.get_run(run_id)
     return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
 

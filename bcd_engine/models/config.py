@@ -12,6 +12,7 @@ from bcd_engine.models.backbones import POOLINGS, get_backbone, resolve_weights
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 MAX_AUGMENT = 20
+MAX_IMAGE_SIZE = 1024  # pixels a side; larger inputs would not fit a batch in memory, and no backbone needs them
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class TrainConfig:
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
         spec.check_image_size(self.image_size)
         checks = [
+            (self.image_size <= MAX_IMAGE_SIZE,
+             f"image size must be at most {MAX_IMAGE_SIZE} px, got {self.image_size}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.fine_tune_epochs >= 0, f"fine-tune epochs must be >= 0, got {self.fine_tune_epochs}"),

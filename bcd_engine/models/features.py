@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict
@@ -102,11 +103,14 @@ class FeatureCache:
         self._entries[entry_key] = vector
 
     def save(self) -> None:
-        """Write the cache atomically."""
+        """Write the cache atomically; a failed write (a full disk) only warns, leaving no partial file."""
         keys = np.array(list(self._entries), dtype=str)
         features = np.stack(list(self._entries.values())) if self._entries else np.zeros((0, 0), np.float32)
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, keys=keys, features=features)
+        try:
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, keys=keys, features=features)
+        except OSError as exc:  # the cache only saves time: a full disk costs the next run, not this one
+            warnings.warn(f"could not write the feature cache {self.path}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def extract_features(

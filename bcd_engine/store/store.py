@@ -460,9 +460,12 @@ class RunStore:
 
         The run must be queued, or already running without a process or in this one (created with
         ``status="running"``, or taken by :meth:`claim_next_queued` here); anything else (cancelled,
-        finished, running elsewhere) raises :class:`StoreError`.
+        finished, running elsewhere) raises :class:`StoreError`. Without ``worker_id`` the one recorded by
+        the claim is kept.
         """
         values = self._running(environment, worker_id)
+        if worker_id is None:
+            del values["worker_id"]
         startable = or_(
             Run.status == "queued",
             and_(

@@ -19,9 +19,9 @@ from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
 from bcd_engine.data.scan import ScanResult, scan_dataset
 from bcd_engine.data.splits import Split, holdout_split
-from bcd_engine.errors import BCDError, CancelledError, ConfigError
+from bcd_engine.errors import BCDError, CancelledError, ConfigError, WriteError
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
-from bcd_engine.files import file_sha256
+from bcd_engine.files import atomic_path, file_sha256
 from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.predict import measure_latency, predict_proba
 from bcd_engine.models.augment import augment_image
@@ -256,9 +256,11 @@ def image_dataset(images, labels, keys_seed, *, config: TrainConfig, preprocess,
 
 
 def save_model(model, run_id: int) -> Path:
-    """Save the model as ``<artifacts>/run-<id>/model.keras``."""
-    folder = settings.artifacts_dir() / f"run-{int(run_id)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.keras"
-    model.save(path)
+    """Save the model as ``<artifacts>/run-<id>/model.keras``, whole or not at all (WriteError, e.g. a full disk)."""
+    path = settings.artifacts_dir() / f"run-{int(run_id)}" / "model.keras"
+    try:
+        with atomic_path(path, suffix=".keras") as tmp:  # Keras wants the .keras suffix
+            model.save(tmp)
+    except OSError as exc:
+        raise WriteError(f"cannot save the model of run {run_id} to {path}: {exc.strerror or exc}") from exc
     return path

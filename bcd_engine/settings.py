@@ -29,3 +29,11 @@ def demo_mode(secret: object = None) -> bool:
     """Demo mode (browse and diagnose only): ``BCD_DEMO_MODE`` or a ``demo_mode`` secret set to a true value."""
     values = [os.environ.get("BCD_DEMO_MODE", ""), "" if secret is None else str(secret)]
     return any(v.strip().lower() in ("1", "true", "yes", "on") for v in values)
+
+
+def demo_datasets() -> list[Path]:
+    """Dataset folders a demo may show besides the synthetic set: ``BCD_DEMO_DATASETS``, ``os.pathsep``-separated.
+
+    Only datasets whose terms allow showing them to anyone belong here (never the ALL dataset).
+    """
+    return [Path(item).expanduser() for item in os.environ.get("BCD_DEMO_DATASETS", "").split(os.pathsep) if item]

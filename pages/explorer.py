@@ -4,6 +4,7 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
+from bcd_engine import settings
 from bcd_engine.data import kaggle
 from bcd_engine.data.images import load_image
 from bcd_engine.data.scan import twin_of, twin_root
@@ -25,9 +26,12 @@ common.demo_banner()
 store = common.store()
 
 SOURCES = ("Built-in or registered dataset", "Local folder", "Download the ALL dataset (Kaggle)")
-source = st.radio("Dataset", SOURCES, horizontal=True, key="explorer_source")
+demo = common.demo_mode()
+# A hosted demo offers no path input and no download: only the synthetic set and the host's public datasets.
+source = SOURCES[0] if demo else st.radio("Dataset", SOURCES, horizontal=True, key="explorer_source")
 if source == SOURCES[0]:
-    choices = explorer_tables.dataset_choices(store, common.demo_dataset())
+    public = [str(root) for root in settings.demo_datasets()] if demo else None
+    choices = explorer_tables.dataset_choices(store, common.demo_dataset(), public=public)
     choice = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="explorer_dataset")
     root = choice.root
 elif source == SOURCES[1]:
@@ -40,7 +44,7 @@ elif source == SOURCES[1]:
 else:
     st.caption("Needs internet and Kaggle credentials (`~/.kaggle/kaggle.json` or KAGGLE_USERNAME/KAGGLE_KEY). "
                "The dataset's terms forbid redistribution, so bcd never ships it.")
-    if st.button("Download with kagglehub", key="explorer_kaggle", disabled=common.demo_mode()):
+    if st.button("Download with kagglehub", key="explorer_kaggle"):
         with st.spinner("Downloading ..."):
             folder, message = kaggle.download_kaggle_dataset()
         st.session_state["explorer_kaggle_path"] = None if folder is None else str(folder)

@@ -110,6 +110,19 @@ def test_demo_mode_hides_training(monkeypatch):
     assert not [b for b in compare.button if b.key == "compare_train_demo"]
 
 
+def test_demo_mode_explorer_offers_no_path_input_and_only_public_datasets(monkeypatch, tmp_path, synthetic_dataset):
+    public = shutil.copytree(synthetic_dataset, tmp_path / "public-cells")
+    store = RunStore.open()
+    store.register_dataset(name="private", root=str(tmp_path / "private-all"), n_images=1, class_counts={"a": 1})
+    monkeypatch.setenv("BCD_DEMO_MODE", "1")
+    monkeypatch.setenv("BCD_DEMO_DATASETS", str(public))
+    at = open_page("pages/explorer.py")
+    assert not at.text_input and not [r for r in at.radio if r.key == "explorer_source"]
+    labels = at.selectbox(key="explorer_dataset").options
+    assert labels == ["SYNTHETIC demo set (synthetic-demo, not medical data)", "public-cells (public dataset)"]
+    assert not any(str(tmp_path) in label for label in labels)
+
+
 def _charts(at: AppTest) -> dict[str, dict]:
     """The page's plotly figures by widget key."""
     return {c.proto.id.rpartition("-")[2]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}

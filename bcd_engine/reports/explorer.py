@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,13 +23,18 @@ class DatasetChoice:
     synthetic: bool = False
 
 
-def dataset_choices(store: RunStore, demo_root: str | os.PathLike) -> list[DatasetChoice]:
+def dataset_choices(store: RunStore, demo_root: str | os.PathLike, *,
+                    public: Sequence[str | os.PathLike] | None = None) -> list[DatasetChoice]:
     """The SYNTHETIC demo set at ``demo_root`` first, then the datasets registered in the store.
 
-    Listing writes nothing: the caller makes the demo set (``synthetic.ensure_demo_dataset``) once.
+    With ``public`` (a hosted demo: ``settings.demo_datasets()``) the store's datasets are left out, only
+    those folders follow, and no label names a server path. Listing writes nothing: the caller makes the
+    demo set (``synthetic.ensure_demo_dataset``) once.
     """
     demo = str(demo_root)
     choices = [DatasetChoice(f"SYNTHETIC demo set ({DEMO_DATASET_NAME}, not medical data)", demo, True)]
+    if public is not None:
+        return choices + [DatasetChoice(f"{Path(root).name} (public dataset)", str(root)) for root in public]
     choices += [DatasetChoice(f"{d.name}: {d.n_images} images ({d.root})", d.root)
                 for d in store.list_datasets() if d.root != demo]
     return choices

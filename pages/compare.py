@@ -13,6 +13,7 @@ from bcd_engine.inference import explain
 from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
+from bcd_engine.training.run import delete_run
 from ui import charts, common
 
 TOP = {"t": 110}  # figure margin with room for charts.figure_title's three lines
@@ -180,7 +181,7 @@ chart_col.plotly_chart(fig, key="compare_intervals")
 audit_col.markdown("**Shortcut audit**: can colour alone tell the classes apart? Grey lines on the charts.")
 for i, root in enumerate(roots):
     box = audit_col.container(border=True)
-    box.markdown(f"**{Path(root).name}** (`{root}`)")
+    box.markdown(f"**{Path(root).name}**" if common.demo_mode() else f"**{Path(root).name}** (`{root}`)")
     try:
         scan = common.scan(root)
     except BCDError as exc:
@@ -291,5 +292,5 @@ if not common.demo_mode():
     with st.expander("Delete a run", icon=":material/delete:"):
         victim = st.selectbox("Run", runs["id"].tolist(), key="compare_delete_run")
         if st.button("Delete run and everything recorded about it", key="compare_delete"):
-            store.delete_run(int(victim))
+            delete_run(store, int(victim))
             st.rerun()

@@ -20,7 +20,7 @@ from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.config import MAX_IMAGE_SIZE, TrainConfig
 from bcd_engine.models.features import FeatureCache
 from bcd_engine.store import Protocol
-from bcd_engine.training.run import save_model
+from bcd_engine.training.run import delete_run, run_folder, save_model
 
 
 def test_scan_refuses_an_oversized_file_without_reading_it(synthetic_dataset_copy: Path, isolated_cache) -> None:
@@ -125,3 +125,16 @@ def test_a_full_feature_cache_disk_only_warns_and_leaves_no_stray_file(tmp_path:
         cache.save()
     assert list((tmp_path / "features").iterdir()) == []
     assert cache.get("abc:0") is not None  # this run keeps its features
+
+
+def test_deleting_a_run_removes_its_model_files_too(workspace, tmp_path: Path) -> None:
+    run_id = workspace.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), config={})
+    model = run_folder(run_id) / "model.keras"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"a model")
+    other = run_folder(run_id + 1) / "model.keras"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another run's model")
+    delete_run(workspace, run_id)
+    assert not model.parent.exists() and other.exists()
+    assert workspace.list_runs() == []

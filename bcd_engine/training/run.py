@@ -8,6 +8,7 @@ end on images.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,9 +256,20 @@ def image_dataset(images, labels, keys_seed, *, config: TrainConfig, preprocess,
     return ds.map(lambda image, y: (preprocess(image), y)).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def run_folder(run_id: int) -> Path:
+    """Where a run's files live: ``<artifacts>/run-<id>``."""
+    return settings.artifacts_dir() / f"run-{int(run_id)}"
+
+
+def delete_run(store: RunStore, run_id: int) -> None:
+    """Delete a run from the store (everything recorded about it) and then its files (its model)."""
+    store.delete_run(run_id)
+    shutil.rmtree(run_folder(run_id), ignore_errors=True)
+
+
 def save_model(model, run_id: int) -> Path:
     """Save the model as ``<artifacts>/run-<id>/model.keras``, whole or not at all (WriteError, e.g. a full disk)."""
-    path = settings.artifacts_dir() / f"run-{int(run_id)}" / "model.keras"
+    path = run_folder(run_id) / "model.keras"
     try:
         with atomic_path(path, suffix=".keras") as tmp:  # Keras wants the .keras suffix
             model.save(tmp)

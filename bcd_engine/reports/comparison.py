@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ import pandas as pd
 from bcd_engine import settings
 from bcd_engine.data.scan import ScanResult
 from bcd_engine.evaluation.confidence import sample_std
+from bcd_engine.files import atomic_write_text
 from bcd_engine.inference.evaluate import latest_evaluation
+from bcd_engine.protocols.audit import audit_dataset
 from bcd_engine.protocols.lodo import held_out_evaluation_name
 from bcd_engine.reports.runs import THESIS_REFERENCE
 from bcd_engine.store import Protocol, RunStore
@@ -295,14 +296,8 @@ def cached_audit(scan: ScanResult) -> dict | None:
 
 def run_audit(scan: ScanResult) -> dict:
     """``audit.audit_dataset`` of the scanned folder (seconds), cached as JSON for :func:`cached_audit`."""
-    from bcd_engine.protocols.audit import audit_dataset
-
     audit = {"root": scan.root, "key": audit_key(scan), **audit_dataset(scan.root)}
-    path = audit_file(scan)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(audit, indent=1))
-    os.replace(partial, path)
+    atomic_write_text(audit_file(scan), json.dumps(audit, indent=1))
     return audit
 
 

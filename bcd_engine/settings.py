@@ -4,7 +4,9 @@ Each location has a default under the project root and an environment variable t
 """
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +23,29 @@ def artifacts_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Folder for scan and feature caches: ``BCD_CACHE_DIR`` or ``.bcd_cache/`` at the project root."""
-    return Path(os.environ.get("BCD_CACHE_DIR") or PROJECT_ROOT / ".bcd_cache")
+    """Folder for scan and feature caches: ``BCD_CACHE_DIR``, else ``.bcd_cache/`` at the project root.
+
+    When the project folder is read-only (a container, a read-only mount) and ``BCD_CACHE_DIR`` is not
+    set, a private folder in the system's temporary folder instead (caches are only a speed-up).
+    """
+    configured = os.environ.get("BCD_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    default = PROJECT_ROOT / ".bcd_cache"
+    if os.access(default if default.exists() else PROJECT_ROOT, os.W_OK):
+        return default
+    return _private_temp_folder("bcd-cache")
+
+
+@functools.cache
+def _private_temp_folder(name: str) -> Path:
+    """``<tmp>/<name>-<uid>``, made readable by this user only; another user's folder of that name is not used."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    folder = Path(tempfile.gettempdir()) / (name if uid is None else f"{name}-{uid}")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if uid is not None and (folder.is_symlink() or folder.stat().st_uid != uid):
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    return folder
 
 
 def demo_mode(secret: object = None) -> bool:

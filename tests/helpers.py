@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,30 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    """``command`` to run without root's powers: as root (CI's usual user) every capability is dropped,
+    so file permissions bind it as they bind any user; otherwise unchanged."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot drop root's powers to test read-only folders")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *command]
+
+
+@contextmanager
+def read_only_tree(root: Path) -> Iterator[Path]:
+    """``root`` and everything under it made read-only (write bits removed) for the block, then restored."""
+    modes = {path: path.stat().st_mode for path in [root, *root.rglob("*")]}
+    for path, mode in modes.items():
+        path.chmod(stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        yield root
+    finally:
+        for path, mode in modes.items():
+            path.chmod(stat.S_IMODE(mode))
 
 
 def workspace_store(root: Path, patch: pytest.MonkeyPatch) -> RunStore:

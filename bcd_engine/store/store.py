@@ -4,6 +4,10 @@ SQLite (the default, ``settings.database_url()``) and PostgreSQL are supported. 
 only connects (it writes nothing and refuses a schema that is not this bcd's newest); process entry
 points use ``RunStore.open(url)``, which creates or upgrades the schema and marks runs whose process
 died as interrupted.
+
+A SQLite store is opened read-only when its URL asks (``?mode=ro`` or ``?immutable=1``) or when its
+file or folder cannot be written (a read-only mount, a container's non-root user): then it is only
+read, never migrated or switched to WAL, and every write raises :class:`StoreError`.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -92,6 +97,41 @@ def mask_url(url: str | URL) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
+
+
+def _sqlite_file(url: URL) -> tuple[Path | None, bool]:
+    """(the database file, or None for an in-memory one; True when the URL asks for read-only) of a SQLite URL.
+
+    Plain paths and SQLite URI filenames (``file:PATH?...&uri=true``) are both understood, and
+    ``mode=ro`` / ``immutable=1`` count with or without ``uri=true``.
+    """
+    database = url.database or ""
+    query = {key: str(value).lower() for key, value in url.query.items()}
+    if database.startswith("file:"):
+        database = urllib.parse.unquote(urllib.parse.urlsplit(database).path)
+    if database in ("", ":memory:") or query.get("mode") == "memory":
+        return None, False
+    return Path(database), query.get("mode") == "ro" or query.get("immutable") in ("1", "true")
+
+
+def _can_write(path: Path) -> bool:
+    """Whether this process can change the database file and make its journal files beside it."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _read_only_url(path: Path) -> URL:
+    """A read-only URL for the SQLite file at ``path``.
+
+    ``immutable=1`` (SQLite takes no locks and reads no journal) when no one can be writing it: the
+    file system is mounted read-only, or the folder cannot be written here and no writer holds the
+    WAL's shared-memory file open; otherwise plain ``mode=ro``, which sees other processes' writes.
+    """
+    folder = path.parent
+    immutable = bool(os.statvfs(folder).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    if not immutable and not os.access(folder, os.W_OK):
+        immutable = not Path(f"{path}-shm").exists()
+    query = {"mode": "ro", "uri": "true", **({"immutable": "1"} if immutable else {})}
+    return URL.create("sqlite", database="file:" + urllib.parse.quote(str(path.absolute())), query=query)
 
 
 def make_engine(url: URL) -> Engine:
@@ -236,16 +276,7 @@ class RunStore:
         """
         self._connect(url, create=False)
         try:
-            current, head = self._revisions()
-            if current != head:
-                found = (
-                    "has no bcd schema" if current is None
-                    else f"has schema revision {current!r}, older than this bcd's {head!r}"
-                )
-                raise StoreError(
-                    f"the run store at {self._masked} {found}; open it once with RunStore.open(url) "
-                    "(or run any `python -m bcd_engine` command) to create or upgrade it"
-                )
+            self._require_newest()
         except BaseException:
             self._engine.dispose()
             raise
@@ -256,13 +287,17 @@ class RunStore:
 
         Creates the SQLite file (and its own folder, not the ones above it) if needed, brings the
         schema to the newest revision and marks runs whose process died as interrupted
-        (:meth:`recover_interrupted`). Safe to call from several processes at once.
+        (:meth:`recover_interrupted`). Safe to call from several processes at once. A read-only
+        store is only checked, like ``RunStore(url)`` does.
         """
         store = cls.__new__(cls)
         store._connect(url, create=True)
         try:
-            store._upgrade()
-            store.recover_interrupted()
+            if store.read_only:
+                store._require_newest()
+            else:
+                store._upgrade()
+                store.recover_interrupted()
         except BaseException:
             store._engine.dispose()
             raise
@@ -272,18 +307,24 @@ class RunStore:
         """Make the engines for ``url``; a SQLite file must exist unless ``create``. Nothing is read yet."""
         raw = url or settings.database_url()
         self._masked = mask_url(raw)
+        self.read_only = False
         try:
             sa_url = normalize_url(raw)
-            if sa_url.get_backend_name() == "sqlite" and sa_url.database not in (None, "", ":memory:"):
-                path = Path(sa_url.database)
-                if create:
+            path, asked_read_only = (None, False)
+            if sa_url.get_backend_name() == "sqlite":
+                path, asked_read_only = _sqlite_file(sa_url)
+            if path is not None:
+                self.read_only = asked_read_only or (path.is_file() and not _can_write(path))
+                if create and not self.read_only:
                     # Only the file's own folder is created: a typo higher up should fail, not build a tree.
                     path.parent.mkdir(exist_ok=True)
+                    if not path.is_file() and not os.access(path.parent, os.W_OK):
+                        raise StoreError(f"there is no run store at {self._masked}, and its folder is read-only")
                 elif not path.is_file():
-                    raise StoreError(
-                        f"there is no run store at {self._masked} (no such file); RunStore.open(url) "
-                        "(or any `python -m bcd_engine` command) creates it"
-                    )
+                    made = "" if self.read_only else "; RunStore.open(url) (or any `python -m bcd_engine` command) creates it"
+                    raise StoreError(f"there is no run store at {self._masked} (no such file){made}")
+                if self.read_only:
+                    sa_url = _read_only_url(path)
             self._engine = make_engine(sa_url)
         except (ImportError, OSError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
@@ -308,6 +349,24 @@ class RunStore:
         self.close()
 
     # -- schema -------------------------------------------------------------------------------
+
+    def _require_newest(self) -> None:
+        """Raise :class:`StoreError` unless the schema is this bcd's newest (a read only)."""
+        current, head = self._revisions()
+        if current == head:
+            return
+        found = (
+            "has no bcd schema" if current is None
+            else f"has schema revision {current!r}, older than this bcd's {head!r}"
+        )
+        if self.read_only:
+            remedy = (
+                "it is read-only, so it cannot be upgraded here: open a writable copy once with any "
+                "`python -m bcd_engine` command and ship that copy"
+            )
+        else:
+            remedy = "open it once with RunStore.open(url) (or run any `python -m bcd_engine` command) to create or upgrade it"
+        raise StoreError(f"the run store at {self._masked} {found}; {remedy}")
 
     def _revisions(self) -> tuple[str | None, str]:
         """(the database's schema revision or None, this bcd's newest); a read only.
@@ -360,6 +419,8 @@ class RunStore:
         SQLAlchemy errors become :class:`StoreError` naming the (masked) URL: :class:`RecordError`
         when the database refused the values (a constraint), or a column type did (a naive time).
         """
+        if write and self.read_only:
+            raise StoreError(f"the run store at {self._masked} is read-only; nothing can be saved to it")
         session = Session(self._write_engine if write else self._engine, expire_on_commit=False)
         try:
             yield session

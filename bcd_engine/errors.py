@@ -42,4 +42,8 @@ class WriteError(BCDError):
 
 
 class CancelledError(BCDError):
-    """A run was cancelled through the store while it was running."""
+    """Work was cancelled: a run through the store while it was running, a queued diagnosis whose visitor left."""
+
+
+class BusyError(BCDError):
+    """The server's shared inference queue is full; the visitor should try again shortly."""

@@ -185,7 +185,7 @@ for i, root in enumerate(roots):
     try:
         scan = common.scan(root)
     except BCDError as exc:
-        box.warning(f"This folder cannot be read here, so it cannot be audited: {exc}")
+        box.warning(common.public(f"This folder cannot be read here, so it cannot be audited: {exc}"))
         continue
     audit = audit_of(root)
     if audit is None:
@@ -195,7 +195,7 @@ for i, root in enumerate(roots):
                 with st.spinner(f"Auditing {Path(root).name} ..."):
                     comparison.run_audit(scan)
             except BCDError as exc:
-                box.error(f"The audit failed: {exc}")
+                box.error(common.public(f"The audit failed: {exc}"))
             else:
                 st.rerun()
         continue
@@ -274,7 +274,7 @@ if show_cam and wrong:
     try:
         loaded = common.load_model(gallery_run)
     except BCDError as exc:
-        st.error(f"Cannot load the model of run {gallery_run}, so no heatmaps: {exc}")
+        st.error(common.public(f"Cannot load the model of run {gallery_run}, so no heatmaps: {exc}"))
 if not wrong:
     st.success("No misclassified test images.")
 for col, item in zip(st.columns(6) * 4, wrong):
@@ -286,7 +286,7 @@ for col, item in zip(st.columns(6) * 4, wrong):
             image, heatmap = common.grad_cam(gallery_run, item["path"], item["predicted"])
             col.image(explain.overlay(image, heatmap), width="stretch", caption=caption)
     except BCDError as exc:
-        col.warning(f"{Path(item['path']).name}: {exc}")
+        col.warning(common.public(f"{Path(item['path']).name}: {exc}"))
 
 if not common.demo_mode():
     with st.expander("Delete a run", icon=":material/delete:"):

@@ -47,25 +47,24 @@ if not uploads:
 try:
     diagnoser = common.load_diagnoser(tuple(run_ids))
 except BCDError as exc:
-    st.error(f"Cannot use these models: {exc}")
+    st.error(common.public(f"Cannot use these models: {exc}"))
     st.stop()
 
 # Diagnose once per (models, uploads): moving the opacity slider or downloading must not redo the work.
 job = (tuple(loading.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
 if st.session_state.get("diagnose_job", (None,))[0] != job:
     sources, rejected = diagnosis.upload_sources([(u.name, u.getvalue()) for u in uploads])
-    bar = st.progress(0.0, text=f"Diagnosing {len(sources)} image(s) ...")
-    results = diagnoser.diagnose(sources, on_progress=lambda done, total: bar.progress(
-        done / total, text=f"Diagnosed {done} of {total} image(s)")) if sources else []
-    bar.empty()
-    # Only a lone image's bytes are kept (for its heatmap), never a whole batch.
-    st.session_state["diagnose_job"] = (job, sources[0].data if len(sources) == 1 else None, results + rejected)
-_, single_image, results = st.session_state["diagnose_job"]
+    st.session_state.pop("diagnose_job", None)
+    # On the server's shared queue; a lone image keeps its decoded pixels for its heatmap (never a batch).
+    results = common.run_queued(diagnoser.diagnose_steps(sources, keep_images=len(sources) == 1),
+                                describe=lambda done, total: f"Diagnosed {done} of {total} image(s)") if sources else []
+    st.session_state["diagnose_job"] = (job, results + rejected)
+_, results = st.session_state["diagnose_job"]
 if not results:
     st.warning("No images found in the upload (an archive holding only folders or hidden files?).")
 good = [r for r in results if "predicted_class" in r]
 for bad in (r for r in results if "error" in r):
-    st.error(f"**{bad['name']}** cannot be used: {bad['error']}", icon=":material/block:")
+    st.error(common.public(f"**{bad['name']}** cannot be used: {bad['error']}"), icon=":material/block:")
 
 if len(good) == 1 and len(results) == 1:
     result = good[0]
@@ -86,11 +85,11 @@ if len(good) == 1 and len(results) == 1:
                           help="Grad-CAM of the first chosen model for the answer shown: red is where it "
                                "looked for that class.")
     try:
-        image, heatmap = common.grad_cam(diagnoser.run_ids[0], single_image, result["predicted_class"])
+        image, heatmap = common.grad_cam(diagnoser.run_ids[0], result["image"], result["predicted_class"])
         left.image(explain.overlay(image, heatmap, opacity=opacity), width="stretch",
                    caption=f"{result['name']} with Grad-CAM (run {diagnoser.run_ids[0]})")
     except BCDError as exc:
-        left.warning(f"No heatmap for this image: {exc}")
+        left.warning(common.public(f"No heatmap for this image: {exc}"))
 elif results:
     table = diagnosis.results_frame(results)
     flagged = int((table["reading"].isin(["unsure", "conflicting"])).sum())

@@ -56,7 +56,7 @@ else:
 try:
     scan = common.scan(root)
 except BCDError as exc:
-    st.error(str(exc))
+    st.error(common.public(exc))
     st.stop()
 
 synthetic = Path(root).resolve() == Path(common.demo_dataset()).resolve()
@@ -79,7 +79,8 @@ with balance:
                  color=list(counts), text=list(counts.values()), title="Images per class")
     st.plotly_chart(fig, key="explorer_balance_chart")
     if scan.unreadable:
-        st.dataframe([{"path": r.path, "reason": r.error} for r in scan.unreadable], key="explorer_unreadable")
+        st.dataframe([{"file": explorer_tables.relative_name(r.path, root), "reason": common.public(r.error)}
+                      for r in scan.unreadable], key="explorer_unreadable")
 
 by_class = explorer_tables.samples_by_class(scan)
 with samples:
@@ -128,7 +129,7 @@ with twins:
         left, right = st.columns(2)
         left.image(load_image(path), caption=f"{Path(root).name}: {Path(path).name}")
         if twin is None:
-            right.info(f"No file with this name in {other}.")
+            right.info(f"No file with this name in {other.name}.")
         else:
             right.image(load_image(twin), caption=f"{other.name}: {twin.name}")
 

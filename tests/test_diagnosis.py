@@ -210,3 +210,26 @@ def test_many_small_archives_in_one_upload_cannot_add_up_past_its_budget():
     assert [s.name for s in sources] == ["a.png"]
     assert rejected == [{"name": "b.png", "error": f"b.png: the upload would hold more than {len(image) + 1:,} bytes "
                                                    f"in memory ({len(image):,} bytes already); refused"}]
+
+
+def test_diagnosing_step_by_step_gives_the_same_results_and_keeps_a_lone_image_once_decoded():
+    diagnoser = Diagnoser([loaded_model(pooled_model())])
+    images = random_images(3, seed=5)
+    sources = [Source(f"{i}.png", png_bytes(image)) for i, image in enumerate(images)]
+    steps = diagnoser.diagnose_steps(sources, batch_size=2, keep_images=True)
+    assert next(steps) == (2, 3) and next(steps) == (3, 3)
+    with pytest.raises(StopIteration) as stop:
+        next(steps)
+    kept = stop.value.value
+    for image, result, plain in zip(images, kept, diagnoser.diagnose(sources), strict=True):
+        np.testing.assert_array_equal(result.pop("image"), image)  # the pixels the model saw
+        assert result == plain
+
+
+def test_plain_images_count_towards_the_uploads_file_limit():
+    from bcd_engine.inference import diagnosis
+
+    image = png_bytes(random_images(1)[0])
+    sources, rejected = diagnosis.upload_sources([(f"{i}.png", image) for i in range(3)], max_files=2)
+    assert [s.name for s in sources] == ["0.png", "1.png"]
+    assert rejected == [{"name": "2.png", "error": "2.png: the upload would hold more than 2 files; refused"}]

@@ -96,7 +96,7 @@ def test_a_sqlite_uri_filename_is_understood(shipped_store) -> None:
 
 
 def test_a_missing_store_behind_a_read_only_url_is_not_created(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="no run store .*no such file"):
+    with pytest.raises(StoreError, match=r"no run store .*no such file"):
         RunStore.open(f"sqlite:///{tmp_path / 'results.db'}?mode=ro")
     assert list(tmp_path.iterdir()) == []
 
@@ -104,7 +104,7 @@ def test_a_missing_store_behind_a_read_only_url_is_not_created(tmp_path: Path) -
 def test_a_read_only_store_with_an_old_schema_says_how_to_upgrade_it(tmp_path: Path) -> None:
     db = tmp_path / "results.db"
     sqlite3.connect(db).close()  # an empty database: no bcd schema at all
-    with pytest.raises(StoreError, match="no bcd schema; it is read-only.*writable copy"):
+    with pytest.raises(StoreError, match=r"no bcd schema; it is read-only.*writable copy"):
         RunStore.open(f"sqlite:///{db}?mode=ro")
     assert db.stat().st_size == 0
 

@@ -1,14 +1,24 @@
 """Streamlit-side glue shared by the pages: cached store/scan/model, demo mode, explainers."""
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
 import streamlit as st
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from bcd_engine import settings
 from bcd_engine.data import synthetic
+from bcd_engine.data.images import load_image
 from bcd_engine.data.scan import ScanResult, folder_signature, scan_dataset
-from bcd_engine.errors import BCDError
-from bcd_engine.inference.explain import explain_source
+from bcd_engine.errors import BCDError, BusyError
+from bcd_engine.inference.explain import explain_image
 from bcd_engine.inference.loading import model_identity
+from bcd_engine.inference.service import InferenceQueue, Steps
 from bcd_engine.reports import explorer as explorer_tables
 from bcd_engine.store import RunStore
 from bcd_engine.training import queue, worker
@@ -25,7 +35,7 @@ def store() -> RunStore:
     try:
         return _store(settings.database_url())
     except BCDError as exc:
-        st.error(f"Cannot open the run store: {exc}")
+        st.error(public(f"Cannot open the run store: {exc}"))
         st.stop()
 
 
@@ -54,16 +64,62 @@ def _load_model(run_id: int, identity: str, url: str, artifacts: str):
     return load_run_model(run_id, store=_store(url))
 
 
-def grad_cam(run_id: int, image: str | bytes, class_name: str):
-    """(image, Grad-CAM heatmap) of an image file or its bytes for the run's class ``class_name``, computed once."""
+def grad_cam(run_id: int, image: str | np.ndarray, class_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image at the run's input size, its Grad-CAM heatmap for class ``class_name``) of an image file or of an
+    image already decoded at that size; computed once, on the shared inference queue (BCDError when it cannot be)."""
     return _grad_cam(run_id, model_identity(run_id, store=store()), image, class_name)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _grad_cam(run_id: int, identity: str, image: str | bytes, class_name: str):
+def _grad_cam(run_id: int, identity: str, image: str | np.ndarray, class_name: str):
     loaded = load_model(run_id)
-    shown, cam = explain_source(loaded, image, class_index=loaded.class_names.index(class_name))
-    return shown, cam.heatmap
+    index = loaded.class_names.index(class_name)
+
+    def compute():
+        shown = image if isinstance(image, np.ndarray) else load_image(image, image_size=loaded.config.image_size)
+        return shown, explain_image(loaded, shown, class_index=index).heatmap
+
+    job = inference_queue().call(compute, alive=_visitor_alive())
+    job.wait()
+    return job.result()
+
+
+@st.cache_resource(show_spinner=False)
+def inference_queue() -> InferenceQueue:
+    """The server process's one inference queue, shared by every session (see bcd_engine.inference.service)."""
+    return InferenceQueue()
+
+
+def _visitor_alive() -> Callable[[], bool] | None:
+    """Whether this page's visitor is still connected (None outside a Streamlit session)."""
+    ctx = get_script_run_ctx(suppress_warning=True)
+    if ctx is None or not Runtime.exists():  # a bare script run (AppTest) has no sessions to ask about
+        return None
+    session_id = ctx.session_id
+    return lambda: Runtime.instance().is_active_session(session_id)
+
+
+def run_queued(steps: Steps, *, describe: Callable[[int, int], str]) -> Any:
+    """Run ``steps`` on the shared inference queue with a progress bar (``describe(done, total)`` its text).
+
+    A full queue shows a "busy" message and stops the page; the visitor leaving, or starting other
+    work on the page, drops the job.
+    """
+    try:
+        job = inference_queue().submit(steps, alive=_visitor_alive())
+    except BusyError as exc:
+        st.warning(f"{exc}.", icon=":material/hourglass_top:")
+        st.stop()
+    bar = st.progress(0.0, text="Waiting for the server ...")
+    try:
+        while not job.wait(0.25):  # each progress update lets Streamlit stop this run if the visitor went away
+            done, total = job.progress
+            if total:
+                bar.progress(done / total, text=describe(done, total))
+    finally:
+        job.cancel()
+    bar.empty()
+    return job.result()
 
 
 def load_diagnoser(run_ids: tuple[int, ...]):
@@ -80,6 +136,17 @@ def demo_mode() -> bool:
     except Exception:  # noqa: BLE001 - no secrets.toml at all is the normal case
         secret = None
     return settings.demo_mode(secret)
+
+
+_SERVER_PATH = re.compile(r"(?<![\w.~])~?(?:/[^\s'\"/:,;()\[\]]+)+/?")
+
+
+def public(message: object) -> str:
+    """``message`` as a visitor may see it: in demo mode every server path in it is cut to its last part."""
+    text = str(message)
+    if not demo_mode():
+        return text
+    return _SERVER_PATH.sub(lambda match: ".../" + PurePath(match.group()).name, text)
 
 
 def demo_banner() -> None:

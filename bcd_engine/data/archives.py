@@ -51,8 +51,11 @@ class ExpansionBudget:
     files_seen: int = 0
     bytes_used: int = 0
 
-    def charge(self, n_bytes: int, *, label: str) -> None:
-        """Count ``n_bytes`` more; ArchiveError naming ``label`` when that passes ``max_total_bytes``."""
+    def charge(self, n_bytes: int, *, label: str, files: int = 0) -> None:
+        """Count ``n_bytes`` and ``files`` more; ArchiveError naming ``label`` when that passes a limit."""
+        if self.files_seen + files > self.max_files:
+            raise ArchiveError(f"{label}: the upload would hold more than {self.max_files} files; refused")
+        self.files_seen += files
         if self.bytes_used + n_bytes > self.max_total_bytes:
             raise ArchiveError(
                 f"{label}: the upload would hold more than {format_size(self.max_total_bytes)} in memory "

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bcd_engine.data.archives import ExpansionBudget, is_zip, read_archive
+from bcd_engine.data.archives import MAX_FILES, ExpansionBudget, is_zip, read_archive
 from bcd_engine.data.images import (
     SUPPORTED_EXTENSIONS,
     decode_image,
@@ -31,7 +31,8 @@ N_DIHEDRAL_VIEWS = 8
 LOW_CONFIDENCE = 0.7  # below this mean probability of the answer, the result is flagged as unsure
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
 MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
-MAX_UPLOAD_TOTAL_BYTES = 500 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
+MAX_UPLOAD_TOTAL_BYTES = 256 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
+MAX_UPLOAD_FILES = MAX_FILES  # images in one upload, archive members included
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
 
 
@@ -155,6 +156,22 @@ class Diagnoser:
 
         ``on_progress(done, total)`` is called after every batch (pages drive a progress bar with it).
         """
+        steps = self.diagnose_steps(sources, tta=tta, batch_size=batch_size)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if on_progress is not None:
+                on_progress(done, total)
+
+    def diagnose_steps(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
+                       keep_images: bool = False) -> Generator[tuple[int, int], None, list[dict]]:
+        """:meth:`diagnose` one batch at a time: yields (done, total) after each batch and returns the results.
+
+        Only the batch being diagnosed is held decoded. With ``keep_images`` each result also holds
+        ``image``, the image as the first model saw it (for its Grad-CAM, without decoding it again).
+        """
         results: list[dict] = [{"name": s.name} for s in sources]
         for start in range(0, len(sources), batch_size):
             chunk = range(start, min(start + batch_size, len(sources)))
@@ -172,8 +189,9 @@ class Diagnoser:
                 arrays = [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))]
                 for i, result in zip(loaded, self.diagnose_arrays(arrays, tta=tta)):
                     results[i].update(result)
-            if on_progress is not None:
-                on_progress(chunk.stop, len(sources))
+                    if keep_images:
+                        results[i]["image"] = loaded[i][0]
+            yield chunk.stop, len(sources)
         return results
 
 
@@ -252,19 +270,17 @@ def results_csv(results: Sequence[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
-
-
-def upload_sources(uploads: list[tuple[str, bytes]], *,
-                   max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES) -> tuple[list[Source], list[dict]]:
+def upload_sources(uploads: list[tuple[str, bytes]], *, max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES,
+                   max_files: int = MAX_UPLOAD_FILES) -> tuple[list[Source], list[dict]]:
     """Uploaded (name, bytes) as diagnosis sources; zip archives are opened safely.
 
     All the files of one upload share one budget of ``max_total_bytes`` held in memory (their own bytes
-    and everything their archives expand to) and of archive members. Returns (sources, rejected): an
-    upload over its size limit, an unsafe archive or a file past the shared budget becomes a
-    ``{"name", "error"}`` result, so one bad upload never costs the others.
+    and everything their archives expand to) and of ``max_files`` images (archive members included).
+    Returns (sources, rejected): an upload over its size limit, an unsafe archive or a file past the
+    shared budget becomes a ``{"name", "error"}`` result, so one bad upload never costs the others.
     """
     sources, rejected = [], []
-    budget = ExpansionBudget(max_total_bytes=max_total_bytes)
+    budget = ExpansionBudget(max_files=max_files, max_total_bytes=max_total_bytes)
     for name, data in uploads:
         archive = is_zip(name, data[:4])
         limit = MAX_ARCHIVE_UPLOAD_BYTES if archive else MAX_UPLOAD_BYTES
@@ -276,7 +292,7 @@ def upload_sources(uploads: list[tuple[str, bytes]], *,
             if archive:
                 sources += sources_from_archive(data, name=name, budget=budget)
             else:
-                budget.charge(len(data), label=name)
+                budget.charge(len(data), label=name, files=1)
                 sources.append(Source(name, data))
         except BCDError as exc:
             rejected.append({"name": name, "error": str(exc)})

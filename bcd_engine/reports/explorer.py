@@ -78,3 +78,11 @@ def image_stats(scan: ScanResult, *, per_class: int = 40, seed: int = 0) -> pd.D
 def class_summary(stats: pd.DataFrame) -> pd.DataFrame:
     """Mean of each statistic per class (from :func:`image_stats`)."""
     return stats.drop(columns="path").groupby("class").mean().round(1)
+
+
+def relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` as seen from inside the dataset folder ``root`` (``class/file.png``); its name when outside it."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name

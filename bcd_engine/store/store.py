@@ -321,7 +321,8 @@ class RunStore:
                     if not path.is_file() and not os.access(path.parent, os.W_OK):
                         raise StoreError(f"there is no run store at {self._masked}, and its folder is read-only")
                 elif not path.is_file():
-                    made = "" if self.read_only else "; RunStore.open(url) (or any `python -m bcd_engine` command) creates it"
+                    made = "" if self.read_only else (
+                        "; RunStore.open(url) (or any `python -m bcd_engine` command) creates it")
                     raise StoreError(f"there is no run store at {self._masked} (no such file){made}")
                 if self.read_only:
                     sa_url = _read_only_url(path)
@@ -365,7 +366,8 @@ class RunStore:
                 "`python -m bcd_engine` command and ship that copy"
             )
         else:
-            remedy = "open it once with RunStore.open(url) (or run any `python -m bcd_engine` command) to create or upgrade it"
+            remedy = ("open it once with RunStore.open(url) (or run any `python -m bcd_engine` command) "
+                      "to create or upgrade it")
         raise StoreError(f"the run store at {self._masked} {found}; {remedy}")
 
     def _revisions(self) -> tuple[str | None, str]:

@@ -7,6 +7,7 @@ from bcd_engine.inference import diagnosis, explain, loading
 from bcd_engine.reports import runs as run_tables
 from ui import common
 
+SHOWN_ERRORS = 5  # unusable files listed one by one above the results; the rest are in the table
 READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:"}
 
 st.title("Diagnose images")
@@ -58,13 +59,17 @@ if st.session_state.get("diagnose_job", (None,))[0] != job:
     # On the server's shared queue; a lone image keeps its decoded pixels for its heatmap (never a batch).
     results = common.run_queued(diagnoser.diagnose_steps(sources, keep_images=len(sources) == 1),
                                 describe=lambda done, total: f"Diagnosed {done} of {total} image(s)") if sources else []
-    st.session_state["diagnose_job"] = (job, results + rejected)
+    st.session_state["diagnose_job"] = (job, rejected + results)  # whole files refused first
 _, results = st.session_state["diagnose_job"]
 if not results:
     st.warning("No images found in the upload (an archive holding only folders or hidden files?).")
 good = [r for r in results if "predicted_class" in r]
-for bad in (r for r in results if "error" in r):
+unusable = [r for r in results if "error" in r]
+for bad in unusable[:SHOWN_ERRORS]:
     st.error(common.public(f"**{bad['name']}** cannot be used: {bad['error']}"), icon=":material/block:")
+if len(unusable) > SHOWN_ERRORS:
+    st.error(f"... and {len(unusable) - SHOWN_ERRORS} more files cannot be used: the table below gives each reason.",
+             icon=":material/block:")
 
 if len(good) == 1 and len(results) == 1:
     result = good[0]

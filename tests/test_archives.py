@@ -141,11 +141,20 @@ def _stored_bitmaps(n: int) -> bytes:
 def test_archive_expanding_past_the_byte_budget_is_refused() -> None:
     data = _stored_bitmaps(3)
     assert len(read_archive(data, max_total_bytes=len(data) + 12_000).images) == 3  # the archive itself counts too
-    with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes \(declared in its headers\); "
-                                           r"the limit is [\d,]+ bytes in all; refused as a possible zip bomb$"):
+    with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes; with what the upload holds already "
+                                           r"\([\d,]+ bytes, this archive included\) that is more than the [\d,]+ "
+                                           r"bytes one upload may hold in memory; refused$"):
         read_archive(data, max_total_bytes=len(data) + 11_999)
     with pytest.raises(ArchiveError, match=r"^archive: too large: [\d,]+ bytes; the limit is 300 bytes$"):
         read_archive(data, max_total_bytes=300)
+
+
+def test_archive_declaring_more_than_the_whole_budget_is_refused_as_a_zip_bomb() -> None:
+    member = b"BM" + os.urandom(800) + bytes(40_000 - 802)  # about 40 times smaller deflated: under the ratio limit
+    data = _zip([(f"{i}.bmp", member) for i in range(3)])
+    with pytest.raises(ArchiveError, match=r"^archive: expands to 120,000 bytes \(declared in its headers\); "
+                                           r"the limit is 100,000 bytes in all; refused as a possible zip bomb$"):
+        read_archive(data, max_total_bytes=100_000)
 
 
 def test_every_member_has_its_ratio_checked_however_small() -> None:
@@ -163,7 +172,7 @@ def test_archives_of_one_upload_share_one_budget() -> None:
     budget = ExpansionBudget(max_total_bytes=3 * len(data))
     assert len(read_archive(data, budget=budget).images) == 3
     assert budget.bytes_used == len(data) + 12_000 and budget.files_seen == 3
-    with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes \(declared in its headers\)"):
+    with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes; with what the upload holds already"):
         read_archive(data, budget=budget)  # alone it would fit; after the first it does not
 
 

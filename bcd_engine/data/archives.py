@@ -220,7 +220,13 @@ class _Expander:
             raise ArchiveError(f"{label}: too many files: at least {budget.files_seen}; "
                                f"the limit is {budget.max_files}")
         declared = sum(info.file_size for info in entries)
-        if budget.bytes_used + declared > budget.max_total_bytes:
+        if declared <= budget.max_total_bytes < budget.bytes_used + declared:
+            raise ArchiveError(
+                f"{label}: expands to {format_size(declared)}; with what the upload holds already "
+                f"({format_size(budget.bytes_used)}, this archive included) that is more than the "
+                f"{format_size(budget.max_total_bytes)} one upload may hold in memory; refused"
+            )
+        if declared > budget.max_total_bytes:
             raise ArchiveError(
                 f"{label}: expands to {format_size(declared)} (declared in its headers); the limit is "
                 f"{format_size(budget.max_total_bytes)} in all; refused as a possible zip bomb"

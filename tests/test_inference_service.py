@@ -80,3 +80,20 @@ def test_a_failing_job_returns_its_error_and_the_queue_goes_on():
         failing.result()
     one_call = queue.call(lambda: threading.current_thread().name)
     assert one_call.wait(10) and one_call.result() == "bcd-inference"  # every call runs on the queue's thread
+
+
+def test_a_job_ends_in_the_turn_of_its_last_step_not_a_round_later():
+    queue, gate, seen = InferenceQueue(), threading.Event(), []
+    jobs = {}
+
+    def big():
+        for i in range(4):
+            gate.wait(10)
+            seen.append(jobs["small"].done)
+            yield i + 1, 4
+
+    jobs["big"] = queue.submit(big())
+    jobs["small"] = queue.submit(_steps("small", 1, [], gate))
+    gate.set()
+    assert jobs["big"].wait(10)
+    assert seen[1:] == [True, True, True]  # over before big's second step, though its generator had not returned

@@ -111,10 +111,11 @@ def run_queued(steps: Steps, *, describe: Callable[[int, int], str]) -> Any:
         st.warning(f"{exc}.", icon=":material/hourglass_top:")
         st.stop()
     bar = st.progress(0.0, text="Waiting for the server ...")
+    shown = (0, 0)
     try:
-        while not job.wait(0.25):  # each progress update lets Streamlit stop this run if the visitor went away
-            done, total = job.progress
-            if total:
+        while not job.wait(0.1):
+            if job.progress != shown:  # each update also lets Streamlit stop this run if the visitor went away
+                shown = done, total = job.progress
                 bar.progress(done / total, text=describe(done, total))
     finally:
         job.cancel()

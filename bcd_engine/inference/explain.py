@@ -7,6 +7,7 @@ layer from the registry, inside the nested backbone model that :func:`bcd_engine
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,31 +38,51 @@ def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_
     """Grad-CAM of ``image`` (uint8 (h, w, 3) at the model's input size) for ``class_index`` (default: predicted).
 
     The class score is the pre-softmax logit when the model ends in a softmax Dense layer, so a
-    confident prediction does not saturate the gradients.
+    confident prediction does not saturate the gradients. The computation is compiled once per model.
     """
-    import tensorflow as tf
-
     image = np.asarray(image)
     expected = tuple(model.input_shape[1:3])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or image.shape[:2] != expected:
         raise ConfigError(f"expected a uint8 RGB image of shape {(*expected, 3)}, got {image.dtype} {image.shape}")
-    conv_and_features, tail = _split_at_conv(model, get_backbone(backbone_name).last_conv_layer)
-    x = preprocess(tf.cast(image[None], tf.float32))
-    with tf.GradientTape() as tape:
-        conv, features = conv_and_features(x, training=False)
-        logits, probabilities = _apply_tail(tail, features)
-        probabilities = np.asarray(probabilities[0], dtype=np.float32)
-        if class_index is None:
-            class_index = int(probabilities.argmax())
-        if not 0 <= class_index < len(probabilities):
-            raise ConfigError(f"class index must be in 0..{len(probabilities) - 1}, got {class_index}")
-        score = logits[0, class_index]
-    grads = tf.cast(tape.gradient(score, conv)[0], tf.float32)
-    cam = tf.nn.relu(tf.reduce_sum(tf.cast(conv[0], tf.float32) * tf.reduce_mean(grads, axis=(0, 1)), axis=-1))
-    heatmap = tf.image.resize(cam[..., None], expected, method="bilinear")[..., 0].numpy()
-    peak = float(heatmap.max())
+    n_classes = int(model.output_shape[-1])
+    if class_index is not None and not 0 <= class_index < n_classes:
+        raise ConfigError(f"class index must be in 0..{n_classes - 1}, got {class_index}")
+    compute = _compiled_cam(model, preprocess, get_backbone(backbone_name).last_conv_layer)
+    heatmap, probabilities, chosen = compute(image[None], -1 if class_index is None else int(class_index))
+    heatmap, peak = heatmap.numpy(), float(np.max(heatmap))
     heatmap = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
-    return GradCam(np.clip(heatmap, 0, 1).astype(np.float32), class_index, probabilities)
+    return GradCam(np.clip(heatmap, 0, 1).astype(np.float32), int(chosen), np.asarray(probabilities, np.float32))
+
+
+_CAM_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {conv layer: compiled Grad-CAM}
+
+
+def _compiled_cam(model, preprocess, conv_name: str):
+    """(image (1, h, w, 3) uint8, class index or -1 for the predicted one) -> (heatmap, probabilities, class index)."""
+    compiled = _CAM_FUNCTIONS.setdefault(model, {})
+    if conv_name in compiled:
+        return compiled[conv_name]
+    import tensorflow as tf
+
+    conv_and_features, tail = _split_at_conv(model, conv_name)
+    size = tuple(model.input_shape[1:3])
+
+    @tf.function(input_signature=[tf.TensorSpec((1, *size, 3), tf.uint8), tf.TensorSpec((), tf.int32)])
+    def compute(image, class_index):
+        x = preprocess(tf.cast(image, tf.float32))
+        with tf.GradientTape() as tape:
+            conv, features = conv_and_features(x, training=False)
+            tape.watch(conv)
+            logits, probabilities = _apply_tail(tail, features)
+            probabilities = tf.cast(probabilities[0], tf.float32)
+            chosen = tf.where(class_index < 0, tf.cast(tf.argmax(probabilities), tf.int32), class_index)
+            score = tf.gather(logits[0], chosen)
+        grads = tf.cast(tape.gradient(score, conv)[0], tf.float32)
+        cam = tf.nn.relu(tf.reduce_sum(tf.cast(conv[0], tf.float32) * tf.reduce_mean(grads, axis=(0, 1)), axis=-1))
+        return tf.image.resize(cam[..., None], size, method="bilinear")[..., 0], probabilities, chosen
+
+    compiled[conv_name] = compute
+    return compute
 
 
 def _split_at_conv(model, conv_name: str):

@@ -19,6 +19,7 @@ from bcd_engine.errors import BusyError, CancelledError
 MAX_JOBS = 32  # waiting and running, all visitors together
 
 Steps = Generator[tuple[int, int], None, Any]  # yields (done, total) after each step, returns the result
+# (once done == total it is expected to return without more work)
 
 
 class Job:
@@ -69,6 +70,8 @@ class Job:
             return False
         try:
             self.progress = next(self._steps)
+            if self.progress[0] >= self.progress[1]:  # all done: end now rather than a turn later
+                next(self._steps)
             return True
         except StopIteration as stop:
             self._end(result=stop.value)

@@ -12,8 +12,10 @@ at the same moment, the server's peak resident memory in each phase, and how muc
 Without ``--store`` a ResNet50 run is trained first on the SYNTHETIC set (``--weights`` a local ImageNet
 weights file, else random weights: the answers do not matter here, the work per image does). ``--images``
 is a folder of smears to upload (default: the SYNTHETIC set). The browser runs on the same machine as the
-server and takes its share of the cores. Goals (issue 12, 2 cores): p95 at most 3 s and peak memory at
-most 2.5 GB with 8 sessions; a hostile visitor raises the memory by at most 500 MB.
+server and takes its share of the cores, even at ``--browser-nice 19`` (the default); the same answers
+through the inference queue in-process, without browser or Streamlit, are printed beside as the floor.
+Goals (issue 12, 2 cores): p95 at most 3 s and peak memory at most 2.5 GB with 8 sessions; a hostile
+visitor raises the memory by at most 500 MB.
 """
 from __future__ import annotations
 
@@ -119,6 +121,27 @@ def train_resnet50(tmp: Path, weights: str | None) -> tuple[str, Path, int]:
     return url, tmp / "artifacts", result.run_id
 
 
+def queue_floor(store_url: str, run_id: int, images: list[Path], sessions: int, rounds: int) -> list[float]:
+    """The same answers without browser or Streamlit: ``sessions`` single-image jobs submitted at once to an
+    InferenceQueue in this process, ``rounds`` times; each job's submit-to-answer time (the server's floor)."""
+    from bcd_engine.inference.diagnosis import Diagnoser, Source
+    from bcd_engine.inference.service import InferenceQueue
+    from bcd_engine.store import RunStore
+
+    diagnoser = Diagnoser.for_runs([run_id], store=RunStore(store_url))
+    diagnoser.diagnose([Source(images[0].name, images[0].read_bytes())])  # compiles the forward pass
+    queue, times = InferenceQueue(), []
+    for r in range(rounds):
+        picks = [images[(r * sessions + i) % len(images)] for i in range(sessions)]
+        started = time.perf_counter()
+        jobs = [queue.submit(diagnoser.diagnose_steps([Source(p.name, p.read_bytes())])) for p in picks]
+        for job in jobs:
+            job.wait()
+            job.result()
+            times.append(time.perf_counter() - started)
+    return times
+
+
 def hostile_files() -> list[dict]:
     """Five 2 MB archives of 1 MiB members (each under the ratio limit) that would expand to 500 MB together,
     and a 7000 x 7000 16-bit PNG of about 100 KB."""
@@ -143,8 +166,28 @@ def upload(page, image: Path, name: str) -> None:
         files=[{"name": name, "mimeType": "image/png", "buffer": image.read_bytes()}])
 
 
-def open_diagnose(browser, base: str):
+def renice_browser(niceness: int) -> None:
+    """Give every process of this benchmark's browser ``niceness`` (chromium sets its renderers' own priority,
+    so the niceness the browser inherited is not enough)."""
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if "chrom" not in (proc / "comm").read_text():
+                continue
+            pid, ancestors = int(proc.name), []
+            parent = pid
+            while parent > 1 and len(ancestors) < 32:
+                parent = int((Path("/proc") / str(parent) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                ancestors.append(parent)
+            if me in ancestors:
+                os.setpriority(os.PRIO_PROCESS, pid, niceness)
+
+
+def open_diagnose(browser, base: str, niceness: int):
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    renice_browser(niceness)
     page.goto(f"{base}/diagnose")
     page.get_by_role("heading", level=1, name="Diagnose images").first.wait_for(timeout=TIMEOUT_MS)
     wait_script_done(page)
@@ -191,6 +234,9 @@ def main() -> None:
     parser.add_argument("--images", help="folder of smear images to upload (default: the SYNTHETIC set)")
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="uploads per session in each phase")
+    parser.add_argument("--browser-nice", type=int, default=19,
+                        help="niceness of the browser (default 19: in real use the visitors' browsers run on their own "
+                             "machines, so here they get only the CPU the server leaves; 0 to compete with it)")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -205,6 +251,7 @@ def main() -> None:
     else:
         log(f"training a ResNet50 run in {tmp} (weights: {args.weights or 'random'}) ...")
         url, artifacts, _ = train_resnet50(tmp, args.weights)
+    os.environ["BCD_ARTIFACTS_DIR"] = str(artifacts)
     from bcd_engine.data.synthetic import ensure_demo_dataset
 
     folder = Path(args.images) if args.images else ensure_demo_dataset()
@@ -220,6 +267,8 @@ def main() -> None:
                                                         key=lambda r: r.test_accuracy or 0)
     store.close()
     log(f"serving run {run.id} ({run.backbone}) in demo mode; {len(images)} smears from {folder}")
+    floor = queue_floor(read_only, run.id, images, args.sessions, args.rounds)
+    log(f"queue floor, {args.sessions} jobs at once in-process: {latency_summary(floor)}")
 
     server = None
     with open(tmp / "streamlit.log", "wb") as server_log:
@@ -230,13 +279,13 @@ def main() -> None:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 pick = iter(images * 4)
-                solo = open_diagnose(browser, base)
+                solo = open_diagnose(browser, base, args.browser_nice)
                 concurrent_round([solo], [next(pick)], "warm-up")  # loads the model
                 memory.reset()
                 single = [t for r in range(args.rounds) for t in concurrent_round([solo], [next(pick)], f"solo{r}")]
                 single_peak = memory.peak
                 log(f"1 session: {latency_summary(single)}")
-                pages = [solo] + [open_diagnose(browser, base) for _ in range(args.sessions - 1)]
+                pages = [solo] + [open_diagnose(browser, base, args.browser_nice) for _ in range(args.sessions - 1)]
                 memory.reset()
                 many = [t for r in range(args.rounds)
                         for t in concurrent_round(pages, [next(pick) for _ in pages], f"many{r}")]
@@ -263,15 +312,17 @@ def main() -> None:
                 kill_group(server.pid)
                 server.wait(10)
 
-    s1, s8 = latency_summary(single), latency_summary(many)
+    s1, s8, s0 = latency_summary(single), latency_summary(many), latency_summary(floor)
     result = {
         "benchmark": "demo_load",
         "machine": {**machine(), "chromium": chromium_version},
         "run": {"id": run.id, "backbone": run.backbone, "image_size": run.config.get("train", {}).get("image_size")},
         "smears": str(folder),
+        "browser_nice": args.browser_nice,
         "server_idle_rss_mb": round(idle / 2**20),
         "one_session": {**s1, "peak_rss_mb": round(single_peak / 2**20)},
         "many_sessions": {"sessions": args.sessions, **s8, "peak_rss_mb": round(many_peak / 2**20)},
+        "queue_floor_in_process": {"jobs_at_once": args.sessions, **s0},
         "hostile": {"rss_rise_mb": round(hostile_rise / 2**20), "refusals_shown": refused},
         "goals": {"p95_at_most_3_s": s8["p95_s"] <= GOAL_P95_S, "peak_at_most_2_5_gb": many_peak <= GOAL_PEAK_BYTES,
                   "hostile_rise_at_most_500_mb": hostile_rise <= GOAL_HOSTILE_RISE_BYTES},
@@ -281,14 +332,18 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    print(f"machine: {m['cpu_model']}, {m['cores']} cores; chromium {m['chromium']} on the same machine")
+    print(f"machine: {m['cpu_model']}, {m['cores']} cores; chromium {m['chromium']} on the same machine "
+          f"at nice {args.browser_nice}")
     print(f"run {run.id}: {run.backbone}; smears from {folder}; server idle {result['server_idle_rss_mb']} MB")
     for label, s, peak in [("1 session ", s1, single_peak), (f"{args.sessions} sessions", s8, many_peak)]:
         print(f"  {label}: upload-to-answer p50 {s['p50_s']:.2f} s  p95 {s['p95_s']:.2f} s  max {s['max_s']:.2f} s "
               f"(n={s['n']}); peak RSS {peak / 2**30:.2f} GB")
+    print(f"  floor: {args.sessions} jobs at once on the inference queue in-process, no browser: "
+          f"p50 {s0['p50_s']:.2f} s  p95 {s0['p95_s']:.2f} s  max {s0['max_s']:.2f} s (n={s0['n']})")
     print(f"  hostile visitor: +{hostile_rise / 2**20:.0f} MB RSS ({refused} refusals shown)")
     print(f"  ratios: {args.sessions}-session p95 / 1-session p95 = {s8['p95_s'] / s1['p95_s']:.2f}; "
-          f"p95 / goal = {s8['p95_s'] / GOAL_P95_S:.2f}; peak / goal = {many_peak / GOAL_PEAK_BYTES:.2f}; "
+          f"p95 / floor p95 = {s8['p95_s'] / s0['p95_s']:.2f}; p95 / goal = {s8['p95_s'] / GOAL_P95_S:.2f}; "
+          f"peak / goal = {many_peak / GOAL_PEAK_BYTES:.2f}; "
           f"hostile rise / goal = {hostile_rise / GOAL_HOSTILE_RISE_BYTES:.2f}")
     print(f"  goals met: {result['goals']}; total {result['total_s']} s")
 

@@ -700,3 +700,19 @@ def test_killed_worker_is_marked_interrupted_when_an_entry_point_opens_the_store
     assert run.status == "interrupted"
     assert f"pid {child.pid}" in run.error
     assert store.get_run(alive_here).status == "running"
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_sqlite_store_deleted_or_replaced_under_a_running_process_says_so(tmp_path: Path, how: str) -> None:
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    store = RunStore.open(url)
+    run_id = _new_run(store, status="running")
+    store.log_epoch(run_id, phase=1, epoch=1, train_loss=1.0, train_accuracy=0.5)
+    for path in tmp_path.glob("results.db*"):
+        path.unlink()
+    if how == "replaced":
+        RunStore.open(url).close()  # e.g. the dashboard started again and made a new, empty store
+    with pytest.raises(StoreError, match="was deleted or replaced while this process was using it"):
+        store.log_epoch(run_id, phase=1, epoch=2, train_loss=0.5, train_accuracy=0.7)
+    with pytest.raises(StoreError, match="deleted or replaced"):
+        store.list_runs()

@@ -308,6 +308,8 @@ class RunStore:
         raw = url or settings.database_url()
         self._masked = mask_url(raw)
         self.read_only = False
+        self._file: Path | None = None  # a SQLite store's file, and the (device, inode) it had when first seen
+        self._file_identity: tuple[int, int] | None = None
         try:
             sa_url = normalize_url(raw)
             path, asked_read_only = (None, False)
@@ -326,6 +328,7 @@ class RunStore:
                     raise StoreError(f"there is no run store at {self._masked} (no such file){made}")
                 if self.read_only:
                     sa_url = _read_only_url(path)
+                self._file = path
             self._engine = make_engine(sa_url)
         except (ImportError, OSError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
@@ -423,6 +426,7 @@ class RunStore:
         """
         if write and self.read_only:
             raise StoreError(f"the run store at {self._masked} is read-only; nothing can be saved to it")
+        self._check_file()
         session = Session(self._write_engine if write else self._engine, expire_on_commit=False)
         try:
             yield session
@@ -434,6 +438,25 @@ class RunStore:
             raise error(f"run store {self._masked}: {_one_line(exc)}") from exc
         finally:
             session.close()
+
+    def _check_file(self) -> None:
+        """Raise :class:`StoreError` when the SQLite file was deleted or replaced since this store first saw it
+        (its open connections would go on writing into the deleted file, and every result would be lost)."""
+        if self._file is None:
+            return
+        try:
+            stat = self._file.stat()
+            identity = (stat.st_dev, stat.st_ino)
+        except OSError:
+            identity = None
+        if self._file_identity is None and identity is not None:
+            self._file_identity = identity
+        elif identity != self._file_identity:
+            self._engine.dispose()
+            raise StoreError(
+                f"the run store file {self._masked} was deleted or replaced while this process was using it; "
+                "nothing more is saved to it (restart the process to use the file there now)"
+            )
 
     @staticmethod
     def _require_run(session: Session, run_id: int) -> Run:

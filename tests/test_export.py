@@ -53,7 +53,7 @@ def test_keras_export_loads_back_and_predicts_the_same(trained, tmp_path):
     np.testing.assert_allclose(exported.predict(_inputs(), verbose=0), original.predict(_inputs(), verbose=0),
                                atol=1e-6)
     # The exported file is the one the run saved: its sha256 is the store's, and the card names it.
-    (artifact,) = store.get_artifacts(run_id)
+    (artifact,) = [a for a in store.get_artifacts(run_id) if a.kind == "model"]
     assert file_sha256(result.model_path) == artifact.sha256
     assert artifact.sha256 in result.card_path.read_text()
     labels = json.loads(result.labels_path.read_text())

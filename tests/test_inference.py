@@ -28,8 +28,8 @@ def trained(workspace, synthetic_dataset):
 
 def test_model_path_is_stored_relative_to_the_artifacts_folder(trained):
     store, result = trained
-    (artifact,) = store.get_artifacts(result.run_id)
-    assert artifact.path == f"run-{result.run_id}/model.keras"
+    paths = {artifact.kind: artifact.path for artifact in store.get_artifacts(result.run_id)}
+    assert paths == {"model": f"run-{result.run_id}/model.keras", "trust": f"run-{result.run_id}/trust.npz"}
 
 
 def test_store_and_artifacts_can_move_together(trained, tmp_path, monkeypatch, synthetic_dataset):
@@ -152,8 +152,8 @@ def test_model_identity_tells_a_reused_run_id_from_the_deleted_run(trained, synt
 
     store, result = trained
     before = model_identity(result.run_id, store=store)
-    (artifact,) = store.get_artifacts(result.run_id)
-    assert before.endswith(artifact.sha256)
+    (artifact,) = [a for a in store.get_artifacts(result.run_id) if a.kind == "model"]
+    assert artifact.sha256 in before
     store.delete_run(result.run_id)
     config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                          augment=AugmentConfig(factor=1), tta_views=1, seed=1)

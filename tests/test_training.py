@@ -95,8 +95,9 @@ def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dat
     assert groups_given[0].tolist() == [int(row["group_id"]) for row in split if row["subset"] == "test"]
     assert set(evaluation.metrics["per_class"]) == set(run.config["class_names"])
     assert len(store.get_predictions(evaluation.id)) == result.n_test
-    (artifact,) = store.get_artifacts(result.run_id)
-    assert artifact.path.endswith("model.keras") and len(artifact.sha256) == 64
+    artifacts = {artifact.kind: artifact for artifact in store.get_artifacts(result.run_id)}
+    assert artifacts["model"].path.endswith("model.keras") and len(artifacts["model"].sha256) == 64
+    assert artifacts["trust"].path.endswith("trust.npz")  # the OOD gate and temperature beside the model
 
 
 def test_feature_cache_is_hit_on_identical_run_and_missed_when_augmentation_changes(store, synthetic_dataset):

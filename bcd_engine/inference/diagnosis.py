@@ -34,6 +34,10 @@ MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit
 MAX_UPLOAD_TOTAL_BYTES = 256 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
 MAX_UPLOAD_FILES = MAX_FILES  # images in one upload, archive members included
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
+OUT_OF_DOMAIN_ADVICE = (
+    "This image does not look like the images the model was trained on (it may come from another lab, stain or "
+    "microscope, or not be a blood smear at all), so the model cannot judge it. No answer is given."
+)
 
 
 @dataclass(frozen=True)
@@ -123,32 +127,57 @@ class Diagnoser:
     def run_ids(self) -> list[int]:
         return [m.run_id for m in self.models]
 
-    def view_probabilities(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> np.ndarray:
-        """Probabilities (n, models x views, n_classes) for uint8 images given at each model's size."""
-        per_model = []
+    def _looks(self, images_by_model: Sequence[np.ndarray], *, tta: bool):
+        """(raw, calibrated) per-view probabilities (n, models x views, classes) and, per model, the OOD scores
+        (n,) of the images as given (view 0), or None for a run without a gate."""
+        raw, calibrated, scores = [], [], []
         for model, images in zip(self.models, images_by_model):
             views = dihedral_views(images) if tta else images[None]
-            prob = model.forward(np.ascontiguousarray(views.reshape(-1, *images.shape[1:])))
-            per_model.append(prob.reshape(len(views), len(images), -1).transpose(1, 0, 2))
-        return np.concatenate(per_model, axis=1)
+            prob, features = model.forward_with_features(np.ascontiguousarray(views.reshape(-1, *images.shape[1:])))
+            prob = prob.reshape(len(views), len(images), -1).transpose(1, 0, 2)
+            raw.append(prob)
+            calibrated.append(model.trust.calibrate(prob) if model.trust else prob)
+            scores.append(model.trust.gate.score(features[:len(images)]) if model.trust else None)
+        return np.concatenate(raw, axis=1), np.concatenate(calibrated, axis=1), scores
 
     def diagnose_arrays(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> list[dict]:
-        """One result per image: predicted class, mean probabilities, uncertainty and a plain reading."""
+        """One result per image: predicted class, probabilities, uncertainty, the OOD gate's verdict and a reading.
+
+        ``probabilities`` are the model's raw output (mean over views and models); ``calibrated_probabilities``
+        and the uncertainty use each run's temperature. ``in_domain`` is true only when every run's gate
+        passes the image (None when a run has no gate); ``ood_score`` and ``ood_threshold`` are those of the
+        run that finds the image most unusual. An image out of domain reads ``out_of_domain``.
+        """
         results = []
         looks = ("flips, turns and models" if len(self.models) > 1 else "flips and turns") if tta else "models"
-        for views in self.view_probabilities(images_by_model, tta=tta):
-            mean = views.mean(axis=0)
-            certainty = uncertainty(views)
+        raw, calibrated, scores = self._looks(images_by_model, tta=tta)
+        for i in range(len(raw)):
+            mean, shown = raw[i].mean(axis=0), calibrated[i].mean(axis=0)
+            certainty = uncertainty(calibrated[i])
             predicted = self.class_names[int(mean.argmax())]
-            level, sentence = reading(predicted, certainty, looks=looks)
+            gate = self._gate_verdict(scores, i)
+            level, sentence = (("out_of_domain", OUT_OF_DOMAIN_ADVICE) if gate["in_domain"] is False
+                               else reading(predicted, certainty, looks=looks))
             results.append({
                 "predicted_class": predicted,
                 "probabilities": dict(zip(self.class_names, mean.tolist())),
+                "calibrated_probabilities": dict(zip(self.class_names, shown.tolist())),
                 "uncertainty": certainty,
+                **gate,
                 "reading": level,
                 "advice": sentence,
             })
         return results
+
+    def _gate_verdict(self, scores: list[np.ndarray | None], i: int) -> dict:
+        if any(s is None for s in scores):
+            return {"in_domain": None, "ood_score": None, "ood_threshold": None}
+        ratios = [s[i] / m.trust.gate.threshold for s, m in zip(scores, self.models)]
+        worst = int(np.argmax(ratios))
+        threshold = self.models[worst].trust.gate.threshold
+        return {"in_domain": bool(all(r <= 1 for r in ratios)), "ood_score": float(scores[worst][i]),
+                "ood_threshold": float(threshold), **({"ood_run": self.models[worst].run_id}
+                                                       if len(self.models) > 1 else {})}
 
     def diagnose(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
                  on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -254,11 +283,13 @@ def results_frame(results: Sequence[dict]) -> pd.DataFrame:
     """A flat table of diagnosis results (one row per image) for display and CSV download."""
     rows = []
     for r in results:
-        row = {"image": r["name"], "predicted_class": r.get("predicted_class"), "reading": r.get("reading"),
+        answered = r.get("reading") != "out_of_domain"  # an image the gate refused gets no class as its answer
+        row = {"image": r["name"], "predicted_class": r.get("predicted_class") if answered else None,
+               "reading": r.get("reading"), "in_domain": r.get("in_domain"), "ood_score": r.get("ood_score"),
                "error": r.get("error")}
         if "uncertainty" in r:
             row.update({k: r["uncertainty"][k] for k in ("confidence", "margin", "disagreement")})
-        row.update({f"p({name})": p for name, p in r.get("probabilities", {}).items()})
+        row.update({f"p({name})": p for name, p in r.get("calibrated_probabilities", {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 

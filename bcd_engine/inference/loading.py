@@ -11,6 +11,7 @@ from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.errors import StoreError
 from bcd_engine.files import file_sha256
 from bcd_engine.inference.predict import predict_proba
+from bcd_engine.inference.trust import TRUST_KIND, RunTrust, feature_model, load_trust
 from bcd_engine.models.backbones import get_backbone
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import RunStore
@@ -24,6 +25,7 @@ class LoadedModel:
     model: object
     config: TrainConfig
     class_names: list[str]
+    trust: RunTrust | None = None  # the run's OOD gate and temperature (None for runs trained before them)
     _forward: object = field(default=None, init=False, repr=False)  # the compiled forward pass, built on first use
 
     def preprocess(self):
@@ -31,6 +33,13 @@ class LoadedModel:
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (n, classes) for uint8 images at the model's size: one view each, in the run's colour mode.
+
+        Raw model output, not calibrated (see :attr:`trust`).
+        """
+        return self.forward_with_features(images)[0]
+
+    def forward_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, classes), pooled backbone features (n, d)) of uint8 images at the model's size.
 
         Runs the preprocessing and the model in batches through one compiled function, without the
         per-call overhead of ``model.predict`` (which matters when diagnosing one image at a time).
@@ -40,14 +49,21 @@ class LoadedModel:
         if self._forward is None:
             size = self.config.image_size
             preprocess = self.preprocess()
+            two_outputs = feature_model(self.model)
             self._forward = tf.function(
-                lambda x: self.model(preprocess(tf.cast(x, tf.float32)), training=False),
+                lambda x: two_outputs(preprocess(tf.cast(x, tf.float32)), training=False),
                 input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
             )
         images = apply_colour_mode(images, self.config.colour)
         step = self.config.batch_size
-        batches = [np.asarray(self._forward(images[i:i + step]), np.float64) for i in range(0, len(images), step)]
-        return np.concatenate(batches) if batches else np.zeros((0, len(self.class_names)))
+        probabilities, features = [], []
+        for i in range(0, len(images), step):
+            f, p = self._forward(images[i:i + step])
+            features.append(np.asarray(f, np.float64))
+            probabilities.append(np.asarray(p, np.float64))
+        if not probabilities:
+            return np.zeros((0, len(self.class_names))), np.zeros((0, 0))
+        return np.concatenate(probabilities), np.concatenate(features)
 
     def predict_arrays(self, images: np.ndarray, *, image_keys: list[str] | None = None,
                        progress: bool = False) -> np.ndarray:
@@ -72,7 +88,9 @@ def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
         raise StoreError(f"model file of run {run_id} cannot be loaded safely ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); refusing it") from exc
     run = store.get_run(run_id)
-    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]))
+    trust = load_trust(run_id, store=store, artifacts_root=settings.artifacts_dir())
+    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]),
+                       trust=trust)
 
 
 def run_model_file(run_id: int, *, store: RunStore) -> tuple[Path, str]:
@@ -96,8 +114,8 @@ def run_model_file(run_id: int, *, store: RunStore) -> tuple[Path, str]:
 
 
 def model_identity(run_id: int, *, store: RunStore) -> str:
-    """What tells this run's model from any other, even one saved later under a reused run id:
-    the run's creation time and its model's recorded sha256 (caches key on it)."""
+    """What tells this run's model from any other, even one saved later under a reused run id: the run's
+    creation time and the recorded sha256 of its model and of its OOD gate (caches key on it)."""
     run = store.get_run(run_id)
-    models = [a.sha256 for a in store.get_artifacts(run_id) if a.kind == "model"]
-    return f"{run.created_at.isoformat()}/{models[-1] if models else 'no model'}"
+    latest = {a.kind: a.sha256 for a in store.get_artifacts(run_id)}  # oldest first: the last of each kind wins
+    return f"{run.created_at.isoformat()}/{latest.get('model', 'no model')}/{latest.get(TRUST_KIND, 'no gate')}"

@@ -25,6 +25,7 @@ from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 from bcd_engine.files import atomic_path, file_sha256
 from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.predict import measure_latency, predict_proba
+from bcd_engine.inference.trust import fit_trust, save_trust
 from bcd_engine.models.augment import augment_image
 from bcd_engine.models.backbones import build_backbone, get_backbone
 from bcd_engine.models.config import TrainConfig
@@ -198,7 +199,12 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
                                   image_keys=[md5s[i] for i in split.test])
     evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names),
                                         groups=scan.groups[split.test])
+    monitor.check_cancel()
+    trust, trust_metrics = fit_trust(model, images, labels, train=split.train, val=split.val, test=split.test,
+                                     test_probabilities=test_prob, preprocess=preprocess, batch_size=config.batch_size)
+    evaluation.metrics.update(trust_metrics)
     model_path = save_model(model, run_id)
+    save_trust(trust, run_id, model_path.parent, store=store, artifacts_root=settings.artifacts_dir())
     evaluation.metrics.update(
         tta_views=config.tta_views,
         parameters=int(model.count_params()),

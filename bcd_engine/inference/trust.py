@@ -1,0 +1,142 @@
+"""What a run needs before its answers are shown: an out-of-distribution gate and a calibration temperature.
+
+Both are fitted on the run's own split after training (the gate on its training images' pooled features,
+its threshold and the temperature on its validation images) and saved beside the model as
+``trust.npz`` (artifact kind ``trust``). :func:`fit_trust_for_run` fits them later for a run trained
+before they existed, from the split the store recorded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bcd_engine.data.colour import apply_colour_mode
+from bcd_engine.data.images import load_images
+from bcd_engine.errors import StoreError, WriteError
+from bcd_engine.evaluation.calibration import apply_temperature, fit_temperature
+from bcd_engine.evaluation.confidence import expected_calibration_error
+from bcd_engine.evaluation.ood import MahalanobisGate
+from bcd_engine.files import atomic_path, file_sha256
+from bcd_engine.store import RunStore
+
+TRUST_KIND = "trust"
+TRUST_FILE = "trust.npz"
+FEATURE_LAYER = "pool"  # the global pooling layer between backbone and head (models.backbones.pooling_layer)
+
+
+@dataclass(frozen=True)
+class RunTrust:
+    """A run's OOD gate and the temperature that calibrates its probabilities."""
+
+    gate: MahalanobisGate
+    temperature: float
+
+    def calibrate(self, probabilities: np.ndarray) -> np.ndarray:
+        return apply_temperature(probabilities, self.temperature)
+
+    def save(self, path: Path) -> None:
+        """Write ``path`` whole or not at all (WriteError when it cannot be written)."""
+        try:
+            with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, means=self.gate.means, precision=self.gate.precision, threshold=self.gate.threshold,
+                         pass_rate=self.gate.pass_rate, temperature=self.temperature)
+        except OSError as exc:
+            raise WriteError(f"cannot save {path}: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def load(cls, path: Path) -> RunTrust:
+        with np.load(path, allow_pickle=False) as data:
+            gate = MahalanobisGate(data["means"], data["precision"], float(data["threshold"]), float(data["pass_rate"]))
+            return cls(gate, float(data["temperature"]))
+
+
+def feature_model(model):
+    """The run's model with two outputs: its pooled backbone features and its class probabilities.
+
+    The features are the pooling layer's output (bcd's models name it ``pool``); in a model without one,
+    whatever feeds its last layer.
+    """
+    import keras
+
+    names = {layer.name for layer in model.layers}
+    features = model.get_layer(FEATURE_LAYER).output if FEATURE_LAYER in names else model.layers[-1].input
+    return keras.Model(model.inputs, [features, model.output])
+
+
+def features_and_probabilities(two_outputs, images: np.ndarray, *, preprocess, batch_size: int):
+    """(features (n, d), probabilities (n, classes)) of uint8 images already in the run's colour mode, one view each."""
+    import tensorflow as tf
+
+    features, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        batch = preprocess(tf.cast(images[start:start + batch_size], tf.float32))
+        f, p = two_outputs(batch, training=False)
+        features.append(np.asarray(f, np.float64))
+        probabilities.append(np.asarray(p, np.float64))
+    if not features:
+        width = int(two_outputs.outputs[0].shape[-1])
+        return np.zeros((0, width)), np.zeros((0, int(two_outputs.outputs[1].shape[-1])))
+    return np.concatenate(features), np.concatenate(probabilities)
+
+
+def fit_trust(model, images: np.ndarray, labels: np.ndarray, *, train: np.ndarray, val: np.ndarray, test: np.ndarray,
+              test_probabilities: np.ndarray, preprocess, batch_size: int) -> tuple[RunTrust, dict]:
+    """Fit the gate (training images; threshold on validation) and the temperature (validation), and measure
+    both on the test images: (trust, metrics for the test evaluation).
+
+    ``test_probabilities`` are the run's test probabilities as evaluated (with its test-time views).
+    """
+    two_outputs = feature_model(model)
+    train_f, _ = features_and_probabilities(two_outputs, images[train], preprocess=preprocess, batch_size=batch_size)
+    val_f, val_p = features_and_probabilities(two_outputs, images[val], preprocess=preprocess, batch_size=batch_size)
+    test_f, _ = features_and_probabilities(two_outputs, images[test], preprocess=preprocess, batch_size=batch_size)
+    gate = MahalanobisGate.fit(train_f, labels[train], val_f)
+    trust = RunTrust(gate, fit_temperature(labels[val], val_p) if len(val) else 1.0)
+    flagged = ~gate.in_domain(test_f) if len(test_f) else np.zeros(0, bool)
+    return trust, {
+        "temperature": trust.temperature,
+        "ece_calibrated": expected_calibration_error(labels[test], trust.calibrate(test_probabilities)),
+        "ood_threshold": gate.threshold,
+        "ood_pass_rate": gate.pass_rate,
+        "ood_flagged": int(flagged.sum()),
+        "ood_flagged_share": float(flagged.mean()) if len(flagged) else 0.0,
+    }
+
+
+def save_trust(trust: RunTrust, run_id: int, folder: Path, *, store: RunStore, artifacts_root: Path) -> Path:
+    """Save ``trust`` as ``<folder>/trust.npz`` and record it as the run's ``trust`` artifact."""
+    path = folder / TRUST_FILE
+    trust.save(path)
+    store.save_artifact(run_id, kind=TRUST_KIND, path=path.relative_to(artifacts_root).as_posix(),
+                        sha256=file_sha256(path), size_bytes=os.path.getsize(path))
+    return path
+
+
+def load_trust(run_id: int, *, store: RunStore, artifacts_root: Path) -> RunTrust | None:
+    """The run's gate and temperature, sha256-checked; None for a run that has none (trained before them)."""
+    records = [a for a in store.get_artifacts(run_id) if a.kind == TRUST_KIND]
+    if not records:
+        return None
+    root = artifacts_root.resolve()
+    path = (root / records[-1].path).resolve()
+    if root not in path.parents or not path.is_file() or file_sha256(path) != records[-1].sha256:
+        raise StoreError(f"the OOD gate of run {run_id} is missing, outside the artifacts folder or does not match "
+                         "its recorded sha256; refusing to use the run")
+    return RunTrust.load(path)
+
+
+def split_indices(store: RunStore, run_id: int, paths: list[str]) -> dict[str, np.ndarray]:
+    """The run's recorded split as index arrays into ``paths`` (subset name -> indices)."""
+    position = {path: i for i, path in enumerate(paths)}
+    subsets: dict[str, list[int]] = {}
+    for row in store.get_split(run_id):
+        if row["path"] in position:
+            subsets.setdefault(row["subset"], []).append(position[row["path"]])
+    return {name: np.asarray(sorted(found), dtype=int) for name, found in subsets.items()}
+
+
+def load_split_images(paths: list[str], *, image_size: int, colour: str, progress: bool = False) -> np.ndarray:
+    return apply_colour_mode(load_images(paths, image_size=image_size, progress=progress), colour)

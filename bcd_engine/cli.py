@@ -23,10 +23,11 @@ from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import BCDError, ConfigError, WriteError
 from bcd_engine.export.bundle import FORMATS, export_run
+from bcd_engine.inference.calibrate import calibrate_run
 from bcd_engine.inference.diagnosis import Diagnoser, results_csv, sources_from_paths
 from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
 from bcd_engine.inference.explain import DEFAULT_OPACITY, explain_source, overlay
-from bcd_engine.inference.loading import load_run_model
+from bcd_engine.inference.loading import load_run_model, run_dataset
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.progress import progress_bar
@@ -35,6 +36,7 @@ from bcd_engine.protocols.baselines import IMAGE_SIZE, MODELS, cross_validate_cl
 from bcd_engine.protocols.crossval import DEFAULT_FOLDS, cross_validate
 from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_map
 from bcd_engine.protocols.robustness import colour_robustness_of_run
+from bcd_engine.reports.runs import dataset_label
 from bcd_engine.store import RunStore
 from bcd_engine.training.run import train
 from bcd_engine.training.worker import POLL_SECONDS, run_worker
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     evaluate.add_argument("--label-map", help='JSON file {"run": {class: label}, "data": {class: label}} when '
                           "class names differ (e.g. onto benign/malignant)")
+
+    calibrate = command("calibrate", _cmd_calibrate, "fit a run's out-of-domain gate and calibration temperature "
+                        "from its recorded split (for runs trained before bcd fitted them; training does it)")
+    calibrate.add_argument("--run", type=int, required=True, help="run id")
 
     robustness = command("robustness", _cmd_robustness, "colour robustness of a run: accuracy on its test split "
                          "with colour taken away (grayscale, Reinhard), beside a colour-only baseline on the same "
@@ -244,17 +250,19 @@ def _cmd_scan(args):
 
 
 def _cmd_runs(args):
+    records = RunStore.open().list_runs()
     runs = [
-        {"id": r.id, "backbone": r.backbone, "status": r.status, "protocol": r.protocol,
+        {"id": r.id, "backbone": r.backbone, "dataset": run_dataset(r), "status": r.status, "protocol": r.protocol,
          "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc, "created_at": r.created_at,
          "seconds": r.seconds}
-        for r in RunStore.open().list_runs()
+        for r in records
     ]
-    lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  protocol"]
-    for r in runs:
+    lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  {'dataset':<28} protocol"]
+    for r, record in zip(runs, records):
         acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
         auc = "-" if r["macro_auc"] is None else f"{r['macro_auc']:.4f}"
-        lines.append(f"{r['id']:>4}  {r['backbone']:<14} {r['status']:<11} {acc:>8} {auc:>6}  {r['protocol']}")
+        lines.append(f"{r['id']:>4}  {r['backbone']:<14} {r['status']:<11} {acc:>8} {auc:>6}  "
+                     f"{dataset_label(record):<28} {r['protocol']}")
     return {"runs": runs}, "\n".join(lines) if runs else "no runs yet", 0
 
 
@@ -357,10 +365,23 @@ def _cmd_evaluate(args):
         "n_images": evaluation.metrics["n"], "accuracy": evaluation.accuracy,
         "macro_f1": evaluation.metrics["macro_f1"], "macro_auc": evaluation.macro_auc,
         "confusion_matrix": evaluation.confusion_matrix, "class_names": evaluation.class_names,
+        "ood_flagged": evaluation.metrics.get("ood_flagged"),
     }
     text = (f"run {args.run} on {args.data}: {payload['n_images']} images, accuracy {payload['accuracy']:.4f}, "
             f"macro F1 {payload['macro_f1']:.4f}, macro AUC {payload['macro_auc']}")
+    if payload["ood_flagged"] is not None:
+        text += (f"; the out-of-domain gate flagged {payload['ood_flagged']} of {payload['n_images']} images "
+                 f"({evaluation.metrics['ood_flagged_share']:.1%}): they would get no answer from predict")
     return payload, text, 0
+
+
+def _cmd_calibrate(args):
+    result = calibrate_run(args.run, store=RunStore.open(), progress=True)
+    text = (f"run {args.run}: temperature {result['temperature']:.3f}; test ECE {result['ece']:.4f} before, "
+            f"{result['ece_calibrated']:.4f} after; out-of-domain gate threshold {result['ood_threshold']:.1f} "
+            f"(passes {result['ood_pass_rate']:.0%} of {result['images']['val']} validation images), flags "
+            f"{result['ood_flagged']} of {result['images']['test']} test images ({result['ood_flagged_share']:.1%})")
+    return result, text, 0
 
 
 def _cmd_robustness(args):
@@ -385,9 +406,13 @@ def _cmd_predict(args):
     for r in results:
         if "error" in r:
             lines.append(f"{r['path']}: error: {r['error']}")
+        elif r["reading"] == "out_of_domain":
+            lines.append(f"{r['path']}: out of domain (score {r['ood_score']:.1f} > threshold "
+                         f"{r['ood_threshold']:.1f}): no answer")
         else:
-            extra = f", disagreement {r['uncertainty']['disagreement']:.2f} ({r['reading']})" if args.tta else ""
-            lines.append(f"{r['path']}: {r['predicted_class']} ({r['probabilities'][r['predicted_class']]:.3f}{extra})")
+            extra = f", disagreement {r['uncertainty']['disagreement']:.2f}" if args.tta else ""
+            lines.append(f"{r['path']}: {r['predicted_class']} ({r['uncertainty']['confidence']:.3f} calibrated"
+                         f"{extra}; {r['reading']})")
     code = 0 if any("error" not in r for r in results) else 1
     return results, "\n".join(lines), code
 

@@ -8,7 +8,8 @@ from bcd_engine.reports import runs as run_tables
 from ui import common
 
 SHOWN_ERRORS = 5  # unusable files listed one by one above the results; the rest are in the table
-READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:"}
+READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:",
+                 "out_of_domain": ":material/block:"}
 
 st.title("Diagnose images")
 st.warning("**Research and teaching use only — not a medical device.** Never use it to diagnose anyone.",
@@ -17,21 +18,24 @@ common.explain(
     "Upload peripheral blood smear images (or one zip archive of them) and a trained model tells you which "
     "class each looks most like, with a probability per class. The model looks at every image 8 times — "
     "flipped and turned, since a smear has no \"up\" — and averages; if those looks disagree, or no class "
-    "stands out, the result is flagged. The probabilities are the model's own confidence, not a calibrated "
-    "chance of disease; a model trained on the SYNTHETIC demo set knows nothing about real smears. "
+    "stands out, the result is flagged. Before answering, the model checks that the image looks like the "
+    "images it was trained on; an image from another lab, stain or microscope, or not a smear at all, gets "
+    "no answer. The probabilities are calibrated on the model's validation images (a shown 80% was right "
+    "about 80% of the time there), but they are not a chance of disease, and a confident answer can still "
+    "be wrong. A model trained on the SYNTHETIC demo set knows nothing about real smears. "
     "The heatmap (Grad-CAM) shows where in the image the model looked for its answer."
 )
 common.demo_banner()
 store = common.store()
 
-best = run_tables.best_completed_run(store)
-if best is None:
+default = run_tables.default_run(store)
+if default is None:
     common.no_runs_yet("diagnose")
 runs = store.list_runs(status="completed")
-labels = {r.id: f"run {r.id}: {r.backbone}, test accuracy {r.test_accuracy:.3f}"
-          + (" (best)" if r.id == best.id else "") for r in runs}
+best = run_tables.best_runs_by_dataset(store)
+labels = {r.id: run_tables.run_label(r, best) for r in runs}
 run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
-                         default=[best.id], format_func=labels.get, key="diagnose_runs", max_selections=4)
+                         default=[default.id], format_func=labels.get, key="diagnose_runs", max_selections=4)
 uploads = st.file_uploader(
     "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
     accept_multiple_files=True, key="diagnose_upload",
@@ -74,18 +78,27 @@ if len(unusable) > SHOWN_ERRORS:
 if len(good) == 1 and len(results) == 1:
     result = good[0]
     st.subheader(result["name"])
+    if result["reading"] == "out_of_domain":  # no class is the answer: only why, and the gate's figures
+        st.error(result["advice"], icon=READING_ICONS["out_of_domain"])
+        st.caption(f"Unusualness score {result['ood_score']:,.0f}; images scoring above {result['ood_threshold']:,.0f} "
+                   "are refused (95% of the model's own validation images score below it). A score measures how "
+                   "far the image lies from the training images in the network's feature space.")
+        st.stop()
     (st.success if result["reading"] == "ok" else st.warning)(result["advice"], icon=READING_ICONS[result["reading"]])
     left, right = st.columns(2)
-    probabilities = result["probabilities"]
+    probabilities = result["calibrated_probabilities"]
     certainty = result["uncertainty"]
     right.metric("Predicted class", result["predicted_class"], f"{certainty['confidence']:.1%} confidence",
                  delta_color="off")
     fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
-                 labels={"x": f"probability (mean of {certainty['views']} looks)", "y": "class"},
+                 labels={"x": f"calibrated probability (mean of {certainty['views']} looks)", "y": "class"},
                  text=[f"{p:.1%}" for p in probabilities.values()])
     right.plotly_chart(fig, key="diagnose_probabilities")
+    gate = ("The image looks like the model's training images (it passed the out-of-domain check)."
+            if result["in_domain"] else "This run has no out-of-domain check: it cannot tell whether the image is "
+            "like its training images." if result["in_domain"] is None else "")
     right.caption(f"Views that disagree with the answer: {certainty['disagreement']:.0%} · "
-                  f"lead over the runner-up: {certainty['margin']:.1%}")
+                  f"lead over the runner-up: {certainty['margin']:.1%}. {gate}")
     opacity = left.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diagnose_opacity",
                           help="Grad-CAM of the first chosen model for the answer shown: red is where it "
                                "looked for that class.")
@@ -98,8 +111,12 @@ if len(good) == 1 and len(results) == 1:
 elif results:
     table = diagnosis.results_frame(results)
     flagged = int((table["reading"].isin(["unsure", "conflicting"])).sum())
-    st.metric("Images diagnosed", len(good), f"{flagged} flagged, {len(results) - len(good)} unusable",
-              delta_color="off")
+    refused = int((table["reading"] == "out_of_domain").sum())
+    st.metric("Images diagnosed", len(good), f"{flagged} flagged, {refused} out of domain, "
+              f"{len(results) - len(good)} unusable", delta_color="off")
+    if refused:
+        st.warning(f"{refused} image(s) do not look like the images the model was trained on (another lab, stain or "
+                   "microscope, or not a blood smear): they get no class in the table.", icon=":material/block:")
     st.dataframe(table, hide_index=True, key="diagnose_table",
                  column_config={"confidence": st.column_config.ProgressColumn(min_value=0, max_value=1),
                                 "disagreement": st.column_config.NumberColumn(format="%.2f")})

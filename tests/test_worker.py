@@ -39,7 +39,7 @@ def test_worker_once_trains_a_queued_run_to_completed(store, synthetic_dataset):
     run = store.get_run(run_id)
     assert run.status == "completed" and run.test_accuracy is not None
     assert store.get_epochs(run_id) and run_tables.holdout_evaluation(store, run_id) is not None
-    assert run_tables.best_completed_run(store).id == run_id
+    assert run_tables.default_run(store).id == run_id
     assert load_run_model(run_id, store=store).class_names == ["Benign", "Early", "Pre", "Pro"]
     assert worker.run_worker(once=True, store=store) == []  # queue empty: returns at once
 

@@ -34,6 +34,8 @@ MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit
 MAX_UPLOAD_TOTAL_BYTES = 256 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
 MAX_UPLOAD_FILES = MAX_FILES  # images in one upload, archive members included
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
+SYNTHETIC_MODEL_ADVICE = ("This model was trained on a SYNTHETIC demo set, not on real smears: its answer says "
+                          "nothing about a real image.")
 OUT_OF_DOMAIN_ADVICE = (
     "This image does not look like the images the model was trained on (it may come from another lab, stain or "
     "microscope, or not be a blood smear at all), so the model cannot judge it. No answer is given."
@@ -146,11 +148,13 @@ class Diagnoser:
         ``probabilities`` are the model's raw output (mean over views and models); ``calibrated_probabilities``
         and the uncertainty use each run's temperature. ``in_domain`` is true only when every run's gate
         passes the image (None when a run has no gate); ``ood_score`` and ``ood_threshold`` are those of the
-        run that finds the image most unusual. An image out of domain reads ``out_of_domain``.
+        run that finds the image most unusual. An image out of domain reads ``out_of_domain``. A model trained
+        on a SYNTHETIC set says so in every answer's advice, and never reads ``ok``.
         """
         results = []
         looks = ("flips, turns and models" if len(self.models) > 1 else "flips and turns") if tta else "models"
         raw, calibrated, scores = self._looks(images_by_model, tta=tta)
+        synthetic = any(m.synthetic for m in self.models)
         for i in range(len(raw)):
             mean, shown = raw[i].mean(axis=0), calibrated[i].mean(axis=0)
             certainty = uncertainty(calibrated[i])
@@ -158,6 +162,8 @@ class Diagnoser:
             gate = self._gate_verdict(scores, i)
             level, sentence = (("out_of_domain", OUT_OF_DOMAIN_ADVICE) if gate["in_domain"] is False
                                else reading(predicted, certainty, looks=looks))
+            if synthetic and level != "out_of_domain":
+                level, sentence = ("unsure" if level == "ok" else level), f"{SYNTHETIC_MODEL_ADVICE} {sentence}"
             results.append({
                 "predicted_class": predicted,
                 "probabilities": dict(zip(self.class_names, mean.tolist())),

@@ -49,7 +49,8 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     :func:`load_label_map`) both sides are mapped onto shared labels and a shared label's probability
     is the sum of its run classes' probabilities; a folder with one class is allowed (its accuracy is
     then one minus the rate of wrong shared labels, e.g. the false-malignant rate of benign images).
-    The evaluation is stored under ``evaluation_name``.
+    The evaluation is stored under ``evaluation_name``, with how many images the run's out-of-domain gate
+    flagged (``ood_flagged``, ``ood_flagged_share``) when it has one; the metrics cover every image.
     """
     loaded = load_run_model(run_id, store=store)
     scan = scan_dataset(data_dir, progress=progress, allow_single_class=True)
@@ -67,6 +68,9 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     merge = np.array([[run_map[run_class] == label for label in class_names] for run_class in loaded.class_names])
     y_prob = loaded.predict_arrays(images, image_keys=[r.md5 for r in scan.images], progress=progress) @ merge
     evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names, groups=scan.groups)
+    if loaded.trust is not None:  # the gate looks at each image as it is, as predict does
+        flagged = ~loaded.trust.gate.in_domain(loaded.forward_with_features(images)[1])
+        evaluation.metrics.update(ood_flagged=int(flagged.sum()), ood_flagged_share=float(flagged.mean()))
     save_evaluation(store, run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths,
                     y_true=y_true, y_prob=y_prob)
     return evaluation

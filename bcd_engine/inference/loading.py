@@ -8,13 +8,14 @@ import numpy as np
 
 from bcd_engine import settings
 from bcd_engine.data.colour import apply_colour_mode
+from bcd_engine.data.synthetic import is_synthetic
 from bcd_engine.errors import StoreError
 from bcd_engine.files import file_sha256
 from bcd_engine.inference.predict import predict_proba
 from bcd_engine.inference.trust import TRUST_KIND, RunTrust, feature_model, load_trust
 from bcd_engine.models.backbones import get_backbone
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.store import RunStore
+from bcd_engine.store import RunRecord, RunStore
 
 
 @dataclass
@@ -26,6 +27,7 @@ class LoadedModel:
     config: TrainConfig
     class_names: list[str]
     trust: RunTrust | None = None  # the run's OOD gate and temperature (None for runs trained before them)
+    synthetic: bool = False  # trained on a SYNTHETIC set: its answers say nothing about real smears
     _forward: object = field(default=None, init=False, repr=False)  # the compiled forward pass, built on first use
 
     def preprocess(self):
@@ -90,7 +92,17 @@ def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
     run = store.get_run(run_id)
     trust = load_trust(run_id, store=store, artifacts_root=settings.artifacts_dir())
     return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]),
-                       trust=trust)
+                       trust=trust, synthetic=run_dataset(run)["synthetic"])
+
+
+def run_dataset(run: RunRecord) -> dict:
+    """The dataset a run was trained on: ``{"name", "n_images", "synthetic"}`` (n_images None for a run queued,
+    or trained before bcd recorded it, whose folder is gone)."""
+    recorded = run.config.get("dataset")
+    if recorded:
+        return {"name": recorded["name"], "n_images": recorded["n_images"], "synthetic": bool(recorded["synthetic"])}
+    data_dir = run.config.get("data_dir") or ""
+    return {"name": Path(data_dir).name or "unknown", "n_images": None, "synthetic": is_synthetic(data_dir)}
 
 
 def run_model_file(run_id: int, *, store: RunStore) -> tuple[Path, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bcd_engine.inference.evaluate import latest_evaluation
+from bcd_engine.inference.loading import run_dataset
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.store import RunStore
 from bcd_engine.store.records import EvaluationRecord, RunRecord
@@ -21,10 +22,41 @@ THESIS_REFERENCE = [
 ]
 
 
-def best_completed_run(store: RunStore) -> RunRecord | None:
-    """The completed run with the highest test accuracy (newest first on ties), or None."""
-    runs = [r for r in store.list_runs(status="completed") if r.test_accuracy is not None]
-    return max(runs, key=lambda r: r.test_accuracy, default=None)
+def best_runs_by_dataset(store: RunStore) -> dict[str, RunRecord]:
+    """Per dataset name, its completed run with the highest test accuracy (the newest on ties): accuracies are
+    only compared between runs on the same dataset."""
+    best: dict[str, RunRecord] = {}
+    for run in store.list_runs(status="completed"):
+        if run.test_accuracy is None:
+            continue
+        name = run_dataset(run)["name"]
+        if name not in best or (run.test_accuracy, run.id) > (best[name].test_accuracy, best[name].id):
+            best[name] = run
+    return best
+
+
+def default_run(store: RunStore) -> RunRecord | None:
+    """The run to offer first: the best run on the real dataset with the most images; only when no run was
+    trained on real data, the best on a SYNTHETIC set; None without completed runs."""
+    best = list(best_runs_by_dataset(store).values())
+    return max(best, key=lambda r: (not run_dataset(r)["synthetic"], run_dataset(r)["n_images"] or 0, r.id),
+               default=None)
+
+
+def dataset_label(run: RunRecord) -> str:
+    """``Original (3,256 images)``, or ``synthetic-demo (240 images, SYNTHETIC)``."""
+    dataset = run_dataset(run)
+    parts = [f"{dataset['n_images']:,} images"] if dataset["n_images"] is not None else []
+    parts += ["SYNTHETIC"] if dataset["synthetic"] else []
+    return dataset["name"] + (f" ({', '.join(parts)})" if parts else "")
+
+
+def run_label(run: RunRecord, best: dict[str, RunRecord]) -> str:
+    """How a run is offered in a picker: id, backbone, dataset, test accuracy, and whether it is its dataset's best."""
+    name = run_dataset(run)["name"]
+    accuracy = "" if run.test_accuracy is None else f", test accuracy {run.test_accuracy:.3f}"
+    mark = f" (best on {name})" if best.get(name) is not None and best[name].id == run.id else ""
+    return f"run {run.id}: {run.backbone} on {dataset_label(run)}{accuracy}{mark}"
 
 
 def holdout_evaluation(store: RunStore, run_id: int) -> EvaluationRecord | None:
@@ -41,15 +73,18 @@ def runs_frame(store: RunStore) -> pd.DataFrame:
         spec = BACKBONES.get(run.backbone)
         train_cfg = run.config.get("train", {})
         rows.append({
-            "id": run.id, "backbone": run.backbone, "status": run.status, "protocol": run.protocol,
-            "test_accuracy": run.test_accuracy, "macro_auc": run.macro_auc, "macro_f1": metrics.get("macro_f1"),
+            "id": run.id, "backbone": run.backbone, "dataset": dataset_label(run), "status": run.status,
+            "protocol": run.protocol, "test_accuracy": run.test_accuracy, "macro_auc": run.macro_auc,
+            "macro_f1": metrics.get("macro_f1"), "ece": metrics.get("ece"),
+            "ece_calibrated": metrics.get("ece_calibrated"),
             "parameters_M": (metrics["parameters"] / 1e6) if metrics.get("parameters") else None,
             "backbone_params_M": spec.params_millions if spec else None,
             "weights": train_cfg.get("weights") or "none", "image_size": train_cfg.get("image_size"),
             "seconds": run.seconds, "created": run.created_at, "error": run.error,
         })
-    return pd.DataFrame(rows, columns=["id", "backbone", "status", "protocol", "test_accuracy", "macro_auc",
-                                       "macro_f1", "parameters_M", "backbone_params_M", "weights", "image_size",
+    return pd.DataFrame(rows, columns=["id", "backbone", "dataset", "status", "protocol", "test_accuracy",
+                                       "macro_auc", "macro_f1", "ece", "ece_calibrated", "parameters_M",
+                                       "backbone_params_M", "weights", "image_size",
                                        "seconds", "created", "error"])
 
 

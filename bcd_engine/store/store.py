@@ -879,6 +879,16 @@ class RunStore:
                 )
             return records
 
+    def add_evaluation_metrics(self, evaluation_id: int, metrics: Mapping[str, Any]) -> None:
+        """Add ``metrics`` to an evaluation's metrics (a key already there is replaced)."""
+        with _checked("add_evaluation_metrics"):
+            extra = dict(metrics)
+        with self._session(write=True) as s:
+            row = s.get(Evaluation, evaluation_id)
+            if row is None:
+                raise StoreError(f"no evaluation with id {evaluation_id} in the run store")
+            row.metrics = {**row.metrics, **extra}
+
     def get_predictions(self, evaluation_id: int) -> list[PredictionRecord]:
         """The per-image predictions of one evaluation, in saved order."""
         with self._session() as s:

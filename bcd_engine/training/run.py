@@ -20,6 +20,7 @@ from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
 from bcd_engine.data.scan import ScanResult, scan_dataset
 from bcd_engine.data.splits import Split, holdout_split
+from bcd_engine.data.synthetic import is_synthetic
 from bcd_engine.errors import BCDError, CancelledError, ConfigError, WriteError
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 from bcd_engine.files import atomic_path, file_sha256
@@ -103,7 +104,8 @@ def train(
     if split is None:
         split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
                               test_fraction=config.test_fraction, seed=config.seed)
-    run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names)}
+    run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names),
+                  "dataset": {"name": root.name, "n_images": scan.n_images, "synthetic": is_synthetic(root)}}
     dataset_id = store.register_dataset(name=root.name, root=str(root), n_images=scan.n_images,
                                         class_counts=scan.class_counts)
     if run_id is None:

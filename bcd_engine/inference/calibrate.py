@@ -1,0 +1,52 @@
+"""Fitting the OOD gate and the temperature of a run trained before bcd fitted them (or fitting them again).
+
+Uses the split the store recorded for the run: the gate on its training images, its threshold and the
+temperature on its validation images, and both measured on its test images, exactly as training does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bcd_engine import settings
+from bcd_engine.errors import DataError, StoreError
+from bcd_engine.inference.evaluate import TEST, latest_evaluation
+from bcd_engine.inference.loading import load_run_model, run_model_file
+from bcd_engine.inference.trust import fit_trust, load_split_images, save_trust
+from bcd_engine.store import RunStore
+
+
+def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> dict:
+    """Fit and save run ``run_id``'s gate and temperature from its recorded split; the figures training would
+    have stored with its test evaluation (added to it), with the test ECE before calibration beside them."""
+    loaded = load_run_model(run_id, store=store)
+    rows = store.get_split(run_id)
+    subsets = {row["subset"] for row in rows}
+    if not {"train", "test"} <= subsets:
+        raise StoreError(f"run {run_id} has no recorded train/test split (subsets: {sorted(subsets) or 'none'})")
+    paths = [row["path"] for row in rows]
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(paths)} images run {run_id} was trained on are missing "
+                        f"(first: {missing[0]}); calibrate where its dataset is")
+    labels = np.array([loaded.class_names.index(row["class_name"]) for row in rows])
+    index = {name: np.array([i for i, row in enumerate(rows) if row["subset"] == name], dtype=int)
+             for name in ("train", "val", "test")}
+    evaluation = latest_evaluation(store.get_evaluations(run_id), TEST)
+    if evaluation is None:
+        raise StoreError(f"run {run_id} has no test evaluation")
+    stored = {p.path: p.probabilities for p in store.get_predictions(evaluation.id)}
+    test_paths = [paths[i] for i in index["test"]]
+    if any(path not in stored for path in test_paths):
+        raise StoreError(f"run {run_id}'s test evaluation does not cover its test split")
+    images = load_split_images(paths, image_size=loaded.config.image_size, colour=loaded.config.colour,
+                               progress=progress)
+    trust, metrics = fit_trust(loaded.model, images, labels, train=index["train"], val=index["val"],
+                               test=index["test"], test_probabilities=np.array([stored[p] for p in test_paths]),
+                               preprocess=loaded.preprocess(), batch_size=loaded.config.batch_size)
+    folder = run_model_file(run_id, store=store)[0].parent
+    save_trust(trust, run_id, folder, store=store, artifacts_root=settings.artifacts_dir())
+    store.add_evaluation_metrics(evaluation.id, metrics)
+    return {"run_id": run_id, "ece": evaluation.metrics.get("ece"), **metrics,
+            "images": {name: len(found) for name, found in index.items()}}

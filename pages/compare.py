@@ -257,28 +257,54 @@ for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
                       xaxis_title="model's confidence in its answer", yaxis_title="share of answers right",
                       xaxis_range=[0, 1], yaxis_range=[0, 1.05])
     col.plotly_chart(fig, key=f"compare_reliability_{run_id}")
-    col.metric("ECE", f"{ev.metrics.get('ece', float('nan')):.3f}", help="0 is perfect; lower is better.")
+    before, after = ev.metrics.get("ece"), ev.metrics.get("ece_calibrated")
+    col.metric("ECE", f"{before:.3f}" if before is not None else "n/a", help="0 is perfect; lower is better.")
+    if after is not None:
+        col.metric("ECE after calibration", f"{after:.3f}",
+                   help=f"With the temperature {ev.metrics['temperature']:.2f} fitted on the run's validation images "
+                        "(the probabilities Diagnose shows). The bars above are before calibration.")
+
+st.subheader("Risk and coverage: how right is the model when it answers only when most sure?")
+st.caption("Test images are ranked by the model's confidence; a point shows the accuracy on the most confident share "
+           "of them. A curve that falls as more images are answered means confidence tells right from wrong, so "
+           "leaving the least confident images to a specialist buys accuracy.")
+curves = pd.concat([run_tables.risk_coverage_frame(store, ev).assign(run=labels[run_id])
+                    for run_id, ev in tests.items()])
+fig = px.line(curves, x="coverage", y="accuracy", color="run", hover_data={"confidence": ":.3f"},
+              labels={"coverage": "share of test images answered (most confident first)", "accuracy": "accuracy"})
+st.plotly_chart(fig.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", legend_title_text=""),
+                key="compare_risk_coverage")
 
 st.subheader("Per-class precision, recall and F1")
 per_class = pd.concat([run_tables.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
                        for run_id, ev in tests.items()])
 st.dataframe(per_class.set_index(["run", "class"]).round(3), key="compare_per_class")
 
-st.subheader("Misclassified test images")
-gallery_run = st.selectbox("Run", list(tests), format_func=labels.get, key="compare_gallery_run")
-wrong = run_tables.misclassified(store, tests[gallery_run])
-show_cam = st.toggle("Show where the model looked (Grad-CAM)", key="compare_gradcam",
-                     help="Red marks the parts of the image that pushed the model towards its (wrong) answer.")
+st.subheader("Images behind a confusion-matrix cell")
+pick_run, pick_true, pick_predicted, pick_cam = st.columns([3, 2, 2, 2])
+gallery_run = pick_run.selectbox("Run", list(tests), format_func=labels.get, key="compare_gallery_run")
+cell_ev = tests[gallery_run]
+worst_true, worst_predicted = run_tables.worst_cell(cell_ev)
+true_class = pick_true.selectbox("True class", cell_ev.class_names, key=f"compare_cell_true_{gallery_run}",
+                                 index=cell_ev.class_names.index(worst_true))
+predicted_class = pick_predicted.selectbox("Predicted class", cell_ev.class_names,
+                                           key=f"compare_cell_predicted_{gallery_run}",
+                                           index=cell_ev.class_names.index(worst_predicted))
+show_cam = pick_cam.toggle("Show where the model looked (Grad-CAM)", key="compare_gradcam",
+                           help="Red marks the parts of the image that pushed the model towards its answer.")
+items = run_tables.cell_images(store, cell_ev, true_class, predicted_class)
+count = cell_ev.confusion_matrix[cell_ev.class_names.index(true_class)][cell_ev.class_names.index(predicted_class)]
+st.caption(f"{count} test image(s) of class {true_class} that run {gallery_run} called {predicted_class}"
+           + (f"; the {len(items)} it was most sure of." if count > len(items) else ".")
+           + " The pair starts at the most frequent mistake.")
 loaded = None
-if show_cam and wrong:
+if show_cam and items:
     try:
         loaded = common.load_model(gallery_run)
     except BCDError as exc:
         st.error(common.public(f"Cannot load the model of run {gallery_run}, so no heatmaps: {exc}"))
-if not wrong:
-    st.success("No misclassified test images.")
-for col, item in zip(st.columns(6) * 4, wrong):
-    caption = f"true {item['true']} → predicted {item['predicted']} ({item['confidence']:.2f})"
+for col, item in zip(st.columns(6) * 4, items):
+    caption = ", ".join(f"{name} {p:.2f}" for name, p in item["probabilities"].items())
     try:
         if loaded is None:
             col.image(load_image(item["path"]), width="stretch", caption=caption)

@@ -132,7 +132,8 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
     ids = fill_store(RunStore.open(isolated["url"]), synthetic_dataset)
     at = open_page("pages/compare.py")
     headers = [s.value for s in at.subheader]
-    for wanted in ("Cross-validation", "Leave one dataset out", "Confusion matrices", "Misclassified test images"):
+    for wanted in ("Cross-validation", "Leave one dataset out", "Confusion matrices",
+                   "Images behind a confusion-matrix cell"):
         assert wanted in headers
     assert any("Reliability" in h for h in headers) and any("shortcut audit" in h for h in headers)
     runs_table, _reference, cv_summary, cv_folds, lodo, _per_class = (d.value for d in at.dataframe)
@@ -151,6 +152,18 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
     assert bars["type"] == "bar" and diagonal["x"] == [0, 1] == diagonal["y"]
     assert "(group-aware, stratified)" in charts[f"compare_cm_{selected[0]}"]["layout"]["title"]["text"]
     assert [m.label for m in at.metric].count("ECE") == len(selected)
+    assert len(charts["compare_risk_coverage"]["data"]) == len(selected)  # one curve per run
+
+    # The cell picker starts at the most frequent mistake and shows exactly that cell's images.
+    run_id = at.selectbox(key="compare_gallery_run").value
+    true_class = at.selectbox(key=f"compare_cell_true_{run_id}").value
+    predicted = at.selectbox(key=f"compare_cell_predicted_{run_id}").value
+    evaluation = RunStore(isolated["url"]).get_evaluations(run_id)[0]
+    names = evaluation.class_names
+    counts = evaluation.confusion_matrix
+    assert true_class != predicted and counts[names.index(true_class)][names.index(predicted)] == max(
+        counts[i][j] for i in range(len(names)) for j in range(len(names)) if i != j)
+    assert len(at.get("image")) == min(24, counts[names.index(true_class)][names.index(predicted)])
 
 
 def test_compare_runs_the_shortcut_audit_once_and_reports_a_missing_model(isolated, synthetic_dataset):

@@ -1,10 +1,11 @@
 """Tables for the Train and Compare pages: one row per run, epochs as a long table, per-class metrics,
-misclassified images, and the accuracies the thesis reported.
+the images of a confusion-matrix cell, risk-coverage curves, and the accuracies the thesis reported.
 """
 from __future__ import annotations
 
 import pandas as pd
 
+from bcd_engine.evaluation.calibration import risk_coverage
 from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.inference.loading import run_dataset
 from bcd_engine.models.backbones import BACKBONES
@@ -106,12 +107,32 @@ def per_class_frame(evaluation: EvaluationRecord) -> pd.DataFrame:
     return pd.DataFrame([{"class": name, **per_class.get(name, {})} for name in evaluation.class_names])
 
 
-def misclassified(store: RunStore, evaluation: EvaluationRecord, limit: int = 24) -> list[dict]:
-    """Up to ``limit`` wrong predictions: path, true and predicted class, confidence in the prediction."""
-    out = []
-    for p in store.get_predictions(evaluation.id):
-        if p.true_class != p.predicted_class:
-            confidence = p.probabilities[evaluation.class_names.index(p.predicted_class)]
-            out.append({"path": p.path, "true": p.true_class, "predicted": p.predicted_class,
-                        "confidence": confidence})
-    return out[:limit]
+def cell_images(store: RunStore, evaluation: EvaluationRecord, true_class: str, predicted_class: str,
+                limit: int = 24) -> list[dict]:
+    """Up to ``limit`` images of one confusion-matrix cell (true class, predicted class): path and the
+    probability of every class, most confident first."""
+    out = [{"path": p.path, "true": p.true_class, "predicted": p.predicted_class,
+            "probabilities": dict(zip(evaluation.class_names, p.probabilities)),
+            "confidence": p.probabilities[evaluation.class_names.index(p.predicted_class)]}
+           for p in store.get_predictions(evaluation.id)
+           if p.true_class == true_class and p.predicted_class == predicted_class]
+    return sorted(out, key=lambda item: -item["confidence"])[:limit]
+
+
+def worst_cell(evaluation: EvaluationRecord) -> tuple[str, str]:
+    """The off-diagonal confusion-matrix cell with the most images (true, predicted); the first diagonal cell
+    when every image is right."""
+    counts = [[count if i != j else -1 for j, count in enumerate(row)]
+              for i, row in enumerate(evaluation.confusion_matrix)]
+    i, j = max(((i, j) for i in range(len(counts)) for j in range(len(counts))), key=lambda c: counts[c[0]][c[1]])
+    names = evaluation.class_names
+    return (names[i], names[j]) if counts[i][j] > 0 else (names[0], names[0])
+
+
+def risk_coverage_frame(store: RunStore, evaluation: EvaluationRecord) -> pd.DataFrame:
+    """Accuracy against the share of test images answered, the most confident first (coverage, accuracy)."""
+    predictions = store.get_predictions(evaluation.id)
+    names = evaluation.class_names
+    curve = risk_coverage([names.index(p.true_class) for p in predictions], [p.probabilities for p in predictions])
+    return pd.DataFrame({"coverage": curve["coverage"], "accuracy": curve["accuracy"],
+                         "confidence": curve["threshold"]})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.inference.evaluate import latest_evaluation
+from bcd_engine.inference.loading import run_dataset
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
 from bcd_engine.store import EvaluationRecord, RunRecord
 from bcd_engine.version import __version__
@@ -73,7 +74,7 @@ def model_card(
         "",
         "## Data and protocol",
         "",
-        f"- Dataset folder: `{data_dir}`",
+        f"- Dataset: {_dataset(run)}; folder `{data_dir}`",
         f"- Protocol: {run.protocol}",
         f"- Split: {_split_sizes(split)}",
         f"- Duplicates: {_duplicate_handling(split)}",
@@ -92,6 +93,7 @@ def model_card(
         lines += _evaluation_section(evaluation)
     if not evaluations:
         lines += ["", "No evaluation is stored for this run."]
+    lines += _trust_lines(test_metrics, run)
     lines += ["", "## Shortcut audit", ""]
     lines += _audit_lines(shortcuts, leakage, data_dir)
     lines += [
@@ -175,6 +177,11 @@ def _evaluation_section(evaluation: EvaluationRecord) -> list[str]:
         interval = f"{_num(ci.get('low'))} – {_num(ci.get('high'))}" if ci.get("low") is not None else "n/a"
         lines.append(f"| {label} | {_num(metrics.get(key))} | {interval} |")
     lines.append(f"| ECE | {_num(metrics.get('ece'))} | |")
+    if metrics.get("ece_calibrated") is not None:
+        lines.append(f"| ECE after calibration (temperature {metrics['temperature']:.2f}) | "
+                     f"{_num(metrics['ece_calibrated'])} | |")
+    if metrics.get("ood_flagged_share") is not None:
+        lines.append(f"| Flagged out of domain by the gate | {_pct(metrics['ood_flagged_share'])} | |")
     per_class = metrics.get("per_class") or {}
     if per_class:
         lines += ["", "| class | precision | recall (sensitivity) | specificity | F1 | AUC | n |",
@@ -183,6 +190,32 @@ def _evaluation_section(evaluation: EvaluationRecord) -> list[str]:
                   f"| {_num(c.get('f1'))} | {_num(c.get('auc'))} | {c.get('support', '?')} |"
                   for name, c in per_class.items()]
     return lines
+
+
+def _dataset(run: RunRecord) -> str:
+    dataset = run_dataset(run)
+    size = f", {dataset['n_images']:,} images" if dataset["n_images"] is not None else ""
+    return f"{dataset['name']}{size}" + (" (**SYNTHETIC**: drawn by a program, not medical data)"
+                                         if dataset["synthetic"] else "")
+
+
+def _trust_lines(test_metrics: dict, run: RunRecord) -> list[str]:
+    lines = ["", "## Out-of-domain gate and calibration", ""]
+    if test_metrics.get("ood_threshold") is None:
+        return [*lines, f"This run has no out-of-domain gate and no calibration temperature; "
+                        f"`python -m bcd_engine calibrate --run {run.id}` fits them from its recorded split."]
+    return [*lines,
+            "bcd answers only for images that look like the training images: a Mahalanobis score on the network's "
+            "pooled features (class means and one shared, shrunk covariance from the training images) must stay "
+            f"under {test_metrics['ood_threshold']:.1f}, a threshold that {_pct(test_metrics['ood_pass_rate'])} of "
+            "the validation images pass (set from in-domain images only). "
+            f"It flagged {_pct(test_metrics['ood_flagged_share'])} of the test images. It catches images far from "
+            "every class in feature space (another lab's stain or microscope, no smear at all, noise, blank frames); "
+            "it does not catch an in-domain image the model gets wrong, and a confident answer is not a correct one.",
+            "",
+            f"Probabilities shown are calibrated by temperature scaling (T = {test_metrics['temperature']:.2f}, fitted "
+            "on the validation images, never below 1); the exported model gives the raw probabilities: divide "
+            "their logarithms by T and apply softmax to calibrate them."]
 
 
 def _recipe(train: dict) -> str:

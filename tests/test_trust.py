@@ -13,6 +13,7 @@ from bcd_engine.inference.diagnosis import OUT_OF_DOMAIN_ADVICE, Diagnoser, resu
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.inference.trust import RunTrust
 from bcd_engine.models.config import AugmentConfig, TrainConfig
+from bcd_engine.store import Protocol
 from bcd_engine.training.run import train
 
 SIZE = 32
@@ -140,3 +141,54 @@ def test_risk_coverage_answers_the_most_confident_first():
     curve = risk_coverage(labels, prob)
     assert curve["coverage"] == [0.25, 0.5, 0.75, 1.0]
     assert curve["accuracy"] == [1.0, 1.0, pytest.approx(2 / 3), 0.5]
+
+
+def _finished(store, *, accuracy: float, name: str, n_images: int, synthetic: bool) -> int:
+    config = {"train": {"backbone": "resnet50"}, "data_dir": f"/data/{name}", "class_names": ["a", "b"],
+              "dataset": {"name": name, "n_images": n_images, "synthetic": synthetic}}
+    run_id = store.create_run(backbone="resnet50", protocol=Protocol.holdout(), config=config, status="running")
+    store.finish_run(run_id, status="completed", test_accuracy=accuracy, macro_auc=accuracy)
+    return run_id
+
+
+def test_best_is_chosen_per_dataset_and_the_default_is_the_best_on_real_data(workspace):
+    from bcd_engine.reports import runs as run_tables
+
+    drawn = _finished(workspace, accuracy=0.95, name="synthetic-demo", n_images=240, synthetic=True)
+    _finished(workspace, accuracy=0.80, name="Original", n_images=3256, synthetic=False)
+    best_real = _finished(workspace, accuracy=0.85, name="Original", n_images=3256, synthetic=False)
+    small = _finished(workspace, accuracy=0.99, name="Small", n_images=100, synthetic=False)
+    best = run_tables.best_runs_by_dataset(workspace)
+    assert {name: run.id for name, run in best.items()} == {"synthetic-demo": drawn, "Original": best_real,
+                                                            "Small": small}
+    assert run_tables.default_run(workspace).id == best_real  # not the synthetic 0.95, nor the tiny set's 0.99
+    records = {r.id: r for r in workspace.list_runs()}
+    assert run_tables.run_label(records[best_real], best) == (
+        f"run {best_real}: resnet50 on Original (3,256 images), test accuracy 0.850 (best on Original)")
+    assert "SYNTHETIC" in run_tables.run_label(records[drawn], best)
+    table = run_tables.runs_frame(workspace).set_index("id")
+    assert table.loc[drawn, "dataset"] == "synthetic-demo (240 images, SYNTHETIC)"
+
+
+def test_runs_json_names_each_runs_dataset(workspace):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    run_id = _finished(workspace, accuracy=0.9, name="Original", n_images=3256, synthetic=False)
+    result = subprocess.run([sys.executable, "-m", "bcd_engine", "runs", "--json"], capture_output=True, text=True,
+                            env={**subprocess_env(), "BCD_DATABASE_URL": workspace.url}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (run,) = [r for r in json.loads(result.stdout)["runs"] if r["id"] == run_id]
+    assert run["dataset"] == {"name": "Original", "n_images": 3256, "synthetic": False}
+
+
+def test_a_synthetic_models_answers_carry_a_warning_and_never_read_ok(gated):
+    _, loaded, split, _ = gated
+    assert loaded.synthetic  # trained on the synthetic set by the fixture
+    results = Diagnoser([loaded]).diagnose_arrays([_images(sorted(split)[:6])])
+    in_domain = [r for r in results if r["in_domain"]]
+    assert in_domain and all(r["reading"] != "ok" and r["advice"].startswith("This model was trained on a SYNTHETIC")
+                             for r in in_domain)

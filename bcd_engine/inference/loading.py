@@ -12,7 +12,13 @@ from bcd_engine.data.synthetic import is_synthetic
 from bcd_engine.errors import StoreError
 from bcd_engine.files import file_sha256
 from bcd_engine.inference.predict import predict_proba
-from bcd_engine.inference.trust import TRUST_KIND, RunTrust, feature_model, load_trust
+from bcd_engine.inference.trust import (
+    TRUST_KIND,
+    RunTrust,
+    compiled_forward,
+    features_and_probabilities,
+    load_trust,
+)
 from bcd_engine.models.backbones import get_backbone
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import RunRecord, RunStore
@@ -46,26 +52,13 @@ class LoadedModel:
         Runs the preprocessing and the model in batches through one compiled function, without the
         per-call overhead of ``model.predict`` (which matters when diagnosing one image at a time).
         """
-        import tensorflow as tf
-
         if self._forward is None:
-            size = self.config.image_size
-            preprocess = self.preprocess()
-            two_outputs = feature_model(self.model)
-            self._forward = tf.function(
-                lambda x: two_outputs(preprocess(tf.cast(x, tf.float32)), training=False),
-                input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
-            )
-        images = apply_colour_mode(images, self.config.colour)
-        step = self.config.batch_size
-        probabilities, features = [], []
-        for i in range(0, len(images), step):
-            f, p = self._forward(images[i:i + step])
-            features.append(np.asarray(f, np.float64))
-            probabilities.append(np.asarray(p, np.float64))
-        if not probabilities:
-            return np.zeros((0, len(self.class_names))), np.zeros((0, 0))
-        return np.concatenate(probabilities), np.concatenate(features)
+            self._forward = compiled_forward(self.model, self.preprocess(), self.config.image_size)
+        features, probabilities = features_and_probabilities(
+            self._forward, apply_colour_mode(images, self.config.colour), batch_size=self.config.batch_size)
+        if not len(probabilities):
+            return np.zeros((0, len(self.class_names))), features
+        return probabilities, features
 
     def predict_arrays(self, images: np.ndarray, *, image_keys: list[str] | None = None,
                        progress: bool = False) -> np.ndarray:

@@ -66,19 +66,26 @@ def feature_model(model):
     return keras.Model(model.inputs, [features, model.output])
 
 
-def features_and_probabilities(two_outputs, images: np.ndarray, *, preprocess, batch_size: int):
-    """(features (n, d), probabilities (n, classes)) of uint8 images already in the run's colour mode, one view each."""
+def compiled_forward(model, preprocess, image_size: int):
+    """One compiled function: uint8 images (n, size, size, 3), as the model sees them (its colour mode applied),
+    to (pooled features, probabilities)."""
     import tensorflow as tf
 
+    two_outputs = feature_model(model)
+    return tf.function(lambda x: two_outputs(preprocess(tf.cast(x, tf.float32)), training=False),
+                       input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)])
+
+
+def features_and_probabilities(forward, images: np.ndarray, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, d), probabilities (n, classes)) of uint8 images through ``forward`` (:func:`compiled_forward`),
+    ``batch_size`` at a time."""
     features, probabilities = [], []
     for start in range(0, len(images), batch_size):
-        batch = preprocess(tf.cast(images[start:start + batch_size], tf.float32))
-        f, p = two_outputs(batch, training=False)
+        f, p = forward(images[start:start + batch_size])
         features.append(np.asarray(f, np.float64))
         probabilities.append(np.asarray(p, np.float64))
     if not features:
-        width = int(two_outputs.outputs[0].shape[-1])
-        return np.zeros((0, width)), np.zeros((0, int(two_outputs.outputs[1].shape[-1])))
+        return np.zeros((0, 0)), np.zeros((0, 0))
     return np.concatenate(features), np.concatenate(probabilities)
 
 
@@ -89,10 +96,10 @@ def fit_trust(model, images: np.ndarray, labels: np.ndarray, *, train: np.ndarra
 
     ``test_probabilities`` are the run's test probabilities as evaluated (with its test-time views).
     """
-    two_outputs = feature_model(model)
-    train_f, _ = features_and_probabilities(two_outputs, images[train], preprocess=preprocess, batch_size=batch_size)
-    val_f, val_p = features_and_probabilities(two_outputs, images[val], preprocess=preprocess, batch_size=batch_size)
-    test_f, _ = features_and_probabilities(two_outputs, images[test], preprocess=preprocess, batch_size=batch_size)
+    forward = compiled_forward(model, preprocess, images.shape[1])
+    train_f, _ = features_and_probabilities(forward, images[train], batch_size=batch_size)
+    val_f, val_p = features_and_probabilities(forward, images[val], batch_size=batch_size)
+    test_f, _ = features_and_probabilities(forward, images[test], batch_size=batch_size)
     gate = MahalanobisGate.fit(train_f, labels[train], val_f)
     trust = RunTrust(gate, fit_temperature(labels[val], val_p) if len(val) else 1.0)
     flagged = ~gate.in_domain(test_f) if len(test_f) else np.zeros(0, bool)

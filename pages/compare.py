@@ -68,12 +68,15 @@ def interval_bars(frame: pd.DataFrame, x: str, bars: dict[str, str], title: str)
 
 
 st.subheader("Runs")
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
 backbones = c1.multiselect("Backbone", sorted(runs["backbone"].unique()), key="compare_f_backbone")
 statuses = c2.multiselect("Status", sorted(runs["status"].unique()), key="compare_f_status")
 protocols = c3.multiselect("Protocol", sorted(runs["protocol"].unique()), key="compare_f_protocol")
+datasets = c4.multiselect("Dataset", sorted(runs["dataset"].unique()), key="compare_f_dataset",
+                          help="Accuracies are only comparable between runs on the same dataset.")
 shown = runs
-for column, wanted in (("backbone", backbones), ("status", statuses), ("protocol", protocols)):
+for column, wanted in (("backbone", backbones), ("status", statuses), ("protocol", protocols),
+                       ("dataset", datasets)):
     if wanted:
         shown = shown[shown[column].isin(wanted)]
 sort_by = st.selectbox("Sort by", ["test_accuracy", "macro_auc", "macro_f1", "parameters_M", "seconds", "id"],

@@ -111,9 +111,9 @@ def queue_panel() -> None:
     if not runs:
         st.caption("No runs yet.")
         return
-    st.dataframe(pd.DataFrame([{"id": r.id, "backbone": r.backbone, "status": r.status,
-                                "test accuracy": r.test_accuracy, "seconds": r.seconds, "error": r.error}
-                               for r in runs]), hide_index=True, key="train_queue")
+    st.dataframe(pd.DataFrame([{"id": r.id, "backbone": r.backbone, "dataset": run_tables.dataset_label(r),
+                                "status": r.status, "test accuracy": r.test_accuracy, "seconds": r.seconds,
+                                "error": r.error} for r in runs]), hide_index=True, key="train_queue")
     for run in [r for r in runs if r.status == "running"]:
         st.markdown(f"**Run {run.id}: {run.backbone}** — running")
         cfg = run.config["train"]

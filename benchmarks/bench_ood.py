@@ -1,6 +1,6 @@
 """How well a run's out-of-domain gate tells its own kind of image from others, and what it costs.
 
-    python benchmarks/bench_ood.py --run ID --external DIR [--json]
+    python benchmarks/bench_ood.py --run ID --external DIR [--photos DIR] [--json]
 
 Uses the store and artifacts of ``BCD_DATABASE_URL`` / ``BCD_ARTIFACTS_DIR``; a run without a gate gets
 one first (``calibrate_run``, as ``python -m bcd_engine calibrate`` does, which writes to that store).
@@ -8,8 +8,8 @@ Scores every image of the run's own test split and of ``--external`` (a folder o
 source, e.g. another lab's normal lymphocytes: it must never be used to set the threshold) with the
 gate, and prints the share each side flags, the AUROC of the score between them, the share flagged of
 images that are no smears at all (the SYNTHETIC demo set drawn at the run's size, uniform noise, blank
-white and black frames, the test images in grayscale), and the gate's cost per image beside the model's
-forward pass (one view, and the 8 views of --tta).
+white and black frames, the test images in grayscale, and with ``--photos`` a folder of photographs), and
+the gate's cost per image beside the model's forward pass (one view, and the 8 views of --tta).
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=int, required=True)
     parser.add_argument("--external", required=True, help="folder of images from another source (searched recursively)")
+    parser.add_argument("--photos", help="folder of photographs that are no smears (e.g. scikit-image's sample "
+                                         "images, skimage/data in its wheel); each counted as flagged or not")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -86,6 +88,9 @@ def main() -> None:
         "blank black": np.zeros((20, size, size, 3), np.uint8),
         "test images in grayscale": grey,
     }
+    if args.photos:
+        photos = sorted(str(p) for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        others[f"photographs ({len(photos)}, {args.photos})"] = load_images(photos, image_size=size)
     flagged_others = {name: float((scores(loaded, images) > threshold).mean()) for name, images in others.items()}
 
     one = test_images[:1]

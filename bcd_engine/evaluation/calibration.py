@@ -5,7 +5,8 @@ A softmax output ``p`` is rescaled as ``softmax(log p / T)``; ``T > 1`` softens 
 model. The class with the highest probability never changes, so accuracy and AUC do not either. ``T``
 is fitted on the validation split by minimising the negative log-likelihood, and then applied to every
 probability shown to a user. It is never below 1: a small validation split can make a model at chance
-look sure of itself, and bcd never shows a model as more confident than its own output.
+look sure of itself, and bcd never shows a model as more confident than its own output. And it stays 1
+unless it also lowers the validation images' expected calibration error.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from bcd_engine.errors import ConfigError
+from bcd_engine.evaluation.confidence import expected_calibration_error
 
 _EPS = 1e-12
 T_BOUNDS = (1.0, 20.0)
@@ -29,8 +31,9 @@ def apply_temperature(y_prob, temperature: float) -> np.ndarray:
 
 
 def fit_temperature(y_true, y_prob) -> float:
-    """The temperature in :data:`T_BOUNDS` that minimises the negative log-likelihood of ``y_true`` (1.0 when
-    there are no labelled images to fit on)."""
+    """The temperature in :data:`T_BOUNDS` that minimises the negative log-likelihood of ``y_true``; 1.0 when
+    there are no labelled images to fit on, or when that temperature would not lower their expected
+    calibration error as well."""
     y = np.asarray(y_true, dtype=int)
     prob = np.asarray(y_prob, dtype=np.float64)
     if prob.ndim != 2 or len(prob) != len(y):
@@ -44,7 +47,11 @@ def fit_temperature(y_true, y_prob) -> float:
 
     found = minimize_scalar(nll, bounds=tuple(np.log(T_BOUNDS)), method="bounded", options={"xatol": 1e-4})
     best = float(np.exp(found.x))
-    return best if nll(np.log(best)) < nll(0.0) else 1.0  # the bounded search never lands exactly on 1
+    # Kept only when it lowers the calibration error too: with a few confident mistakes among many right
+    # answers, the likelihood alone favours softening every answer, which leaves the model under-confident.
+    better = nll(np.log(best)) < nll(0.0) and (
+        expected_calibration_error(y, apply_temperature(prob, best)) < expected_calibration_error(y, prob))
+    return best if better else 1.0
 
 
 def risk_coverage(y_true, y_prob) -> dict[str, list[float]]:

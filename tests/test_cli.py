@@ -118,6 +118,10 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
     evaluated = json.loads(bcd("evaluate", "--run", run_id, "--data", synthetic_dataset, "--json", env=cli_env).stdout)
     assert evaluated["n_images"] == trained["n_train"] + trained["n_val"] + trained["n_test"]
     assert sum(map(sum, evaluated["confusion_matrix"])) == evaluated["n_images"]
+    assert 0 <= evaluated["ood_flagged"] <= evaluated["n_images"]
+    calibrated = json.loads(bcd("calibrate", "--run", run_id, "--json", env=cli_env).stdout)
+    assert calibrated["temperature"] >= 1 and calibrated["images"]["test"] == trained["n_test"]
+    assert calibrated["ood_pass_rate"] == 0.95 and 0 <= calibrated["ood_flagged"] <= trained["n_test"]
 
     images = sorted(Path(synthetic_dataset).glob("*/*.png"))[:2]
     junk = tmp_path / "junk.jpg"
@@ -127,6 +131,10 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
     predictions = json.loads(proc.stdout)
     assert [p["path"] for p in predictions] == [str(p) for p in [*images, junk]]
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions[:2])
+    for p in predictions[:2]:  # the result contract: the raw output, the gate's verdict, calibrated probabilities
+        assert isinstance(p["in_domain"], bool) and p["ood_score"] >= 0 and p["ood_threshold"] > 0
+        assert (p["reading"] == "out_of_domain") == (not p["in_domain"])
+        assert abs(sum(p["calibrated_probabilities"].values()) - 1) < 1e-4
     assert "error" in predictions[2] and "predicted_class" not in predictions[2]
     assert bcd("predict", "--run", run_id, junk, env=cli_env).returncode == 1
 

@@ -107,11 +107,15 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _diagnose_page(browser, base: str):
+def _smear(root: Path, i: int) -> bytes:
+    """The i-th image of the synthetic set the demo's model was trained on (one it answers for)."""
+    return sorted(root.glob("*/*.png"))[i].read_bytes()
+
+
+def _diagnose_page(browser, base: str, smears: Path):
     page = open_page(browser, base, "diagnose", "Diagnose images")
-    smear = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     page.locator('input[type="file"]').set_input_files(
-        files=[{"name": "smear.png", "mimeType": "image/png", "buffer": _png(smear)}])
+        files=[{"name": "smear.png", "mimeType": "image/png", "buffer": _smear(smears, 0)}])
     page.get_by_text("Predicted class").wait_for(timeout=120_000)  # the model is loaded and warm
     settle(page)
     return page
@@ -135,9 +139,9 @@ def test_no_page_offers_a_path_input_or_shows_a_server_path(demo, browser):
     assert any(server_tmp.glob("bcd-cache*/synthetic-demo/*/*.png"))
 
 
-def test_archives_expanding_far_past_the_budget_are_refused_with_memory_bounded(demo, browser):
+def test_archives_expanding_far_past_the_budget_are_refused_with_memory_bounded(demo, browser, synthetic_dataset):
     base, server, _private, _tmp = demo
-    page = _diagnose_page(browser, base)
+    page = _diagnose_page(browser, base, synthetic_dataset)
     # Each member passes the ratio check (about 50x: 20 KB of noise, then zeros), each archive is 2 MB,
     # and together they would expand to 500 MB, twice the upload's budget.
     noise = np.random.default_rng(1).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
@@ -161,9 +165,9 @@ def test_archives_expanding_far_past_the_budget_are_refused_with_memory_bounded(
     page.close()
 
 
-def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser):
+def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser, synthetic_dataset):
     base, server, _private, _tmp = demo
-    page = _diagnose_page(browser, base)
+    page = _diagnose_page(browser, base, synthetic_dataset)
     side = 7000  # 49 million pixels, under the 50 million cap
     ramp = (np.arange(side, dtype=np.uint32) * 9 % 65536).astype(np.uint16)
     buffer = io.BytesIO()
@@ -171,9 +175,10 @@ def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser):
     with PeakMemory(server.pid) as memory:
         page.locator('input[type="file"]').set_input_files(
             files=[{"name": "deep.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
-        page.get_by_text("deep.png").first.wait_for(timeout=120_000)
-        page.get_by_text("Predicted class").wait_for(timeout=120_000)
+        page.get_by_role("heading", name="deep.png").wait_for(timeout=120_000)
         settle(page)
+    # A ramp is no smear: the out-of-domain gate refuses it (that it was decoded at all is what is measured).
+    page.get_by_text("does not look like the images the model was trained on").wait_for(timeout=10_000)
     check(page, "demo-16-bit")
     # 49 MP at 16 bits is 98 MB as decoded; the 8-bit RGB image 147 MB. Before the band-wise conversion
     # this image took the server 1.3 GB.
@@ -205,16 +210,29 @@ def test_a_crafted_file_name_never_reaches_the_file_system(demo, browser):
     page.close()
 
 
-def test_visitors_waiting_at_once_all_get_answers(demo, browser):
+def test_visitors_waiting_at_once_all_get_answers(demo, browser, synthetic_dataset):
     base, _server, _private, _tmp = demo
     pages = [open_page(browser, base, "diagnose", "Diagnose images") for _ in range(3)]
     started = time.monotonic()
     for i, page in enumerate(pages):
-        smear = np.random.default_rng(10 + i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
         page.locator('input[type="file"]').set_input_files(
-            files=[{"name": f"smear{i}.png", "mimeType": "image/png", "buffer": _png(smear)}])
+            files=[{"name": f"smear{i}.png", "mimeType": "image/png", "buffer": _smear(synthetic_dataset, 10 + i)}])
     for page in pages:
         page.get_by_text("Predicted class").wait_for(timeout=120_000)
     assert time.monotonic() - started < 120
     for page in pages:
         page.close()
+
+
+def test_an_image_unlike_the_training_images_gets_no_answer(demo, browser):
+    base, _server, _private, _tmp = demo
+    page = open_page(browser, base, "diagnose", "Diagnose images")
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    page.locator('input[type="file"]').set_input_files(
+        files=[{"name": "blank.png", "mimeType": "image/png", "buffer": _png(blank)}])
+    page.get_by_text("does not look like the images the model was trained on").wait_for(timeout=120_000)
+    settle(page)
+    check(page, "demo-out-of-domain")
+    assert page.get_by_text("Predicted class").count() == 0  # no class is offered as the answer
+    assert page.get_by_text("Unusualness score").count() == 1
+    page.close()

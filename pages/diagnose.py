@@ -3,6 +3,7 @@ import plotly.express as px
 import streamlit as st
 
 from bcd_engine.errors import BCDError
+from bcd_engine.evaluation.ood import DEFAULT_PASS_RATE
 from bcd_engine.inference import diagnosis, explain, loading
 from bcd_engine.reports import runs as run_tables
 from ui import common
@@ -81,8 +82,8 @@ if len(good) == 1 and len(results) == 1:
     if result["reading"] == "out_of_domain":  # no class is the answer: only why, and the gate's figures
         st.error(result["advice"], icon=READING_ICONS["out_of_domain"])
         st.caption(f"Unusualness score {result['ood_score']:,.0f}; images scoring above {result['ood_threshold']:,.0f} "
-                   "are refused (95% of the model's own validation images score below it). A score measures how "
-                   "far the image lies from the training images in the network's feature space.")
+                   f"are refused ({DEFAULT_PASS_RATE:.0%} of the model's own validation images score below it). The "
+                   "score measures how far the image lies from the training images in the network's feature space.")
         st.stop()
     (st.success if result["reading"] == "ok" else st.warning)(result["advice"], icon=READING_ICONS[result["reading"]])
     left, right = st.columns(2)

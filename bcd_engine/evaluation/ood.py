@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -71,12 +70,3 @@ class MahalanobisGate:
 
     def in_domain(self, features) -> np.ndarray:
         return self.score(features) <= self.threshold
-
-    def save(self, path: str | Path) -> None:
-        with open(path, "wb") as fh:
-            np.savez(fh, means=self.means, precision=self.precision, threshold=self.threshold, pass_rate=self.pass_rate)
-
-    @classmethod
-    def load(cls, path: str | Path) -> MahalanobisGate:
-        with np.load(path, allow_pickle=False) as data:
-            return cls(data["means"], data["precision"], float(data["threshold"]), float(data["pass_rate"]))

@@ -2,8 +2,8 @@
 
 Both are fitted on the run's own split after training (the gate on its training images' pooled features,
 its threshold and the temperature on its validation images) and saved beside the model as
-``trust.npz`` (artifact kind ``trust``). :func:`fit_trust_for_run` fits them later for a run trained
-before they existed, from the split the store recorded.
+``trust.npz`` (artifact kind ``trust``). :func:`bcd_engine.inference.calibrate.calibrate_run` fits them
+for a run trained before they existed, from the split the store recorded.
 """
 from __future__ import annotations
 
@@ -133,16 +133,6 @@ def load_trust(run_id: int, *, store: RunStore, artifacts_root: Path) -> RunTrus
         raise StoreError(f"the OOD gate of run {run_id} is missing, outside the artifacts folder or does not match "
                          "its recorded sha256; refusing to use the run")
     return RunTrust.load(path)
-
-
-def split_indices(store: RunStore, run_id: int, paths: list[str]) -> dict[str, np.ndarray]:
-    """The run's recorded split as index arrays into ``paths`` (subset name -> indices)."""
-    position = {path: i for i, path in enumerate(paths)}
-    subsets: dict[str, list[int]] = {}
-    for row in store.get_split(run_id):
-        if row["path"] in position:
-            subsets.setdefault(row["subset"], []).append(position[row["path"]])
-    return {name: np.asarray(sorted(found), dtype=int) for name, found in subsets.items()}
 
 
 def load_split_images(paths: list[str], *, image_size: int, colour: str, progress: bool = False) -> np.ndarray:

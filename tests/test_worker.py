@@ -5,12 +5,15 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import subprocess_env
 
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.config import TrainConfig
+from bcd_engine.processes import pid_alive
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training import queue, worker
@@ -85,3 +88,116 @@ def test_ensure_worker_starts_one_only_when_runs_wait_and_none_lives(store, synt
     assert worker.ensure_worker(store) is True and started == [1]
     worker.write_heartbeat()
     assert worker.ensure_worker(store) is False and started == [1]
+
+
+@pytest.fixture
+def spawned():
+    """The workers spawn_worker() starts in this test; any still running at its end is stopped."""
+    yield worker._spawned
+    for process in worker._spawned:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=30)
+    worker._spawned.clear()
+
+
+def failing_run(store: RunStore, tmp_path) -> int:
+    """Queue a run whose data folder does not exist: a worker takes it and fails it within a second."""
+    return store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(),
+                            config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")})
+
+
+def wait_until(condition, *, timeout: float, what: str) -> float:
+    """Poll ``condition`` every 0.2 s (as the dashboard would, only faster); the seconds it took to hold."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc: zombies cannot be told apart")
+def test_a_zombie_child_is_not_alive():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # never waited for: it stays a zombie
+    try:
+        wait_until(lambda: not pid_alive(child.pid), timeout=30, what="the child exiting")
+        os.kill(child.pid, 0)  # its process entry is still there: pid_alive said no to a zombie
+    finally:
+        child.wait()
+
+
+def test_a_spawned_worker_leaves_at_once_and_the_next_starts_right_after(store, spawned, tmp_path):
+    pid = worker.spawn_worker()
+    assert worker.live_worker()["pid"] == pid  # its heartbeat, written for it while it starts
+    [process] = spawned
+    wait_until(lambda: worker.live_worker() is None and not spawned, timeout=40, what="the idle worker leaving")
+    assert process.returncode == 0 and not pid_alive(pid)  # reaped by live_worker(): no zombie left
+    assert not worker.heartbeat_file().exists()
+    run_id = failing_run(store, tmp_path)
+    assert worker.ensure_worker(store) is True  # no wait for the old heartbeat to go stale
+    wait_until(lambda: store.get_run(run_id).status == "failed", timeout=60, what="the queued run")
+    wait_until(lambda: worker.live_worker() is None and not spawned, timeout=40, what="the worker leaving")
+
+
+def test_a_second_queued_run_starts_seconds_after_the_first_finishes(store, synthetic_dataset, spawned, tmp_path):
+    first = queue.queue_run(store, tiny(), synthetic_dataset)
+    assert worker.ensure_worker(store) is True
+    wait_until(lambda: store.get_run(first).status == "completed", timeout=120, what="the first run")
+    second = failing_run(store, tmp_path)  # queued as the worker leaves or after it left
+
+    def taken() -> bool:
+        worker.ensure_worker(store)  # what the Train page does every few seconds
+        return store.get_run(second).status != "queued"
+
+    # a worker's start-up at most, not the 60 s until the finished worker's heartbeat went stale
+    wait_until(taken, timeout=30, what="the second run starting")
+    wait_until(lambda: store.get_run(second).status == "failed", timeout=60, what="the second run")
+    wait_until(lambda: worker.live_worker() is None and not spawned, timeout=40, what="the worker leaving")
+
+
+def test_a_leaving_worker_removes_its_own_heartbeat_and_never_another(store):
+    path = worker.heartbeat_file()
+    worker.write_heartbeat(pid=os.getppid(), worker_id="other")  # another process's
+    worker.remove_heartbeat("me")
+    assert json.loads(path.read_text())["worker_id"] == "other" and worker.live_worker()["pid"] == os.getppid()
+    worker.write_heartbeat(worker_id="other")  # another worker in this process
+    worker.remove_heartbeat("me")
+    assert json.loads(path.read_text())["worker_id"] == "other"
+    worker.write_heartbeat(worker_id="me")
+    worker.remove_heartbeat("me")
+    assert not path.exists()
+    worker.remove_heartbeat("me")  # no file: nothing to do
+    assert worker.run_worker(once=True, store=store, worker_id="me") == [] and not path.exists()
+    assert list(path.parent.iterdir()) == []  # no temporary file left behind
+
+
+def test_a_run_queued_as_a_once_worker_finds_the_queue_empty_is_still_trained(store, synthetic_dataset,
+                                                                              monkeypatch):
+    claim, late = store.claim_next_queued, []
+
+    def claim_then_queue(**kwargs):
+        run = claim(**kwargs)
+        if run is None and not late:  # the dashboard queues a run just after the worker's look found none
+            late.append(queue.queue_run(store, tiny(), synthetic_dataset))
+        return run
+
+    monkeypatch.setattr(store, "claim_next_queued", claim_then_queue)
+    assert worker.run_worker(once=True, store=store) == [{"run_id": late[0], "status": "completed"}]
+    assert not worker.heartbeat_file().exists()
+
+
+def test_worker_status_says_what_the_worker_does(store, synthetic_dataset):
+    assert worker.worker_status(store) == {"state": "idle", "text": "No worker needed: no run is queued.",
+                                           "running": [], "queued": 0, "pid": None}
+    run_id = queue.queue_run(store, tiny(), synthetic_dataset)
+    status = worker.worker_status(store)
+    assert (status["state"], status["text"], status["queued"]) == ("waiting", "1 run queued; a worker will start.", 1)
+    worker.write_heartbeat()
+    status = worker.worker_status(store)
+    assert (status["state"], status["text"], status["pid"]) == ("starting", "A worker is starting; 1 run queued.",
+                                                                os.getpid())
+    store.claim_next_queued(worker_id="w1")
+    queue.queue_run(store, tiny(), synthetic_dataset)
+    status = worker.worker_status(store)
+    assert (status["state"], status["running"], status["queued"]) == ("training", [run_id], 1)
+    assert status["text"] == f"Training run {run_id} (scratch_cnn); 1 more queued."

@@ -2,11 +2,13 @@
 
 ``python -m bcd_engine worker`` runs :func:`run_worker`. Claiming is atomic in the store, so several
 workers (on one or several machines) never train the same run twice. A worker keeps a heartbeat file
-under the cache folder (pid, host, time) so the dashboard can tell whether one is alive; the run's own
-heartbeat in the store is kept by :func:`bcd_engine.training.run.train`, whoever calls it.
+under the cache folder (pid, host, time) so the dashboard can tell whether one is alive, and removes it
+when it leaves, so the next worker can start at once; the run's own heartbeat in the store is kept by
+:func:`bcd_engine.training.run.train`, whoever calls it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 60.0
 POLL_SECONDS = 2.0  # between looks at an empty queue
 log = logging.getLogger("bcd.worker")
+_spawned: list[subprocess.Popen] = []  # workers this process started and has not reaped yet
 
 
 def heartbeat_file() -> Path:
@@ -47,8 +50,31 @@ def write_heartbeat(pid: int | None = None, worker_id: str | None = None) -> Non
                                                     "worker_id": worker_id, "time": time.time()}))
 
 
+def remove_heartbeat(worker_id: str | None) -> None:
+    """Remove the heartbeat file if it still names this process as ``worker_id``; another worker's is kept."""
+    path = heartbeat_file()
+    taken = path.with_name(f".{path.name}.{os.getpid()}.leaving")
+    try:
+        os.replace(path, taken)  # atomic: a heartbeat another worker writes from now on is not touched
+        beat = json.loads(taken.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        beat = {}
+    if (beat.get("pid"), beat.get("host"), beat.get("worker_id")) != (os.getpid(), socket.gethostname(), worker_id):
+        with contextlib.suppress(OSError):  # put it back, unless a newer heartbeat is there already
+            os.link(taken, path)
+    taken.unlink(missing_ok=True)
+
+
+def _reap() -> None:
+    """Collect the exit status of finished workers this process started, so none lingers as a zombie."""
+    _spawned[:] = [process for process in _spawned if process.poll() is None]
+
+
 def live_worker() -> dict | None:
     """The heartbeat of a live worker on this host, or None (no file, process gone, or stale)."""
+    _reap()
     try:
         beat = json.loads(heartbeat_file().read_text())
     except (OSError, ValueError):
@@ -68,6 +94,7 @@ def spawn_worker() -> int:
             cwd=settings.PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(settings.PROJECT_ROOT)},
         )
+    _spawned.append(process)
     write_heartbeat(process.pid)  # so a second page load does not start another one meanwhile
     return process.pid
 
@@ -91,22 +118,31 @@ def run_worker(*, store: RunStore, worker_id: str | None = None, once: bool = Fa
     """Train queued runs one after another; return ``[{"run_id", "status"}, ...]`` for the runs taken.
 
     With ``once`` the worker stops when the queue is empty; otherwise it polls every ``poll_seconds``.
+    However it leaves, it removes its heartbeat file. A ``once`` worker looks at the queue again after
+    removing it: a run queued while the dashboard still saw this worker alive is trained, not stranded.
     """
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     done: list[dict] = []
-    while True:
-        write_heartbeat(worker_id=worker_id)
-        store.recover_interrupted()
-        run = store.claim_next_queued(worker_id=worker_id)
-        if run is None:
-            if once:
-                return done
-            time.sleep(poll_seconds)
-            continue
-        log.info("worker %s: training run %s (%s)", worker_id, run.id, run.backbone)
-        status = train_claimed(store, run, worker_id)
-        log.info("worker %s: run %s %s", worker_id, run.id, status)
-        done.append({"run_id": run.id, "status": status})
+    try:
+        while True:
+            write_heartbeat(worker_id=worker_id)
+            store.recover_interrupted()
+            run = store.claim_next_queued(worker_id=worker_id)
+            if run is None:
+                if once:
+                    remove_heartbeat(worker_id)
+                    if not store.list_runs(status="queued", limit=1):
+                        return done
+                else:
+                    time.sleep(poll_seconds)
+                continue
+            log.info("worker %s: training run %s (%s)", worker_id, run.id, run.backbone)
+            status = train_claimed(store, run, worker_id)
+            log.info("worker %s: run %s %s", worker_id, run.id, status)
+            done.append({"run_id": run.id, "status": status})
+    except BaseException:  # stopped (Ctrl-C) or broken: it leaves all the same
+        remove_heartbeat(worker_id)
+        raise
 
 
 def ensure_worker(store: RunStore) -> bool:
@@ -115,3 +151,32 @@ def ensure_worker(store: RunStore) -> bool:
         return False
     spawn_worker()
     return True
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'' if n == 1 else 's'}"
+
+
+def worker_status(store: RunStore) -> dict:
+    """What the background worker is doing: ``{"state", "text", "running", "queued", "pid"}``.
+
+    ``state`` is ``idle`` (nothing queued or running: no worker needed), ``training`` (``running`` holds the
+    ids of the running runs), ``starting`` (runs are queued and a live worker has not taken one yet) or
+    ``waiting`` (runs are queued and no worker lives; :func:`ensure_worker` starts one). ``queued`` counts
+    the queued runs, ``pid`` is the live worker's on this host (or None), ``text`` says it in one sentence.
+    """
+    beat = live_worker()
+    running = sorted(store.list_runs(status="running"), key=lambda run: run.id)
+    queued = len(store.list_runs(status="queued"))
+    if running:
+        more = f"; {queued} more queued" if queued else ""
+        names = ", ".join(f"{run.id} ({run.backbone})" for run in running)
+        state, text = "training", f"Training run{'s' if len(running) > 1 else ''} {names}{more}."
+    elif not queued:
+        state, text = "idle", "No worker needed: no run is queued."
+    elif beat is not None:
+        state, text = "starting", f"A worker is starting; {_runs(queued)} queued."
+    else:
+        state, text = "waiting", f"{_runs(queued)} queued; a worker will start."
+    return {"state": state, "text": text, "running": [run.id for run in running], "queued": queued,
+            "pid": beat["pid"] if beat is not None else None}

@@ -22,6 +22,12 @@ def artifacts_dir() -> Path:
     return Path(os.environ.get("BCD_ARTIFACTS_DIR") or PROJECT_ROOT / "artifacts")
 
 
+def weights_dir() -> Path:
+    """Folder of local pretrained weights files the Train page offers: ``BCD_WEIGHTS_DIR`` or ``weights/`` at
+    the project root (for machines that cannot download ImageNet weights)."""
+    return Path(os.environ.get("BCD_WEIGHTS_DIR") or PROJECT_ROOT / "weights")
+
+
 def cache_dir() -> Path:
     """Folder for scan and feature caches: ``BCD_CACHE_DIR``, else ``.bcd_cache/`` at the project root.
 

@@ -14,7 +14,7 @@ from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.training.run import delete_run
-from ui import charts, common
+from ui import charts, common, tables
 
 TOP = {"t": 110}  # figure margin with room for charts.figure_title's three lines
 AUDIT_DASHES = {"colour only": "dash", "corner only": "dot", "chance": "longdashdot"}
@@ -35,9 +35,18 @@ common.explain(
 )
 common.demo_banner()
 store = common.store()
-runs = run_tables.runs_frame(store)
-records = {r.id: r for r in store.list_runs()}
-evaluations = comparison.evaluations_by_run(store, runs.loc[runs["status"] == "completed", "id"])
+
+
+@st.cache_data(show_spinner=False, max_entries=4, ttl=60)
+def _store_views(url: str, revision: str):
+    """The runs table, the run records and the completed runs' evaluations, read once per store revision
+    (the minute's time limit picks up metrics added to an existing evaluation, e.g. by ``calibrate``)."""
+    runs = run_tables.runs_frame(store)
+    records = {r.id: r for r in store.list_runs()}
+    return runs, records, comparison.evaluations_by_run(store, runs.loc[runs["status"] == "completed", "id"])
+
+
+runs, records, evaluations = _store_views(store.url, store.revision())
 audits: dict[str, dict | None] = {}
 
 
@@ -54,10 +63,10 @@ def audit_of(root: str) -> dict | None:
 def add_audit_lines(fig: go.Figure, roots: list[str]) -> None:
     """Draw the audited datasets' colour-only, corner-only and chance accuracies as labelled horizontal lines."""
     known = {root: audit for root in roots if (audit := audit_of(root)) is not None}
-    for ref in comparison.audit_references(known).itertuples():
-        fig.add_hline(y=ref.accuracy, line_dash=AUDIT_DASHES[ref.reference], line_color="grey",
-                      annotation_text=f"{ref.reference} ({ref.dataset}): {ref.accuracy:.1%}",
-                      annotation_position="bottom left", annotation_bgcolor="rgba(255, 255, 255, 0.8)")
+    for ref in comparison.audit_references(known).itertuples():  # named in the legend, never over the bars
+        fig.add_hline(y=ref.accuracy, line_dash=AUDIT_DASHES[ref.reference], line_color="grey")
+        fig.add_scatter(x=[None], y=[None], mode="lines", line={"dash": AUDIT_DASHES[ref.reference], "color": "grey"},
+                        name=f"{ref.reference} ({ref.dataset}): {ref.accuracy:.1%}")
 
 
 def interval_bars(frame: pd.DataFrame, x: str, bars: dict[str, str], title: str) -> go.Figure:
@@ -79,18 +88,26 @@ for column, wanted in (("backbone", backbones), ("status", statuses), ("protocol
                        ("dataset", datasets)):
     if wanted:
         shown = shown[shown[column].isin(wanted)]
-sort_by = st.selectbox("Sort by", ["test_accuracy", "macro_auc", "macro_f1", "parameters_M", "seconds", "id"],
-                       key="compare_sort")
-st.dataframe(comparison.runs_table(shown, evaluations).sort_values(
-                 sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last"),
-             hide_index=True, key="compare_runs_table",
-             column_config={"test_accuracy": None, "macro_auc": None,
-                            "macro_f1": st.column_config.NumberColumn(format="%.3f")})
+SORTS = {"test_accuracy": "test accuracy", "macro_auc": "macro AUC", "macro_f1": "macro F1",
+         "parameters_M": "parameters", "seconds": "training time", "id": "run id"}
+sort_by = st.selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="compare_sort")
+table = comparison.runs_table(shown, evaluations).sort_values(
+    sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last")
+tables.show(table.assign(time=table["seconds"].map(tables.duration)), key="compare_runs_table", columns={
+    "id": "run", "backbone": "backbone", "dataset": "dataset", "status": "status",
+    "accuracy (95% CI)": "test accuracy (95% CI)", "macro AUC (95% CI)": "macro AUC (95% CI)",
+    "macro_f1": ("macro F1", tables.decimals()), "ece": ("ECE", tables.decimals()),
+    "ece_calibrated": ("ECE after calibration", tables.decimals()), "protocol": ("protocol", tables.wide_text()),
+    "parameters_M": ("parameters (millions)", tables.decimals(1)), "weights": "weights",
+    "image_size": ("image size (px)", tables.decimals(0)), "time": "training time",
+    "created": ("queued at", st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")),
+    "error": ("error", tables.wide_text())})
 
 st.subheader("Reference: reported results (not run here)")
-st.dataframe(comparison.reference_frame(), hide_index=True, key="compare_reference",
-             column_config={"train_accuracy": st.column_config.NumberColumn("train accuracy", format="percent"),
-                            "val_accuracy": st.column_config.NumberColumn("validation accuracy", format="percent")})
+tables.show(comparison.reference_frame(), key="compare_reference", columns={
+    "model": "model", "train_accuracy": ("training accuracy", tables.percent()),
+    "val_accuracy": ("validation accuracy", tables.percent()), "95% CI": "95% CI", "source": "source",
+    "protocol": ("protocol", tables.wide_text())})
 st.caption("Thesis: *A Transfer Learning Approach for Blood Cancer Detection*; dataset authors: Ghaderzadeh "
            "et al. 2022. Reported numbers, copied for comparison — not reproduced by bcd, and reported without "
            "confidence intervals.")
@@ -117,12 +134,15 @@ else:
                       yaxis_title="share of test images")
     add_audit_lines(fig, sorted({g.data_dir for g in groups if g.data_dir}))
     st.plotly_chart(fig, key="compare_cv_chart")
-    st.dataframe(summary, hide_index=True, key="compare_cv_summary",
-                 column_config={c: None for c in ("data_dir", "accuracy_mean", "accuracy_std", "macro_auc_mean",
-                                                  "macro_auc_std")})
-    st.dataframe(comparison.cv_folds_frame(groups, evaluations), hide_index=True, key="compare_cv_folds",
-                 column_config={"accuracy": None, "macro_auc": None,
-                                "ece": st.column_config.NumberColumn("ECE", format="%.3f")})
+    tables.show(summary, key="compare_cv_summary", columns={
+        "group": ("cross-validation", tables.wide_text()), "backbone": "backbone",
+        "protocol": ("protocol", tables.wide_text()), "folds": "folds", "n": "test images",
+        **{c: c for c in summary.columns if "(" in c}})
+    folds = comparison.cv_folds_frame(groups, evaluations)
+    tables.show(folds, key="compare_cv_folds", columns={
+        "group": ("cross-validation", tables.wide_text()), "fold": "fold", "run": "run", "status": "status",
+        "n": "test images", "accuracy (95% CI)": "accuracy (95% CI)", "macro AUC (95% CI)": "macro AUC (95% CI)",
+        "ece": ("ECE", tables.decimals())})
     group = groups[st.selectbox("Pooled confusion matrix of", range(len(groups)), format_func=lambda i: groups[i].label,
                                 key="compare_cv_group")]
     pooled = comparison.pooled_confusion(group, evaluations)
@@ -150,19 +170,18 @@ else:
     st.plotly_chart(interval_bars(chart, "x", {"in_domain": "in-domain test", "held_out_accuracy": "held-out"},
                                   "leave-one-dataset-out: accuracy with 95% confidence intervals"),
                     key="compare_lodo_chart")
-    st.dataframe(lodo, hide_index=True, key="compare_lodo",
-                 column_config={**{c: None for c in ("in_domain", "in_domain_low", "in_domain_high",
-                                                     "held_out_accuracy", "held_out_accuracy_low",
-                                                     "held_out_accuracy_high")},
-                                "held_out": "held-out dataset", "n_in_domain": "in-domain test images",
-                                "n_held_out": "held-out images",
-                                "drop": st.column_config.NumberColumn("drop", format="%.3f")})
+    tables.show(lodo, key="compare_lodo", columns={
+        "held_out": "held-out dataset", "backbone": "backbone", "run": "run",
+        "in-domain test accuracy (95% CI)": "in-domain test accuracy (95% CI)", "n_in_domain": "in-domain test images",
+        "held-out accuracy (95% CI)": "held-out accuracy (95% CI)", "n_held_out": "held-out images",
+        "drop": ("drop", tables.decimals())})
 
 st.subheader("Runs side by side")
 labels = {int(i): comparison.run_label(records[int(i)], latest_evaluation(evaluations[int(i)]))
           for i in completed["id"]}
-selected = st.multiselect("Runs to compare", list(labels), default=list(labels)[:2], format_func=labels.get,
-                          key="compare_selected")
+wanted = common.requested_run()  # a link from the Train page's "finished" message
+selected = st.multiselect("Runs to compare", list(labels), format_func=labels.get, key="compare_selected",
+                          default=[wanted] if wanted in labels else list(labels)[:2])
 if not selected:
     st.info("Select one or more completed runs.")
     st.stop()
@@ -210,11 +229,9 @@ for i, root in enumerate(roots):
     box.caption(comparison.audit_explanation(audit))
 
 st.subheader("Training curves")
-frame = run_tables.epochs_frame(store, selected)
-fig = px.line(frame, x="step", y="value", color="run", line_dash="split", facet_col="metric", markers=True,
-              labels={"step": "epoch (all phases)"})
-fig.update_yaxes(matches=None)
-st.plotly_chart(fig, key="compare_curves")
+st.plotly_chart(charts.training_curves(run_tables.epochs_frame(store, selected),
+                                       {run_id: f"run {run_id} · {records[run_id].backbone}" for run_id in selected}),
+                key="compare_curves")
 
 st.subheader("Confusion matrices")
 normalise = st.toggle("Row-normalised (share of each true class)", key="compare_normalise")
@@ -281,7 +298,11 @@ st.plotly_chart(fig.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%"
 st.subheader("Per-class precision, recall and F1")
 per_class = pd.concat([run_tables.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
                        for run_id, ev in tests.items()])
-st.dataframe(per_class.set_index(["run", "class"]).round(3), key="compare_per_class")
+tables.show(per_class, key="compare_per_class",
+            columns={"run": "run", "class": "class", "precision": ("precision", tables.decimals()),
+                     "recall": ("recall (sensitivity)", tables.decimals()),
+                     "specificity": ("specificity", tables.decimals()), "f1": ("F1", tables.decimals()),
+                     "auc": ("AUC", tables.decimals()), "support": "test images"})
 
 st.subheader("Images behind a confusion-matrix cell")
 pick_run, pick_true, pick_predicted, pick_cam = st.columns([3, 2, 2, 2])

@@ -6,9 +6,10 @@ from bcd_engine.errors import BCDError
 from bcd_engine.evaluation.ood import DEFAULT_PASS_RATE
 from bcd_engine.inference import diagnosis, explain, loading
 from bcd_engine.reports import runs as run_tables
-from ui import common
+from ui import common, tables
 
 SHOWN_ERRORS = 5  # unusable files listed one by one above the results; the rest are in the table
+READINGS = {"ok": "ok", "unsure": "unsure", "conflicting": "views conflict", "out_of_domain": "out of domain"}
 READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:",
                  "out_of_domain": ":material/block:"}
 
@@ -35,8 +36,10 @@ if default is None:
 runs = store.list_runs(status="completed")
 best = run_tables.best_runs_by_dataset(store)
 labels = {r.id: run_tables.run_label(r, best) for r in runs}
+wanted = common.requested_run()  # a link from the Train page's "finished" message
 run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
-                         default=[default.id], format_func=labels.get, key="diagnose_runs", max_selections=4)
+                         default=[wanted if wanted in labels else default.id], format_func=labels.get,
+                         key="diagnose_runs", max_selections=4)
 uploads = st.file_uploader(
     "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
     accept_multiple_files=True, key="diagnose_upload",
@@ -90,7 +93,7 @@ if len(good) == 1 and len(results) == 1:
     probabilities = result["calibrated_probabilities"]
     certainty = result["uncertainty"]
     right.metric("Predicted class", result["predicted_class"], f"{certainty['confidence']:.1%} confidence",
-                 delta_color="off")
+                 delta_color="off", delta_arrow="off")
     fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
                  labels={"x": f"calibrated probability (mean of {certainty['views']} looks)", "y": "class"},
                  text=[f"{p:.1%}" for p in probabilities.values()])
@@ -114,12 +117,18 @@ elif results:
     flagged = int((table["reading"].isin(["unsure", "conflicting"])).sum())
     refused = int((table["reading"] == "out_of_domain").sum())
     st.metric("Images diagnosed", len(good), f"{flagged} flagged, {refused} out of domain, "
-              f"{len(results) - len(good)} unusable", delta_color="off")
+              f"{len(results) - len(good)} unusable", delta_color="off", delta_arrow="off")
     if refused:
         st.warning(f"{refused} image(s) do not look like the images the model was trained on (another lab, stain or "
                    "microscope, or not a blood smear): they get no class in the table.", icon=":material/block:")
-    st.dataframe(table, hide_index=True, key="diagnose_table",
-                 column_config={"confidence": st.column_config.ProgressColumn(min_value=0, max_value=1),
-                                "disagreement": st.column_config.NumberColumn(format="%.2f")})
+    shown = {"image": "image", "predicted_class": "predicted class", "reading": "reading",
+             "confidence": ("confidence", st.column_config.ProgressColumn(min_value=0, max_value=1, format="percent")),
+             "margin": ("lead over runner-up", tables.percent()),
+             "disagreement": ("views that disagree", tables.percent()),
+             "in_domain": ("like the training images", st.column_config.CheckboxColumn()),
+             "ood_score": ("unusualness score", tables.decimals(0)), "error": ("why unusable", tables.wide_text())}
+    tables.show(table.assign(reading=table["reading"].map(READINGS)), key="diagnose_table",
+                columns={**{c: spec for c, spec in shown.items() if c in table},
+                         **{c: (c, tables.percent()) for c in table if c.startswith("p(")}})
     st.download_button("Download results (CSV)", diagnosis.results_csv(results), "bcd_diagnosis.csv", "text/csv",
                        key="diagnose_csv", icon=":material/download:", on_click="ignore")

@@ -12,7 +12,7 @@ from bcd_engine.errors import BCDError
 from bcd_engine.models.augment import preview_views
 from bcd_engine.models.config import AugmentConfig
 from bcd_engine.reports import explorer as explorer_tables
-from ui import common
+from ui import common, tables
 
 st.title("Dataset explorer")
 common.explain(
@@ -24,6 +24,12 @@ common.explain(
 )
 common.demo_banner()
 store = common.store()
+
+@st.cache_data(show_spinner="Drawing the augmented views ...", max_entries=32)
+def _augmentation_preview(path: str, cfg: AugmentConfig):
+    """Eight augmented views of one image (the first call builds the augmentation graph; later ones are quick)."""
+    return preview_views(load_image(path, image_size=128), cfg, n_views=8)
+
 
 SOURCES = ("Built-in or registered dataset", "Local folder", "Download the ALL dataset (Kaggle)")
 demo = common.demo_mode()
@@ -80,7 +86,7 @@ with balance:
     st.plotly_chart(fig, key="explorer_balance_chart")
     if scan.unreadable:
         st.dataframe([{"file": explorer_tables.relative_name(r.path, root), "reason": common.public(r.error)}
-                      for r in scan.unreadable], key="explorer_unreadable")
+                      for r in scan.unreadable], key="explorer_unreadable", hide_index=True)
 
 by_class = explorer_tables.samples_by_class(scan)
 with samples:
@@ -97,11 +103,15 @@ with samples:
 with stats_tab:
     stats = common.image_stats(root)
     st.caption(f"Measured on up to 40 images per class ({len(stats)} images), resized to 64 px.")
-    st.dataframe(explorer_tables.class_summary(stats), key="explorer_stats_table")
-    long = stats.melt(id_vars=["class"], value_vars=["mean_r", "mean_g", "mean_b"], var_name="channel",
-                      value_name="mean value")
-    st.plotly_chart(px.box(long, x="class", y="mean value", color="channel", title="Mean colour per class",
-                           color_discrete_map={"mean_r": "#d62728", "mean_g": "#2ca02c", "mean_b": "#1f77b4"}),
+    tables.show(explorer_tables.class_summary(stats).reset_index(), key="explorer_stats_table", columns={
+        "class": "class", "width": "width (px)", "height": "height (px)", "kb": "file size (KB)",
+        "mean_r": "mean red", "mean_g": "mean green", "mean_b": "mean blue", "std": "contrast (std)",
+        "brightness": "brightness"})
+    channels = {"mean_r": "red", "mean_g": "green", "mean_b": "blue"}
+    long = stats.rename(columns=channels).melt(id_vars=["class"], value_vars=list(channels.values()),
+                                               var_name="channel", value_name="mean value (0-255)")
+    st.plotly_chart(px.box(long, x="class", y="mean value (0-255)", color="channel", title="Mean colour per class",
+                           color_discrete_map={"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4"}),
                     key="explorer_colour_chart")
     st.caption("Classes that differ in stain colour can be told apart without looking at cell shape — "
                "a shortcut a CNN may learn instead of morphology.")
@@ -124,7 +134,10 @@ with twins:
     if other is None:
         st.info("This folder has no `Original`/`Segmented` twin next to it (the ALL dataset has both).")
     else:
-        path = st.selectbox("Image", scan.paths[:500], format_func=lambda p: Path(p).name, key="explorer_twin")
+        c1, c2 = st.columns([1, 2])
+        twin_class = c1.selectbox("Class", scan.class_names, key="explorer_twin_class")
+        path = c2.selectbox(f"Image ({len(by_class[twin_class])} in {twin_class})", by_class[twin_class],
+                            format_func=lambda p: Path(p).name, key=f"explorer_twin_{twin_class}")
         twin = twin_of(path, root)
         left, right = st.columns(2)
         left.image(load_image(path), caption=f"{Path(root).name}: {Path(path).name}")
@@ -142,7 +155,6 @@ with augment:
                             scale=c2.slider("Zoom", 0.0, 0.4, 0.1, key="explorer_aug_scale"),
                             brightness=c3.slider("Brightness", 0.0, 0.4, 0.1, key="explorer_aug_bright"),
                             hue=c4.slider("Hue", 0.0, 0.2, 0.02, key="explorer_aug_hue"))
-        image = load_image(by_class[scan.class_names[0]][0], image_size=128)
-        views = preview_views(image, cfg, n_views=8)
+        views = _augmentation_preview(by_class[scan.class_names[0]][0], cfg)
         for i, (col, view) in enumerate(zip(st.columns(8), views)):
             col.image(view, caption=f"view {i}", width="stretch")

@@ -2,16 +2,16 @@
 from pathlib import Path
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
-from bcd_engine.errors import BCDError
-from bcd_engine.models.backbones import BACKBONES
+from bcd_engine import settings
+from bcd_engine.errors import BCDError, RunNotFoundError
+from bcd_engine.models.backbones import BACKBONES, weights_files
 from bcd_engine.models.config import OPTIMIZERS, TrainConfig
 from bcd_engine.reports import explorer as explorer_tables
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.training import queue, worker
-from ui import common
+from ui import charts, common, tables
 
 st.title("Train")
 common.explain(
@@ -27,9 +27,19 @@ demo = common.demo_mode()
 
 with st.expander("Backbones", icon=":material/table:"):
     st.dataframe(pd.DataFrame([
-        {"backbone": s.name, "depth": s.depth, "parameters (M)": s.params_millions, "input size": s.native_size,
-         "min size": s.min_size, "year": s.year, "paper": s.paper, "notes": s.description}
-        for s in BACKBONES.values()]), hide_index=True, key="train_backbones")
+        {"backbone": s.name, "depth": s.depth, "parameters (millions)": s.params_millions,
+         "input size (px)": s.native_size, "smallest input (px)": s.min_size, "year": s.year, "paper": s.paper,
+         "notes": s.description} for s in BACKBONES.values()]), hide_index=True, key="train_backbones",
+        placeholder=tables.MISSING)
+
+STOPPED = ("failed", "interrupted", "cancelled")  # runs that can be queued again from the page
+WEIGHT_CHOICES = {"none": "none (random start)", "imagenet": "ImageNet (downloads; needs internet)",
+                  "file": "a weights file on this machine ..."}
+OFFLINE_HELP = (
+    "ImageNet weights are downloaded by Keras on first use, which needs internet. On a machine without it, "
+    "copy the backbone's no-top weights file (`.weights.h5` or `.h5`) into the weights folder "
+    f"(`BCD_WEIGHTS_DIR`, here `{settings.weights_dir()}`): it is then offered in this list. "
+    "Or choose *a weights file on this machine* and type its path.")
 
 
 def _launch(configs: list[TrainConfig], data_dir: str) -> None:
@@ -39,7 +49,14 @@ def _launch(configs: list[TrainConfig], data_dir: str) -> None:
         st.error(str(exc))
         return
     worker.ensure_worker(store)
-    st.success(f"Queued run{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}.")
+    common.remember_runs(ids)
+
+
+def _weights_choices() -> dict[str, str]:
+    """Weights option value -> label: none, imagenet, the files in the weights folder, a typed path."""
+    files = {str(path): f"file: {path.name}" for path in weights_files(settings.weights_dir())}
+    return {"none": WEIGHT_CHOICES["none"], "imagenet": WEIGHT_CHOICES["imagenet"], **files,
+            "file": WEIGHT_CHOICES["file"]}
 
 
 if demo:
@@ -58,15 +75,19 @@ else:
         names = st.multiselect("Backbone(s)", list(BACKBONES), default=["mobilenetv2"], key="train_backbones_sel",
                                help="Several backbones queue a sweep: one run each, same settings.")
         base = TrainConfig.for_backbone("mobilenetv2")
-        c1, c2, c3, c4 = st.columns(4)
-        weights = c1.selectbox("Weights", ("none", "imagenet"), key="train_weights",
-                               help="imagenet downloads pretrained weights (internet); none = random init. "
-                                    "The scratch CNN always uses none.")
-        image_size = c2.number_input("Image size (0 = native)", 0, 512, 0, key="train_image_size",
+        weight_options = _weights_choices()
+        w1, w2 = st.columns(2)
+        weights = w1.selectbox("Weights", list(weight_options), format_func=weight_options.get, key="train_weights",
+                               help="Where the backbone starts from. " + OFFLINE_HELP
+                                    + " The scratch CNN always starts from none.")
+        weights_path = w2.text_input("Weights file (when \"a weights file on this machine\")", key="train_weights_path",
+                                     placeholder="~/weights/resnet50_imagenet_notop.weights.h5")
+        c1, c2, c3 = st.columns(3)
+        image_size = c1.number_input("Image size (0 = native)", 0, 512, 0, key="train_image_size",
                                      help="Input size in pixels; smaller is faster.")
-        epochs = c3.number_input("Epochs", 1, 500, base.epochs, key="train_epochs",
+        epochs = c2.number_input("Epochs", 1, 500, base.epochs, key="train_epochs",
                                  help="Phase 1 epochs (early stopping may end sooner).")
-        fine_tune = c4.number_input("Fine-tune epochs", 0, 200, 0, key="train_fine_tune",
+        fine_tune = c3.number_input("Fine-tune epochs", 0, 200, 0, key="train_fine_tune",
                                     help="Phase 2 with the top backbone layers unfrozen; 0 skips it.")
         c1, c2, c3, c4 = st.columns(4)
         batch = c1.number_input("Batch size", 1, 256, base.batch_size, key="train_batch")
@@ -84,20 +105,73 @@ else:
         submitted = st.form_submit_button("Queue run(s)", type="primary")
     if submitted:
         data_dir = str(Path(folder.strip()).expanduser()) if folder.strip() else dataset.root
+        chosen = weights_path.strip() if weights == "file" else weights
         try:
+            if not names:
+                raise BCDError("choose at least one backbone")
+            if weights == "file" and not chosen:
+                raise BCDError("type the path of the weights file, or choose other weights")
+            if chosen not in ("none", "imagenet") and len(names) > 1:
+                raise BCDError("a weights file fits one backbone: choose one backbone, or ImageNet or none")
             configs = [TrainConfig.for_backbone(
-                name, weights=weights if BACKBONES[name].pretrained else "none", image_size=image_size or None,
+                name, weights=chosen if BACKBONES[name].pretrained else "none", image_size=image_size or None,
                 epochs=int(epochs), fine_tune_epochs=int(fine_tune),
                 fine_tune_layers=BACKBONES[name].fine_tune_layers if fine_tune else None,
                 batch_size=int(batch), learning_rate=float(lr), optimizer=optimizer, augment=int(augment),
                 dense_units=int(dense), dropout=float(dropout), patience=int(patience), seed=int(seed),
                 class_weights=class_weights) for name in names]
-            if not configs:
-                raise BCDError("choose at least one backbone")
         except BCDError as exc:
             st.error(str(exc))
         else:
             _launch(configs, data_dir)
+
+
+def run_name(run) -> str:
+    return f"run {run.id} · {run.backbone}"
+
+
+def announce(run) -> None:
+    """What became of a run this visitor queued: waiting, running, or done with its result and where to look."""
+    name = f"Run {run.id} ({run.backbone})"
+    if run.status == "queued":
+        st.info(f"{name} is queued. {worker.worker_status(store)['text']}", icon=":material/hourglass_top:")
+    elif run.status == "running":
+        st.info(f"{name} is training: its progress is below.", icon=":material/model_training:")
+    elif run.status == "completed":
+        accuracy = "" if run.test_accuracy is None else f": test accuracy {run.test_accuracy:.1%}"
+        box = st.container(border=True)
+        box.success(f"{name} finished in {tables.duration(run.seconds) or 'n/a'}{accuracy}.",
+                    icon=":material/check_circle:")
+        c1, c2, c3 = box.columns(3)
+        c1.page_link("pages/compare.py", label=f"Compare run {run.id}", icon=":material/compare:",
+                     query_params={"run": run.id})
+        c2.page_link("pages/diagnose.py", label=f"Diagnose with run {run.id}", icon=":material/stethoscope:",
+                     query_params={"run": run.id})
+        if c3.button("Dismiss", key=f"train_dismiss_{run.id}"):
+            common.forget_run(run.id)
+            st.rerun(scope="fragment")
+    else:
+        box = st.container(border=True)
+        box.error(f"{name} {run.status}" + (f": {run.error}" if run.error else "."), icon=":material/error:")
+        c1, c2 = box.columns(2)
+        if c1.button("Run again", key=f"train_again_{run.id}", icon=":material/replay:"):
+            run_again(run.id)
+        if c2.button("Dismiss", key=f"train_dismiss_{run.id}"):
+            common.forget_run(run.id)
+            st.rerun(scope="fragment")
+
+
+def run_again(run_id: int) -> None:
+    """Queue a copy of run ``run_id`` (same settings and dataset) and follow it instead."""
+    try:
+        new_id = queue.queue_again(store, run_id)
+    except BCDError as exc:
+        st.error(str(exc))
+        return
+    common.forget_run(run_id)
+    common.remember_runs([new_id])
+    worker.ensure_worker(store)
+    st.rerun(scope="fragment")
 
 
 @st.fragment(run_every=3)
@@ -107,13 +181,25 @@ def queue_panel() -> None:
     if not demo:
         worker.ensure_worker(store)
     runs = store.list_runs(limit=30)
+    listed = {run.id: run for run in runs}  # the same reading as the table below, so the two never disagree
+    for run_id in common.remembered_runs():
+        try:
+            announce(listed.get(run_id) or store.get_run(run_id))
+        except RunNotFoundError:  # deleted on the Compare page meanwhile
+            common.forget_run(run_id)
     st.subheader("Queue and recent runs")
     if not runs:
         st.caption("No runs yet.")
         return
-    st.dataframe(pd.DataFrame([{"id": r.id, "backbone": r.backbone, "dataset": run_tables.dataset_label(r),
-                                "status": r.status, "test accuracy": r.test_accuracy, "seconds": r.seconds,
-                                "error": r.error} for r in runs]), hide_index=True, key="train_queue")
+    if not demo:
+        st.caption(worker.worker_status(store)["text"])
+    frame = pd.DataFrame([{"id": r.id, "backbone": r.backbone, "dataset": run_tables.dataset_label(r),
+                           "status": r.status, "test_accuracy": r.test_accuracy, "time": tables.duration(r.seconds),
+                           "error": (r.error or "").partition("\n")[0][:120] or None} for r in runs])
+    tables.show(frame, key="train_queue", columns={
+        "id": "run", "backbone": "backbone", "dataset": "dataset", "status": "status",
+        "test_accuracy": ("test accuracy", tables.percent()), "time": "training time",
+        "error": ("error (first line)", tables.wide_text())})
     for run in [r for r in runs if r.status == "running"]:
         st.markdown(f"**Run {run.id}: {run.backbone}** — running")
         cfg = run.config["train"]
@@ -122,9 +208,7 @@ def queue_panel() -> None:
         st.progress(min(1.0, len(epochs) / planned), text=f"{len(epochs)} of at most {planned} epochs")
         frame = run_tables.epochs_frame(store, [run.id])
         if not frame.empty:
-            fig = px.line(frame, x="step", y="value", color="split", facet_col="metric", markers=True)
-            fig.update_yaxes(matches=None)
-            st.plotly_chart(fig, key=f"train_curves_{run.id}")
+            st.plotly_chart(charts.training_curves(frame, {run.id: run_name(run)}), key=f"train_curves_{run.id}")
         if not demo and st.button("Cancel", key=f"train_cancel_{run.id}", disabled=run.cancel_requested):
             store.request_cancel(run.id)
             st.toast(f"Asked run {run.id} to stop.")
@@ -132,6 +216,16 @@ def queue_panel() -> None:
     if queued and not demo and st.button("Cancel all queued", key="train_cancel_queued"):
         for run in queued:
             store.request_cancel(run.id)
+    stopped = [r for r in runs if r.status in STOPPED and r.protocol_info.kind == "holdout"
+               and r.id not in common.remembered_runs()]
+    if stopped and not demo:
+        with st.expander(f"Failed or stopped runs ({len(stopped)}): reasons, run again", icon=":material/replay:"):
+            for run in stopped:
+                st.markdown(f"**{run_name(run)}** {run.status}" + (f": {run.error}" if run.error else ""))
+            again = st.selectbox("Run", [r.id for r in stopped], key="train_again_pick",
+                                 format_func=lambda i: next(run_name(r) for r in stopped if r.id == i))
+            if st.button("Run again with the same settings", key="train_again", icon=":material/replay:"):
+                run_again(again)
 
 
 queue_panel()

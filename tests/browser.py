@@ -92,10 +92,28 @@ def settle(page) -> None:
     page.wait_for_timeout(1500)  # charts and data grids draw after the script ends
 
 
-def check(page, name: str) -> None:
-    """Save a screenshot as ``test-artifacts/<name>.png`` and fail if the page shows an exception."""
+def tour_shot(page, name: str, *, from_heading: str | None = None) -> None:
+    """With ``BCD_TOUR_DIR`` set, save 1000 px of the page (from its top, or from the heading ``from_heading``)
+    there as ``<name>.png``, for the README's tour:
+    ``BCD_TOUR_DIR=docs/tour python -m pytest tests/test_e2e_browser.py``."""
+    if not os.environ.get("BCD_TOUR_DIR"):
+        return
+    folder = Path(os.environ["BCD_TOUR_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    top = 0 if from_heading is None else page.get_by_role("heading", name=from_heading).first.bounding_box()["y"] - 20
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True,
+                    clip={"x": 0, "y": top, "width": page.viewport_size["width"], "height": 1000})
+
+
+def check(page, name: str, *, tour: bool = False) -> None:
+    """Save a screenshot as ``test-artifacts/<name>.png`` and fail if the page shows an exception or lacks the
+    sidebar's "not a medical device" note; with ``tour`` also :func:`tour_shot` of its top."""
     SHOTS.mkdir(exist_ok=True)
+    page.mouse.move(0, 0)  # no tooltip of the last button clicked in the picture
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    if tour:
+        tour_shot(page, name)
     exceptions = page.locator('[data-testid="stException"]')
     assert exceptions.count() == 0, exceptions.first.inner_text()
     assert "Traceback" not in page.content()
+    assert page.locator('[data-testid="stSidebar"]').get_by_text("not a medical device").count() == 1, name

@@ -137,9 +137,9 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
         assert wanted in headers
     assert any("Reliability" in h for h in headers) and any("shortcut audit" in h for h in headers)
     runs_table, _reference, cv_summary, cv_folds, lodo, _per_class = (d.value for d in at.dataframe)
-    assert runs_table.set_index("id").loc[ids["holdout"], "accuracy (95% CI)"].count("–") == 1
+    assert runs_table.set_index("run").loc[ids["holdout"], "test accuracy (95% CI)"].count("–") == 1
     assert list(cv_summary["folds"]) == ["3 of 3 completed"] and len(cv_folds) == 3
-    assert list(lodo["held_out"]) == ["Segmented"] and "–" in lodo.loc[0, "held-out accuracy (95% CI)"]
+    assert list(lodo["held-out dataset"]) == ["Segmented"] and "–" in lodo.loc[0, "held-out accuracy (95% CI)"]
 
     charts = _charts(at)
     selected = at.multiselect(key="compare_selected").value
@@ -174,7 +174,10 @@ def test_compare_runs_the_shortcut_audit_once_and_reports_a_missing_model(isolat
     assert not at.exception, at.exception
     assert {"colour only", "corner only", "chance"} <= {m.label for m in at.metric}
     assert any(c.value.startswith("Colour statistics alone reach") for c in at.caption)
-    assert len(_charts(at)["compare_intervals"]["layout"]["shapes"]) == 3  # colour, corner and chance lines
+    intervals = _charts(at)["compare_intervals"]
+    assert len(intervals["layout"]["shapes"]) == 3  # colour, corner and chance lines ...
+    assert not intervals["layout"].get("annotations")  # ... named in the legend, not written over the bars
+    assert {"colour only", "corner only", "chance"} <= {trace["name"].split(" (")[0] for trace in intervals["data"]}
     assert len(list((Path(isolated["url"][len("sqlite:///"):]).parent / "cache" / "audits").glob("*.json"))) == 1
 
     again = open_page("pages/compare.py")  # a later visit shows the cached audit at once
@@ -185,3 +188,78 @@ def test_compare_runs_the_shortcut_audit_once_and_reports_a_missing_model(isolat
     assert not again.exception, again.exception
     assert any("no saved model" in e.value for e in again.error)
     assert again.get("image")  # the gallery still shows the images, without heatmaps
+
+
+def test_no_table_has_a_machine_header_and_curves_read_as_epochs_per_run(isolated, synthetic_dataset):
+    fill_store(RunStore.open(isolated["url"]), synthetic_dataset)
+    headers = []
+    for page in PAGES:
+        headers += [list(frame.value.columns) for frame in open_page(page).dataframe]
+    assert len(headers) >= 8  # backbones, queue; runs, reference, CV summary and folds, LODO, per class
+    machine = [h for columns in headers for h in columns if "_" in str(h)]
+    assert not machine, machine
+
+    at = open_page("pages/compare.py")
+    at.multiselect(key="compare_selected").set_value([1, 3]).run()
+    curves = _charts(at)["compare_curves"]
+    assert [a["text"] for a in curves["layout"]["annotations"]] == ["Accuracy", "Loss"]
+    assert curves["layout"]["xaxis"]["tickformat"] == "d" and curves["layout"]["xaxis"]["dtick"] == 1
+    assert curves["layout"]["yaxis2"]["title"]["text"] == "loss"
+    colours = {trace["name"].split(" — ")[0]: trace["line"]["color"] for trace in curves["data"]}
+    assert set(colours) == {"run 1 · resnet50", "run 3 · mobilenetv2"} and len(set(colours.values())) == 2
+    dashes = {trace["name"].split(" — ")[1]: trace["line"]["dash"] for trace in curves["data"]}
+    assert dashes == {"training": "solid", "validation": "dash"}
+
+
+def test_original_segmented_picker_offers_every_class(tmp_path, synthetic_dataset):
+    for twin in ("Original", "Segmented"):
+        shutil.copytree(synthetic_dataset, tmp_path / "all" / twin)
+    at = open_page("pages/explorer.py")
+    at.radio(key="explorer_source").set_value("Local folder").run()
+    at.text_input(key="explorer_folder").input(str(tmp_path / "all" / "Original")).run()
+    assert at.selectbox(key="explorer_twin_class").options == ["Benign", "Early", "Pre", "Pro"]
+    at.selectbox(key="explorer_twin_class").set_value("Pro").run()
+    picked = at.selectbox(key="explorer_twin_Pro")
+    assert len(picked.options) == 12 and not at.exception
+    captions = [image.caption for element in at.get("image") for image in element.proto.imgs]
+    assert f"Segmented: {Path(picked.value).name}" in captions
+
+
+def test_train_page_trains_from_a_local_weights_file_and_says_when_the_run_is_done(
+        isolated, tmp_path, monkeypatch, synthetic_dataset):
+    import keras
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        weights / "mobilenetv2_notop.weights.h5")
+    monkeypatch.setenv("BCD_WEIGHTS_DIR", str(weights))
+    at = open_page("pages/train.py")
+    options = at.selectbox(key="train_weights").options
+    assert "file: mobilenetv2_notop.weights.h5" in options and "ImageNet (downloads; needs internet)" in options
+    at.selectbox(key="train_weights").set_value(str(weights / "mobilenetv2_notop.weights.h5"))
+    at.text_input(key="train_folder").input(str(synthetic_dataset))
+    at.number_input(key="train_image_size").set_value(32)
+    at.number_input(key="train_epochs").set_value(1)
+    at.number_input(key="train_augment").set_value(1)
+    at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+    assert not at.exception, at.exception
+    (run,) = RunStore(isolated["url"]).list_runs()
+    assert run.config["train"]["weights"] == str(weights / "mobilenetv2_notop.weights.h5")
+    assert any(f"Run {run.id} (mobilenetv2) is queued" in i.value for i in at.info)
+
+    assert worker.run_worker(store=RunStore(isolated["url"]), once=True) == [{"run_id": run.id, "status": "completed"}]
+    at.run()
+    (done,) = [s.value for s in at.success]
+    assert done.startswith(f"Run {run.id} (mobilenetv2) finished in ") and "test accuracy" in done
+    links = {link.proto.label: link.proto.query_string for link in at.get("page_link")}
+    assert links[f"Compare run {run.id}"] == links[f"Diagnose with run {run.id}"] == f"run={run.id}"
+
+
+def test_a_typed_weights_path_that_does_not_exist_is_refused_and_nothing_is_queued(isolated):
+    at = open_page("pages/train.py")
+    at.selectbox(key="train_weights").set_value("file")
+    at.text_input(key="train_weights_path").input("/nowhere/resnet50.weights.h5")
+    at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+    assert "weights file not found: /nowhere/resnet50.weights.h5" in at.error[0].value
+    assert RunStore(isolated["url"]).list_runs() == []

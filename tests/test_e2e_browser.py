@@ -12,7 +12,17 @@ import time
 import zipfile
 
 import pytest
-from browser import SHOTS, check, kill_group, launched_browser, open_page, require_browser, settle, streamlit_server
+from browser import (
+    SHOTS,
+    check,
+    kill_group,
+    launched_browser,
+    open_page,
+    require_browser,
+    settle,
+    streamlit_server,
+    tour_shot,
+)
 from helpers import PROJECT_ROOT, subprocess_env
 
 from bcd_engine.store import RunStore
@@ -46,17 +56,22 @@ def browser():
 
 def test_pages_train_demo_model_and_diagnose(app, browser):
     base, url, _cache = app
-    for path, heading, name in [("", "Dataset explorer", "explorer-empty"),
+    for path, heading, name in [("", "Dataset explorer", "explorer"),
                                 ("compare", "Compare runs", "compare-empty"),
                                 ("diagnose", "Diagnose images", "diagnose-empty")]:
         page = open_page(browser, base, path, heading)
-        check(page, name)
+        check(page, name, tour=name == "explorer")
         page.close()
+    page = open_page(browser, base, "", "Dataset explorer")
+    page.get_by_text("Download the ALL dataset (Kaggle)").click()
+    settle(page)
+    check(page, "explorer-kaggle")  # a page that stops early keeps the sidebar's note
+    page.close()
 
     page = open_page(browser, base, "train", "Train")
     check(page, "train-empty")
     page.get_by_role("button", name="Train demo model").click()
-    page.get_by_text("Queued run 1").wait_for(timeout=60_000)
+    page.get_by_text("Run 1 (scratch_cnn) is").first.wait_for(timeout=60_000)
     store = RunStore(url)
     deadline = time.monotonic() + TRAIN_DEADLINE_S
     seen_running = False
@@ -64,17 +79,20 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
         if status == "running" and not seen_running and store.get_epochs(1):
             seen_running = True
             page.wait_for_timeout(3500)  # one fragment refresh: the live curves
-            check(page, "train-running")
+            check(page, "train-running", tour=True)
         assert time.monotonic() < deadline, f"run 1 still {status} after {TRAIN_DEADLINE_S} s"
         time.sleep(1)
     assert status == "completed", store.get_run(1).error
-    page.close()
-
-    page = open_page(browser, base, "compare", "Compare runs")
+    page.get_by_text("Run 1 (scratch_cnn) finished in").wait_for(timeout=10_000)  # the next refresh says so
+    settle(page)
+    check(page, "train-done", tour=True)
+    page.get_by_role("link", name="Compare run 1").click()  # ... and leads to the run's results
     page.get_by_role("heading", name="Confusion matrices").wait_for(timeout=60_000)
+    assert "run=1" in page.url
     page.locator(".js-plotly-plot").nth(2).wait_for(timeout=60_000)  # curves, confusion matrix, ROC drawn
     page.wait_for_timeout(2000)
     check(page, "compare")
+    tour_shot(page, "compare", from_heading="Accuracy with 95% confidence intervals, and the shortcut audit")
     page.close()
 
     page = open_page(browser, base, "diagnose", "Diagnose images")
@@ -85,7 +103,7 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
     finally:
         page.screenshot(path=str(SHOTS / "diagnose-after-upload.png"), full_page=True)
     settle(page)
-    check(page, "diagnose")
+    check(page, "diagnose", tour=True)
     page.locator('input[type="file"]').set_input_files(
         files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"}])
     page.get_by_text("cannot be used").wait_for(timeout=60_000)

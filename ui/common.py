@@ -168,9 +168,32 @@ def no_runs_yet(key: str) -> None:
     if not demo_mode() and st.button("Train demo model", key=f"{key}_train_demo", type="primary"):
         run_id = queue.queue_demo_run(store(), demo_dataset())
         worker.ensure_worker(store())
+        remember_runs([run_id])
         st.success(f"Queued demo run {run_id}; follow it on the Train page.")
     st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")
     st.stop()
+
+
+def remember_runs(run_ids: list[int]) -> None:
+    """Note runs this visitor queued, so the Train page can say what became of them."""
+    st.session_state["my_runs"] = [*remembered_runs(), *run_ids]
+
+
+def remembered_runs() -> list[int]:
+    """The runs this visitor queued and has not dismissed, oldest first."""
+    return list(st.session_state.get("my_runs", []))
+
+
+def forget_run(run_id: int) -> None:
+    st.session_state["my_runs"] = [i for i in remembered_runs() if i != run_id]
+
+
+def requested_run() -> int | None:
+    """The run a link asked for (``?run=N``, from the Train page's "finished" message), or None."""
+    try:
+        return int(st.query_params.get("run", ""))
+    except ValueError:
+        return None
 
 
 def image_stats(root: str):

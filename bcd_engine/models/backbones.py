@@ -8,6 +8,7 @@ random initialisation end to end (it has no ImageNet weights, so nothing is cach
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,20 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     return str(path.resolve())
 
 
+def weights_files(folder: str | os.PathLike) -> list[Path]:
+    """The Keras weights files (``*.h5``) directly in ``folder``, by name; none when it does not exist."""
+    folder = Path(folder).expanduser()
+    return sorted(p for p in folder.glob("*.h5") if p.is_file()) if folder.is_dir() else []
+
+
+def offline_advice(spec: BackboneSpec) -> str:
+    """What to do when ImageNet weights cannot be downloaded, in plain words."""
+    return (f"Without internet, get {spec.weights_file} on a machine that has it (Keras downloads it from "
+            f"https://storage.googleapis.com/tensorflow/keras-applications/), copy it to this machine's weights "
+            f"folder (BCD_WEIGHTS_DIR, default weights/ in the project) and choose it under Weights on the Train "
+            f"page, or pass --weights PATH on the command line")
+
+
 def build_backbone(spec: BackboneSpec, *, image_size: int, weights: str | None):
     """Build the convolutional part (no top, no pooling) at ``image_size`` with the given weights."""
     import keras
@@ -157,10 +172,8 @@ def build_backbone(spec: BackboneSpec, *, image_size: int, weights: str | None):
     except Exception as exc:  # Keras raises many types for a failed download or a bad file
         if weights == "imagenet":
             raise ConfigError(
-                f"could not get ImageNet weights for {spec.builder} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); on a machine without internet, "
-                f"download {spec.weights_file} from the Keras applications release and pass "
-                f"--weights PATH (a .weights.h5 or .h5 file)"
+                f"could not download the ImageNet weights for {spec.builder} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). {offline_advice(spec)}"
             ) from exc
         raise ConfigError(f"could not load weights {weights} into {spec.builder}: {exc}") from exc
 

@@ -96,7 +96,7 @@ def epochs_frame(store: RunStore, run_ids: list[int]) -> pd.DataFrame:
         for step, e in enumerate(store.get_epochs(run_id), start=1):
             for metric in ("accuracy", "loss"):
                 for split in ("train", "val"):
-                    rows.append({"run": f"run {run_id}", "phase": e.phase, "epoch": e.epoch, "step": step,
+                    rows.append({"run": run_id, "phase": e.phase, "epoch": e.epoch, "step": step,
                                  "metric": metric, "split": split, "value": getattr(e, f"{split}_{metric}")})
     return pd.DataFrame(rows, columns=["run", "phase", "epoch", "step", "metric", "split", "value"])
 

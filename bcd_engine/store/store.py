@@ -939,6 +939,15 @@ class RunStore:
         with self._session() as s:
             return [_record(RunRecord, r) for r in s.scalars(query)]
 
+    def revision(self) -> str:
+        """A token that changes when a run is added, deleted, started or finished, or an evaluation is saved
+        (a cache key for views of the store; metrics added to an existing evaluation do not change it)."""
+        with self._session() as s:
+            runs = s.execute(select(func.count(Run.id), func.max(Run.id), func.max(Run.started_at),
+                                    func.max(Run.finished_at))).one()
+            evaluations = s.execute(select(func.count(Evaluation.id), func.max(Evaluation.id))).one()
+        return "|".join(map(str, (*runs, *evaluations)))
+
     def get_epochs(self, run_id: int) -> list[EpochRecord]:
         """The run's epochs by phase and epoch."""
         with self._session() as s:

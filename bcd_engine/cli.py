@@ -1,7 +1,8 @@
 """``python -m bcd_engine <command>``: headless, scriptable access to the engine.
 
 With ``--json`` a command prints exactly one JSON document on stdout; logs, warnings and progress bars
-go to stderr. Bad input prints one line ``bcd: error: ...`` on stderr and exits with code 2.
+go to stderr. Bad input prints one line ``bcd: error: ...`` on stderr and exits with code 2. TensorFlow's
+start-up notices are hidden unless ``TF_CPP_MIN_LOG_LEVEL`` asks for them (see :func:`_import_tensorflow`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import typing
 from collections.abc import Callable
 from dataclasses import asdict
@@ -38,10 +41,17 @@ from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_
 from bcd_engine.protocols.robustness import colour_robustness_of_run
 from bcd_engine.reports.runs import dataset_label
 from bcd_engine.store import RunStore
+from bcd_engine.training.queue import queue_again
 from bcd_engine.training.run import train
 from bcd_engine.training.worker import POLL_SECONDS, run_worker
 
 EXIT_BAD_INPUT = 2
+# The commands that use TensorFlow: they import it first, with its start-up notices hidden.
+TENSORFLOW_COMMANDS = frozenset({"train", "cv", "lodo", "evaluate", "calibrate", "robustness", "predict", "explain",
+                                 "export", "worker"})
+QUIET_TF_LOG_LEVEL = "3"  # TF_CPP_MIN_LOG_LEVEL unless set: no TensorFlow C++ INFO, WARNING or ERROR lines
+_ABSL_LINE = re.compile(r"([IWEF])\d{4} ")  # an absl C++ log line starts with its severity and the date (MMDD)
+_ABSL_EARLY = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 Handler = Callable[[argparse.Namespace], tuple[object, str, int]]
 
@@ -150,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
     worker.add_argument("--poll", type=float, default=POLL_SECONDS, metavar="SECONDS",
                         help=f"queue poll interval (default {POLL_SECONDS:g} s)")
+
+    rerun = command("rerun", _cmd_rerun, "queue a finished hold-out run again with its stored settings and data "
+                    "folder (`worker --once` trains it)")
+    rerun.add_argument("--run", type=int, required=True, help="run id")
     return parser
 
 
@@ -218,10 +232,53 @@ def _stdout_to_stderr():
         real_stdout.close()
 
 
+@contextlib.contextmanager
+def _stderr_without(hidden: Callable[[str], bool]):
+    """Hold back what is written to stderr (Python and C level) in the block; then pass on the lines not ``hidden``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            sys.stderr.writelines(line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                                  if not hidden(line))
+            sys.stderr.flush()
+
+
+def _import_tensorflow() -> None:
+    """Import TensorFlow with the start-up notices below ``TF_CPP_MIN_LOG_LEVEL`` hidden (the CLI's default: 3).
+
+    TensorFlow logs its first lines (oneDNN, CUDA driver probes) through absl before absl is initialised,
+    and absl then ignores the variable: those lines are dropped here by their severity (I, W, E, F = 0 to 3),
+    with absl's warning about them; everything else written during the import is passed on.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    setting = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
+    level = int(setting) if setting.isdigit() else 0
+    with _stderr_without(lambda line: _below_log_level(line, level)):
+        import tensorflow  # noqa: F401
+
+
+def _below_log_level(line: str, level: int) -> bool:
+    """Whether a line of stderr is an absl C++ log line of a severity below ``level`` (or absl's warning about them)."""
+    absl = _ABSL_LINE.match(line)
+    return "IWEF".index(absl[1]) < level if absl else level > 0 and line.startswith(_ABSL_EARLY)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
     with _stdout_to_stderr() as real_stdout:
+        if args.command in TENSORFLOW_COMMANDS:
+            _import_tensorflow()
         try:
             payload, text, code = _run(args)
         except BCDError as exc:
@@ -279,7 +336,7 @@ def _cmd_train(args):
     result.pop("model_path")
     text = (f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
             f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
-            f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']} s)")
+            f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']:.1f} s)")
     return result, text, 0 if result["status"] == "completed" else 1
 
 
@@ -406,13 +463,13 @@ def _cmd_predict(args):
     for r in results:
         if "error" in r:
             lines.append(f"{r['path']}: error: {r['error']}")
-        elif r["reading"] == "out_of_domain":
-            lines.append(f"{r['path']}: out of domain (score {r['ood_score']:.1f} > threshold "
-                         f"{r['ood_threshold']:.1f}): no answer")
+        elif r["reading"] == "out_of_domain":  # no class is the answer, as on the Diagnose page
+            lines.append(f"{r['path']}: out of domain, no answer (score {r['ood_score']:.1f} > threshold "
+                         f"{r['ood_threshold']:.1f})")
         else:
             extra = f", disagreement {r['uncertainty']['disagreement']:.2f}" if args.tta else ""
-            lines.append(f"{r['path']}: {r['predicted_class']} ({r['uncertainty']['confidence']:.3f} calibrated"
-                         f"{extra}; {r['reading']})")
+            lines.append(f"{r['path']}: {r['reading']}: {r['predicted_class']} (calibrated probability "
+                         f"{r['calibrated_probabilities'][r['predicted_class']]:.3f}{extra})")
     code = 0 if any("error" not in r for r in results) else 1
     return results, "\n".join(lines), code
 
@@ -453,6 +510,13 @@ def _cmd_export(args):
     payload = {"run_id": result.run_id, "format": result.format, "files": [str(p) for p in result.paths],
                "max_abs_diff": result.max_abs_diff}
     return payload, "\n".join(f"wrote {p}" for p in result.paths), 0
+
+
+def _cmd_rerun(args):
+    new_id = queue_again(RunStore.open(), args.run)
+    payload = {"run_id": new_id, "status": "queued", "from_run": args.run}
+    return payload, (f"run {new_id} queued with the settings and data of run {args.run}; "
+                     "`python -m bcd_engine worker --once` trains it"), 0
 
 
 def _cmd_worker(args):

@@ -37,6 +37,10 @@ class ArchiveError(DataError):
     """An uploaded archive is refused: not a zip, corrupt, unsafe member paths, or it expands too far."""
 
 
+class RerunError(BCDError):
+    """A stored run cannot be queued again: it is still queued or running, or the queue cannot train it so."""
+
+
 class WriteError(BCDError):
     """A file or folder cannot be written (disk full, read-only file system, no permission)."""
 

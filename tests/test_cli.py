@@ -10,7 +10,9 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,20 +20,24 @@ from bcd_engine import cli
 from bcd_engine.data.colour import COLOUR_MODES
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.data.synthetic import make_synthetic_dataset
-from bcd_engine.errors import WriteError
+from bcd_engine.errors import RerunError, RunNotFoundError, WriteError
 from bcd_engine.export.bundle import FORMATS
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import OPTIMIZERS, POOLINGS, TrainConfig
 from bcd_engine.protocols.baselines import MODELS
+from bcd_engine.store import Protocol, RunStore
+from bcd_engine.training.queue import queue_again
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def cli_env(tmp_path) -> dict:
+    """The environment of a CLI child process on a store under ``tmp_path``, with the CLI's own log level."""
     env = dict(os.environ)
     env.update(BCD_DATABASE_URL=f"sqlite:///{tmp_path / 'results.db'}", BCD_ARTIFACTS_DIR=str(tmp_path / "artifacts"),
-               BCD_CACHE_DIR=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="3")
+               BCD_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return env
 
 
@@ -109,6 +115,8 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
     proc = bcd("train", "--data", synthetic_dataset, "--backbone", "mobilenetv2", "--weights", "none",
                "--image-size", 32, "--epochs", 2, "--batch-size", 8, "--augment", 2, "--json", env=cli_env)
     assert proc.returncode == 0, proc.stderr
+    for noise in ("oneDNN", "cuInit", "absl::InitializeLog", "cuda drivers", "shuffle"):  # TensorFlow's and Keras'
+        assert noise not in proc.stderr, proc.stderr
     trained = json.loads(proc.stdout)
     assert trained["status"] == "completed" and 0 <= trained["test_accuracy"] <= 1
     for key in ("run_id", "backbone", "protocol", "n_train", "n_val", "n_test", "macro_auc", "seconds"):
@@ -174,6 +182,7 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
 
     runs = json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"]
     assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "completed"
+    assert runs[0]["seconds"] == trained["seconds"] > 0  # what train reported is what the store keeps
 
     other = tmp_path / "other"
     for name in ("Cats", "Dogs"):
@@ -392,3 +401,104 @@ def test_every_command_has_its_own_handler():
 def test_a_file_that_cannot_be_written_is_a_write_error(tmp_path):
     with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'missing' / 'x.csv'}: No such file"):
         cli._write(str(tmp_path / "missing" / "x.csv"), b"data")
+
+
+# What TensorFlow 2.21 writes to stderr at import and start-up on a CPU machine with CUDA libraries.
+TF_STARTUP = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    "I0000 00:00:1796176495.795531    3416 port.cc:153] oneDNN custom operations are on.\n",
+    "W0000 00:00:1796176495.801695    3416 some_file.cc:31] a warning\n",
+    "E0000 00:00:1796176500.230179    3416 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n",
+]
+
+
+@pytest.mark.parametrize("level, kept", [(0, TF_STARTUP), (1, TF_STARTUP[2:]), (2, TF_STARTUP[3:]), (3, [])])
+def test_tensorflow_startup_lines_are_hidden_below_the_log_level(level, kept):
+    lines = [*TF_STARTUP, "Traceback (most recent call last):\n", "Scanning images: 100%\n"]
+    assert [line for line in lines if not cli._below_log_level(line, level)] == [*kept, *lines[-2:]]
+
+
+class ChanceModel:
+    """A stand-in for a run's model at chance (1/4 for each class, whatever the image) with an OOD gate."""
+
+    run_id, class_names, config, synthetic = 1, ["Benign", "Early", "Pre", "Pro"], SimpleNamespace(image_size=32), False
+
+    def __init__(self, ood_score: float):
+        gate = SimpleNamespace(threshold=10.0, score=lambda features: np.full(len(features), ood_score))
+        self.trust = SimpleNamespace(gate=gate, calibrate=lambda probabilities: probabilities)
+
+    def forward_with_features(self, images):
+        return np.full((len(images), 4), 0.25), np.zeros((len(images), 8))
+
+
+@pytest.mark.parametrize("ood_score, reading, line", [
+    (1.0, "unsure", "unsure: Benign (calibrated probability 0.250)"),
+    (50.0, "out_of_domain", "out of domain, no answer (score 50.0 > threshold 10.0)"),
+])
+def test_predict_text_gives_the_reading_the_json_gives(monkeypatch, opened_stores, tmp_path, ood_score, reading, line):
+    image = tmp_path / "smear.png"
+    Image.new("RGB", (40, 40), "purple").save(image)
+    model = ChanceModel(ood_score)
+    monkeypatch.setattr(cli.Diagnoser, "for_runs", classmethod(lambda cls, run_ids, *, store: cls([model])))
+    payload, text, code = cli._run(cli.build_parser().parse_args(["predict", "--run", "1", str(image)]))
+    assert code == 0 and payload[0]["reading"] == reading
+    assert text == f"{image}: {line}"
+
+
+@pytest.fixture
+def cli_store(tmp_path, monkeypatch) -> RunStore:
+    """The store the CLI opens when ``main`` runs in this process."""
+    monkeypatch.setenv("BCD_DATABASE_URL", f"sqlite:///{tmp_path / 'results.db'}")
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # main sets it; restored afterwards
+    return RunStore.open()
+
+
+def finished_run(store: RunStore, data_dir, status: str, protocol: Protocol = Protocol.holdout()) -> int:
+    """A run on ``data_dir`` under ``protocol`` that ended ``status`` without training."""
+    config = {"train": TrainConfig.for_backbone("scratch_cnn", image_size=32, epochs=1).to_dict(),
+              "data_dir": str(data_dir)}
+    run_id = store.create_run(backbone="scratch_cnn", protocol=protocol, config=config, status="running")
+    store.finish_run(run_id, status=status)
+    return run_id
+
+
+def test_rerun_queues_a_copy_and_refuses_a_run_not_finished(cli_store, synthetic_dataset, capfd):
+    failed = finished_run(cli_store, synthetic_dataset, "failed")
+    assert cli.main(["rerun", "--run", str(failed), "--json"]) == 0
+    again = json.loads(capfd.readouterr().out)
+    assert again == {"run_id": again["run_id"], "status": "queued", "from_run": failed} and again["run_id"] != failed
+    copy, original = cli_store.get_run(again["run_id"]), cli_store.get_run(failed)
+    assert copy.status == "queued" and copy.protocol_info == Protocol.holdout()
+    assert copy.config["train"] == original.config["train"] and copy.config["data_dir"] == original.config["data_dir"]
+
+    assert cli.main(["rerun", "--run", str(copy.id)]) == cli.EXIT_BAD_INPUT
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines()[-1] == (
+        f"bcd: error: run {copy.id} is queued; only a finished run can be queued again")
+    cli_store.start_run(copy.id, environment={})
+    with pytest.raises(RerunError, match="is running"):
+        queue_again(cli_store, copy.id)
+    assert [r.id for r in cli_store.list_runs(status="queued")] == []
+
+
+@pytest.mark.parametrize("status", ["completed", "cancelled", "interrupted"])
+def test_any_finished_hold_out_run_can_run_again(cli_store, synthetic_dataset, status):
+    again = queue_again(cli_store, finished_run(cli_store, synthetic_dataset, status))
+    assert cli_store.get_run(again).status == "queued"
+
+
+@pytest.mark.parametrize("protocol", [Protocol.kfold(1, folds=2), Protocol.lodo("pbc")])
+def test_a_cv_or_lodo_round_is_not_queued_again(cli_store, synthetic_dataset, protocol):
+    with pytest.raises(RerunError, match=r"one round of .*run the whole protocol again"):
+        queue_again(cli_store, finished_run(cli_store, synthetic_dataset, "failed", protocol))
+
+
+def test_rerun_refuses_an_unknown_run_and_an_unreadable_config(cli_store, synthetic_dataset):
+    with pytest.raises(RunNotFoundError, match="999"):
+        queue_again(cli_store, 999)
+    old = cli_store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), status="failed",
+                               config={"train": {"backbone": "scratch_cnn", "retired_setting": 1},
+                                       "data_dir": str(synthetic_dataset)})
+    with pytest.raises(RerunError, match=r"cannot be read by this version.*retired_setting"):
+        queue_again(cli_store, old)

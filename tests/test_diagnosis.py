@@ -97,6 +97,8 @@ def test_uncertainty_and_its_plain_reading():
     level, sentence = reading("Benign", uncertainty(split))
     assert level == "conflicting" and "3 of 8" in sentence
     assert reading("Pre", uncertainty(np.array([[0.5, 0.3, 0.2]])))[0] == "unsure"
+    at_chance = uncertainty(np.full((8, 4), 0.25))  # every class tied: the answer is the first, as argmax gives
+    assert at_chance["disagreement"] == 0 and reading("Benign", at_chance)[0] == "unsure"
 
 
 def test_an_ensemble_averages_its_models():

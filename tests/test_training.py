@@ -161,7 +161,7 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
     train_ds = (tf.data.Dataset.from_tensor_slices((preprocess(view_images), targets))
                 .shuffle(len(view_images), seed=config.seed, reshuffle_each_iteration=True).batch(config.batch_size))
     val_data = (preprocess(images[val_rows].astype("float32")), keras.utils.to_categorical(labels[val_rows], 4))
-    naive.fit(train_ds, validation_data=val_data, epochs=config.epochs, verbose=0,
+    naive.fit(train_ds, validation_data=val_data, epochs=config.epochs, verbose=0, shuffle=False,
               callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True)])
 
     probe = preprocess(images.astype("float32"))

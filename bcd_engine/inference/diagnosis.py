@@ -61,14 +61,15 @@ def dihedral_views(images: np.ndarray) -> np.ndarray:
 def uncertainty(view_probabilities: np.ndarray) -> dict:
     """Uncertainty of one image from its per-view (or per-model-and-view) probabilities (v, n_classes).
 
-    ``confidence``: the mean probability of the answer (the class with the highest mean probability);
+    ``confidence``: the mean probability of the answer (the class with the highest mean probability, the
+    first of tied ones, as ``argmax`` picks);
     ``margin``: its lead over the runner-up; ``disagreement``: the share of views whose own top class
     is not the answer (0 when every view agrees); ``spread``: the standard deviation of the answer's
     probability across views.
     """
     view_probabilities = np.asarray(view_probabilities, dtype=np.float64)
     mean = view_probabilities.mean(axis=0)
-    order = np.argsort(mean)[::-1]
+    order = np.argsort(-mean, kind="stable")
     answer = int(order[0])
     return {
         "confidence": float(mean[answer]),

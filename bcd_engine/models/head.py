@@ -87,6 +87,7 @@ def fit_head_on_features(
         epochs=config.epochs,
         callbacks=[early_stopping(config), *callbacks],
         class_weight=class_weight,
+        shuffle=False,  # the dataset shuffles itself; Keras ignores (and warns about) shuffle=True on one
         verbose=0,
     )
     return head

@@ -107,7 +107,10 @@ class DatasetRecord:
 class RunRecord:
     """One training run: its configuration, lifecycle and headline metrics.
 
-    ``protocol_info`` is how its test figure was obtained; :attr:`protocol` the same as text.
+    ``protocol_info`` is how its test figure was obtained; :attr:`protocol` the same as text. ``seconds`` is
+    ``finished_at - started_at``: from when the process that trains the run starts it (after scanning the
+    data folder and setting up the device; the wait in the queue is not counted) until it is finished,
+    evaluation and saving included. ``train`` reports the same figure.
     """
 
     id: int

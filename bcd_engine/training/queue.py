@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
+from bcd_engine.errors import RerunError
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.store import Protocol, RunStore
+from bcd_engine.store import FINAL_STATUSES, Protocol, RunStore
 
 
 def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike) -> int:
@@ -18,6 +19,29 @@ def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike)
     return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(),
                             config={"train": config.to_dict(), "data_dir": scan.root,
                                     "class_names": list(scan.class_names)})
+
+
+def queue_again(store: RunStore, run_id: int) -> int:
+    """Queue a new run with the stored train config and data folder of finished run ``run_id``; its id.
+
+    Any finished run (completed, failed, cancelled or interrupted) of the hold-out protocol can run again.
+    Refused with ``RerunError``: a run still queued or running, a k-fold or LODO round (the queue trains
+    hold-out runs; its split belongs to the whole ``cv`` or ``lodo`` run, which is what to run again) and a
+    stored config this version cannot read. An unknown run raises ``RunNotFoundError``, a data folder that
+    is gone or unusable ``DataError``, as :func:`queue_run` does.
+    """
+    run = store.get_run(run_id)
+    if run.status not in FINAL_STATUSES:
+        raise RerunError(f"run {run_id} is {run.status}; only a finished run can be queued again")
+    if run.protocol_info.kind != "holdout":
+        raise RerunError(f"run {run_id} is one round of {run.protocol}; the queue trains hold-out runs only, "
+                         "so run the whole protocol again (the cv or lodo command)")
+    try:
+        config, data_dir = TrainConfig.from_dict(run.config["train"]), run.config["data_dir"]
+    except (KeyError, TypeError) as exc:
+        raise RerunError(f"the stored config of run {run_id} cannot be read by this version of bcd "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return queue_run(store, config, data_dir)
 
 
 def demo_config() -> TrainConfig:

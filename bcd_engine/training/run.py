@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +65,7 @@ class TrainResult:
     n_test: int
     test_accuracy: float | None
     macro_auc: float | None
-    seconds: float
+    seconds: float  # the stored run's seconds (see RunRecord): the same figure the store and the dashboard show
     model_path: str | None
     feature_cache: dict | None = None  # hits, misses and file of the frozen-feature cache (pretrained backbones)
 
@@ -95,7 +94,6 @@ def train(
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
     run ``failed`` or ``cancelled`` with its epochs so far.
     """
-    started = time.monotonic()
     if scan is None:
         scan = scan_dataset(data_dir, progress=progress)
     elif Path(scan.root) != Path(data_dir).expanduser().resolve():
@@ -123,23 +121,23 @@ def train(
                 feature_cache_dir=feature_cache_dir)
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
-        return _result(run_id, "cancelled", config, split, None, started, None, protocol=protocol)
+        return _result(store, run_id, "cancelled", config, split, None, None, protocol=protocol)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, BCDError) else f"{type(exc).__name__}: {exc}"
         store.finish_run(run_id, status="failed", error=message)
         raise
     store.finish_run(run_id, status="completed", test_accuracy=evaluation.accuracy, macro_auc=evaluation.macro_auc)
-    return _result(run_id, "completed", config, split, evaluation, started, model_path, cache_stats, protocol=protocol)
+    return _result(store, run_id, "completed", config, split, evaluation, model_path, cache_stats, protocol=protocol)
 
 
-def _result(run_id, status, config, split, evaluation: Evaluation | None, started, model_path,
+def _result(store: RunStore, run_id, status, config, split, evaluation: Evaluation | None, model_path,
             cache_stats=None, *, protocol: Protocol) -> TrainResult:
     return TrainResult(
         run_id=run_id, status=status, backbone=config.backbone, protocol=protocol.label,
         n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
         test_accuracy=None if evaluation is None else evaluation.accuracy,
         macro_auc=None if evaluation is None else evaluation.macro_auc,
-        seconds=round(time.monotonic() - started, 2), model_path=model_path, feature_cache=cache_stats,
+        seconds=store.get_run(run_id).seconds, model_path=model_path, feature_cache=cache_stats,
     )
 
 
@@ -241,6 +239,7 @@ def _fit_images(model, images, labels, split: Split, *, config: TrainConfig, pre
     val_ds = image_dataset(images[split.val], labels[split.val], 0, config=config, preprocess=preprocess,
                            n_classes=n_classes, train=False)
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, class_weight=class_weight,
+              shuffle=False,  # image_dataset shuffles the training images itself
               callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])
 
 

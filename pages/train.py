@@ -149,7 +149,7 @@ def announce(run) -> None:
                      query_params={"run": run.id})
         if c3.button("Dismiss", key=f"train_dismiss_{run.id}"):
             common.forget_run(run.id)
-            st.rerun(scope="fragment")
+            st.rerun()
     else:
         box = st.container(border=True)
         box.error(f"{name} {run.status}" + (f": {run.error}" if run.error else "."), icon=":material/error:")
@@ -158,7 +158,7 @@ def announce(run) -> None:
             run_again(run.id)
         if c2.button("Dismiss", key=f"train_dismiss_{run.id}"):
             common.forget_run(run.id)
-            st.rerun(scope="fragment")
+            st.rerun()
 
 
 def run_again(run_id: int) -> None:
@@ -171,7 +171,7 @@ def run_again(run_id: int) -> None:
     common.forget_run(run_id)
     common.remember_runs([new_id])
     worker.ensure_worker(store)
-    st.rerun(scope="fragment")
+    st.rerun()
 
 
 @st.fragment(run_every=3)

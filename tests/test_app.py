@@ -263,3 +263,24 @@ def test_a_typed_weights_path_that_does_not_exist_is_refused_and_nothing_is_queu
     at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
     assert "weights file not found: /nowhere/resnet50.weights.h5" in at.error[0].value
     assert RunStore(isolated["url"]).list_runs() == []
+
+
+def test_a_failed_run_is_queued_again_from_the_train_page_with_its_settings(isolated, synthetic_dataset):
+    at = open_page("pages/train.py")
+    at.text_input(key="train_folder").input(str(synthetic_dataset))
+    at.number_input(key="train_image_size").set_value(32)
+    at.number_input(key="train_epochs").set_value(2)
+    at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+    store = RunStore(isolated["url"])
+    (run,) = store.list_runs()
+    store.claim_next_queued(worker_id="test")
+    store.finish_run(run.id, status="failed", error="ResourceExhaustedError: out of memory\nlong trace ...")
+    at.run()
+    assert any(e.value.startswith(f"Run {run.id} (mobilenetv2) failed: ResourceExhaustedError") for e in at.error)
+    at.button(key=f"train_again_{run.id}").click().run()
+    assert not at.exception, at.exception
+    again = store.list_runs()[0]
+    assert again.id != run.id and again.status == "queued"
+    assert again.config["train"] == run.config["train"] and again.config["data_dir"] == run.config["data_dir"]
+    assert any(f"Run {again.id} (mobilenetv2) is queued" in i.value for i in at.info)
+    assert not [b for b in at.button if b.key == f"train_again_{run.id}"]  # the old failure is dismissed

@@ -89,7 +89,7 @@ def test_uncertainty_and_its_plain_reading():
     certainty = uncertainty(agreeing)
     assert certainty == pytest.approx({"confidence": 0.9, "margin": 0.85, "disagreement": 0.0, "spread": 0.0,
                                        "views": 8})
-    assert reading("Pro", certainty) == ("ok", "The model gives Pro with 90% confidence, and all 8 looks "
+    assert reading("Pro", certainty) == ("ok", "The model gives Pro with 90.0% confidence, and all 8 looks "
                                             "(flips and turns) agree. This is a research tool, not a diagnosis.")
     single = uncertainty(np.array([[0.9, 0.1]]))
     assert "agree" not in reading("Pro", single)[1]

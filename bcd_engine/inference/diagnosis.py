@@ -104,7 +104,7 @@ def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and tu
         agreement = f", and all {views} looks ({looks}) agree"
     else:
         agreement = f"; most of the {views} looks ({looks}) agree"
-    return "ok", (f"The model gives {predicted_class} with {confidence:.0%} confidence{agreement}. "
+    return "ok", (f"The model gives {predicted_class} with {confidence:.1%} confidence{agreement}. "
                   "This is a research tool, not a diagnosis.")
 
 

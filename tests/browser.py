@@ -92,15 +92,17 @@ def settle(page) -> None:
     page.wait_for_timeout(1500)  # charts and data grids draw after the script ends
 
 
-def tour_shot(page, name: str, *, from_heading: str | None = None) -> None:
-    """With ``BCD_TOUR_DIR`` set, save 1000 px of the page (from its top, or from the heading ``from_heading``)
+def tour_shot(page, name: str, *, from_heading: str | None = None, above: int = 20) -> None:
+    """With ``BCD_TOUR_DIR`` set, save 1000 px of the page (from its top, or from ``above`` px over the heading
+    ``from_heading``)
     there as ``<name>.png``, for the README's tour:
     ``BCD_TOUR_DIR=docs/tour python -m pytest tests/test_e2e_browser.py``."""
     if not os.environ.get("BCD_TOUR_DIR"):
         return
     folder = Path(os.environ["BCD_TOUR_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
-    top = 0 if from_heading is None else page.get_by_role("heading", name=from_heading).first.bounding_box()["y"] - 20
+    heading = None if from_heading is None else page.get_by_role("heading", name=from_heading).first
+    top = 0 if heading is None else heading.bounding_box()["y"] - above
     page.screenshot(path=str(folder / f"{name}.png"), full_page=True,
                     clip={"x": 0, "y": top, "width": page.viewport_size["width"], "height": 1000})
 

@@ -79,13 +79,15 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
         if status == "running" and not seen_running and store.get_epochs(1):
             seen_running = True
             page.wait_for_timeout(3500)  # one fragment refresh: the live curves
-            check(page, "train-running", tour=True)
+            check(page, "train-running")
+            tour_shot(page, "train-running", from_heading="Queue and recent runs", above=120)
         assert time.monotonic() < deadline, f"run 1 still {status} after {TRAIN_DEADLINE_S} s"
         time.sleep(1)
     assert status == "completed", store.get_run(1).error
     page.get_by_text("Run 1 (scratch_cnn) finished in").wait_for(timeout=10_000)  # the next refresh says so
     settle(page)
-    check(page, "train-done", tour=True)
+    check(page, "train-done")
+    tour_shot(page, "train-done", from_heading="Queue and recent runs", above=200)
     page.get_by_role("link", name="Compare run 1").click()  # ... and leads to the run's results
     page.get_by_role("heading", name="Confusion matrices").wait_for(timeout=60_000)
     assert "run=1" in page.url

@@ -716,3 +716,26 @@ def test_a_sqlite_store_deleted_or_replaced_under_a_running_process_says_so(tmp_
         store.log_epoch(run_id, phase=1, epoch=2, train_loss=0.5, train_accuracy=0.7)
     with pytest.raises(StoreError, match="deleted or replaced"):
         store.list_runs()
+
+
+def test_revision_changes_with_every_run_and_evaluation_a_view_shows(store: RunStore, tmp_path: Path) -> None:
+    from helpers import scored_evaluation
+
+    seen = [store.revision()]
+
+    def changed() -> bool:
+        seen.append(store.revision())
+        return seen[-1] != seen[-2]
+
+    run_id = store.create_run(backbone="resnet50", protocol=Protocol.holdout(), config={"data_dir": str(tmp_path)})
+    assert changed()
+    assert store.revision() == seen[-1]  # reading does not change it
+    store.start_run(run_id, environment={})
+    assert changed()
+    store.save_evaluation(run_id, **scored_evaluation("test", [f"{tmp_path}/Benign/a.png"] * 4, str(tmp_path),
+                                                      right=1.0, seed=0))
+    assert changed()
+    store.finish_run(run_id, status="completed", test_accuracy=1.0)
+    assert changed()
+    store.delete_run(run_id)
+    assert changed()

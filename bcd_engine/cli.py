@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 from PIL import Image
 
+from bcd_engine import settings
 from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import BCDError, ConfigError, WriteError
@@ -41,11 +42,12 @@ from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_
 from bcd_engine.protocols.robustness import colour_robustness_of_run
 from bcd_engine.reports.runs import dataset_label
 from bcd_engine.store import RunStore
-from bcd_engine.training.queue import queue_again
+from bcd_engine.training.queue import queue_again, queue_run
 from bcd_engine.training.run import train
 from bcd_engine.training.worker import POLL_SECONDS, run_worker
 
 EXIT_BAD_INPUT = 2
+EXECUTORS = ("local", "ray")
 # The commands that use TensorFlow: they import it first, with its start-up notices hidden.
 TENSORFLOW_COMMANDS = frozenset({"train", "cv", "lodo", "evaluate", "calibrate", "robustness", "predict", "explain",
                                  "export", "worker"})
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv = command("cv", _cmd_cv, "k-fold cross-validation (stratified, group-aware): one stored run per fold")
     _add_train_options(cv)
     cv.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help=f"number of folds (default {DEFAULT_FOLDS})")
+    _add_executor_options(cv, "where the folds train: here one after another, or as parallel tasks on a Ray cluster")
 
     lodo = command("lodo", _cmd_lodo,
                    "leave-one-dataset-out CV: train on all datasets but one, test on the one left out")
@@ -93,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                        data_action="append")
     lodo.add_argument("--label-map", help='JSON file {dataset name: {folder class: shared label}}, e.g. '
                       '{"all": {"Benign": "benign", "Early": "malignant", ...}, "pbc": {"lymphocyte": "benign"}}')
+    _add_executor_options(lodo, "where the rounds train: here one after another, or as parallel tasks on a Ray "
+                          "cluster")
+
+    queue = command("queue", _cmd_queue, "put a run in the queue with the train options (a worker trains it)")
+    _add_train_options(queue)
 
     baseline = command("baseline", _cmd_baseline, "the classical baseline (colour, GLCM texture and shape features "
                        "+ SVM or logistic regression) on the hold-out split or under k-fold CV")
@@ -160,11 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
     worker.add_argument("--poll", type=float, default=POLL_SECONDS, metavar="SECONDS",
                         help=f"queue poll interval (default {POLL_SECONDS:g} s)")
+    _add_executor_options(worker, "where the runs train: here one after another, or as parallel tasks on a Ray "
+                          "cluster")
 
     rerun = command("rerun", _cmd_rerun, "queue a finished hold-out run again with its stored settings and data "
                     "folder (`worker --once` trains it)")
     rerun.add_argument("--run", type=int, required=True, help="run id")
     return parser
+
+
+def _add_executor_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--executor`` and the Ray cluster's options (``worker``, ``cv``, ``lodo``)."""
+    parser.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0], help=f"{what} (default local)")
+    parser.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster: auto (the one started on this "
+                        "machine), HOST:PORT or ray://HOST:PORT; default BCD_RAY_ADDRESS, else auto")
+    parser.add_argument("--cpus-per-run", type=int, default=1, metavar="N",
+                        help="CPUs one run takes on a cluster without GPUs (default 1)")
+    parser.add_argument("--gpus-per-run", type=int, default=1, metavar="N",
+                        help="GPUs one run takes on a cluster with GPUs (default 1; more trains with "
+                        "MirroredStrategy)")
+
+
+def _ray_options(args: argparse.Namespace) -> dict:
+    """The Ray executor's keyword arguments from ``--ray-address``, ``--cpus-per-run`` and ``--gpus-per-run``."""
+    if args.cpus_per_run < 1 or args.gpus_per_run < 1:
+        raise ConfigError("--cpus-per-run and --gpus-per-run must be at least 1")
+    return {"address": args.ray_address or settings.ray_address() or "auto", "cpus_per_run": args.cpus_per_run,
+            "gpus_per_run": args.gpus_per_run}
+
+
+def _executor(args: argparse.Namespace):
+    """The executor ``cv`` and ``lodo`` hand their folds or rounds to (None: the local loop)."""
+    if args.executor == "local":
+        return None
+    from bcd_engine.training.ray_executor import RayExecutor
+
+    options = _ray_options(args)
+    return RayExecutor(options.pop("address"), **options)
 
 
 def _add_fraction_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -311,7 +351,7 @@ def _cmd_runs(args):
     runs = [
         {"id": r.id, "backbone": r.backbone, "dataset": run_dataset(r), "status": r.status, "protocol": r.protocol,
          "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc, "created_at": r.created_at,
-         "seconds": r.seconds}
+         "seconds": r.seconds, "worker_id": r.worker_id}
         for r in records
     ]
     lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  {'dataset':<28} protocol"]
@@ -342,7 +382,8 @@ def _cmd_train(args):
 
 def _cmd_cv(args):
     config = _config_from_args(args)
-    result = cross_validate(config, args.data, folds=args.folds, store=RunStore.open(), progress=True)
+    result = cross_validate(config, args.data, folds=args.folds, store=RunStore.open(), progress=True,
+                            executor=_executor(args))
     lines = [f"{result['protocol']}, {args.backbone}:"]
     lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}, run {f['run_id']}"
               for f in result["folds"]]
@@ -362,7 +403,8 @@ def _cmd_lodo(args):
         datasets[name] = folder
     label_map = load_dataset_label_map(args.label_map) if args.label_map else None
     config = _config_from_args(args)
-    result = leave_one_dataset_out(config, datasets, label_map, store=RunStore.open(), progress=True)
+    result = leave_one_dataset_out(config, datasets, label_map, store=RunStore.open(), progress=True,
+                                   executor=_executor(args))
     lines = [f"{result['protocol']}, {args.backbone}, shared labels {', '.join(result['shared_labels'])}:"]
     for r in result["rounds"]:
         if r["status"] != "completed":
@@ -519,8 +561,19 @@ def _cmd_rerun(args):
                      "`python -m bcd_engine worker --once` trains it"), 0
 
 
+def _cmd_queue(args):
+    run_id = queue_run(RunStore.open(), _config_from_args(args), args.data)
+    return {"run_id": run_id, "status": "queued"}, (f"run {run_id} queued; `python -m bcd_engine worker --once` "
+                                                    "trains it"), 0
+
+
 def _cmd_worker(args):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    done = run_worker(once=args.once, poll_seconds=args.poll, store=RunStore.open())
+    if args.executor == "ray":
+        from bcd_engine.training.ray_executor import run_ray_worker
+
+        done = run_ray_worker(once=args.once, poll_seconds=args.poll, **_ray_options(args))
+    else:
+        done = run_worker(once=args.once, poll_seconds=args.poll, store=RunStore.open())
     text = "\n".join(f"run {d['run_id']}: {d['status']}" for d in done) or "no queued runs"
     return {"runs": done}, text, 0

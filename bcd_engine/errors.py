@@ -51,3 +51,7 @@ class CancelledError(BCDError):
 
 class BusyError(BCDError):
     """The server's shared inference queue is full; the visitor should try again shortly."""
+
+
+class ClusterError(BCDError):
+    """A Ray cluster cannot be used: Ray is not installed, no cluster answers at the address, or a task was lost."""

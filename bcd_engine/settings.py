@@ -22,6 +22,12 @@ def artifacts_dir() -> Path:
     return Path(os.environ.get("BCD_ARTIFACTS_DIR") or PROJECT_ROOT / "artifacts")
 
 
+def ray_address() -> str | None:
+    """The Ray cluster the dashboard hands queued runs to: ``BCD_RAY_ADDRESS`` (e.g. ``auto``), else None (a local
+    worker trains them)."""
+    return os.environ.get("BCD_RAY_ADDRESS") or None
+
+
 def weights_dir() -> Path:
     """Folder of local pretrained weights files the Train page offers: ``BCD_WEIGHTS_DIR`` or ``weights/`` at
     the project root (for machines that cannot download ImageNet weights)."""

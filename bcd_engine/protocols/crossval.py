@@ -1,16 +1,18 @@
 """k-fold cross-validation: stratified, group-aware folds, one stored run per fold."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
-from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.scan import ScanResult, scan_dataset
 from bcd_engine.data.splits import Split, group_kfold, holdout_split
 from bcd_engine.errors import ConfigError
 from bcd_engine.evaluation.confidence import sample_std
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import Protocol, RunStore
+from bcd_engine.training.executor import Executor, LocalExecutor
 from bcd_engine.training.run import train
 
 DEFAULT_FOLDS = 5  # the thesis' k-fold cross-validation
@@ -29,25 +31,34 @@ def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -
 
 
 def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = DEFAULT_FOLDS, store: RunStore,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, executor: Executor | None = None) -> dict:
     """Train and test ``config`` on each of ``folds`` group-aware folds; per-fold metrics, mean and std.
 
     Returns ``{"protocol", "folds": [{"fold", "run_id", "n_train", "n_test", "accuracy", "macro_auc"}],
     "mean": {...}, "std": {...}}``. Each fold is stored in ``store`` as its own run, under
     ``Protocol.kfold(fold, folds=folds)``. Every fold trains on the one scan its split was made from,
-    so the split's indices name the same files.
+    so the split's indices name the same files. The folds train one after another here unless ``executor``
+    runs them elsewhere (the Ray executor: in parallel, without progress bars); the result is the same.
     """
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
     scan = scan_dataset(data_dir, progress=progress)
-    rows = []
     splits = fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=config.val_fraction, seed=config.seed)
-    for fold, split in enumerate(splits, start=1):
-        result = train(config, data_dir, store=store, split=split, scan=scan, progress=progress,
-                       protocol=Protocol.kfold(fold, folds=folds))
-        rows.append({"fold": fold, "run_id": result.run_id, "n_train": result.n_train, "n_test": result.n_test,
-                     "accuracy": result.test_accuracy, "macro_auc": result.macro_auc})
+    executor = executor or LocalExecutor()
+    work = functools.partial(_train_fold, config=config, data_dir=data_dir, scan=scan, folds=folds,
+                             progress=progress and isinstance(executor, LocalExecutor))
+    rows = executor.map(work, list(enumerate(splits, start=1)), store=store)
     return {"protocol": Protocol.kfold(folds=folds).label, "folds": rows, **summarise_folds(rows)}
+
+
+def _train_fold(store: RunStore, fold_split: tuple[int, Split], *, config: TrainConfig, data_dir: str | os.PathLike,
+                scan: ScanResult, folds: int, progress: bool) -> dict:
+    """Train and test one fold; its row of the result."""
+    fold, split = fold_split
+    result = train(config, data_dir, store=store, split=split, scan=scan, progress=progress,
+                   protocol=Protocol.kfold(fold, folds=folds))
+    return {"fold": fold, "run_id": result.run_id, "n_train": result.n_train, "n_test": result.n_test,
+            "accuracy": result.test_accuracy, "macro_auc": result.macro_auc}
 
 
 def summarise_folds(rows: list[dict]) -> dict:

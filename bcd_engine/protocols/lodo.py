@@ -11,6 +11,7 @@ false-positive or false-negative rate).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from bcd_engine.errors import BCDError, ConfigError, DataError
 from bcd_engine.inference.evaluate import evaluate_run_on_folder
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import Protocol, RunStore
+from bcd_engine.training.executor import Executor, LocalExecutor
 from bcd_engine.training.run import train
 
 _SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it was built from
@@ -50,7 +52,8 @@ def load_dataset_label_map(path: str | os.PathLike) -> dict:
 
 
 def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.PathLike], label_map: dict | None = None,
-                          *, store: RunStore, progress: bool = False, workdir: str | os.PathLike | None = None) -> dict:
+                          *, store: RunStore, progress: bool = False, workdir: str | os.PathLike | None = None,
+                          executor: Executor | None = None) -> dict:
     """Hold out each dataset in turn: train ``config`` on the others, evaluate on it; one stored run per round.
 
     ``datasets`` maps names to folders of class subfolders; ``label_map`` maps a dataset name to
@@ -61,20 +64,23 @@ def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.Path
     Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root", "n_images",
     "labels"}}, "rounds": [...]}``, one round per dataset with its run, in-domain test and
     held-out figures (accuracy, macro AUC, confusion matrix, per-label rates); ``workdir`` defaults to
-    a folder under the cache keyed by the inputs.
+    a folder under the cache keyed by the inputs. The rounds train one after another here unless ``executor``
+    runs them elsewhere (the Ray executor: in parallel, without progress bars); the result is the same.
     """
     scans = {name: scan_dataset(root, progress=progress, allow_single_class=True)
              for name, root in _check_datasets(datasets).items()}
     labels_of = _check_label_map(label_map, scans)
     workdir = Path(workdir) if workdir is not None else _default_workdir(scans, labels_of)
+    executor = executor or LocalExecutor()
+    work = functools.partial(_round, config=config, scans=scans, labels_of=labels_of, workdir=workdir,
+                             progress=progress and isinstance(executor, LocalExecutor))
     return {
         "protocol": Protocol.lodo().label,
         "shared_labels": sorted({label for labels in labels_of.values() for label in labels.values()}),
         "workdir": str(workdir),
         "datasets": {name: {"root": scan.root, "n_images": scan.n_images,
                             "labels": _label_counts(scan, labels_of[name])} for name, scan in scans.items()},
-        "rounds": [_round(config, name, scans, labels_of, store=store, progress=progress, workdir=workdir)
-                   for name in scans],
+        "rounds": executor.map(work, list(scans), store=store),
     }
 
 
@@ -142,8 +148,8 @@ def _label_counts(scan: ScanResult, labels: dict[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _round(config: TrainConfig, held_out: str, scans: dict[str, ScanResult], labels_of: dict, *,
-           store: RunStore, progress: bool, workdir: Path) -> dict:
+def _round(store: RunStore, held_out: str, *, config: TrainConfig, scans: dict[str, ScanResult], labels_of: dict,
+           progress: bool, workdir: Path) -> dict:
     """Train on the datasets other than ``held_out`` and evaluate on it; one row of the LODO table."""
     train_names = [name for name in scans if name != held_out]
     sources, excluded = {}, 0

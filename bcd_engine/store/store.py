@@ -596,6 +596,21 @@ class RunStore:
                     return _record(RunRecord, s.get_one(Run, run_id))
                 tried.append(run_id)
 
+    def hand_over(self, run_id: int, *, claimed_by: str, worker_id: str) -> None:
+        """Move a run that ``claimed_by`` claimed to this process (host, pid) under ``worker_id``.
+
+        A driver that claims runs and has them trained elsewhere (a Ray task) hands each one to the process
+        that trains it, so that process may start it and a dead one is found by its own pid. A run no
+        longer running under that claim (cancelled meanwhile, recovered as interrupted) raises :class:`StoreError`.
+        """
+        values = {"host": socket.gethostname(), "pid": os.getpid(), "worker_id": worker_id, "heartbeat_at": utcnow()}
+        with self._session(write=True) as s:
+            claimed = and_(Run.id == run_id, Run.status == "running", Run.worker_id == claimed_by)
+            if s.execute(update(Run).where(claimed).values(**values)).rowcount == 0:
+                run = self._require_run(s, run_id)
+                raise StoreError(f"run {run_id} is {run.status} under worker {run.worker_id}, "
+                                 f"not running under {claimed_by}; it cannot be handed over")
+
     def update_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
         """Replace a run's config (training adds what it learns from the data, such as class names)."""
         with _checked("update_run_config config"):

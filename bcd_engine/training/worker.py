@@ -84,13 +84,14 @@ def live_worker() -> dict | None:
     return beat if pid_alive(int(beat["pid"])) else None
 
 
-def spawn_worker() -> int:
-    """Start ``python -m bcd_engine worker --once`` detached (own session, output to the log file); its pid."""
+def spawn_worker(*options: str) -> int:
+    """Start ``python -m bcd_engine worker --once [options]`` detached (own session, output to the log file);
+    its pid. ``options`` are more of the worker's command-line options (``--executor ray ...``)."""
     log_path = log_file()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bcd_engine", "worker", "--once"],
+            [sys.executable, "-m", "bcd_engine", "worker", "--once", *options],
             cwd=settings.PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(settings.PROJECT_ROOT)},
         )
@@ -100,12 +101,18 @@ def spawn_worker() -> int:
 
 
 def train_claimed(store: RunStore, run, worker_id: str) -> str:
-    """Train one claimed run; return its final status (a failure is logged, never raised)."""
+    """Train one claimed run, keeping this worker's heartbeat file; its final status (see :func:`train_stored`)."""
+    with repeating(lambda: write_heartbeat(worker_id=worker_id), every_s=HEARTBEAT_SECONDS,
+                   name=f"bcd-worker-{worker_id}"):
+        return train_stored(store, run)
+
+
+def train_stored(store: RunStore, run) -> str:
+    """Train a claimed run with its stored config and data folder; its final status (a failure is logged
+    and recorded on the run, never raised)."""
     try:
-        with repeating(lambda: write_heartbeat(worker_id=worker_id), every_s=HEARTBEAT_SECONDS,
-                       name=f"bcd-worker-{worker_id}"):
-            config = TrainConfig.from_dict(run.config["train"])
-            return train(config, run.config["data_dir"], store=store, run_id=run.id).status
+        config = TrainConfig.from_dict(run.config["train"])
+        return train(config, run.config["data_dir"], store=store, run_id=run.id).status
     except Exception as exc:  # noqa: BLE001 - one bad run must not stop the queue
         log.error("run %s failed: %s: %s", run.id, type(exc).__name__, exc)
         if store.get_run(run.id).status == "running":  # failed before train() could close it
@@ -145,11 +152,12 @@ def run_worker(*, store: RunStore, worker_id: str | None = None, once: bool = Fa
         raise
 
 
-def ensure_worker(store: RunStore) -> bool:
-    """Start a background worker when runs are queued and none is alive; True when one was started."""
+def ensure_worker(store: RunStore, *options: str) -> bool:
+    """Start a background worker (with more command-line ``options``, as :func:`spawn_worker`) when runs are
+    queued and none is alive; True when one was started."""
     if live_worker() is not None or not store.list_runs(status="queued", limit=1):
         return False
-    spawn_worker()
+    spawn_worker(*options)
     return True
 
 

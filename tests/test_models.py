@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -107,3 +108,38 @@ def test_listing_dataset_choices_writes_nothing(workspace, tmp_path):
     choices = dataset_choices(workspace, demo)
     assert choices[0].root == str(demo) and choices[0].synthetic
     assert not demo.exists()
+
+
+MIRRORED_EXTRACTION = """
+import numpy as np, tensorflow as tf, keras
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from bcd_engine.models.backbones import get_backbone
+from bcd_engine.models.config import TrainConfig
+from bcd_engine.models.features import build_feature_extractor, extract_features
+config = TrainConfig.for_backbone("mobilenetv2", weights="none", image_size=32, batch_size=8)
+spec = get_backbone("mobilenetv2")
+images = np.random.default_rng(0).integers(0, 255, (21, 32, 32, 3), dtype=np.uint8)
+args = dict(preprocess=spec.preprocess(), augment=config.augment, seed=0, batch_size=8)
+def features(extractor):
+    return extract_features(extractor, images, np.arange(21), [f"{i:032x}" for i in range(21)], np.zeros(21, int),
+                            **args)
+single, _ = build_feature_extractor(spec, config)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored, _ = build_feature_extractor(spec, config)
+    mirrored.set_weights(single.get_weights())
+    split = features(mirrored)
+print(strategy.num_replicas_in_sync, float(np.abs(features(single) - split).max()))
+"""
+
+
+def test_feature_extraction_under_a_mirrored_strategy_splits_batches_and_keeps_their_order():
+    """Two logical CPUs stand in for two GPUs: 21 images in batches of 8 (the last one uneven) come back
+    in order, the same vectors as on one device."""
+    out = subprocess.run([sys.executable, "-c", MIRRORED_EXTRACTION], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                              "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    replicas, max_diff = out.stdout.split()
+    assert replicas == "2" and float(max_diff) < 1e-5

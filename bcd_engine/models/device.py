@@ -2,7 +2,8 @@
 
 :func:`configure_device` describes the device (and lets TensorFlow grow GPU memory as needed); the
 mixed-precision policy is Keras-process-wide, so it is set only around the work that trains, by
-:func:`compute_precision`, and put back afterwards.
+:func:`compute_precision`, and put back afterwards. With several GPUs, :func:`replicated` mirrors the
+models built in its block over all of them (``tf.distribute.MirroredStrategy``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def configure_device() -> dict[str, Any]:
         device = f"GPU: {name} x{len(gpus)}"
     else:
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {
+    environment = {
         "device": device,
         "mixed_precision": bool(gpus),
         "tensorflow": tf.__version__,
@@ -35,11 +36,29 @@ def configure_device() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+    if len(gpus) > 1:  # only then: a run on one device describes it as before
+        environment["replicas"] = len(gpus)
+    return environment
 
 
 def precision_policy(environment: dict[str, Any]) -> str:
     """The Keras dtype policy for a device that :func:`configure_device` described."""
     return "mixed_float16" if environment["mixed_precision"] else "float32"
+
+
+@contextlib.contextmanager
+def replicated(environment: dict[str, Any]) -> Iterator[int]:
+    """Build and train under ``tf.distribute.MirroredStrategy`` over the GPUs inside the block when
+    :func:`configure_device` found more than one; yields the number of replicas (1: nothing changes)."""
+    replicas = environment.get("replicas", 1)
+    if replicas == 1:
+        yield 1
+        return
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        yield strategy.num_replicas_in_sync
 
 
 @contextlib.contextmanager

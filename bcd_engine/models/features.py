@@ -61,6 +61,20 @@ def _compiled(extractor):
     return _COMPILED[extractor]
 
 
+def _split_over_devices(extractor, dataset):
+    """(batches, forward pass) of ``dataset`` through ``extractor``: each batch split over the devices of the
+    distribution strategy in scope and gathered back in order; with one device, the dataset and
+    :func:`_compiled` as they are."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync == 1:
+        return dataset, _compiled(extractor)
+    forward = tf.function(lambda batch: strategy.gather(
+        strategy.run(lambda images: extractor(images, training=False), args=(batch,)), axis=0))
+    return strategy.experimental_distribute_dataset(dataset), forward
+
+
 class FeatureCache:
     """A file of feature vectors keyed by (image md5, view) for one extraction setting."""
 
@@ -160,10 +174,10 @@ def extract_features(
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE)
         )
-        infer = _compiled(extractor)
+        batches, infer = _split_over_devices(extractor, dataset)
         outputs = []
         with progress_bar(len(missing), description, enabled=progress) as bar:
-            for batch in dataset:
+            for batch in batches:
                 outputs.append(infer(batch).numpy().astype(np.float32))
                 bar.update(len(outputs[-1]))
                 if on_batch is not None:

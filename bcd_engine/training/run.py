@@ -7,6 +7,7 @@ end on images.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from bcd_engine.models.device import (
     compute_precision,
     configure_device,
     precision_policy,
+    replicated,
 )
 from bcd_engine.models.features import (
     FeatureCache,
@@ -115,9 +117,10 @@ def train(
     store.start_run(run_id, environment=environment)
     store.save_split(run_id, split.assignments(scan))
     try:
-        with heartbeat(store, run_id), compute_precision(precision_policy(environment)):
+        with heartbeat(store, run_id), compute_precision(precision_policy(environment)), \
+                replicated(environment) as replicas:
             evaluation, model_path, cache_stats = _train_and_evaluate(
-                config, scan, split, store=store, run_id=run_id, progress=progress,
+                _global_batch(config, replicas), scan, split, store=store, run_id=run_id, progress=progress,
                 feature_cache_dir=feature_cache_dir)
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
@@ -128,6 +131,11 @@ def train(
         raise
     store.finish_run(run_id, status="completed", test_accuracy=evaluation.accuracy, macro_auc=evaluation.macro_auc)
     return _result(store, run_id, "completed", config, split, evaluation, model_path, cache_stats, protocol=protocol)
+
+
+def _global_batch(config: TrainConfig, replicas: int) -> TrainConfig:
+    """``config`` with its batch size per device times ``replicas`` (the batch MirroredStrategy splits)."""
+    return config if replicas == 1 else dataclasses.replace(config, batch_size=config.batch_size * replicas)
 
 
 def _result(store: RunStore, run_id, status, config, split, evaluation: Evaluation | None, model_path,

@@ -28,8 +28,10 @@ CLASSES = ["Benign", "Early", "Pre", "Pro"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster with 2 CPUs and a small object store, shared by the module's tests."""
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, logging_level="ERROR")
+    """A private local Ray cluster with 2 CPUs and a small object store, shared by the module's tests (never one
+    a `ray start` left running)."""
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
+             logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -39,7 +39,7 @@ def test_every_backbone_builds_and_trains_one_step(name):
     inputs = keras.Input((size, size, 3))
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(backbone(inputs)))
     model = keras.Model(inputs, outputs)
-    model.compile("adam", "categorical_crossentropy")
+    model.compile("adam", "categorical_crossentropy", run_eagerly=True)  # DenseNet121's step traced: 46 s; eager: 4.5 s
     x = spec.preprocess()(np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32"))
     loss = model.train_on_batch(x, keras.utils.to_categorical([0, 3], 4))
     assert np.isfinite(float(np.asarray(loss).ravel()[0]))

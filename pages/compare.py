@@ -94,7 +94,7 @@ sort_by = st.selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="compa
 table = comparison.runs_table(shown, evaluations).sort_values(
     sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last")
 tables.show(table.assign(time=table["seconds"].map(tables.duration)), key="compare_runs_table", columns={
-    "id": "run", "backbone": "backbone", "dataset": "dataset", "status": "status",
+    "id": "run", "backbone": "backbone", "dataset": "dataset", "status": ("status", tables.status()),
     "accuracy (95% CI)": "test accuracy (95% CI)", "macro AUC (95% CI)": "macro AUC (95% CI)",
     "macro_f1": ("macro F1", tables.decimals()), "ece": ("ECE", tables.decimals()),
     "ece_calibrated": ("ECE after calibration", tables.decimals()), "protocol": ("protocol", tables.wide_text()),
@@ -140,9 +140,9 @@ else:
         **{c: c for c in summary.columns if "(" in c}})
     folds = comparison.cv_folds_frame(groups, evaluations)
     tables.show(folds, key="compare_cv_folds", columns={
-        "group": ("cross-validation", tables.wide_text()), "fold": "fold", "run": "run", "status": "status",
-        "n": "test images", "accuracy (95% CI)": "accuracy (95% CI)", "macro AUC (95% CI)": "macro AUC (95% CI)",
-        "ece": ("ECE", tables.decimals())})
+        "group": ("cross-validation", tables.wide_text()), "fold": "fold", "run": "run",
+        "status": ("status", tables.status()), "n": "test images", "accuracy (95% CI)": "accuracy (95% CI)",
+        "macro AUC (95% CI)": "macro AUC (95% CI)", "ece": ("ECE", tables.decimals())})
     group = groups[st.selectbox("Pooled confusion matrix of", range(len(groups)), format_func=lambda i: groups[i].label,
                                 key="compare_cv_group")]
     pooled = comparison.pooled_confusion(group, evaluations)

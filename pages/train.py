@@ -197,7 +197,7 @@ def queue_panel() -> None:
                            "status": r.status, "test_accuracy": r.test_accuracy, "time": tables.duration(r.seconds),
                            "error": (r.error or "").partition("\n")[0][:120] or None} for r in runs])
     tables.show(frame, key="train_queue", columns={
-        "id": "run", "backbone": "backbone", "dataset": "dataset", "status": "status",
+        "id": "run", "backbone": "backbone", "dataset": "dataset", "status": ("status", tables.status()),
         "test_accuracy": ("test accuracy", tables.percent()), "time": "training time",
         "error": ("error (first line)", tables.wide_text())})
     for run in [r for r in runs if r.status == "running"]:

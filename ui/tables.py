@@ -45,6 +45,11 @@ def decimals(places: int = 3) -> Any:
     return st.column_config.NumberColumn(format=f"%.{places}f")
 
 
+def status() -> Any:
+    """A run-status column wide enough for "interrupted" (a refreshed table keeps its first widths)."""
+    return st.column_config.TextColumn(width=100)
+
+
 def wide_text() -> Any:
     """A text column given room (protocol descriptions, error messages)."""
     return st.column_config.TextColumn(width="large")

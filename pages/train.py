@@ -48,7 +48,7 @@ def _launch(configs: list[TrainConfig], data_dir: str) -> None:
     except BCDError as exc:
         st.error(str(exc))
         return
-    worker.ensure_worker(store)
+    common.start_worker(store)
     common.remember_runs(ids)
 
 
@@ -170,8 +170,25 @@ def run_again(run_id: int) -> None:
         return
     common.forget_run(run_id)
     common.remember_runs([new_id])
-    worker.ensure_worker(store)
+    common.start_worker(store)
     st.rerun()
+
+
+def cluster_panel(address: str) -> None:
+    """The Ray cluster the runs go to (``BCD_RAY_ADDRESS``): its nodes, CPUs, GPUs and runs in flight."""
+    try:
+        cluster = common.cluster_status(address)
+    except BCDError as exc:
+        st.warning(f"Runs go to the Ray cluster at {address}, which cannot be reached now: {exc}",
+                   icon=":material/lan:")
+        return
+    box = st.container(border=True)
+    box.markdown(f"**Ray cluster** at `{address}`: runs are trained there, as many at once as it has room for.")
+    c1, c2, c3, c4 = box.columns(4)
+    c1.metric("Nodes alive", sum(node["alive"] for node in cluster["nodes"]))
+    c2.metric("CPUs free", f"{cluster['available_cpus']:g} of {cluster['cpus']:g}")
+    c3.metric("GPUs free", f"{cluster['available_gpus']:g} of {cluster['gpus']:g}")
+    c4.metric("Runs in flight", len(cluster["running"]))
 
 
 @st.fragment(run_every=3)
@@ -179,7 +196,7 @@ def queue_panel() -> None:
     """The queue, the running job's progress and curves; refreshed every few seconds from the store (reads only;
     runs whose process died are marked by the worker and at the app's start)."""
     if not demo:
-        worker.ensure_worker(store)
+        common.start_worker(store)
     runs = store.list_runs(limit=30)
     listed = {run.id: run for run in runs}  # the same reading as the table below, so the two never disagree
     for run_id in common.remembered_runs():
@@ -188,6 +205,8 @@ def queue_panel() -> None:
         except RunNotFoundError:  # deleted on the Compare page meanwhile
             common.forget_run(run_id)
     st.subheader("Queue and recent runs")
+    if (address := settings.ray_address()) is not None:
+        cluster_panel(address)
     if not runs:
         st.caption("No runs yet.")
         return

@@ -161,3 +161,26 @@ def test_without_ray_the_cluster_options_say_how_to_install_it(store):
                          timeout=120)
     assert out.returncode == 2
     assert "bcd: error: Ray is not installed: pip install -r requirements-cluster.txt" in out.stderr
+
+
+def test_the_train_page_hands_queued_runs_to_the_cluster_and_shows_it(store, synthetic_dataset, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from bcd_engine.training import worker
+
+    address = ray.get_runtime_context().gcs_address
+    monkeypatch.setenv("BCD_RAY_ADDRESS", address)
+    spawned = []
+    monkeypatch.setattr(worker, "spawn_worker", lambda *options: spawned.append(options) or 0)
+    run_id = queue.queue_run(store, tiny(), synthetic_dataset)
+    try:
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+        at.run()
+        at.switch_page("pages/train.py").run()
+        assert not at.exception, at.exception
+        assert spawned and spawned[0] == ("--executor", "ray", "--ray-address", address)
+        metrics = {m.label: m.value for m in at.metric}
+        assert metrics["Nodes alive"] == "1" and metrics["CPUs free"].endswith(" of 2")
+        assert metrics["GPUs free"] == "0 of 0" and metrics["Runs in flight"] == "0"
+    finally:
+        store.request_cancel(run_id)  # the module's later tests must not train it

@@ -162,12 +162,33 @@ def explain(text: str) -> None:
         st.markdown(text)
 
 
+def start_worker(store: RunStore) -> None:
+    """Have queued runs trained: by a local background worker, or, with ``BCD_RAY_ADDRESS`` set, by a worker that
+    hands them to that Ray cluster."""
+    address = settings.ray_address()
+    if address is None:
+        worker.ensure_worker(store)
+    else:
+        from bcd_engine.training import ray_executor
+
+        ray_executor.ensure_ray_worker(store, address)
+
+
+@st.cache_data(show_spinner=False, ttl=10)
+def cluster_status(address: str) -> dict:
+    """The Ray cluster's nodes, CPUs, GPUs and runs in flight (read at most every 10 s); ClusterError when
+    it cannot be reached."""
+    from bcd_engine.training import ray_executor
+
+    return ray_executor.cluster_status(address, store=store())
+
+
 def no_runs_yet(key: str) -> None:
     """Say there is no completed run and offer to queue the demo model (unless in demo mode); then stop."""
     st.info("No completed runs yet — train the demo model on the Train page.", icon=":material/hourglass_empty:")
     if not demo_mode() and st.button("Train demo model", key=f"{key}_train_demo", type="primary"):
         run_id = queue.queue_demo_run(store(), demo_dataset())
-        worker.ensure_worker(store())
+        start_worker(store())
         remember_runs([run_id])
         st.success(f"Queued demo run {run_id}; follow it on the Train page.")
     st.page_link("pages/train.py", label="Go to the Train page", icon=":material/model_training:")

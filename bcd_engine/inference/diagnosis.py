@@ -179,10 +179,12 @@ class Diagnoser:
     def _gate_verdict(self, scores: list[np.ndarray | None], i: int) -> dict:
         if any(s is None for s in scores):
             return {"in_domain": None, "ood_score": None, "ood_threshold": None}
-        ratios = [s[i] / m.trust.gate.threshold for s, m in zip(scores, self.models)]
-        worst = int(np.argmax(ratios))
-        threshold = self.models[worst].trust.gate.threshold
-        return {"in_domain": bool(all(r <= 1 for r in ratios)), "ood_score": float(scores[worst][i]),
+        thresholds = [m.trust.gate.threshold for m in self.models]
+        # The member furthest past its own threshold speaks for the ensemble (past a zero threshold: furthest).
+        worst = int(np.argmax([s[i] / t if t > 0 else np.inf if s[i] > 0 else 0.0 for s, t in zip(scores, thresholds)]))
+        threshold = thresholds[worst]
+        return {"in_domain": bool(all(s[i] <= t for s, t in zip(scores, thresholds))),
+                "ood_score": float(scores[worst][i]),
                 "ood_threshold": float(threshold), **({"ood_run": self.models[worst].run_id}
                                                        if len(self.models) > 1 else {})}
 

@@ -115,6 +115,27 @@ def test_cv_on_ray_gives_the_folds_and_json_of_the_local_executor(store, synthet
         assert store.get_split(row["run_id"]) == store.get_split(local["folds"][row["fold"] - 1]["run_id"])
 
 
+def test_lodo_on_ray_gives_the_rounds_and_json_of_the_local_executor(store, tmp_path):
+    from bcd_engine.data.synthetic import make_synthetic_dataset
+    from bcd_engine.protocols.lodo import leave_one_dataset_out
+
+    datasets = {name: str(make_synthetic_dataset(tmp_path / name, n_per_class=8, image_size=32, seed=seed,
+                                                 class_names=CLASSES)) for seed, name in enumerate(("alpha", "beta"))}
+    config = tiny("scratch_cnn")
+    local = leave_one_dataset_out(config, datasets, store=store, workdir=tmp_path / "local")
+    on_ray = leave_one_dataset_out(config, datasets, store=store, workdir=tmp_path / "ray",
+                                   executor=ray_executor.RayExecutor(None))
+    assert json.loads(json.dumps(on_ray)).keys() == local.keys()
+    assert [(r["held_out"], r["status"]) for r in on_ray["rounds"]] == [(r["held_out"], r["status"])
+                                                                        for r in local["rounds"]]
+    assert [r.keys() for r in on_ray["rounds"]] == [r.keys() for r in local["rounds"]]
+    assert [r["status"] for r in on_ray["rounds"]] == ["completed", "completed"]
+    for row in on_ray["rounds"]:
+        run = store.get_run(row["run_id"])
+        assert run.status == "completed" and run.protocol_info == Protocol.lodo(row["held_out"])
+        assert run.pid != os.getpid()
+
+
 def test_a_run_on_ray_is_cancelled_through_the_store(store, synthetic_dataset):
     run_id = long_run(store, synthetic_dataset)
     thread, result = in_background()

@@ -130,11 +130,12 @@ def run_name(run) -> str:
     return f"run {run.id} · {run.backbone}"
 
 
-def announce(run) -> None:
-    """What became of a run this visitor queued: waiting, running, or done with its result and where to look."""
+def announce(run, worker_text: str) -> None:
+    """What became of a run this visitor queued: waiting (``worker_text`` says for what), running, or done with its
+    result and where to look."""
     name = f"Run {run.id} ({run.backbone})"
     if run.status == "queued":
-        st.info(f"{name} is queued. {worker.worker_status(store)['text']}", icon=":material/hourglass_top:")
+        st.info(f"{name} is queued. {worker_text}", icon=":material/hourglass_top:")
     elif run.status == "running":
         st.info(f"{name} is training: its progress is below.", icon=":material/model_training:")
     elif run.status == "completed":
@@ -199,9 +200,10 @@ def queue_panel() -> None:
         common.start_worker(store)
     runs = store.list_runs(limit=30)
     listed = {run.id: run for run in runs}  # the same reading as the table below, so the two never disagree
+    worker_text = "" if demo else worker.worker_status(store)["text"]  # read once per refresh
     for run_id in common.remembered_runs():
         try:
-            announce(listed.get(run_id) or store.get_run(run_id))
+            announce(listed.get(run_id) or store.get_run(run_id), worker_text)
         except RunNotFoundError:  # deleted on the Compare page meanwhile
             common.forget_run(run_id)
     st.subheader("Queue and recent runs")
@@ -210,8 +212,8 @@ def queue_panel() -> None:
     if not runs:
         st.caption("No runs yet.")
         return
-    if not demo:
-        st.caption(worker.worker_status(store)["text"])
+    if worker_text:
+        st.caption(worker_text)
     frame = pd.DataFrame([{"id": r.id, "backbone": r.backbone, "dataset": run_tables.dataset_label(r),
                            "status": r.status, "test_accuracy": r.test_accuracy, "time": tables.duration(r.seconds),
                            "error": (r.error or "").partition("\n")[0][:120] or None} for r in runs])

@@ -81,7 +81,7 @@ balance, samples, stats_tab, dups, twins, augment = st.tabs(
 
 with balance:
     counts = scan.class_counts
-    fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "class", "y": "images"},
+    fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "class", "y": "images", "color": "class"},
                  color=list(counts), text=list(counts.values()), title="Images per class")
     st.plotly_chart(fig, key="explorer_balance_chart")
     if scan.unreadable:

@@ -11,7 +11,7 @@ from bcd_engine.data.scan import scan_dataset
 from bcd_engine.errors import StoreError
 from bcd_engine.inference.diagnosis import Diagnoser, Source
 from bcd_engine.inference.loading import load_run_model
-from bcd_engine.models.augment import augment_image, view_seeds
+from bcd_engine.models.augment import augment_batch, view_seeds
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.protocols.robustness import colour_robustness_of_run
 from bcd_engine.store import Protocol
@@ -44,7 +44,7 @@ def test_store_and_artifacts_can_move_together(trained, tmp_path, monkeypatch, s
 
 
 def test_tta_predictions_average_the_augmented_views_and_are_deterministic(trained):
-    import tensorflow as tf
+    import keras
 
     store, result = trained
     loaded = load_run_model(result.run_id, store=store)
@@ -55,9 +55,9 @@ def test_tta_predictions_average_the_augmented_views_and_are_deterministic(train
     views = [images.astype(np.float32)]
     for view in range(1, config.tta_views):
         seeds = view_seeds(["0" * 8] * len(images), [view] * len(images), seed=config.seed)
-        views.append(np.stack([augment_image(image.astype(np.float32), pair, config.augment).numpy()
+        views.append(np.stack([augment_batch(image[None], pair[None], config.augment)[0]
                                for image, pair in zip(images, seeds, strict=True)]))
-    per_view = [np.asarray(loaded.model(loaded.preprocess()(tf.constant(v)), training=False)) for v in views]
+    per_view = [keras.ops.convert_to_numpy(loaded.model(loaded.preprocess()(v), training=False)) for v in views]
 
     tta = loaded.predict_arrays(images)
     np.testing.assert_allclose(tta, np.mean(per_view, axis=0), atol=1e-5)

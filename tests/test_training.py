@@ -113,9 +113,7 @@ def test_feature_cache_is_hit_on_identical_run_and_missed_when_augmentation_chan
 
 
 def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_path):
-    import tensorflow as tf
-
-    from bcd_engine.models.augment import augment_image, view_seeds
+    from bcd_engine.models.augment import augment_batch, view_seeds
     from bcd_engine.models.features import (
         FeatureCache,
         build_feature_extractor,
@@ -151,17 +149,16 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
     seeds = view_seeds([keys[i] for i in train_rows], train_views, seed=config.seed)
     view_images = np.stack([
         images[i].astype("float32") if v == 0
-        else np.asarray(augment_image(images[i].astype("float32"), s, config.augment))
+        else augment_batch(images[i][None], s[None], config.augment)[0]
         for i, v, s in zip(train_rows, train_views, seeds, strict=True)
     ])
     keras.utils.set_random_seed(config.seed)  # as fit_head_on_features does: both heads start from the same weights
     naive = assemble_model(backbone, build_head(train_x.shape[1], 4, config), config)
     compile_model(naive, config, config.learning_rate)
     targets = keras.utils.to_categorical(labels[train_rows], 4)
-    train_ds = (tf.data.Dataset.from_tensor_slices((preprocess(view_images), targets))
-                .shuffle(len(view_images), seed=config.seed, reshuffle_each_iteration=True).batch(config.batch_size))
     val_data = (preprocess(images[val_rows].astype("float32")), keras.utils.to_categorical(labels[val_rows], 4))
-    naive.fit(train_ds, validation_data=val_data, epochs=config.epochs, verbose=0, shuffle=False,
+    naive.fit(preprocess(view_images), targets, batch_size=config.batch_size, shuffle=True,
+              validation_data=val_data, epochs=config.epochs, verbose=0,
               callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True)])
 
     probe = preprocess(images.astype("float32"))

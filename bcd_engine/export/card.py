@@ -55,7 +55,7 @@ def model_card(
         + (" (grayscale content: trained on grayscale images)" if train.get("colour") == "grayscale" else ""),
         f"- Classes (output order): {', '.join(run.config['class_names'])}",
         f"- Parameters: {test_metrics['parameters']:,}" if "parameters" in test_metrics else "- Parameters: not stored",
-        f"- Trained: {_day(run.finished_at)}; TensorFlow {environment.get('tensorflow', '?')}, "
+        f"- Trained: {_day(run.finished_at)}; {_library(environment)}, "
         f"Keras {environment.get('keras', '?')}, {environment.get('device', 'device not recorded')}",
         f"- Recipe: {_recipe(train)}",
         f"- File: `{model_file}`" + (f" (sha256 `{model_sha256}`)" if model_sha256 else ""),
@@ -293,6 +293,13 @@ def _weights(weights: str | None) -> str:
     if weights is None:
         return "none (random initialisation)"
     return "ImageNet" if weights == "imagenet" else f"from file `{Path(weights).name}`"
+
+
+def _library(environment: dict) -> str:
+    """The library the run's Keras backend ran on, with its version (TensorFlow for runs before bcd recorded it)."""
+    backend = environment.get("backend", "tensorflow")
+    title = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}.get(backend, backend)
+    return f"{title} {environment.get(backend, '?')}"
 
 
 def _day(value: datetime | date | None) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import get_backbone
+from bcd_engine.models.backend import forward_function, value_and_gradient
 
 if TYPE_CHECKING:
     from bcd_engine.inference.loading import LoadedModel
@@ -38,7 +39,7 @@ def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_
     """Grad-CAM of ``image`` (uint8 (h, w, 3) at the model's input size) for ``class_index`` (default: predicted).
 
     The class score is the pre-softmax logit when the model ends in a softmax Dense layer, so a
-    confident prediction does not saturate the gradients. The computation is compiled once per model.
+    confident prediction does not saturate the gradients. The forward pass is compiled once per model.
     """
     image = np.asarray(image)
     expected = tuple(model.input_shape[1:3])
@@ -47,56 +48,59 @@ def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_
     n_classes = int(model.output_shape[-1])
     if class_index is not None and not 0 <= class_index < n_classes:
         raise ConfigError(f"class index must be in 0..{n_classes - 1}, got {class_index}")
-    compute = _compiled_cam(model, preprocess, get_backbone(backbone_name).last_conv_layer)
-    heatmap, probabilities, chosen = compute(image[None], -1 if class_index is None else int(class_index))
-    heatmap, peak = heatmap.numpy(), float(np.max(heatmap))
+    compute = _cam_function(model, preprocess, get_backbone(backbone_name).last_conv_layer)
+    heatmap, probabilities, chosen = compute(image[None], class_index)
+    peak = float(np.max(heatmap))
     heatmap = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
     return GradCam(np.clip(heatmap, 0, 1).astype(np.float32), int(chosen), np.asarray(probabilities, np.float32))
 
 
-_CAM_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {conv layer: compiled Grad-CAM}
+_CAM_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {conv layer: Grad-CAM function}
 
 
-def _compiled_cam(model, preprocess, conv_name: str):
-    """(image (1, h, w, 3) uint8, class index or -1 for the predicted one) -> (heatmap, probabilities, class index)."""
+def _cam_function(model, preprocess, conv_name: str):
+    """(image (1, h, w, 3) uint8, class index or None for the predicted one) -> (heatmap, probabilities, class index).
+
+    The forward pass to the convolutional layer is compiled (:func:`forward_function`); the gradient of the
+    class score through the few layers after it is taken by the backend's own mechanism.
+    """
     compiled = _CAM_FUNCTIONS.setdefault(model, {})
     if conv_name in compiled:
         return compiled[conv_name]
-    import tensorflow as tf
+    from keras import ops
 
-    conv_and_features, tail = _split_at_conv(model, conv_name)
+    to_conv, after = _split_at_conv(model, conv_name)
+    forward = forward_function(to_conv, preprocess)
     size = tuple(model.input_shape[1:3])
 
-    @tf.function(input_signature=[tf.TensorSpec((1, *size, 3), tf.uint8), tf.TensorSpec((), tf.int32)])
     def compute(image, class_index):
-        x = preprocess(tf.cast(image, tf.float32))
-        with tf.GradientTape() as tape:
-            conv, features = conv_and_features(x, training=False)
-            tape.watch(conv)
-            logits, probabilities = _apply_tail(tail, features)
-            probabilities = tf.cast(probabilities[0], tf.float32)
-            chosen = tf.where(class_index < 0, tf.cast(tf.argmax(probabilities), tf.int32), class_index)
-            score = tf.gather(logits[0], chosen)
-        grads = tf.cast(tape.gradient(score, conv)[0], tf.float32)
-        cam = tf.nn.relu(tf.reduce_sum(tf.cast(conv[0], tf.float32) * tf.reduce_mean(grads, axis=(0, 1)), axis=-1))
-        return tf.image.resize(cam[..., None], size, method="bilinear")[..., 0], probabilities, chosen
+        conv = np.asarray(forward(image), dtype=np.float32)
+        probabilities = _apply_tail(after, ops.convert_to_tensor(conv))[1]
+        probabilities = ops.convert_to_numpy(probabilities)[0].astype(np.float32)
+        chosen = int(np.argmax(probabilities)) if class_index is None else int(class_index)
+        _, grads = value_and_gradient(lambda x: _apply_tail(after, x)[0][0, chosen], conv)
+        cam = np.maximum(np.sum(conv[0] * np.mean(grads[0], axis=(0, 1)), axis=-1), 0)
+        heatmap = ops.convert_to_numpy(ops.image.resize(cam[None, ..., None], size, interpolation="bilinear"))
+        return heatmap[0, ..., 0], probabilities, chosen
 
     compiled[conv_name] = compute
     return compute
 
 
 def _split_at_conv(model, conv_name: str):
-    """(backbone input -> [conv activations, backbone output], the layers after the backbone in order).
+    """(backbone input -> conv activations, the layers after the conv layer in call order).
 
     Keras 3 cannot reach a nested model's inner layer from the outer model's inputs, so the backbone
-    is re-entered as a two-output model and the layers after it (pooling, head) are applied to its output.
+    is re-entered as a model ending at the conv layer; after it come the backbone's remaining layers (a
+    chain in every registered backbone: none, or one pooling layer) and the layers after the backbone.
     """
     import keras
 
     for position, layer in enumerate(model.layers):
         if isinstance(layer, keras.Model) and any(inner.name == conv_name for inner in layer.layers):
-            conv_and_features = keras.Model(layer.inputs, [layer.get_layer(conv_name).output, layer.output])
-            return conv_and_features, model.layers[position + 1:]
+            names = [inner.name for inner in layer.layers]
+            to_conv = keras.Model(layer.inputs, layer.get_layer(conv_name).output)
+            return to_conv, layer.layers[names.index(conv_name) + 1:] + model.layers[position + 1:]
     raise ConfigError(f"model {model.name!r} has no nested backbone with layer {conv_name!r}")
 
 

@@ -53,7 +53,7 @@ class LoadedModel:
         per-call overhead of ``model.predict`` (which matters when diagnosing one image at a time).
         """
         if self._forward is None:
-            self._forward = compiled_forward(self.model, self.preprocess(), self.config.image_size)
+            self._forward = compiled_forward(self.model, self.preprocess())
         features, probabilities = features_and_probabilities(
             self._forward, apply_colour_mode(images, self.config.colour), batch_size=self.config.batch_size)
         if not len(probabilities):

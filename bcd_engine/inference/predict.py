@@ -5,7 +5,8 @@ import time
 
 import numpy as np
 
-from bcd_engine.models.augment import augment_image, view_seeds
+from bcd_engine.models.backend import forward_function
+from bcd_engine.models.batches import view_batches
 from bcd_engine.models.config import AugmentConfig
 from bcd_engine.progress import progress_bar
 
@@ -21,36 +22,30 @@ def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32
     and its test evaluation used (so a stored evaluation can be reproduced); without them view v is
     one fixed transform for every image.
     """
-    import tensorflow as tf
-
     keys = image_keys if image_keys is not None else ["0" * 8] * len(images)
-    # One dataset of (image, row) for every view: the images are put into the graph once.
-    base = tf.data.Dataset.from_tensor_slices((images, np.arange(len(images))))
-    total = 0.0
+    forward = forward_function(model, preprocess)
+    rows = np.arange(len(images))
+    total = np.zeros((len(images), int(model.output_shape[-1])))
     with progress_bar(tta_views * len(images), "predicting", enabled=progress) as bar:
         for view in range(tta_views):
-            if view:
-                seeds = tf.constant(view_seeds(keys, np.full(len(images), view), seed=seed))
-                ds = base.map(lambda x, row, s=seeds: augment_image(tf.cast(x, tf.float32), tf.gather(s, row), augment),
-                              num_parallel_calls=tf.data.AUTOTUNE)
-            else:
-                ds = base.map(lambda x, row: tf.cast(x, tf.float32))
-            ds = ds.map(preprocess).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-            total = total + np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+            views = np.full(len(images), view)
+            done = 0
+            for batch in view_batches(images, rows, views, keys, augment=augment or AugmentConfig(), seed=seed,
+                                      batch_size=batch_size):
+                total[done:done + len(batch)] += np.asarray(forward(batch), dtype=np.float64)
+                done += len(batch)
             bar.update(len(images))
     return total / tta_views
 
 
 def measure_latency(model, image: np.ndarray, *, preprocess, repeats: int = 10) -> float:
     """Mean warm single-image inference latency in milliseconds."""
-    import tensorflow as tf
-
-    x = preprocess(tf.cast(image[None], tf.float32))
-    infer = tf.function(lambda t: model(t, training=False))
-    infer(x)
+    forward = forward_function(model, preprocess)
+    x = np.asarray(image, dtype=np.float32)[None]
+    forward(x)
     started = time.perf_counter()
     for _ in range(repeats):
-        np.asarray(infer(x))
+        forward(x)
     return (time.perf_counter() - started) / repeats * 1000
 
 

@@ -20,6 +20,7 @@ from bcd_engine.evaluation.calibration import apply_temperature, fit_temperature
 from bcd_engine.evaluation.confidence import expected_calibration_error
 from bcd_engine.evaluation.ood import MahalanobisGate
 from bcd_engine.files import atomic_path, file_sha256
+from bcd_engine.models.backend import forward_function
 from bcd_engine.store import RunStore
 
 TRUST_KIND = "trust"
@@ -66,14 +67,10 @@ def feature_model(model):
     return keras.Model(model.inputs, [features, model.output])
 
 
-def compiled_forward(model, preprocess, image_size: int):
+def compiled_forward(model, preprocess):
     """One compiled function: uint8 images (n, size, size, 3), as the model sees them (its colour mode applied),
     to (pooled features, probabilities)."""
-    import tensorflow as tf
-
-    two_outputs = feature_model(model)
-    return tf.function(lambda x: two_outputs(preprocess(tf.cast(x, tf.float32)), training=False),
-                       input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)])
+    return forward_function(feature_model(model), preprocess)
 
 
 def features_and_probabilities(forward, images: np.ndarray, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +93,7 @@ def fit_trust(model, images: np.ndarray, labels: np.ndarray, *, train: np.ndarra
 
     ``test_probabilities`` are the run's test probabilities as evaluated (with its test-time views).
     """
-    forward = compiled_forward(model, preprocess, images.shape[1])
+    forward = compiled_forward(model, preprocess)
     train_f, _ = features_and_probabilities(forward, images[train], batch_size=batch_size)
     val_f, val_p = features_and_probabilities(forward, images[val], batch_size=batch_size)
     test_f, _ = features_and_probabilities(forward, images[test], batch_size=batch_size)

@@ -1,16 +1,23 @@
-"""Training augmentations as stateless TensorFlow ops.
+"""Training augmentations: parameters drawn by NumPy from a seed pair, pixels moved by Keras ops.
 
 Every augmented view is decided by a seed pair, so the same (image, view) gives the same pixels in
-every run: that is what lets the feature cache store augmented views and reuse them. View 0 is always
-the untouched image; validation and test images only ever use view 0.
+every run, on every Keras backend (within float rounding): that is what lets the feature cache store
+augmented views and reuse them, and a model trained on one backend be evaluated with the same
+test-time views on another. View 0 is always the untouched image; validation and test images only
+ever use view 0. The flip, the 90-degree turn, the rotation and the zoom are one affine map per image
+(bilinear, reflecting at the borders); then brightness, contrast and hue.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
+from bcd_engine.models.backend import compiled_function
 from bcd_engine.models.config import AugmentConfig
+
+_DRAWS = 7  # uniform numbers drawn per view, always all of them: turning one augmentation off keeps the others
 
 
 def view_seeds(image_keys, views, *, seed: int) -> np.ndarray:
@@ -20,54 +27,71 @@ def view_seeds(image_keys, views, *, seed: int) -> np.ndarray:
     return np.stack([first, second], axis=1).astype(np.int32)
 
 
-def augment_image(image, seed, config: AugmentConfig):
-    """One augmented view of ``image`` (float32 HxWx3 in 0..255) decided by ``seed`` (int32 pair)."""
-    import tensorflow as tf
-
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
-    x = tf.convert_to_tensor(image, tf.float32) / 255.0
-    if config.flips:
-        x = tf.image.stateless_random_flip_left_right(x, seeds[0])
-    if config.rot90:
-        x = tf.image.rot90(x, tf.random.stateless_uniform([], seeds[1], 0, 4, dtype=tf.int32))
-    if config.rotation_degrees > 0 or config.scale > 0:
-        angle = tf.random.stateless_uniform([], seeds[2], -1.0, 1.0) * (config.rotation_degrees * math.pi / 180)
-        zoom = 1.0 + tf.random.stateless_uniform([], seeds[3], -1.0, 1.0) * config.scale
-        x = _rotate_and_zoom(x, angle, zoom)
-    if config.brightness > 0:
-        x = x + tf.random.stateless_uniform([], seeds[4], -config.brightness, config.brightness)
-    if config.contrast > 0:
-        x = tf.image.stateless_random_contrast(x, 1 - config.contrast, 1 + config.contrast, seeds[5])
-    if config.hue > 0:
-        x = tf.image.stateless_random_hue(tf.clip_by_value(x, 0.0, 1.0), config.hue, seeds[6])
-    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+def view_parameters(seed_pairs: np.ndarray, config: AugmentConfig, *, size: int) -> dict[str, np.ndarray]:
+    """The augmentation of each view, drawn from its seed pair: an affine map (n, 8) from output to input
+    pixels for square images of ``size`` px, and brightness shift, contrast factor and hue shift (n,) each."""
+    draws = np.array([np.random.default_rng([int(a), int(b)]).random(_DRAWS) for a, b in np.asarray(seed_pairs)],
+                     dtype=np.float64).reshape(-1, _DRAWS)
+    flip = (draws[:, 0] < 0.5) & config.flips
+    turns = np.floor(draws[:, 1] * 4).astype(int) * config.rot90
+    angle = (2 * draws[:, 2] - 1) * (config.rotation_degrees * math.pi / 180)
+    zoom = 1.0 + (2 * draws[:, 3] - 1) * config.scale
+    maps = [_affine_map(size, f, t, a, z) for f, t, a, z in zip(flip, turns, angle, zoom)]
+    return {
+        "affine": np.array([m.reshape(-1)[:8] for m in maps], dtype=np.float32).reshape(-1, 8),
+        "brightness": ((2 * draws[:, 4] - 1) * config.brightness).astype(np.float32),
+        "contrast": (1 + (2 * draws[:, 5] - 1) * config.contrast).astype(np.float32),
+        "hue": ((2 * draws[:, 6] - 1) * config.hue).astype(np.float32),
+    }
 
 
-def _rotate_and_zoom(x, angle, zoom):
-    """Rotate by ``angle`` (radians) and zoom by ``zoom`` about the centre, reflecting at the borders."""
-    import tensorflow as tf
+def _affine_map(size: int, flip: bool, turns: int, angle: float, zoom: float) -> np.ndarray:
+    """3x3 map from an output pixel (x, y, 1) to the input point it samples: flip, then ``turns`` counter-clockwise
+    quarter turns, then rotation by ``angle`` and zoom by ``zoom`` about the centre."""
+    last = size - 1
+    flipped = np.array([[-1, 0, last], [0, 1, 0], [0, 0, 1]], float) if flip else np.eye(3)
+    quarter = np.linalg.matrix_power(np.array([[0, -1, last], [1, 0, 0], [0, 0, 1]], float), int(turns))
+    c, s, centre = math.cos(angle) / zoom, math.sin(angle) / zoom, last / 2
+    rotated = np.array([[c, -s, centre - c * centre + s * centre], [s, c, centre - s * centre - c * centre], [0, 0, 1]])
+    return flipped @ quarter @ rotated
 
-    height = tf.cast(tf.shape(x)[0], tf.float32)
-    width = tf.cast(tf.shape(x)[1], tf.float32)
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    # Maps each output pixel to the input pixel it samples.
-    transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=x[None],
-        transforms=transform[None],
-        output_shape=tf.shape(x)[:2],
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="REFLECT",
-    )
-    return out[0]
+
+def augment_batch(images: np.ndarray, seed_pairs: np.ndarray, config: AugmentConfig) -> np.ndarray:
+    """The views decided by ``seed_pairs`` (n, 2) of square images (n, size, size, 3) in 0..255: float32 in 0..255."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"expected square images (n, size, size, 3), got shape {images.shape}")
+    parameters = view_parameters(seed_pairs, config, size=images.shape[1])
+    return _compiled(config)(images, parameters["affine"], parameters["brightness"], parameters["contrast"],
+                             parameters["hue"])
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(config: AugmentConfig):
+    """The augmentation ops for ``config``, compiled once for the backend."""
+    from keras import ops
+
+    def apply(images, affine, brightness, contrast, hue):
+        x = ops.cast(images, "float32") / 255.0
+        if config.flips or config.rot90 or config.rotation_degrees > 0 or config.scale > 0:
+            x = ops.image.affine_transform(x, affine, interpolation="bilinear", fill_mode="reflect")
+        if config.brightness > 0:
+            x = x + brightness[:, None, None, None]
+        if config.contrast > 0:
+            mean = ops.mean(x, axis=(1, 2), keepdims=True)
+            x = (x - mean) * contrast[:, None, None, None] + mean
+        if config.hue > 0:
+            hsv = ops.image.rgb_to_hsv(ops.clip(x, 0.0, 1.0))
+            shifted = ops.mod(hsv[..., :1] + hue[:, None, None, None], 1.0)
+            x = ops.image.hsv_to_rgb(ops.concatenate([shifted, hsv[..., 1:]], axis=-1))
+        return ops.clip(x, 0.0, 1.0) * 255.0
+
+    return compiled_function(apply)
 
 
 def preview_views(image: np.ndarray, config: AugmentConfig, *, n_views: int = 8, seed: int = 0) -> list[np.ndarray]:
-    """``n_views`` augmented views of one uint8 image, as uint8 arrays (view 0 is the image itself)."""
+    """``n_views`` augmented views of one square uint8 image, as uint8 arrays (view 0 is the image itself)."""
+    image = np.asarray(image, dtype=np.uint8)
     seeds = view_seeds(["0" * 8] * n_views, range(n_views), seed=seed)
-    views = [np.asarray(image, dtype=np.uint8)]
-    for view in range(1, n_views):
-        views.append(np.asarray(augment_image(image.astype(np.float32), seeds[view], config)).round().astype(np.uint8))
-    return views
+    augmented = augment_batch(np.repeat(image[None], n_views - 1, axis=0), seeds[1:], config) if n_views > 1 else []
+    return [image, *(np.asarray(view).round().astype(np.uint8) for view in augmented)]

@@ -1,9 +1,11 @@
-"""The device a process trains on: the GPU with mixed precision when there is one, all CPU cores otherwise.
+"""The device a process trains on: the GPUs with mixed precision when there are some, all CPU cores otherwise.
 
-:func:`configure_device` describes the device (and lets TensorFlow grow GPU memory as needed); the
-mixed-precision policy is Keras-process-wide, so it is set only around the work that trains, by
-:func:`compute_precision`, and put back afterwards. With several GPUs, :func:`replicated` mirrors the
-models built in its block over all of them (``tf.distribute.MirroredStrategy``).
+:func:`configure_device` describes the device on the running Keras backend (TensorFlow, JAX or PyTorch);
+the mixed-precision policy is Keras-process-wide, so it is set only around the work that trains, by
+:func:`compute_precision`, and put back afterwards: bfloat16 on GPUs that compute in it natively (compute
+capability 8.0 and newer), float16 with loss scaling on older ones. With several GPUs, :func:`replicated`
+spreads the models built in its block over all of them (TensorFlow's ``MirroredStrategy``, Keras'
+``DataParallel`` distribution on JAX; PyTorch trains on one).
 """
 from __future__ import annotations
 
@@ -13,46 +15,58 @@ import platform
 from collections.abc import Iterator
 from typing import Any
 
+from bcd_engine.models import backend
+
 
 def configure_device() -> dict[str, Any]:
-    """Describe the device: name, whether to train in mixed precision (on a GPU), library versions."""
+    """Describe the device: name, backend and its library's version, the precision to train in, versions."""
     import keras
-    import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        with contextlib.suppress(RuntimeError):  # already initialised in this process
-            tf.config.experimental.set_memory_growth(gpu, True)
+    gpus = backend.gpus()
     if gpus:
-        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-        device = f"GPU: {name} x{len(gpus)}"
+        device = f"GPU: {gpus[0]['name']} x{len(gpus)}"
+        precision = "mixed_bfloat16" if all(gpu["bfloat16"] for gpu in gpus) else "mixed_float16"
     else:
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        precision = "float32"
     environment = {
         "device": device,
         "mixed_precision": bool(gpus),
-        "tensorflow": tf.__version__,
+        "precision": precision,
+        "backend": backend.name(),
+        backend.LIBRARIES[backend.name()]: backend.library_version(),
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    if len(gpus) > 1:  # only then: a run on one device describes it as before
+    if len(gpus) > 1 and backend.name() != "torch":  # only then: a run on one device describes it as before
         environment["replicas"] = len(gpus)
     return environment
 
 
 def precision_policy(environment: dict[str, Any]) -> str:
-    """The Keras dtype policy for a device that :func:`configure_device` described."""
-    return "mixed_float16" if environment["mixed_precision"] else "float32"
+    """The Keras dtype policy for a device that :func:`configure_device` described (runs stored before bcd
+    recorded ``precision`` trained in float16 on a GPU)."""
+    return environment.get("precision") or ("mixed_float16" if environment["mixed_precision"] else "float32")
 
 
 @contextlib.contextmanager
 def replicated(environment: dict[str, Any]) -> Iterator[int]:
-    """Build and train under ``tf.distribute.MirroredStrategy`` over the GPUs inside the block when
-    :func:`configure_device` found more than one; yields the number of replicas (1: nothing changes)."""
+    """Build and train over all the GPUs inside the block when :func:`configure_device` found more than one;
+    yields the number of replicas (1: nothing changes)."""
     replicas = environment.get("replicas", 1)
     if replicas == 1:
         yield 1
+        return
+    if backend.name() == "jax":
+        import keras
+
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            yield replicas
+        finally:
+            keras.distribution.set_distribution(previous)
         return
     import tensorflow as tf
 

@@ -3,15 +3,15 @@
 Phase 1 of fine-tuning trains only the head, so the frozen backbone's output for each training view
 never changes: bcd computes it once and trains the head on the cached vectors. Entries are keyed by
 the image's md5 and the view number, inside a cache file keyed by everything that changes the
-vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode, Keras version). A new split of the
-same images reuses the entries; a changed image has a new md5 and is recomputed.
+vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode, Keras version and
+backend). A new split of the same images reuses the entries; a changed image has a new md5 and is
+recomputed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,12 +20,14 @@ import numpy as np
 
 from bcd_engine import settings
 from bcd_engine.files import atomic_path, file_sha256
-from bcd_engine.models.augment import augment_image, view_seeds
 from bcd_engine.models.backbones import BackboneSpec, build_backbone, pooling_layer
+from bcd_engine.models.backend import forward_function
+from bcd_engine.models.backend import name as backend_name
+from bcd_engine.models.batches import view_batches
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.progress import progress_bar
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: augmentations by Keras ops (bcd 0.16), the Keras backend in the key
 
 
 def weights_identity(weights: str | None, *, seed: int) -> str:
@@ -46,33 +48,6 @@ def build_feature_extractor(spec: BackboneSpec, config: TrainConfig):
     inputs = keras.Input((config.image_size, config.image_size, 3))
     features = backbone(inputs, training=False)
     return keras.Model(inputs, pooling_layer(config.pooling)(features), name="feature_extractor"), backbone
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _compiled(extractor):
-    """The extractor's forward pass as one tf.function per extractor, so repeated calls skip retracing."""
-    import tensorflow as tf
-
-    if extractor not in _COMPILED:
-        model = weakref.ref(extractor)  # the cached function must not keep its key alive
-        _COMPILED[extractor] = tf.function(lambda batch: model()(batch, training=False), reduce_retracing=True)
-    return _COMPILED[extractor]
-
-
-def _split_over_devices(extractor, dataset):
-    """(batches, forward pass) of ``dataset`` through ``extractor``: each batch split over the devices of the
-    distribution strategy in scope and gathered back in order; with one device, the dataset and
-    :func:`_compiled` as they are."""
-    import tensorflow as tf
-
-    strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync == 1:
-        return dataset, _compiled(extractor)
-    forward = tf.function(lambda batch: strategy.gather(
-        strategy.run(lambda images: extractor(images, training=False), args=(batch,)), axis=0))
-    return strategy.experimental_distribute_dataset(dataset), forward
 
 
 class FeatureCache:
@@ -105,6 +80,7 @@ class FeatureCache:
             "augment": asdict(config.augment),
             "seed": config.seed,
             "keras": keras.__version__,
+            "backend": backend_name(),
         }
         if config.colour != "rgb":  # only when set, so caches made before the option existed stay valid
             parts["colour"] = config.colour
@@ -148,8 +124,6 @@ def extract_features(
     ``image_keys[j]`` is that image's md5 digest (they seed the augmentation and key the cache).
     ``on_batch`` is called after every batch (cancellation checks raise from there).
     """
-    import tensorflow as tf
-
     entry_keys = [f"{key}:{view}" for key, view in zip(image_keys, views)]
     found = [cache.get(k) if cache is not None else None for k in entry_keys]
     missing = np.array([i for i, f in enumerate(found) if f is None], dtype=np.int64)
@@ -157,28 +131,13 @@ def extract_features(
         cache.hits += len(entry_keys) - len(missing)
         cache.misses += len(missing)
     if len(missing):
-        seeds = view_seeds([image_keys[i] for i in missing], views[missing], seed=seed)
-
-        rows = np.asarray(indices, dtype=np.int64)[missing]
-
-        def make_view(index, view, seed_pair):
-            # Index the array from Python: capturing it would copy every image into the graph.
-            image = tf.numpy_function(lambda i: images[i], [index], tf.uint8)
-            image = tf.cast(tf.ensure_shape(image, images.shape[1:]), tf.float32)
-            image = tf.cond(view > 0, lambda: augment_image(image, seed_pair, augment), lambda: image)
-            return preprocess(image)
-
-        dataset = (
-            tf.data.Dataset.from_tensor_slices((rows, views[missing], seeds))
-            .map(make_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-        batches, infer = _split_over_devices(extractor, dataset)
+        forward = forward_function(extractor, preprocess)
+        batches = view_batches(images, np.asarray(indices, dtype=np.int64)[missing], np.asarray(views)[missing],
+                               [image_keys[i] for i in missing], augment=augment, seed=seed, batch_size=batch_size)
         outputs = []
         with progress_bar(len(missing), description, enabled=progress) as bar:
             for batch in batches:
-                outputs.append(infer(batch).numpy().astype(np.float32))
+                outputs.append(np.asarray(forward(batch), dtype=np.float32))
                 bar.update(len(outputs[-1]))
                 if on_batch is not None:
                     on_batch()

@@ -70,24 +70,19 @@ def fit_head_on_features(
     Keras' generators are seeded with ``config.seed`` first, so the head starts from the same weights every run.
     """
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
     head = build_head(train_x.shape[1], n_classes, config)
     compile_model(head, config, config.learning_rate)
     one_hot = lambda y: keras.utils.to_categorical(y, n_classes)
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((train_x, one_hot(train_y)))
-        .shuffle(len(train_x), seed=config.seed, reshuffle_each_iteration=True)
-        .batch(config.batch_size)
-    )
     head.fit(
-        train_ds,
+        train_x, one_hot(train_y),
+        batch_size=config.batch_size,
+        shuffle=True,  # a new order every epoch, drawn from the seed set above
         validation_data=(val_x, one_hot(val_y)) if len(val_x) else None,
         epochs=config.epochs,
         callbacks=[early_stopping(config), *callbacks],
         class_weight=class_weight,
-        shuffle=False,  # the dataset shuffles itself; Keras ignores (and warns about) shuffle=True on one
         verbose=0,
     )
     return head

@@ -27,8 +27,8 @@ from bcd_engine.files import atomic_path, file_sha256
 from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.predict import measure_latency, predict_proba
 from bcd_engine.inference.trust import fit_trust, save_trust
-from bcd_engine.models.augment import augment_image
 from bcd_engine.models.backbones import build_backbone, get_backbone
+from bcd_engine.models.batches import training_batches
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.models.device import (
     compute_precision,
@@ -241,34 +241,18 @@ def _features_for(extractor, images, md5s, indices, views, description, common) 
 
 def _fit_images(model, images, labels, split: Split, *, config: TrainConfig, preprocess, n_classes: int,
                 epochs: int, learning_rate: float, phase: int, monitor: RunMonitor, class_weight) -> None:
-    compile_model(model, config, learning_rate)
-    train_ds = image_dataset(images[split.train], labels[split.train], config.seed + phase, config=config,
-                             preprocess=preprocess, n_classes=n_classes, train=True)
-    val_ds = image_dataset(images[split.val], labels[split.val], 0, config=config, preprocess=preprocess,
-                           n_classes=n_classes, train=False)
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, class_weight=class_weight,
-              shuffle=False,  # image_dataset shuffles the training images itself
-              callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])
-
-
-def image_dataset(images, labels, keys_seed, *, config: TrainConfig, preprocess, n_classes: int, train: bool):
-    """tf.data pipeline over in-memory uint8 images; training batches get a fresh augmented view each epoch."""
     import keras
-    import tensorflow as tf
 
+    compile_model(model, config, learning_rate)
     one_hot = keras.utils.to_categorical(labels, n_classes)
-    ds = tf.data.Dataset.from_tensor_slices((images, one_hot))
-    if train:
-        ds = ds.shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
-        seeds = tf.data.Dataset.random(seed=keys_seed).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda pair, seed: (augment_image(tf.cast(pair[0], tf.float32), tf.cast(seed % 2**31, tf.int32),
-                                              config.augment), pair[1]),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    else:
-        ds = ds.map(lambda image, y: (tf.cast(image, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(lambda image, y: (preprocess(image), y)).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+    train_batches = training_batches(images[split.train], one_hot[split.train], preprocess=preprocess,
+                                     augment=config.augment, seed=config.seed + phase, batch_size=config.batch_size,
+                                     class_weight=class_weight)
+    val_batches = training_batches(images[split.val], one_hot[split.val], preprocess=preprocess, augment=None,
+                                   seed=0, batch_size=config.batch_size)
+    model.fit(train_batches, validation_data=val_batches if len(split.val) else None, epochs=epochs, verbose=0,
+              shuffle=False,  # training_batches shuffles the training images itself
+              callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])
 
 
 def run_folder(run_id: int) -> Path:

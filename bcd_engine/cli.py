@@ -298,12 +298,12 @@ def _import_tensorflow() -> None:
     and absl then ignores the variable: those lines are dropped here by their severity (I, W, E, F = 0 to 3),
     with absl's warning about them; everything else written during the import is passed on.
     """
-    if "tensorflow" in sys.modules:
-        return
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return  # on JAX or PyTorch, Keras never imports TensorFlow
     setting = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
     level = int(setting) if setting.isdigit() else 0
-    with _stderr_without(lambda line: _below_log_level(line, level)):
-        import tensorflow  # noqa: F401
+    with _stderr_without(lambda line: _below_log_level(line, level)), contextlib.suppress(ImportError):
+        import tensorflow  # noqa: F401  (missing: Keras says so when it needs it)
 
 
 def _below_log_level(line: str, level: int) -> bool:

@@ -79,7 +79,7 @@ def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dat
     assert result.status == "completed"
     run = store.get_run(result.run_id)
     assert run.status == "completed" and run.test_accuracy == result.test_accuracy
-    assert run.environment["tensorflow"] and run.environment["device"]
+    assert run.environment[run.environment["backend"]] and run.environment["device"]
     split = store.get_split(result.run_id)
     assert {row["subset"] for row in split} == {"train", "val", "test"}
     assert len(split) == result.n_train + result.n_val + result.n_test

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bcd_engine.errors import ConfigError
+from bcd_engine.models.backend import name as backend_name
 
 TFLITE_ATOL = 1e-4  # largest allowed probability difference, TFLite vs Keras, for float32 models
 TFLITE_ATOL_MIXED = 1e-2  # ... for models trained in mixed precision (Keras computes in float16)
@@ -45,7 +46,12 @@ def tflite_probabilities(model: bytes | str | os.PathLike, images: np.ndarray) -
 
 
 def checked_tflite(loaded) -> tuple[bytes, float]:
-    """Convert, then compare TFLite with Keras on seeded random images; ConfigError when they disagree."""
+    """Convert, then compare TFLite with Keras on seeded random images; ConfigError when they disagree, or when
+    Keras runs on another backend than TensorFlow (the converter needs it)."""
+    if backend_name() != "tensorflow":
+        raise ConfigError(f"TensorFlow Lite export needs Keras' TensorFlow backend, and this process runs on "
+                          f"{backend_name()}: run the export again with KERAS_BACKEND=tensorflow (a run's .keras "
+                          f"model loads on every backend), or export it as .keras")
     size = loaded.config.image_size
     try:
         content = to_tflite(loaded.model)

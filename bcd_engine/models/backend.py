@@ -105,10 +105,28 @@ def _jax_forward(model, preprocess):
         return outputs
 
     def forward(images):
-        return _numpy(run([v.value for v in model.trainable_variables],
-                          [v.value for v in model.non_trainable_variables], images))
+        sharded, n = _sharded_over_devices(images)
+        outputs = _numpy(run([v.value for v in model.trainable_variables],
+                             [v.value for v in model.non_trainable_variables], sharded))
+        return [output[:n] for output in outputs] if isinstance(outputs, list) else outputs[:n]
 
     return forward
+
+
+def _sharded_over_devices(images):
+    """(``images`` split over the devices of Keras' distribution, if one is set, and filled up to a multiple of
+    them with copies of the first; the number of real images). Without a distribution: as they are."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    images, n = np.asarray(images), len(images)
+    if distribution is None:
+        return images, n
+    devices = len(distribution.device_mesh.devices.flat)
+    filler = -n % devices
+    if filler:
+        images = np.concatenate([images, images[:1].repeat(filler, axis=0)])
+    return keras.distribution.distribute_tensor(images, distribution.get_data_layout(images.shape)), n
 
 
 def _torch_forward(model, preprocess):

@@ -53,15 +53,16 @@ def _prefetched(make, starts) -> Iterator[np.ndarray]:
 
 
 def training_batches(images: np.ndarray, one_hot: np.ndarray, *, preprocess, augment: AugmentConfig | None, seed: int,
-                     batch_size: int, class_weight: dict[int, float] | None = None):
+                     batch_size: int, class_weight: dict[int, float] | None = None, multiple_of: int = 1):
     """A ``keras.utils.PyDataset`` of (preprocessed images, one-hot labels[, sample weights]) for ``model.fit``.
 
     With ``augment`` each epoch shuffles the images and gives every one a new augmented view, both drawn
     from (``seed``, epoch); without it (validation) the images come as they are, in order. ``class_weight``
-    becomes per-image sample weights.
+    becomes per-image sample weights. With ``multiple_of`` > 1 (the devices a batch is split over) a short
+    last batch is filled up to a multiple of it with images of weight 0, which change nothing.
     """
     return _training_batches_class()(images, one_hot, preprocess=preprocess, augment=augment, seed=seed,
-                                     batch_size=batch_size, class_weight=class_weight)
+                                     batch_size=batch_size, class_weight=class_weight, multiple_of=multiple_of)
 
 
 @functools.cache
@@ -69,13 +70,13 @@ def _training_batches_class():
     import keras
 
     class TrainingBatches(keras.utils.PyDataset):
-        def __init__(self, images, one_hot, *, preprocess, augment, seed, batch_size, class_weight):
+        def __init__(self, images, one_hot, *, preprocess, augment, seed, batch_size, class_weight, multiple_of):
             super().__init__(workers=PREFETCH, use_multiprocessing=False, max_queue_size=PREFETCH)
             self.images, self.one_hot, self.preprocess, self.augment = images, one_hot, preprocess, augment
-            self.seed, self.batch_size, self.epoch = seed, batch_size, 0
+            self.seed, self.batch_size, self.multiple_of, self.epoch = seed, batch_size, multiple_of, 0
             labels = np.argmax(one_hot, axis=1)
-            self.weights = (None if class_weight is None else
-                            np.array([class_weight[int(k)] for k in labels], dtype=np.float32))
+            self.weights = (np.array([class_weight[int(k)] for k in labels], dtype=np.float32) if class_weight
+                            else np.ones(len(labels), np.float32) if multiple_of > 1 else None)
             self._draw()
 
         def _draw(self) -> None:
@@ -90,14 +91,19 @@ def _training_batches_class():
 
         def __getitem__(self, index: int):
             chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+            filler = -len(chosen) % self.multiple_of
             if self.augment is not None:
                 x = np.array(augment_batch(self.images[chosen], self.seeds[chosen], self.augment), np.float32)
             else:
                 x = self.images[chosen].astype(np.float32)
             x = np.asarray(self.preprocess(x), np.float32)
+            labels = self.one_hot[chosen]
+            if filler:  # copies of the first images, weighing nothing
+                x = np.concatenate([x, x[:1].repeat(filler, axis=0)])
+                labels = np.concatenate([labels, labels[:1].repeat(filler, axis=0)])
             if self.weights is None:
-                return x, self.one_hot[chosen]
-            return x, self.one_hot[chosen], self.weights[chosen]
+                return x, labels
+            return x, labels, np.concatenate([self.weights[chosen], np.zeros(filler, np.float32)])
 
         def on_epoch_end(self) -> None:
             self.epoch += 1

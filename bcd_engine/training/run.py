@@ -121,7 +121,7 @@ def train(
                 replicated(environment) as replicas:
             evaluation, model_path, cache_stats = _train_and_evaluate(
                 _global_batch(config, replicas), scan, split, store=store, run_id=run_id, progress=progress,
-                feature_cache_dir=feature_cache_dir)
+                feature_cache_dir=feature_cache_dir, replicas=replicas)
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
         return _result(store, run_id, "cancelled", config, split, None, None, protocol=protocol)
@@ -150,7 +150,7 @@ def _result(store: RunStore, run_id, status, config, split, evaluation: Evaluati
 
 
 def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, store: RunStore, run_id: int,
-                        progress: bool, feature_cache_dir: Path | None):
+                        progress: bool, feature_cache_dir: Path | None, replicas: int):
     import keras
 
     spec = get_backbone(config.backbone)
@@ -173,7 +173,7 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         model = assemble_model(backbone, head, config)
         _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
                     epochs=config.epochs, learning_rate=config.learning_rate, phase=1, monitor=monitor,
-                    class_weight=weights)
+                    class_weight=weights, replicas=replicas)
     else:
         extractor, backbone = build_feature_extractor(spec, config)
         cache = FeatureCache.for_config(config, root=feature_cache_dir)
@@ -192,7 +192,7 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
             unfreeze_top_layers(backbone, config.fine_tune_layers)
             _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
                         epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate, phase=2,
-                        monitor=monitor, class_weight=weights)
+                        monitor=monitor, class_weight=weights, replicas=replicas)
         else:
             # The backbone is still the frozen one: test views come from the feature cache too, so
             # k-fold runs over the same images extract every (image, view) once.
@@ -240,16 +240,17 @@ def _features_for(extractor, images, md5s, indices, views, description, common) 
 
 
 def _fit_images(model, images, labels, split: Split, *, config: TrainConfig, preprocess, n_classes: int,
-                epochs: int, learning_rate: float, phase: int, monitor: RunMonitor, class_weight) -> None:
+                epochs: int, learning_rate: float, phase: int, monitor: RunMonitor, class_weight,
+                replicas: int) -> None:
     import keras
 
     compile_model(model, config, learning_rate)
     one_hot = keras.utils.to_categorical(labels, n_classes)
     train_batches = training_batches(images[split.train], one_hot[split.train], preprocess=preprocess,
                                      augment=config.augment, seed=config.seed + phase, batch_size=config.batch_size,
-                                     class_weight=class_weight)
+                                     class_weight=class_weight, multiple_of=replicas)
     val_batches = training_batches(images[split.val], one_hot[split.val], preprocess=preprocess, augment=None,
-                                   seed=0, batch_size=config.batch_size)
+                                   seed=0, batch_size=config.batch_size, multiple_of=replicas)
     model.fit(train_batches, validation_data=val_batches if len(split.val) else None, epochs=epochs, verbose=0,
               shuffle=False,  # training_batches shuffles the training images itself
               callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])

@@ -13,6 +13,8 @@ from bcd_engine.protocols.crossval import cross_validate, fold_splits
 from bcd_engine.store import Protocol
 from bcd_engine.training.run import train
 
+pytestmark = pytest.mark.every_backend  # CI runs this file on JAX too (README: Keras backends)
+
 
 def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():
     rng = np.random.default_rng(0)

@@ -9,6 +9,8 @@ from bcd_engine.inference.explain import explain_source, grad_cam, jet, overlay
 from bcd_engine.models.backbones import build_backbone, get_backbone
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 
+pytestmark = pytest.mark.every_backend  # CI runs this file on JAX too (README: Keras backends)
+
 keras = pytest.importorskip("keras")
 
 SIZE = 64  # the scratch CNN's last conv layer is then 8x8

@@ -17,6 +17,8 @@ from bcd_engine.protocols.robustness import colour_robustness_of_run
 from bcd_engine.store import Protocol
 from bcd_engine.training.run import train
 
+pytestmark = pytest.mark.every_backend  # CI runs this file on JAX too (README: Keras backends)
+
 
 @pytest.fixture
 def trained(workspace, synthetic_dataset):

@@ -5,7 +5,8 @@ every run, on every Keras backend (within float rounding): that is what lets the
 augmented views and reuse them, and a model trained on one backend be evaluated with the same
 test-time views on another. View 0 is always the untouched image; validation and test images only
 ever use view 0. The flip, the 90-degree turn, the rotation and the zoom are one affine map per image
-(bilinear, reflecting at the borders); then brightness, contrast and hue.
+(bilinear, reflecting at the borders); brightness, contrast and hue (a turn of YIQ's chroma plane, which
+keeps luma) one colour map.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def view_seeds(image_keys, views, *, seed: int) -> np.ndarray:
 
 def view_parameters(seed_pairs: np.ndarray, config: AugmentConfig, *, size: int) -> dict[str, np.ndarray]:
     """The augmentation of each view, drawn from its seed pair: an affine map (n, 8) from output to input
-    pixels for square images of ``size`` px, and brightness shift, contrast factor and hue shift (n,) each."""
+    pixels for square images of ``size`` px, a brightness shift in 0..255 units and a contrast factor (n,)
+    each, and a hue rotation (n, 3, 3) acting on RGB."""
     draws = np.array([np.random.default_rng([int(a), int(b)]).random(_DRAWS) for a, b in np.asarray(seed_pairs)],
                      dtype=np.float64).reshape(-1, _DRAWS)
     flip = (draws[:, 0] < 0.5) & config.flips
@@ -37,12 +39,23 @@ def view_parameters(seed_pairs: np.ndarray, config: AugmentConfig, *, size: int)
     angle = (2 * draws[:, 2] - 1) * (config.rotation_degrees * math.pi / 180)
     zoom = 1.0 + (2 * draws[:, 3] - 1) * config.scale
     maps = [_affine_map(size, f, t, a, z) for f, t, a, z in zip(flip, turns, angle, zoom)]
+    hue_angle = (2 * draws[:, 6] - 1) * config.hue * 2 * math.pi
     return {
         "affine": np.array([m.reshape(-1)[:8] for m in maps], dtype=np.float32).reshape(-1, 8),
-        "brightness": ((2 * draws[:, 4] - 1) * config.brightness).astype(np.float32),
+        "brightness": ((2 * draws[:, 4] - 1) * config.brightness * 255).astype(np.float32),
         "contrast": (1 + (2 * draws[:, 5] - 1) * config.contrast).astype(np.float32),
-        "hue": ((2 * draws[:, 6] - 1) * config.hue).astype(np.float32),
+        "hue": np.array([_hue_rotation(a) for a in hue_angle], dtype=np.float32).reshape(-1, 3, 3),
     }
+
+
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+
+
+def _hue_rotation(angle: float) -> np.ndarray:
+    """3x3 map of RGB that turns hue by ``angle`` radians: the chroma plane of YIQ rotated, luma kept."""
+    c, s = math.cos(angle), math.sin(angle)
+    turn = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    return np.linalg.inv(_RGB_TO_YIQ) @ turn @ _RGB_TO_YIQ
 
 
 def _affine_map(size: int, flip: bool, turns: int, angle: float, zoom: float) -> np.ndarray:
@@ -68,23 +81,25 @@ def augment_batch(images: np.ndarray, seed_pairs: np.ndarray, config: AugmentCon
 
 @functools.lru_cache(maxsize=16)
 def _compiled(config: AugmentConfig):
-    """The augmentation ops for ``config``, compiled once for the backend."""
+    """The augmentation ops for ``config``, compiled once for the backend.
+
+    Brightness (b), contrast (c, about the image's mean m) and hue (H) are linear in RGB, so they are
+    applied at once: H((x - m) c + m + b) = cH x + H((1 - c) m + b), one 3x3 map and offset per image.
+    """
     from keras import ops
 
+    geometric = config.flips or config.rot90 or config.rotation_degrees > 0 or config.scale > 0
+    colour = config.brightness > 0 or config.contrast > 0 or config.hue > 0
+
     def apply(images, affine, brightness, contrast, hue):
-        x = ops.cast(images, "float32") / 255.0
-        if config.flips or config.rot90 or config.rotation_degrees > 0 or config.scale > 0:
+        x = ops.cast(images, "float32")
+        if geometric:
             x = ops.image.affine_transform(x, affine, interpolation="bilinear", fill_mode="reflect")
-        if config.brightness > 0:
-            x = x + brightness[:, None, None, None]
-        if config.contrast > 0:
-            mean = ops.mean(x, axis=(1, 2), keepdims=True)
-            x = (x - mean) * contrast[:, None, None, None] + mean
-        if config.hue > 0:
-            hsv = ops.image.rgb_to_hsv(ops.clip(x, 0.0, 1.0))
-            shifted = ops.mod(hsv[..., :1] + hue[:, None, None, None], 1.0)
-            x = ops.image.hsv_to_rgb(ops.concatenate([shifted, hsv[..., 1:]], axis=-1))
-        return ops.clip(x, 0.0, 1.0) * 255.0
+        if colour:
+            mean = ops.mean(x, axis=(1, 2))  # (n, 3)
+            offset = ops.einsum("ndc,nc->nd", hue, (1 - contrast)[:, None] * mean + brightness[:, None])
+            x = ops.einsum("nhwc,ndc->nhwd", x, contrast[:, None, None] * hue) + offset[:, None, None, :]
+        return ops.clip(x, 0.0, 255.0)
 
     return compiled_function(apply)
 

@@ -82,6 +82,7 @@ def test_the_precision_policy_is_set_inside_the_block_only_and_restored_on_error
     assert keras.mixed_precision.global_policy().name == before
     assert precision_policy({"mixed_precision": True}) == "mixed_float16"
     assert precision_policy({"mixed_precision": False}) == "float32"
+    assert precision_policy({"mixed_precision": True, "precision": "mixed_bfloat16"}) == "mixed_bfloat16"
 
 
 def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):

@@ -9,7 +9,7 @@ weight values) and 4 classes. Per backbone it measures
   profiler total on the frozen graph of one image (``tf.compat.v1.profiler``, also counting BatchNorm
   and other element-wise ops) is printed beside it as a cross-check;
 - warm single-image latency (median) and batch throughput (images/s at batch 32) through the engine's
-  predict path (``Diagnoser.view_probabilities`` without test-time augmentation: preprocess, then
+  predict path (``Diagnoser.diagnose_arrays`` without test-time augmentation: preprocess, then
   ``model.predict``) and through one plain ``tf.function`` model call on an already preprocessed tensor;
 
 and, in the same process, the machine's matrix-multiply rate (square float32 ``tf.matmul``, float16 on a
@@ -189,7 +189,7 @@ def bench_backbone(name: str, image_size: int, args, rng: np.random.Generator) -
     xb = preprocess(tf.cast(batch_images, tf.float32))
 
     def engine(images):
-        return lambda: diagnoser.view_probabilities([images], tta=False)
+        return lambda: diagnoser.diagnose_arrays([images], tta=False)
 
     def plain(x):
         return lambda: np.asarray(infer(x))
@@ -279,7 +279,7 @@ def main() -> None:
         "notes": [
             "weights=None (random initialisation): the timing does not depend on the weight values",
             "inputs are random uint8 images at the model's size (decoding and resizing are not timed)",
-            "engine path: Diagnoser.view_probabilities(tta=False): colour mode, preprocess_input, model.predict",
+            "engine path: Diagnoser.diagnose_arrays(tta=False): colour mode, then preprocessing and model in one compiled call, the OOD gate",
             "plain path: one tf.function(model(x, training=False)) call on an already preprocessed tensor",
             ("flops_per_image: 2 x multiply-accumulates of Conv2D, DepthwiseConv2D, SeparableConv2D and Dense "
              "layers from their shapes; profiler_flops_per_image: tf.compat.v1.profiler float ops of the frozen "

@@ -69,18 +69,27 @@ def _affine_map(size: int, flip: bool, turns: int, angle: float, zoom: float) ->
     return flipped @ quarter @ rotated
 
 
-def augment_batch(images: np.ndarray, seed_pairs: np.ndarray, config: AugmentConfig) -> np.ndarray:
-    """The views decided by ``seed_pairs`` (n, 2) of square images (n, size, size, 3) in 0..255: float32 in 0..255."""
+def augment_batch(images: np.ndarray, seed_pairs: np.ndarray, config: AugmentConfig, *,
+                  untouched: np.ndarray | None = None, as_tensor: bool = False):
+    """The views decided by ``seed_pairs`` (n, 2) of square images (n, size, size, 3) in 0..255: float32 in 0..255,
+    as NumPy (or, with ``as_tensor``, as the backend's tensor, to feed a model without a copy).
+
+    Rows where ``untouched`` is true come back unchanged (their maps are the identity, which moves no pixel).
+    """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
         raise ValueError(f"expected square images (n, size, size, 3), got shape {images.shape}")
     parameters = view_parameters(seed_pairs, config, size=images.shape[1])
-    return _compiled(config)(images, parameters["affine"], parameters["brightness"], parameters["contrast"],
-                             parameters["hue"])
+    if untouched is not None:
+        parameters["affine"][untouched] = [1, 0, 0, 0, 1, 0, 0, 0]
+        parameters["brightness"][untouched], parameters["contrast"][untouched] = 0, 1
+        parameters["hue"][untouched] = np.eye(3)
+    return _compiled(config, as_tensor)(images, parameters["affine"], parameters["brightness"],
+                                        parameters["contrast"], parameters["hue"])
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(config: AugmentConfig):
+def _compiled(config: AugmentConfig, as_tensor: bool):
     """The augmentation ops for ``config``, compiled once for the backend.
 
     Brightness (b), contrast (c, about the image's mean m) and hue (H) are linear in RGB, so they are
@@ -101,7 +110,7 @@ def _compiled(config: AugmentConfig):
             x = ops.einsum("nhwc,ndc->nhwd", x, contrast[:, None, None] * hue) + offset[:, None, None, :]
         return ops.clip(x, 0.0, 255.0)
 
-    return compiled_function(apply)
+    return compiled_function(apply, numpy=not as_tensor)
 
 
 def preview_views(image: np.ndarray, config: AugmentConfig, *, n_views: int = 8, seed: int = 0) -> list[np.ndarray]:

@@ -68,7 +68,8 @@ _FORWARDS = "_bcd_forwards"  # the model's attribute holding its compiled forwar
 
 def forward_function(model, preprocess: Callable) -> Callable[[np.ndarray], Any]:
     """``images -> model(preprocess(images))`` in inference mode, compiled once per (model, preprocess) for the
-    backend: images are NumPy (n, h, w, 3) in 0..255 (uint8 or float32); outputs come back as NumPy arrays
+    backend: images (n, h, w, 3) in 0..255, uint8 or float32, NumPy or the backend's tensors; outputs come back
+    as NumPy arrays
     (a list for a model with several outputs). The function keeps the model alive, and the model keeps it."""
     compiled = getattr(model, _FORWARDS, None)
     if compiled is None:
@@ -119,9 +120,10 @@ def _sharded_over_devices(images):
     import keras
 
     distribution = keras.distribution.distribution()
-    images, n = np.asarray(images), len(images)
+    n = len(images)
     if distribution is None:
         return images, n
+    images = keras.ops.convert_to_numpy(images)
     devices = len(distribution.device_mesh.devices.flat)
     filler = -n % devices
     if filler:
@@ -143,8 +145,9 @@ def _torch_forward(model, preprocess):
 _BUILDERS = {"tensorflow": _tensorflow_forward, "jax": _jax_forward, "torch": _torch_forward}
 
 
-def compiled_function(function: Callable) -> Callable:
-    """``function`` (arrays in, arrays out, no model state) compiled for the backend; outputs as NumPy."""
+def compiled_function(function: Callable, *, numpy: bool = True) -> Callable:
+    """``function`` (arrays in, arrays out, no model state) compiled for the backend; outputs as NumPy (or, with
+    ``numpy=False``, as the backend's tensors)."""
     backend = name()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -156,7 +159,7 @@ def compiled_function(function: Callable) -> Callable:
         compiled = jax.jit(function)
     else:
         compiled = function
-    return lambda *arrays: _numpy(compiled(*arrays))
+    return (lambda *arrays: _numpy(compiled(*arrays))) if numpy else compiled
 
 
 def value_and_gradient(function: Callable, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

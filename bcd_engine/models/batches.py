@@ -20,27 +20,26 @@ PREFETCH = 2  # batches prepared ahead of the one the model is working on
 
 
 def view_batches(images: np.ndarray, rows: np.ndarray, views: np.ndarray, image_keys: list[str], *,
-                 augment: AugmentConfig, seed: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Batches (float32, 0..255) of ``images[rows[j]]`` seen as ``views[j]`` (0: the image itself), in order.
+                 augment: AugmentConfig, seed: int, batch_size: int) -> Iterator:
+    """Batches of ``images[rows[j]]`` seen as ``views[j]`` (0: the image itself), in order, in 0..255: uint8 NumPy
+    when no image of the batch is augmented, else float32 backend tensors (for :func:`backend.forward_function`).
 
     ``image_keys[j]`` (the image's md5) and ``seed`` decide each augmented view (see :func:`view_seeds`).
     """
     rows, views = np.asarray(rows, dtype=np.int64), np.asarray(views, dtype=np.int64)
     seeds = view_seeds(image_keys, views, seed=seed)
 
-    def make(start: int) -> np.ndarray:
-        chosen, batch_views = rows[start:start + batch_size], views[start:start + batch_size]
-        batch = images[chosen].astype(np.float32)
-        augmented = batch_views > 0
-        if augmented.any():
-            batch[augmented] = augment_batch(images[chosen[augmented]], seeds[start:start + batch_size][augmented],
-                                             augment)
-        return batch
+    def make(start: int):
+        chosen, untouched = rows[start:start + batch_size], views[start:start + batch_size] == 0
+        if untouched.all():
+            return images[chosen]  # uint8: the model's compiled call casts it
+        return augment_batch(images[chosen], seeds[start:start + batch_size], augment, untouched=untouched,
+                             as_tensor=True)
 
     yield from _prefetched(make, range(0, len(rows), batch_size))
 
 
-def _prefetched(make, starts) -> Iterator[np.ndarray]:
+def _prefetched(make, starts) -> Iterator:
     """``make(start)`` for each start, in order, up to :data:`PREFETCH` of them computed ahead in threads."""
     starts = list(starts)
     with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="bcd-batches") as pool:

@@ -9,8 +9,8 @@ weight values) and 4 classes. Per backbone it measures
   profiler total on the frozen graph of one image (``tf.compat.v1.profiler``, also counting BatchNorm
   and other element-wise ops) is printed beside it as a cross-check;
 - warm single-image latency (median) and batch throughput (images/s at batch 32) through the engine's
-  predict path (``Diagnoser.diagnose_arrays`` without test-time augmentation: preprocess, then
-  ``model.predict``) and through one plain ``tf.function`` model call on an already preprocessed tensor;
+  predict path (``Diagnoser.diagnose_arrays`` without test-time augmentation: preprocessing and model
+  in one compiled call) and through one plain ``tf.function`` model call on an already preprocessed tensor;
 
 and, in the same process, the machine's matrix-multiply rate (square float32 ``tf.matmul``, float16 on a
 GPU with mixed precision; best of several, before and after the models). The floor is FLOPs per image
@@ -279,7 +279,8 @@ def main() -> None:
         "notes": [
             "weights=None (random initialisation): the timing does not depend on the weight values",
             "inputs are random uint8 images at the model's size (decoding and resizing are not timed)",
-            "engine path: Diagnoser.diagnose_arrays(tta=False): colour mode, then preprocessing and model in one compiled call, the OOD gate",
+            ("engine path: Diagnoser.diagnose_arrays(tta=False): colour mode, then preprocessing and model in one "
+             "compiled call, the OOD gate"),
             "plain path: one tf.function(model(x, training=False)) call on an already preprocessed tensor",
             ("flops_per_image: 2 x multiply-accumulates of Conv2D, DepthwiseConv2D, SeparableConv2D and Dense "
              "layers from their shapes; profiler_flops_per_image: tf.compat.v1.profiler float ops of the frozen "

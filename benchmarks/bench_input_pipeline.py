@@ -2,16 +2,17 @@
 
 (a) The engine's pipeline, end to end from image FILES: ``training.load_images`` (decode and resize on a
 thread pool) then ``features.extract_features`` without a cache (NumPy batches prepared ahead in threads,
-augmented views by Keras ops, preprocessing and extractor in one compiled call per batch), once with view 0 for every image (no
-augmentation) and once with augmented views 1..7 (what phase 1 computes for an 8-view recipe).
+augmented views by Keras ops, preprocessing and extractor in one compiled call per batch), once with
+view 0 for every image (no augmentation) and once with augmented views 1..7 (what phase 1 computes for
+an 8-view recipe).
 (b) The raw extractor (frozen backbone + global pooling, the same ``tf.function`` definition and batch
 size) on the same images already preprocessed into a float32 tensor in memory.
 
 It reports images/s for each, the fraction (a)/(b) (goal: at least 90%), and where the time goes: the
 decode+resize stage alone, ``extract_features`` from in-memory uint8 images alone, and the cost of
-tracing a fresh ``tf.function`` (the engine now compiles once per extractor, so this is paid once). Everything is warmed up first
-(page cache included: the files are read from memory, not from a cold disk); the variants are
-interleaved, their order alternating between repeats, and the medians reported.
+tracing a fresh ``tf.function`` (the engine compiles once per extractor, so this is paid once).
+Everything is warmed up first (page cache included: the files are read from memory, not from a cold
+disk); the variants are interleaved, their order alternating between repeats, and the medians reported.
 
     python benchmarks/bench_input_pipeline.py [--limit 512] [--backbone resnet50] [--image-size 224] [--json]
 

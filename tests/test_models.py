@@ -144,3 +144,14 @@ def test_feature_extraction_under_a_mirrored_strategy_splits_batches_and_keeps_t
     assert out.returncode == 0, out.stderr[-3000:]
     replicas, max_diff = out.stdout.split()
     assert replicas == "2" and float(max_diff) < 1e-5
+
+
+def test_the_feature_cache_key_names_the_backend_and_the_precision(tmp_path):
+    from bcd_engine.models.features import FeatureCache
+
+    config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32)
+    plain = FeatureCache.for_config(config, root=tmp_path)
+    with compute_precision("mixed_float16"):
+        mixed = FeatureCache.for_config(config, root=tmp_path)
+    assert plain.key_parts["backend"] == keras.backend.backend() and plain.key_parts["precision"] == "float32"
+    assert mixed.key != plain.key and FeatureCache.for_config(config, root=tmp_path).key == plain.key

@@ -3,8 +3,8 @@
 Phase 1 of fine-tuning trains only the head, so the frozen backbone's output for each training view
 never changes: bcd computes it once and trains the head on the cached vectors. Entries are keyed by
 the image's md5 and the view number, inside a cache file keyed by everything that changes the
-vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode, Keras version and
-backend). A new split of the same images reuses the entries; a changed image has a new md5 and is
+vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode, Keras version,
+backend and precision). A new split of the same images reuses the entries; a changed image has a new md5 and is
 recomputed.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bcd_engine.models.batches import view_batches
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.progress import progress_bar
 
-CACHE_FORMAT = 2  # 2: augmentations by Keras ops (bcd 0.16), the Keras backend in the key
+CACHE_FORMAT = 2  # 2: augmentations by Keras ops, the Keras backend and the precision in the key
 
 
 def weights_identity(weights: str | None, *, seed: int) -> str:
@@ -81,6 +81,7 @@ class FeatureCache:
             "seed": config.seed,
             "keras": keras.__version__,
             "backend": backend_name(),
+            "precision": keras.mixed_precision.global_policy().name,  # a GPU's bfloat16 features are not a CPU's
         }
         if config.colour != "rgb":  # only when set, so caches made before the option existed stay valid
             parts["colour"] = config.colour

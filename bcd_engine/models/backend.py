@@ -158,7 +158,9 @@ def compiled_function(function: Callable, *, numpy: bool = True) -> Callable:
 
         compiled = jax.jit(function)
     else:
-        compiled = function
+        from keras import ops
+
+        compiled = lambda *arrays: function(*(ops.convert_to_tensor(array) for array in arrays))
     return (lambda *arrays: _numpy(compiled(*arrays))) if numpy else compiled
 
 

@@ -69,8 +69,8 @@ _FORWARDS = "_bcd_forwards"  # the model's attribute holding its compiled forwar
 def forward_function(model, preprocess: Callable) -> Callable[[np.ndarray], Any]:
     """``images -> model(preprocess(images))`` in inference mode, compiled once per (model, preprocess) for the
     backend: images (n, h, w, 3) in 0..255, uint8 or float32, NumPy or the backend's tensors; outputs come back
-    as NumPy arrays
-    (a list for a model with several outputs). The function keeps the model alive, and the model keeps it."""
+    as NumPy arrays (a list for a model with several outputs). The function keeps the model alive, and the
+    model keeps it (the pair is freed together)."""
     compiled = getattr(model, _FORWARDS, None)
     if compiled is None:
         compiled = {}
@@ -102,7 +102,7 @@ def _jax_forward(model, preprocess):
     @jax.jit
     def run(trainable, non_trainable, images):
         outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(ops.cast(images, "float32")),
-                                                training=False)
+                                          training=False)
         return outputs
 
     def forward(images):

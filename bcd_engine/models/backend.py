@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-LIBRARIES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> the library it runs on
-
 
 def name() -> str:
     """The running Keras backend: 'tensorflow', 'jax' or 'torch'."""
@@ -24,10 +22,11 @@ def name() -> str:
 
 
 def library_version() -> str:
-    """The version of the library the backend runs on (TensorFlow's, JAX's or PyTorch's)."""
+    """The version of the library the backend runs on (TensorFlow's, JAX's or PyTorch's: each backend is named
+    after the module it imports)."""
     import importlib
 
-    return importlib.import_module(LIBRARIES[name()]).__version__
+    return importlib.import_module(name()).__version__
 
 
 def gpus() -> list[dict[str, Any]]:
@@ -123,12 +122,14 @@ def _sharded_over_devices(images):
     n = len(images)
     if distribution is None:
         return images, n
-    images = keras.ops.convert_to_numpy(images)
-    devices = len(distribution.device_mesh.devices.flat)
-    filler = -n % devices
-    if filler:
-        images = np.concatenate([images, images[:1].repeat(filler, axis=0)])
+    images = filled_for_devices(keras.ops.convert_to_numpy(images), len(distribution.device_mesh.devices.flat))
     return keras.distribution.distribute_tensor(images, distribution.get_data_layout(images.shape)), n
+
+
+def filled_for_devices(array: np.ndarray, devices: int) -> np.ndarray:
+    """``array`` with copies of its first row added until its length splits evenly over ``devices``."""
+    filler = -len(array) % devices
+    return np.concatenate([array, np.repeat(array[:1], filler, axis=0)]) if filler else array
 
 
 def _torch_forward(model, preprocess):

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from bcd_engine.models.augment import augment_batch, view_seeds
+from bcd_engine.models.backend import filled_for_devices
 from bcd_engine.models.config import AugmentConfig
 
 PREFETCH = 2  # batches prepared ahead of the one the model is working on
@@ -90,19 +91,17 @@ def _training_batches_class():
 
         def __getitem__(self, index: int):
             chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-            filler = -len(chosen) % self.multiple_of
             if self.augment is not None:
-                x = np.array(augment_batch(self.images[chosen], self.seeds[chosen], self.augment), np.float32)
+                x = np.require(augment_batch(self.images[chosen], self.seeds[chosen], self.augment), np.float32, "W")
             else:
                 x = self.images[chosen].astype(np.float32)
             x = np.asarray(self.preprocess(x), np.float32)
-            labels = self.one_hot[chosen]
-            if filler:  # copies of the first images, weighing nothing
-                x = np.concatenate([x, x[:1].repeat(filler, axis=0)])
-                labels = np.concatenate([labels, labels[:1].repeat(filler, axis=0)])
+            x = filled_for_devices(x, self.multiple_of)
+            labels = filled_for_devices(self.one_hot[chosen], self.multiple_of)
             if self.weights is None:
                 return x, labels
-            return x, labels, np.concatenate([self.weights[chosen], np.zeros(filler, np.float32)])
+            # The filler copies weigh nothing.
+            return x, labels, np.concatenate([self.weights[chosen], np.zeros(len(x) - len(chosen), np.float32)])
 
         def on_epoch_end(self) -> None:
             self.epoch += 1

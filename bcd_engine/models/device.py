@@ -34,7 +34,7 @@ def configure_device() -> dict[str, Any]:
         "mixed_precision": bool(gpus),
         "precision": precision,
         "backend": backend.name(),
-        backend.LIBRARIES[backend.name()]: backend.library_version(),
+        backend.name(): backend.library_version(),  # e.g. "jax": "0.10.2"
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

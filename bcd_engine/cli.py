@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     rerun = command("rerun", _cmd_rerun, "queue a finished hold-out run again with its stored settings and data "
                     "folder (`worker --once` trains it)")
     rerun.add_argument("--run", type=int, required=True, help="run id")
+    rerun.add_argument("--weights", metavar="PATH", help="weights instead of the stored ones: a copy of a weights "
+                                                          "file that has moved, imagenet or none")
     return parser
 
 
@@ -555,7 +557,7 @@ def _cmd_export(args):
 
 
 def _cmd_rerun(args):
-    new_id = queue_again(RunStore.open(), args.run)
+    new_id = queue_again(RunStore.open(), args.run, weights=args.weights)
     payload = {"run_id": new_id, "status": "queued", "from_run": args.run}
     return payload, (f"run {new_id} queued with the settings and data of run {args.run}; "
                      "`python -m bcd_engine worker --once` trains it"), 0

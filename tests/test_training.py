@@ -58,7 +58,6 @@ def test_every_backbone_builds_and_trains_one_step(name):
     [
         ({"backbone": "alexnet"}, "unknown backbone 'alexnet'"),
         ({"backbone": "inceptionv3", "image_size": 64}, "below inceptionv3's minimum of 75"),
-        ({"weights": "/nonexistent/w.weights.h5"}, "weights file not found"),
         ({"augment": AugmentConfig(factor=1), "epochs": 0}, "epochs must be >= 1"),
         ({"optimizer": "adagrad"}, "optimizer must be one of"),
     ],
@@ -67,6 +66,16 @@ def test_bad_config_is_rejected_with_a_clear_message(overrides, message):
     backbone = overrides.pop("backbone", "mobilenetv2")
     with pytest.raises(ConfigError, match=message):
         tiny_config(backbone, **overrides)
+
+
+def test_a_stored_config_is_a_record_and_a_new_request_checks_its_weights_file(tmp_path):
+    missing = tmp_path / "moved.weights.h5"
+    with pytest.raises(ConfigError, match=f"weights file not found: {missing}"):
+        TrainConfig.for_backbone("mobilenetv2", weights=str(missing))
+    stored = tiny_config(weights=str(missing)).to_dict()  # as a run's config holds it once the file is gone
+    assert TrainConfig.from_dict(stored).weights == str(missing)
+    with pytest.raises(ConfigError, match="must be a Keras .weights.h5"):
+        tiny_config(weights=str(tmp_path / "w.bin"))
 
 
 def test_augmentation_factor_is_bounded():

@@ -129,19 +129,31 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
-    """Normalise a weights option: 'imagenet', None (random init) or an existing .weights.h5/.h5 path."""
+    """Normalise a weights option without touching the disk: 'imagenet', None (random init) or an absolute
+    path ending in ``.h5`` (a ``.weights.h5`` or ``.h5`` file; whether it exists is :func:`require_weights_file`'s
+    to say, where the file is used)."""
     if weights is None or str(weights).lower() in ("none", ""):
         return None
     if str(weights).lower() == "imagenet":
         if not spec.pretrained:
             raise ConfigError(f"{spec.name} has no ImageNet weights; use --weights none")
         return "imagenet"
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"weights file not found: {path}")
-    if not path.name.endswith(".h5"):
+    path = os.path.abspath(Path(weights).expanduser())
+    if not path.endswith(".h5"):
         raise ConfigError(f"weights file must be a Keras .weights.h5 or .h5 file: {path}")
-    return str(path.resolve())
+    return path
+
+
+def is_weights_file(weights: str | None) -> bool:
+    """Whether a normalised weights option names a file (not 'imagenet', not None)."""
+    return weights is not None and weights != "imagenet"
+
+
+def require_weights_file(weights: str | None) -> None:
+    """ConfigError when ``weights`` names a file that is not there (checked where the file is about to be used:
+    building a backbone to train, queueing a run; a finished run's model holds its weights and never needs it)."""
+    if is_weights_file(weights) and not Path(weights).is_file():
+        raise ConfigError(f"weights file not found: {weights}")
 
 
 def weights_files(folder: str | os.PathLike) -> list[Path]:
@@ -166,6 +178,7 @@ def build_backbone(spec: BackboneSpec, *, image_size: int, weights: str | None):
     input_shape = (image_size, image_size, 3)
     if not spec.module:
         return _OWN_ARCHITECTURES[spec.builder](input_shape)
+    require_weights_file(weights)
     builder = getattr(keras.applications, spec.builder)
     try:
         return builder(include_top=False, weights=weights, input_shape=input_shape)

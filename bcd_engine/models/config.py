@@ -8,7 +8,7 @@ from typing import Any
 from bcd_engine.data.colour import COLOUR_MODES
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import ConfigError
-from bcd_engine.models.backbones import POOLINGS, get_backbone, resolve_weights
+from bcd_engine.models.backbones import POOLINGS, get_backbone, require_weights_file, resolve_weights
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 MAX_AUGMENT = 20
@@ -50,6 +50,10 @@ def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run. ``TrainConfig.for_backbone`` fills per-backbone defaults.
+
+    A config is a record: building one (and :meth:`from_dict`, reading a stored one) checks its values but
+    never the disk, so a finished run whose weights file is gone still loads. :meth:`for_backbone`, the
+    constructor for a new request, also checks that a weights file it names exists.
 
     Each field is a ``train``, ``cv`` and ``lodo`` option of the CLI (``--fine-tune-epochs`` for
     ``fine_tune_epochs``) with the help and choices of its metadata, unless that says ``cli=False``
@@ -142,7 +146,9 @@ class TrainConfig:
         if aug is not None:
             defaults["augment"] = aug
         defaults.update(overrides)
-        return cls(backbone=spec.name, **defaults)
+        config = cls(backbone=spec.name, **defaults)
+        require_weights_file(config.weights)
+        return config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,9 +1,12 @@
 """Putting runs in the queue for a worker (the Train page and the demo model)."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 from bcd_engine.errors import RerunError
+from bcd_engine.models.backbones import is_weights_file, require_weights_file
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import FINAL_STATUSES, Protocol, RunStore
 
@@ -15,14 +18,18 @@ def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike)
     """
     from bcd_engine.data.scan import scan_dataset
 
+    require_weights_file(config.weights)
     scan = scan_dataset(data_dir)
     return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(),
                             config={"train": config.to_dict(), "data_dir": scan.root,
                                     "class_names": list(scan.class_names)})
 
 
-def queue_again(store: RunStore, run_id: int) -> int:
+def queue_again(store: RunStore, run_id: int, *, weights: str | os.PathLike | None = None) -> int:
     """Queue a new run with the stored train config and data folder of finished run ``run_id``; its id.
+
+    ``weights`` replaces the stored weights option (a copy of a weights file that has moved, or 'imagenet').
+    A run trained from a weights file that is gone is refused with ``RerunError`` saying how to point it at a copy.
 
     Any finished run (completed, failed, cancelled or interrupted) of the hold-out protocol can run again.
     Refused with ``RerunError``: a run still queued or running, a k-fold or LODO round (the queue trains
@@ -41,6 +48,11 @@ def queue_again(store: RunStore, run_id: int) -> int:
     except (KeyError, TypeError) as exc:
         raise RerunError(f"the stored config of run {run_id} cannot be read by this version of bcd "
                          f"({type(exc).__name__}: {exc})") from exc
+    if weights is not None:
+        config = dataclasses.replace(config, weights=str(weights))
+    elif is_weights_file(config.weights) and not Path(config.weights).is_file():
+        raise RerunError(f"run {run_id} was trained from the weights file {config.weights}, which is gone; "
+                         f"point the new run at a copy with `rerun --run {run_id} --weights PATH` (or choose other weights)")
     return queue_run(store, config, data_dir)
 
 

@@ -27,7 +27,7 @@ from bcd_engine.files import atomic_path, file_sha256
 from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.predict import measure_latency, predict_proba
 from bcd_engine.inference.trust import fit_trust, save_trust
-from bcd_engine.models.backbones import build_backbone, get_backbone
+from bcd_engine.models.backbones import build_backbone, get_backbone, require_weights_file
 from bcd_engine.models.batches import training_batches
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.models.device import (
@@ -96,6 +96,7 @@ def train(
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
     run ``failed`` or ``cancelled`` with its epochs so far.
     """
+    require_weights_file(config.weights)
     if scan is None:
         scan = scan_dataset(data_dir, progress=progress)
     elif Path(scan.root) != Path(data_dir).expanduser().resolve():

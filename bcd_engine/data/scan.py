@@ -80,6 +80,13 @@ class ScanResult:
         return len(self.images)
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 of the readable images' contents and classes (sorted ``class md5`` lines): the same for the same
+        images under any folder or file names, different when one image or label changes."""
+        lines = sorted(f"{record.class_name}\t{record.md5}" for record in self.images)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    @property
     def paths(self) -> list[str]:
         """Absolute paths of the readable images, aligned with :attr:`images`."""
         return [record.path for record in self.images]

@@ -106,7 +106,8 @@ def train(
         split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
                               test_fraction=config.test_fraction, seed=config.seed)
     run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names),
-                  "dataset": {"name": root.name, "n_images": scan.n_images, "synthetic": is_synthetic(root)}}
+                  "dataset": {"name": root.name, "n_images": scan.n_images, "synthetic": is_synthetic(root),
+                              "fingerprint": scan.fingerprint}}
     dataset_id = store.register_dataset(name=root.name, root=str(root), n_images=scan.n_images,
                                         class_counts=scan.class_counts)
     if run_id is None:

@@ -32,8 +32,8 @@ from bcd_engine.store import (
     RunRecord,
     RunStore,
 )
+from bcd_engine.store.engine import ALEMBIC_INI, make_engine, migration_transaction, normalize_url, schema_script
 from bcd_engine.store.models import Base, Run
-from bcd_engine.store.store import _ALEMBIC_INI, _script, make_engine, migration_transaction, normalize_url
 
 TABLES = {
     "datasets",
@@ -61,7 +61,7 @@ def _migrate(url: str, revision: str, direction: str = "upgrade") -> None:
     engine = _engine(url)
     try:
         with engine.connect() as conn, migration_transaction(conn):
-            config = Config(str(_ALEMBIC_INI))
+            config = Config(str(ALEMBIC_INI))
             config.attributes["connection"] = conn
             getattr(command, direction)(config, revision)
     finally:
@@ -128,10 +128,10 @@ def _evaluation_kwargs() -> dict:
 
 
 def test_fresh_database_is_migrated_to_head_and_matches_the_models(store: RunStore) -> None:
-    with store._engine.connect() as conn:
+    with store._engines.reader.connect() as conn:
         assert set(sa.inspect(conn).get_table_names()) >= TABLES
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        assert context.get_current_revision() == _script().get_current_head()
+        assert context.get_current_revision() == schema_script().get_current_head()
         assert compare_metadata(context, Base.metadata) == []
 
 
@@ -161,8 +161,8 @@ def test_database_at_initial_revision_upgrades_and_keeps_its_rows(
         RunStore(db_url)
     with caplog.at_level(logging.WARNING, logger="bcd_engine.store.migrations"):
         store = RunStore.open(db_url)
-    with store, store._engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == _script().get_current_head()
+    with store, store._engines.reader.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == schema_script().get_current_head()
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         checks = {c["name"] for t in ("runs", "split_assignments") for c in sa.inspect(conn).get_check_constraints(t)}
         assert checks == {"ck_runs_status", "ck_runs_protocol_kind", "ck_split_assignments_subset"}
@@ -200,7 +200,7 @@ def test_migrating_sqlite_with_foreign_keys_on_is_refused_before_anything_is_del
             "VALUES (1, 'b', 'p', '{}', 'queued', '2025-01-01 00:00:00', 0)"))
         conn.execute(sa.text("INSERT INTO epochs (run_id, phase, epoch) VALUES (1, 0, 0)"))
     with pytest.raises(RuntimeError, match="foreign keys off"), engine.begin() as conn:  # foreign keys on
-        config = Config(str(_ALEMBIC_INI))
+        config = Config(str(ALEMBIC_INI))
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
     with engine.connect() as conn:
@@ -210,12 +210,12 @@ def test_migrating_sqlite_with_foreign_keys_on_is_refused_before_anything_is_del
 
 def test_opening_a_database_at_head_does_not_write(db_url: str) -> None:
     def counts(store: RunStore) -> dict[str, int]:
-        with store._engine.connect() as conn:
+        with store._engines.reader.connect() as conn:
             return {table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() for table in TABLES}
 
     with RunStore.open(db_url) as store:
         dead = _started_run(store)
-        with store._engine.begin() as conn:
+        with store._engines.reader.begin() as conn:
             conn.execute(sa.text("UPDATE runs SET pid = 999999999 WHERE id = :id"), {"id": dead})  # no such process
         rows = counts(store)
     path = _sqlite_file(db_url)
@@ -266,7 +266,7 @@ def test_database_newer_than_the_code_is_refused(db_url: str) -> None:
 
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'new-folder' / 'results.db'}"
-    with RunStore.open(url) as store, store._engine.connect() as conn:
+    with RunStore.open(url) as store, store._engines.reader.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -369,7 +369,7 @@ def test_start_run_accepts_runs_created_running_or_claimed_here_only(store: RunS
     assert store.get_run(claimed.id).environment == {"device": "GPU"}
 
     elsewhere = _started_run(store)
-    with store._engine.begin() as conn:
+    with store._engines.reader.begin() as conn:
         conn.execute(sa.text("UPDATE runs SET host = 'other-host' WHERE id = :id"), {"id": elsewhere})
     with pytest.raises(StoreError, match=r"running .*other-host"):
         store.start_run(elsewhere, environment={})
@@ -454,7 +454,7 @@ def test_evaluation_is_never_half_written(store: RunStore) -> None:
     with pytest.raises(RecordError, match="ROC curve of 'AML' has 2, 1, 2 values of fpr, tpr and thresholds"):
         store.save_evaluation(run_id, **kwargs)
     assert store.get_evaluations(run_id) == []
-    with store._engine.connect() as conn:
+    with store._engines.reader.connect() as conn:
         for table in ("evaluations", "roc_points", "predictions"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() == 0
 
@@ -482,7 +482,7 @@ def test_protocols_round_trip_as_data_with_their_labels(store: RunStore) -> None
         f"leave-one-dataset-out, held out {long_name}",
         "external test set",
     ]
-    with store._engine.connect() as conn:
+    with store._engines.reader.connect() as conn:
         assert conn.execute(
             sa.select(Run.protocol_kind, Run.protocol_fold, Run.protocol_folds).where(Run.id == ids[1])
         ).one() == ("kfold", 4, 5)
@@ -546,7 +546,7 @@ def test_status_constraint_rejects_unknown_status(store: RunStore) -> None:
         _new_run(store, status="exploded")
     assert store.list_runs() == []
     run_id = _new_run(store)
-    with pytest.raises(sa.exc.IntegrityError, match="ck_runs_status"), store._engine.begin() as conn:
+    with pytest.raises(sa.exc.IntegrityError, match="ck_runs_status"), store._engines.reader.begin() as conn:
         conn.execute(sa.text("UPDATE runs SET status = 'paused' WHERE id = :id"), {"id": run_id})
     assert store.get_run(run_id).status == "queued"
 
@@ -562,7 +562,7 @@ def test_delete_run_cascades_to_everything_about_it(store: RunStore) -> None:
     store.delete_run(doomed)
     with pytest.raises(RunNotFoundError, match=f"no run with id {doomed}"):
         store.get_run(doomed)
-    with store._engine.connect() as conn:
+    with store._engines.reader.connect() as conn:
         for table in ("split_assignments", "evaluations", "roc_points", "predictions", "artifacts"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() == 0, table
         assert conn.execute(sa.text("SELECT count(*) FROM epochs")).scalar() == 1
@@ -657,7 +657,7 @@ def test_claim_next_queued_from_many_threads_never_duplicates(store: RunStore) -
 def test_stale_heartbeat_is_recovered_as_interrupted(store: RunStore) -> None:
     stale = _started_run(store)
     fresh = _started_run(store)
-    with store._engine.begin() as conn:
+    with store._engines.reader.begin() as conn:
         old = datetime.now(UTC) - timedelta(hours=2)
         if conn.dialect.name == "sqlite":
             old = old.replace(tzinfo=None)

@@ -95,7 +95,7 @@ def _read_runs(store: RunStore, run_id: int, seconds: float) -> dict[str, Any]:
 def test_processes_opening_a_fresh_database_together_migrate_it_once(db_url: str) -> None:
     reports = _run_all(db_url, [(f"opener{n}", _nothing, ()) for n in range(6)], timeout_s=60)
     assert [r["errors"] for r in reports] == [[]] * 6
-    with RunStore(db_url) as store, store._engine.connect() as conn:
+    with RunStore(db_url) as store, store._engines.reader.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar() == 1
 
 

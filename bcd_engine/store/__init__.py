@@ -20,7 +20,7 @@ from bcd_engine.store.records import (
     RocCurve,
     RunRecord,
 )
-from bcd_engine.store.store import RunStore
+from bcd_engine.store.runs import RunStore
 
 __all__ = [
     "FINAL_STATUSES",

@@ -26,7 +26,7 @@ from pathlib import Path
 from bcd_engine import settings
 from bcd_engine.errors import ClusterError, ConfigError, DataError
 from bcd_engine.store import RunStore
-from bcd_engine.store.store import mask_url
+from bcd_engine.store.engine import mask_url
 from bcd_engine.training import worker
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-cluster.txt"

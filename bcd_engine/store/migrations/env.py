@@ -3,7 +3,7 @@
 ``RunStore.open`` passes its own open connection in ``config.attributes["connection"]`` (inside a
 transaction that holds the migration lock); the Alembic CLI gets an engine built from the store's
 URL (``BCD_DATABASE_URL`` or the project's ``results.db``) and migrates in a
-:func:`~bcd_engine.store.store.migration_transaction` too (on SQLite: foreign keys off).
+:func:`~bcd_engine.store.engine.migration_transaction` too (on SQLite: foreign keys off).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from bcd_engine.settings import database_url
+from bcd_engine.store.engine import make_engine, migration_transaction, normalize_url
 from bcd_engine.store.models import Base
-from bcd_engine.store.store import make_engine, migration_transaction, normalize_url
 
 
 def _run(connection: Connection) -> None:

@@ -1,55 +1,30 @@
-"""The run store: every training run, its epochs, split, evaluations and artifacts, in one database.
+"""The run API: every training run, its dataset, epochs, split, evaluations and artifacts, in one database.
 
-SQLite (the default, ``settings.database_url()``) and PostgreSQL are supported. ``RunStore(url)``
-only connects (it writes nothing and refuses a schema that is not this bcd's newest); process entry
-points use ``RunStore.open(url)``, which creates or upgrades the schema and marks runs whose process
-died as interrupted.
-
-A SQLite store is opened read-only when its URL asks (``?mode=ro`` or ``?immutable=1``) or when its
-file or folder cannot be written (a read-only mount, a container's non-root user): then it is only
-read, never migrated or switched to WAL, and every write raises :class:`StoreError`.
+``RunStore(url)`` only connects (it writes nothing and refuses a schema that is not this bcd's newest);
+process entry points use ``RunStore.open(url)``, which creates or upgrades the schema and marks runs
+whose process died as interrupted. How the database is reached and migrated is :mod:`bcd_engine.store.engine`'s.
+A read-only store (see there) raises :class:`StoreError` on every write.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import re
 import socket
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
-from datetime import timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy import (
-    Engine,
-    and_,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from bcd_engine import settings
 from bcd_engine.errors import RecordError, RunNotFoundError, StoreError
 from bcd_engine.processes import pid_alive
+from bcd_engine.store.engine import connect, mask_url, one_line, require_newest_schema, upgrade_schema
 from bcd_engine.store.models import (
     FINAL_STATUSES,
     RUN_STATUSES,
@@ -74,134 +49,9 @@ from bcd_engine.store.records import (
     RunRecord,
 )
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-POSTGRES_CONNECT_TIMEOUT_S = 10
-_PG_MIGRATION_LOCK_KEY = 0x62636431  # "bcd1": pg_advisory_xact_lock key held while migrating
-_ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 _SUBSET = re.compile(r"(train|val|test|fold\d+)")
 
 _R = TypeVar("_R")
-
-
-def normalize_url(url: str | URL) -> URL:
-    """Parse ``url``; bare ``postgresql://`` / ``postgres://`` URLs get the psycopg 3 driver."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
-
-
-def mask_url(url: str | URL) -> str:
-    """``url`` as text with its password replaced by ``***`` (also for URLs that do not parse)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
-
-
-def _sqlite_file(url: URL) -> tuple[Path | None, bool]:
-    """(the database file, or None for an in-memory one; True when the URL asks for read-only) of a SQLite URL.
-
-    Plain paths and SQLite URI filenames (``file:PATH?...&uri=true``) are both understood, and
-    ``mode=ro`` / ``immutable=1`` count with or without ``uri=true``.
-    """
-    database = url.database or ""
-    query = {key: str(value).lower() for key, value in url.query.items()}
-    if database.startswith("file:"):
-        database = urllib.parse.unquote(urllib.parse.urlsplit(database).path)
-    if database in ("", ":memory:") or query.get("mode") == "memory":
-        return None, False
-    return Path(database), query.get("mode") == "ro" or query.get("immutable") in ("1", "true")
-
-
-def _can_write(path: Path) -> bool:
-    """Whether this process can change the database file and make its journal files beside it."""
-    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
-
-
-def _read_only_url(path: Path) -> URL:
-    """A read-only URL for the SQLite file at ``path``.
-
-    ``immutable=1`` (SQLite takes no locks and reads no journal) when no one can be writing it: the
-    file system is mounted read-only, or the folder cannot be written here and no writer holds the
-    WAL's shared-memory file open; otherwise plain ``mode=ro``, which sees other processes' writes.
-    """
-    folder = path.parent
-    immutable = bool(os.statvfs(folder).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
-    if not immutable and not os.access(folder, os.W_OK):
-        immutable = not Path(f"{path}-shm").exists()
-    query = {"mode": "ro", "uri": "true", **({"immutable": "1"} if immutable else {})}
-    return URL.create("sqlite", database="file:" + urllib.parse.quote(str(path.absolute())), query=query)
-
-
-def make_engine(url: URL) -> Engine:
-    """An engine with the store's connection settings.
-
-    SQLite: a busy timeout, foreign keys on, and BEGIN emitted by SQLAlchemy (``BEGIN IMMEDIATE``
-    for writes, so writers queue on the lock instead of failing); the WAL journal is set once, by
-    :meth:`RunStore.open` (it is kept in the file, and setting it writes).
-    PostgreSQL: a connect timeout and pre-ping (dashboards hold engines for hours).
-    JSON values are written with NaN/inf as null and numpy values as plain numbers.
-    """
-    if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, json_serializer=_dumps)
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
-    connect_args: dict[str, Any] = {}
-    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
-        connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
-    return create_engine(
-        url, json_serializer=_dumps, pool_pre_ping=True, connect_args=connect_args
-    )
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (_sqlite_on_begin)
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.execute("PRAGMA foreign_keys = ON")
-    finally:
-        cursor.close()
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    # A deferred transaction that reads and then writes fails at once with "database is locked"
-    # when another process wrote in between; taking the write lock up front waits instead.
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("bcd_write") else "BEGIN")
-
-
-def _sqlite_pragma(conn: Connection, pragma: str) -> None:
-    """Run ``PRAGMA <pragma>`` on the connection's SQLite handle directly, outside any transaction
-    (inside one, SQLite ignores ``foreign_keys`` and refuses ``journal_mode = WAL``)."""
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA {pragma}")
-    finally:
-        cursor.close()
-
-
-@contextmanager
-def migration_transaction(conn: Connection) -> Iterator[None]:
-    """One transaction on ``conn`` (not yet in one) to change the schema in.
-
-    On SQLite foreign keys are off meanwhile and checked before the commit: a batch migration rebuilds
-    a table by copying it and dropping the original, and with them on the drop would cascade-delete
-    every row that refers to the table.
-    """
-    sqlite = conn.dialect.name == "sqlite"
-    if sqlite:
-        _sqlite_pragma(conn, "foreign_keys = OFF")
-    try:
-        with conn.begin():
-            yield
-            if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
-                raise StoreError("the migration would leave rows that refer to missing ones; nothing was changed")
-    finally:
-        if sqlite:
-            _sqlite_pragma(conn, "foreign_keys = ON")
 
 
 @contextmanager
@@ -214,21 +64,6 @@ def _checked(what: str) -> Iterator[None]:
     except (ValueError, TypeError, AttributeError) as exc:
         raise RecordError(f"{what}: {exc}") from None
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(_jsonable(value), default=str)
 
 
 def _metric(value: Any) -> float | None:
@@ -244,20 +79,10 @@ def _require_status(status: str, allowed: Sequence[str], *, what: str = "status 
         raise RecordError(f"{what} one of {', '.join(allowed)}, not {status!r}")
 
 
-def _one_line(exc: BaseException) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    message = re.sub(r"\(Background on this error at: \S+\)", "", str(cause))
-    message = " ".join(message.split()) or type(cause).__name__
-    return message if len(message) <= 300 else message[:297] + "..."
-
 
 def _record(cls: type[_R], row: Any) -> _R:
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
-
-@functools.cache
-def _script() -> ScriptDirectory:
-    return ScriptDirectory.from_config(Config(str(_ALEMBIC_INI)))
 
 
 class RunStore:
@@ -276,9 +101,9 @@ class RunStore:
         """
         self._connect(url, create=False)
         try:
-            self._require_newest()
+            require_newest_schema(self._engines, self._masked)
         except BaseException:
-            self._engine.dispose()
+            self._engines.reader.dispose()
             raise
 
     @classmethod
@@ -294,12 +119,12 @@ class RunStore:
         store._connect(url, create=True)
         try:
             if store.read_only:
-                store._require_newest()
+                require_newest_schema(store._engines, store._masked)
             else:
-                store._upgrade()
+                upgrade_schema(store._engines, store._masked)
                 store.recover_interrupted()
         except BaseException:
-            store._engine.dispose()
+            store._engines.reader.dispose()
             raise
         return store
 
@@ -307,32 +132,9 @@ class RunStore:
         """Make the engines for ``url``; a SQLite file must exist unless ``create``. Nothing is read yet."""
         raw = url or settings.database_url()
         self._masked = mask_url(raw)
-        self.read_only = False
-        self._file: Path | None = None  # a SQLite store's file, and the (device, inode) it had when first seen
-        self._file_identity: tuple[int, int] | None = None
-        try:
-            sa_url = normalize_url(raw)
-            path, asked_read_only = (None, False)
-            if sa_url.get_backend_name() == "sqlite":
-                path, asked_read_only = _sqlite_file(sa_url)
-            if path is not None:
-                self.read_only = asked_read_only or (path.is_file() and not _can_write(path))
-                if create and not self.read_only:
-                    # Only the file's own folder is created: a typo higher up should fail, not build a tree.
-                    path.parent.mkdir(exist_ok=True)
-                    if not path.is_file() and not os.access(path.parent, os.W_OK):
-                        raise StoreError(f"there is no run store at {self._masked}, and its folder is read-only")
-                elif not path.is_file():
-                    made = "" if self.read_only else (
-                        "; RunStore.open(url) (or any `python -m bcd_engine` command) creates it")
-                    raise StoreError(f"there is no run store at {self._masked} (no such file){made}")
-                if self.read_only:
-                    sa_url = _read_only_url(path)
-                self._file = path
-            self._engine = make_engine(sa_url)
-        except (ImportError, OSError, SQLAlchemyError) as exc:
-            raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
-        self._write_engine = self._engine.execution_options(bcd_write=True)
+        self._engines = connect(raw, self._masked, create=create)
+        self.read_only = self._engines.read_only
+        self._file_identity: tuple[int, int] | None = None  # the (device, inode) a SQLite file had when first seen
 
     @property
     def url(self) -> str:
@@ -344,76 +146,13 @@ class RunStore:
 
     def close(self) -> None:
         """Close the store's pooled connections (the store can still be used; it reconnects)."""
-        self._engine.dispose()
+        self._engines.reader.dispose()
 
     def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    # -- schema -------------------------------------------------------------------------------
-
-    def _require_newest(self) -> None:
-        """Raise :class:`StoreError` unless the schema is this bcd's newest (a read only)."""
-        current, head = self._revisions()
-        if current == head:
-            return
-        found = (
-            "has no bcd schema" if current is None
-            else f"has schema revision {current!r}, older than this bcd's {head!r}"
-        )
-        if self.read_only:
-            remedy = (
-                "it is read-only, so it cannot be upgraded here: open a writable copy once with any "
-                "`python -m bcd_engine` command and ship that copy"
-            )
-        else:
-            remedy = ("open it once with RunStore.open(url) (or run any `python -m bcd_engine` command) "
-                      "to create or upgrade it")
-        raise StoreError(f"the run store at {self._masked} {found}; {remedy}")
-
-    def _revisions(self) -> tuple[str | None, str]:
-        """(the database's schema revision or None, this bcd's newest); a read only.
-
-        Raises :class:`StoreError` when the database cannot be read or is newer than this bcd.
-        """
-        script = _script()
-        head = script.get_current_head()
-        try:
-            with self._engine.connect() as conn:
-                current = MigrationContext.configure(conn).get_current_revision()
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
-        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
-            raise StoreError(
-                f"the run store at {self._masked} has schema revision {current!r}, newer than this "
-                f"version of bcd knows (newest: {head!r}); upgrade bcd"
-            )
-        return current, head
-
-    def _upgrade(self) -> None:
-        """Bring the schema to the newest revision (SQLite: in WAL mode); only reads when it is there.
-
-        The upgrade runs in one transaction that first takes a lock every other opener waits for
-        (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), then checks the revision again.
-        """
-        try:
-            if self._engine.dialect.name == "sqlite":
-                with self._engine.connect() as conn:
-                    _sqlite_pragma(conn, "journal_mode = WAL")
-            current, head = self._revisions()
-            if current == head:
-                return
-            with self._write_engine.connect() as conn, migration_transaction(conn):
-                if conn.dialect.name == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
-                if MigrationContext.configure(conn).get_current_revision() != head:
-                    config = Config(str(_ALEMBIC_INI))
-                    config.attributes["connection"] = conn
-                    command.upgrade(config, "head")
-        except (SQLAlchemyError, CommandError, OSError) as exc:
-            raise StoreError(f"cannot open the run store at {self._masked}: {_one_line(exc)}") from None
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -427,7 +166,7 @@ class RunStore:
         if write and self.read_only:
             raise StoreError(f"the run store at {self._masked} is read-only; nothing can be saved to it")
         self._check_file()
-        session = Session(self._write_engine if write else self._engine, expire_on_commit=False)
+        session = Session(self._engines.writer if write else self._engines.reader, expire_on_commit=False)
         try:
             yield session
             session.commit()
@@ -435,24 +174,24 @@ class RunStore:
             if isinstance(getattr(exc, "orig", None), RecordError):
                 raise exc.orig from None
             error = RecordError if isinstance(exc, IntegrityError) else StoreError
-            raise error(f"run store {self._masked}: {_one_line(exc)}") from exc
+            raise error(f"run store {self._masked}: {one_line(exc)}") from exc
         finally:
             session.close()
 
     def _check_file(self) -> None:
         """Raise :class:`StoreError` when the SQLite file was deleted or replaced since this store first saw it
         (its open connections would go on writing into the deleted file, and every result would be lost)."""
-        if self._file is None:
+        if self._engines.file is None:
             return
         try:
-            stat = self._file.stat()
+            stat = self._engines.file.stat()
             identity = (stat.st_dev, stat.st_ino)
         except OSError:
             identity = None
         if self._file_identity is None and identity is not None:
             self._file_identity = identity
         elif identity != self._file_identity:
-            self._engine.dispose()
+            self._engines.reader.dispose()
             raise StoreError(
                 f"the run store file {self._masked} was deleted or replaced while this process was using it; "
                 "nothing more is saved to it (restart the process to use the file there now)"
@@ -970,11 +709,38 @@ class RunStore:
             rows = s.scalars(select(Epoch).where(Epoch.run_id == run_id).order_by(Epoch.phase, Epoch.epoch))
             return [_record(EpochRecord, r) for r in rows]
 
+    def complete_imported_run(
+        self,
+        run_id: int,
+        *,
+        started_at: datetime | None,
+        finished_at: datetime | None,
+        seconds: float | None,
+        host: str | None,
+        environment: Mapping[str, Any] | None,
+        test_accuracy: float | None,
+        macro_auc: float | None,
+    ) -> None:
+        """Mark a run brought in from another store completed, with where and when it was trained there."""
+        with _checked("complete_imported_run"):
+            values = {
+                "status": "completed",
+                "error": None,
+                "started_at": started_at,
+                "finished_at": finished_at,
+                "seconds": _metric(seconds),
+                "host": None if host is None else str(host)[:255],
+                "environment": None if environment is None else dict(environment),
+                "test_accuracy": _metric(test_accuracy),
+                "macro_auc": _metric(macro_auc),
+            }
+        with self._session(write=True) as s:
+            run = self._require_run(s, run_id)
+            for name, value in values.items():
+                setattr(run, name, value)
+
     def delete_run(self, run_id: int) -> None:
         """Delete a run and, through ON DELETE CASCADE, everything recorded about it."""
         with self._session(write=True) as s:
             if s.execute(delete(Run).where(Run.id == run_id)).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
-
-
-__all__ = ["RunStore", "make_engine", "mask_url", "normalize_url"]

@@ -27,11 +27,12 @@ from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import BCDError, ConfigError, WriteError
 from bcd_engine.export.bundle import FORMATS, export_run
+from bcd_engine.export.run_bundle import import_bundle, write_bundle
 from bcd_engine.inference.calibrate import calibrate_run
 from bcd_engine.inference.diagnosis import Diagnoser, results_csv, sources_from_paths
 from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
 from bcd_engine.inference.explain import DEFAULT_OPACITY, explain_source, overlay
-from bcd_engine.inference.loading import load_run_model, run_dataset
+from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.progress import progress_bar
@@ -47,10 +48,11 @@ from bcd_engine.training.run import train
 from bcd_engine.training.worker import POLL_SECONDS, run_worker
 
 EXIT_BAD_INPUT = 2
+BUNDLE = "bundle"  # export --format bundle: the whole run, for the import command
 EXECUTORS = ("local", "ray")
 # The commands that use TensorFlow: they import it first, with its start-up notices hidden.
 TENSORFLOW_COMMANDS = frozenset({"train", "cv", "lodo", "evaluate", "calibrate", "robustness", "predict", "explain",
-                                 "export", "worker"})
+                                 "export", "import", "worker"})
 QUIET_TF_LOG_LEVEL = "3"  # TF_CPP_MIN_LOG_LEVEL unless set: no TensorFlow C++ INFO, WARNING or ERROR lines
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} ")  # an absl C++ log line starts with its severity and the date (MMDD)
 _ABSL_EARLY = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -153,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"heatmap opacity, 0 to 1 (default {DEFAULT_OPACITY})")
     explain.add_argument("image", metavar="IMAGE")
 
-    export = command("export", _cmd_export, "export a run's model (.keras or TensorFlow Lite) with a model card")
+    export = command("export", _cmd_export, "export a run's model (.keras or TensorFlow Lite) with a model card, or "
+                     "the whole run as a bundle another store can import")
     export.add_argument("--run", type=int, required=True, help="run id")
-    export.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                        help=f"model file format (default {FORMATS[0]})")
+    export.add_argument("--format", choices=(*FORMATS, BUNDLE), default=FORMATS[0],
+                        help=f"model file format, or {BUNDLE}: one .zip with the model, its gate, labels, config, "
+                             f"evaluations and model card, for the import command (default {FORMATS[0]})")
     export.add_argument("--out", required=True, metavar="DIR",
-                        help="folder for the model, labels.json and MODEL_CARD.md")
+                        help="folder for the model, labels.json and MODEL_CARD.md (or the bundle)")
     export.add_argument("--audit-data", metavar="DIR",
                         help="also audit this folder for the card, on the split the run's seed and fractions make")
     export.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
@@ -170,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"queue poll interval (default {POLL_SECONDS:g} s)")
     _add_executor_options(worker, "where the runs train: here one after another, or as parallel tasks on a Ray "
                           "cluster")
+
+    import_ = command("import", _cmd_import, "add the run in a bundle (export --format bundle) to this store as a new "
+                      "run, after checking every member's checksum and loading its model in safe mode")
+    import_.add_argument("bundle", metavar="BUNDLE.zip")
 
     rerun = command("rerun", _cmd_rerun, "queue a finished hold-out run again with its stored settings and data "
                     "folder (`worker --once` trains it)")
@@ -351,7 +359,7 @@ def _cmd_scan(args):
 def _cmd_runs(args):
     records = RunStore.open().list_runs()
     runs = [
-        {"id": r.id, "backbone": r.backbone, "dataset": run_dataset(r), "status": r.status, "protocol": r.protocol,
+        {"id": r.id, "backbone": r.backbone, "dataset": asdict(r.dataset), "status": r.status, "protocol": r.protocol,
          "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc, "created_at": r.created_at,
          "seconds": r.seconds, "worker_id": r.worker_id}
         for r in records
@@ -544,6 +552,12 @@ def _write(path: str, data: bytes) -> None:
 
 def _cmd_export(args):
     store = RunStore.open()
+    if args.format == BUNDLE:
+        if args.audit_data:
+            raise ConfigError("--audit-data is for a model export's card; a bundle carries the run's own card")
+        path = write_bundle(args.run, out_dir=args.out, store=store, overwrite=args.overwrite)
+        return ({"run_id": args.run, "format": BUNDLE, "files": [str(path)], "max_abs_diff": None},
+                f"wrote {path}", 0)
     audit = None
     if args.audit_data:
         train_config = store.get_run(args.run).config["train"]
@@ -554,6 +568,14 @@ def _cmd_export(args):
     payload = {"run_id": result.run_id, "format": result.format, "files": [str(p) for p in result.paths],
                "max_abs_diff": result.max_abs_diff}
     return payload, "\n".join(f"wrote {p}" for p in result.paths), 0
+
+
+def _cmd_import(args):
+    result = import_bundle(args.bundle, store=RunStore.open())
+    payload = {"run_id": result.run_id, "source_run_id": result.source_run_id, "backbone": result.backbone,
+               "bundle_sha256": result.bundle_sha256}
+    return payload, (f"imported run {result.source_run_id} ({result.backbone}) of {args.bundle} as run "
+                     f"{result.run_id}"), 0
 
 
 def _cmd_rerun(args):

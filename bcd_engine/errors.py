@@ -37,6 +37,11 @@ class ArchiveError(DataError):
     """An uploaded archive is refused: not a zip, corrupt, unsafe member paths, or it expands too far."""
 
 
+class BundleError(BCDError):
+    """A run bundle is refused: not a bundle, a member missing or extra, a checksum that does not match, an unsafe
+    or broken model, or sizes beyond its limits."""
+
+
 class RerunError(BCDError):
     """A stored run cannot be queued again: it is still queued or running, or the queue cannot train it so."""
 

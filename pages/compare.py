@@ -10,10 +10,9 @@ import streamlit as st
 from bcd_engine.data.images import load_image
 from bcd_engine.errors import BCDError
 from bcd_engine.inference import explain
-from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
-from bcd_engine.training.run import delete_run
+from bcd_engine.store import artifacts, latest_evaluation
 from ui import charts, common, tables
 
 TOP = {"t": 110}  # figure margin with room for charts.figure_title's three lines
@@ -342,5 +341,5 @@ if not common.demo_mode():
     with st.expander("Delete a run", icon=":material/delete:"):
         victim = st.selectbox("Run", runs["id"].tolist(), key="compare_delete_run")
         if st.button("Delete run and everything recorded about it", key="compare_delete"):
-            delete_run(store, int(victim))
+            artifacts.delete_run(store, int(victim))
             st.rerun()

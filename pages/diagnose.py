@@ -4,8 +4,9 @@ import streamlit as st
 
 from bcd_engine.errors import BCDError
 from bcd_engine.evaluation.ood import DEFAULT_PASS_RATE
-from bcd_engine.inference import diagnosis, explain, loading
+from bcd_engine.inference import diagnosis, explain
 from bcd_engine.reports import runs as run_tables
+from bcd_engine.store import artifacts
 from ui import common, tables
 
 SHOWN_ERRORS = 5  # unusable files listed one by one above the results; the rest are in the table
@@ -60,7 +61,7 @@ except BCDError as exc:
     st.stop()
 
 # Diagnose once per (models, uploads): moving the opacity slider or downloading must not redo the work.
-job = (tuple(loading.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
+job = (tuple(artifacts.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
 if st.session_state.get("diagnose_job", (None,))[0] != job:
     sources, rejected = diagnosis.upload_sources([(u.name, u.getvalue()) for u in uploads])
     st.session_state.pop("diagnose_job", None)

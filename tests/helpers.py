@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bcd_engine.data.scan import scan_dataset
+from bcd_engine.data.synthetic import is_synthetic
 from bcd_engine.evaluation import confidence
 from bcd_engine.evaluation import metrics as evaluation
 from bcd_engine.store import Protocol, RunStore
@@ -82,11 +84,19 @@ def scored_evaluation(name: str, paths: list[str], data_dir: str, *, right: floa
             "confusion_matrix": ev.confusion_matrix, "roc": ev.roc, "predictions": predictions}
 
 
+def register_folder(db: RunStore, root: str) -> int:
+    """Register the dataset folder ``root`` as training and queueing do; its id."""
+    scan = scan_dataset(root)
+    return db.register_dataset(name=Path(root).name, root=root, n_images=scan.n_images,
+                               class_counts=scan.class_counts, synthetic=is_synthetic(root))
+
+
 def completed_run(db: RunStore, backbone: str, protocol: Protocol, root: str, evaluations: list[dict]) -> int:
     """A completed run with three epochs and ``evaluations`` (the first is its test evaluation); its id."""
     config = {"train": {"backbone": backbone, "image_size": 64, "weights": "imagenet"}, "data_dir": root,
               "class_names": CLASSES}
-    run_id = db.create_run(backbone=backbone, protocol=protocol, config=config, status="running")
+    run_id = db.create_run(backbone=backbone, protocol=protocol, config=config, status="running",
+                           dataset_id=register_folder(db, root))
     db.start_run(run_id, environment={"tensorflow": "test"})
     for epoch in range(1, 4):
         db.log_epoch(run_id, phase=1, epoch=epoch, train_loss=1 / epoch, train_accuracy=0.6 + epoch / 10,
@@ -108,7 +118,8 @@ def fill_store(db: RunStore, root: str | Path) -> dict:
     paths = sorted(str(p) for p in Path(root).glob("*/*.png"))
     ids = {"holdout": completed_run(db, "resnet50", Protocol.holdout(), root,
                                     [scored_evaluation("test", paths[::4], root, right=0.75, seed=1)])}
-    ids["failed"] = db.create_run(backbone="vgg16", protocol=Protocol.holdout(), config={"data_dir": root})
+    ids["failed"] = db.create_run(backbone="vgg16", protocol=Protocol.holdout(), config={"data_dir": root},
+                                  dataset_id=register_folder(db, root))
     db.finish_run(ids["failed"], status="failed", error="out of memory")
     ids["cv"] = [completed_run(db, "mobilenetv2", Protocol.kfold(k, folds=3), root,
                                [scored_evaluation("test", paths[k - 1::3], root, right=0.6 + k / 10, seed=10 + k)])

@@ -18,6 +18,7 @@ from PIL import Image
 
 from bcd_engine import cli
 from bcd_engine.data.colour import COLOUR_MODES
+from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.data.synthetic import make_synthetic_dataset
 from bcd_engine.errors import RerunError, RunNotFoundError, WriteError
@@ -26,7 +27,9 @@ from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import OPTIMIZERS, POOLINGS, TrainConfig
 from bcd_engine.protocols.baselines import MODELS
 from bcd_engine.store import Protocol, RunStore
-from bcd_engine.training.queue import queue_again
+from bcd_engine.training.queue import queue_again, queue_run
+from bcd_engine.training.run import train
+from bcd_engine.training.worker import run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -502,3 +505,21 @@ def test_rerun_refuses_an_unknown_run_and_an_unreadable_config(cli_store, synthe
                                        "data_dir": str(synthetic_dataset)})
     with pytest.raises(RerunError, match=r"cannot be read by this version.*retired_setting"):
         queue_again(cli_store, old)
+
+
+def test_runs_json_names_each_runs_dataset_however_it_was_started(cli_store, synthetic_dataset, tmp_path,
+                                                                   monkeypatch, capfd):
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    config = TrainConfig.for_backbone("scratch_cnn", weights="none", image_size=32, epochs=1, batch_size=8,
+                                      dense_units=8, augment=1, patience=1)
+    trained = train(config, synthetic_dataset, store=cli_store).run_id
+    queued = queue_run(cli_store, config, synthetic_dataset)
+    assert run_worker(once=True, store=cli_store) == [{"run_id": queued, "status": "completed"}]
+    again = queue_again(cli_store, trained)
+    assert cli.main(["runs", "--json"]) == 0
+    runs = {r["id"]: r for r in json.loads(capfd.readouterr().out)["runs"]}
+    n_images = scan_dataset(synthetic_dataset).n_images
+    expected = {"name": Path(synthetic_dataset).name, "n_images": n_images, "synthetic": True}
+    assert {run_id: runs[run_id]["dataset"] for run_id in (trained, queued, again)} == dict.fromkeys(
+        (trained, queued, again), expected)
+    assert len({cli_store.get_run(run_id).dataset_id for run_id in (trained, queued, again)} - {None}) == 1

@@ -11,10 +11,9 @@ import pytest
 from helpers import CLASSES, completed_run, fill_store, scored_evaluation
 
 from bcd_engine.data.scan import scan_dataset
-from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
-from bcd_engine.store import Protocol, RunStore
+from bcd_engine.store import Protocol, RunStore, latest_evaluation
 from ui import charts
 
 # The labels the Compare page has always shown for fill_store's runs.
@@ -49,7 +48,7 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
 
     table = comparison.runs_table(run_tables.runs_frame(db), evaluations).set_index("id")
     assert list(table.columns[:5]) == ["backbone", "dataset", "status", "accuracy (95% CI)", "macro AUC (95% CI)"]
-    assert table.loc[ids["holdout"], "dataset"].endswith("(SYNTHETIC)")  # the fixture's set, told from its README
+    assert table.loc[ids["holdout"], "dataset"].endswith("(SYNTHETIC)")  # the fixture's set, as registered
     assert table.loc[ids["holdout"], "accuracy (95% CI)"] == expected
     assert table.loc[ids["failed"], "accuracy (95% CI)"] == "n/a"
 

@@ -150,7 +150,7 @@ def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(workspa
 
 
 def test_model_identity_tells_a_reused_run_id_from_the_deleted_run(trained, synthetic_dataset):
-    from bcd_engine.inference.loading import model_identity
+    from bcd_engine.store.artifacts import model_identity
 
     store, result = trained
     before = model_identity(result.run_id, store=store)

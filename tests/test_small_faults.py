@@ -20,7 +20,8 @@ from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.config import MAX_IMAGE_SIZE, TrainConfig
 from bcd_engine.models.features import FeatureCache
 from bcd_engine.store import Protocol
-from bcd_engine.training.run import delete_run, run_folder, save_model
+from bcd_engine.store.artifacts import TRUST_KIND, artifact_file, delete_run, record_artifact, run_folder, trust_path
+from bcd_engine.training.run import save_model
 
 
 def test_scan_refuses_an_oversized_file_without_reading_it(synthetic_dataset_copy: Path, isolated_cache) -> None:
@@ -138,3 +139,29 @@ def test_deleting_a_run_removes_its_model_files_too(workspace, tmp_path: Path) -
     delete_run(workspace, run_id)
     assert not model.parent.exists() and other.exists()
     assert workspace.list_runs() == []
+
+
+def test_a_recorded_file_is_used_only_inside_the_artifacts_folder_and_with_its_sha256(workspace, tmp_path) -> None:
+    run_id = workspace.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), config={})
+    assert artifact_file(run_id, TRUST_KIND, store=workspace) is None  # none recorded: a run from before gates
+    gate = trust_path(run_id)
+    gate.parent.mkdir(parents=True)
+    gate.write_bytes(b"a gate")
+    record_artifact(workspace, run_id, kind=TRUST_KIND, path=gate)
+    assert artifact_file(run_id, TRUST_KIND, store=workspace) == (gate.resolve(), file_sha256(gate))
+
+    gate.write_bytes(b"another gate")
+    with pytest.raises(StoreError, match=rf"OOD gate of run {run_id} does not match its recorded sha256"):
+        artifact_file(run_id, TRUST_KIND, store=workspace)
+    outside = tmp_path / "elsewhere.npz"
+    outside.write_bytes(b"a gate")
+    workspace.save_artifact(run_id, kind=TRUST_KIND, path=str(outside), sha256=file_sha256(outside), size_bytes=6)
+    with pytest.raises(StoreError, match=rf"OOD gate of run {run_id} lies outside the artifacts folder"):
+        artifact_file(run_id, TRUST_KIND, store=workspace)
+    workspace.save_artifact(run_id, kind=TRUST_KIND, path="../elsewhere.npz", sha256=file_sha256(outside),
+                            size_bytes=6)
+    with pytest.raises(StoreError, match="outside the artifacts folder"):
+        artifact_file(run_id, TRUST_KIND, store=workspace)
+    workspace.save_artifact(run_id, kind=TRUST_KIND, path=f"run-{run_id}/gone.npz", sha256="0" * 64, size_bytes=6)
+    with pytest.raises(StoreError, match="is missing"):
+        artifact_file(run_id, TRUST_KIND, store=workspace)

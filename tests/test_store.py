@@ -29,6 +29,7 @@ from bcd_engine.store import (
     PredictionRecord,
     Protocol,
     RocCurve,
+    RunDataset,
     RunRecord,
     RunStore,
 )
@@ -327,6 +328,55 @@ def test_dataset_round_trip_and_reregistration(store: RunStore) -> None:
     run_id = _new_run(store, dataset_id=first)
     assert store.get_run(run_id).dataset_id == first
 
+
+
+def test_a_run_carries_its_registered_dataset_and_an_old_run_what_its_config_says(store: RunStore) -> None:
+    demo = store.register_dataset(name="synthetic-demo", root="/cache/synthetic-demo", n_images=240,
+                                  class_counts={"Benign": 240}, synthetic=True)
+    queued = _new_run(store, dataset_id=demo)
+    later = _new_run(store)
+    store.set_run_dataset(later, demo)
+    summary = {"dataset": {"name": "Original", "n_images": 3256, "synthetic": False}, "data_dir": "/data/Original"}
+    recorded = store.create_run(backbone="b", protocol=Protocol.holdout(), config=summary)
+    bare = store.create_run(backbone="b", protocol=Protocol.holdout(), config={"data_dir": "/data/Segmented"})
+    expected = {
+        queued: RunDataset("synthetic-demo", 240, True),
+        later: RunDataset("synthetic-demo", 240, True),
+        recorded: RunDataset("Original", 3256, False),
+        bare: RunDataset("Segmented", None, False),
+    }
+    assert {r.id: r.dataset for r in store.list_runs()} == expected
+    assert store.get_run(later).dataset_id == demo
+    assert store.claim_next_queued(worker_id="w").dataset == expected[queued]
+    (registered,) = store.list_datasets()
+    assert registered.synthetic
+    with pytest.raises(RunNotFoundError):
+        store.set_run_dataset(4242, demo)
+
+
+def test_upgrading_to_revision_3_names_the_dataset_of_runs_that_recorded_only_their_folder(db_url: str) -> None:
+    _migrate(db_url, "0002")
+    engine = _engine(db_url)
+    insert_run = sa.text(
+        "INSERT INTO runs (backbone, protocol_kind, config, status, created_at, cancel_requested) "
+        "VALUES ('b', 'holdout', :config, 'completed', :now, false)"
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO datasets (name, root, n_images, class_counts, created_at) "
+                    "VALUES ('synthetic-demo', '/cache/synthetic-demo', 240, '{}', :now)"),
+            {"now": datetime(2025, 1, 1)},
+        )
+        demo_config = '{"data_dir": "/cache/synthetic-demo", "dataset": {"name": "synthetic-demo", ' \
+                      '"n_images": 240, "synthetic": true}}'
+        for config in (demo_config, '{"data_dir": "/data/unregistered"}'):
+            conn.execute(insert_run, {"config": config, "now": datetime(2025, 1, 1)})
+    engine.dispose()
+    with RunStore.open(db_url) as store:
+        demo_run, unregistered = sorted(store.list_runs(), key=lambda r: r.id)
+        assert demo_run.dataset_id is not None and demo_run.dataset == RunDataset("synthetic-demo", 240, True)
+        assert unregistered.dataset_id is None and unregistered.dataset == RunDataset("unregistered", None, False)
+        assert [d.synthetic for d in store.list_datasets()] == [True]
 
 def test_run_lifecycle_round_trip(store: RunStore) -> None:
     config = {"backbone": "efficientnetb0", "image_size": 224, "lr": [1e-3, 1e-5], "nested": {"seed": 7}}

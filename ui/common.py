@@ -17,10 +17,10 @@ from bcd_engine.data.images import load_image
 from bcd_engine.data.scan import ScanResult, folder_signature, scan_dataset
 from bcd_engine.errors import BCDError, BusyError
 from bcd_engine.inference.explain import explain_image
-from bcd_engine.inference.loading import model_identity
 from bcd_engine.inference.service import InferenceQueue, Steps
 from bcd_engine.reports import explorer as explorer_tables
 from bcd_engine.store import RunStore
+from bcd_engine.store.artifacts import model_identity
 from bcd_engine.training import queue, worker
 
 

@@ -3,7 +3,7 @@
 :func:`export_run` writes three files into a folder: the model (``model.keras`` or ``model.tflite``),
 ``labels.json`` (class names, input size and the exact preprocessing) and ``MODEL_CARD.md``
 (:func:`~bcd_engine.export.card.model_card`). Only a file bcd saved and whose sha256 matches the run
-store is ever exported (:func:`~bcd_engine.inference.loading.run_model_file`): ``.keras`` is that very
+store is ever exported (:func:`~bcd_engine.store.artifacts.run_model_file`): ``.keras`` is that very
 file, so its sha256 is the store's; TFLite is converted from the model loaded through
 :func:`~bcd_engine.inference.loading.load_run_model`. The model takes *preprocessed* images: the
 backbone's ``preprocess_input`` is applied outside it, as ``labels.json`` describes.
@@ -28,9 +28,10 @@ from bcd_engine.export.card import (
 )
 from bcd_engine.export.tflite import checked_tflite
 from bcd_engine.files import file_sha256
-from bcd_engine.inference.loading import load_run_model, run_model_file
+from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.backbones import preprocessing_info
 from bcd_engine.store import RunRecord, RunStore
+from bcd_engine.store.artifacts import run_model_file
 
 FORMATS = ("keras", "tflite")  # the first is the default
 LABELS = "labels.json"

@@ -8,10 +8,8 @@ from datetime import date, datetime
 from pathlib import Path
 
 from bcd_engine.errors import ConfigError
-from bcd_engine.inference.evaluate import latest_evaluation
-from bcd_engine.inference.loading import run_dataset
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
-from bcd_engine.store import EvaluationRecord, RunRecord
+from bcd_engine.store import EvaluationRecord, RunRecord, latest_evaluation
 from bcd_engine.version import __version__
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -193,10 +191,10 @@ def _evaluation_section(evaluation: EvaluationRecord) -> list[str]:
 
 
 def _dataset(run: RunRecord) -> str:
-    dataset = run_dataset(run)
-    size = f", {dataset['n_images']:,} images" if dataset["n_images"] is not None else ""
-    return f"{dataset['name']}{size}" + (" (**SYNTHETIC**: drawn by a program, not medical data)"
-                                         if dataset["synthetic"] else "")
+    dataset = run.dataset
+    size = f", {dataset.n_images:,} images" if dataset.n_images is not None else ""
+    return f"{dataset.name}{size}" + (" (**SYNTHETIC**: drawn by a program, not medical data)"
+                                      if dataset.synthetic else "")
 
 
 def _trust_lines(test_metrics: dict, run: RunRecord) -> list[str]:

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bcd_engine import settings
 from bcd_engine.errors import DataError, StoreError
-from bcd_engine.inference.evaluate import TEST, latest_evaluation
-from bcd_engine.inference.loading import load_run_model, run_model_file
+from bcd_engine.inference.loading import load_run_model
 from bcd_engine.inference.trust import fit_trust, load_split_images, save_trust
 from bcd_engine.store import RunStore
 
@@ -33,7 +31,7 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> di
     labels = np.array([loaded.class_names.index(row["class_name"]) for row in rows])
     index = {name: np.array([i for i, row in enumerate(rows) if row["subset"] == name], dtype=int)
              for name in ("train", "val", "test")}
-    evaluation = latest_evaluation(store.get_evaluations(run_id), TEST)
+    evaluation = store.latest_evaluation(run_id)
     if evaluation is None:
         raise StoreError(f"run {run_id} has no test evaluation")
     stored = {p.path: p.probabilities for p in store.get_predictions(evaluation.id)}
@@ -45,8 +43,7 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> di
     trust, metrics = fit_trust(loaded.model, images, labels, train=index["train"], val=index["val"],
                                test=index["test"], test_probabilities=np.array([stored[p] for p in test_paths]),
                                preprocess=loaded.preprocess(), batch_size=loaded.config.batch_size)
-    folder = run_model_file(run_id, store=store)[0].parent
-    save_trust(trust, run_id, folder, store=store, artifacts_root=settings.artifacts_dir())
+    save_trust(trust, run_id, store=store)
     store.add_evaluation_metrics(evaluation.id, metrics)
     return {"run_id": run_id, "ece": evaluation.metrics.get("ece"), **metrics,
             "images": {name: len(found) for name, found in index.items()}}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,7 @@ from bcd_engine.errors import (
 )
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 from bcd_engine.inference.loading import load_run_model
-from bcd_engine.store import EvaluationRecord, RunStore
-
-TEST = "test"  # the evaluation of a run on its own test split, stored by training
+from bcd_engine.store import RunStore
 
 
 def load_label_map(path: str | os.PathLike) -> dict:
@@ -71,30 +68,7 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     if loaded.trust is not None:  # the gate looks at each image as it is, as predict does
         flagged = ~loaded.trust.gate.in_domain(loaded.forward_with_features(images)[1])
         evaluation.metrics.update(ood_flagged=int(flagged.sum()), ood_flagged_share=float(flagged.mean()))
-    save_evaluation(store, run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths,
-                    y_true=y_true, y_prob=y_prob)
+    store.save_scored_evaluation(run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths,
+                                 y_true=y_true, y_prob=y_prob)
     return evaluation
 
-
-def save_evaluation(store: RunStore, run_id: int, evaluation: Evaluation, *, name: str, data_dir: str | os.PathLike,
-                    paths: Sequence[str], y_true: Sequence[int], y_prob: np.ndarray) -> int:
-    """Store ``evaluation`` of run ``run_id`` under ``name`` with one prediction row per image; its id.
-
-    ``paths``, ``y_true`` (class indices into ``evaluation.class_names``) and ``y_prob`` are aligned.
-    """
-    names = evaluation.class_names
-    return store.save_evaluation(
-        run_id, name=name, data_dir=str(data_dir), metrics=evaluation.metrics, class_names=names,
-        confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc,
-        predictions=[
-            {"path": str(path), "true_class": names[int(true)], "predicted_class": names[int(predicted)],
-             "probabilities": prob.tolist()}
-            for path, true, predicted, prob in zip(paths, y_true, evaluation.predicted, y_prob, strict=True)
-        ],
-    )
-
-
-def latest_evaluation(evaluations: Iterable[EvaluationRecord], name: str = TEST) -> EvaluationRecord | None:
-    """The newest of ``evaluations`` called ``name``: by default the run's evaluation on its own test split."""
-    named = [e for e in evaluations if e.name == name]
-    return named[-1] if named else None

@@ -1,19 +1,15 @@
-"""Loading a completed run's model safely: the file must lie in the artifacts folder and match its sha256."""
+"""Loading a completed run's model safely: the file must lie in the artifacts folder and match its sha256
+(:func:`bcd_engine.store.artifacts.run_model_file` checks it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from bcd_engine import settings
 from bcd_engine.data.colour import apply_colour_mode
-from bcd_engine.data.synthetic import is_synthetic
 from bcd_engine.errors import StoreError
-from bcd_engine.files import file_sha256
 from bcd_engine.inference.predict import predict_proba
 from bcd_engine.inference.trust import (
-    TRUST_KIND,
     RunTrust,
     compiled_forward,
     features_and_probabilities,
@@ -21,7 +17,8 @@ from bcd_engine.inference.trust import (
 )
 from bcd_engine.models.backbones import get_backbone
 from bcd_engine.models.config import TrainConfig
-from bcd_engine.store import RunRecord, RunStore
+from bcd_engine.store import RunStore
+from bcd_engine.store.artifacts import run_model_file
 
 
 @dataclass
@@ -83,44 +80,6 @@ def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
         raise StoreError(f"model file of run {run_id} cannot be loaded safely ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); refusing it") from exc
     run = store.get_run(run_id)
-    trust = load_trust(run_id, store=store, artifacts_root=settings.artifacts_dir())
     return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]),
-                       trust=trust, synthetic=run_dataset(run)["synthetic"])
+                       trust=load_trust(run_id, store=store), synthetic=run.dataset.synthetic)
 
-
-def run_dataset(run: RunRecord) -> dict:
-    """The dataset a run was trained on: ``{"name", "n_images", "synthetic"}`` (n_images None for a run queued,
-    or trained before bcd recorded it, whose folder is gone)."""
-    recorded = run.config.get("dataset")
-    if recorded:
-        return {"name": recorded["name"], "n_images": recorded["n_images"], "synthetic": bool(recorded["synthetic"])}
-    data_dir = run.config.get("data_dir") or ""
-    return {"name": Path(data_dir).name or "unknown", "n_images": None, "synthetic": is_synthetic(data_dir)}
-
-
-def run_model_file(run_id: int, *, store: RunStore) -> tuple[Path, str]:
-    """The model file a completed run saved and its recorded sha256, checked: the file lies in the
-    artifacts folder and its content matches the record (StoreError otherwise)."""
-    run = store.get_run(run_id)
-    if run.status != "completed":
-        raise StoreError(f"run {run_id} is {run.status}, not completed: it has no model to use")
-    models = [a for a in store.get_artifacts(run_id) if a.kind == "model"]
-    if not models:
-        raise StoreError(f"run {run_id} has no saved model")
-    root = settings.artifacts_dir().resolve()
-    path = (root / models[-1].path).resolve()  # an absolute stored path stays as it is
-    if root not in path.parents:
-        raise StoreError(f"model of run {run_id} lies outside the artifacts folder {root}; refusing to load it")
-    if not path.is_file():
-        raise StoreError(f"model file of run {run_id} is missing: {path}")
-    if file_sha256(path) != models[-1].sha256:
-        raise StoreError(f"model file of run {run_id} does not match its recorded sha256; refusing to load it")
-    return path, models[-1].sha256
-
-
-def model_identity(run_id: int, *, store: RunStore) -> str:
-    """What tells this run's model from any other, even one saved later under a reused run id: the run's
-    creation time and the recorded sha256 of its model and of its OOD gate (caches key on it)."""
-    run = store.get_run(run_id)
-    latest = {a.kind: a.sha256 for a in store.get_artifacts(run_id)}  # oldest first: the last of each kind wins
-    return f"{run.created_at.isoformat()}/{latest.get('model', 'no model')}/{latest.get(TRUST_KIND, 'no gate')}"

@@ -1,13 +1,12 @@
 """What a run needs before its answers are shown: an out-of-distribution gate and a calibration temperature.
 
 Both are fitted on the run's own split after training (the gate on its training images' pooled features,
-its threshold and the temperature on its validation images) and saved beside the model as
-``trust.npz`` (artifact kind ``trust``). :func:`bcd_engine.inference.calibrate.calibrate_run` fits them
+its threshold and the temperature on its validation images) and saved beside the model
+(:mod:`bcd_engine.store.artifacts` says where). :func:`bcd_engine.inference.calibrate.calibrate_run` fits them
 for a run trained before they existed, from the split the store recorded.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +14,15 @@ import numpy as np
 
 from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
-from bcd_engine.errors import StoreError, WriteError
+from bcd_engine.errors import WriteError
 from bcd_engine.evaluation.calibration import apply_temperature, fit_temperature
 from bcd_engine.evaluation.confidence import expected_calibration_error
 from bcd_engine.evaluation.ood import MahalanobisGate
-from bcd_engine.files import atomic_path, file_sha256
+from bcd_engine.files import atomic_path
 from bcd_engine.models.backend import forward_function
 from bcd_engine.store import RunStore
+from bcd_engine.store.artifacts import TRUST_KIND, artifact_file, record_artifact, trust_path
 
-TRUST_KIND = "trust"
-TRUST_FILE = "trust.npz"
 FEATURE_LAYER = "pool"  # the global pooling layer between backbone and head (models.backbones.pooling_layer)
 
 
@@ -110,26 +108,20 @@ def fit_trust(model, images: np.ndarray, labels: np.ndarray, *, train: np.ndarra
     }
 
 
-def save_trust(trust: RunTrust, run_id: int, folder: Path, *, store: RunStore, artifacts_root: Path) -> Path:
-    """Save ``trust`` as ``<folder>/trust.npz`` and record it as the run's ``trust`` artifact."""
-    path = folder / TRUST_FILE
+def save_trust(trust: RunTrust, run_id: int, *, store: RunStore) -> Path:
+    """Save ``trust`` in the run's folder (:func:`~bcd_engine.store.artifacts.trust_path`) and record it as the
+    run's ``trust`` artifact."""
+    path = trust_path(run_id)
     trust.save(path)
-    store.save_artifact(run_id, kind=TRUST_KIND, path=path.relative_to(artifacts_root).as_posix(),
-                        sha256=file_sha256(path), size_bytes=os.path.getsize(path))
+    record_artifact(store, run_id, kind=TRUST_KIND, path=path)
     return path
 
 
-def load_trust(run_id: int, *, store: RunStore, artifacts_root: Path) -> RunTrust | None:
-    """The run's gate and temperature, sha256-checked; None for a run that has none (trained before them)."""
-    records = [a for a in store.get_artifacts(run_id) if a.kind == TRUST_KIND]
-    if not records:
-        return None
-    root = artifacts_root.resolve()
-    path = (root / records[-1].path).resolve()
-    if root not in path.parents or not path.is_file() or file_sha256(path) != records[-1].sha256:
-        raise StoreError(f"the OOD gate of run {run_id} is missing, outside the artifacts folder or does not match "
-                         "its recorded sha256; refusing to use the run")
-    return RunTrust.load(path)
+def load_trust(run_id: int, *, store: RunStore) -> RunTrust | None:
+    """The run's gate and temperature, checked as every artifact is; None for a run that has none (trained before
+    them)."""
+    found = artifact_file(run_id, TRUST_KIND, store=store)
+    return None if found is None else RunTrust.load(found[0])
 
 
 def load_split_images(paths: list[str], *, image_size: int, colour: str, progress: bool = False) -> np.ndarray:

@@ -15,10 +15,9 @@ from bcd_engine.data.images import load_images
 from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import split_from_assignments
 from bcd_engine.evaluation.metrics import evaluate_probabilities
-from bcd_engine.inference.evaluate import TEST, save_evaluation
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.protocols.audit import colour_features, shortcut_forest
-from bcd_engine.store import RunStore
+from bcd_engine.store import TEST_EVALUATION, RunStore
 
 BASELINE_IMAGE_SIZE = 64  # the colour-only baseline's image size (as in the shortcut audit)
 
@@ -52,9 +51,10 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
         probabilities = loaded.predict_arrays(images, image_keys=test_keys, progress=progress)
         evaluation = evaluate_probabilities(labels[split.test], probabilities, class_names=list(scan.class_names),
                                             groups=scan.groups[split.test])
-        if name != TEST:
-            save_evaluation(store, run_id, evaluation, name=name, data_dir=scan.root,
-                            paths=[paths[i] for i in split.test], y_true=labels[split.test], y_prob=probabilities)
+        if name != TEST_EVALUATION:
+            store.save_scored_evaluation(run_id, evaluation, name=name, data_dir=scan.root,
+                                         paths=[paths[i] for i in split.test], y_true=labels[split.test],
+                                         y_prob=probabilities)
         return {
             "model_accuracy": evaluation.accuracy,
             "model_accuracy_ci": evaluation.metrics["confidence_intervals"]["accuracy"],
@@ -64,7 +64,7 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
 
     result = {"run_id": run_id, "backbone": loaded.config.backbone, "colour_mode": loaded.config.colour,
               "protocol": run.protocol, "n_test": len(split.test),
-              "original": measure(test_images, small[split.test], TEST), "normalised": {}}
+              "original": measure(test_images, small[split.test], TEST_EVALUATION), "normalised": {}}
     for method in methods:
         reinhard = method == "reinhard"
         result["normalised"][method] = measure(

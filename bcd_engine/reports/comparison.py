@@ -19,11 +19,10 @@ from bcd_engine import settings
 from bcd_engine.data.scan import ScanResult
 from bcd_engine.evaluation.confidence import sample_std
 from bcd_engine.files import atomic_write_text
-from bcd_engine.inference.evaluate import latest_evaluation
 from bcd_engine.protocols.audit import audit_dataset
 from bcd_engine.protocols.lodo import held_out_evaluation_name
 from bcd_engine.reports.runs import THESIS_REFERENCE
-from bcd_engine.store import Protocol, RunStore
+from bcd_engine.store import Protocol, RunStore, latest_evaluation
 from bcd_engine.store.records import EvaluationRecord, RunRecord
 
 IN_DOMAIN_NOTE = " (in-domain hold-out test; the held-out dataset's figure is in the LODO table)"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pandas as pd
 
 from bcd_engine.evaluation.calibration import risk_coverage
-from bcd_engine.inference.evaluate import latest_evaluation
-from bcd_engine.inference.loading import run_dataset
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.store import RunStore
 from bcd_engine.store.records import EvaluationRecord, RunRecord
@@ -30,7 +28,7 @@ def best_runs_by_dataset(store: RunStore) -> dict[str, RunRecord]:
     for run in store.list_runs(status="completed"):
         if run.test_accuracy is None:
             continue
-        name = run_dataset(run)["name"]
+        name = run.dataset.name
         if name not in best or (run.test_accuracy, run.id) > (best[name].test_accuracy, best[name].id):
             best[name] = run
     return best
@@ -40,21 +38,21 @@ def default_run(store: RunStore) -> RunRecord | None:
     """The run to offer first: the best run on the real dataset with the most images; only when no run was
     trained on real data, the best on a SYNTHETIC set; None without completed runs."""
     best = list(best_runs_by_dataset(store).values())
-    return max(best, key=lambda r: (not run_dataset(r)["synthetic"], run_dataset(r)["n_images"] or 0, r.id),
+    return max(best, key=lambda r: (not r.dataset.synthetic, r.dataset.n_images or 0, r.id),
                default=None)
 
 
 def dataset_label(run: RunRecord) -> str:
     """``Original (3,256 images)``, or ``synthetic-demo (240 images, SYNTHETIC)``."""
-    dataset = run_dataset(run)
-    parts = [f"{dataset['n_images']:,} images"] if dataset["n_images"] is not None else []
-    parts += ["SYNTHETIC"] if dataset["synthetic"] else []
-    return dataset["name"] + (f" ({', '.join(parts)})" if parts else "")
+    dataset = run.dataset
+    parts = [f"{dataset.n_images:,} images"] if dataset.n_images is not None else []
+    parts += ["SYNTHETIC"] if dataset.synthetic else []
+    return dataset.name + (f" ({', '.join(parts)})" if parts else "")
 
 
 def run_label(run: RunRecord, best: dict[str, RunRecord]) -> str:
     """How a run is offered in a picker: id, backbone, dataset, test accuracy, and whether it is its dataset's best."""
-    name = run_dataset(run)["name"]
+    name = run.dataset.name
     accuracy = "" if run.test_accuracy is None else f", test accuracy {run.test_accuracy:.3f}"
     mark = f" (best on {name})" if best.get(name) is not None and best[name].id == run.id else ""
     return f"run {run.id}: {run.backbone} on {dataset_label(run)}{accuracy}{mark}"
@@ -62,7 +60,7 @@ def run_label(run: RunRecord, best: dict[str, RunRecord]) -> str:
 
 def holdout_evaluation(store: RunStore, run_id: int) -> EvaluationRecord | None:
     """The run's evaluation on its own test split (the newest one), or None."""
-    return latest_evaluation(store.get_evaluations(run_id))
+    return store.latest_evaluation(run_id)
 
 
 def runs_frame(store: RunStore) -> pd.DataFrame:

@@ -4,13 +4,15 @@ Process entry points open it with ``RunStore.open(url)``, which creates or upgra
 marks dead runs interrupted; ``RunStore(url)`` only connects to a store that is ready, and writes
 nothing. ``url`` is any SQLAlchemy URL (default ``settings.database_url()``; ``postgresql://`` URLs
 use psycopg 3). Everything it returns is a frozen record from :mod:`bcd_engine.store.records`; a
-run's protocol is a :class:`Protocol`.
+run's protocol is a :class:`Protocol`. Where a run's files live, and finding them checked, is
+:mod:`bcd_engine.store.artifacts`'s; how the database is reached and migrated :mod:`bcd_engine.store.engine`'s.
 """
 from __future__ import annotations
 
 from bcd_engine.store.models import FINAL_STATUSES, RUN_STATUSES
 from bcd_engine.store.records import (
     PROTOCOL_KINDS,
+    TEST_EVALUATION,
     ArtifactRecord,
     DatasetRecord,
     EpochRecord,
@@ -18,7 +20,9 @@ from bcd_engine.store.records import (
     PredictionRecord,
     Protocol,
     RocCurve,
+    RunDataset,
     RunRecord,
+    latest_evaluation,
 )
 from bcd_engine.store.runs import RunStore
 
@@ -26,6 +30,7 @@ __all__ = [
     "FINAL_STATUSES",
     "PROTOCOL_KINDS",
     "RUN_STATUSES",
+    "TEST_EVALUATION",
     "ArtifactRecord",
     "DatasetRecord",
     "EpochRecord",
@@ -33,6 +38,8 @@ __all__ = [
     "PredictionRecord",
     "Protocol",
     "RocCurve",
+    "RunDataset",
     "RunRecord",
     "RunStore",
+    "latest_evaluation",
 ]

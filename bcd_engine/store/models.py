@@ -23,8 +23,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column, relationship
 
 from bcd_engine.errors import RecordError
 from bcd_engine.store.records import PROTOCOL_KINDS, Protocol
@@ -90,6 +91,7 @@ class Dataset(Base):
     root: Mapped[str] = mapped_column(Text, unique=True)
     n_images: Mapped[int] = mapped_column(Integer)
     class_counts: Mapped[dict[str, Any]]
+    synthetic: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -126,6 +128,7 @@ class Run(Base):
     dataset_id: Mapped[int | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True
     )
+    dataset: Mapped[Dataset | None] = relationship(lazy="joined")
     test_accuracy: Mapped[float | None] = mapped_column(Float)
     macro_auc: Mapped[float | None] = mapped_column(Float)
 

@@ -5,6 +5,7 @@ them after the session is gone and pass them between threads.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from bcd_engine.errors import RecordError
 
 PROTOCOL_KINDS = ("holdout", "kfold", "lodo", "external")
+TEST_EVALUATION = "test"  # the name of a run's evaluation on its own test split, stored by training
 
 _KFOLD = "{folds}-fold CV (group-aware, stratified)"
 _LODO = "leave-one-dataset-out"
@@ -93,20 +95,34 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class DatasetRecord:
-    """A dataset folder that runs were trained on."""
+    """A dataset folder that runs were trained on; ``synthetic``: drawn by a program, not medical data."""
 
     id: int
     name: str
     root: str
     n_images: int
     class_counts: dict[str, int]
+    synthetic: bool
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class RunDataset:
+    """The dataset a run was trained on, as the run is shown with it.
+
+    ``n_images`` is None only for a run from before bcd recorded its dataset, whose folder was never registered.
+    """
+
+    name: str
+    n_images: int | None
+    synthetic: bool
 
 
 @dataclass(frozen=True)
 class RunRecord:
     """One training run: its configuration, lifecycle and headline metrics.
 
+    ``dataset`` is the dataset it was trained on (its registered dataset, ``dataset_id``, whenever there is one).
     ``protocol_info`` is how its test figure was obtained; :attr:`protocol` the same as text. ``seconds`` is
     ``finished_at - started_at``: from when the process that trains the run starts it (after scanning the
     data folder and setting up the device; the wait in the queue is not counted) until it is finished,
@@ -130,6 +146,7 @@ class RunRecord:
     cancel_requested: bool
     worker_id: str | None
     dataset_id: int | None
+    dataset: RunDataset
     test_accuracy: float | None
     macro_auc: float | None
 
@@ -180,6 +197,12 @@ class EvaluationRecord:
     class_names: list[str]
     confusion_matrix: list[list[int]]
     roc: dict[str, RocCurve]
+
+
+def latest_evaluation(evaluations: Iterable[EvaluationRecord], name: str = TEST_EVALUATION) -> EvaluationRecord | None:
+    """The newest of ``evaluations`` called ``name``: by default the run's evaluation on its own test split."""
+    named = [e for e in evaluations if e.name == name]
+    return named[-1] if named else None
 
 
 @dataclass(frozen=True)

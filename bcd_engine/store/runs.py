@@ -11,10 +11,12 @@ import math
 import os
 import re
 import socket
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
@@ -39,6 +41,7 @@ from bcd_engine.store.models import (
     utcnow,
 )
 from bcd_engine.store.records import (
+    TEST_EVALUATION,
     ArtifactRecord,
     DatasetRecord,
     EpochRecord,
@@ -46,12 +49,24 @@ from bcd_engine.store.records import (
     PredictionRecord,
     Protocol,
     RocCurve,
+    RunDataset,
     RunRecord,
+    latest_evaluation,
 )
 
 _SUBSET = re.compile(r"(train|val|test|fold\d+)")
 
 _R = TypeVar("_R")
+
+
+class ScoredEvaluation(typing.Protocol):
+    """An evaluation as :func:`bcd_engine.evaluation.metrics.evaluate_probabilities` computes it."""
+
+    class_names: list[str]
+    metrics: dict[str, Any]
+    confusion_matrix: list[list[int]]
+    roc: dict[str, Any]
+    predicted: Sequence[int]
 
 
 @contextmanager
@@ -82,6 +97,23 @@ def _require_status(status: str, allowed: Sequence[str], *, what: str = "status 
 
 def _record(cls: type[_R], row: Any) -> _R:
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _run_record(run: Run) -> RunRecord:
+    """The record of ``run`` with the dataset it was trained on (``run.dataset`` loaded with it)."""
+    values = {f.name: getattr(run, f.name) for f in fields(RunRecord) if f.name != "dataset"}
+    return RunRecord(**values, dataset=_run_dataset(run))
+
+
+def _run_dataset(run: Run) -> RunDataset:
+    """The run's registered dataset; for an old run without one, what its config says (the dataset summary
+    training recorded, or else the name of its data folder)."""
+    if run.dataset is not None:
+        return RunDataset(name=run.dataset.name, n_images=run.dataset.n_images, synthetic=run.dataset.synthetic)
+    recorded = run.config.get("dataset")
+    if recorded:
+        return RunDataset(name=recorded["name"], n_images=recorded["n_images"], synthetic=bool(recorded["synthetic"]))
+    return RunDataset(name=Path(run.config.get("data_dir") or "").name or "unknown", n_images=None, synthetic=False)
 
 
 
@@ -207,9 +239,18 @@ class RunStore:
     # -- datasets -----------------------------------------------------------------------------
 
     def register_dataset(
-        self, *, name: str, root: str | os.PathLike[str], n_images: int, class_counts: Mapping[str, int]
+        self,
+        *,
+        name: str,
+        root: str | os.PathLike[str],
+        n_images: int,
+        class_counts: Mapping[str, int],
+        synthetic: bool = False,
     ) -> int:
-        """Record a dataset folder and return its id; a root seen before keeps its id, gets new counts."""
+        """Record a dataset folder and return its id; a root seen before keeps its id, gets new counts.
+
+        ``synthetic``: the folder was drawn by a program (the demo set), not taken from patients.
+        """
         root = str(root)
         with _checked("register_dataset"):
             n_images = int(n_images)
@@ -219,11 +260,12 @@ class RunStore:
             if row is None:
                 try:
                     with s.begin_nested():  # PostgreSQL: another process may insert the same root
-                        row = Dataset(name=name, root=root, n_images=n_images, class_counts=counts)
+                        row = Dataset(name=name, root=root, n_images=n_images, class_counts=counts,
+                                      synthetic=bool(synthetic))
                         s.add(row)
                 except IntegrityError:
                     row = s.scalars(select(Dataset).where(Dataset.root == root)).one()
-            row.name, row.n_images, row.class_counts = name, n_images, counts
+            row.name, row.n_images, row.class_counts, row.synthetic = name, n_images, counts, bool(synthetic)
             s.flush()
             return row.id
 
@@ -332,7 +374,7 @@ class RunStore:
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount == 1:
-                    return _record(RunRecord, s.get_one(Run, run_id))
+                    return _run_record(s.get_one(Run, run_id))
                 tried.append(run_id)
 
     def hand_over(self, run_id: int, *, claimed_by: str, worker_id: str) -> None:
@@ -349,6 +391,12 @@ class RunStore:
                 run = self._require_run(s, run_id)
                 raise StoreError(f"run {run_id} is {run.status} under worker {run.worker_id}, "
                                  f"not running under {claimed_by}; it cannot be handed over")
+
+    def set_run_dataset(self, run_id: int, dataset_id: int) -> None:
+        """Record that run ``run_id`` trains on the registered dataset ``dataset_id``."""
+        with self._session(write=True) as s:
+            if s.execute(update(Run).where(Run.id == run_id).values(dataset_id=dataset_id)).rowcount == 0:
+                raise RunNotFoundError(f"no run with id {run_id} in the run store")
 
     def update_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
         """Replace a run's config (training adds what it learns from the data, such as class names)."""
@@ -593,6 +641,37 @@ class RunStore:
                 s.execute(insert(Prediction), [{**row, "evaluation_id": evaluation.id} for row in rows])
             return evaluation.id
 
+    def save_scored_evaluation(
+        self,
+        run_id: int,
+        evaluation: ScoredEvaluation,
+        *,
+        name: str,
+        data_dir: str | os.PathLike[str],
+        paths: Sequence[str | os.PathLike[str]],
+        y_true: Sequence[int],
+        y_prob: Sequence[Sequence[float]],
+    ) -> int:
+        """Record ``evaluation`` of run ``run_id`` under ``name`` with one prediction per image; its id.
+
+        ``paths``, ``y_true`` (class indices into ``evaluation.class_names``) and ``y_prob`` are aligned.
+        """
+        names = evaluation.class_names
+        with _checked("save_scored_evaluation"):
+            predictions = [
+                {"path": str(path), "true_class": names[int(true)], "predicted_class": names[int(predicted)],
+                 "probabilities": list(prob)}
+                for path, true, predicted, prob in zip(paths, y_true, evaluation.predicted, y_prob, strict=True)
+            ]
+        return self.save_evaluation(
+            run_id, name=name, data_dir=data_dir, metrics=evaluation.metrics, class_names=names,
+            confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc, predictions=predictions,
+        )
+
+    def latest_evaluation(self, run_id: int, name: str = TEST_EVALUATION) -> EvaluationRecord | None:
+        """The run's newest evaluation called ``name`` (by default its evaluation on its own test split), or None."""
+        return latest_evaluation(self.get_evaluations(run_id), name)
+
     def get_evaluations(self, run_id: int) -> list[EvaluationRecord]:
         """The run's evaluations, oldest first, with metrics, confusion matrix and ROC curves."""
         with self._session() as s:
@@ -681,7 +760,7 @@ class RunStore:
     def get_run(self, run_id: int) -> RunRecord:
         """One run; :class:`RunNotFoundError` for an unknown id."""
         with self._session() as s:
-            return _record(RunRecord, self._require_run(s, run_id))
+            return _run_record(self._require_run(s, run_id))
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
         """Runs, newest first, optionally only those with ``status`` and at most ``limit``."""
@@ -691,7 +770,7 @@ class RunStore:
         if status is not None:
             query = query.where(Run.status == status)
         with self._session() as s:
-            return [_record(RunRecord, r) for r in s.scalars(query)]
+            return [_run_record(r) for r in s.scalars(query).unique()]
 
     def revision(self) -> str:
         """A token that changes when a run is added, deleted, started or finished, or an evaluation is saved

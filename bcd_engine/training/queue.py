@@ -14,13 +14,17 @@ from bcd_engine.store import FINAL_STATUSES, Protocol, RunStore
 def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike) -> int:
     """Scan ``data_dir`` (``DataError`` when unusable), put one run in the queue (status queued); its id.
 
-    Scanning first turns an unusable folder into a clear error before anything is queued.
+    Scanning first turns an unusable folder into a clear error before anything is queued; the folder is
+    registered as the run's dataset.
     """
     from bcd_engine.data.scan import scan_dataset
+    from bcd_engine.data.synthetic import is_synthetic
 
     require_weights_file(config.weights)
     scan = scan_dataset(data_dir)
-    return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(),
+    dataset_id = store.register_dataset(name=Path(scan.root).name, root=scan.root, n_images=scan.n_images,
+                                        class_counts=scan.class_counts, synthetic=is_synthetic(scan.root))
+    return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(), dataset_id=dataset_id,
                             config={"train": config.to_dict(), "data_dir": scan.root,
                                     "class_names": list(scan.class_names)})
 
@@ -52,7 +56,8 @@ def queue_again(store: RunStore, run_id: int, *, weights: str | os.PathLike | No
         config = dataclasses.replace(config, weights=str(weights))
     elif is_weights_file(config.weights) and not Path(config.weights).is_file():
         raise RerunError(f"run {run_id} was trained from the weights file {config.weights}, which is gone; "
-                         f"point the new run at a copy with `rerun --run {run_id} --weights PATH` (or choose other weights)")
+                         f"point the new run at a copy with `rerun --run {run_id} --weights PATH` "
+                         "(or choose other weights)")
     return queue_run(store, config, data_dir)
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bcd_engine import settings
 from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
 from bcd_engine.data.scan import ScanResult, scan_dataset
@@ -23,8 +21,7 @@ from bcd_engine.data.splits import Split, holdout_split
 from bcd_engine.data.synthetic import is_synthetic
 from bcd_engine.errors import BCDError, CancelledError, ConfigError, WriteError
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
-from bcd_engine.files import atomic_path, file_sha256
-from bcd_engine.inference.evaluate import TEST, save_evaluation
+from bcd_engine.files import atomic_path
 from bcd_engine.inference.predict import measure_latency, predict_proba
 from bcd_engine.inference.trust import fit_trust, save_trust
 from bcd_engine.models.backbones import build_backbone, get_backbone, require_weights_file
@@ -50,7 +47,7 @@ from bcd_engine.models.head import (
     fit_head_on_features,
     unfreeze_top_layers,
 )
-from bcd_engine.store import Protocol, RunStore
+from bcd_engine.store import TEST_EVALUATION, Protocol, RunStore, artifacts
 from bcd_engine.training.monitor import RunMonitor, heartbeat
 
 
@@ -109,12 +106,13 @@ def train(
                   "dataset": {"name": root.name, "n_images": scan.n_images, "synthetic": is_synthetic(root),
                               "fingerprint": scan.fingerprint}}
     dataset_id = store.register_dataset(name=root.name, root=str(root), n_images=scan.n_images,
-                                        class_counts=scan.class_counts)
+                                        class_counts=scan.class_counts, synthetic=run_config["dataset"]["synthetic"])
     if run_id is None:
         run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
                                   dataset_id=dataset_id, status="running")
     else:
         store.update_run_config(run_id, {**store.get_run(run_id).config, **run_config})
+        store.set_run_dataset(run_id, dataset_id)
     environment = configure_device()
     store.start_run(run_id, environment=environment)
     store.save_split(run_id, split.assignments(scan))
@@ -213,21 +211,18 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
     trust, trust_metrics = fit_trust(model, images, labels, train=split.train, val=split.val, test=split.test,
                                      test_probabilities=test_prob, preprocess=preprocess, batch_size=config.batch_size)
     evaluation.metrics.update(trust_metrics)
-    model_path = save_model(model, run_id)
-    save_trust(trust, run_id, model_path.parent, store=store, artifacts_root=settings.artifacts_dir())
+    saved = save_model(model, run_id)
+    save_trust(trust, run_id, store=store)
     evaluation.metrics.update(
         tta_views=config.tta_views,
         parameters=int(model.count_params()),
-        model_bytes=os.path.getsize(model_path),
+        model_bytes=os.path.getsize(saved),
         latency_ms=measure_latency(model, images[split.test[0]], preprocess=preprocess),
     )
-    # Stored relative to the artifacts folder, so a results.db shipped with its artifacts/ works anywhere.
-    store.save_artifact(run_id, kind="model", path=model_path.relative_to(settings.artifacts_dir()).as_posix(),
-                        sha256=file_sha256(model_path),
-                        size_bytes=os.path.getsize(model_path))
-    save_evaluation(store, run_id, evaluation, name=TEST, data_dir=scan.root, paths=paths[split.test],
-                    y_true=labels[split.test], y_prob=test_prob)
-    return evaluation, str(model_path), cache_stats
+    artifacts.record_artifact(store, run_id, kind=artifacts.MODEL_KIND, path=saved)
+    store.save_scored_evaluation(run_id, evaluation, name=TEST_EVALUATION, data_dir=scan.root, paths=paths[split.test],
+                                 y_true=labels[split.test], y_prob=test_prob)
+    return evaluation, str(saved), cache_stats
 
 
 def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:
@@ -258,20 +253,9 @@ def _fit_images(model, images, labels, split: Split, *, config: TrainConfig, pre
               callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])
 
 
-def run_folder(run_id: int) -> Path:
-    """Where a run's files live: ``<artifacts>/run-<id>``."""
-    return settings.artifacts_dir() / f"run-{int(run_id)}"
-
-
-def delete_run(store: RunStore, run_id: int) -> None:
-    """Delete a run from the store (everything recorded about it) and then its files (its model)."""
-    store.delete_run(run_id)
-    shutil.rmtree(run_folder(run_id), ignore_errors=True)
-
-
 def save_model(model, run_id: int) -> Path:
     """Save the model as ``<artifacts>/run-<id>/model.keras``, whole or not at all (WriteError, e.g. a full disk)."""
-    path = run_folder(run_id) / "model.keras"
+    path = artifacts.model_path(run_id)
     try:
         with atomic_path(path, suffix=".keras") as tmp:  # Keras wants the .keras suffix
             model.save(tmp)

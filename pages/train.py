@@ -7,7 +7,7 @@ import streamlit as st
 from bcd_engine import settings
 from bcd_engine.errors import BCDError, RunNotFoundError
 from bcd_engine.models.backbones import BACKBONES, weights_files
-from bcd_engine.models.config import OPTIMIZERS, TrainConfig
+from bcd_engine.models.config import MAX_AUGMENT, OPTIMIZERS, TrainConfig
 from bcd_engine.reports import explorer as explorer_tables
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.training import queue, worker
@@ -28,11 +28,13 @@ demo = common.demo_mode()
 with st.expander("Backbones", icon=":material/table:"):
     st.dataframe(pd.DataFrame([
         {"backbone": s.name, "depth": s.depth, "parameters (millions)": s.params_millions,
-         "input size (px)": s.native_size, "smallest input (px)": s.min_size, "year": s.year, "paper": s.paper,
+         "input size (px)": s.native_size, "smallest input (px)": s.min_size,
+         "layers unfrozen in phase 2": s.fine_tune_layers, "year": s.year, "paper": s.paper,
          "notes": s.description} for s in BACKBONES.values()]), hide_index=True, key="train_backbones",
         placeholder=tables.MISSING)
 
 STOPPED = ("failed", "interrupted", "cancelled")  # runs that can be queued again from the page
+SMALLEST_INPUT = min(spec.min_size for spec in BACKBONES.values())  # px; each backbone checks its own minimum
 WEIGHT_CHOICES = {"none": "none (random start)", "imagenet": "ImageNet (downloads; needs internet)",
                   "file": "a weights file on this machine ..."}
 OFFLINE_HELP = (
@@ -59,6 +61,39 @@ def _weights_choices() -> dict[str, str]:
             "file": WEIGHT_CHOICES["file"]}
 
 
+def _default_value(config: TrainConfig, setting: str):
+    """The value of one form setting in ``config`` (the augmentation as its factor)."""
+    return config.augment.factor if setting == "augment" else getattr(config, setting)
+
+
+def _backbone_default(name: str, setting: str) -> str:
+    """``setting``'s default for one backbone, naming both values where its starting weights decide it."""
+    from_none = _default_value(TrainConfig.for_backbone(name), setting)
+    if not BACKBONES[name].pretrained:
+        return str(from_none)
+    pretrained = _default_value(TrainConfig.for_backbone(name, weights="imagenet"), setting)
+    return str(from_none) if pretrained == from_none else f"{pretrained} from ImageNet or a file, {from_none} from none"
+
+
+def _defaults_text(setting: str) -> str:
+    """What a blank ``setting`` becomes (TrainConfig.for_backbone's value for each backbone), the commonest value
+    first: 'default: 40 (scratch_cnn: 60)'."""
+    backbones_by_default: dict[str, list[str]] = {}
+    for name in BACKBONES:
+        backbones_by_default.setdefault(_backbone_default(name, setting), []).append(name)
+    commonest, *others = sorted(backbones_by_default, key=lambda value: -len(backbones_by_default[value]))
+    exceptions = "; ".join(f"{', '.join(backbones_by_default[value])}: {value}" for value in others)
+    return f"default: {commonest}" + (f" ({exceptions})" if exceptions else "")
+
+
+def _setting_input(column, label: str, setting: str, low, high, help: str = "", **options):
+    """A number box for one TrainConfig setting, blank (None) unless the user types a value; its placeholder and
+    help show the defaults a blank box takes."""
+    defaults = _defaults_text(setting)
+    return column.number_input(label, low, high, None, key=f"train_{setting}", placeholder=defaults,
+                               help=f"{help} Blank takes the {defaults}.".strip(), **options)
+
+
 if demo:
     st.info("Training is switched off in demo mode.", icon=":material/block:")
 else:
@@ -74,7 +109,6 @@ else:
         folder = st.text_input("... or a local folder", key="train_folder", help="Overrides the dataset above.")
         names = st.multiselect("Backbone(s)", list(BACKBONES), default=["mobilenetv2"], key="train_backbones_sel",
                                help="Several backbones queue a sweep: one run each, same settings.")
-        base = TrainConfig.for_backbone("mobilenetv2")
         weight_options = _weights_choices()
         w1, w2 = st.columns(2)
         weights = w1.selectbox("Weights", list(weight_options), format_func=weight_options.get, key="train_weights",
@@ -82,26 +116,31 @@ else:
                                     + " The scratch CNN always starts from none.")
         weights_path = w2.text_input("Weights file (when \"a weights file on this machine\")", key="train_weights_path",
                                      placeholder="~/weights/resnet50_imagenet_notop.weights.h5")
+        st.caption("A setting left blank takes each backbone's default (shown in the box).")
+        given = {}  # TrainConfig field -> the value typed; None where left blank (TrainConfig.for_backbone decides)
         c1, c2, c3 = st.columns(3)
-        image_size = c1.number_input("Image size (0 = native)", 0, 512, 0, key="train_image_size",
-                                     help="Input size in pixels; smaller is faster.")
-        epochs = c2.number_input("Epochs", 1, 500, base.epochs, key="train_epochs",
-                                 help="Phase 1 epochs (early stopping may end sooner).")
-        fine_tune = c3.number_input("Fine-tune epochs", 0, 200, 0, key="train_fine_tune",
-                                    help="Phase 2 with the top backbone layers unfrozen; 0 skips it.")
+        given["image_size"] = _setting_input(c1, "Image size (px)", "image_size", SMALLEST_INPUT, 512,
+                                             "Input size in pixels; smaller is faster.")
+        given["epochs"] = _setting_input(c2, "Epochs", "epochs", 1, 500,
+                                         "Phase 1 epochs (early stopping may end sooner).")
+        given["fine_tune_epochs"] = _setting_input(
+            c3, "Fine-tune epochs", "fine_tune_epochs", 0, 200,
+            "Phase 2 with the backbone's top layers unfrozen (how many: its row in the Backbones table); "
+            "0 skips it.")
         c1, c2, c3, c4 = st.columns(4)
-        batch = c1.number_input("Batch size", 1, 256, base.batch_size, key="train_batch")
-        lr = c2.number_input("Learning rate", 1e-6, 1.0, base.learning_rate, format="%.5f", key="train_lr")
-        optimizer = c3.selectbox("Optimizer", OPTIMIZERS, key="train_optimizer")
-        augment = c4.number_input("Augmentation factor", 1, 20, 4, key="train_augment",
-                                  help="Augmented views per training image.")
+        given["batch_size"] = _setting_input(c1, "Batch size", "batch_size", 1, 256)
+        given["learning_rate"] = _setting_input(c2, "Learning rate", "learning_rate", 1e-6, 1.0, format="%.5f")
+        given["optimizer"] = c3.selectbox("Optimizer", OPTIMIZERS, index=None, key="train_optimizer",
+                                          placeholder=_defaults_text("optimizer"))
+        given["augment"] = _setting_input(c4, "Augmentation factor", "augment", 1, MAX_AUGMENT,
+                                          "Augmented views per training image.")
         c1, c2, c3, c4 = st.columns(4)
-        dense = c1.number_input("Head dense units", 0, 2048, base.dense_units, key="train_dense")
-        dropout = c2.number_input("Dropout", 0.0, 0.9, base.dropout, key="train_dropout")
-        patience = c3.number_input("Patience", 1, 100, base.patience, key="train_patience",
-                                   help="Stop after this many epochs without a better validation loss.")
-        seed = c4.number_input("Seed", 0, 10_000, 0, key="train_seed")
-        class_weights = st.checkbox("Weight classes by frequency", key="train_class_weights")
+        given["dense_units"] = _setting_input(c1, "Head dense units", "dense_units", 0, 2048)
+        given["dropout"] = _setting_input(c2, "Dropout", "dropout", 0.0, 0.9)
+        given["patience"] = _setting_input(c3, "Patience", "patience", 1, 100,
+                                           "Stop after this many epochs without a better validation loss.")
+        given["seed"] = _setting_input(c4, "Seed", "seed", 0, 10_000)
+        given["class_weights"] = st.checkbox("Weight classes by frequency", key="train_class_weights") or None
         submitted = st.form_submit_button("Queue run(s)", type="primary")
     if submitted:
         data_dir = str(Path(folder.strip()).expanduser()) if folder.strip() else dataset.root
@@ -113,13 +152,8 @@ else:
                 raise BCDError("type the path of the weights file, or choose other weights")
             if chosen not in ("none", "imagenet") and len(names) > 1:
                 raise BCDError("a weights file fits one backbone: choose one backbone, or ImageNet or none")
-            configs = [TrainConfig.for_backbone(
-                name, weights=chosen if BACKBONES[name].pretrained else "none", image_size=image_size or None,
-                epochs=int(epochs), fine_tune_epochs=int(fine_tune),
-                fine_tune_layers=BACKBONES[name].fine_tune_layers if fine_tune else None,
-                batch_size=int(batch), learning_rate=float(lr), optimizer=optimizer, augment=int(augment),
-                dense_units=int(dense), dropout=float(dropout), patience=int(patience), seed=int(seed),
-                class_weights=class_weights) for name in names]
+            configs = [TrainConfig.for_backbone(name, weights=chosen if BACKBONES[name].pretrained else None, **given)
+                       for name in names]
         except BCDError as exc:
             st.error(str(exc))
         else:

@@ -9,6 +9,9 @@ import pytest
 from helpers import fill_store
 from streamlit.testing.v1 import AppTest
 
+from bcd_engine import cli
+from bcd_engine.models.backbones import BACKBONES
+from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import RunStore
 from bcd_engine.training import worker
 
@@ -91,6 +94,38 @@ def test_launching_a_tiny_run_from_the_form_queues_it(isolated):
     assert {r.status for r in runs} == {"queued"}
     assert runs[0].config["train"]["image_size"] == 32 and runs[0].config["train"]["epochs"] == 1
     assert isolated["spawned"]  # the page asked for a worker
+
+
+def test_a_blank_form_queues_what_the_cli_builds_for_every_backbone(isolated, synthetic_dataset, tmp_path):
+    """The page passes only what the user changed: each backbone of a sweep gets the config that
+    ``train --data D --backbone X [--weights W]`` builds, for weights none, ImageNet and a file (one backbone at a
+    time); the scratch CNN always starts from none."""
+    weights_file = tmp_path / "backbone.weights.h5"
+    weights_file.touch()
+    at = open_page("pages/train.py")
+    at.text_input(key="train_folder").input(str(synthetic_dataset))
+    store = RunStore(isolated["url"])
+
+    def queued_configs(backbones: list[str], weights: str, path: str = "") -> dict[str, TrainConfig]:
+        before = {run.id for run in store.list_runs()}
+        at.multiselect(key="train_backbones_sel").set_value(backbones)
+        at.selectbox(key="train_weights").set_value(weights)
+        at.text_input(key="train_weights_path").input(path)
+        at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+        assert not at.exception and not at.error, (at.exception, at.error)
+        return {run.backbone: TrainConfig.from_dict(run.config["train"])
+                for run in store.list_runs() if run.id not in before}
+
+    def cli_config(backbone: str, weights: str | None) -> TrainConfig:
+        argv = ["train", "--data", str(synthetic_dataset), "--backbone", backbone]
+        if weights and BACKBONES[backbone].pretrained:
+            argv += ["--weights", weights]
+        return cli._config_from_args(cli.build_parser().parse_args(argv))
+
+    for weights in ("none", "imagenet"):
+        assert queued_configs(list(BACKBONES), weights) == {name: cli_config(name, weights) for name in BACKBONES}
+    for name in [name for name, spec in BACKBONES.items() if spec.pretrained]:
+        assert queued_configs([name], "file", str(weights_file)) == {name: cli_config(name, str(weights_file))}
 
 
 def test_train_demo_model_button_queues_the_demo_run(isolated):

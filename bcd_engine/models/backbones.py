@@ -2,9 +2,11 @@
 
 Each entry names the Keras application (or bcd's own architecture), its preprocessing mode, its native
 and minimum input size, the figures Keras documents for it (parameters and depth of the full ImageNet
-model), the last convolutional layer (for Grad-CAM), its published ImageNet weights file and a one-line
-description. ``scratch_cnn`` is the thesis' baseline, one more row: a small CNN of bcd's own, trained from
-random initialisation end to end (it has no ImageNet weights, so nothing is cached through it frozen).
+model), the last convolutional layer (for Grad-CAM), its published ImageNet weights file, a one-line
+description and the training defaults that are its own (input size, layers unfrozen in phase 2, epochs,
+patience, head size: :meth:`BackboneSpec.training_defaults`). ``scratch_cnn`` is the thesis' baseline, one
+more row: a small CNN of bcd's own, trained from random initialisation end to end (it has no ImageNet
+weights, so nothing is cached through it frozen).
 """
 from __future__ import annotations
 
@@ -49,6 +51,15 @@ class BackboneSpec:
     weights_file: str  # Keras' file name for the no-top ImageNet weights; "" when there are none
     description: str
     fine_tune_layers: int  # default K for phase 2 (top layers unfrozen)
+    # Phase-1 length and head a run of it gets unless told otherwise: the transfer-learning recipe by default.
+    epochs: int = 40
+    patience: int = 6  # early-stopping patience on validation loss
+    dense_units: int = 256
+
+    def training_defaults(self) -> dict[str, int]:
+        """The :class:`~bcd_engine.models.config.TrainConfig` values this row decides for a new run."""
+        return {"image_size": self.native_size, "fine_tune_layers": self.fine_tune_layers, "epochs": self.epochs,
+                "patience": self.patience, "dense_units": self.dense_units}
 
     @property
     def pretrained(self) -> bool:
@@ -115,7 +126,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(SCRATCH, "", "scratch_cnn", "unit", 128, 32, 0.4, 8, 2026,
                      "bcd baseline: a small CNN trained from scratch (the thesis' baseline model)",
                      "scratch_conv4_out", "",
-                     "Four conv blocks trained from random initialisation; no transfer learning.", 0),
+                     "Four conv blocks trained from random initialisation; no transfer learning.", 0,
+                     epochs=60, patience=10, dense_units=128),
     )
 }
 

@@ -8,11 +8,16 @@ from typing import Any
 from bcd_engine.data.colour import COLOUR_MODES
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import ConfigError
-from bcd_engine.models.backbones import POOLINGS, get_backbone, require_weights_file, resolve_weights
+from bcd_engine.models.backbones import POOLINGS, BackboneSpec, get_backbone, require_weights_file, resolve_weights
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 MAX_AUGMENT = 20
 MAX_IMAGE_SIZE = 1024  # pixels a side; larger inputs would not fit a batch in memory, and no backbone needs them
+# The weights recipe of a pretrained backbone: augmented views per training image (and test-time views) when it
+# starts from pretrained weights (ImageNet or a file), and augmented views when it starts from random weights.
+PRETRAINED_VIEWS = 8
+RANDOM_START_VIEWS = 4
+_BACKBONE_DEFAULT_HELP = "default: the backbone's, as `backbones --json` lists it"
 
 
 @dataclass(frozen=True)
@@ -62,26 +67,32 @@ class TrainConfig:
 
     backbone: str = setting(help="backbone name (see the backbones command)")
     weights: str | None = setting(None, help="imagenet, none or a path to a .weights.h5 file (default: none)")
-    image_size: int = setting(224, help="input size in pixels (default: the backbone's native)")
+    image_size: int = setting(224, help="input size in pixels (default: the backbone's native size)")
     batch_size: int = setting(32, help="images per training batch (default {default})")
-    epochs: int = setting(40, help="phase-1 epochs (head on the frozen backbone, or the whole scratch CNN)")
+    epochs: int = setting(40, help="phase-1 epochs (head on the frozen backbone, or the whole scratch CNN; "
+                                   f"{_BACKBONE_DEFAULT_HELP})")
     fine_tune_epochs: int = setting(0, help="phase-2 epochs with the top layers unfrozen (default {default}: "
                                             "no phase 2)")
-    fine_tune_layers: int = setting(0, help="number of top backbone layers to unfreeze in phase 2")
+    fine_tune_layers: int = setting(0, help="number of top backbone layers to unfreeze in phase 2 "
+                                            f"({_BACKBONE_DEFAULT_HELP})")
     learning_rate: float = setting(1e-3, help="phase-1 learning rate (default {default})")
     fine_tune_learning_rate: float = setting(1e-5, help="phase-2 learning rate (default {default})")
     optimizer: str = setting("adam", help="optimizer of both phases (default {default})", choices=OPTIMIZERS)
     label_smoothing: float = setting(0.0, help="label smoothing of the loss, in [0, 1) (default {default})")
     class_weights: bool = setting(False, help="weight classes by frequency")
-    dense_units: int = setting(256, help="units of the head's dense layer (0: none)")
+    dense_units: int = setting(256, help=f"units of the head's dense layer (0: none; {_BACKBONE_DEFAULT_HELP})")
     # No CLI option: a name Keras does not know would only fail once the head is built.
     dense_activation: str = setting("relu", help="activation of the head's dense layer", cli=False)
     dropout: float = setting(0.3, help="dropout before the head's softmax, in [0, 1) (default {default})")
     pooling: str = setting("avg", help="pooling of the backbone's feature map (default {default})", choices=POOLINGS)
-    patience: int = setting(6, help="early-stopping patience on validation loss (best weights restored)")
+    patience: int = setting(6, help="early-stopping patience on validation loss (best weights restored; "
+                                    f"{_BACKBONE_DEFAULT_HELP})")
     augment: AugmentConfig = setting(  # noqa: RUF009 (a field, its default made fresh per instance)
-        default_factory=AugmentConfig, type=int, help=f"augmented views per training image, 1 to {MAX_AUGMENT}")
-    tta_views: int = setting(1, help="test-time augmentation: average over this many views (1: off)")
+        default_factory=AugmentConfig, type=int,
+        help=f"augmented views per training image, 1 to {MAX_AUGMENT} (default: {PRETRAINED_VIEWS} from pretrained "
+             f"weights, {RANDOM_START_VIEWS} from random ones, 1 for the scratch CNN)")
+    tta_views: int = setting(1, help="test-time augmentation: average over this many views (1: off; default: "
+                                     f"{PRETRAINED_VIEWS} from pretrained weights, else 1)")
     colour: str = setting("rgb", choices=COLOUR_MODES,
                           help="grayscale: train and predict on grayscale images, so stain colour is no shortcut "
                                "(default {default})")
@@ -123,30 +134,24 @@ class TrainConfig:
 
     @classmethod
     def for_backbone(cls, backbone: str, **overrides) -> TrainConfig:
-        """A config with the backbone's sensible defaults; ``None`` overrides are ignored.
+        """A new run's config: the backbone's defaults under the ``overrides`` given.
 
-        With pretrained weights the recipe is: augmentation x8 (flips, 90-degree turns and mild
-        jitter) cached through the frozen backbone, a dense head, and predictions averaged over 8
-        augmented views (test-time augmentation). A scratch CNN trains end to end on smaller images
-        for longer.
+        ``None`` overrides are ignored (an option left unset), so every default comes from here: the
+        backbone's registry row (:meth:`BackboneSpec.training_defaults`: input size, layers unfrozen in
+        phase 2, epochs, patience, head size), then :func:`weights_recipe` (augmentation and test-time
+        views by where a pretrained backbone starts). ``augment`` may be the augmentation factor alone.
+        Asking a pretrained backbone for phase-2 epochs with no layers to unfreeze, and a weights file that
+        is not there, are refused with ConfigError.
         """
         spec = get_backbone(backbone)
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        defaults: dict = {"image_size": spec.native_size}
-        with_weights = overrides.get("weights") not in (None, "none", "None")
-        if not spec.pretrained:  # trained from scratch, end to end
-            defaults.update(epochs=60, patience=10, learning_rate=1e-3, dense_units=128)
-        elif with_weights:
-            defaults.update(augment=AugmentConfig(factor=8), tta_views=8)
-        else:
-            defaults.update(augment=AugmentConfig(factor=4))
-        aug = overrides.pop("augment", None)
-        if isinstance(aug, int):
-            aug = dataclasses.replace(defaults.get("augment", AugmentConfig()), factor=aug)
-        if aug is not None:
-            defaults["augment"] = aug
-        defaults.update(overrides)
-        config = cls(backbone=spec.name, **defaults)
+        given = {name: value for name, value in overrides.items() if value is not None}
+        defaults = {**spec.training_defaults(), **weights_recipe(spec, given.get("weights"))}
+        if isinstance(given.get("augment"), int):
+            given["augment"] = dataclasses.replace(defaults.get("augment", AugmentConfig()), factor=given["augment"])
+        config = cls(backbone=spec.name, **{**defaults, **given})
+        if spec.pretrained and config.fine_tune_epochs and not config.fine_tune_layers:
+            raise ConfigError(f"{config.fine_tune_epochs} fine-tune epochs with 0 fine-tune layers would train "
+                              f"nothing in phase 2; unfreeze some ({spec.name}'s default: {spec.fine_tune_layers})")
         require_weights_file(config.weights)
         return config
 
@@ -156,3 +161,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         return cls(**data)
+
+
+def weights_recipe(spec: BackboneSpec, weights: str | None) -> dict[str, Any]:
+    """Augmentation and test-time-augmentation defaults by where ``spec`` starts from ``weights``.
+
+    A pretrained backbone from pretrained weights (ImageNet or a file): augmentation x8 (flips, 90-degree
+    turns and mild jitter) cached through the frozen backbone and predictions averaged over 8 augmented
+    views; from random weights: augmentation x4. The scratch CNN trains end to end: neither.
+    """
+    if not spec.pretrained:
+        return {}
+    if resolve_weights(spec, weights) is None:
+        return {"augment": AugmentConfig(factor=RANDOM_START_VIEWS)}
+    return {"augment": AugmentConfig(factor=PRETRAINED_VIEWS), "tta_views": PRETRAINED_VIEWS}

@@ -9,6 +9,7 @@ import streamlit as st
 
 from bcd_engine.data.images import load_image
 from bcd_engine.errors import BCDError
+from bcd_engine.export import run_bundle
 from bcd_engine.inference import explain
 from bcd_engine.reports import comparison
 from bcd_engine.reports import runs as run_tables
@@ -338,6 +339,14 @@ for col, item in zip(st.columns(6) * 4, items):
         col.warning(common.public(f"{Path(item['path']).name}: {exc}"))
 
 if not common.demo_mode():
+    with st.expander("Take a run to another store (run bundle)", icon=":material/move_item:"):
+        st.caption("One .zip with the run's model, out-of-domain gate, labels, settings, split, curves, evaluations "
+                   "and model card, each member with its sha256. On the other machine: `python -m bcd_engine import "
+                   "BUNDLE.zip` adds it to that store as a new run (for a hosted demo, see the README).")
+        chosen = st.selectbox("Run", list(labels), format_func=labels.get, key="compare_bundle_run")
+        st.download_button("Download bundle", lambda: run_bundle.bundle_bytes(chosen, store=store),
+                           run_bundle.bundle_name(chosen, records[chosen].backbone), "application/zip",
+                           key="compare_bundle", icon=":material/download:", on_click="ignore")
     with st.expander("Delete a run", icon=":material/delete:"):
         victim = st.selectbox("Run", runs["id"].tolist(), key="compare_delete_run")
         if st.button("Delete run and everything recorded about it", key="compare_delete"):

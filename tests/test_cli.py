@@ -294,7 +294,7 @@ def test_choices_are_the_engine_constants():
     assert tuple(train["optimizer"].choices) == OPTIMIZERS
     assert tuple(train["pooling"].choices) == POOLINGS
     assert tuple(train["colour"].choices) == COLOUR_MODES
-    assert tuple(options_of("export")["format"].choices) == FORMATS
+    assert tuple(options_of("export")["format"].choices) == (*FORMATS, cli.BUNDLE)
     assert tuple(options_of("baseline")["model"].choices) == MODELS
     for command in ("train", "baseline", "audit"):
         assert f"default {DEFAULT_FRACTION}" in options_of(command)["test_fraction"].help

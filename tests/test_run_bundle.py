@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from bcd_engine.cli import main
 from bcd_engine.data.images import load_images
@@ -22,10 +23,12 @@ from bcd_engine.inference.explain import explain_image
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import RunStore
+from bcd_engine.training import worker
 from bcd_engine.training.queue import queue_again
 from bcd_engine.training.run import train
 
 IMAGE_SIZE = 32
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
 def use_store(patch: pytest.MonkeyPatch, root: Path) -> RunStore:
@@ -106,6 +109,26 @@ def test_a_run_whose_weights_file_is_gone_predicts_explains_evaluates_and_export
     assert [r.id for r in in_lab["store"].list_runs()] == [run_id]  # nothing queued
 
 
+def test_diagnose_and_compare_pages_use_a_run_whose_weights_file_is_gone(in_lab, monkeypatch):
+    monkeypatch.delenv("BCD_DEMO_MODE", raising=False)
+    monkeypatch.setattr(worker, "spawn_worker", lambda: 0)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/diagnose.py").run()
+    assert at.multiselect(key="diagnose_runs").value == [in_lab["run_id"]]
+    image = in_lab["images"][0]
+    at.file_uploader(key="diagnose_upload").set_value((image.name, image.read_bytes(), "image/png")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.subheader[0].value == image.name
+    assert at.metric[0].label == "Predicted class" or "out of domain" in at.caption[0].value.lower()
+
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="compare_bundle_run").value == in_lab["run_id"]
+    (download,) = [b for b in at.get("download_button") if b.proto.label == "Download bundle"]
+    assert download.proto.label == "Download bundle"
+
+
 def test_rerun_takes_a_copy_of_the_weights_file(in_lab, tmp_path):
     copy = tmp_path / "copy.weights.h5"
     keras.applications.MobileNetV2(include_top=False, weights=None,
@@ -135,14 +158,20 @@ def test_a_bundle_carries_the_run_to_another_store_with_the_same_answers(in_lab,
     assert (imported.test_accuracy, imported.macro_auc) == (original.test_accuracy, original.macro_auc)
     assert (imported.host, imported.environment["backend"]) == (original.host, original.environment["backend"])
     assert imported.started_at == original.started_at and imported.seconds == original.seconds
+    assert imported.dataset == original.dataset
     provenance = imported.config["imported"]
     assert provenance["source_run_id"] == run_id
     assert provenance["bundle_sha256"] == hashlib.sha256(Path(bundle).read_bytes()).hexdigest()
-    assert {k: v for k, v in imported.config.items() if k != "imported"} == original.config
+    assert imported.config["dataset"]["fingerprint"] == original.config["dataset"]["fingerprint"]
+    assert {k: v for k, v in imported.config.items() if k not in ("imported", "dataset")} == {
+        k: v for k, v in original.config.items() if k != "dataset"}
     assert demo.get_split(new_id) == lab_store.get_split(run_id)
     assert [e.val_loss for e in demo.get_epochs(new_id)] == [e.val_loss for e in lab_store.get_epochs(run_id)]
-    (test_eval,), (source_eval,) = demo.get_evaluations(new_id), lab_store.get_evaluations(run_id)
-    assert test_eval.metrics == source_eval.metrics and test_eval.confusion_matrix == source_eval.confusion_matrix
+    moved_evaluations, source_evaluations = demo.get_evaluations(new_id), lab_store.get_evaluations(run_id)
+    assert [(e.name, e.metrics, e.confusion_matrix, e.roc) for e in moved_evaluations] == [
+        (e.name, e.metrics, e.confusion_matrix, e.roc) for e in source_evaluations]
+    assert [p.probabilities for p in demo.get_predictions(moved_evaluations[0].id)] == [
+        p.probabilities for p in lab_store.get_predictions(source_evaluations[0].id)]
 
     moved = answers(demo, new_id, images)
     np.testing.assert_allclose(moved["probabilities"], source["probabilities"], atol=1e-6)
@@ -178,6 +207,11 @@ def rewritten(bundle: Path, target: Path, *, replace: dict[str, bytes | None] = 
     return target
 
 
+def written(target: Path, content: bytes) -> Path:
+    target.write_bytes(content)
+    return target
+
+
 def unsafe_model() -> bytes:
     """A .keras file with a Lambda layer: arbitrary code that safe mode refuses to load."""
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -190,7 +224,7 @@ def unsafe_model() -> bytes:
 
 
 BAD_BUNDLES = {
-    "not a zip": ("not a run bundle", lambda bundle, target: target.write_bytes(b"PK\x03\x04 broken") or target),
+    "not a zip": ("not a run bundle", lambda bundle, target: written(target, b"PK\x03\x04 broken")),
     "wrong checksum": ("does not match the sha256", lambda bundle, target: rewritten(
         bundle, target, replace={"labels.json": b'{"class_names": ["a", "b"]}'}, manifest=False)),
     "missing member": ("lacks model.keras", lambda bundle, target: rewritten(

@@ -16,6 +16,7 @@ source's host, environment (backend included) and training times.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tempfile
@@ -26,20 +27,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from bcd_engine import settings
 from bcd_engine.errors import BCDError, BundleError, ConfigError, WriteError
 from bcd_engine.export.bundle import LABELS, labels_document
 from bcd_engine.export.card import MODEL_CARD, model_card
 from bcd_engine.files import atomic_path, file_sha256
-from bcd_engine.inference.trust import RunTrust, load_trust
+from bcd_engine.inference.trust import RunTrust
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import Protocol, RunStore
-from bcd_engine.store.artifacts import TRUST_FILE, TRUST_KIND, run_folder, run_model_file
+from bcd_engine.store.artifacts import (
+    MODEL_FILE,
+    MODEL_KIND,
+    TRUST_FILE,
+    TRUST_KIND,
+    artifact_file,
+    record_artifact,
+    run_folder,
+    run_model_file,
+)
 from bcd_engine.version import __version__
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
-MODEL = "model.keras"
+MODEL = MODEL_FILE
 RUN, SPLIT, EPOCHS, EVALUATIONS = "run.json", "split.json", "epochs.json", "evaluations.json"
 # Every member a bundle may hold, with the most bytes it may expand to.
 MB = 1 << 20
@@ -55,7 +64,7 @@ MEMBER_LIMITS: dict[str, int] = {
     MANIFEST: 1 * MB,
 }
 # The files of an imported run, by artifact kind (the model and the gate are what inference loads).
-ARTIFACT_KINDS = {"model": MODEL, TRUST_KIND: TRUST_FILE, "model_card": MODEL_CARD, "labels": LABELS}
+ARTIFACT_KINDS = {MODEL_KIND: MODEL, TRUST_KIND: TRUST_FILE, "model_card": MODEL_CARD, "labels": LABELS}
 EPOCH_FIELDS = ("phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
                 "seconds")
 EVALUATION_FIELDS = ("name", "data_dir", "metrics", "class_names", "confusion_matrix", "roc", "predictions")
@@ -101,11 +110,18 @@ def write_bundle(run_id: int, *, out_dir: str | Path, store: RunStore, overwrite
     return path
 
 
+def bundle_bytes(run_id: int, *, store: RunStore) -> bytes:
+    """Run ``run_id``'s bundle as bytes (for a download button)."""
+    buffer = io.BytesIO()
+    write_bundle_to(buffer, run_id, store=store)
+    return buffer.getvalue()
+
+
 def write_bundle_to(handle: IO[bytes], run_id: int, *, store: RunStore) -> None:
     """Write run ``run_id``'s bundle as a zip into the open binary ``handle`` (a file or ``io.BytesIO``)."""
     run = store.get_run(run_id)
     model_path, model_sha256 = run_model_file(run_id, store=store)  # completed, in the artifacts folder, verified
-    trust_path = _verified_trust_file(run_id, store=store)
+    trust = artifact_file(run_id, TRUST_KIND, store=store)  # verified as inference verifies it; None: no gate
     evaluations = store.get_evaluations(run_id)
     split = store.get_split(run_id)
     documents: dict[str, bytes] = {
@@ -121,9 +137,9 @@ def write_bundle_to(handle: IO[bytes], run_id: int, *, store: RunStore) -> None:
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as bundle:
         bundle.write(model_path, MODEL, compress_type=zipfile.ZIP_STORED)  # a .keras file is a zip already
         members[MODEL] = {"sha256": model_sha256, "size": model_path.stat().st_size}
-        if trust_path is not None:
-            bundle.write(trust_path, TRUST_FILE)
-            members[TRUST_FILE] = {"sha256": file_sha256(trust_path), "size": trust_path.stat().st_size}
+        if trust is not None:
+            bundle.write(trust[0], TRUST_FILE)
+            members[TRUST_FILE] = {"sha256": trust[1], "size": trust[0].stat().st_size}
         for name, content in documents.items():
             bundle.writestr(name, content)
             members[name] = {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}
@@ -136,14 +152,6 @@ def write_bundle_to(handle: IO[bytes], run_id: int, *, store: RunStore) -> None:
             "exported_at": datetime.now(UTC).isoformat(),
             "members": members,
         }))
-
-
-def _verified_trust_file(run_id: int, *, store: RunStore) -> Path | None:
-    """The run's gate file, checked as inference checks it; None for a run that has none."""
-    if load_trust(run_id, store=store) is None:
-        return None
-    record = [a for a in store.get_artifacts(run_id) if a.kind == TRUST_KIND][-1]
-    return settings.artifacts_dir().resolve() / record.path
 
 
 def _run_document(run, split: list[dict]) -> dict[str, Any]:
@@ -170,14 +178,12 @@ def _run_document(run, split: list[dict]) -> dict[str, Any]:
 
 
 def _dataset_summary(run) -> dict[str, Any]:
-    recorded = run.config.get("dataset") or {}
+    """The run's dataset as the store shows it, with the fingerprint its config recorded (None before bcd did)."""
     return {
-        "name": recorded.get("name") or Path(run.config.get("data_dir") or "unknown").name,
-        "root": run.config.get("data_dir"),
-        "n_images": recorded.get("n_images"),
-        "synthetic": bool(recorded.get("synthetic", False)),
-        "fingerprint": recorded.get("fingerprint"),
-        "class_names": list(run.config.get("class_names", [])),
+        "name": run.dataset.name,
+        "n_images": run.dataset.n_images,
+        "synthetic": run.dataset.synthetic,
+        "fingerprint": (run.config.get("dataset") or {}).get("fingerprint"),
     }
 
 
@@ -230,20 +236,18 @@ def _add_to_store(store: RunStore, *, run_doc: dict, config: TrainConfig, protoc
                   documents: dict[str, Any], members: dict[str, Path]) -> int:
     """Record the checked run in ``store`` with its files in a new run folder; its id. The run is ``failed`` ("being
     imported") until the last record is written; if writing fails, the run and its folder are removed again."""
-    run_id = store.create_run(backbone=config.backbone, protocol=protocol, status="failed",
-                              config={**run_doc["config"], "imported": imported})
+    # The run is shown with the dataset the bundle names (its folder is not on this machine, so none is registered).
+    run_config = {**run_doc["config"], "dataset": run_doc["dataset"], "imported": imported}
+    run_id = store.create_run(backbone=config.backbone, protocol=protocol, status="failed", config=run_config)
     store.finish_run(run_id, status="failed", error=f"being imported from {imported['bundle']}")
     folder = run_folder(run_id)
     try:
         shutil.rmtree(folder, ignore_errors=True)  # left by an earlier run of this id that no store row owns
         folder.mkdir(parents=True)
-        root = settings.artifacts_dir()
         for kind, name in ARTIFACT_KINDS.items():
             if name in members:
-                target = folder / name
-                shutil.copyfile(members[name], target)
-                store.save_artifact(run_id, kind=kind, path=target.relative_to(root).as_posix(),
-                                    sha256=file_sha256(target), size_bytes=target.stat().st_size)
+                shutil.copyfile(members[name], folder / name)
+                record_artifact(store, run_id, kind=kind, path=folder / name)
         store.save_split(run_id, documents[SPLIT])
         for epoch in documents[EPOCHS]:
             store.log_epoch(run_id, **{key: epoch.get(key) for key in EPOCH_FIELDS})
@@ -406,4 +410,6 @@ def _parse_time(text: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-__all__ = ["BUNDLE_FORMAT", "ImportResult", "bundle_name", "import_bundle", "write_bundle", "write_bundle_to"]
+__all__ = [
+    "BUNDLE_FORMAT", "ImportResult", "bundle_bytes", "bundle_name", "import_bundle", "write_bundle", "write_bundle_to",
+]

@@ -74,7 +74,7 @@ def test_a_stored_config_is_a_record_and_a_new_request_checks_its_weights_file(t
         TrainConfig.for_backbone("mobilenetv2", weights=str(missing))
     stored = tiny_config(weights=str(missing)).to_dict()  # as a run's config holds it once the file is gone
     assert TrainConfig.from_dict(stored).weights == str(missing)
-    with pytest.raises(ConfigError, match="must be a Keras .weights.h5"):
+    with pytest.raises(ConfigError, match=r"must be a Keras \.weights\.h5"):
         tiny_config(weights=str(tmp_path / "w.bin"))
 
 

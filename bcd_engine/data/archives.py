@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 
@@ -35,6 +36,10 @@ _MAX_ENTRIES_PER_FILE = 10  # directory entries allowed per counted file (folder
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
 _MIN_DIRECTORY_ENTRY_BYTES = 46  # a central directory file header without name, extra or comment
+_END_RECORD = struct.Struct("<4s4H2LH")  # end of central directory: signature ... entries, size, offset, comment
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # zip64 end of central directory locator, just before the end record
+_ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record, just before the locator
+_COMMENT_REACH = 2**16  # how far before the last record-sized bytes zipfile looks for a record (a comment's reach)
 _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
 
 
@@ -53,15 +58,20 @@ class ExpansionBudget:
 
     def charge(self, n_bytes: int, *, label: str, files: int = 0) -> None:
         """Count ``n_bytes`` and ``files`` more; ArchiveError naming ``label`` when that passes a limit."""
+        self.check(n_bytes, label=label, files=files)
+        self.files_seen += files
+        self.bytes_used += n_bytes
+
+    def check(self, n_bytes: int, *, label: str, files: int = 0) -> None:
+        """ArchiveError naming ``label`` when ``n_bytes`` and ``files`` more would pass a limit; counts nothing
+        (to refuse a file by its size before reading it)."""
         if self.files_seen + files > self.max_files:
             raise ArchiveError(f"{label}: the upload would hold more than {self.max_files} files; refused")
-        self.files_seen += files
         if self.bytes_used + n_bytes > self.max_total_bytes:
             raise ArchiveError(
                 f"{label}: the upload would hold more than {format_size(self.max_total_bytes)} in memory "
                 f"({format_size(self.bytes_used)} already); refused"
             )
-        self.bytes_used += n_bytes
 
 
 @dataclass(frozen=True)
@@ -135,29 +145,39 @@ def _too_many_entries(data: bytes, max_files: int) -> str | None:
     """Why the archive has too many directory entries to parse, or None.
 
     ``zipfile`` builds an object per entry before any other check, so the count is bounded from the
-    end-of-central-directory record first: by its entry count and by the directory's size (every
-    entry takes at least 46 bytes there, whatever count the record claims), zip64 records included.
+    end-of-central-directory record it will use (:func:`_directory_record`) first: by its entry count and
+    by the directory's size (``zipfile`` reads entries until that size is used up, and every entry takes at
+    least 46 bytes there, whatever count the record claims).
     """
-    entries = _entry_bound(data)
-    if entries is not None and entries > _MAX_ENTRIES_PER_FILE * max_files:
+    record = _directory_record(data)
+    if record is None:
+        return None  # zipfile finds no record either, and refuses the archive
+    count, directory_bytes = record
+    entries = max(count, directory_bytes // _MIN_DIRECTORY_ENTRY_BYTES)
+    if entries > _MAX_ENTRIES_PER_FILE * max_files:
         return f"too many entries (up to {entries:,} by its directory); the limit is {max_files} files"
     return None
 
 
-def _entry_bound(data: bytes) -> int | None:
-    """The most directory entries the zip can hold by its end record (zip64 too); None when not found."""
-    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
-    if end < 0 or end + 16 > len(data):
-        return None
-    count = int.from_bytes(data[end + 10:end + 12], "little")
-    directory_bytes = int.from_bytes(data[end + 12:end + 16], "little")
-    locator = end - 20
-    if locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
-        record = int.from_bytes(data[locator + 8:locator + 16], "little")
-        if data[record:record + 4] == b"PK\x06\x06":
-            count = max(count, int.from_bytes(data[record + 32:record + 40], "little"))
-            directory_bytes = max(directory_bytes, int.from_bytes(data[record + 40:record + 48], "little"))
-    return max(count, directory_bytes // _MIN_DIRECTORY_ENTRY_BYTES)
+def _directory_record(data: bytes) -> tuple[int, int] | None:
+    """(entries, directory bytes) of the end-of-central-directory record found as ``zipfile`` finds it; None
+    when there is none.
+
+    As ``zipfile`` does: the last 22 bytes when they are a record without a comment (so a signature inside its
+    own fields, e.g. its directory offset, is not taken for a record); otherwise the last record signature
+    within a comment's reach of the end; then the zip64 record just before it, if its locator is there.
+    """
+    start = len(data) - _END_RECORD.size
+    if not (start >= 0 and data.startswith(b"PK\x05\x06", start) and data.endswith(b"\0\0")):
+        start = data.rfind(b"PK\x05\x06", max(0, len(data) - _COMMENT_REACH - _END_RECORD.size))
+        if start < 0 or start + _END_RECORD.size > len(data):
+            return None
+    *_, count, directory_bytes, _offset, _comment_bytes = _END_RECORD.unpack_from(data, start)
+    locator = start - _ZIP64_LOCATOR.size
+    zip64 = locator - _ZIP64_END_RECORD.size
+    if zip64 >= 0 and data.startswith(b"PK\x06\x07", locator) and data.startswith(b"PK\x06\x06", zip64):
+        *_, count, directory_bytes, _offset = _ZIP64_END_RECORD.unpack_from(data, zip64)
+    return count, directory_bytes
 
 
 def _read_file(path: str | os.PathLike[str], limit: int, label: str) -> bytes:

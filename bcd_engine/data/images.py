@@ -1,6 +1,7 @@
 """Decoding one image safely, and loading many for a model.
 
-The format is told from the content, never the name; sizes are checked before pixels are decoded;
+The format is told from the content, never the name; sizes (and a JPEG's scans) are checked from the header
+before pixels are decoded, and :func:`read_header` reads only the header, for a decode budget;
 every failure is an :class:`~bcd_engine.errors.ImageLoadError` with a short reason.
 :func:`load_image` is the one loader the rest of the engine uses; :func:`load_images` loads a batch
 into one uint8 array with all cores.
@@ -10,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import stat
 import threading
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +33,16 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # what load_image
 MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
 MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is decoded
 MIN_IMAGE_SIDE = 8  # smallest width and height load_image resizes for a model
+# Each scan is one more pass of the decoder over the whole image: libjpeg's progressive script writes 10 (6 for
+# grey), a baseline JPEG has 1 to 3, hand-tuned scripts a few dozen at most; 1 MB repeating a tiny scan 30,000
+# times decodes for minutes. Checked by walking the file's segments, before Pillow reads them.
+MAX_JPEG_SCANS = 100
+# Segments before and between scans (APPn, DQT, DHT, SOS, ...): a photo has a few dozen, even with a long ICC
+# profile in 64 KB pieces; Pillow reads each one in Python (8 MB of empty comments: 7 s to open).
+MAX_JPEG_SEGMENTS = 1000
+_FRAMES_IN_HEADER = ("WEBP", "PNG", "MPO")  # formats whose header states the frame count (GIF and TIFF do not)
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RST0-7 have no length field
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in a scan, FF00 is a stuffed byte, RSTn and FF fill stay
 _MAX_REASON_CHARS = 160
 _CONVERT_BAND_PIXELS = 2**18  # pixels per band when a 16-bit or float image is brought to 8 bits
 _SIGNATURES = (
@@ -129,11 +143,67 @@ def _check_file_size(n_bytes: int) -> None:
         raise ImageLoadError(f"file too large: {format_size(n_bytes)}; the limit is {format_size(MAX_FILE_BYTES)}")
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares: its format, size and frame count (only the first frame is ever decoded)."""
+
+    format: str
+    width: int
+    height: int
+    frames: int
+
+    @property
+    def pixels(self) -> int:
+        """Width x height x frames."""
+        return self.width * self.height * self.frames
+
+
+@dataclass
+class DecodeBudget:
+    """Pixels that one upload may have decoded: per image and in all, charged from each header before decoding."""
+
+    max_image_pixels: int
+    max_total_pixels: int
+    pixels_used: int = 0
+
+    def charge(self, header: ImageHeader) -> None:
+        """Count the image's pixels (all its frames); ImageLoadError when it passes either limit."""
+        frames = f" x {header.frames} frames" if header.frames > 1 else ""
+        size = f"{header.width} x {header.height} pixels{frames} ({header.pixels / 1e6:,.1f} megapixels)"
+        if header.pixels > self.max_image_pixels:
+            raise ImageLoadError(f"too large to decode here: {size}; the limit is "
+                                 f"{self.max_image_pixels / 1e6:g} megapixels per image")
+        if self.pixels_used + header.pixels > self.max_total_pixels:
+            raise ImageLoadError(f"{size} would pass the {self.max_total_pixels / 1e6:g} megapixels one upload may "
+                                 f"decode ({self.pixels_used / 1e6:,.1f} already); refused")
+        self.pixels_used += header.pixels
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Image bytes identified and checked as :func:`decode_stored` does, without decoding a pixel.
+
+    Frames are counted where the header states them (animated WebP and PNG, multi-picture JPEG); GIF and TIFF
+    state none (Pillow counts them by walking every frame, seconds for a hostile file) and count as one.
+    """
+    img = _open_checked(data)
+    frames = img.n_frames if img.format in _FRAMES_IN_HEADER else 1
+    return ImageHeader(img.format, *img.size, frames)
+
+
 def decode_stored(data: bytes) -> Image.Image:
-    """Identify image bytes by content, check their size from the header, then decode the first frame.
+    """Identify image bytes by content, check their size (and a JPEG's scans) from the header, then decode the
+    first frame.
 
     Raise ImageLoadError with a short reason; never anything else, whatever the bytes.
     """
+    img = _open_checked(data)
+    with _pillow_errors():
+        img.load()
+    return img
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """The image's header parsed by Pillow once its bytes, format, JPEG structure and pixel count are checked."""
     if not data:
         raise ImageLoadError("empty file (0 bytes)")
     _check_file_size(len(data))
@@ -141,19 +211,54 @@ def decode_stored(data: bytes) -> Image.Image:
     if fmt is None:
         hint = _looks_like(data)
         raise ImageLoadError("not a recognised image format" + (f" (looks like {hint})" if hint else ""))
-    try:
+    if fmt == "JPEG":
+        _check_jpeg_segments(data)
+    with _pillow_errors():
         img = _open_header(data, fmt)
-        _check_pixels(img.size)
-        img.load()
-    except ImageLoadError:
-        raise
+    _check_pixels(img.size)
+    return img
+
+
+@contextlib.contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Whatever Pillow raises, as an ImageLoadError with a short reason."""
+    try:
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"too large to decode safely ({short_reason(exc)})") from exc
     except UnidentifiedImageError as exc:  # Pillow's parser for the format refused the header
         raise ImageLoadError("not a recognised image format") from exc
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
         raise ImageLoadError(f"corrupt or truncated image ({short_reason(exc)})") from exc
-    return img
+
+
+def _check_jpeg_segments(data: bytes) -> None:
+    """Refuse a JPEG with more than MAX_JPEG_SCANS scans or MAX_JPEG_SEGMENTS segments, counted by walking its
+    segments (a scan's coded data is skipped to the next marker) without decoding; the walk stops at the end of
+    the image, at the first limit passed, or where the structure breaks (the decoder then says why)."""
+    scans = segments = 0
+    pos = 2  # after the start-of-image marker
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xD9:  # end of image
+            return
+        if marker == 0xFF or marker in _JPEG_STANDALONE_MARKERS:  # a fill byte, or a marker without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageLoadError(f"too costly to decode: a JPEG of more than {MAX_JPEG_SEGMENTS} segments "
+                                 "(a photo has a few dozen)")
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # start of scan: its coded data runs to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageLoadError(f"too costly to decode: a JPEG of more than {MAX_JPEG_SCANS} scans "
+                                     "(a progressive photo has about 10)")
+            scan_end = _JPEG_SCAN_END.search(data, pos)
+            if scan_end is None:
+                return
+            pos = scan_end.start()
 
 
 def _open_header(data: bytes, fmt: str) -> Image.Image:

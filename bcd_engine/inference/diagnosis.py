@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,10 @@ import pandas as pd
 from bcd_engine.data.archives import MAX_FILES, ExpansionBudget, is_zip, read_archive
 from bcd_engine.data.images import (
     SUPPORTED_EXTENSIONS,
+    DecodeBudget,
     decode_image,
     image_array,
+    read_header,
     read_image_bytes,
     short_reason,
 )
@@ -33,6 +36,14 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
 MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
 MAX_UPLOAD_TOTAL_BYTES = 256 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
 MAX_UPLOAD_FILES = MAX_FILES  # images in one upload, archive members included
+# Pixels, read from each image's header before any is decoded. One image, frames included: a 20-megapixel
+# (5472 x 3648) microscope camera frame passes, a 2592 x 1944 one is a quarter of it; decoding one costs up to
+# ~19 bytes a pixel at its peak (RGBA composited on white: ~380 MB) and ~1.5 s for a noisy RGBA PNG on one core.
+MAX_UPLOAD_IMAGE_PIXELS = 20_000_000
+# One upload, archive members included: 1,000 crops of 450 x 450 (203 megapixels) or about 50 frames of
+# 2592 x 1944; at 10-30 megapixels a second (RGBA PNG to JPEG, one core), at most 10-25 s of decoding.
+MAX_UPLOAD_PIXELS = 250_000_000
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
 SYNTHETIC_MODEL_ADVICE = ("This model was trained on a SYNTHETIC demo set, not on real smears: its answer says "
                           "nothing about a real image.")
@@ -304,36 +315,85 @@ def results_frame(results: Sequence[dict]) -> pd.DataFrame:
 
 
 def results_csv(results: Sequence[dict]) -> bytes:
-    """The results table as UTF-8 CSV bytes."""
+    """The results table as UTF-8 CSV bytes (RFC 4180: CRLF rows, so a carriage return inside a name stays inside
+    its quoted cell); a text cell that a spreadsheet would read as a formula (it starts with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return) gets a leading ``'``, as OWASP advises against CSV injection. Numbers are
+    written as they are."""
     buffer = io.StringIO()
-    results_frame(results).to_csv(buffer, index=False)
+    results_frame(results).map(_inert_cell).to_csv(buffer, index=False, lineterminator="\r\n")
     return buffer.getvalue().encode()
 
 
-def upload_sources(uploads: list[tuple[str, bytes]], *, max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES,
-                   max_files: int = MAX_UPLOAD_FILES) -> tuple[list[Source], list[dict]]:
-    """Uploaded (name, bytes) as diagnosis sources; zip archives are opened safely.
+def _inert_cell(value: object) -> object:
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES) else value
+
+
+class Upload(Protocol):
+    """An uploaded file whose size is known before its bytes are read (Streamlit's ``UploadedFile`` is one)."""
+
+    name: str
+    size: int
+
+    def getvalue(self) -> bytes: ...
+
+
+def upload_sources(uploads: Iterable[Upload | tuple[str, bytes]], *, max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES,
+                   max_files: int = MAX_UPLOAD_FILES,
+                   max_pixels: int = MAX_UPLOAD_PIXELS) -> tuple[list[Source], list[dict]]:
+    """Uploaded files (:class:`Upload` s, or (name, bytes) pairs) as diagnosis sources; zip archives are opened
+    safely.
 
     All the files of one upload share one budget of ``max_total_bytes`` held in memory (their own bytes
-    and everything their archives expand to) and of ``max_files`` images (archive members included).
-    Returns (sources, rejected): an upload over its size limit, an unsafe archive or a file past the
-    shared budget becomes a ``{"name", "error"}`` result, so one bad upload never costs the others.
+    and everything their archives expand to), of ``max_files`` images (archive members included) and of
+    ``max_pixels`` to decode (each image's from its header, at most :data:`MAX_UPLOAD_IMAGE_PIXELS`, before any
+    pixel is decoded). Each file's size is checked against the budget before its bytes are read, one file at a
+    time, and an archive's own bytes are let go once its members are read.
+    Returns (sources, rejected): an upload over its size limit, an unsafe archive, an image refused by its
+    header or a file past the shared budget becomes a ``{"name", "error"}`` result, so one bad upload never
+    costs the others; an archive member refused by its header becomes a source carrying the reason.
     """
     sources, rejected = [], []
     budget = ExpansionBudget(max_files=max_files, max_total_bytes=max_total_bytes)
-    for name, data in uploads:
-        archive = is_zip(name, data[:4])
-        limit = MAX_ARCHIVE_UPLOAD_BYTES if archive else MAX_UPLOAD_BYTES
-        if len(data) > limit:
-            rejected.append({"name": name, "error": f"file is {len(data) / 2**20:.1f} MB; "
-                                                   f"the limit is {limit // 2**20} MB"})
-            continue
+    pixels = DecodeBudget(MAX_UPLOAD_IMAGE_PIXELS, max_pixels)
+    for upload in uploads:
+        name, size, read = _upload_parts(upload)
         try:
-            if archive:
-                sources += sources_from_archive(data, name=name, budget=budget)
+            _check_upload_size(size, MAX_ARCHIVE_UPLOAD_BYTES)  # no file may be larger, archive or not
+            budget.check(size, label=name)
+            data = read()
+            if is_zip(name, data[:4]):
+                sources += [_charged_member(member, pixels)
+                            for member in sources_from_archive(data, name=name, budget=budget)]
             else:
+                _check_upload_size(size, MAX_UPLOAD_BYTES)
+                pixels.charge(read_header(data))
                 budget.charge(len(data), label=name, files=1)
                 sources.append(Source(name, data))
         except BCDError as exc:
             rejected.append({"name": name, "error": str(exc)})
     return sources, rejected
+
+
+def _upload_parts(upload: Upload | tuple[str, bytes]) -> tuple[str, int, Callable[[], bytes]]:
+    """(name, size, reader) of an upload, its bytes unread."""
+    if isinstance(upload, tuple):
+        name, data = upload
+        return name, len(data), lambda: data
+    return upload.name, upload.size, upload.getvalue
+
+
+def _check_upload_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise DataError(f"file is {size / 2**20:.1f} MB; the limit is {limit // 2**20} MB")
+
+
+def _charged_member(member: Source, pixels: DecodeBudget) -> Source:
+    """An archive member whose header fits the decode budget; otherwise the member with the reason instead of its
+    bytes."""
+    if member.error is not None:
+        return member
+    try:
+        pixels.charge(read_header(member.data))
+    except ImageLoadError as exc:
+        return Source(member.name, None, error=str(exc))
+    return member

@@ -2,6 +2,7 @@
 import plotly.express as px
 import streamlit as st
 
+from bcd_engine.data.images import MAX_JPEG_SCANS
 from bcd_engine.errors import BCDError
 from bcd_engine.evaluation.ood import DEFAULT_PASS_RATE
 from bcd_engine.inference import diagnosis, explain
@@ -46,8 +47,10 @@ uploads = st.file_uploader(
     accept_multiple_files=True, key="diagnose_upload",
     help=f"At most {diagnosis.MAX_UPLOAD_BYTES // 2**20} MB per image, "
          f"{diagnosis.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive and "
-         f"{diagnosis.MAX_UPLOAD_TOTAL_BYTES // 2**20} MB for the whole upload with its archives expanded. A file "
-         "that cannot be used is listed with the reason; the others are still diagnosed.")
+         f"{diagnosis.MAX_UPLOAD_TOTAL_BYTES // 2**20} MB for the whole upload with its archives expanded; each "
+         f"image at most {diagnosis.MAX_UPLOAD_IMAGE_PIXELS / 1e6:g} megapixels (frames included) and "
+         f"{diagnosis.MAX_UPLOAD_PIXELS / 1e6:g} megapixels in all, and a JPEG of at most {MAX_JPEG_SCANS} scans. "
+         "A file that cannot be used is listed with the reason; the others are still diagnosed.")
 if not run_ids:
     st.info("Choose at least one model.")
     st.stop()
@@ -63,7 +66,8 @@ except BCDError as exc:
 # Diagnose once per (models, uploads): moving the opacity slider or downloading must not redo the work.
 job = (tuple(artifacts.model_identity(r, store=store) for r in run_ids), tuple(u.file_id for u in uploads))
 if st.session_state.get("diagnose_job", (None,))[0] != job:
-    sources, rejected = diagnosis.upload_sources([(u.name, u.getvalue()) for u in uploads])
+    # Each file's size is charged before it is read, and its header before any pixel is decoded.
+    sources, rejected = diagnosis.upload_sources(uploads)
     st.session_state.pop("diagnose_job", None)
     # On the server's shared queue; a lone image keeps its decoded pixels for its heatmap (never a batch).
     results = common.run_queued(diagnoser.diagnose_steps(sources, keep_images=len(sources) == 1),

@@ -48,7 +48,7 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
 
     table = comparison.runs_table(run_tables.runs_frame(db), evaluations).set_index("id")
     assert list(table.columns[:5]) == ["backbone", "dataset", "status", "accuracy (95% CI)", "macro AUC (95% CI)"]
-    assert table.loc[ids["holdout"], "dataset"].endswith("(SYNTHETIC)")  # the fixture's set, as registered
+    assert table.loc[ids["holdout"], "dataset"].endswith("images, SYNTHETIC)")  # the fixture's set, as registered
     assert table.loc[ids["holdout"], "accuracy (95% CI)"] == expected
     assert table.loc[ids["failed"], "accuracy (95% CI)"] == "n/a"
 

@@ -134,7 +134,7 @@ mkdir -p "$LAB" "$SERVED"
 lab_bcd() { store_bcd "$LAB" "$LAB/cache" "$@"; }
 WEIGHTS=$LAB/backbone.weights.h5
 if [[ -n "${BCD_CHECK_DATA:-}" ]]; then
-  DATA=$(cd "$BCD_CHECK_DATA" && pwd) || fail "BCD_CHECK_DATA is not a folder: $BCD_CHECK_DATA"
+  DATA=$(cd "$BCD_CHECK_DATA" 2>/dev/null && pwd) || fail "BCD_CHECK_DATA is not a folder: $BCD_CHECK_DATA"
 else
   DATA=$LAB/data
   (cd "$ROOT" && "$PYTHON" -c 'import sys

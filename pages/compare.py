@@ -210,6 +210,9 @@ for i, root in enumerate(roots):
         box.warning(common.public(f"This folder cannot be read here, so it cannot be audited: {exc}"))
         continue
     audit = audit_of(root)
+    if audit is None and common.demo_mode():  # a demo writes nothing: it shows only audits already computed
+        box.caption("Not audited yet; a demo shows only audits computed beforehand.")
+        continue
     if audit is None:
         box.caption("Not audited yet. It takes a few seconds for a few thousand images; the result is kept.")
         if box.button("Run shortcut audit", key=f"compare_audit_{i}", icon=":material/search:"):
@@ -321,6 +324,11 @@ count = cell_ev.confusion_matrix[cell_ev.class_names.index(true_class)][cell_ev.
 st.caption(f"{count} test image(s) of class {true_class} that run {gallery_run} called {predicted_class}"
            + (f"; the {len(items)} it was most sure of." if count > len(items) else ".")
            + " The pair starts at the most frequent mistake.")
+public = [item for item in items if common.public_path(item["path"])]  # a demo shows only public datasets' images
+if len(public) < len(items):
+    st.info(f"{len(items) - len(public)} of these images are from a dataset this demo may not show.",
+            icon=":material/visibility_off:")
+    items = public
 loaded = None
 if show_cam and items:
     try:

@@ -69,9 +69,14 @@ if st.session_state.get("diagnose_job", (None,))[0] != job:
     # Each file's size is charged before it is read, and its header before any pixel is decoded.
     sources, rejected = diagnosis.upload_sources(uploads)
     st.session_state.pop("diagnose_job", None)
-    # On the server's shared queue; a lone image keeps its decoded pixels for its heatmap (never a batch).
-    results = common.run_queued(diagnoser.diagnose_steps(sources, keep_images=len(sources) == 1),
-                                describe=lambda done, total: f"Diagnosed {done} of {total} image(s)") if sources else []
+    # On the server's shared queue; a lone image keeps its decoded pixels for its heatmap (never a batch). The
+    # steps own the sources, letting each image's bytes go once it is decoded, so the page keeps no list of them.
+    count = len(sources)
+    steps = diagnoser.diagnose_steps(sources, keep_images=count == 1)
+    del sources
+    results = common.run_queued(steps, images=count, describe=lambda done, total: f"Diagnosed {done} of {total} "
+                                "image(s)") if count else []
+    del steps
     st.session_state["diagnose_job"] = (job, rejected + results)  # whole files refused first
 _, results = st.session_state["diagnose_job"]
 if not results:
@@ -79,14 +84,15 @@ if not results:
 good = [r for r in results if "predicted_class" in r]
 unusable = [r for r in results if "error" in r]
 for bad in unusable[:SHOWN_ERRORS]:
-    st.error(common.public(f"**{bad['name']}** cannot be used: {bad['error']}"), icon=":material/block:")
+    name, reason = (common.plain(common.public(bad[key])) for key in ("name", "error"))  # a visitor's text, as text
+    st.error(f"**{name}** cannot be used: {reason}", icon=":material/block:")
 if len(unusable) > SHOWN_ERRORS:
     st.error(f"... and {len(unusable) - SHOWN_ERRORS} more files cannot be used: the table below gives each reason.",
              icon=":material/block:")
 
 if len(good) == 1 and len(results) == 1:
     result = good[0]
-    st.subheader(result["name"])
+    st.subheader(common.plain(result["name"]))
     if result["reading"] == "out_of_domain":  # no class is the answer: only why, and the gate's figures
         st.error(result["advice"], icon=READING_ICONS["out_of_domain"])
         st.caption(f"Unusualness score {result['ood_score']:,.0f}; images scoring above {result['ood_threshold']:,.0f} "

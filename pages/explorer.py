@@ -133,6 +133,8 @@ with twins:
     other = twin_root(root)
     if other is None:
         st.info("This folder has no `Original`/`Segmented` twin next to it (the ALL dataset has both).")
+    elif not common.public_path(other):
+        st.info(f"This demo does not show {other.name}, the twin next to this folder: it is not a public dataset.")
     else:
         c1, c2 = st.columns([1, 2])
         twin_class = c1.selectbox("Class", scan.class_names, key="explorer_twin_class")

@@ -9,6 +9,7 @@ crafted file name never reaches the file system.
 from __future__ import annotations
 
 import io
+import math
 import re
 import shutil
 import threading
@@ -22,6 +23,7 @@ from browser import check, launched_browser, open_page, require_browser, settle,
 from helpers import PROJECT_ROOT, read_only_tree, unprivileged, workspace_store
 from PIL import Image
 
+from bcd_engine.inference.diagnosis import MAX_UPLOAD_IMAGE_PIXELS
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.training.run import train
 
@@ -169,7 +171,7 @@ def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser, synt
     base, server, _private, _tmp = demo
     _diagnose_page(browser, base, synthetic_dataset).close()  # the model loaded and warm
     page = open_page(browser, base, "diagnose", "Diagnose images")  # an empty uploader: deep.png alone
-    side = 7000  # 49 million pixels, under the 50 million cap
+    side = math.isqrt(MAX_UPLOAD_IMAGE_PIXELS) // 100 * 100  # 4400: 19.4 million pixels, under the 20 million cap
     ramp = (np.arange(side, dtype=np.uint32) * 9 % 65536).astype(np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(buffer, format="PNG")
@@ -181,8 +183,8 @@ def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser, synt
     # A ramp is no smear: the out-of-domain gate refuses it (that it was decoded at all is what is measured).
     page.get_by_text("does not look like the images the model was trained on").wait_for(timeout=10_000)
     check(page, "demo-16-bit")
-    # 49 MP at 16 bits is 98 MB as decoded; the 8-bit RGB image 147 MB. Before the band-wise conversion
-    # this image took the server 1.3 GB.
+    # 19.4 MP at 16 bits is 39 MB as decoded; the 8-bit RGB image 58 MB. Before the band-wise conversion a
+    # 49 MP one took the server 1.3 GB.
     assert memory.rise <= HOSTILE_RISE_LIMIT, f"server memory rose {memory.rise / 2**20:.0f} MB"
     print(f"\n16-bit {side}x{side} PNG ({len(buffer.getvalue()) / 2**10:.0f} KB): "
           f"server memory rose {memory.rise / 2**20:.0f} MB")

@@ -1,9 +1,13 @@
 """Streamlit-side glue shared by the pages: cached store/scan/model, demo mode, explainers."""
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import threading
+import weakref
 from collections.abc import Callable
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -17,7 +21,7 @@ from bcd_engine.data.images import load_image
 from bcd_engine.data.scan import ScanResult, folder_signature, scan_dataset
 from bcd_engine.errors import BCDError, BusyError
 from bcd_engine.inference.explain import explain_image
-from bcd_engine.inference.service import InferenceQueue, Steps
+from bcd_engine.inference.service import InferenceQueue, Steps, shared_queue
 from bcd_engine.reports import explorer as explorer_tables
 from bcd_engine.store import RunStore
 from bcd_engine.store.artifacts import model_identity
@@ -57,11 +61,21 @@ def load_model(run_id: int):
                        str(settings.artifacts_dir()))
 
 
+_models_in_memory: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # identity -> a model still in use
+_models_lock = threading.Lock()
+
+
 @st.cache_resource(show_spinner="Loading the model ...", max_entries=4)
 def _load_model(run_id: int, identity: str, url: str, artifacts: str):
+    """Loaded once while in use: after a cache clear (any client may ask Streamlit for one) a model that a
+    queued job or another page still holds is handed out again, never loaded as a second copy."""
     from bcd_engine.inference.loading import load_run_model
 
-    return load_run_model(run_id, store=_store(url))
+    with _models_lock:
+        loaded = _models_in_memory.get(identity)
+        if loaded is None:
+            loaded = _models_in_memory[identity] = load_run_model(run_id, store=_store(url))
+        return loaded
 
 
 def grad_cam(run_id: int, image: str | np.ndarray, class_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,15 +93,31 @@ def _grad_cam(run_id: int, identity: str, image: str | np.ndarray, class_name: s
         shown = image if isinstance(image, np.ndarray) else load_image(image, image_size=loaded.config.image_size)
         return shown, explain_image(loaded, shown, class_index=index).heatmap
 
-    job = inference_queue().call(compute, alive=_visitor_alive())
+    job = inference_queue().call(compute, alive=_visitor_alive(), visitor=visitor())
     job.wait()
     return job.result()
 
 
-@st.cache_resource(show_spinner=False)
 def inference_queue() -> InferenceQueue:
-    """The server process's one inference queue, shared by every session (see bcd_engine.inference.service)."""
-    return InferenceQueue()
+    """The server process's one inference queue, shared by every session and kept out of Streamlit's caches, which
+    any client may clear (see bcd_engine.inference.service)."""
+    return shared_queue()
+
+
+def visitor() -> str | None:
+    """Whom this page's queued work counts against: the visitor's public IP address (an IPv6 one by its /64), so
+    that many tabs share one share; this tab's session where the address is local or private (a reverse proxy's,
+    or none); None outside a Streamlit session."""
+    ctx = get_script_run_ctx(suppress_warning=True)
+    if ctx is None:
+        return None
+    try:
+        address = ipaddress.ip_address(st.context.ip_address or "")
+    except ValueError:
+        return f"session {ctx.session_id}"
+    if not address.is_global:
+        return f"session {ctx.session_id}"
+    return f"ip {ipaddress.ip_network(f'{address}/64', strict=False) if address.version == 6 else address}"
 
 
 def _visitor_alive() -> Callable[[], bool] | None:
@@ -99,14 +129,15 @@ def _visitor_alive() -> Callable[[], bool] | None:
     return lambda: Runtime.instance().is_active_session(session_id)
 
 
-def run_queued(steps: Steps, *, describe: Callable[[int, int], str]) -> Any:
-    """Run ``steps`` on the shared inference queue with a progress bar (``describe(done, total)`` its text).
+def run_queued(steps: Steps, *, images: int, describe: Callable[[int, int], str]) -> Any:
+    """Run ``steps`` (``images`` images) on the shared inference queue with a progress bar (``describe(done,
+    total)`` its text).
 
-    A full queue shows a "busy" message and stops the page; the visitor leaving, or starting other
-    work on the page, drops the job.
+    A full queue, or a visitor past their share, gets the reason and the page stops; the visitor leaving, or
+    starting other work on the page, drops the job.
     """
     try:
-        job = inference_queue().submit(steps, alive=_visitor_alive())
+        job = inference_queue().submit(steps, alive=_visitor_alive(), visitor=visitor(), images=images)
     except BusyError as exc:
         st.warning(f"{exc}.", icon=":material/hourglass_top:")
         st.stop()
@@ -148,6 +179,26 @@ def public(message: object) -> str:
     if not demo_mode():
         return text
     return _SERVER_PATH.sub(lambda match: ".../" + PurePath(match.group()).name, text)
+
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$&=^\"'])")
+
+
+def plain(text: object) -> str:
+    """A visitor's text (a file or archive member name) as Markdown that shows exactly that text: every Markdown,
+    HTML and Streamlit directive character backslash-escaped, line breaks as spaces."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def public_path(path: str | os.PathLike) -> bool:
+    """Whether a visitor may see the image or folder at ``path``: always outside demo mode; in demo mode only
+    inside the SYNTHETIC demo set, another synthetic set, or a folder the host lists in ``BCD_DEMO_DATASETS``."""
+    if not demo_mode():
+        return True
+    target = Path(path).resolve()
+    if any(target.is_relative_to(root.resolve()) for root in (Path(demo_dataset()), *settings.demo_datasets())):
+        return True
+    return any(synthetic.is_synthetic(folder) for folder in (target, target.parent, target.parent.parent))
 
 
 def demo_banner() -> None:

@@ -33,7 +33,9 @@ from bcd_engine.store import RunStore
 N_DIHEDRAL_VIEWS = 8
 LOW_CONFIDENCE = 0.7  # below this mean probability of the answer, the result is flagged as unsure
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image
-MAX_ARCHIVE_UPLOAD_BYTES = 200 * 1024 * 1024  # one zip archive (also .streamlit/config.toml)
+# One zip archive, and so any uploaded file: server.maxUploadSize in .streamlit/config.toml, since Streamlit keeps
+# every file in the uploader in memory, refused or not (1,000 smear crops of ~50 KB fit).
+MAX_ARCHIVE_UPLOAD_BYTES = 64 * 1024 * 1024
 MAX_UPLOAD_TOTAL_BYTES = 256 * 1024 * 1024  # one upload in memory: its files and all their archives expand to
 MAX_UPLOAD_FILES = MAX_FILES  # images in one upload, archive members included
 # Pixels, read from each image's header before any is decoded. One image, frames included: a 20-megapixel
@@ -218,22 +220,22 @@ class Diagnoser:
                        keep_images: bool = False) -> Generator[tuple[int, int], None, list[dict]]:
         """:meth:`diagnose` one batch at a time: yields (done, total) after each batch and returns the results.
 
-        Only the batch being diagnosed is held decoded. With ``keep_images`` each result also holds
-        ``image``, the image as the first model saw it (for its Grad-CAM, without decoding it again).
+        Only the batch being diagnosed is held decoded, and each source is let go (its bytes with it) once it is
+        decoded: a caller that keeps no list of its own holds no upload's bytes past its batch. With
+        ``keep_images`` each result also holds ``image``, the image as the first model saw it (for its Grad-CAM,
+        without decoding it again).
         """
+        sources = list(sources)  # this generator's own list, emptied as it goes
         results: list[dict] = [{"name": s.name} for s in sources]
         for start in range(0, len(sources), batch_size):
             chunk = range(start, min(start + batch_size, len(sources)))
             loaded = {}
             for i in chunk:
-                if sources[i].error:
-                    results[i]["error"] = sources[i].error
-                    continue
-                try:
-                    image = decode_image(_read(sources[i].data))  # decoded once, resized per model
-                    loaded[i] = [image_array(image, image_size=m.config.image_size) for m in self.models]
-                except ImageLoadError as exc:
-                    results[i]["error"] = str(exc)
+                decoded = self._decoded(sources, i)
+                if isinstance(decoded, str):
+                    results[i]["error"] = decoded
+                else:
+                    loaded[i] = decoded
             if loaded:
                 arrays = [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))]
                 for i, result in zip(loaded, self.diagnose_arrays(arrays, tta=tta)):
@@ -242,6 +244,18 @@ class Diagnoser:
                         results[i]["image"] = loaded[i][0]
             yield chunk.stop, len(sources)
         return results
+
+    def _decoded(self, sources: list[Source | None], i: int) -> list[np.ndarray] | str:
+        """Source ``i`` decoded once and resized for each model, or why it cannot be; it leaves ``sources`` either
+        way."""
+        source, sources[i] = sources[i], None
+        if source.error:
+            return source.error
+        try:
+            image = decode_image(_read(source.data))
+            return [image_array(image, image_size=m.config.image_size) for m in self.models]
+        except ImageLoadError as exc:
+            return str(exc)
 
 
 def _read(data: str | os.PathLike | bytes) -> bytes:

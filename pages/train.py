@@ -86,12 +86,22 @@ def _defaults_text(setting: str) -> str:
     return f"default: {commonest}" + (f" ({exceptions})" if exceptions else "")
 
 
+def _placeholder(setting: str) -> str:
+    """What a blank box shows, short enough to fit it: the default of a pretrained backbone from ImageNet weights,
+    starred when it differs by backbone or starting weights."""
+    starts = [(name, weights) for name, spec in BACKBONES.items()
+              for weights in (("none", "imagenet") if spec.pretrained else ("none",))]
+    values = {_default_value(TrainConfig.for_backbone(name, weights=weights), setting) for name, weights in starts}
+    shown = _default_value(TrainConfig.for_backbone("mobilenetv2", weights="imagenet"), setting)
+    text = f"{shown:g}" if isinstance(shown, float) else str(shown)
+    return text + ("*" if len(values) > 1 else "")
+
+
 def _setting_input(column, label: str, setting: str, low, high, help: str = "", **options):
-    """A number box for one TrainConfig setting, blank (None) unless the user types a value; its placeholder and
-    help show the defaults a blank box takes."""
-    defaults = _defaults_text(setting)
-    return column.number_input(label, low, high, None, key=f"train_{setting}", placeholder=defaults,
-                               help=f"{help} Blank takes the {defaults}.".strip(), **options)
+    """A number box for one TrainConfig setting, blank (None) unless the user types a value; its placeholder shows
+    the default a blank box takes and its help every backbone's."""
+    return column.number_input(label, low, high, None, key=f"train_{setting}", placeholder=_placeholder(setting),
+                               help=f"{help} Blank takes the {_defaults_text(setting)}.".strip(), **options)
 
 
 if demo:
@@ -116,7 +126,8 @@ else:
                                     + " The scratch CNN always starts from none.")
         weights_path = w2.text_input("Weights file (when \"a weights file on this machine\")", key="train_weights_path",
                                      placeholder="~/weights/resnet50_imagenet_notop.weights.h5")
-        st.caption("A setting left blank takes each backbone's default (shown in the box).")
+        st.caption("A setting left blank takes each backbone's default, shown in grey; * marks one that differs by "
+                   "backbone or starting weights (the box's ? lists them).")
         given = {}  # TrainConfig field -> the value typed; None where left blank (TrainConfig.for_backbone decides)
         c1, c2, c3 = st.columns(3)
         given["image_size"] = _setting_input(c1, "Image size (px)", "image_size", SMALLEST_INPUT, 512,
@@ -131,7 +142,8 @@ else:
         given["batch_size"] = _setting_input(c1, "Batch size", "batch_size", 1, 256)
         given["learning_rate"] = _setting_input(c2, "Learning rate", "learning_rate", 1e-6, 1.0, format="%.5f")
         given["optimizer"] = c3.selectbox("Optimizer", OPTIMIZERS, index=None, key="train_optimizer",
-                                          placeholder=_defaults_text("optimizer"))
+                                          placeholder=_placeholder("optimizer"),
+                                          help=f"Blank takes the {_defaults_text('optimizer')}.")
         given["augment"] = _setting_input(c4, "Augmentation factor", "augment", 1, MAX_AUGMENT,
                                           "Augmented views per training image.")
         c1, c2, c3, c4 = st.columns(4)

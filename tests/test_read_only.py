@@ -103,10 +103,13 @@ def test_a_missing_store_behind_a_read_only_url_is_not_created(tmp_path: Path) -
 
 def test_a_read_only_store_with_an_old_schema_says_how_to_upgrade_it(tmp_path: Path) -> None:
     db = tmp_path / "results.db"
-    sqlite3.connect(db).close()  # an empty database: no bcd schema at all
+    database = sqlite3.connect(db)  # an empty database: no bcd schema at all
+    database.execute("PRAGMA user_version = 0")  # writes the header (a file of 0 bytes is refused as no database)
+    database.commit()
+    database.close()
     with pytest.raises(StoreError, match=r"no bcd schema; it is read-only.*writable copy"):
         RunStore.open(f"sqlite:///{db}?mode=ro")
-    assert db.stat().st_size == 0
+    assert db.stat().st_size == 4096
 
 
 def test_caches_move_to_a_private_temporary_folder_when_the_project_is_read_only(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -239,7 +240,11 @@ def test_opening_a_store_that_is_missing_or_empty_asks_for_run_store_open(db_url
         with pytest.raises(StoreError, match=r"no run store at .*\(no such file\); RunStore\.open"):
             RunStore(db_url)
         assert not path.exists()
-        path.touch()  # an empty SQLite database
+        database = sqlite3.connect(path)  # an empty SQLite database (a file of 0 bytes is refused as none)
+        database.execute("PRAGMA user_version = 0")
+        database.commit()
+        database.close()
+        size = path.stat().st_size
 
     def refused() -> None:
         with pytest.raises(StoreError, match=r"has no bcd schema; open it once with RunStore\.open\(url\)"):
@@ -247,7 +252,7 @@ def test_opening_a_store_that_is_missing_or_empty_asks_for_run_store_open(db_url
 
     assert _write_statements(db_url, refused) == []
     if path:
-        assert path.stat().st_size == 0
+        assert path.stat().st_size == size
     with RunStore.open(db_url) as store:
         assert store.list_runs() == []
     RunStore(db_url).close()

@@ -89,8 +89,9 @@ def export_run(
 ) -> ExportResult:
     """Export run ``run_id``'s verified model as ``.keras`` or ``.tflite`` with ``labels.json`` and ``MODEL_CARD.md``.
 
-    ``out_dir`` is created if missing; existing files are only replaced with ``overwrite=True``. A TFLite
-    export is checked against Keras on seeded random images before anything is written.
+    ``out_dir`` is created if missing; existing files are only replaced with ``overwrite=True``. The model must
+    load in Keras safe mode (StoreError otherwise), and a TFLite export is checked against Keras on seeded random
+    images, before anything is written.
     """
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -104,7 +105,8 @@ def export_run(
         raise ConfigError(f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True "
                           "(CLI: --overwrite)")
     run = store.get_run(run_id)
-    content, max_diff = checked_tflite(load_run_model(run_id, store=store)) if format == "tflite" else (None, None)
+    loaded = load_run_model(run_id, store=store)  # Keras safe mode: a model it refuses is not exported either
+    content, max_diff = checked_tflite(loaded) if format == "tflite" else (None, None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if content is None:  # the very file the run saved, so its sha256 is the one in the store

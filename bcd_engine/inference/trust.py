@@ -7,6 +7,7 @@ for a run trained before they existed, from the split the store recorded.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
-from bcd_engine.errors import WriteError
+from bcd_engine.errors import StoreError, WriteError
 from bcd_engine.evaluation.calibration import apply_temperature, fit_temperature
 from bcd_engine.evaluation.confidence import expected_calibration_error
 from bcd_engine.evaluation.ood import MahalanobisGate
@@ -47,9 +48,15 @@ class RunTrust:
 
     @classmethod
     def load(cls, path: Path) -> RunTrust:
-        with np.load(path, allow_pickle=False) as data:
-            gate = MahalanobisGate(data["means"], data["precision"], float(data["threshold"]), float(data["pass_rate"]))
-            return cls(gate, float(data["temperature"]))
+        """Read a gate :meth:`save` wrote; StoreError for a file that is not one (pickled objects are never loaded)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                gate = MahalanobisGate(data["means"], data["precision"], float(data["threshold"]),
+                                       float(data["pass_rate"]))
+                return cls(gate, float(data["temperature"]))
+        except (ValueError, KeyError, zipfile.BadZipFile) as exc:
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise StoreError(f"the OOD gate {path} is not one bcd saved ({detail}); refusing it") from None
 
 
 def feature_model(model):

@@ -10,17 +10,21 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bcd_engine import settings
 from bcd_engine.errors import StoreError
-from bcd_engine.files import file_sha256
-from bcd_engine.store.runs import RunStore
+from bcd_engine.files import file_sha256, remove_stale_temp_files
+
+if TYPE_CHECKING:  # runs.py imports this module (RunStore.open sweeps the run folders)
+    from bcd_engine.store.runs import RunStore
 
 MODEL_KIND = "model"
 MODEL_FILE = "model.keras"
 TRUST_KIND = "trust"
 TRUST_FILE = "trust.npz"
 _WHAT = {MODEL_KIND: "model file", TRUST_KIND: "OOD gate"}
+STALE_TEMP_FILE_S = 600  # a save's temporary file untouched this long was left by a killed process
 
 
 def run_folder(run_id: int) -> Path:
@@ -93,3 +97,25 @@ def delete_run(store: RunStore, run_id: int) -> None:
     """Delete a run from the store (everything recorded about it) and then its files."""
     store.delete_run(run_id)
     shutil.rmtree(run_folder(run_id), ignore_errors=True)
+
+
+def remove_unrecorded_files(store: RunStore, run_id: int) -> list[Path]:
+    """Remove the files in run ``run_id``'s folder that the store has no record of (what a failed run wrote before
+    it failed, such as a model saved before its gate could be), and the folder when it is left empty; the files
+    removed."""
+    folder = run_folder(run_id)
+    root = settings.artifacts_dir().resolve()
+    recorded = {(root / a.path).resolve() for a in store.get_artifacts(run_id)}
+    removed = [path for path in folder.glob("*") if path.is_file() and path.resolve() not in recorded]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return removed
+
+
+def sweep_temp_files() -> list[Path]:
+    """Remove the temporary files that saves killed midway left in the run folders (see
+    :func:`bcd_engine.files.atomic_path`), once untouched for STALE_TEMP_FILE_S; the files removed."""
+    return [path for folder in settings.artifacts_dir().glob("run-*") if folder.is_dir()
+            for path in remove_stale_temp_files(folder, older_than_s=STALE_TEMP_FILE_S)]

@@ -7,11 +7,13 @@ The schema is created and changed only by the Alembic revisions in ``migrations/
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
+import sqlite3
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,17 +26,20 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 
 from bcd_engine.errors import StoreError
+from bcd_engine.files import atomic_path
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_CONNECT_TIMEOUT_S = 10
 _PG_MIGRATION_LOCK_KEY = 0x62636431  # "bcd1": pg_advisory_xact_lock key held while migrating
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
-
+# PostgreSQL error codes of a lost or refused connection besides class 08: the server was shut down
+# (admin_shutdown, crash_shutdown) or is starting or stopping (cannot_connect_now).
+_SERVER_GOING_AWAY = {"57P01", "57P02", "57P03"}
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -186,6 +191,24 @@ def one_line(exc: BaseException) -> str:
     return message if len(message) <= 300 else message[:297] + "..."
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost or refused connection to a database server, which trying again may cure
+    (a PostgreSQL restart: connection refused or reset, the server closed the connection, it is starting up).
+
+    Never on SQLite: its "database is locked" has already waited out the busy timeout, and its other
+    errors (a full disk, a corrupt file) do not pass by themselves.
+    """
+    if not isinstance(exc, DBAPIError) or isinstance(exc.orig, sqlite3.Error):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    # psycopg gives a connection that failed or broke no SQLSTATE; a refused query always has one.
+    return isinstance(exc, OperationalError) and (
+        sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
+    )
+
+
 
 
 @functools.cache
@@ -219,12 +242,15 @@ def connect(raw_url: str, masked: str, *, create: bool) -> StoreEngines:
             path, asked_read_only = _sqlite_file(url)
         read_only = False
         if path is not None:
+            _refuse_empty_file(path)
             read_only = asked_read_only or (path.is_file() and not _can_write(path))
             if create and not read_only:
                 # Only the file's own folder is created: a typo higher up should fail, not build a tree.
                 path.parent.mkdir(exist_ok=True)
                 if not path.is_file() and not os.access(path.parent, os.W_OK):
                     raise StoreError(f"there is no run store at {masked}, and its folder is read-only")
+                if not path.is_file():
+                    _create_sqlite_file(path)
             elif not path.is_file():
                 made = "" if read_only else "; RunStore.open(url) (or any `python -m bcd_engine` command) creates it"
                 raise StoreError(f"there is no run store at {masked} (no such file){made}")
@@ -234,6 +260,36 @@ def connect(raw_url: str, masked: str, *, create: bool) -> StoreEngines:
     except (ImportError, OSError, SQLAlchemyError) as exc:
         raise StoreError(f"cannot open the run store at {masked}: {one_line(exc)}") from None
     return StoreEngines(engine, engine.execution_options(bcd_write=True), path, read_only)
+
+
+def _refuse_empty_file(path: Path) -> None:
+    """Raise :class:`StoreError` for a file of 0 bytes: bcd never makes one (:func:`_create_sqlite_file`), and
+    SQLite would silently turn it into a new store."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise StoreError(f"{path} is empty (0 bytes): it is not a bcd run store; delete it to start a new store "
+                         "there, or point BCD_DATABASE_URL at another file")
+
+
+def _create_sqlite_file(path: Path) -> None:
+    """Create an empty SQLite database in WAL mode at ``path``, whole: it is made beside ``path`` and moved into
+    place, so no process ever finds it at 0 bytes. One another process created meanwhile is kept."""
+    with contextlib.suppress(FileExistsError), atomic_path(path, suffix=".new", replace=False) as tmp:
+        database = sqlite3.connect(tmp)
+        try:
+            database.execute("PRAGMA journal_mode = WAL")  # writes the file's header
+        finally:
+            database.close()
+
+
+def _refuse_foreign_database(engine: Engine, path: Path) -> None:
+    """Raise :class:`StoreError` when the SQLite file at ``path`` (without bcd's schema) holds tables: it is another
+    program's database, and nothing in it may be changed (a read only)."""
+    with engine.connect() as conn:
+        tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
+    if tables:
+        raise StoreError(f"{path} is a SQLite database with other tables ({', '.join(tables[:5])}) and no bcd "
+                         "schema: it is not a bcd run store, and it was left unchanged; point BCD_DATABASE_URL "
+                         "at another file")
 
 
 def require_newest_schema(engines: StoreEngines, masked: str) -> None:
@@ -259,14 +315,18 @@ def require_newest_schema(engines: StoreEngines, masked: str) -> None:
 def upgrade_schema(engines: StoreEngines, masked: str) -> None:
     """Bring the schema to the newest revision (SQLite: in WAL mode); only reads when it is there.
 
+    A SQLite file without bcd's schema that holds other tables is refused before anything in it changes.
+
     The upgrade runs in one transaction that first takes a lock every other opener waits for
     (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), then checks the revision again.
     """
+    current, head = _revisions(engines.reader, masked)
     try:
-        if engines.reader.dialect.name == "sqlite":
+        if engines.file is not None:
+            if current is None:
+                _refuse_foreign_database(engines.reader, engines.file)
             with engines.reader.connect() as conn:
                 _sqlite_pragma(conn, "journal_mode = WAL")
-        current, head = _revisions(engines.reader, masked)
         if current == head:
             return
         with engines.writer.connect() as conn, migration_transaction(conn):

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import time
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,7 +27,15 @@ from sqlalchemy.orm import Session
 from bcd_engine import settings
 from bcd_engine.errors import RecordError, RunNotFoundError, StoreError
 from bcd_engine.processes import pid_alive
-from bcd_engine.store.engine import connect, mask_url, one_line, require_newest_schema, upgrade_schema
+from bcd_engine.store.artifacts import sweep_temp_files
+from bcd_engine.store.engine import (
+    connect,
+    is_transient,
+    mask_url,
+    one_line,
+    require_newest_schema,
+    upgrade_schema,
+)
 from bcd_engine.store.models import (
     FINAL_STATUSES,
     RUN_STATUSES,
@@ -57,6 +66,7 @@ from bcd_engine.store.records import (
 _SUBSET = re.compile(r"(train|val|test|fold\d+)")
 
 _R = TypeVar("_R")
+TRANSIENT_RETRY_S = 10.0  # how long a call waits out a lost or refused database connection (RunStore._begin)
 
 
 class ScoredEvaluation(typing.Protocol):
@@ -143,9 +153,10 @@ class RunStore:
         """The store at ``url`` made ready for a process entry point (CLI, worker, app start).
 
         Creates the SQLite file (and its own folder, not the ones above it) if needed, brings the
-        schema to the newest revision and marks runs whose process died as interrupted
-        (:meth:`recover_interrupted`). Safe to call from several processes at once. A read-only
-        store is only checked, like ``RunStore(url)`` does.
+        schema to the newest revision, marks runs whose process died as interrupted
+        (:meth:`recover_interrupted`) and removes the temporary files killed saves left in the run
+        folders (:func:`~bcd_engine.store.artifacts.sweep_temp_files`). Safe to call from several
+        processes at once. A read-only store is only checked, like ``RunStore(url)`` does.
         """
         store = cls.__new__(cls)
         store._connect(url, create=True)
@@ -155,6 +166,7 @@ class RunStore:
             else:
                 upgrade_schema(store._engines, store._masked)
                 store.recover_interrupted()
+                sweep_temp_files()
         except BaseException:
             store._engines.reader.dispose()
             raise
@@ -194,12 +206,14 @@ class RunStore:
 
         SQLAlchemy errors become :class:`StoreError` naming the (masked) URL: :class:`RecordError`
         when the database refused the values (a constraint), or a column type did (a naive time).
+        The connection is taken first, by :meth:`_begin`, which waits out a database server's restart.
         """
         if write and self.read_only:
             raise StoreError(f"the run store at {self._masked} is read-only; nothing can be saved to it")
         self._check_file()
         session = Session(self._engines.writer if write else self._engines.reader, expire_on_commit=False)
         try:
+            self._begin(session)
             yield session
             session.commit()
         except SQLAlchemyError as exc:
@@ -209,6 +223,31 @@ class RunStore:
             raise error(f"run store {self._masked}: {one_line(exc)}") from exc
         finally:
             session.close()
+
+    @staticmethod
+    def _begin(session: Session) -> None:
+        """Take the session's connection and begin its transaction, trying again on a transient failure.
+
+        A lost or refused connection (:func:`~bcd_engine.store.engine.is_transient`: the server restarting,
+        connection refused or reset, closed by the server) is tried again with growing pauses for up to
+        TRANSIENT_RETRY_S seconds, so a PostgreSQL restart of a few seconds costs a training run a wait, not the
+        run (its heartbeat, epochs, cancel checks, finish and saves all come through here). Only taking the
+        connection is retried: pooled connections are pinged first, so a restart between calls is met here; a
+        connection lost inside a transaction fails that call (the block cannot safely be run twice). SQLite's
+        errors, "database is locked" past its busy timeout included, are never retried.
+        """
+        deadline = time.monotonic() + TRANSIENT_RETRY_S
+        pause = 0.1
+        while True:
+            try:
+                session.connection()
+                return
+            except SQLAlchemyError as exc:
+                if not is_transient(exc) or time.monotonic() + pause > deadline:
+                    raise
+            session.rollback()
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
 
     def _check_file(self) -> None:
         """Raise :class:`StoreError` when the SQLite file was deleted or replaced since this store first saw it

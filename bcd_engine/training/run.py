@@ -91,7 +91,7 @@ def train(
     (the result's ``protocol`` is its label).
     With ``run_id`` the (already claimed) run is used; otherwise a new one is created. Bad input raises
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
-    run ``failed`` or ``cancelled`` with its epochs so far.
+    run ``failed`` or ``cancelled`` with its epochs so far; a failed run's files without a record are removed.
     """
     require_weights_file(config.weights)
     if scan is None:
@@ -128,6 +128,7 @@ def train(
     except BaseException as exc:
         message = str(exc) if isinstance(exc, BCDError) else f"{type(exc).__name__}: {exc}"
         store.finish_run(run_id, status="failed", error=message)
+        artifacts.remove_unrecorded_files(store, run_id)
         raise
     store.finish_run(run_id, status="completed", test_accuracy=evaluation.accuracy, macro_auc=evaluation.macro_auc)
     return _result(store, run_id, "completed", config, split, evaluation, model_path, cache_stats, protocol=protocol)

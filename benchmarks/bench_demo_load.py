@@ -62,17 +62,22 @@ GOAL_P95_S = 3.0
 GOAL_PEAK_BYTES = 2.5 * 2**30
 GOAL_HOSTILE_RISE_BYTES = 500 * 2**20
 GOAL_HOSTILE_P95_S = 5.0  # the other visitors' p95 with a hostile visitor beside them (issue 23)
+OUT_OF_DOMAIN = "does not look like the images"  # the alert of an image the gate refuses
 THOUSAND = 1000  # images in the hostile visitor's zip
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # The answer to the upload named `name` is on screen: its name as the result's heading and the "Predicted
-# class" metric filled in, neither a stale leftover of the previous script run (the heatmap may follow).
+# class" metric filled in (or, for an image the out-of-domain gate refuses, the alert saying so: that is its
+# answer), neither a stale leftover of the previous script run (the heatmap may follow).
 ANSWER_SHOWN_JS = """name => {
   const heading = [...document.querySelectorAll('h3')].find(h => h.textContent.trim() === name);
   const metric = [...document.querySelectorAll('[data-testid="stMetric"]')]
       .find(m => m.textContent.includes('Predicted class'));
   const value = metric && metric.querySelector('[data-testid="stMetricValue"]');
-  return !!(heading && value && value.textContent.trim() !== '' && !heading.closest('[data-stale="true"]')
-      && !value.closest('[data-stale="true"]'));
+  const refused = [...document.querySelectorAll('[data-testid="stAlert"]')]
+      .find(a => a.textContent.includes('does not look like the images'));
+  const shown = (value && value.textContent.trim() !== '' && !value.closest('[data-stale="true"]'))
+      || (refused && !refused.closest('[data-stale="true"]'));
+  return !!(heading && shown && !heading.closest('[data-stale="true"]'));
 }"""
 
 
@@ -339,8 +344,11 @@ async def _answer(session, files: list[tuple[str, bytes, str]], timeout: float) 
         raise RuntimeError(f"the app raised: {session.texts('exception')[0][:300]}")
     if metric is not None and len(files) == 1 and files[0][0] in headings:
         return {"kind": "answer", "s": metric.at - started}
-    alerts = session.texts("alert")
     await session.wait_for(lambda s: s.runs_finished > begun, timeout)
+    alerts = session.texts("alert")
+    refusal = next((e for e in session.elements if e.kind == "alert" and OUT_OF_DOMAIN in e.text), None)
+    if refusal is not None and len(files) == 1 and files[0][0] in headings:  # the gate's refusal is its answer
+        return {"kind": "answer", "s": refusal.at - started, "out_of_domain": True}
     return {"kind": "other", "s": time.perf_counter() - started, "alerts": [a[:160] for a in alerts],
             "metrics": session.texts("metric")}
 
@@ -368,10 +376,14 @@ async def _round(base: str, picks: list[Path], tag: str, hostile_tabs: int, host
                 await task
             hostile_outcomes.append({"kind": "left before its answer"})
     await asyncio.gather(*(s.close() for s in normal + bad))
+    _round.out_of_domain += sum(bool(o.get("out_of_domain")) for o in outcomes)
     not_answered = [o for o in outcomes if o["kind"] != "answer"]
     if not_answered:
         raise RuntimeError(f"{tag}: {len(not_answered)} uploads got no answer, e.g. {not_answered[0]}")
     return [o["s"] for o in outcomes], hostile_outcomes
+
+
+_round.out_of_domain = 0  # answers that were the gate's refusal, all rounds
 
 
 async def protocol_phases(base: str, images: list[Path], memory: MemoryWatch, args) -> dict:
@@ -404,6 +416,7 @@ async def protocol_phases(base: str, images: list[Path], memory: MemoryWatch, ar
                                 "hostile_outcomes": [{k: v for k, v in o.items() if k != "metrics"} for o in seen]}
     log(f"protocol, {args.sessions} sessions beside a hostile visitor: "
         f"{ {k: v for k, v in phases['hostile_beside'].items() if k != 'hostile_outcomes'} }")
+    phases["answers_out_of_domain"] = _round.out_of_domain
     return phases
 
 
@@ -587,6 +600,7 @@ def print_table(result: dict, args, run, folder: Path) -> None:
         kinds = {}
         for o in h["hostile_outcomes"]:
             kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
+        print(f"  {proto['answers_out_of_domain']} answers were the out-of-domain gate's refusal (timed the same)")
         print(f"  hostile visitor: RSS rise {h['rss_rise_mb']} MB; {h['bomb_refusals_shown']} bomb refusals shown; "
               f"its uploads: {kinds}")
     if browser:

@@ -15,6 +15,7 @@ Helper for the benchmarks, not a benchmark. It speaks Streamlit 1.67's protocol 
 Every delta is kept as a flat list of (kind, text) for the script run it came from, so a caller can wait for an
 element (a metric's label, a heading) to appear in the run its rerun started.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,11 +86,16 @@ class StreamlitSession:
                 return cookies[XSRF_COOKIE].value if XSRF_COOKIE in cookies else ""
 
         self._xsrf = await asyncio.to_thread(health)
-        ws_url = "ws" + self.base[len("http"):] + "/_stcore/stream"
+        ws_url = "ws" + self.base[len("http") :] + "/_stcore/stream"
         headers = {"Cookie": f"{XSRF_COOKIE}={self._xsrf}"} if self._xsrf else {}
         self._ws = await websockets.connect(
-            ws_url, subprotocols=["streamlit", self._xsrf] if self._xsrf else ["streamlit"],
-            additional_headers=headers, max_size=None, ping_interval=None, open_timeout=60)
+            ws_url,
+            subprotocols=["streamlit", self._xsrf] if self._xsrf else ["streamlit"],
+            additional_headers=headers,
+            max_size=None,
+            ping_interval=None,
+            open_timeout=60,
+        )
         self._reader = asyncio.create_task(self._read())
 
     async def close(self) -> None:
@@ -188,8 +194,12 @@ class StreamlitSession:
         response = self._file_urls.pop(request_id)
         if response.error_msg:
             raise RuntimeError(f"file_urls_request refused: {response.error_msg}")
-        await asyncio.gather(*(asyncio.to_thread(self._put, urls.upload_url, name, data, mime)
-                               for urls, (name, data, mime) in zip(response.file_urls, files)))
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(self._put, urls.upload_url, name, data, mime)
+                for urls, (name, data, mime) in zip(response.file_urls, files)
+            )
+        )
         widget = WidgetState(id=self.uploader_id)
         for urls, (name, data, _) in zip(response.file_urls, files):
             info = widget.file_uploader_state_value.uploaded_file_info.add()
@@ -200,8 +210,14 @@ class StreamlitSession:
 
     def _put(self, url: str, name: str, data: bytes, mime: str) -> None:
         boundary = uuid.uuid4().hex
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-                f"Content-Type: {mime}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                f"Content-Type: {mime}\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         if self._xsrf:
             headers.update({"X-Xsrftoken": self._xsrf, "Cookie": f"{XSRF_COOKIE}={self._xsrf}"})

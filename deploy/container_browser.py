@@ -9,6 +9,7 @@ tests/browser.py launches it), uploads the image, waits for the answer and print
 no run to choose, an error box, a model that cannot be loaded, an exception, the image refused as unlike
 the training images, a missing heatmap, or nothing within the deadline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,24 @@ import time
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # as tests/browser.py
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]  # as tests/browser.py
 # Texts the Diagnose page shows instead of an answer (pages/diagnose.py, ui/common.py, bcd_engine/inference).
-FAILURES = ["No completed runs yet", "Cannot use these models", "cannot be loaded", "cannot be used",
-            "does not look like the images the model was trained on", "No heatmap for this image", "Traceback"]
+FAILURES = [
+    "No completed runs yet",
+    "Cannot use these models",
+    "cannot be loaded",
+    "cannot be used",
+    "does not look like the images the model was trained on",
+    "No heatmap for this image",
+    "Traceback",
+]
 
 
 class NoAnswer(Exception):
@@ -88,11 +102,17 @@ def diagnose(browser, url: str, image: Path, timeout_s: float, shot: Path | None
             raise NoAnswer(reason)
         lines = [ln.strip() for ln in answer.first.inner_text().splitlines() if ln.strip()]
         alerts = page.locator('[data-testid="stAlert"]').all_inner_texts()
-        advice = next((" ".join(t.split()) for t in alerts
-                       if "not a medical device" not in t and "Demo mode" not in t), "")
+        advice = next(
+            (" ".join(t.split()) for t in alerts if "not a medical device" not in t and "Demo mode" not in t), ""
+        )
         advice = re.sub(r"^(check_circle|help|warning|block) ", "", advice)  # the icon's ligature name
-        return {"answer": lines[1] if len(lines) > 1 else "", "confidence": lines[2] if len(lines) > 2 else "",
-                "reading": advice, "run": run, "seconds": round(seconds, 2)}
+        return {
+            "answer": lines[1] if len(lines) > 1 else "",
+            "confidence": lines[2] if len(lines) > 2 else "",
+            "reading": advice,
+            "run": run,
+            "seconds": round(seconds, 2),
+        }
     finally:
         if shot is not None:
             page.screenshot(path=str(shot), full_page=True)

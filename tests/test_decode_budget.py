@@ -1,5 +1,6 @@
 """A decode budget read from headers, archive records found as zipfile finds them, inert CSV cells, and upload
 sizes checked before reading: each hostile file is refused fast, without decoding a pixel."""
+
 from __future__ import annotations
 
 import csv
@@ -47,7 +48,7 @@ def _noise(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Ima
 def _jpeg_declaring(data: bytes, side: int) -> bytes:
     """A JPEG's bytes with its frame header (SOF0 or SOF2) declaring side x side pixels."""
     frame = next(data.index(marker) for marker in (b"\xff\xc0", b"\xff\xc2") if marker in data)
-    return data[:frame + 5] + struct.pack(">HH", side, side) + data[frame + 9:]
+    return data[: frame + 5] + struct.pack(">HH", side, side) + data[frame + 9 :]
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -70,8 +71,7 @@ def rgba_png() -> bytes:
     row = bytes(1 + 4 * BOMB_SIDE)
     idat = b"".join(rows.compress(row) for _ in range(BOMB_SIDE)) + rows.flush()
     header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 6, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def many_scans_jpeg(scans: int = 30_000) -> bytes:
@@ -81,7 +81,7 @@ def many_scans_jpeg(scans: int = 30_000) -> bytes:
     first = data.index(b"\xff\xda")
     second = data.index(b"\xff\xda", first + 2)
     next_table = data.rfind(b"\xff\xc4", first, second)  # a scan's Huffman tables may come right before it
-    scan = data[first:next_table if next_table > 0 else second]
+    scan = data[first : next_table if next_table > 0 else second]
     return data[:first] + scan * scans + data[first:]
 
 
@@ -132,8 +132,9 @@ class FakeUpload:
 
 
 @pytest.mark.parametrize("kind", list(BOMBS))
-def test_a_bomb_is_refused_from_its_header_fast_and_without_decoding(kind: str, bombs: dict[str, bytes],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bomb_is_refused_from_its_header_fast_and_without_decoding(
+    kind: str, bombs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = bombs[kind]
     read_header(_save(_noise((16, 16)), "PNG"))  # Pillow's plugins imported before the clock starts
     tracemalloc.start()
@@ -150,8 +151,9 @@ def test_a_bomb_is_refused_from_its_header_fast_and_without_decoding(kind: str, 
     assert peak < PYTHON_PEAK_BYTES, f"{kind}: {peak / 2**20:.1f} MB allocated while refusing"
 
 
-def test_bombs_raise_a_fresh_processs_memory_by_a_few_megabytes_at_most(bombs: dict[str, bytes],
-                                                                         tmp_path: Path) -> None:
+def test_bombs_raise_a_fresh_processs_memory_by_a_few_megabytes_at_most(
+    bombs: dict[str, bytes], tmp_path: Path
+) -> None:
     """Memory Pillow and libjpeg/libwebp allocate in C is invisible to tracemalloc: the peak resident size of a
     process that reads every bomb's header is measured instead."""
     for i, data in enumerate(bombs.values()):
@@ -171,14 +173,21 @@ def test_bombs_raise_a_fresh_processs_memory_by_a_few_megabytes_at_most(bombs: d
         "        refused += 1\n"
         "print(refused, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True,
-                         env=subprocess_env(), timeout=120).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=subprocess_env(),
+        timeout=120,
+    ).stdout.split()
     assert int(out[0]) == len(bombs)
     assert int(out[1]) < RSS_GROWTH_BYTES, f"resident memory grew {int(out[1]) / 2**20:.0f} MB"
 
 
-def test_a_bomb_inside_an_archive_is_refused_alone_before_decoding(bombs: dict[str, bytes],
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bomb_inside_an_archive_is_refused_alone_before_decoding(
+    bombs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cell = _save(_noise((64, 64)), "PNG")
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:  # stored: a bomb's ratio is not what refuses it
@@ -189,7 +198,10 @@ def test_a_bomb_inside_an_archive_is_refused_alone_before_decoding(bombs: dict[s
         sources, rejected = diagnosis.upload_sources([FakeUpload("batch.zip", archive.getvalue())])
     assert rejected == []
     assert [(s.name, s.data is None) for s in sources] == [
-        ("batch.zip/cell.png", False), ("batch.zip/bomb.jpg", True), ("batch.zip/scans.jpg", True)]
+        ("batch.zip/cell.png", False),
+        ("batch.zip/bomb.jpg", True),
+        ("batch.zip/scans.jpg", True),
+    ]
     assert "the limit is 20 megapixels" in sources[1].error and "more than 100 scans" in sources[2].error
 
 
@@ -222,9 +234,13 @@ def test_the_uploads_pixel_total_joins_its_byte_and_file_budgets(monkeypatch: py
     with no_pixel_decoded(monkeypatch):
         sources, rejected = diagnosis.upload_sources(
             [FakeUpload("one.png", cell), FakeUpload("batch.zip", archive.getvalue()), FakeUpload("two.png", cell)],
-            max_pixels=2 * 64 * 64)
+            max_pixels=2 * 64 * 64,
+        )
     assert [(s.name, s.error is None) for s in sources] == [
-        ("one.png", True), ("batch.zip/a.png", True), ("batch.zip/b.png", False)]
+        ("one.png", True),
+        ("batch.zip/a.png", True),
+        ("batch.zip/b.png", False),
+    ]
     assert "would pass the 0.008192 megapixels one upload may decode (0.0 already)" in sources[2].error
     assert [r["name"] for r in rejected] == ["two.png"]
 
@@ -263,8 +279,9 @@ def fake_record_zip(entries: int) -> bytes:
     field reads ``PK\\x05\\x06``: a search from the end finds a (cut-off) record inside the real one."""
     entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"a"
     directory = entry * entries
-    return directory + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, len(directory),
-                                   int.from_bytes(b"PK\x05\x06", "little"), 0)
+    return directory + struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, len(directory), int.from_bytes(b"PK\x05\x06", "little"), 0
+    )
 
 
 def test_a_fake_record_in_the_end_records_fields_does_not_hide_the_directory_size() -> None:
@@ -282,8 +299,12 @@ def test_a_fake_record_in_the_end_records_fields_does_not_hide_the_directory_siz
     with zipfile.ZipFile(nested, "w") as zf:
         zf.writestr("inner.zip", data)
     contents = read_archive(nested.getvalue(), max_ratio=10_000)
-    assert contents.skipped == (("inner.zip", "nested archive not expanded: too many entries (up to 102,173 by its "
-                                               "directory); the limit is 1000 files"),)
+    assert contents.skipped == (
+        (
+            "inner.zip",
+            "nested archive not expanded: too many entries (up to 102,173 by its directory); the limit is 1000 files",
+        ),
+    )
 
 
 def test_a_zip_with_a_comment_is_still_read() -> None:
@@ -295,11 +316,19 @@ def test_a_zip_with_a_comment_is_still_read() -> None:
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_made_text() -> None:
-    names = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tcell", "\rcell", "cell.png", "a\r=1+1.png"]
+    names = ['=HYPERLINK("http://x")', "+1", "-2", "@SUM(A1)", "\tcell", "\rcell", "cell.png", "a\r=1+1.png"]
     results = [{"name": name, "error": "corrupt"} for name in names]
-    results.append({"name": "ok.png", "predicted_class": "-Pro", "reading": "ok", "in_domain": True,
-                    "ood_score": -3.5, "uncertainty": {"confidence": 0.9, "margin": -0.0, "disagreement": 0.0},
-                    "calibrated_probabilities": {"Pro": 0.9}})
+    results.append(
+        {
+            "name": "ok.png",
+            "predicted_class": "-Pro",
+            "reading": "ok",
+            "in_domain": True,
+            "ood_score": -3.5,
+            "uncertainty": {"confidence": 0.9, "margin": -0.0, "disagreement": 0.0},
+            "calibrated_probabilities": {"Pro": 0.9},
+        }
+    )
     rows = list(csv.DictReader(io.StringIO(diagnosis.results_csv(results).decode(), newline="")))
     assert [row["image"] for row in rows] == ["'" + name for name in names[:6]] + names[6:] + ["ok.png"]
     assert rows[-1]["predicted_class"] == "'-Pro"

@@ -1,6 +1,7 @@
 """One source of defaults: a new run's settings come from its backbone's registry row (and the weights recipe),
 however it is asked for. The Train page's side is in ``test_app.py``
 (``test_a_blank_form_queues_what_the_cli_builds_for_every_backbone``)."""
+
 from __future__ import annotations
 
 import pytest
@@ -73,4 +74,5 @@ def test_the_cli_with_no_option_trains_the_backbones_defaults(backbone):
     assert cli_config("--backbone", backbone) == TrainConfig.for_backbone(backbone)
     if BACKBONES[backbone].pretrained:
         assert cli_config("--backbone", backbone, "--weights", "imagenet") == TrainConfig.for_backbone(
-            backbone, weights="imagenet")
+            backbone, weights="imagenet"
+        )

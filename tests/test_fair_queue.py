@@ -1,4 +1,5 @@
 """Fair shares on the shared inference queue: visitors take turns, each within a few jobs and images a minute."""
+
 from __future__ import annotations
 
 import threading
@@ -23,8 +24,10 @@ def _steps(name: str, n: int, log: list[str], gate: threading.Event, started: th
 
 def test_one_visitors_thirty_jobs_hold_up_anothers_one_by_one_step():
     queue, log, gate, started = InferenceQueue(max_jobs_per_visitor=30), [], threading.Event(), threading.Event()
-    many = [queue.submit(_steps(f"a{k}.", 2, log, gate, started if k == 0 else None), visitor="session a", images=16)
-            for k in range(30)]
+    many = [
+        queue.submit(_steps(f"a{k}.", 2, log, gate, started if k == 0 else None), visitor="session a", images=16)
+        for k in range(30)
+    ]
     assert started.wait(WAIT)  # the thread is inside the first step of session a's first job
     one = queue.submit(_steps("b.", 1, log, gate), visitor="session b", images=1)
     gate.set()

@@ -1,4 +1,5 @@
 """Issue 23's faults that lost a run or left litter: each is now survived, cleaned up or refused in one line."""
+
 from __future__ import annotations
 
 import errno
@@ -51,8 +52,12 @@ def cli_workspace(workspace: RunStore, monkeypatch: pytest.MonkeyPatch) -> RunSt
 
 def completed_run_with_model(store: RunStore, model) -> int:
     """A completed run whose saved and recorded model is ``model``; its id."""
-    run_id = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), status="running",
-                              config={"train": TrainConfig(backbone="scratch_cnn").to_dict(), "class_names": ["a"]})
+    run_id = store.create_run(
+        backbone="scratch_cnn",
+        protocol=Protocol.holdout(),
+        status="running",
+        config={"train": TrainConfig(backbone="scratch_cnn").to_dict(), "class_names": ["a"]},
+    )
     store.start_run(run_id, environment={})
     record_artifact(store, run_id, kind=MODEL_KIND, path=save_model(model, run_id))
     store.finish_run(run_id, status="completed")
@@ -79,8 +84,9 @@ def refuse_connections(store: RunStore, times: int) -> list[int]:
     def connect(*_args):
         if len(refused) < times:
             refused.append(1)
-            raise psycopg.OperationalError("connection failed: connection to server at \"127.0.0.1\", port 55432 "
-                                           "failed: Connection refused")
+            raise psycopg.OperationalError(
+                'connection failed: connection to server at "127.0.0.1", port 55432 failed: Connection refused'
+            )
         return None  # the real connect
 
     event.listen(store._engines.reader, "do_connect", connect)
@@ -119,8 +125,17 @@ def test_a_run_that_fails_on_a_full_disk_removes_the_model_it_saved(workspace, s
         raise WriteError(f"cannot save {trust_path(run_id)}: {os.strerror(errno.ENOSPC)}")
 
     monkeypatch.setattr(training, "save_trust", full_disk)
-    config = TrainConfig(backbone="scratch_cnn", weights=None, image_size=32, epochs=1, batch_size=8,
-                         dense_units=8, dropout=0.0, augment=AugmentConfig(factor=1), patience=1)
+    config = TrainConfig(
+        backbone="scratch_cnn",
+        weights=None,
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        dropout=0.0,
+        augment=AugmentConfig(factor=1),
+        patience=1,
+    )
     run_id = workspace.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), config={})
     with pytest.raises(WriteError, match="No space left on device"):
         train(config, synthetic_dataset, store=workspace, run_id=run_id)
@@ -153,8 +168,14 @@ def test_a_gate_holding_a_pickled_object_is_refused_in_one_line(cli_workspace, t
     inputs = keras.Input((4,))
     run_id = completed_run_with_model(cli_workspace, keras.Model(inputs, keras.layers.Dense(1)(inputs)))
     gate = trust_path(run_id)
-    np.savez(gate, means=np.array([{"not": "an array"}], dtype=object), precision=np.eye(2), threshold=1.0,
-             pass_rate=0.9, temperature=1.0)
+    np.savez(
+        gate,
+        means=np.array([{"not": "an array"}], dtype=object),
+        precision=np.eye(2),
+        threshold=1.0,
+        pass_rate=0.9,
+        temperature=1.0,
+    )
     record_artifact(cli_workspace, run_id, kind=TRUST_KIND, path=gate)
     image = tmp_path / "smear.png"
     image.write_bytes(b"not needed: the run is refused first")
@@ -177,13 +198,21 @@ def _fingerprint(path: Path) -> tuple[str, int, list[str]]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns, sorted(os.listdir(path.parent))
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda path: path.touch(), "results.db is empty (0 bytes): it is not a bcd run store; delete it"),
-    (lambda path: sqlite3.connect(path).executescript("CREATE TABLE runs (name TEXT); INSERT INTO runs VALUES ('x');"),
-     "results.db is a SQLite database with other tables (runs) and no bcd schema"),
-])
-def test_a_file_that_is_not_a_store_is_refused_before_anything_changes(make, message, tmp_path, monkeypatch,
-                                                                       capfd) -> None:
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: path.touch(), "results.db is empty (0 bytes): it is not a bcd run store; delete it"),
+        (
+            lambda path: sqlite3.connect(path).executescript(
+                "CREATE TABLE runs (name TEXT); INSERT INTO runs VALUES ('x');"
+            ),
+            "results.db is a SQLite database with other tables (runs) and no bcd schema",
+        ),
+    ],
+)
+def test_a_file_that_is_not_a_store_is_refused_before_anything_changes(
+    make, message, tmp_path, monkeypatch, capfd
+) -> None:
     db = tmp_path / "results.db"
     make(db)
     before = _fingerprint(db)

@@ -1,4 +1,5 @@
 """A hosted demo that a visitor cannot reset, mark up or use to see private images (AppTest and the page glue)."""
+
 from __future__ import annotations
 
 import html
@@ -96,9 +97,20 @@ class _OutOfDomain:
     run_ids = (1,)
 
     def diagnose_steps(self, sources, *, keep_images=False):
-        results = [{"name": s.name, "error": s.error} if s.error else
-                   {"name": s.name, "predicted_class": "Pro", "reading": "out_of_domain", "advice": "No answer.",
-                    "ood_score": 9.0, "ood_threshold": 1.0, "in_domain": False} for s in sources]
+        results = [
+            {"name": s.name, "error": s.error}
+            if s.error
+            else {
+                "name": s.name,
+                "predicted_class": "Pro",
+                "reading": "out_of_domain",
+                "advice": "No answer.",
+                "ood_score": 9.0,
+                "ood_threshold": 1.0,
+                "in_domain": False,
+            }
+            for s in sources
+        ]
         yield len(sources), len(sources)
         return results
 

@@ -1,6 +1,7 @@
 """A trained model travels: a run trained from a weights file that is then deleted keeps working, and a run
 moves between stores as one bundle (``export --format bundle``, ``import``) with the same answers, while a bad
 bundle is refused in one line with the store unchanged."""
+
 from __future__ import annotations
 
 import hashlib
@@ -45,13 +46,23 @@ def lab(tmp_path_factory, synthetic_dataset):
     """A lab's store with a MobileNetV2 run trained from a local weights file that was deleted afterwards."""
     root = tmp_path_factory.mktemp("lab")
     weights = root / "mobilenetv2_notop.weights.h5"
-    keras.applications.MobileNetV2(include_top=False, weights=None,
-                                   input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)).save_weights(weights)
+    keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
+    ).save_weights(weights)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BCD_CACHE_DIR", str(root / "cache"))
         store = use_store(patch, root)
-        config = TrainConfig.for_backbone("mobilenetv2", weights=str(weights), image_size=IMAGE_SIZE, epochs=2,
-                                          batch_size=8, augment=2, tta_views=2, dense_units=16, patience=2)
+        config = TrainConfig.for_backbone(
+            "mobilenetv2",
+            weights=str(weights),
+            image_size=IMAGE_SIZE,
+            epochs=2,
+            batch_size=8,
+            augment=2,
+            tta_views=2,
+            dense_units=16,
+            patience=2,
+        )
         result = train(config, synthetic_dataset, store=store)
         assert result.status == "completed"
         weights.unlink()
@@ -86,8 +97,9 @@ def answers(store: RunStore, run_id: int, images: list[Path]) -> dict:
     }
 
 
-def test_a_run_whose_weights_file_is_gone_predicts_explains_evaluates_and_exports(in_lab, synthetic_dataset, tmp_path,
-                                                                                 capfd):
+def test_a_run_whose_weights_file_is_gone_predicts_explains_evaluates_and_exports(
+    in_lab, synthetic_dataset, tmp_path, capfd
+):
     run_id, image = in_lab["run_id"], in_lab["images"][0]
     assert not in_lab["weights"].exists()
     code, out, err = cli(capfd, "predict", "--run", run_id, "--json", image)
@@ -132,8 +144,9 @@ def test_diagnose_and_compare_pages_use_a_run_whose_weights_file_is_gone(in_lab,
 
 def test_rerun_takes_a_copy_of_the_weights_file(in_lab, tmp_path):
     copy = tmp_path / "copy.weights.h5"
-    keras.applications.MobileNetV2(include_top=False, weights=None,
-                                   input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)).save_weights(copy)
+    keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
+    ).save_weights(copy)
     store = in_lab["store"]
     new_id = queue_again(store, in_lab["run_id"], weights=copy)
     try:
@@ -165,14 +178,17 @@ def test_a_bundle_carries_the_run_to_another_store_with_the_same_answers(in_lab,
     assert provenance["bundle_sha256"] == hashlib.sha256(Path(bundle).read_bytes()).hexdigest()
     assert imported.config["dataset"]["fingerprint"] == original.config["dataset"]["fingerprint"]
     assert {k: v for k, v in imported.config.items() if k not in ("imported", "dataset")} == {
-        k: v for k, v in original.config.items() if k != "dataset"}
+        k: v for k, v in original.config.items() if k != "dataset"
+    }
     assert demo.get_split(new_id) == lab_store.get_split(run_id)
     assert [e.val_loss for e in demo.get_epochs(new_id)] == [e.val_loss for e in lab_store.get_epochs(run_id)]
     moved_evaluations, source_evaluations = demo.get_evaluations(new_id), lab_store.get_evaluations(run_id)
     assert [(e.name, e.metrics, e.confusion_matrix, e.roc) for e in moved_evaluations] == [
-        (e.name, e.metrics, e.confusion_matrix, e.roc) for e in source_evaluations]
+        (e.name, e.metrics, e.confusion_matrix, e.roc) for e in source_evaluations
+    ]
     assert [p.probabilities for p in demo.get_predictions(moved_evaluations[0].id)] == [
-        p.probabilities for p in lab_store.get_predictions(source_evaluations[0].id)]
+        p.probabilities for p in lab_store.get_predictions(source_evaluations[0].id)
+    ]
 
     moved = answers(demo, new_id, images)
     np.testing.assert_allclose(moved["probabilities"], source["probabilities"], atol=1e-6)
@@ -180,12 +196,19 @@ def test_a_bundle_carries_the_run_to_another_store_with_the_same_answers(in_lab,
     np.testing.assert_allclose(moved["heatmaps"], source["heatmaps"], atol=1e-5)
     code, out, _ = cli(capfd, "predict", "--run", new_id, "--json", images[0])
     assert code == 0
-    np.testing.assert_allclose(list(json.loads(out)[0]["calibrated_probabilities"].values()),
-                               source["probabilities"][0], atol=1e-6)
+    np.testing.assert_allclose(
+        list(json.loads(out)[0]["calibrated_probabilities"].values()), source["probabilities"][0], atol=1e-6
+    )
 
 
-def rewritten(bundle: Path, target: Path, *, replace: dict[str, bytes | None] = (), add: dict[str, bytes] = (),
-              manifest: bool = True) -> Path:
+def rewritten(
+    bundle: Path,
+    target: Path,
+    *,
+    replace: dict[str, bytes | None] = (),
+    add: dict[str, bytes] = (),
+    manifest: bool = True,
+) -> Path:
     """A copy of ``bundle`` with members replaced (None: removed) or added; the manifest's checksums follow the
     changes when ``manifest``."""
     replace, add = dict(replace), dict(add)
@@ -199,8 +222,11 @@ def rewritten(bundle: Path, target: Path, *, replace: dict[str, bytes | None] = 
     contents.update(add)
     if manifest:
         doc = json.loads(contents[MANIFEST])
-        doc["members"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                          for name, data in contents.items() if name != MANIFEST}
+        doc["members"] = {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            for name, data in contents.items()
+            if name != MANIFEST
+        }
         contents[MANIFEST] = json.dumps(doc).encode()
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as out:
         for name, data in contents.items():
@@ -216,8 +242,7 @@ def written(target: Path, content: bytes) -> Path:
 def unsafe_model() -> bytes:
     """A .keras file with a Lambda layer: arbitrary code that safe mode refuses to load."""
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
-    outputs = keras.layers.Dense(4, activation="softmax")(
-        keras.layers.Lambda(lambda x: x[:, 0, 0, :] * 2)(inputs))
+    outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Lambda(lambda x: x[:, 0, 0, :] * 2)(inputs))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.keras"
         keras.Model(inputs, outputs).save(path)
@@ -226,18 +251,32 @@ def unsafe_model() -> bytes:
 
 BAD_BUNDLES = {
     "not a zip": ("not a run bundle", lambda bundle, target: written(target, b"PK\x03\x04 broken")),
-    "wrong checksum": ("does not match the sha256", lambda bundle, target: rewritten(
-        bundle, target, replace={"labels.json": b'{"class_names": ["a", "b"]}'}, manifest=False)),
-    "missing member": ("lacks model.keras", lambda bundle, target: rewritten(
-        bundle, target, replace={"model.keras": None})),
-    "path outside the bundle": ("never has", lambda bundle, target: rewritten(
-        bundle, target, add={"../../evil.py": b"print('pwned')"})),
-    "unsafe model": ("cannot be loaded safely", lambda bundle, target: rewritten(
-        bundle, target, replace={"model.keras": unsafe_model()})),
-    "zip bomb": ("zip bomb", lambda bundle, target: rewritten(
-        bundle, target, replace={"split.json": b" " * (8 << 20) + b"[]"})),
-    "not completed": ("not completed", lambda bundle, target: rewritten(
-        bundle, target, replace={"run.json": _with_status(bundle, "failed")})),
+    "wrong checksum": (
+        "does not match the sha256",
+        lambda bundle, target: rewritten(
+            bundle, target, replace={"labels.json": b'{"class_names": ["a", "b"]}'}, manifest=False
+        ),
+    ),
+    "missing member": (
+        "lacks model.keras",
+        lambda bundle, target: rewritten(bundle, target, replace={"model.keras": None}),
+    ),
+    "path outside the bundle": (
+        "never has",
+        lambda bundle, target: rewritten(bundle, target, add={"../../evil.py": b"print('pwned')"}),
+    ),
+    "unsafe model": (
+        "cannot be loaded safely",
+        lambda bundle, target: rewritten(bundle, target, replace={"model.keras": unsafe_model()}),
+    ),
+    "zip bomb": (
+        "zip bomb",
+        lambda bundle, target: rewritten(bundle, target, replace={"split.json": b" " * (8 << 20) + b"[]"}),
+    ),
+    "not completed": (
+        "not completed",
+        lambda bundle, target: rewritten(bundle, target, replace={"run.json": _with_status(bundle, "failed")}),
+    ),
 }
 
 
@@ -255,8 +294,9 @@ def good_bundle(lab, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_BUNDLES))
-def test_a_bad_bundle_is_refused_in_one_line_and_leaves_the_store_unchanged(kind, good_bundle, tmp_path, monkeypatch,
-                                                                           capfd):
+def test_a_bad_bundle_is_refused_in_one_line_and_leaves_the_store_unchanged(
+    kind, good_bundle, tmp_path, monkeypatch, capfd
+):
     fragment, make = BAD_BUNDLES[kind]
     bad = make(good_bundle, tmp_path / "bad.zip")
     demo = use_store(monkeypatch, tmp_path / "demo")

@@ -13,6 +13,7 @@ is unchanged. An imported run is a new run of the importing store; ``config["imp
 provenance (source run id, the bundle's sha256, when it was exported and imported), and the record keeps the
 source's host, environment (backend included) and training times.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,16 @@ MEMBER_LIMITS: dict[str, int] = {
 }
 # The files of an imported run, by artifact kind (the model and the gate are what inference loads).
 ARTIFACT_KINDS = {MODEL_KIND: MODEL, TRUST_KIND: TRUST_FILE, "model_card": MODEL_CARD, "labels": LABELS}
-EPOCH_FIELDS = ("phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
-                "seconds")
+EPOCH_FIELDS = (
+    "phase",
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "seconds",
+)
 EVALUATION_FIELDS = ("name", "data_dir", "metrics", "class_names", "confusion_matrix", "roc", "predictions")
 REQUIRED = (MANIFEST, MODEL, LABELS, MODEL_CARD, RUN, SPLIT, EPOCHS, EVALUATIONS)
 MAX_RATIO = 200  # expanded / compressed bytes of one member; JSON compresses about 10x, a bomb thousands of times
@@ -126,8 +135,14 @@ def write_bundle_to(handle: IO[bytes], run_id: int, *, store: RunStore) -> None:
     split = store.get_split(run_id)
     documents: dict[str, bytes] = {
         LABELS: _json(labels_document(run, model_file=MODEL)),
-        MODEL_CARD: model_card(run, evaluations, split=split, model_file=MODEL, model_sha256=model_sha256,
-                               exported_on=datetime.now(UTC).date()).encode(),
+        MODEL_CARD: model_card(
+            run,
+            evaluations,
+            split=split,
+            model_file=MODEL,
+            model_sha256=model_sha256,
+            exported_on=datetime.now(UTC).date(),
+        ).encode(),
         RUN: _json(_run_document(run, split)),
         SPLIT: _json(split),
         EPOCHS: _json([_plain(epoch) for epoch in store.get_epochs(run_id)]),
@@ -143,15 +158,20 @@ def write_bundle_to(handle: IO[bytes], run_id: int, *, store: RunStore) -> None:
         for name, content in documents.items():
             bundle.writestr(name, content)
             members[name] = {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}
-        bundle.writestr(MANIFEST, _json({
-            "format": BUNDLE_FORMAT,
-            "kind": "bcd run bundle",
-            "bcd_version": __version__,
-            "source_run_id": run.id,
-            "backbone": run.backbone,
-            "exported_at": datetime.now(UTC).isoformat(),
-            "members": members,
-        }))
+        bundle.writestr(
+            MANIFEST,
+            _json(
+                {
+                    "format": BUNDLE_FORMAT,
+                    "kind": "bcd run bundle",
+                    "bcd_version": __version__,
+                    "source_run_id": run.id,
+                    "backbone": run.backbone,
+                    "exported_at": datetime.now(UTC).isoformat(),
+                    "members": members,
+                }
+            ),
+        )
 
 
 def _run_document(run, split: list[dict]) -> dict[str, Any]:
@@ -195,8 +215,15 @@ def _evaluation_document(store: RunStore, evaluation) -> dict[str, Any]:
         "class_names": evaluation.class_names,
         "confusion_matrix": evaluation.confusion_matrix,
         "roc": {name: _plain(curve) for name, curve in evaluation.roc.items()},
-        "predictions": [{"path": p.path, "true_class": p.true_class, "predicted_class": p.predicted_class,
-                         "probabilities": p.probabilities} for p in store.get_predictions(evaluation.id)],
+        "predictions": [
+            {
+                "path": p.path,
+                "true_class": p.true_class,
+                "predicted_class": p.predicted_class,
+                "probabilities": p.probabilities,
+            }
+            for p in store.get_predictions(evaluation.id)
+        ],
     }
 
 
@@ -226,14 +253,30 @@ def import_bundle(path: str | Path, *, store: RunStore) -> ImportResult:
             "imported_at": datetime.now(UTC).isoformat(),
             "source_created_at": run_doc.get("created_at"),
         }
-        run_id = _add_to_store(store, run_doc=run_doc, config=config, protocol=protocol, imported=imported,
-                               documents=documents, members=members)
-    return ImportResult(run_id, int(manifest.get("source_run_id") or 0), config.backbone, bundle_sha256,
-                        tuple(sorted(members)))
+        run_id = _add_to_store(
+            store,
+            run_doc=run_doc,
+            config=config,
+            protocol=protocol,
+            imported=imported,
+            documents=documents,
+            members=members,
+        )
+    return ImportResult(
+        run_id, int(manifest.get("source_run_id") or 0), config.backbone, bundle_sha256, tuple(sorted(members))
+    )
 
 
-def _add_to_store(store: RunStore, *, run_doc: dict, config: TrainConfig, protocol: Protocol, imported: dict,
-                  documents: dict[str, Any], members: dict[str, Path]) -> int:
+def _add_to_store(
+    store: RunStore,
+    *,
+    run_doc: dict,
+    config: TrainConfig,
+    protocol: Protocol,
+    imported: dict,
+    documents: dict[str, Any],
+    members: dict[str, Path],
+) -> int:
     """Record the checked run in ``store`` with its files in a new run folder; its id. The run is ``failed`` ("being
     imported") until the last record is written; if writing fails, the run and its folder are removed again."""
     # The run is shown with the dataset the bundle names (its folder is not on this machine, so none is registered).
@@ -254,10 +297,15 @@ def _add_to_store(store: RunStore, *, run_doc: dict, config: TrainConfig, protoc
         for evaluation in documents[EVALUATIONS]:
             store.save_evaluation(run_id, **{key: evaluation[key] for key in EVALUATION_FIELDS})
         store.complete_imported_run(
-            run_id, started_at=_parse_time(run_doc.get("started_at")),
-            finished_at=_parse_time(run_doc.get("finished_at")), seconds=run_doc.get("seconds"),
-            host=run_doc.get("host"), environment=run_doc.get("environment"),
-            test_accuracy=run_doc.get("test_accuracy"), macro_auc=run_doc.get("macro_auc"))
+            run_id,
+            started_at=_parse_time(run_doc.get("started_at")),
+            finished_at=_parse_time(run_doc.get("finished_at")),
+            seconds=run_doc.get("seconds"),
+            host=run_doc.get("host"),
+            environment=run_doc.get("environment"),
+            test_accuracy=run_doc.get("test_accuracy"),
+            macro_auc=run_doc.get("macro_auc"),
+        )
     except BaseException as exc:
         store.delete_run(run_id)
         shutil.rmtree(folder, ignore_errors=True)
@@ -290,8 +338,10 @@ def _unpack(path: Path, folder: Path) -> tuple[dict[str, Path], str]:
             raise BundleError(f"{path.name} lacks {', '.join(missing)}: not a complete run bundle")
         for info in infos:
             if info.file_size > MEMBER_LIMITS[info.filename]:
-                raise BundleError(f"{info.filename} in {path.name} expands to {info.file_size} bytes, beyond its "
-                                  f"limit of {MEMBER_LIMITS[info.filename]}")
+                raise BundleError(
+                    f"{info.filename} in {path.name} expands to {info.file_size} bytes, beyond its "
+                    f"limit of {MEMBER_LIMITS[info.filename]}"
+                )
             if info.file_size > MB and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                 ratio = info.file_size // max(info.compress_size, 1)
                 raise BundleError(f"{info.filename} in {path.name} expands {ratio} times: refused as a zip bomb")
@@ -310,8 +360,9 @@ def _unpack(path: Path, folder: Path) -> tuple[dict[str, Path], str]:
         raise BundleError(f"{path.name}'s manifest and its members differ ({', '.join(difference)})")
     for name in sorted(present):
         if not isinstance(listed[name], Mapping) or listed[name].get("sha256") != digests[name]:
-            raise BundleError(f"{name} in {path.name} does not match the sha256 its manifest records; refusing the "
-                              "bundle")
+            raise BundleError(
+                f"{name} in {path.name} does not match the sha256 its manifest records; refusing the bundle"
+            )
     return files, file_sha256(path)
 
 
@@ -362,8 +413,10 @@ def _check_model(path: Path, *, class_names: list[str], image_size: int) -> None
         raise BundleError(f"the bundled model cannot be loaded safely ({detail}); refusing the bundle") from exc
     outputs, inputs = model.output_shape[-1], tuple(model.input_shape[1:3])
     if outputs != len(class_names) or inputs != (image_size, image_size):
-        raise BundleError(f"the bundled model takes {inputs} and gives {outputs} classes, but the run says "
-                          f"{(image_size, image_size)} and {len(class_names)}")
+        raise BundleError(
+            f"the bundled model takes {inputs} and gives {outputs} classes, but the run says "
+            f"{(image_size, image_size)} and {len(class_names)}"
+        )
 
 
 def _check_trust(path: Path) -> None:
@@ -392,8 +445,7 @@ def _json_default(value: Any) -> Any:
 
 def _plain(record: Any) -> dict[str, Any]:
     """A frozen record's fields as a dict (datetimes as ISO text)."""
-    return {name: _time(value) if isinstance(value, datetime) else value
-            for name, value in record.__dict__.items()}
+    return {name: _time(value) if isinstance(value, datetime) else value for name, value in record.__dict__.items()}
 
 
 def _time(value: datetime | None) -> str | None:
@@ -411,5 +463,11 @@ def _parse_time(text: Any) -> datetime | None:
 
 
 __all__ = [
-    "BUNDLE_FORMAT", "ImportResult", "bundle_bytes", "bundle_name", "import_bundle", "write_bundle", "write_bundle_to",
+    "BUNDLE_FORMAT",
+    "ImportResult",
+    "bundle_bytes",
+    "bundle_name",
+    "import_bundle",
+    "write_bundle",
+    "write_bundle_to",
 ]

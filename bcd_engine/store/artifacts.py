@@ -5,6 +5,7 @@ out-of-distribution gate with its calibration temperature (``trust.npz``, kind `
 each file relative to the artifacts folder with its sha256, so a results.db shipped with its artifacts/ works
 anywhere; a recorded file is used only when it lies inside the artifacts folder and matches its sha256.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def record_artifact(store: RunStore, run_id: int, *, kind: str, path: Path) -> i
     The path is stored relative to the artifacts folder, with the file's sha256 and size.
     """
     relative = path.resolve().relative_to(settings.artifacts_dir().resolve()).as_posix()
-    return store.save_artifact(run_id, kind=kind, path=relative, sha256=file_sha256(path),
-                               size_bytes=os.path.getsize(path))
+    return store.save_artifact(
+        run_id, kind=kind, path=relative, sha256=file_sha256(path), size_bytes=os.path.getsize(path)
+    )
 
 
 def artifact_file(run_id: int, kind: str, *, store: RunStore) -> tuple[Path, str] | None:
@@ -117,5 +119,9 @@ def remove_unrecorded_files(store: RunStore, run_id: int) -> list[Path]:
 def sweep_temp_files() -> list[Path]:
     """Remove the temporary files that saves killed midway left in the run folders (see
     :func:`bcd_engine.files.atomic_path`), once untouched for STALE_TEMP_FILE_S; the files removed."""
-    return [path for folder in settings.artifacts_dir().glob("run-*") if folder.is_dir()
-            for path in remove_stale_temp_files(folder, older_than_s=STALE_TEMP_FILE_S)]
+    return [
+        path
+        for folder in settings.artifacts_dir().glob("run-*")
+        if folder.is_dir()
+        for path in remove_stale_temp_files(folder, older_than_s=STALE_TEMP_FILE_S)
+    ]

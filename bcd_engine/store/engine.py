@@ -5,6 +5,7 @@ read-only when its URL asks (``?mode=ro`` or ``?immutable=1``) or when its file 
 (a read-only mount, a container's non-root user): then it is only read, never migrated or switched to WAL.
 The schema is created and changed only by the Alembic revisions in ``migrations/versions``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,9 +111,7 @@ def make_engine(url: URL) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
-    return create_engine(
-        url, json_serializer=_dumps, pool_pre_ping=True, connect_args=connect_args
-    )
+    return create_engine(url, json_serializer=_dumps, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -163,8 +162,6 @@ def migration_transaction(conn: Connection) -> Iterator[None]:
             _sqlite_pragma(conn, "foreign_keys = ON")
 
 
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -179,8 +176,6 @@ def _jsonable(value: Any) -> Any:
 
 def _dumps(value: Any) -> str:
     return json.dumps(_jsonable(value), default=str)
-
-
 
 
 def one_line(exc: BaseException) -> str:
@@ -207,8 +202,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and (
         sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
     )
-
-
 
 
 @functools.cache
@@ -266,8 +259,10 @@ def _refuse_empty_file(path: Path) -> None:
     """Raise :class:`StoreError` for a file of 0 bytes: bcd never makes one (:func:`_create_sqlite_file`), and
     SQLite would silently turn it into a new store."""
     if path.is_file() and path.stat().st_size == 0:
-        raise StoreError(f"{path} is empty (0 bytes): it is not a bcd run store; delete it to start a new store "
-                         "there, or point BCD_DATABASE_URL at another file")
+        raise StoreError(
+            f"{path} is empty (0 bytes): it is not a bcd run store; delete it to start a new store "
+            "there, or point BCD_DATABASE_URL at another file"
+        )
 
 
 def _create_sqlite_file(path: Path) -> None:
@@ -287,9 +282,11 @@ def _refuse_foreign_database(engine: Engine, path: Path) -> None:
     with engine.connect() as conn:
         tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
     if tables:
-        raise StoreError(f"{path} is a SQLite database with other tables ({', '.join(tables[:5])}) and no bcd "
-                         "schema: it is not a bcd run store, and it was left unchanged; point BCD_DATABASE_URL "
-                         "at another file")
+        raise StoreError(
+            f"{path} is a SQLite database with other tables ({', '.join(tables[:5])}) and no bcd "
+            "schema: it is not a bcd run store, and it was left unchanged; point BCD_DATABASE_URL "
+            "at another file"
+        )
 
 
 def require_newest_schema(engines: StoreEngines, masked: str) -> None:
@@ -298,8 +295,7 @@ def require_newest_schema(engines: StoreEngines, masked: str) -> None:
     if current == head:
         return
     found = (
-        "has no bcd schema" if current is None
-        else f"has schema revision {current!r}, older than this bcd's {head!r}"
+        "has no bcd schema" if current is None else f"has schema revision {current!r}, older than this bcd's {head!r}"
     )
     if engines.read_only:
         remedy = (
@@ -307,8 +303,9 @@ def require_newest_schema(engines: StoreEngines, masked: str) -> None:
             "`python -m bcd_engine` command and ship that copy"
         )
     else:
-        remedy = ("open it once with RunStore.open(url) (or run any `python -m bcd_engine` command) "
-                  "to create or upgrade it")
+        remedy = (
+            "open it once with RunStore.open(url) (or run any `python -m bcd_engine` command) to create or upgrade it"
+        )
     raise StoreError(f"the run store at {masked} {found}; {remedy}")
 
 

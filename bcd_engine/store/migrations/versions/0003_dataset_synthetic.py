@@ -10,6 +10,7 @@ Adds ``datasets.synthetic`` (false unless set). Until now only runs that ``train
 registered under its ``data_dir`` (when there is one), and a dataset is synthetic when a run trained on it
 recorded so. Config keys are read here, as they were written then, rather than through the code.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,12 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-_runs = sa.table("runs", sa.column("id", sa.Integer()), sa.column("config", sa.JSON()),
-                 sa.column("dataset_id", sa.Integer()))
-_datasets = sa.table("datasets", sa.column("id", sa.Integer()), sa.column("root", sa.Text()),
-                     sa.column("synthetic", sa.Boolean()))
+_runs = sa.table(
+    "runs", sa.column("id", sa.Integer()), sa.column("config", sa.JSON()), sa.column("dataset_id", sa.Integer())
+)
+_datasets = sa.table(
+    "datasets", sa.column("id", sa.Integer()), sa.column("root", sa.Text()), sa.column("synthetic", sa.Boolean())
+)
 
 
 def upgrade() -> None:

@@ -257,6 +257,10 @@ BAD_BUNDLES = {
             bundle, target, replace={"labels.json": b'{"class_names": ["a", "b"]}'}, manifest=False
         ),
     ),
+    "manifest not an object": (
+        "manifest is not one of bundle format",
+        lambda bundle, target: rewritten(bundle, target, replace={MANIFEST: b"[]"}, manifest=False),
+    ),
     "missing member": (
         "lacks model.keras",
         lambda bundle, target: rewritten(bundle, target, replace={"model.keras": None}),

@@ -236,8 +236,7 @@ def import_bundle(path: str | Path, *, store: RunStore) -> ImportResult:
     if not path.is_file():
         raise BundleError(f"no bundle at {path}")
     with tempfile.TemporaryDirectory(prefix="bcd-bundle-") as scratch:
-        members, bundle_sha256 = _unpack(path, Path(scratch))
-        manifest = _read_json(members[MANIFEST], MANIFEST)
+        members, manifest, bundle_sha256 = _unpack(path, Path(scratch))
         documents = {name: _read_json(members[name], name) for name in (RUN, SPLIT, EPOCHS, EVALUATIONS, LABELS)}
         run_doc = documents[RUN]
         config, protocol, class_names = _checked_run(run_doc)
@@ -311,7 +310,7 @@ def _add_to_store(
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write the imported run to {folder}: {exc.strerror or exc}") from exc
-        if isinstance(exc, (KeyError, TypeError, ValueError)):
+        if isinstance(exc, (AttributeError, KeyError, TypeError, ValueError)):  # a record of the wrong shape
             raise BundleError(f"the bundle's records cannot be read ({type(exc).__name__}: {exc})") from exc
         if isinstance(exc, BCDError) and not isinstance(exc, BundleError):
             raise BundleError(f"the bundle's records were refused by the store: {exc}") from exc
@@ -319,8 +318,9 @@ def _add_to_store(
     return run_id
 
 
-def _unpack(path: Path, folder: Path) -> tuple[dict[str, Path], str]:
-    """Every member of the bundle at ``path`` written into ``folder`` after the checks; (name -> file, sha256)."""
+def _unpack(path: Path, folder: Path) -> tuple[dict[str, Path], dict[str, Any], str]:
+    """Every member of the bundle at ``path`` written into ``folder`` after the checks; (name -> file, the manifest,
+    the bundle's sha256)."""
     try:
         bundle = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -352,7 +352,7 @@ def _unpack(path: Path, folder: Path) -> tuple[dict[str, Path], str]:
             digests[info.filename] = _copy_member(bundle, info, files[info.filename], path.name)
     manifest = _read_json(files[MANIFEST], MANIFEST)
     listed = manifest.get("members") if isinstance(manifest, dict) else None
-    if manifest.get("format") != BUNDLE_FORMAT or not isinstance(listed, dict):
+    if not isinstance(listed, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path.name}'s manifest is not one of bundle format {BUNDLE_FORMAT}")
     present = set(files) - {MANIFEST}
     if set(listed) != present:
@@ -363,7 +363,7 @@ def _unpack(path: Path, folder: Path) -> tuple[dict[str, Path], str]:
             raise BundleError(
                 f"{name} in {path.name} does not match the sha256 its manifest records; refusing the bundle"
             )
-    return files, file_sha256(path)
+    return files, manifest, file_sha256(path)
 
 
 def _copy_member(bundle: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, bundle_name: str) -> str:

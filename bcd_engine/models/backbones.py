@@ -156,15 +156,10 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     return path
 
 
-def is_weights_file(weights: str | None) -> bool:
-    """Whether a normalised weights option names a file (not 'imagenet', not None)."""
-    return weights is not None and weights != "imagenet"
-
-
 def require_weights_file(weights: str | None) -> None:
     """ConfigError when ``weights`` names a file that is not there (checked where the file is about to be used:
     building a backbone to train, queueing a run; a finished run's model holds its weights and never needs it)."""
-    if is_weights_file(weights) and not Path(weights).is_file():
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise ConfigError(f"weights file not found: {weights}")
 
 

@@ -5,8 +5,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from bcd_engine.errors import RerunError
-from bcd_engine.models.backbones import is_weights_file, require_weights_file
+from bcd_engine.errors import ConfigError, RerunError
+from bcd_engine.models.backbones import require_weights_file
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import FINAL_STATUSES, Protocol, RunStore
 
@@ -54,10 +54,13 @@ def queue_again(store: RunStore, run_id: int, *, weights: str | os.PathLike | No
                          f"({type(exc).__name__}: {exc})") from exc
     if weights is not None:
         config = dataclasses.replace(config, weights=str(weights))
-    elif is_weights_file(config.weights) and not Path(config.weights).is_file():
-        raise RerunError(f"run {run_id} was trained from the weights file {config.weights}, which is gone; "
-                         f"point the new run at a copy with `rerun --run {run_id} --weights PATH` "
-                         "(or choose other weights)")
+    else:
+        try:
+            require_weights_file(config.weights)
+        except ConfigError as exc:
+            raise RerunError(f"run {run_id} was trained from the weights file {config.weights}, which is gone; "
+                             f"point the new run at a copy with `rerun --run {run_id} --weights PATH` "
+                             "(or choose other weights)") from exc
     return queue_run(store, config, data_dir)
 
 

@@ -420,19 +420,27 @@ async def protocol_phases(base: str, images: list[Path], memory: MemoryWatch, ar
     return phases
 
 
-def run_protocol(env: dict, tmp: Path, images: list[Path], args) -> dict:
+@contextlib.contextmanager
+def demo_server(env: dict, log_path: Path):
+    """A fresh demo server logging to ``log_path``: yields (its base URL, a MemoryWatch of its process tree); the
+    watch is stopped when the block ends normally, and the server killed however it ends."""
     server = None
-    with open(tmp / "streamlit-protocol.log", "wb") as server_log:
+    with open(log_path, "wb") as server_log:
         try:
             server, base = start_server(env, server_log)
             memory = MemoryWatch(server.pid)
-            idle = memory.now()
-            phases = asyncio.run(protocol_phases(base, images, memory, args))
+            yield base, memory
             memory.stop()
         finally:
             if server is not None:
                 kill_group(server.pid)
                 server.wait(10)
+
+
+def run_protocol(env: dict, tmp: Path, images: list[Path], args) -> dict:
+    with demo_server(env, tmp / "streamlit-protocol.log") as (base, memory):
+        idle = memory.now()
+        phases = asyncio.run(protocol_phases(base, images, memory, args))
     return {"server_idle_rss_mb": round(idle / 2**20), **phases}
 
 
@@ -440,47 +448,38 @@ def run_protocol(env: dict, tmp: Path, images: list[Path], args) -> dict:
 def run_browser(env: dict, tmp: Path, images: list[Path], args) -> dict:
     from playwright.sync_api import sync_playwright
 
-    server = None
-    with open(tmp / "streamlit-browser.log", "wb") as server_log:
-        try:
-            server, base = start_server(env, server_log)
-            memory = MemoryWatch(server.pid)
-            idle = memory.now()
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                pick = iter(images * 4)
-                solo = open_diagnose(browser, base, args.browser_nice)
-                concurrent_round([solo], [next(pick)], "warm-up")  # loads the model
-                memory.reset()
-                single = [t for r in range(args.rounds) for t in concurrent_round([solo], [next(pick)], f"solo{r}")]
-                single_peak = memory.peak
-                log(f"browser, 1 session: {latency_summary(single)}")
-                pages = [solo] + [open_diagnose(browser, base, args.browser_nice) for _ in range(args.sessions - 1)]
-                memory.reset()
-                many = [t for r in range(args.rounds)
-                        for t in concurrent_round(pages, [next(pick) for _ in pages], f"many{r}")]
-                many_peak = memory.peak
-                log(f"browser, {args.sessions} sessions: {latency_summary(many)}")
-                for page in pages[1:]:
-                    page.close()
-                solo.reload()
-                wait_script_done(solo)
-                time.sleep(2)
-                before_hostile = memory.reset()
-                solo.locator('input[type="file"]').set_input_files(files=hostile_files())
-                solo.get_by_text("Images diagnosed").first.wait_for(timeout=TIMEOUT_MS)  # deep.png answered
-                wait_script_done(solo)
-                check_no_exception(solo, "hostile")
-                refused = solo.locator("p").filter(has_text="cannot be used").count()
-                hostile_rise = memory.peak - before_hostile
-                log(f"browser, hostile visitor: +{hostile_rise / 2**20:.0f} MB, {refused} refusals shown")
-                chromium_version = browser.version
-                browser.close()
-            memory.stop()
-        finally:
-            if server is not None:
-                kill_group(server.pid)
-                server.wait(10)
+    with demo_server(env, tmp / "streamlit-browser.log") as (base, memory):
+        idle = memory.now()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pick = iter(images * 4)
+            solo = open_diagnose(browser, base, args.browser_nice)
+            concurrent_round([solo], [next(pick)], "warm-up")  # loads the model
+            memory.reset()
+            single = [t for r in range(args.rounds) for t in concurrent_round([solo], [next(pick)], f"solo{r}")]
+            single_peak = memory.peak
+            log(f"browser, 1 session: {latency_summary(single)}")
+            pages = [solo] + [open_diagnose(browser, base, args.browser_nice) for _ in range(args.sessions - 1)]
+            memory.reset()
+            many = [t for r in range(args.rounds)
+                    for t in concurrent_round(pages, [next(pick) for _ in pages], f"many{r}")]
+            many_peak = memory.peak
+            log(f"browser, {args.sessions} sessions: {latency_summary(many)}")
+            for page in pages[1:]:
+                page.close()
+            solo.reload()
+            wait_script_done(solo)
+            time.sleep(2)
+            before_hostile = memory.reset()
+            solo.locator('input[type="file"]').set_input_files(files=hostile_files())
+            solo.get_by_text("Images diagnosed").first.wait_for(timeout=TIMEOUT_MS)  # deep.png answered
+            wait_script_done(solo)
+            check_no_exception(solo, "hostile")
+            refused = solo.locator("p").filter(has_text="cannot be used").count()
+            hostile_rise = memory.peak - before_hostile
+            log(f"browser, hostile visitor: +{hostile_rise / 2**20:.0f} MB, {refused} refusals shown")
+            chromium_version = browser.version
+            browser.close()
     return {"chromium": chromium_version, "browser_nice": args.browser_nice, "server_idle_rss_mb": round(idle / 2**20),
             "one_session": {**latency_summary(single), "peak_rss_mb": round(single_peak / 2**20)},
             "many_sessions": {"sessions": args.sessions, **latency_summary(many),

@@ -6,6 +6,7 @@ from bcd_engine.data.images import MAX_JPEG_SCANS
 from bcd_engine.errors import BCDError
 from bcd_engine.evaluation.ood import DEFAULT_PASS_RATE
 from bcd_engine.inference import diagnosis, explain
+from bcd_engine.inference.service import STEP_IMAGES
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import artifacts
 from ui import common, tables
@@ -71,8 +72,9 @@ if st.session_state.get("diagnose_job", (None,))[0] != job:
     st.session_state.pop("diagnose_job", None)
     # On the server's shared queue; a lone image keeps its decoded pixels for its heatmap (never a batch). The
     # steps own the sources, letting each image's bytes go once it is decoded, so the page keeps no list of them.
+    # A step holds a few images, so that a large upload holds other visitors up by a small step at a time.
     count = len(sources)
-    steps = diagnoser.diagnose_steps(sources, keep_images=count == 1)
+    steps = diagnoser.diagnose_steps(sources, keep_images=count == 1, batch_size=STEP_IMAGES)
     del sources
     results = common.run_queued(steps, images=count, describe=lambda done, total: f"Diagnosed {done} of {total} "
                                 "image(s)") if count else []

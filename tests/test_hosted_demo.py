@@ -96,7 +96,7 @@ class _OutOfDomain:
 
     run_ids = (1,)
 
-    def diagnose_steps(self, sources, *, keep_images=False):
+    def diagnose_steps(self, sources, *, keep_images=False, batch_size=16):
         results = [
             {"name": s.name, "error": s.error}
             if s.error

@@ -37,10 +37,10 @@ common.demo_banner()
 store = common.store()
 
 
-@st.cache_data(show_spinner=False, max_entries=4, ttl=60)
+@st.cache_data(show_spinner=False, max_entries=4)
 def _store_views(url: str, revision: str):
     """The runs table, the run records and the completed runs' evaluations, read once per store revision
-    (the minute's time limit picks up metrics added to an existing evaluation, e.g. by ``calibrate``)."""
+    (which every write they show moves on, metrics added to an existing evaluation by ``calibrate`` included)."""
     runs = run_tables.runs_frame(store)
     records = {r.id: r for r in store.list_runs()}
     return runs, records, comparison.evaluations_by_run(store, runs.loc[runs["status"] == "completed", "id"])
@@ -177,7 +177,7 @@ else:
         "drop": ("drop", tables.decimals())})
 
 st.subheader("Runs side by side")
-labels = {int(i): comparison.run_label(records[int(i)], latest_evaluation(evaluations[int(i)]))
+labels = {int(i): comparison.run_label_with_protocol(records[int(i)], latest_evaluation(evaluations[int(i)]))
           for i in completed["id"]}
 wanted = common.requested_run()  # a link from the Train page's "finished" message
 selected = st.multiselect("Runs to compare", list(labels), format_func=labels.get, key="compare_selected",

@@ -64,7 +64,7 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
     assert min(bars["array"] + bars["arrayminus"]) >= 0
 
     run = db.get_run(ids["holdout"])
-    assert comparison.run_label(run, test) == f"run {run.id}: resnet50 · {HOLDOUT} · accuracy {expected}"
+    assert comparison.run_label_with_protocol(run, test) == f"run {run.id}: resnet50 · {HOLDOUT} · accuracy {expected}"
     assert expected in charts.figure_title(run, test) and "macro AUC" in charts.figure_title(run, test)
     assert set(comparison.reference_frame()["95% CI"]) == {"not reported"}
 
@@ -74,7 +74,7 @@ def test_cv_runs_are_grouped_summarised_and_pooled(filled):
     runs, evaluations = _everything(db)
     (group,) = comparison.cv_groups(runs)
     assert [r.id for r in group.runs] == ids["cv"]
-    assert (group.protocol, group.backbone, group.folds) == (CV, "mobilenetv2", 3)
+    assert (group.protocol.label, group.backbone, group.folds) == (CV, "mobilenetv2", 3)
     assert group.label == f"mobilenetv2 · {CV} · runs {ids['cv'][0]}–{ids['cv'][-1]}"
 
     folds = comparison.cv_folds_frame([group], evaluations)
@@ -118,7 +118,7 @@ def test_cv_groups_split_restarts_interleaving_and_other_configs(store):
     groups = comparison.cv_groups(store.list_runs())
     assert [[r.id for r in g.runs] for g in groups] == [first, [other, other_2], second, [different]]
     assert [g.folds for g in groups] == [3, 2, 3, 3]
-    assert [g.protocol for g in groups] == [CV, "2-fold CV (group-aware, stratified)", CV, CV]
+    assert [g.protocol.label for g in groups] == [CV, "2-fold CV (group-aware, stratified)", CV, CV]
     summary = comparison.cv_summary_frame(groups, {})
     assert list(summary["folds"]) == ["0 of 3 completed", "0 of 2 completed", "0 of 3 completed", "0 of 3 completed"]
     assert set(summary["accuracy (mean ± std)"]) == {"n/a"} and set(summary["pooled accuracy (95% CI)"]) == {"n/a"}

@@ -35,7 +35,7 @@ from bcd_engine.store import (
     RunStore,
 )
 from bcd_engine.store.engine import ALEMBIC_INI, make_engine, migration_transaction, normalize_url, schema_script
-from bcd_engine.store.models import Base, Run
+from bcd_engine.store.models import Base, SqlRun
 
 TABLES = {
     "datasets",
@@ -46,6 +46,7 @@ TABLES = {
     "roc_points",
     "predictions",
     "artifacts",
+    "store_revision",
 }
 CLASSES = ["ALL", "AML", "normal"]
 
@@ -169,8 +170,8 @@ def test_database_at_initial_revision_upgrades_and_keeps_its_rows(
         checks = {c["name"] for t in ("runs", "split_assignments") for c in sa.inspect(conn).get_check_constraints(t)}
         assert checks == {"ck_runs_status", "ck_runs_protocol_kind", "ck_split_assignments_subset"}
         runs = sorted(store.list_runs(), key=lambda r: r.id)
-        assert [(r.protocol_info, r.protocol) for r in runs[:-1]] == [(p, text) for text, p in OLD_PROTOCOLS]
-        assert runs[-1].protocol_info == Protocol.holdout()
+        assert [(r.protocol, r.protocol.label) for r in runs[:-1]] == [(p, text) for text, p in OLD_PROTOCOLS]
+        assert runs[-1].protocol == Protocol.holdout()
         assert all((r.backbone, r.status) == ("resnet50", "completed") for r in runs)
         assert len(store.get_epochs(first)) == 1 and len(store.get_split(first)) == 1  # not cascade-deleted
     assert [r.getMessage() for r in caplog.records] == [
@@ -189,7 +190,7 @@ def test_downgrade_to_the_initial_revision_restores_the_protocol_strings(store: 
     engine.dispose()
     assert stored == [(run_id, text) for run_id, (text, _) in zip(ids, OLD_PROTOCOLS, strict=True)]
     with RunStore.open(db_url) as reopened:
-        assert [reopened.get_run(i).protocol_info for i in ids] == [p for _, p in OLD_PROTOCOLS]
+        assert [reopened.get_run(i).protocol for i in ids] == [p for _, p in OLD_PROTOCOLS]
 
 
 def test_migrating_sqlite_with_foreign_keys_on_is_refused_before_anything_is_deleted(tmp_path: Path) -> None:
@@ -530,8 +531,8 @@ def test_protocols_round_trip_as_data_with_their_labels(store: RunStore) -> None
     protocols = [Protocol.holdout(), Protocol.kfold(4, folds=5), Protocol.lodo(long_name), Protocol.external()]
     ids = [store.create_run(backbone="b", protocol=p, config={}) for p in protocols]
     runs = [store.get_run(i) for i in ids]
-    assert [r.protocol_info for r in runs] == protocols
-    assert [r.protocol for r in runs] == [
+    assert [r.protocol for r in runs] == protocols
+    assert [r.protocol.label for r in runs] == [
         "holdout (group-aware, stratified)",
         "5-fold CV (group-aware, stratified), fold 4/5",
         f"leave-one-dataset-out, held out {long_name}",
@@ -539,7 +540,7 @@ def test_protocols_round_trip_as_data_with_their_labels(store: RunStore) -> None
     ]
     with store._engines.reader.connect() as conn:
         assert conn.execute(
-            sa.select(Run.protocol_kind, Run.protocol_fold, Run.protocol_folds).where(Run.id == ids[1])
+            sa.select(SqlRun.protocol_kind, SqlRun.protocol_fold, SqlRun.protocol_folds).where(SqlRun.id == ids[1])
         ).one() == ("kfold", 4, 5)
 
 
@@ -589,7 +590,7 @@ def test_bad_values_raise_record_error_before_anything_is_written(store: RunStor
 def test_naive_datetimes_are_refused_with_record_error(store: RunStore) -> None:
     run_id = _new_run(store)
     with pytest.raises(RecordError, match="naive datetime"), store._session(write=True) as s:
-        s.execute(sa.update(Run).where(Run.id == run_id).values(heartbeat_at=datetime(2025, 1, 1)))
+        s.execute(sa.update(SqlRun).where(SqlRun.id == run_id).values(heartbeat_at=datetime(2025, 1, 1)))
     assert store.get_run(run_id).heartbeat_at is None
 
 
@@ -773,7 +774,7 @@ def test_a_sqlite_store_deleted_or_replaced_under_a_running_process_says_so(tmp_
         store.list_runs()
 
 
-def test_revision_changes_with_every_run_and_evaluation_a_view_shows(store: RunStore, tmp_path: Path) -> None:
+def test_revision_changes_with_every_write_a_view_shows(store: RunStore, tmp_path: Path) -> None:
     from helpers import scored_evaluation
 
     seen = [store.revision()]
@@ -787,10 +788,30 @@ def test_revision_changes_with_every_run_and_evaluation_a_view_shows(store: RunS
     assert store.revision() == seen[-1]  # reading does not change it
     store.start_run(run_id, environment={})
     assert changed()
-    store.save_evaluation(run_id, **scored_evaluation("test", [f"{tmp_path}/Benign/a.png"] * 4, str(tmp_path),
-                                                      right=1.0, seed=0))
+    store.heartbeat(run_id)
+    assert not changed()  # no view shows a heartbeat
+    store.log_epoch(run_id, phase=0, epoch=1, train_loss=0.5, train_accuracy=0.8)
+    assert changed()
+    store.update_run_config(run_id, {"data_dir": str(tmp_path), "class_names": ["Benign"]})
+    assert changed()
+    dataset_id = store.register_dataset(name="d", root=tmp_path, n_images=4, class_counts={"Benign": 4})
+    assert changed()
+    store.set_run_dataset(run_id, dataset_id)
+    assert changed()
+    evaluation_id = store.save_evaluation(
+        run_id, **scored_evaluation("test", [f"{tmp_path}/Benign/a.png"] * 4, str(tmp_path), right=1.0, seed=0)
+    )
     assert changed()
     store.finish_run(run_id, status="completed", test_accuracy=1.0)
     assert changed()
+    store.add_evaluation_metrics(evaluation_id, {"ece_calibrated": 0.01})  # e.g. by calibrate: no new row
+    assert changed()
+    store.add_evaluation_metrics(evaluation_id, {"ece_calibrated": 0.02})  # the same key, a new value
+    assert changed()
+    store.save_artifact(run_id, kind="model", path="run-1/model.keras", sha256="0" * 64, size_bytes=1)
+    assert changed()
     store.delete_run(run_id)
     assert changed()
+    with pytest.raises(RunNotFoundError):
+        store.finish_run(run_id, status="failed")
+    assert not changed()  # a write that failed changed nothing

@@ -53,10 +53,11 @@ def format_interval(value: float | None, low: float | None = None, high: float |
     return f"{value:.3f} ({low:.3f}–{high:.3f})"
 
 
-def run_label(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
-    """One line naming a run: id, backbone, protocol and test accuracy with its interval."""
+def run_label_with_protocol(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
+    """A run named by its protocol, as Compare offers runs: id, backbone, protocol and the accuracy of
+    ``evaluation`` (its test evaluation) with its interval."""
     accuracy = format_interval(*interval(evaluation, "accuracy"))
-    return f"run {run.id}: {run.backbone} · {run.protocol} · accuracy {accuracy}"
+    return f"run {run.id}: {run.backbone} · {run.protocol.label} · accuracy {accuracy}"
 
 
 def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[EvaluationRecord]]) -> pd.DataFrame:
@@ -71,7 +72,7 @@ def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Ev
         test = latest_evaluation(evaluations.get(run.id, []))
         if test is None:
             continue
-        protocol = run.protocol + (IN_DOMAIN_NOTE if run.protocol_info.kind == "lodo" else "")
+        protocol = run.protocol.label + (IN_DOMAIN_NOTE if run.protocol.kind == "lodo" else "")
         row = {"run": run.id, "label": f"run {run.id}: {run.backbone} · {protocol}", "backbone": run.backbone,
                "protocol": protocol, "data_dir": run.config.get("data_dir"), "n": test.metrics.get("n")}
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
@@ -104,14 +105,14 @@ def reference_frame() -> pd.DataFrame:
 class CVGroup:
     """The fold runs of one k-fold cross-validation, in fold order."""
 
-    protocol: str  # without the ", fold k/K" suffix
+    protocol: Protocol  # the cross-validation as a whole (no fold)
     backbone: str
     folds: int
     runs: tuple[RunRecord, ...]
 
     @property
     def label(self) -> str:
-        return f"{self.backbone} · {self.protocol} · runs {self.runs[0].id}–{self.runs[-1].id}"
+        return f"{self.backbone} · {self.protocol.label} · runs {self.runs[0].id}–{self.runs[-1].id}"
 
     @property
     def data_dir(self) -> str | None:
@@ -128,7 +129,7 @@ def cv_groups(runs: Iterable[RunRecord]) -> list[CVGroup]:
     groups: list[tuple[str, int, list[RunRecord]]] = []
     open_groups: dict[tuple, tuple[int, list[RunRecord]]] = {}
     for run in sorted(runs, key=lambda r: r.id):
-        protocol = run.protocol_info
+        protocol = run.protocol
         if protocol.kind != "kfold" or protocol.fold is None:
             continue
         key = (protocol.folds, run.backbone, json.dumps(run.config, sort_keys=True))
@@ -138,7 +139,7 @@ def cv_groups(runs: Iterable[RunRecord]) -> list[CVGroup]:
             groups.append((run.backbone, protocol.folds, members))
         members.append(run)
         open_groups[key] = (protocol.fold, members)
-    return [CVGroup(Protocol.kfold(folds=folds).label, backbone, folds, tuple(members))
+    return [CVGroup(Protocol.kfold(folds=folds), backbone, folds, tuple(members))
             for backbone, folds, members in groups]
 
 
@@ -149,7 +150,7 @@ def cv_folds_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[Eva
         for run in group.runs:
             test = latest_evaluation(evaluations.get(run.id, []))
             accuracy, macro_auc = interval(test, "accuracy"), interval(test, "macro_auc")
-            rows.append({"group": group.label, "fold": f"{run.protocol_info.fold}/{group.folds}",
+            rows.append({"group": group.label, "fold": f"{run.protocol.fold}/{group.folds}",
                          "run": run.id, "status": run.status, "n": test.metrics.get("n") if test else None,
                          "accuracy": accuracy[0], "accuracy (95% CI)": format_interval(*accuracy),
                          "macro_auc": macro_auc[0], "macro AUC (95% CI)": format_interval(*macro_auc),
@@ -200,7 +201,7 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
         completed = [r for r in group.runs if r.status == "completed"]
         tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in completed)
                  if t is not None]
-        row = {"group": group.label, "backbone": group.backbone, "protocol": group.protocol,
+        row = {"group": group.label, "backbone": group.backbone, "protocol": group.protocol.label,
                "data_dir": group.data_dir, "folds": f"{len(tests)} of {group.folds} completed",
                "n": sum(t.metrics.get("n", 0) for t in tests)}
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
@@ -229,8 +230,8 @@ def lodo_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Evaluat
     """
     rows = []
     for run in runs:
-        evals, name = evaluations.get(run.id, []), run.protocol_info.held_out
-        if run.protocol_info.kind != "lodo" or name is None or not evals:
+        evals, name = evaluations.get(run.id, []), run.protocol.held_out
+        if run.protocol.kind != "lodo" or name is None or not evals:
             continue
         held_out = latest_evaluation(evals, held_out_evaluation_name(name))
         test = latest_evaluation(evals)
@@ -295,7 +296,7 @@ def cached_audit(scan: ScanResult) -> dict | None:
 
 def run_audit(scan: ScanResult) -> dict:
     """``audit.audit_dataset`` of the scanned folder (seconds), cached as JSON for :func:`cached_audit`."""
-    audit = {"root": scan.root, "key": audit_key(scan), **audit_dataset(scan.root)}
+    audit = {"root": scan.root, "key": audit_key(scan), **audit_dataset(scan.root).to_dict()}
     atomic_write_text(audit_file(scan), json.dumps(audit, indent=1))
     return audit
 

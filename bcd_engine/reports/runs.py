@@ -50,8 +50,10 @@ def dataset_label(run: RunRecord) -> str:
     return dataset.name + (f" ({', '.join(parts)})" if parts else "")
 
 
-def run_label(run: RunRecord, best: dict[str, RunRecord]) -> str:
-    """How a run is offered in a picker: id, backbone, dataset, test accuracy, and whether it is its dataset's best."""
+def run_label_with_dataset(run: RunRecord, best: dict[str, RunRecord]) -> str:
+    """A run named by its dataset, as Diagnose offers models: id, backbone, dataset, test accuracy, and whether it is
+    its dataset's best in ``best`` (:func:`best_runs_by_dataset`). :func:`~bcd_engine.reports.comparison.
+    run_label_with_protocol` names it by protocol instead."""
     name = run.dataset.name
     accuracy = "" if run.test_accuracy is None else f", test accuracy {run.test_accuracy:.3f}"
     mark = f" (best on {name})" if best.get(name) is not None and best[name].id == run.id else ""
@@ -73,7 +75,7 @@ def runs_frame(store: RunStore) -> pd.DataFrame:
         train_cfg = run.config.get("train", {})
         rows.append({
             "id": run.id, "backbone": run.backbone, "dataset": dataset_label(run), "status": run.status,
-            "protocol": run.protocol, "test_accuracy": run.test_accuracy, "macro_auc": run.macro_auc,
+            "protocol": run.protocol.label, "test_accuracy": run.test_accuracy, "macro_auc": run.macro_auc,
             "macro_f1": metrics.get("macro_f1"), "ece": metrics.get("ece"),
             "ece_calibrated": metrics.get("ece_calibrated"),
             "parameters_M": (metrics["parameters"] / 1e6) if metrics.get("parameters") else None,

@@ -83,7 +83,7 @@ class Base(DeclarativeBase):
 _CASCADE = {"ondelete": "CASCADE"}
 
 
-class Dataset(Base):
+class SqlDataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -95,7 +95,7 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Run(Base):
+class SqlRun(Base):
     __tablename__ = "runs"
     __table_args__ = (
         CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
@@ -109,7 +109,7 @@ class Run(Base):
     protocol_fold: Mapped[int | None] = mapped_column(Integer)
     protocol_folds: Mapped[int | None] = mapped_column(Integer)
     protocol_held_out: Mapped[str | None] = mapped_column(Text)
-    protocol_info: Mapped[Protocol] = composite(
+    protocol: Mapped[Protocol] = composite(
         "protocol_kind", "protocol_fold", "protocol_folds", "protocol_held_out"
     )
     config: Mapped[dict[str, Any]]
@@ -128,12 +128,12 @@ class Run(Base):
     dataset_id: Mapped[int | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True
     )
-    dataset: Mapped[Dataset | None] = relationship(lazy="joined")
+    dataset: Mapped[SqlDataset | None] = relationship(lazy="joined")
     test_accuracy: Mapped[float | None] = mapped_column(Float)
     macro_auc: Mapped[float | None] = mapped_column(Float)
 
 
-class Epoch(Base):
+class SqlEpoch(Base):
     __tablename__ = "epochs"
     __table_args__ = (UniqueConstraint("run_id", "phase", "epoch"),)
 
@@ -149,7 +149,7 @@ class Epoch(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
 
 
-class SplitAssignment(Base):
+class SqlSplitAssignment(Base):
     __tablename__ = "split_assignments"
     __table_args__ = (
         CheckConstraint(
@@ -166,7 +166,7 @@ class SplitAssignment(Base):
     group_id: Mapped[str | None] = mapped_column(String(255))
 
 
-class Evaluation(Base):
+class SqlEvaluation(Base):
     __tablename__ = "evaluations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -180,7 +180,7 @@ class Evaluation(Base):
     roc_auc: Mapped[dict[str, Any]]
 
 
-class RocPoint(Base):
+class SqlRocPoint(Base):
     """One point of one class's one-vs-rest ROC curve; ``point_index`` keeps the curve's order."""
 
     __tablename__ = "roc_points"
@@ -195,7 +195,7 @@ class RocPoint(Base):
     threshold: Mapped[float] = mapped_column(Float)
 
 
-class Prediction(Base):
+class SqlPrediction(Base):
     __tablename__ = "predictions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -208,7 +208,7 @@ class Prediction(Base):
     probabilities: Mapped[list[Any]]
 
 
-class Artifact(Base):
+class SqlArtifact(Base):
     __tablename__ = "artifacts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -218,3 +218,12 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SqlStoreRevision(Base):
+    """The store's one revision counter (row id 1): each write transaction adds one (``RunStore.revision``)."""
+
+    __tablename__ = "store_revision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)

@@ -123,7 +123,7 @@ class RunRecord:
     """One training run: its configuration, lifecycle and headline metrics.
 
     ``dataset`` is the dataset it was trained on (its registered dataset, ``dataset_id``, whenever there is one).
-    ``protocol_info`` is how its test figure was obtained; :attr:`protocol` the same as text. ``seconds`` is
+    ``protocol`` is how its test figure was obtained (``protocol.label`` the same as text). ``seconds`` is
     ``finished_at - started_at``: from when the process that trains the run starts it (after scanning the
     data folder and setting up the device; the wait in the queue is not counted) until it is finished,
     evaluation and saving included. ``train`` reports the same figure.
@@ -131,7 +131,7 @@ class RunRecord:
 
     id: int
     backbone: str
-    protocol_info: Protocol
+    protocol: Protocol
     config: dict[str, Any]
     status: str
     created_at: datetime
@@ -149,11 +149,6 @@ class RunRecord:
     dataset: RunDataset
     test_accuracy: float | None
     macro_auc: float | None
-
-    @property
-    def protocol(self) -> str:
-        """The run's protocol as text (``protocol_info.label``), e.g. ``"holdout (group-aware, stratified)"``."""
-        return self.protocol_info.label
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,15 @@ from bcd_engine.store.engine import (
 from bcd_engine.store.models import (
     FINAL_STATUSES,
     RUN_STATUSES,
-    Artifact,
-    Dataset,
-    Epoch,
-    Evaluation,
-    Prediction,
-    RocPoint,
-    Run,
-    SplitAssignment,
+    SqlArtifact,
+    SqlDataset,
+    SqlEpoch,
+    SqlEvaluation,
+    SqlPrediction,
+    SqlRocPoint,
+    SqlRun,
+    SqlSplitAssignment,
+    SqlStoreRevision,
     utcnow,
 )
 from bcd_engine.store.records import (
@@ -109,13 +110,13 @@ def _record(cls: type[_R], row: Any) -> _R:
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
 
-def _run_record(run: Run) -> RunRecord:
+def _run_record(run: SqlRun) -> RunRecord:
     """The record of ``run`` with the dataset it was trained on (``run.dataset`` loaded with it)."""
     values = {f.name: getattr(run, f.name) for f in fields(RunRecord) if f.name != "dataset"}
     return RunRecord(**values, dataset=_run_dataset(run))
 
 
-def _run_dataset(run: Run) -> RunDataset:
+def _run_dataset(run: SqlRun) -> RunDataset:
     """The run's registered dataset; for an old run without one, what its config says (the dataset summary
     training recorded, or else the name of its data folder)."""
     if run.dataset is not None:
@@ -201,8 +202,12 @@ class RunStore:
     # -- sessions -----------------------------------------------------------------------------
 
     @contextmanager
-    def _session(self, *, write: bool = False) -> Iterator[Session]:
+    def _session(self, *, write: bool = False, revises: bool = True) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back on any error.
+
+        A write transaction adds one to the store's revision counter as its last statement (so the row lock
+        it takes on PostgreSQL is held only until the commit), unless ``revises`` is False: a write no view
+        shows, such as a heartbeat.
 
         SQLAlchemy errors become :class:`StoreError` naming the (masked) URL: :class:`RecordError`
         when the database refused the values (a constraint), or a column type did (a naive time).
@@ -215,6 +220,10 @@ class RunStore:
         try:
             self._begin(session)
             yield session
+            if write and revises:
+                session.execute(
+                    update(SqlStoreRevision).where(SqlStoreRevision.id == 1).values(counter=SqlStoreRevision.counter + 1)
+                )
             session.commit()
         except SQLAlchemyError as exc:
             if isinstance(getattr(exc, "orig", None), RecordError):
@@ -269,8 +278,8 @@ class RunStore:
             )
 
     @staticmethod
-    def _require_run(session: Session, run_id: int) -> Run:
-        run = session.get(Run, run_id)
+    def _require_run(session: Session, run_id: int) -> SqlRun:
+        run = session.get(SqlRun, run_id)
         if run is None:
             raise RunNotFoundError(f"no run with id {run_id} in the run store")
         return run
@@ -295,15 +304,15 @@ class RunStore:
             n_images = int(n_images)
             counts = {str(k): int(v) for k, v in class_counts.items()}
         with self._session(write=True) as s:
-            row = s.scalar(select(Dataset).where(Dataset.root == root))
+            row = s.scalar(select(SqlDataset).where(SqlDataset.root == root))
             if row is None:
                 try:
                     with s.begin_nested():  # PostgreSQL: another process may insert the same root
-                        row = Dataset(name=name, root=root, n_images=n_images, class_counts=counts,
+                        row = SqlDataset(name=name, root=root, n_images=n_images, class_counts=counts,
                                       synthetic=bool(synthetic))
                         s.add(row)
                 except IntegrityError:
-                    row = s.scalars(select(Dataset).where(Dataset.root == root)).one()
+                    row = s.scalars(select(SqlDataset).where(SqlDataset.root == root)).one()
             row.name, row.n_images, row.class_counts, row.synthetic = name, n_images, counts, bool(synthetic)
             s.flush()
             return row.id
@@ -311,7 +320,7 @@ class RunStore:
     def list_datasets(self) -> list[DatasetRecord]:
         """Every registered dataset, by name."""
         with self._session() as s:
-            rows = s.scalars(select(Dataset).order_by(Dataset.name, Dataset.id))
+            rows = s.scalars(select(SqlDataset).order_by(SqlDataset.name, SqlDataset.id))
             return [_record(DatasetRecord, r) for r in rows]
 
     # -- run lifecycle ------------------------------------------------------------------------
@@ -332,9 +341,9 @@ class RunStore:
         with _checked("create_run config"):
             config = dict(config)
         with self._session(write=True) as s:
-            run = Run(
+            run = SqlRun(
                 backbone=backbone,
-                protocol_info=protocol,
+                protocol=protocol,
                 config=config,
                 status=status,
                 dataset_id=dataset_id,
@@ -373,14 +382,14 @@ class RunStore:
         if worker_id is None:
             del values["worker_id"]
         startable = or_(
-            Run.status == "queued",
+            SqlRun.status == "queued",
             and_(
-                Run.status == "running",
-                or_(Run.pid.is_(None), and_(Run.host == values["host"], Run.pid == values["pid"])),
+                SqlRun.status == "running",
+                or_(SqlRun.pid.is_(None), and_(SqlRun.host == values["host"], SqlRun.pid == values["pid"])),
             ),
         )
         with self._session(write=True) as s:
-            result = s.execute(update(Run).where(Run.id == run_id, startable).values(**values))
+            result = s.execute(update(SqlRun).where(SqlRun.id == run_id, startable).values(**values))
             if result.rowcount == 0:
                 run = self._require_run(s, run_id)
                 where = f" (pid {run.pid} on {run.host})" if run.status == "running" else ""
@@ -398,22 +407,22 @@ class RunStore:
             tried: list[int] = []
             while True:
                 run_id = s.scalar(
-                    select(Run.id)
-                    .where(Run.status == "queued", Run.id.not_in(tried))
-                    .order_by(Run.id)
+                    select(SqlRun.id)
+                    .where(SqlRun.status == "queued", SqlRun.id.not_in(tried))
+                    .order_by(SqlRun.id)
                     .limit(1)
                     .with_for_update(skip_locked=True)
                 )
                 if run_id is None:
                     return None
                 result = s.execute(
-                    update(Run)
-                    .where(Run.id == run_id, Run.status == "queued")
+                    update(SqlRun)
+                    .where(SqlRun.id == run_id, SqlRun.status == "queued")
                     .values(**self._running(environment, worker_id))
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount == 1:
-                    return _run_record(s.get_one(Run, run_id))
+                    return _run_record(s.get_one(SqlRun, run_id))
                 tried.append(run_id)
 
     def hand_over(self, run_id: int, *, claimed_by: str, worker_id: str) -> None:
@@ -425,8 +434,8 @@ class RunStore:
         """
         values = {"host": socket.gethostname(), "pid": os.getpid(), "worker_id": worker_id, "heartbeat_at": utcnow()}
         with self._session(write=True) as s:
-            claimed = and_(Run.id == run_id, Run.status == "running", Run.worker_id == claimed_by)
-            if s.execute(update(Run).where(claimed).values(**values)).rowcount == 0:
+            claimed = and_(SqlRun.id == run_id, SqlRun.status == "running", SqlRun.worker_id == claimed_by)
+            if s.execute(update(SqlRun).where(claimed).values(**values)).rowcount == 0:
                 run = self._require_run(s, run_id)
                 raise StoreError(f"run {run_id} is {run.status} under worker {run.worker_id}, "
                                  f"not running under {claimed_by}; it cannot be handed over")
@@ -434,7 +443,7 @@ class RunStore:
     def set_run_dataset(self, run_id: int, dataset_id: int) -> None:
         """Record that run ``run_id`` trains on the registered dataset ``dataset_id``."""
         with self._session(write=True) as s:
-            if s.execute(update(Run).where(Run.id == run_id).values(dataset_id=dataset_id)).rowcount == 0:
+            if s.execute(update(SqlRun).where(SqlRun.id == run_id).values(dataset_id=dataset_id)).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
 
     def update_run_config(self, run_id: int, config: Mapping[str, Any]) -> None:
@@ -442,13 +451,13 @@ class RunStore:
         with _checked("update_run_config config"):
             config = dict(config)
         with self._session(write=True) as s:
-            if s.execute(update(Run).where(Run.id == run_id).values(config=config)).rowcount == 0:
+            if s.execute(update(SqlRun).where(SqlRun.id == run_id).values(config=config)).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
 
     def heartbeat(self, run_id: int) -> None:
-        """Note that the run's process is still alive."""
-        with self._session(write=True) as s:
-            if s.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=utcnow())).rowcount == 0:
+        """Note that the run's process is still alive (no view shows it, so :meth:`revision` stays as it is)."""
+        with self._session(write=True, revises=False) as s:
+            if s.execute(update(SqlRun).where(SqlRun.id == run_id).values(heartbeat_at=utcnow())).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
 
     def request_cancel(self, run_id: int) -> None:
@@ -458,14 +467,14 @@ class RunStore:
         """
         with self._session(write=True) as s:
             queued = s.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.status == "queued")
+                update(SqlRun)
+                .where(SqlRun.id == run_id, SqlRun.status == "queued")
                 .values(status="cancelled", cancel_requested=True, finished_at=utcnow())
             )
             if queued.rowcount:
                 return
             running = s.execute(
-                update(Run).where(Run.id == run_id, Run.status == "running").values(cancel_requested=True)
+                update(SqlRun).where(SqlRun.id == run_id, SqlRun.status == "running").values(cancel_requested=True)
             )
             if running.rowcount == 0:
                 self._require_run(s, run_id)
@@ -473,7 +482,7 @@ class RunStore:
     def is_cancel_requested(self, run_id: int) -> bool:
         """Whether someone asked this run to stop."""
         with self._session() as s:
-            flag = s.scalar(select(Run.cancel_requested).where(Run.id == run_id))
+            flag = s.scalar(select(SqlRun.cancel_requested).where(SqlRun.id == run_id))
             if flag is None:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
             return bool(flag)
@@ -493,7 +502,7 @@ class RunStore:
     ) -> None:
         """Record one epoch's metrics (NaN is kept as None) and refresh the run's heartbeat."""
         with _checked("log_epoch"):
-            epoch_row = Epoch(
+            epoch_row = SqlEpoch(
                 run_id=run_id,
                 phase=int(phase),
                 epoch=int(epoch),
@@ -505,7 +514,7 @@ class RunStore:
                 seconds=_metric(seconds),
             )
         with self._session(write=True) as s:
-            if s.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=utcnow())).rowcount == 0:
+            if s.execute(update(SqlRun).where(SqlRun.id == run_id).values(heartbeat_at=utcnow())).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
             s.add(epoch_row)
 
@@ -540,18 +549,18 @@ class RunStore:
         """
         host = socket.gethostname()
         cutoff = utcnow() - timedelta(seconds=stale_after_s)
-        last_sign = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
+        last_sign = func.coalesce(SqlRun.heartbeat_at, SqlRun.started_at, SqlRun.created_at)
         with self._session() as s:
             rows = s.execute(
-                select(Run.id, Run.host, Run.pid, Run.started_at, last_sign.label("last_sign")).where(
-                    Run.status == "running"
+                select(SqlRun.id, SqlRun.host, SqlRun.pid, SqlRun.started_at, last_sign.label("last_sign")).where(
+                    SqlRun.status == "running"
                 )
             ).all()
         dead: list[tuple[Any, Any, str]] = []
         for row in rows:
             if row.host == host and row.pid is not None and not pid_alive(row.pid):
                 reason = f"interrupted: its process (pid {row.pid} on {host}) is gone"
-                dead.append((row, Run.pid == row.pid, reason))
+                dead.append((row, SqlRun.pid == row.pid, reason))
             elif row.last_sign < cutoff:
                 reason = (
                     f"interrupted: no heartbeat since {row.last_sign:%Y-%m-%d %H:%M:%S} UTC "
@@ -565,8 +574,8 @@ class RunStore:
             for row, still_dead, reason in dead:
                 now = utcnow()
                 result = s.execute(
-                    update(Run)
-                    .where(Run.id == row.id, Run.status == "running", still_dead)
+                    update(SqlRun)
+                    .where(SqlRun.id == row.id, SqlRun.status == "running", still_dead)
                     .values(
                         status="interrupted",
                         error=reason,
@@ -603,16 +612,16 @@ class RunStore:
                 )
         with self._session(write=True) as s:
             self._require_run(s, run_id)
-            s.execute(delete(SplitAssignment).where(SplitAssignment.run_id == run_id))
+            s.execute(delete(SqlSplitAssignment).where(SqlSplitAssignment.run_id == run_id))
             if rows:
-                s.execute(insert(SplitAssignment), rows)
+                s.execute(insert(SqlSplitAssignment), rows)
 
     def get_split(self, run_id: int) -> list[dict[str, Any]]:
         """The run's split as dicts with path, class_name, subset and group_id, in saved order."""
         with self._session() as s:
             self._require_run(s, run_id)
             rows = s.scalars(
-                select(SplitAssignment).where(SplitAssignment.run_id == run_id).order_by(SplitAssignment.id)
+                select(SqlSplitAssignment).where(SqlSplitAssignment.run_id == run_id).order_by(SqlSplitAssignment.id)
             )
             return [
                 {"path": r.path, "class_name": r.class_name, "subset": r.subset, "group_id": r.group_id}
@@ -639,7 +648,7 @@ class RunStore:
         each prediction has path, true_class, predicted_class and probabilities (one per class).
         """
         with _checked("save_evaluation"):
-            evaluation = Evaluation(
+            evaluation = SqlEvaluation(
                 run_id=run_id,
                 name=name,
                 data_dir=None if data_dir is None else str(data_dir),
@@ -675,9 +684,9 @@ class RunStore:
             s.add(evaluation)
             s.flush()
             if points:
-                s.execute(insert(RocPoint), [{**point, "evaluation_id": evaluation.id} for point in points])
+                s.execute(insert(SqlRocPoint), [{**point, "evaluation_id": evaluation.id} for point in points])
             if rows:
-                s.execute(insert(Prediction), [{**row, "evaluation_id": evaluation.id} for row in rows])
+                s.execute(insert(SqlPrediction), [{**row, "evaluation_id": evaluation.id} for row in rows])
             return evaluation.id
 
     def save_scored_evaluation(
@@ -716,13 +725,13 @@ class RunStore:
         with self._session() as s:
             self._require_run(s, run_id)
             evaluations = list(
-                s.scalars(select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.id))
+                s.scalars(select(SqlEvaluation).where(SqlEvaluation.run_id == run_id).order_by(SqlEvaluation.id))
             )
-            points: dict[tuple[int, str], list[RocPoint]] = {}
+            points: dict[tuple[int, str], list[SqlRocPoint]] = {}
             for p in s.scalars(
-                select(RocPoint)
-                .where(RocPoint.evaluation_id.in_([e.id for e in evaluations]))
-                .order_by(RocPoint.evaluation_id, RocPoint.class_name, RocPoint.point_index)
+                select(SqlRocPoint)
+                .where(SqlRocPoint.evaluation_id.in_([e.id for e in evaluations]))
+                .order_by(SqlRocPoint.evaluation_id, SqlRocPoint.class_name, SqlRocPoint.point_index)
             ):
                 points.setdefault((p.evaluation_id, p.class_name), []).append(p)
             records = []
@@ -756,7 +765,7 @@ class RunStore:
         with _checked("add_evaluation_metrics"):
             extra = dict(metrics)
         with self._session(write=True) as s:
-            row = s.get(Evaluation, evaluation_id)
+            row = s.get(SqlEvaluation, evaluation_id)
             if row is None:
                 raise StoreError(f"no evaluation with id {evaluation_id} in the run store")
             row.metrics = {**row.metrics, **extra}
@@ -764,10 +773,10 @@ class RunStore:
     def get_predictions(self, evaluation_id: int) -> list[PredictionRecord]:
         """The per-image predictions of one evaluation, in saved order."""
         with self._session() as s:
-            if s.get(Evaluation, evaluation_id) is None:
+            if s.get(SqlEvaluation, evaluation_id) is None:
                 raise StoreError(f"no evaluation with id {evaluation_id} in the run store")
             rows = s.scalars(
-                select(Prediction).where(Prediction.evaluation_id == evaluation_id).order_by(Prediction.id)
+                select(SqlPrediction).where(SqlPrediction.evaluation_id == evaluation_id).order_by(SqlPrediction.id)
             )
             return [_record(PredictionRecord, r) for r in rows]
 
@@ -778,7 +787,7 @@ class RunStore:
     ) -> int:
         """Record a file the run produced and return the record's id."""
         with _checked("save_artifact"):
-            artifact = Artifact(
+            artifact = SqlArtifact(
                 run_id=run_id, kind=kind, path=str(path), sha256=sha256, size_bytes=int(size_bytes)
             )
         with self._session(write=True) as s:
@@ -791,7 +800,7 @@ class RunStore:
         """The run's artifacts, oldest first."""
         with self._session() as s:
             self._require_run(s, run_id)
-            rows = s.scalars(select(Artifact).where(Artifact.run_id == run_id).order_by(Artifact.id))
+            rows = s.scalars(select(SqlArtifact).where(SqlArtifact.run_id == run_id).order_by(SqlArtifact.id))
             return [_record(ArtifactRecord, r) for r in rows]
 
     # -- reading runs -------------------------------------------------------------------------
@@ -805,26 +814,24 @@ class RunStore:
         """Runs, newest first, optionally only those with ``status`` and at most ``limit``."""
         if status is not None:
             _require_status(status, RUN_STATUSES)
-        query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+        query = select(SqlRun).order_by(SqlRun.created_at.desc(), SqlRun.id.desc()).limit(limit)
         if status is not None:
-            query = query.where(Run.status == status)
+            query = query.where(SqlRun.status == status)
         with self._session() as s:
             return [_run_record(r) for r in s.scalars(query).unique()]
 
     def revision(self) -> str:
-        """A token that changes when a run is added, deleted, started or finished, or an evaluation is saved
-        (a cache key for views of the store; metrics added to an existing evaluation do not change it)."""
+        """A token that changes with every write a view shows: runs, their status, config and dataset, epochs,
+        splits, evaluations and metrics added to them, predictions, artifacts, datasets (a cache key for views of
+        the store; only a bare :meth:`heartbeat` leaves it as it is)."""
         with self._session() as s:
-            runs = s.execute(select(func.count(Run.id), func.max(Run.id), func.max(Run.started_at),
-                                    func.max(Run.finished_at))).one()
-            evaluations = s.execute(select(func.count(Evaluation.id), func.max(Evaluation.id))).one()
-        return "|".join(map(str, (*runs, *evaluations)))
+            return str(s.scalar(select(SqlStoreRevision.counter).where(SqlStoreRevision.id == 1)))
 
     def get_epochs(self, run_id: int) -> list[EpochRecord]:
         """The run's epochs by phase and epoch."""
         with self._session() as s:
             self._require_run(s, run_id)
-            rows = s.scalars(select(Epoch).where(Epoch.run_id == run_id).order_by(Epoch.phase, Epoch.epoch))
+            rows = s.scalars(select(SqlEpoch).where(SqlEpoch.run_id == run_id).order_by(SqlEpoch.phase, SqlEpoch.epoch))
             return [_record(EpochRecord, r) for r in rows]
 
     def complete_imported_run(
@@ -860,5 +867,15 @@ class RunStore:
     def delete_run(self, run_id: int) -> None:
         """Delete a run and, through ON DELETE CASCADE, everything recorded about it."""
         with self._session(write=True) as s:
-            if s.execute(delete(Run).where(Run.id == run_id)).rowcount == 0:
+            if s.execute(delete(SqlRun).where(SqlRun.id == run_id)).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
+
+    def count_runs(self, *, status: str | None = None) -> int:
+        """How many runs there are, optionally only those with ``status`` (counted in the database)."""
+        if status is not None:
+            _require_status(status, RUN_STATUSES)
+        query = select(func.count(SqlRun.id))
+        if status is not None:
+            query = query.where(SqlRun.status == status)
+        with self._session() as s:
+            return int(s.execute(query).scalar_one())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
+from bcd_engine.protocols.audit import DatasetAudit
 from bcd_engine.store import EvaluationRecord, RunRecord, latest_evaluation
 from bcd_engine.version import __version__
 
@@ -20,7 +21,7 @@ def model_card(
     run: RunRecord,
     evaluations: list[EvaluationRecord],
     *,
-    audit: dict | None = None,
+    audit: DatasetAudit | dict | None = None,
     split: list[dict] | None = None,
     model_file: str = "model.keras",
     model_sha256: str | None = None,
@@ -73,7 +74,7 @@ def model_card(
         "## Data and protocol",
         "",
         f"- Dataset: {_dataset(run)}; folder `{data_dir}`",
-        f"- Protocol: {run.protocol}",
+        f"- Protocol: {run.protocol.label}",
         f"- Split: {_split_sizes(split)}",
         f"- Duplicates: {_duplicate_handling(split)}",
         "- No patient identifiers: image-level split. The dataset has no patient ids, so fields of one patient "
@@ -122,10 +123,13 @@ def model_card(
     return "\n".join(lines)
 
 
-def audit_parts(audit: dict | None) -> tuple[dict | None, dict | None]:
-    """(shortcuts, leakage) from audit_dataset()'s result or shortcut_audit()'s; ConfigError otherwise."""
+def audit_parts(audit: DatasetAudit | dict | None) -> tuple[dict | None, dict | None]:
+    """(shortcuts, leakage) from audit_dataset()'s result (or its dict) or shortcut_audit()'s; ConfigError
+    otherwise."""
     if audit is None:
         return None, None
+    if isinstance(audit, DatasetAudit):
+        return audit.shortcuts, audit.leakage
     shortcuts = audit.get("shortcuts", audit) if isinstance(audit, dict) else None
     needed = ("colour_only_accuracy", "corner_only_accuracy", "chance_accuracy")
     if not isinstance(shortcuts, dict) or any(key not in shortcuts for key in needed):

@@ -21,7 +21,7 @@ Cases (the "before" figures are quoted from issue 23, measured before its fixes)
 7. five files of 190 MB in one upload (stand-ins that declare their size and make their bytes only if read);
 8. the worst mix within the limits: one zip under the upload limit whose members fill the upload's byte budget,
    the first a 20-megapixel RGBA PNG with transparency (the costliest decode per pixel), decoded first while
-   every other member's bytes are still held;
+   every other member's bytes are still held; and that first image alone, as one upload (8b);
 9. fair shares, at the engine level (from 127.0.0.1 every Streamlit session is its own visitor, so a server
    could not show one visitor's many tabs): one visitor submits 32 jobs to an ``InferenceQueue`` with the
    server's limits, of one image each (32 tabs: 9a) or of 1,000 images each (32 thousand-image zips: 9b), then
@@ -166,16 +166,28 @@ def _bulky_png(width: int, height: int, seed: int) -> bytes:
     return _save(Image.fromarray(flat.reshape(height, width, 3), "RGB"), "PNG", compress_level=0)
 
 
+def largest_image_size() -> tuple[int, int]:
+    """The largest 5:4 image (width, height) within the per-image pixel limit of an upload."""
+    from bcd_engine.inference import diagnosis
+
+    height = int((diagnosis.MAX_UPLOAD_IMAGE_PIXELS / 1.25) ** 0.5)
+    return height * 5 // 4, height
+
+
 def worst_mix(*, fillers: int) -> tuple[bytes, str]:
     """One zip under the upload limit whose members fill the upload's byte budget: first a 20-megapixel RGBA PNG
     with transparency, then up to ``fillers`` bulky 12-megapixel PNGs (36 MB each), as many as the budget holds."""
     from bcd_engine.inference import diagnosis
 
-    side = int((diagnosis.MAX_UPLOAD_IMAGE_PIXELS / 1.25) ** 0.5)  # 5:4, within the per-image pixel limit
-    big = ("0-rgba-20mp.png", _rgba_with_transparency(side * 5 // 4, side))
-    bulky = [(f"{i}-bulky-12mp.png", _bulky_png(4000, 3000, seed=i)) for i in range(1, fillers + 1)]
-    while bulky and sum(len(payload) for _, payload in [big, *bulky]) > diagnosis.MAX_UPLOAD_TOTAL_BYTES:
-        bulky.pop()  # the members alone are over: the zip's own bytes count too
+    width, height = largest_image_size()
+    big = ("0-rgba-20mp.png", _rgba_with_transparency(width, height))
+    bulky, members_bytes = [], len(big[1])
+    for i in range(1, fillers + 1):  # as many as the members alone fit the budget (the zip's own bytes count too)
+        filler = (f"{i}-bulky-12mp.png", _bulky_png(4000, 3000, seed=i))
+        members_bytes += len(filler[1])
+        if members_bytes > diagnosis.MAX_UPLOAD_TOTAL_BYTES:
+            break
+        bulky.append(filler)
     while True:
         members = [big, *bulky]
         data = zip_of(members, level=1)
@@ -183,9 +195,9 @@ def worst_mix(*, fillers: int) -> tuple[bytes, str]:
         if held <= diagnosis.MAX_UPLOAD_TOTAL_BYTES and len(data) <= diagnosis.MAX_ARCHIVE_UPLOAD_BYTES:
             break
         bulky.pop()
-    pixels = (side * 5 // 4) * side + 12_000_000 * len(bulky)
+    pixels = width * height + 12_000_000 * len(bulky)
     what = (
-        f"zip of {len(data) / MB:.1f} MB: a {side * 5 // 4} x {side} RGBA PNG ({len(big[1]) / MB:.1f} MB) first, then "
+        f"zip of {len(data) / MB:.1f} MB: a {width} x {height} RGBA PNG ({len(big[1]) / MB:.1f} MB) first, then "
         f"{len(bulky)} x 4000 x 3000 PNGs of {len(bulky[0][1]) / MB:.1f} MB; {held / MB:.0f} MB of the "
         f"{diagnosis.MAX_UPLOAD_TOTAL_BYTES // MB} MB budget, {pixels / 1e6:.0f} of "
         f"{diagnosis.MAX_UPLOAD_PIXELS / 1e6:g} megapixels, {len(members)} of {diagnosis.MAX_UPLOAD_FILES} files"
@@ -234,6 +246,12 @@ def _declared(quick: bool) -> tuple[Files, str]:
             f"{DECLARED_FILES} stand-ins declaring {DECLARED_FILE_BYTES // MB} MB each")
 
 
+def _largest_image(quick: bool) -> tuple[Files, str]:
+    width, height = largest_image_size()
+    data = _rgba_with_transparency(width, height)
+    return [("rgba-20mp.png", data)], f"{width} x {height} RGBA PNG, {len(data):,} bytes"
+
+
 def _mix(quick: bool) -> tuple[Files, str]:
     data, what = worst_mix(fillers=2 if quick else 8)
     return [("worst-mix.zip", data)], what
@@ -259,7 +277,8 @@ def cases(quick: bool) -> list[Case]:
              "minutes (another visitor's image: 146 s, not 15 s)", _one("scans.jpg", many_scans_jpeg)),
         *(fake[1:] if quick else fake),
         Case("7", "five 190 MB files in one upload", "+2.6 GB (1.7 GB kept)", _declared),
-        Case("8", "worst mix within the limits, decoded step by step", "(goal: at most +500 MB)", _mix),
+        Case("8a", "worst mix within the limits, decoded step by step", "(goal: at most +500 MB)", _mix),
+        Case("8b", "the worst mix's first image alone", "(what one decode costs)", _largest_image),
     ]
 
 
@@ -499,7 +518,7 @@ def fair_outcome(fair: dict) -> str:
     return f"{fair['accepted']} of {FAIR_JOBS} jobs queued, {len(fair['refusals'])} refused{first}; {other}"
 
 
-def verdicts(rows: list[dict], fairs: dict[str, dict]) -> list[str]:
+def verdicts(rows: list[dict], fairs: dict[str, dict], *, quick: bool) -> list[str]:
     from bcd_engine.inference import diagnosis
 
     by_key = {row["key"]: row for row in rows}
@@ -542,7 +561,7 @@ def verdicts(rows: list[dict], fairs: dict[str, dict]) -> list[str]:
                                          f" (getvalue() calls {row['reads']}, +{row['growth_mb']:.0f} MB); "
                                          f"server.maxUploadSize is {upload_limit_mb()} MB, so the server itself "
                                          "refuses these files before the page runs"))
-    row = by_key["8"]
+    row, alone = by_key["8a"], by_key["8b"]
     if "failed" in row:
         lines.append(f"- Any mix raises resident memory by at most {GOAL_GROWTH_MB} MB (case 8): NOT MEASURED "
                      f"({row['failed']})")
@@ -551,7 +570,9 @@ def verdicts(rows: list[dict], fairs: dict[str, dict]) -> list[str]:
         lines.append(f"- Any mix raises resident memory by at most {GOAL_GROWTH_MB} MB (case 8): "
                      f"{says(total <= GOAL_GROWTH_MB)}: +{row['growth_mb']:.0f} MB in the engine, "
                      f"{total:.0f} MB with the {row['held_mb']:.1f} MB the uploader holds (ratio "
-                     f"{total / GOAL_GROWTH_MB:.2f}); decoding only, the model's own step not included")
+                     f"{total / GOAL_GROWTH_MB:.2f}); decoding only, the model's own step not included"
+                     + ("" if "failed" in alone else f"; its first image alone +{alone['growth_mb']:.0f} MB (8b)")
+                     + ("; --quick: a smaller mix than the worst" if quick else ""))
     for key, fair in fairs.items():
         if "failed" in fair:
             lines.append(f"- Fair shares (case {key}, engine level): NOT MEASURED ({fair['failed']})")
@@ -603,7 +624,7 @@ def main() -> None:
         fairs[key] = _child("--fair-share", str(images))
     document = {"machine_at_start": machine_start, "machine_at_end": machine(), "quick": args.quick,
                 "wall_s": time.perf_counter() - started, "cases": rows, "fair_share": fairs,
-                "verdicts": verdicts(rows, fairs)}
+                "verdicts": verdicts(rows, fairs, quick=args.quick)}
     if args.json:
         print(json.dumps(document, indent=2))
         return

@@ -33,6 +33,7 @@ from bcd_engine.inference.diagnosis import Diagnoser, results_csv, sources_from_
 from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
 from bcd_engine.inference.explain import DEFAULT_OPACITY, explain_source, overlay
 from bcd_engine.inference.loading import load_run_model
+from bcd_engine.inference.results import Diagnosis, Reading
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.progress import progress_bar
@@ -359,9 +360,9 @@ def _cmd_scan(args):
 def _cmd_runs(args):
     records = RunStore.open().list_runs()
     runs = [
-        {"id": r.id, "backbone": r.backbone, "dataset": asdict(r.dataset), "status": r.status, "protocol": r.protocol,
-         "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc, "created_at": r.created_at,
-         "seconds": r.seconds, "worker_id": r.worker_id}
+        {"id": r.id, "backbone": r.backbone, "dataset": asdict(r.dataset), "status": r.status,
+         "protocol": r.protocol.label, "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc,
+         "created_at": r.created_at, "seconds": r.seconds, "worker_id": r.worker_id}
         for r in records
     ]
     lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  {'dataset':<28} protocol"]
@@ -394,12 +395,12 @@ def _cmd_cv(args):
     config = _config_from_args(args)
     result = cross_validate(config, args.data, folds=args.folds, store=RunStore.open(), progress=True,
                             executor=_executor(args))
-    lines = [f"{result['protocol']}, {args.backbone}:"]
-    lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}, run {f['run_id']}"
-              for f in result["folds"]]
-    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} "
+    lines = [f"{result.protocol}, {args.backbone}:"]
+    lines += [f"  fold {f.fold}: accuracy {f.accuracy:.4f}, macro AUC {f.macro_auc}, run {f.run_id}"
+              for f in result.folds]
+    lines.append(f"  mean accuracy {result.mean['accuracy']:.4f} +- {result.std['accuracy']:.4f} "
                  "(sample std over folds)")
-    return result, "\n".join(lines), 0
+    return result.to_dict(), "\n".join(lines), 0
 
 
 def _cmd_lodo(args):
@@ -415,14 +416,14 @@ def _cmd_lodo(args):
     config = _config_from_args(args)
     result = leave_one_dataset_out(config, datasets, label_map, store=RunStore.open(), progress=True,
                                    executor=_executor(args))
-    lines = [f"{result['protocol']}, {args.backbone}, shared labels {', '.join(result['shared_labels'])}:"]
-    for r in result["rounds"]:
-        if r["status"] != "completed":
-            lines.append(f"  held out {r['held_out']}: {r['status']} ({r['reason']})")
+    lines = [f"{result.protocol}, {args.backbone}, shared labels {', '.join(result.shared_labels)}:"]
+    for r in result.rounds:
+        if r.status != "completed":
+            lines.append(f"  held out {r.held_out}: {r.status} ({r.reason})")
         else:
-            lines.append(f"  held out {r['held_out']}: held-out accuracy {r['held_out_accuracy']:.4f} on "
-                         f"{r['n_held_out']} images, in-domain {r['in_domain_accuracy']:.4f}, run {r['run_id']}")
-    return result, "\n".join(lines), 0
+            lines.append(f"  held out {r.held_out}: held-out accuracy {r.held_out_accuracy:.4f} on "
+                         f"{r.n_held_out} images, in-domain {r.in_domain_accuracy:.4f}, run {r.run_id}")
+    return result.to_dict(), "\n".join(lines), 0
 
 
 def _cmd_baseline(args):
@@ -454,16 +455,16 @@ def _cmd_audit(args):
                  for r in result["runs"]]
         return result, "\n".join(lines), 0 if result["ok"] else 1
     result = audit_dataset(args.data, seed=args.seed, progress=True, **_fractions(args))
-    short = result["shortcuts"]
+    short = result.shortcuts
     text = "\n".join([
-        f"leakage: {'ok' if result['leakage']['ok'] else 'GROUPS CROSS THE SPLIT'}",
-        *[f"  warning: {w}" for w in result["leakage"]["warnings"]],
+        f"leakage: {'ok' if result.ok else 'GROUPS CROSS THE SPLIT'}",
+        *[f"  warning: {w}" for w in result.leakage["warnings"]],
         f"colour-only accuracy: {short['colour_only_accuracy']:.4f}",
         f"corner-only accuracy: {short['corner_only_accuracy']:.4f}",
         f"chance accuracy:      {short['chance_accuracy']:.4f}",
         short["interpretation"],
     ])
-    return result, text, 0
+    return result.to_dict(), text, 0
 
 
 def _cmd_evaluate(args):
@@ -486,11 +487,11 @@ def _cmd_evaluate(args):
 
 def _cmd_calibrate(args):
     result = calibrate_run(args.run, store=RunStore.open(), progress=True)
-    text = (f"run {args.run}: temperature {result['temperature']:.3f}; test ECE {result['ece']:.4f} before, "
-            f"{result['ece_calibrated']:.4f} after; out-of-domain gate threshold {result['ood_threshold']:.1f} "
-            f"(passes {result['ood_pass_rate']:.0%} of {result['images']['val']} validation images), flags "
-            f"{result['ood_flagged']} of {result['images']['test']} test images ({result['ood_flagged_share']:.1%})")
-    return result, text, 0
+    text = (f"run {args.run}: temperature {result.temperature:.3f}; test ECE {result.ece:.4f} before, "
+            f"{result.ece_calibrated:.4f} after; out-of-domain gate threshold {result.ood_threshold:.1f} "
+            f"(passes {result.ood_pass_rate:.0%} of {result.images['val']} validation images), flags "
+            f"{result.ood_flagged} of {result.images['test']} test images ({result.ood_flagged_share:.1%})")
+    return result.to_dict(), text, 0
 
 
 def _cmd_robustness(args):
@@ -509,21 +510,26 @@ def _cmd_predict(args):
         results = diagnoser.diagnose(sources, tta=args.tta, on_progress=lambda done, _: bar.update(done - bar.n))
     if args.csv:
         _write(args.csv, results_csv(results))
-    for result in results:
-        result["path"] = result.pop("name")
     lines = []
     for r in results:
-        if "error" in r:
-            lines.append(f"{r['path']}: error: {r['error']}")
-        elif r["reading"] == "out_of_domain":  # no class is the answer, as on the Diagnose page
-            lines.append(f"{r['path']}: out of domain, no answer (score {r['ood_score']:.1f} > threshold "
-                         f"{r['ood_threshold']:.1f})")
+        if not r.usable:
+            lines.append(f"{r.name}: error: {r.error}")
+        elif r.reading is Reading.OUT_OF_DOMAIN:  # no class is the answer, as on the Diagnose page
+            lines.append(f"{r.name}: out of domain, no answer (score {r.ood_score:.1f} > threshold "
+                         f"{r.ood_threshold:.1f})")
         else:
-            extra = f", disagreement {r['uncertainty']['disagreement']:.2f}" if args.tta else ""
-            lines.append(f"{r['path']}: {r['reading']}: {r['predicted_class']} (calibrated probability "
-                         f"{r['calibrated_probabilities'][r['predicted_class']]:.3f}{extra})")
-    code = 0 if any("error" not in r for r in results) else 1
-    return results, "\n".join(lines), code
+            extra = f", disagreement {r.uncertainty['disagreement']:.2f}" if args.tta else ""
+            lines.append(f"{r.name}: {r.reading.value}: {r.predicted_class} (calibrated probability "
+                         f"{r.calibrated_probabilities[r.predicted_class]:.3f}{extra})")
+    code = 0 if any(r.usable for r in results) else 1
+    return [_prediction_row(r) for r in results], "\n".join(lines), code
+
+
+def _prediction_row(diagnosis: Diagnosis) -> dict:
+    """One image's entry in ``predict --json``: the diagnosis' dict with its name last, as ``path``."""
+    row = diagnosis.to_dict()
+    row["path"] = row.pop("name")
+    return row
 
 
 def _cmd_explain(args):

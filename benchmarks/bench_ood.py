@@ -102,7 +102,7 @@ def main() -> None:
     result = {
         "run": args.run, "backbone": loaded.config.backbone, "image_size": size,
         "threshold": threshold, "pass_rate": loaded.trust.gate.pass_rate, "temperature": loaded.trust.temperature,
-        "calibration": calibration,
+        "calibration": calibration.to_dict() if calibration else None,
         "own_test": {"n": len(own), "flagged_share": float((own > threshold).mean())},
         "external": {"folder": args.external, "n": len(external),
                      "flagged_share": float((external > threshold).mean())},
@@ -117,7 +117,7 @@ def main() -> None:
     print(f"run {args.run} ({result['backbone']}, {size} px): threshold {threshold:.1f} "
           f"(passes {result['pass_rate']:.0%} of its validation images), temperature {result['temperature']:.3f}")
     if calibration:
-        print(f"  calibration: test ECE {calibration['ece']:.4f} before, {calibration['ece_calibrated']:.4f} after")
+        print(f"  calibration: test ECE {calibration.ece:.4f} before, {calibration.ece_calibrated:.4f} after")
     print(f"  own test images flagged: {result['own_test']['flagged_share']:.1%} of {len(own)}")
     print(f"  external images flagged: {result['external']['flagged_share']:.1%} of {len(external)} ({args.external})")
     print(f"  AUROC of the score, own test vs external: {auroc:.4f}")

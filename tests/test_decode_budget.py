@@ -26,6 +26,7 @@ from bcd_engine.data.archives import read_archive
 from bcd_engine.data.images import DecodeBudget, decode_image, read_header
 from bcd_engine.errors import ArchiveError, ImageLoadError
 from bcd_engine.inference import diagnosis
+from bcd_engine.inference.results import Diagnosis, Reading
 
 BOMB_SIDE = 7000  # 49 megapixels: under Pillow's and the engine's general limits, over an upload's
 FAST_SECONDS = 1.0
@@ -146,7 +147,7 @@ def test_a_bomb_is_refused_from_its_header_fast_and_without_decoding(
     tracemalloc.stop()
     assert sources == []
     [refusal] = rejected
-    assert REASONS[kind] in refusal["error"] and "\n" not in refusal["error"]
+    assert REASONS[kind] in refusal.error and "\n" not in refusal.error
     assert elapsed < FAST_SECONDS, f"{kind}: refused in {elapsed:.2f} s"
     assert peak < PYTHON_PEAK_BYTES, f"{kind}: {peak / 2**20:.1f} MB allocated while refusing"
 
@@ -242,7 +243,7 @@ def test_the_uploads_pixel_total_joins_its_byte_and_file_budgets(monkeypatch: py
         ("batch.zip/b.png", False),
     ]
     assert "would pass the 0.008192 megapixels one upload may decode (0.0 already)" in sources[2].error
-    assert [r["name"] for r in rejected] == ["two.png"]
+    assert [r.name for r in rejected] == ["two.png"]
 
 
 def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_them() -> None:
@@ -317,17 +318,17 @@ def test_a_zip_with_a_comment_is_still_read() -> None:
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_made_text() -> None:
     names = ['=HYPERLINK("http://x")', "+1", "-2", "@SUM(A1)", "\tcell", "\rcell", "cell.png", "a\r=1+1.png"]
-    results = [{"name": name, "error": "corrupt"} for name in names]
+    results = [Diagnosis.unusable(name, "corrupt") for name in names]
     results.append(
-        {
-            "name": "ok.png",
-            "predicted_class": "-Pro",
-            "reading": "ok",
-            "in_domain": True,
-            "ood_score": -3.5,
-            "uncertainty": {"confidence": 0.9, "margin": -0.0, "disagreement": 0.0},
-            "calibrated_probabilities": {"Pro": 0.9},
-        }
+        Diagnosis(
+            name="ok.png",
+            predicted_class="-Pro",
+            reading=Reading.OK,
+            in_domain=True,
+            ood_score=-3.5,
+            uncertainty={"confidence": 0.9, "margin": -0.0, "disagreement": 0.0},
+            calibrated_probabilities={"Pro": 0.9},
+        )
     )
     rows = list(csv.DictReader(io.StringIO(diagnosis.results_csv(results).decode(), newline="")))
     assert [row["image"] for row in rows] == ["'" + name for name in names[:6]] + names[6:] + ["ok.png"]
@@ -341,6 +342,6 @@ def test_an_uploads_size_is_checked_before_its_bytes_are_read(monkeypatch: pytes
     uploads = [FakeUpload("a.png", cell), FakeUpload("b.png", cell), FakeUpload("huge.zip", cell * 11)]
     sources, rejected = diagnosis.upload_sources(uploads, max_total_bytes=len(cell) + 1)
     assert [s.name for s in sources] == ["a.png"]
-    assert [r["name"] for r in rejected] == ["b.png", "huge.zip"]
-    assert "the upload would hold more than" in rejected[0]["error"] and "the limit is" in rejected[1]["error"]
+    assert [r.name for r in rejected] == ["b.png", "huge.zip"]
+    assert "the upload would hold more than" in rejected[0].error and "the limit is" in rejected[1].error
     assert [u.reads for u in uploads] == [1, 0, 0]

@@ -21,6 +21,7 @@ from bcd_engine.inference.diagnosis import (
     uncertainty,
 )
 from bcd_engine.inference.loading import LoadedModel
+from bcd_engine.inference.results import Diagnosis
 from bcd_engine.models.config import TrainConfig
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -72,15 +73,15 @@ def test_dihedral_views_are_the_eight_distinct_flips_and_turns():
 def test_a_rotation_invariant_model_has_zero_disagreement():
     diagnoser = Diagnoser([loaded_model(pooled_model())])
     for result in diagnoser.diagnose_arrays([random_images(5)]):
-        assert result["uncertainty"]["disagreement"] == 0
-        assert result["uncertainty"]["spread"] == pytest.approx(0, abs=1e-6)
-        assert result["uncertainty"]["views"] == 8
-        assert sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert result.uncertainty["disagreement"] == 0
+        assert result.uncertainty["spread"] == pytest.approx(0, abs=1e-6)
+        assert result.uncertainty["views"] == 8
+        assert sum(result.probabilities.values()) == pytest.approx(1, abs=1e-5)
 
 
 def test_a_model_that_depends_on_orientation_disagrees_with_itself():
     diagnoser = Diagnoser([loaded_model(top_row_model())])
-    disagreements = [r["uncertainty"]["disagreement"] for r in diagnoser.diagnose_arrays([random_images(20)])]
+    disagreements = [r.uncertainty["disagreement"] for r in diagnoser.diagnose_arrays([random_images(20)])]
     assert max(disagreements) > 0
 
 
@@ -108,9 +109,9 @@ def test_an_ensemble_averages_its_models():
     both = Diagnoser([first, second]).diagnose_arrays([images, images], tta=False)
     for a, b, ensemble in zip(*single, both, strict=True):
         for name in CLASSES:
-            assert ensemble["probabilities"][name] == pytest.approx(
-                (a["probabilities"][name] + b["probabilities"][name]) / 2, abs=1e-6)
-        assert ensemble["uncertainty"]["views"] == 2
+            assert ensemble.probabilities[name] == pytest.approx(
+                (a.probabilities[name] + b.probabilities[name]) / 2, abs=1e-6)
+        assert ensemble.uncertainty["views"] == 2
 
 
 def test_an_ensemble_of_models_of_different_sizes_diagnoses_each_file_once_decoded(tmp_path):
@@ -120,8 +121,8 @@ def test_an_ensemble_of_models_of_different_sizes_diagnoses_each_file_once_decod
     (alone_small,), (alone_large,) = (Diagnoser([m]).diagnose([Source("s", smear)]) for m in (small, large))
     (both,) = Diagnoser([small, large]).diagnose([Source("s", smear)])
     for name in CLASSES:
-        assert both["probabilities"][name] == pytest.approx(
-            (alone_small["probabilities"][name] + alone_large["probabilities"][name]) / 2, abs=1e-6)
+        assert both.probabilities[name] == pytest.approx(
+            (alone_small.probabilities[name] + alone_large.probabilities[name]) / 2, abs=1e-6)
 
 
 def test_an_ensemble_needs_the_same_classes():
@@ -141,12 +142,13 @@ def test_a_batch_keeps_going_past_bad_files_and_reports_progress(tmp_path):
     seen = []
     results = Diagnoser([loaded_model(pooled_model())]).diagnose(
         sources, batch_size=3, on_progress=lambda done, total: seen.append((done, total)))
-    assert [r["name"] for r in results] == ["good", "fake", "bytes", "missing", "garbage"]
-    assert "predicted_class" in results[0] and "predicted_class" in results[2]
+    assert [r.name for r in results] == ["good", "fake", "bytes", "missing", "garbage"]
+    assert results[0].predicted_class is not None and results[2].predicted_class is not None
+    assert [r.usable for r in results] == [True, False, True, False, False]
     # The reason alone: the result already carries the file's name.
-    assert results[1]["error"] == "not a recognised image format (looks like an HTML page)"
-    assert results[3]["error"].startswith("cannot read file")
-    assert results[4]["error"] == "not a recognised image format"
+    assert results[1].error == "not a recognised image format (looks like an HTML page)"
+    assert results[3].error.startswith("cannot read file")
+    assert results[4].error == "not a recognised image format"
     assert seen == [(3, 5), (5, 5)]
     table = results_frame(results)
     assert list(table["image"]) == ["good", "fake", "bytes", "missing", "garbage"]
@@ -191,8 +193,8 @@ def test_uploads_become_sources_and_a_bad_upload_costs_only_itself(monkeypatch):
         ("evil.zip", evil_zip.getvalue()),
     ])
     assert [s.name for s in sources] == ["a.png", "batch.download/c.png"]
-    assert [r["name"] for r in rejected] == ["big.png", "evil.zip"]
-    assert "the limit is" in rejected[0]["error"] and "unsafe member path" in rejected[1]["error"]
+    assert [r.name for r in rejected] == ["big.png", "evil.zip"]
+    assert "the limit is" in rejected[0].error and "unsafe member path" in rejected[1].error
 def test_many_small_archives_in_one_upload_cannot_add_up_past_its_budget():
     from bcd_engine.inference import diagnosis
 
@@ -204,14 +206,15 @@ def test_many_small_archives_in_one_upload_cannot_add_up_past_its_budget():
     budget = 3 * len(data)  # an archive costs about twice its size: its bytes and its members'
     sources, rejected = diagnosis.upload_sources([(f"batch{i}.zip", data) for i in range(3)], max_total_bytes=budget)
     assert [s.name for s in sources] == [f"batch0.zip/{i}.png" for i in range(4)]
-    assert [r["name"] for r in rejected] == ["batch1.zip", "batch2.zip"]
-    assert all("one upload may hold in memory; refused" in r["error"] or "the upload would hold more than" in r["error"]
+    assert [r.name for r in rejected] == ["batch1.zip", "batch2.zip"]
+    assert all("one upload may hold in memory; refused" in r.error or "the upload would hold more than" in r.error
                for r in rejected)
     image = png_bytes(random_images(1)[0])
     sources, rejected = diagnosis.upload_sources([("a.png", image), ("b.png", image)], max_total_bytes=len(image) + 1)
     assert [s.name for s in sources] == ["a.png"]
-    assert rejected == [{"name": "b.png", "error": f"b.png: the upload would hold more than {len(image) + 1:,} bytes "
-                                                   f"in memory ({len(image):,} bytes already); refused"}]
+    assert [r.to_dict() for r in rejected] == [{"name": "b.png", "error": f"b.png: the upload would hold more than "
+                                                f"{len(image) + 1:,} bytes in memory ({len(image):,} bytes already); "
+                                                "refused"}]
 
 
 def test_diagnosing_step_by_step_gives_the_same_results_and_keeps_a_lone_image_once_decoded():
@@ -224,8 +227,8 @@ def test_diagnosing_step_by_step_gives_the_same_results_and_keeps_a_lone_image_o
         next(steps)
     kept = stop.value.value
     for image, result, plain in zip(images, kept, diagnoser.diagnose(sources), strict=True):
-        np.testing.assert_array_equal(result.pop("image"), image)  # the pixels the model saw
-        assert result == plain
+        np.testing.assert_array_equal(result.image, image)  # the pixels the model saw
+        assert plain.image is None and result == plain  # the same diagnosis (the pixels are not compared)
 
 
 def test_plain_images_count_towards_the_uploads_file_limit():
@@ -234,4 +237,4 @@ def test_plain_images_count_towards_the_uploads_file_limit():
     image = png_bytes(random_images(1)[0])
     sources, rejected = diagnosis.upload_sources([(f"{i}.png", image) for i in range(3)], max_files=2)
     assert [s.name for s in sources] == ["0.png", "1.png"]
-    assert rejected == [{"name": "2.png", "error": "2.png: the upload would hold more than 2 files; refused"}]
+    assert rejected == [Diagnosis.unusable("2.png", "2.png: the upload would hold more than 2 files; refused")]

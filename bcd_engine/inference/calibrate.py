@@ -5,6 +5,7 @@ temperature on its validation images, and both measured on its test images, exac
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,28 @@ from bcd_engine.inference.trust import fit_trust, load_split_images, save_trust
 from bcd_engine.store import RunStore
 
 
-def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> dict:
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What :func:`calibrate_run` reports: the test ECE before (``ece``, None when the evaluation has none) and
+    after calibration with ``temperature``, the out-of-domain gate's threshold, the share of validation images it
+    passes and the test images it flags, and the number of images in each subset of the split."""
+
+    run_id: int
+    ece: float | None
+    temperature: float
+    ece_calibrated: float
+    ood_threshold: float
+    ood_pass_rate: float
+    ood_flagged: int
+    ood_flagged_share: float
+    images: dict[str, int]  # train, val, test
+
+    def to_dict(self) -> dict:
+        """The JSON shape ``calibrate --json`` prints: the fields in their order."""
+        return asdict(self)
+
+
+def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> CalibrationResult:
     """Fit and save run ``run_id``'s gate and temperature from its recorded split; the figures training would
     have stored with its test evaluation (added to it), with the test ECE before calibration beside them."""
     loaded = load_run_model(run_id, store=store)
@@ -45,5 +67,5 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> di
                                preprocess=loaded.preprocess(), batch_size=loaded.config.batch_size)
     save_trust(trust, run_id, store=store)
     store.add_evaluation_metrics(evaluation.id, metrics)
-    return {"run_id": run_id, "ece": evaluation.metrics.get("ece"), **metrics,
-            "images": {name: len(found) for name, found in index.items()}}
+    return CalibrationResult(run_id=run_id, ece=evaluation.metrics.get("ece"), **metrics,
+                             images={name: len(found) for name, found in index.items()})

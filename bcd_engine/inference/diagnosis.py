@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from bcd_engine.data.images import (
 )
 from bcd_engine.errors import BCDError, ConfigError, DataError, ImageLoadError
 from bcd_engine.inference.loading import LoadedModel, load_run_model
+from bcd_engine.inference.results import Diagnosis, Reading
 from bcd_engine.store import RunStore
 
 N_DIHEDRAL_VIEWS = 8
@@ -93,21 +94,21 @@ def uncertainty(view_probabilities: np.ndarray) -> dict:
     }
 
 
-def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and turns") -> tuple[str, str]:
-    """A (level, sentence) reading of a result for non-specialists; level is ``ok``, ``unsure`` or ``conflicting``.
+def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and turns") -> tuple[Reading, str]:
+    """A (level, sentence) reading of a result for non-specialists; level is ``OK``, ``UNSURE`` or ``CONFLICTING``.
 
     ``looks`` says what the averaged views were (e.g. "flips and turns", "models", "flips, turns and
     models"); with a single view there is no agreement to report.
     """
     confidence, disagreement, views = certainty["confidence"], certainty["disagreement"], certainty["views"]
     if disagreement >= HIGH_DISAGREEMENT:
-        return "conflicting", (
+        return Reading.CONFLICTING, (
             f"Treat this result with caution: the answer changes between the {looks} "
             f"({round(disagreement * views)} of {views} looks say something other than {predicted_class}). "
             "The image may be unusual for this model; ask a specialist."
         )
     if confidence < LOW_CONFIDENCE:
-        return "unsure", (
+        return Reading.UNSURE, (
             f"The model is unsure: it leans towards {predicted_class} ({confidence:.0%}) but other classes "
             "are close. Do not rely on this result; ask a specialist."
         )
@@ -117,7 +118,7 @@ def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and tu
         agreement = f", and all {views} looks ({looks}) agree"
     else:
         agreement = f"; most of the {views} looks ({looks}) agree"
-    return "ok", (f"The model gives {predicted_class} with {confidence:.1%} confidence{agreement}. "
+    return Reading.OK, (f"The model gives {predicted_class} with {confidence:.1%} confidence{agreement}. "
                   "This is a research tool, not a diagnosis.")
 
 
@@ -156,14 +157,12 @@ class Diagnoser:
             scores.append(model.trust.gate.score(features[:len(images)]) if model.trust else None)
         return np.concatenate(raw, axis=1), np.concatenate(calibrated, axis=1), scores
 
-    def diagnose_arrays(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> list[dict]:
-        """One result per image: predicted class, probabilities, uncertainty, the OOD gate's verdict and a reading.
+    def diagnose_arrays(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> list[Diagnosis]:
+        """One :class:`Diagnosis` per image (unnamed: its ``name`` is empty): predicted class, probabilities,
+        uncertainty, the OOD gate's verdict and a reading.
 
-        ``probabilities`` are the model's raw output (mean over views and models); ``calibrated_probabilities``
-        and the uncertainty use each run's temperature. ``in_domain`` is true only when every run's gate
-        passes the image (None when a run has no gate); ``ood_score`` and ``ood_threshold`` are those of the
-        run that finds the image most unusual. An image out of domain reads ``out_of_domain``. A model trained
-        on a SYNTHETIC set says so in every answer's advice, and never reads ``ok``.
+        An image out of domain reads ``OUT_OF_DOMAIN``. A model trained on a SYNTHETIC set says so in every
+        answer's advice, and never reads ``OK``.
         """
         results = []
         looks = ("flips, turns and models" if len(self.models) > 1 else "flips and turns") if tta else "models"
@@ -174,22 +173,26 @@ class Diagnoser:
             certainty = uncertainty(calibrated[i])
             predicted = self.class_names[int(mean.argmax())]
             gate = self._gate_verdict(scores, i)
-            level, sentence = (("out_of_domain", OUT_OF_DOMAIN_ADVICE) if gate["in_domain"] is False
+            level, sentence = ((Reading.OUT_OF_DOMAIN, OUT_OF_DOMAIN_ADVICE) if gate["in_domain"] is False
                                else reading(predicted, certainty, looks=looks))
-            if synthetic and level != "out_of_domain":
-                level, sentence = ("unsure" if level == "ok" else level), f"{SYNTHETIC_MODEL_ADVICE} {sentence}"
-            results.append({
-                "predicted_class": predicted,
-                "probabilities": dict(zip(self.class_names, mean.tolist())),
-                "calibrated_probabilities": dict(zip(self.class_names, shown.tolist())),
-                "uncertainty": certainty,
+            if synthetic and level is not Reading.OUT_OF_DOMAIN:
+                level = Reading.UNSURE if level is Reading.OK else level
+                sentence = f"{SYNTHETIC_MODEL_ADVICE} {sentence}"
+            results.append(Diagnosis(
+                name="",
+                reading=level,
+                advice=sentence,
+                predicted_class=predicted,
+                probabilities=dict(zip(self.class_names, mean.tolist())),
+                calibrated_probabilities=dict(zip(self.class_names, shown.tolist())),
+                uncertainty=certainty,
                 **gate,
-                "reading": level,
-                "advice": sentence,
-            })
+            ))
         return results
 
     def _gate_verdict(self, scores: list[np.ndarray | None], i: int) -> dict:
+        """The :class:`Diagnosis` fields of the gates' verdict on image ``i``: ``in_domain``, ``ood_score``,
+        ``ood_threshold`` and, in an ensemble, ``ood_run``."""
         if any(s is None for s in scores):
             return {"in_domain": None, "ood_score": None, "ood_threshold": None}
         thresholds = [m.trust.gate.threshold for m in self.models]
@@ -202,8 +205,9 @@ class Diagnoser:
                                                        if len(self.models) > 1 else {})}
 
     def diagnose(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
-                 on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
-        """Diagnose many images in batches; an unreadable one gets ``{"name", "error"}`` and the rest go on.
+                 on_progress: Callable[[int, int], None] | None = None) -> list[Diagnosis]:
+        """Diagnose many images in batches; an unreadable one is an ``UNUSABLE`` :class:`Diagnosis` with the reason,
+        and the rest go on.
 
         ``on_progress(done, total)`` is called after every batch (pages drive a progress bar with it).
         """
@@ -217,7 +221,7 @@ class Diagnoser:
                 on_progress(done, total)
 
     def diagnose_steps(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
-                       keep_images: bool = False) -> Generator[tuple[int, int], None, list[dict]]:
+                       keep_images: bool = False) -> Generator[tuple[int, int], None, list[Diagnosis]]:
         """:meth:`diagnose` one batch at a time: yields (done, total) after each batch and returns the results.
 
         Only the batch being diagnosed is held decoded, and each source is let go (its bytes with it) once it is
@@ -226,22 +230,19 @@ class Diagnoser:
         without decoding it again).
         """
         sources = list(sources)  # this generator's own list, emptied as it goes
-        results: list[dict] = [{"name": s.name} for s in sources]
+        names = [s.name for s in sources]
+        results: list[Diagnosis] = []
         for start in range(0, len(sources), batch_size):
             chunk = range(start, min(start + batch_size, len(sources)))
-            loaded = {}
+            decoded = {i: self._decoded(sources, i) for i in chunk}
+            loaded = {i: arrays for i, arrays in decoded.items() if not isinstance(arrays, str)}
+            answers = iter(self.diagnose_arrays(
+                [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))], tta=tta) if loaded else [])
             for i in chunk:
-                decoded = self._decoded(sources, i)
-                if isinstance(decoded, str):
-                    results[i]["error"] = decoded
+                if i in loaded:
+                    results.append(replace(next(answers), name=names[i], image=loaded[i][0] if keep_images else None))
                 else:
-                    loaded[i] = decoded
-            if loaded:
-                arrays = [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))]
-                for i, result in zip(loaded, self.diagnose_arrays(arrays, tta=tta)):
-                    results[i].update(result)
-                    if keep_images:
-                        results[i]["image"] = loaded[i][0]
+                    results.append(Diagnosis.unusable(names[i], decoded[i]))
             yield chunk.stop, len(sources)
         return results
 
@@ -313,22 +314,21 @@ def sources_from_archive(data: str | os.PathLike | bytes, *, name: str,
             + [Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped])
 
 
-def results_frame(results: Sequence[dict]) -> pd.DataFrame:
-    """A flat table of diagnosis results (one row per image) for display and CSV download."""
+def results_frame(results: Sequence[Diagnosis]) -> pd.DataFrame:
+    """A flat table of diagnosis results (one row per image) for display and CSV download; an image out of domain
+    gets no class (:attr:`Diagnosis.answer`), an unusable file no reading, only its error."""
     rows = []
     for r in results:
-        answered = r.get("reading") != "out_of_domain"  # an image the gate refused gets no class as its answer
-        row = {"image": r["name"], "predicted_class": r.get("predicted_class") if answered else None,
-               "reading": r.get("reading"), "in_domain": r.get("in_domain"), "ood_score": r.get("ood_score"),
-               "error": r.get("error")}
-        if "uncertainty" in r:
-            row.update({k: r["uncertainty"][k] for k in ("confidence", "margin", "disagreement")})
-        row.update({f"p({name})": p for name, p in r.get("calibrated_probabilities", {}).items()})
+        row = {"image": r.name, "predicted_class": r.answer, "reading": r.reading.value if r.usable else None,
+               "in_domain": r.in_domain, "ood_score": r.ood_score, "error": r.error}
+        if r.uncertainty is not None:
+            row.update({k: r.uncertainty[k] for k in ("confidence", "margin", "disagreement")})
+        row.update({f"p({name})": p for name, p in (r.calibrated_probabilities or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def results_csv(results: Sequence[dict]) -> bytes:
+def results_csv(results: Sequence[Diagnosis]) -> bytes:
     """The results table as UTF-8 CSV bytes (RFC 4180: CRLF rows, so a carriage return inside a name stays inside
     its quoted cell); a text cell that a spreadsheet would read as a formula (it starts with ``=``, ``+``, ``-``,
     ``@``, a tab or a carriage return) gets a leading ``'``, as OWASP advises against CSV injection. Numbers are
@@ -353,7 +353,7 @@ class Upload(Protocol):
 
 def upload_sources(uploads: Iterable[Upload | tuple[str, bytes]], *, max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES,
                    max_files: int = MAX_UPLOAD_FILES,
-                   max_pixels: int = MAX_UPLOAD_PIXELS) -> tuple[list[Source], list[dict]]:
+                   max_pixels: int = MAX_UPLOAD_PIXELS) -> tuple[list[Source], list[Diagnosis]]:
     """Uploaded files (:class:`Upload` s, or (name, bytes) pairs) as diagnosis sources; zip archives are opened
     safely.
 
@@ -363,7 +363,7 @@ def upload_sources(uploads: Iterable[Upload | tuple[str, bytes]], *, max_total_b
     pixel is decoded). Each file's size is checked against the budget before its bytes are read, one file at a
     time, and an archive's own bytes are let go once its members are read.
     Returns (sources, rejected): an upload over its size limit, an unsafe archive, an image refused by its
-    header or a file past the shared budget becomes a ``{"name", "error"}`` result, so one bad upload never
+    header or a file past the shared budget becomes an ``UNUSABLE`` :class:`Diagnosis`, so one bad upload never
     costs the others; an archive member refused by its header becomes a source carrying the reason.
     """
     sources, rejected = [], []
@@ -384,7 +384,7 @@ def upload_sources(uploads: Iterable[Upload | tuple[str, bytes]], *, max_total_b
                 budget.charge(len(data), label=name, files=1)
                 sources.append(Source(name, data))
         except BCDError as exc:
-            rejected.append({"name": name, "error": str(exc)})
+            rejected.append(Diagnosis.unusable(name, str(exc)))
     return sources, rejected
 
 

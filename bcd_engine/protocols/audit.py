@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,24 @@ N_COLOUR_FEATURES = 6 + 3 * HIST_BINS
 CORNER_FRACTION = 0.25
 NO_PATIENT_IDS_WARNING = "no patient identifiers: image-level splits of one patient's fields are optimistic"
 _N_TREES = 200
+
+
+@dataclass(frozen=True)
+class DatasetAudit:
+    """What :func:`audit_dataset` reports: the hold-out split's :func:`leakage_audit` and the
+    :func:`shortcut_audit`."""
+
+    leakage: dict[str, Any]
+    shortcuts: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        """Whether no duplicate group crosses the split and no image is in two subsets."""
+        return self.leakage["ok"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape ``audit --data DIR --json`` prints: ``{"leakage": {...}, "shortcuts": {...}}``."""
+        return {"leakage": dict(self.leakage), "shortcuts": dict(self.shortcuts)}
 
 
 def colour_features(images) -> np.ndarray:
@@ -117,7 +136,8 @@ def run_leakage_audit(run_ids, *, store: RunStore) -> dict[str, Any]:
         run = store.get_run(run_id)
         data_dir = run.config["data_dir"]
         scan = scans[data_dir] = scans.get(data_dir) or scan_dataset(data_dir)  # CV folds share one folder
-        rows.append({"run_id": run_id, "run_protocol": run.protocol, **leakage_audit(scan, store.get_split(run_id))})
+        rows.append({"run_id": run_id, "run_protocol": run.protocol.label,
+                     **leakage_audit(scan, store.get_split(run_id))})
     return {"runs": rows, "ok": all(row["ok"] for row in rows)}
 
 
@@ -168,15 +188,15 @@ def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, pro
     }
 
 
-def audit_dataset(root: str | os.PathLike[str], *, seed: int = 0, progress: bool = False,
-                  val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION) -> dict[str, Any]:
-    """Scan ``root`` and audit it: leakage of the hold-out split for ``seed`` and the fractions, and shortcuts."""
-    scan = scan_dataset(root, progress=progress)
+def audit_dataset(data_dir: str | os.PathLike[str], *, seed: int = 0, progress: bool = False,
+                  val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION) -> DatasetAudit:
+    """Scan ``data_dir`` and audit it: leakage of the hold-out split for ``seed`` and the fractions, and shortcuts."""
+    scan = scan_dataset(data_dir, progress=progress)
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
-    return {
-        "leakage": leakage_audit(scan, holdout_split(scan.labels, scan.groups, seed=seed, **fractions)),
-        "shortcuts": shortcut_audit(scan, seed=seed, progress=progress, **fractions),
-    }
+    return DatasetAudit(
+        leakage=leakage_audit(scan, holdout_split(scan.labels, scan.groups, seed=seed, **fractions)),
+        shortcuts=shortcut_audit(scan, seed=seed, progress=progress, **fractions),
+    )
 
 
 def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64,

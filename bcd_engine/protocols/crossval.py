@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -18,11 +19,40 @@ from bcd_engine.training.run import train
 DEFAULT_FOLDS = 5  # the thesis' k-fold cross-validation
 
 
+@dataclass(frozen=True)
+class FoldResult:
+    """One fold of a cross-validation: its stored run, its sizes and its test figures."""
+
+    fold: int
+    run_id: int
+    n_train: int
+    n_test: int
+    accuracy: float | None
+    macro_auc: float | None
+
+
+@dataclass(frozen=True)
+class CrossValidationResult:
+    """What :func:`cross_validate` reports: each fold, and the folds' mean and sample std of accuracy and macro
+    AUC (None where a fold lacks the figure)."""
+
+    protocol: str
+    folds: tuple[FoldResult, ...]
+    mean: dict[str, float | None]
+    std: dict[str, float | None]
+
+    def to_dict(self) -> dict:
+        """The JSON shape ``cv --json`` prints: ``{"protocol", "folds": [{"fold", "run_id", "n_train", "n_test",
+        "accuracy", "macro_auc"}], "mean": {...}, "std": {...}}``."""
+        return {"protocol": self.protocol, "folds": [asdict(fold) for fold in self.folds], "mean": dict(self.mean),
+                "std": dict(self.std)}
+
+
 def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -> list[Split]:
     """One Split per fold: the fold is the test set; validation is carved group-aware from the rest."""
     labels, groups = np.asarray(labels), np.asarray(groups)
     splits = []
-    for train_rest, test in group_kfold(labels, groups, n_splits=folds, seed=seed):
+    for train_rest, test in group_kfold(labels, groups, folds=folds, seed=seed):
         inner = holdout_split(labels[train_rest], groups[train_rest], val_fraction=val_fraction,
                               test_fraction=0.0, seed=seed)
         splits.append(Split(train=np.sort(train_rest[inner.train]), val=np.sort(train_rest[inner.val]),
@@ -31,11 +61,10 @@ def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -
 
 
 def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = DEFAULT_FOLDS, store: RunStore,
-                   progress: bool = False, executor: Executor | None = None) -> dict:
+                   progress: bool = False, executor: Executor | None = None) -> CrossValidationResult:
     """Train and test ``config`` on each of ``folds`` group-aware folds; per-fold metrics, mean and std.
 
-    Returns ``{"protocol", "folds": [{"fold", "run_id", "n_train", "n_test", "accuracy", "macro_auc"}],
-    "mean": {...}, "std": {...}}``. Each fold is stored in ``store`` as its own run, under
+    Each fold is stored in ``store`` as its own run, under
     ``Protocol.kfold(fold, folds=folds)``. Every fold trains on the one scan its split was made from,
     so the split's indices name the same files. The folds train one after another here unless ``executor``
     runs them elsewhere (the Ray executor: in parallel, without progress bars); the result is the same.
@@ -47,22 +76,23 @@ def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: i
     executor = executor or LocalExecutor()
     work = functools.partial(_train_fold, config=config, data_dir=data_dir, scan=scan, folds=folds,
                              progress=progress and isinstance(executor, LocalExecutor))
-    rows = executor.map(work, list(enumerate(splits, start=1)), store=store)
-    return {"protocol": Protocol.kfold(folds=folds).label, "folds": rows, **summarise_folds(rows)}
+    results = tuple(executor.map(work, list(enumerate(splits, start=1)), store=store))
+    summary = summarise_folds([asdict(fold) for fold in results])
+    return CrossValidationResult(Protocol.kfold(folds=folds).label, results, summary["mean"], summary["std"])
 
 
 def _train_fold(store: RunStore, fold_split: tuple[int, Split], *, config: TrainConfig, data_dir: str | os.PathLike,
-                scan: ScanResult, folds: int, progress: bool) -> dict:
-    """Train and test one fold; its row of the result."""
+                scan: ScanResult, folds: int, progress: bool) -> FoldResult:
+    """Train and test one fold."""
     fold, split = fold_split
     result = train(config, data_dir, store=store, split=split, scan=scan, progress=progress,
                    protocol=Protocol.kfold(fold, folds=folds))
-    return {"fold": fold, "run_id": result.run_id, "n_train": result.n_train, "n_test": result.n_test,
-            "accuracy": result.test_accuracy, "macro_auc": result.macro_auc}
+    return FoldResult(fold, result.run_id, result.n_train, result.n_test, result.test_accuracy, result.macro_auc)
 
 
 def summarise_folds(rows: list[dict]) -> dict:
-    """``{"mean": {...}, "std": {...}}`` of the folds' accuracy and macro AUC (None when a fold lacks one).
+    """``{"mean": {...}, "std": {...}}`` of the folds' accuracy and macro AUC (None when a fold lacks one), from
+    one row per fold with those keys (a :class:`FoldResult` as a dict, or a classical baseline's fold).
 
     The std is the sample standard deviation (:func:`bcd_engine.evaluation.confidence.sample_std`).
     """

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -33,6 +34,60 @@ from bcd_engine.training.run import train
 
 _SOURCES_DIGEST = ".sources-digest"  # in a finished training folder: what it was built from
 _BUILD_LOCK_SECONDS = 600  # the longest a round waits for another to finish building the same folder
+
+
+@dataclass(frozen=True)
+class LodoRound:
+    """One round: ``held_out`` left out of training; ``status`` completed, skipped or failed (``reason`` says why
+    it is not completed); the run's in-domain test figures, and its figures on the held-out dataset (accuracy,
+    macro AUC, confusion matrix ``{"labels", "counts"}`` and ``per_label_rate`` {true: {predicted: share}})."""
+
+    held_out: str
+    status: str
+    reason: str | None
+    run_id: int | None
+    train_datasets: list[str]
+    train_labels: list[str]
+    excluded_duplicates: int  # training images within the near-duplicate distance of a held-out image
+    n_train: int | None
+    n_val: int | None
+    n_test_in_domain: int | None
+    in_domain_accuracy: float | None
+    in_domain_macro_auc: float | None
+    n_held_out: int
+    held_out_labels: list[str]
+    held_out_accuracy: float | None
+    held_out_macro_auc: float | None
+    confusion_matrix: dict | None
+    per_label_rate: dict[str, dict[str, float]] | None
+
+
+@dataclass(frozen=True)
+class LodoDataset:
+    """One dataset of a LODO: its folder, its image count and its images per shared label."""
+
+    root: str
+    n_images: int
+    labels: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LodoResult:
+    """What :func:`leave_one_dataset_out` reports: the shared labels, the folder the rounds train on, the datasets
+    and one round per dataset."""
+
+    protocol: str
+    shared_labels: list[str]
+    workdir: str
+    datasets: dict[str, LodoDataset]
+    rounds: tuple[LodoRound, ...]
+
+    def to_dict(self) -> dict:
+        """The JSON shape ``lodo --json`` prints: ``{"protocol", "shared_labels", "workdir", "datasets": {name:
+        {"root", "n_images", "labels"}}, "rounds": [{"held_out", "status", ...}]}``."""
+        return {"protocol": self.protocol, "shared_labels": list(self.shared_labels), "workdir": self.workdir,
+                "datasets": {name: asdict(dataset) for name, dataset in self.datasets.items()},
+                "rounds": [asdict(row) for row in self.rounds]}
 
 
 def held_out_evaluation_name(held_out: str) -> str:
@@ -53,7 +108,7 @@ def load_dataset_label_map(path: str | os.PathLike) -> dict:
 
 def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.PathLike], label_map: dict | None = None,
                           *, store: RunStore, progress: bool = False, workdir: str | os.PathLike | None = None,
-                          executor: Executor | None = None) -> dict:
+                          executor: Executor | None = None) -> LodoResult:
     """Hold out each dataset in turn: train ``config`` on the others, evaluate on it; one stored run per round.
 
     ``datasets`` maps names to folders of class subfolders; ``label_map`` maps a dataset name to
@@ -61,9 +116,8 @@ def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.Path
     datasets have fewer than two shared labels, or lack a label of the held-out set, is skipped with
     its reason; a round whose training or evaluation fails is marked failed with the error, and the
     other rounds still run. Each round's run is stored in ``store`` under ``Protocol.lodo(<held out>)``.
-    Returns ``{"protocol", "shared_labels", "workdir", "datasets": {name: {"root", "n_images",
-    "labels"}}, "rounds": [...]}``, one round per dataset with its run, in-domain test and
-    held-out figures (accuracy, macro AUC, confusion matrix, per-label rates); ``workdir`` defaults to
+    The result has one round per dataset with its run, in-domain test and held-out figures (accuracy, macro AUC,
+    confusion matrix, per-label rates); ``workdir`` defaults to
     a folder under the cache keyed by the inputs. The rounds train one after another here unless ``executor``
     runs them elsewhere (the Ray executor: in parallel, without progress bars); the result is the same.
     """
@@ -74,14 +128,14 @@ def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.Path
     executor = executor or LocalExecutor()
     work = functools.partial(_round, config=config, scans=scans, labels_of=labels_of, workdir=workdir,
                              progress=progress and isinstance(executor, LocalExecutor))
-    return {
-        "protocol": Protocol.lodo().label,
-        "shared_labels": sorted({label for labels in labels_of.values() for label in labels.values()}),
-        "workdir": str(workdir),
-        "datasets": {name: {"root": scan.root, "n_images": scan.n_images,
-                            "labels": _label_counts(scan, labels_of[name])} for name, scan in scans.items()},
-        "rounds": executor.map(work, list(scans), store=store),
-    }
+    return LodoResult(
+        protocol=Protocol.lodo().label,
+        shared_labels=sorted({label for labels in labels_of.values() for label in labels.values()}),
+        workdir=str(workdir),
+        datasets={name: LodoDataset(scan.root, scan.n_images, _label_counts(scan, labels_of[name]))
+                  for name, scan in scans.items()},
+        rounds=tuple(executor.map(work, list(scans), store=store)),
+    )
 
 
 def _check_datasets(datasets: dict) -> dict[str, Path]:
@@ -149,7 +203,7 @@ def _label_counts(scan: ScanResult, labels: dict[str, str]) -> dict[str, int]:
 
 
 def _round(store: RunStore, held_out: str, *, config: TrainConfig, scans: dict[str, ScanResult], labels_of: dict,
-           progress: bool, workdir: Path) -> dict:
+           progress: bool, workdir: Path) -> LodoRound:
     """Train on the datasets other than ``held_out`` and evaluate on it; one row of the LODO table."""
     train_names = [name for name in scans if name != held_out]
     sources, excluded = {}, 0
@@ -163,34 +217,32 @@ def _round(store: RunStore, held_out: str, *, config: TrainConfig, scans: dict[s
             sources[Path(label) / f"{name}__{record.class_name}__{Path(record.path).name}"] = record.path
     train_labels = sorted({rel.parts[0] for rel in sources})
     held_out_labels = sorted(set(labels_of[held_out].values()))
-    row = {
-        "held_out": held_out, "status": "skipped", "reason": None, "run_id": None, "train_datasets": train_names,
-        "train_labels": train_labels, "excluded_duplicates": excluded, "n_train": None, "n_val": None,
-        "n_test_in_domain": None, "in_domain_accuracy": None,
-        "in_domain_macro_auc": None, "n_held_out": scans[held_out].n_images, "held_out_labels": held_out_labels,
-        "held_out_accuracy": None, "held_out_macro_auc": None, "confusion_matrix": None, "per_label_rate": None,
-    }
+    skipped = LodoRound(
+        held_out=held_out, status="skipped", reason=None, run_id=None, train_datasets=train_names,
+        train_labels=train_labels, excluded_duplicates=excluded, n_train=None, n_val=None, n_test_in_domain=None,
+        in_domain_accuracy=None, in_domain_macro_auc=None, n_held_out=scans[held_out].n_images,
+        held_out_labels=held_out_labels, held_out_accuracy=None, held_out_macro_auc=None, confusion_matrix=None,
+        per_label_rate=None,
+    )
     unseen = [label for label in held_out_labels if label not in train_labels]
     if len(train_labels) < 2:
         have = f"only the shared label {train_labels[0]!r}" if train_labels else "no images left"
-        row["reason"] = f"the training datasets ({', '.join(train_names)}) have {have}; training needs two labels"
-        return row
+        return replace(skipped, reason=f"the training datasets ({', '.join(train_names)}) have {have}; training "
+                                       "needs two labels")
     if unseen:
-        row["reason"] = (f"held-out label(s) {', '.join(map(repr, unseen))} do not occur in the training datasets "
-                         f"({', '.join(train_names)}), so the model cannot predict them")
-        return row
+        return replace(skipped, reason=f"held-out label(s) {', '.join(map(repr, unseen))} do not occur in the "
+                                       f"training datasets ({', '.join(train_names)}), so the model cannot predict "
+                                       "them")
     train_dir = _link_folder(workdir / f"without-{held_out}", sources)
     try:
         result = train(config, train_dir, store=store, progress=progress, protocol=Protocol.lodo(held_out))
     except BCDError as exc:  # one failed round does not cost the others their results
-        row.update(status="failed", reason=str(exc))
-        return row
-    row.update(run_id=result.run_id, status=result.status, n_train=result.n_train, n_val=result.n_val,
-               n_test_in_domain=result.n_test, in_domain_accuracy=result.test_accuracy,
-               in_domain_macro_auc=result.macro_auc)
+        return replace(skipped, status="failed", reason=str(exc))
+    trained = replace(skipped, run_id=result.run_id, status=result.status, n_train=result.n_train,
+                      n_val=result.n_val, n_test_in_domain=result.n_test, in_domain_accuracy=result.test_accuracy,
+                      in_domain_macro_auc=result.macro_auc)
     if result.status != "completed":
-        row["reason"] = f"run {result.run_id} was {result.status}"
-        return row
+        return replace(trained, reason=f"run {result.run_id} was {result.status}")
     try:
         evaluation = evaluate_run_on_folder(
             result.run_id, scans[held_out].root, store=store, progress=progress,
@@ -198,16 +250,15 @@ def _round(store: RunStore, held_out: str, *, config: TrainConfig, scans: dict[s
             evaluation_name=held_out_evaluation_name(held_out),
         )
     except BCDError as exc:
-        row.update(status="failed", reason=f"run {result.run_id} trained, but its held-out evaluation failed: {exc}")
-        return row
+        return replace(trained, status="failed",
+                       reason=f"run {result.run_id} trained, but its held-out evaluation failed: {exc}")
     names = evaluation.class_names
-    row.update(
-        held_out_accuracy=evaluation.accuracy, held_out_macro_auc=evaluation.macro_auc,
+    return replace(
+        trained, held_out_accuracy=evaluation.accuracy, held_out_macro_auc=evaluation.macro_auc,
         confusion_matrix={"labels": names, "counts": evaluation.confusion_matrix},
         per_label_rate={names[i]: {names[j]: n / sum(counts) for j, n in enumerate(counts)}
                         for i, counts in enumerate(evaluation.confusion_matrix) if sum(counts)},
     )
-    return row
 
 
 def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:

@@ -6,15 +6,17 @@ from bcd_engine.data.images import MAX_JPEG_SCANS
 from bcd_engine.errors import BCDError
 from bcd_engine.evaluation.ood import DEFAULT_PASS_RATE
 from bcd_engine.inference import diagnosis, explain
+from bcd_engine.inference.results import Reading
 from bcd_engine.inference.service import STEP_IMAGES
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import artifacts
 from ui import common, tables
 
 SHOWN_ERRORS = 5  # unusable files listed one by one above the results; the rest are in the table
-READINGS = {"ok": "ok", "unsure": "unsure", "conflicting": "views conflict", "out_of_domain": "out of domain"}
-READING_ICONS = {"ok": ":material/check_circle:", "unsure": ":material/help:", "conflicting": ":material/warning:",
-                 "out_of_domain": ":material/block:"}
+READINGS = {Reading.OK: "ok", Reading.UNSURE: "unsure", Reading.CONFLICTING: "views conflict",
+            Reading.OUT_OF_DOMAIN: "out of domain"}
+READING_ICONS = {Reading.OK: ":material/check_circle:", Reading.UNSURE: ":material/help:",
+                 Reading.CONFLICTING: ":material/warning:", Reading.OUT_OF_DOMAIN: ":material/block:"}
 
 st.title("Diagnose images")
 st.warning("**Research and teaching use only — not a medical device.** Never use it to diagnose anyone.",
@@ -38,7 +40,7 @@ if default is None:
     common.no_runs_yet("diagnose")
 runs = store.list_runs(status="completed")
 best = run_tables.best_runs_by_dataset(store)
-labels = {r.id: run_tables.run_label(r, best) for r in runs}
+labels = {r.id: run_tables.run_label_with_dataset(r, best) for r in runs}
 wanted = common.requested_run()  # a link from the Train page's "finished" message
 run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
                          default=[wanted if wanted in labels else default.id], format_func=labels.get,
@@ -83,10 +85,10 @@ if st.session_state.get("diagnose_job", (None,))[0] != job:
 _, results = st.session_state["diagnose_job"]
 if not results:
     st.warning("No images found in the upload (an archive holding only folders or hidden files?).")
-good = [r for r in results if "predicted_class" in r]
-unusable = [r for r in results if "error" in r]
+good = [r for r in results if r.usable]
+unusable = [r for r in results if not r.usable]
 for bad in unusable[:SHOWN_ERRORS]:
-    name, reason = (common.plain(common.public(bad[key])) for key in ("name", "error"))  # a visitor's text, as text
+    name, reason = (common.plain(common.public(text)) for text in (bad.name, bad.error))  # a visitor's text, as text
     st.error(f"**{name}** cannot be used: {reason}", icon=":material/block:")
 if len(unusable) > SHOWN_ERRORS:
     st.error(f"... and {len(unusable) - SHOWN_ERRORS} more files cannot be used: the table below gives each reason.",
@@ -94,41 +96,41 @@ if len(unusable) > SHOWN_ERRORS:
 
 if len(good) == 1 and len(results) == 1:
     result = good[0]
-    st.subheader(common.plain(result["name"]))
-    if result["reading"] == "out_of_domain":  # no class is the answer: only why, and the gate's figures
-        st.error(result["advice"], icon=READING_ICONS["out_of_domain"])
-        st.caption(f"Unusualness score {result['ood_score']:,.0f}; images scoring above {result['ood_threshold']:,.0f} "
+    st.subheader(common.plain(result.name))
+    if result.reading is Reading.OUT_OF_DOMAIN:  # no class is the answer: only why, and the gate's figures
+        st.error(result.advice, icon=READING_ICONS[Reading.OUT_OF_DOMAIN])
+        st.caption(f"Unusualness score {result.ood_score:,.0f}; images scoring above {result.ood_threshold:,.0f} "
                    f"are refused ({DEFAULT_PASS_RATE:.0%} of the model's own validation images score below it). The "
                    "score measures how far the image lies from the training images in the network's feature space.")
         st.stop()
-    (st.success if result["reading"] == "ok" else st.warning)(result["advice"], icon=READING_ICONS[result["reading"]])
+    (st.success if result.reading is Reading.OK else st.warning)(result.advice, icon=READING_ICONS[result.reading])
     left, right = st.columns(2)
-    probabilities = result["calibrated_probabilities"]
-    certainty = result["uncertainty"]
-    right.metric("Predicted class", result["predicted_class"], f"{certainty['confidence']:.1%} confidence",
+    probabilities = result.calibrated_probabilities
+    certainty = result.uncertainty
+    right.metric("Predicted class", result.predicted_class, f"{certainty['confidence']:.1%} confidence",
                  delta_color="off", delta_arrow="off")
     fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
                  labels={"x": f"calibrated probability (mean of {certainty['views']} looks)", "y": "class"},
                  text=[f"{p:.1%}" for p in probabilities.values()])
     right.plotly_chart(fig, key="diagnose_probabilities")
     gate = ("The image looks like the model's training images (it passed the out-of-domain check)."
-            if result["in_domain"] else "This run has no out-of-domain check: it cannot tell whether the image is "
-            "like its training images." if result["in_domain"] is None else "")
+            if result.in_domain else "This run has no out-of-domain check: it cannot tell whether the image is "
+            "like its training images." if result.in_domain is None else "")
     right.caption(f"Views that disagree with the answer: {certainty['disagreement']:.0%} · "
                   f"lead over the runner-up: {certainty['margin']:.1%}. {gate}")
     opacity = left.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diagnose_opacity",
                           help="Grad-CAM of the first chosen model for the answer shown: red is where it "
                                "looked for that class.")
     try:
-        image, heatmap = common.grad_cam(diagnoser.run_ids[0], result["image"], result["predicted_class"])
+        image, heatmap = common.grad_cam(diagnoser.run_ids[0], result.image, result.predicted_class)
         left.image(explain.overlay(image, heatmap, opacity=opacity), width="stretch",
-                   caption=f"{result['name']} with Grad-CAM (run {diagnoser.run_ids[0]})")
+                   caption=f"{result.name} with Grad-CAM (run {diagnoser.run_ids[0]})")
     except BCDError as exc:
         left.warning(common.public(f"No heatmap for this image: {exc}"))
 elif results:
     table = diagnosis.results_frame(results)
-    flagged = int((table["reading"].isin(["unsure", "conflicting"])).sum())
-    refused = int((table["reading"] == "out_of_domain").sum())
+    flagged = int((table["reading"].isin([Reading.UNSURE, Reading.CONFLICTING])).sum())
+    refused = int((table["reading"] == Reading.OUT_OF_DOMAIN).sum())
     st.metric("Images diagnosed", len(good), f"{flagged} flagged, {refused} out of domain, "
               f"{len(results) - len(good)} unusable", delta_color="off", delta_arrow="off")
     if refused:

@@ -18,6 +18,7 @@ from streamlit.runtime.app_session import AppSession
 from streamlit.testing.v1 import AppTest
 
 from bcd_engine.inference import diagnosis, loading
+from bcd_engine.inference.results import Diagnosis, Reading
 from bcd_engine.store import RunStore
 from bcd_engine.training import worker
 from ui import common
@@ -98,17 +99,17 @@ class _OutOfDomain:
 
     def diagnose_steps(self, sources, *, keep_images=False, batch_size=16):
         results = [
-            {"name": s.name, "error": s.error}
+            Diagnosis.unusable(s.name, s.error)
             if s.error
-            else {
-                "name": s.name,
-                "predicted_class": "Pro",
-                "reading": "out_of_domain",
-                "advice": "No answer.",
-                "ood_score": 9.0,
-                "ood_threshold": 1.0,
-                "in_domain": False,
-            }
+            else Diagnosis(
+                name=s.name,
+                predicted_class="Pro",
+                reading=Reading.OUT_OF_DOMAIN,
+                advice="No answer.",
+                ood_score=9.0,
+                ood_threshold=1.0,
+                in_domain=False,
+            )
             for s in sources
         ]
         yield len(sources), len(sources)

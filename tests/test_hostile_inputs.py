@@ -6,8 +6,10 @@ raise ImageLoadError (ConfigError only for a bad ``image_size``), whatever the b
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
+import subprocess
 import sys
 import tracemalloc
 import warnings
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import subprocess_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -216,6 +219,31 @@ def test_a_large_16_bit_image_is_brought_to_8_bits_without_full_size_float_copie
     np.testing.assert_array_equal(arr[..., 0], expected)  # the same pixels as the one-shot conversion gave
     # The decoded image as stored, its 8-bit copy, the RGB result and one band: well under one float64 copy more.
     assert peak < values.nbytes + 5 * expected.nbytes + 8 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_a_large_transparent_image_is_put_on_white_with_one_full_size_copy(tmp_path: Path) -> None:
+    """A 20-megapixel RGBA PNG (80 MB decoded) once took more full-size RGBA copies on its way to RGB (+238 MB here).
+
+    Pillow allocates in C, out of tracemalloc's sight: a fresh process's peak resident growth is measured instead.
+    """
+    image = Image.new("RGBA", (5000, 4000), (200, 100, 50, 128))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    (tmp_path / "big.png").write_bytes(_encode(image, "PNG"))
+    del image
+    script = (
+        "import json, resource, sys\n"
+        "from bcd_engine.data.images import decode_image\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "rgb = decode_image(data)\n"
+        "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024\n"
+        "print(json.dumps([rgb.mode, rgb.getpixel((0, 0)), rgb.getpixel((1, 0)), grew]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.png")], capture_output=True, text=True,
+                         check=True, env=subprocess_env(), timeout=120).stdout
+    mode, transparent, half, grew = json.loads(out)
+    assert mode == "RGB" and transparent == [255, 255, 255] and _is(np.array(half), (228, 178, 153), tolerance=1), out
+    assert grew < 20_000_000 * (4 + 4 + 1) + 24 * 2**20, f"grew {grew / 2**20:.0f} MB"
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])

@@ -87,7 +87,7 @@ def scored_evaluation(name: str, paths: list[str], data_dir: str, *, right: floa
 def register_folder(db: RunStore, root: str) -> int:
     """Register the dataset folder ``root`` as training and queueing do; its id."""
     scan = scan_dataset(root)
-    return db.register_dataset(name=Path(root).name, root=root, n_images=scan.n_images,
+    return db.register_dataset(name=Path(root).name, data_dir=root, n_images=scan.n_images,
                                class_counts=scan.class_counts, synthetic=is_synthetic(root))
 
 

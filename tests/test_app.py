@@ -148,7 +148,7 @@ def test_demo_mode_hides_training(monkeypatch):
 def test_demo_mode_explorer_offers_no_path_input_and_only_public_datasets(monkeypatch, tmp_path, synthetic_dataset):
     public = shutil.copytree(synthetic_dataset, tmp_path / "public-cells")
     store = RunStore.open()
-    store.register_dataset(name="private", root=str(tmp_path / "private-all"), n_images=1, class_counts={"a": 1})
+    store.register_dataset(name="private", data_dir=str(tmp_path / "private-all"), n_images=1, class_counts={"a": 1})
     monkeypatch.setenv("BCD_DEMO_MODE", "1")
     monkeypatch.setenv("BCD_DEMO_DATASETS", str(public))
     at = open_page("pages/explorer.py")

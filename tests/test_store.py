@@ -320,9 +320,10 @@ def test_unusable_url_raises_one_line_store_error(url: str, shown: str, opener) 
 
 
 def test_dataset_round_trip_and_reregistration(store: RunStore) -> None:
-    first = store.register_dataset(name="C-NMC", root="/data/cnmc", n_images=10, class_counts={"ALL": 6, "hem": 4})
-    other = store.register_dataset(name="ALL-IDB", root=Path("/data/allidb"), n_images=3, class_counts={"ALL": 3})
-    again = store.register_dataset(name="C-NMC v2", root="/data/cnmc", n_images=12, class_counts={"ALL": 7, "hem": 5})
+    first = store.register_dataset(name="C-NMC", data_dir="/data/cnmc", n_images=10, class_counts={"ALL": 6, "hem": 4})
+    other = store.register_dataset(name="ALL-IDB", data_dir=Path("/data/allidb"), n_images=3, class_counts={"ALL": 3})
+    again = store.register_dataset(name="C-NMC v2", data_dir="/data/cnmc", n_images=12,
+                                   class_counts={"ALL": 7, "hem": 5})
     assert again == first != other
     records = {d.id: d for d in store.list_datasets()}
     assert len(records) == 2
@@ -337,7 +338,7 @@ def test_dataset_round_trip_and_reregistration(store: RunStore) -> None:
 
 
 def test_a_run_carries_its_registered_dataset_and_an_old_run_what_its_config_says(store: RunStore) -> None:
-    demo = store.register_dataset(name="synthetic-demo", root="/cache/synthetic-demo", n_images=240,
+    demo = store.register_dataset(name="synthetic-demo", data_dir="/cache/synthetic-demo", n_images=240,
                                   class_counts={"Benign": 240}, synthetic=True)
     queued = _new_run(store, dataset_id=demo)
     later = _new_run(store)
@@ -570,7 +571,7 @@ def test_bad_values_raise_record_error_before_anything_is_written(store: RunStor
         (lambda: store.create_run(backbone="b", protocol="holdout", config={}), "protocol must be a Protocol"),
         (lambda: store.create_run(backbone="b", protocol=Protocol.holdout(), config=[1]), "create_run config"),
         (lambda: store.list_runs(status="done"), "status must be one of"),
-        (lambda: store.register_dataset(name="d", root="/d", n_images=1, class_counts={"a": "many"}),
+        (lambda: store.register_dataset(name="d", data_dir="/d", n_images=1, class_counts={"a": "many"}),
          "register_dataset: invalid literal"),
         (lambda: store.log_epoch(run_id, phase="first", epoch=0, train_loss=1.0, train_accuracy=0.5),
          "log_epoch: invalid literal"),
@@ -794,7 +795,7 @@ def test_revision_changes_with_every_write_a_view_shows(store: RunStore, tmp_pat
     assert changed()
     store.update_run_config(run_id, {"data_dir": str(tmp_path), "class_names": ["Benign"]})
     assert changed()
-    dataset_id = store.register_dataset(name="d", root=tmp_path, n_images=4, class_counts={"Benign": 4})
+    dataset_id = store.register_dataset(name="d", data_dir=tmp_path, n_images=4, class_counts={"Benign": 4})
     assert changed()
     store.set_run_dataset(run_id, dataset_id)
     assert changed()

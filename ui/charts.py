@@ -49,7 +49,7 @@ def error_bar(frame: pd.DataFrame, column: str) -> dict:
 
 def figure_title(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
     """A three-line Plotly title: run and backbone; protocol; accuracy and macro AUC with their intervals."""
-    return (f"run {run.id}: {run.backbone}<br><sup>{run.protocol}<br>accuracy "
+    return (f"run {run.id}: {run.backbone}<br><sup>{run.protocol.label}<br>accuracy "
             f"{format_interval(*interval(evaluation, 'accuracy'))} · macro AUC "
             f"{format_interval(*interval(evaluation, 'macro_auc'))}</sup>")
 

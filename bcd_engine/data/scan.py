@@ -121,14 +121,14 @@ class ScanResult:
 
 
 def scan_dataset(
-    root: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
     *,
     use_cache: bool = True,
     progress: bool = False,
     near_duplicate_distance: int = NEAR_DUPLICATE_DISTANCE,
     allow_single_class: bool = False,
 ) -> ScanResult:
-    """Scan ``root/<Class>/*`` for images; raise :class:`DataError` when the folder cannot be used."""
+    """Scan ``data_dir/<Class>/*`` for images; raise :class:`DataError` when the folder cannot be used."""
     if isinstance(near_duplicate_distance, bool) or not isinstance(near_duplicate_distance, int) or not (
         0 <= near_duplicate_distance <= DHASH_SIZE * DHASH_SIZE
     ):
@@ -136,7 +136,7 @@ def scan_dataset(
             f"near_duplicate_distance must be an integer from 0 to {DHASH_SIZE * DHASH_SIZE}, "
             f"got {near_duplicate_distance!r}"
         )
-    root_path = _resolve_root(root)
+    root_path = _resolve_root(data_dir)
     files = _list_files(root_path)
 
     cache_file = _cache_file(root_path) if use_cache else None
@@ -178,11 +178,11 @@ def scan_dataset(
     )
 
 
-def folder_signature(root: str | os.PathLike[str]) -> str:
+def folder_signature(data_dir: str | os.PathLike[str]) -> str:
     """A digest of the folder's image files (paths, sizes, modification times): it changes whenever a scan
     of the folder could; cheap (no file is read), so callers can key their own caches on it."""
     entries = []
-    for _, path in _list_files(_resolve_root(root)):
+    for _, path in _list_files(_resolve_root(data_dir)):
         with contextlib.suppress(OSError):  # removed since it was listed: leave it out, as a scan would
             st = os.stat(path)
             entries.append((path, *_cache_key(st)))
@@ -312,19 +312,19 @@ def _write_cache(cache_file: Path, root: Path, entries: dict[str, dict[str, Any]
 
 
 
-def twin_root(root: str | os.PathLike) -> Path | None:
+def twin_root(data_dir: str | os.PathLike) -> Path | None:
     """For ``.../Original`` return ``.../Segmented`` (and back) when that twin folder exists."""
-    root = Path(root)
-    if root.name not in TWIN_FOLDERS:
+    folder = Path(data_dir)
+    if folder.name not in TWIN_FOLDERS:
         return None
-    other = root.parent / TWIN_FOLDERS[1 - TWIN_FOLDERS.index(root.name)]
+    other = folder.parent / TWIN_FOLDERS[1 - TWIN_FOLDERS.index(folder.name)]
     return other if other.is_dir() else None
 
 
-def twin_of(path: str | os.PathLike, root: str | os.PathLike) -> Path | None:
-    """The same file (``<Class>/<name>``) in the twin folder, when it exists."""
-    other = twin_root(root)
+def twin_of(path: str | os.PathLike, data_dir: str | os.PathLike) -> Path | None:
+    """The same file (``<Class>/<name>``) in the twin folder of ``data_dir``, when it exists."""
+    other = twin_root(data_dir)
     if other is None:
         return None
-    candidate = other / Path(path).resolve().relative_to(Path(root).resolve())
+    candidate = other / Path(path).resolve().relative_to(Path(data_dir).resolve())
     return candidate if candidate.is_file() else None

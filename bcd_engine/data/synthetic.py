@@ -54,17 +54,17 @@ _PROFILES = (
 
 
 def make_synthetic_dataset(
-    root: str | Path,
+    data_dir: str | Path,
     *,
     n_per_class: int = 40,
     image_size: int = 96,
     seed: int = 0,
     class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES,
 ) -> Path:
-    """Write ``root/<Class>/synthetic-<class>-NNN.png`` and a README; deterministic for a seed."""
+    """Write ``data_dir/<Class>/synthetic-<class>-NNN.png`` and a README; deterministic for a seed; the folder."""
     class_names = tuple(class_names)
     _check_arguments(n_per_class, image_size, seed, class_names)
-    root = Path(root)
+    root = Path(data_dir)
     for k, class_name in enumerate(class_names):
         class_dir = root / class_name
         class_dir.mkdir(parents=True, exist_ok=True)
@@ -76,12 +76,12 @@ def make_synthetic_dataset(
     return root
 
 
-def is_synthetic(root: str | os.PathLike) -> bool:
-    """Whether the folder ``root`` is a dataset drawn by :func:`make_synthetic_dataset` (its README says so)."""
+def is_synthetic(data_dir: str | os.PathLike) -> bool:
+    """Whether the folder ``data_dir`` is a dataset drawn by :func:`make_synthetic_dataset` (its README says so)."""
     try:
-        return (Path(root) / _README).read_text(encoding="utf-8").startswith(_README_TITLE)
+        return (Path(data_dir) / _README).read_text(encoding="utf-8").startswith(_README_TITLE)
     except (OSError, UnicodeDecodeError):
-        return Path(root).name == DEMO_DATASET_NAME
+        return Path(data_dir).name == DEMO_DATASET_NAME
 
 
 def demo_dataset_dir() -> Path:

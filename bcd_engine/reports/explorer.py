@@ -80,9 +80,9 @@ def class_summary(stats: pd.DataFrame) -> pd.DataFrame:
     return stats.drop(columns="path").groupby("class").mean().round(1)
 
 
-def relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
-    """``path`` as seen from inside the dataset folder ``root`` (``class/file.png``); its name when outside it."""
+def relative_name(path: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """``path`` as seen from inside the dataset folder ``data_dir`` (``class/file.png``); its name when outside it."""
     try:
-        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        return Path(path).resolve().relative_to(Path(data_dir).resolve()).as_posix()
     except ValueError:
         return Path(path).name

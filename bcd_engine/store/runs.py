@@ -221,9 +221,8 @@ class RunStore:
             self._begin(session)
             yield session
             if write and revises:
-                session.execute(
-                    update(SqlStoreRevision).where(SqlStoreRevision.id == 1).values(counter=SqlStoreRevision.counter + 1)
-                )
+                counter = SqlStoreRevision.counter
+                session.execute(update(SqlStoreRevision).where(SqlStoreRevision.id == 1).values(counter=counter + 1))
             session.commit()
         except SQLAlchemyError as exc:
             if isinstance(getattr(exc, "orig", None), RecordError):
@@ -290,16 +289,17 @@ class RunStore:
         self,
         *,
         name: str,
-        root: str | os.PathLike[str],
+        data_dir: str | os.PathLike[str],
         n_images: int,
         class_counts: Mapping[str, int],
         synthetic: bool = False,
     ) -> int:
-        """Record a dataset folder and return its id; a root seen before keeps its id, gets new counts.
+        """Record the dataset folder ``data_dir`` (kept as the record's ``root``) and return its id; a folder seen
+        before keeps its id, gets new counts.
 
         ``synthetic``: the folder was drawn by a program (the demo set), not taken from patients.
         """
-        root = str(root)
+        root = str(data_dir)
         with _checked("register_dataset"):
             n_images = int(n_images)
             counts = {str(k): int(v) for k, v in class_counts.items()}

@@ -181,7 +181,7 @@ def _run_document(run, split: list[dict]) -> dict[str, Any]:
     return {
         "id": run.id,
         "backbone": run.backbone,
-        "protocol": _plain(run.protocol_info),
+        "protocol": _plain(run.protocol),
         "config": run.config,
         "status": run.status,
         "created_at": _time(run.created_at),

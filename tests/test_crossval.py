@@ -38,16 +38,16 @@ def test_cross_validate_stores_one_run_per_fold(workspace, synthetic_dataset):
     config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
                          dense_units=8, augment=AugmentConfig(factor=1))
     result = cross_validate(config, synthetic_dataset, folds=2, store=store)
-    assert result["protocol"] == "2-fold CV (group-aware, stratified)"
-    assert [f["fold"] for f in result["folds"]] == [1, 2]
-    assert sum(f["n_test"] for f in result["folds"]) == 48
-    accuracies = [f["accuracy"] for f in result["folds"]]
-    assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
-    assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))  # sample std over folds
+    assert result.protocol == "2-fold CV (group-aware, stratified)"
+    assert [f.fold for f in result.folds] == [1, 2]
+    assert sum(f.n_test for f in result.folds) == 48
+    accuracies = [f.accuracy for f in result.folds]
+    assert result.mean["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert result.std["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))  # sample std over folds
     runs = sorted(store.list_runs(), key=lambda r: r.id)
-    assert [r.protocol_info for r in runs] == [Protocol.kfold(1, folds=2), Protocol.kfold(2, folds=2)]
-    assert [r.protocol for r in runs] == [f"2-fold CV (group-aware, stratified), fold {k}/2" for k in (1, 2)]
-    assert [r.id for r in runs] == [f["run_id"] for f in result["folds"]]
+    assert [r.protocol for r in runs] == [Protocol.kfold(1, folds=2), Protocol.kfold(2, folds=2)]
+    assert [r.protocol.label for r in runs] == [f"2-fold CV (group-aware, stratified), fold {k}/2" for k in (1, 2)]
+    assert [r.id for r in runs] == [f.run_id for f in result.folds]
 
 
 def test_folds_train_on_the_scan_their_splits_were_made_from(workspace, synthetic_dataset, tmp_path, monkeypatch):
@@ -65,8 +65,8 @@ def test_folds_train_on_the_scan_their_splits_were_made_from(workspace, syntheti
                          dense_units=8, augment=AugmentConfig(factor=1))
     result = cross_validate(config, data, folds=2, store=workspace)
     scanned = sorted(str(p.resolve()) for p in data.glob("*/*") if "arrived" not in p.name)
-    for row in result["folds"]:
-        split = workspace.get_split(row["run_id"])
+    for row in result.folds:
+        split = workspace.get_split(row.run_id)
         assert sorted(s["path"] for s in split) == scanned
 
 

@@ -22,7 +22,7 @@ def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike)
 
     require_weights_file(config.weights)
     scan = scan_dataset(data_dir)
-    dataset_id = store.register_dataset(name=Path(scan.root).name, root=scan.root, n_images=scan.n_images,
+    dataset_id = store.register_dataset(name=Path(scan.root).name, data_dir=scan.root, n_images=scan.n_images,
                                         class_counts=scan.class_counts, synthetic=is_synthetic(scan.root))
     return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(), dataset_id=dataset_id,
                             config={"train": config.to_dict(), "data_dir": scan.root,
@@ -44,8 +44,8 @@ def queue_again(store: RunStore, run_id: int, *, weights: str | os.PathLike | No
     run = store.get_run(run_id)
     if run.status not in FINAL_STATUSES:
         raise RerunError(f"run {run_id} is {run.status}; only a finished run can be queued again")
-    if run.protocol_info.kind != "holdout":
-        raise RerunError(f"run {run_id} is one round of {run.protocol}; the queue trains hold-out runs only, "
+    if run.protocol.kind != "holdout":
+        raise RerunError(f"run {run_id} is one round of {run.protocol.label}; the queue trains hold-out runs only, "
                          "so run the whole protocol again (the cv or lodo command)")
     try:
         config, data_dir = TrainConfig.from_dict(run.config["train"]), run.config["data_dir"]
@@ -70,6 +70,6 @@ def demo_config() -> TrainConfig:
                                     dense_units=64)
 
 
-def queue_demo_run(store: RunStore, demo_root: str | os.PathLike) -> int:
-    """Queue the demo model on the SYNTHETIC demo set at ``demo_root`` (``synthetic.ensure_demo_dataset()``)."""
-    return queue_run(store, demo_config(), demo_root)
+def queue_demo_run(store: RunStore, data_dir: str | os.PathLike) -> int:
+    """Queue the demo model on the SYNTHETIC demo set at ``data_dir`` (``synthetic.ensure_demo_dataset()``)."""
+    return queue_run(store, demo_config(), data_dir)

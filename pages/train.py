@@ -24,6 +24,8 @@ common.explain(
 common.demo_banner()
 store = common.store()
 demo = common.demo_mode()
+if not demo:  # once per page load, never in the refreshing panel: runs left queued with no live worker get one
+    common.start_worker(store)
 
 with st.expander("Backbones", icon=":material/table:"):
     st.dataframe(pd.DataFrame([
@@ -240,10 +242,9 @@ def cluster_panel(address: str) -> None:
 
 @st.fragment(run_every=3)
 def queue_panel() -> None:
-    """The queue, the running job's progress and curves; refreshed every few seconds from the store (reads only;
-    runs whose process died are marked by the worker and at the app's start)."""
-    if not demo:
-        common.start_worker(store)
+    """The queue, the running job's progress and curves; refreshed every few seconds from the store (reads only:
+    the worker is started where runs are queued and when the page loads; runs whose process died are marked by the
+    worker and at the app's start)."""
     runs = store.list_runs(limit=30)
     listed = {run.id: run for run in runs}  # the same reading as the table below, so the two never disagree
     worker_text = "" if demo else worker.worker_status(store)["text"]  # read once per refresh
@@ -283,7 +284,7 @@ def queue_panel() -> None:
     if queued and not demo and st.button("Cancel all queued", key="train_cancel_queued"):
         for run in queued:
             store.request_cancel(run.id)
-    stopped = [r for r in runs if r.status in STOPPED and r.protocol_info.kind == "holdout"
+    stopped = [r for r in runs if r.status in STOPPED and r.protocol.kind == "holdout"
                and r.id not in common.remembered_runs()]
     if stopped and not demo:
         with st.expander(f"Failed or stopped runs ({len(stopped)}): reasons, run again", icon=":material/replay:"):

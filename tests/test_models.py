@@ -72,6 +72,64 @@ def test_building_a_head_leaves_the_global_generators_alone():
     assert np.random.random() == expected
 
 
+def test_a_seeded_head_draws_its_weights_from_its_seed_alone():
+    config = TrainConfig(backbone="mobilenetv2", image_size=32, dense_units=8, seed=0)
+
+    def head_weights(global_seed: int, seed: int) -> list[np.ndarray]:
+        keras.utils.set_random_seed(global_seed)
+        return build_head(16, 4, config, seed=seed).get_weights()
+
+    same = head_weights(1, 5), head_weights(2, 5)  # whatever the process-wide generators hold
+    for first, second in zip(*same, strict=True):
+        np.testing.assert_array_equal(first, second)
+    assert not np.allclose(head_weights(1, 5)[0], head_weights(1, 6)[0])
+    keras.utils.set_random_seed(3)
+    expected = np.asarray(keras.random.uniform((3,)))
+    keras.utils.set_random_seed(3)
+    build_head(16, 4, config, seed=5)
+    np.testing.assert_array_equal(np.asarray(keras.random.uniform((3,))), expected)  # Keras' generators untouched
+
+
+def test_only_the_training_entry_point_seeds_the_process_wide_generators():
+    engine = Path(__file__).resolve().parent.parent / "bcd_engine"
+    seeding = sorted(str(path.relative_to(engine)) for path in engine.rglob("*.py")
+                     if "set_random_seed(" in path.read_text() or "np.random.seed(" in path.read_text())
+    assert seeding == ["training/run.py"]
+
+
+def test_a_models_compiled_functions_are_made_once_and_freed_with_it():
+    import gc
+    import weakref
+
+    from bcd_engine.inference.explain import grad_cam
+    from bcd_engine.models import backend
+
+    def small_model():
+        config = TrainConfig(backbone=SCRATCH, image_size=32, dense_units=8)
+        backbone = build_backbone(get_backbone(SCRATCH), image_size=32, weights=None)
+        from bcd_engine.models.head import assemble_model
+
+        return assemble_model(backbone, build_head(backbone.output_shape[-1], 3, config, seed=0), config)
+
+    preprocess, image = get_backbone(SCRATCH).preprocess(), np.zeros((32, 32, 3), np.uint8)
+    model = small_model()
+    forward = backend.forward_function(model, preprocess)
+    assert backend.forward_function(model, preprocess).run is forward.run  # compiled once per (model, preprocess)
+    made = []
+    assert backend.cached_for(model, "probe", lambda: made.append(1) or "made") == "made"
+    assert backend.cached_for(model, "probe", lambda: made.append(1) or "again") == "made" and made == [1]
+    first = grad_cam(model, image, preprocess=preprocess, backbone=SCRATCH)
+    np.testing.assert_allclose(grad_cam(model, image, preprocess=preprocess, backbone=SCRATCH).heatmap,
+                               first.heatmap)
+    freed = weakref.ref(model)
+    del model, forward
+    gc.collect()
+    assert freed() is None  # the cache, its forward passes and Grad-CAM functions hold the model weakly only
+    alone = backend.forward_function(small_model(), preprocess)  # a caller may keep only the function
+    gc.collect()
+    assert alone(image[None]).shape == (1, 3)
+
+
 def test_the_precision_policy_is_set_inside_the_block_only_and_restored_on_error():
     before = keras.mixed_precision.global_policy().name
     with compute_precision("mixed_float16"):

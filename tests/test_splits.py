@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import (
+    MAX_HELD_OUT,
     Split,
+    check_fractions,
     group_kfold,
     holdout_split,
     split_from_assignments,
@@ -119,13 +121,45 @@ def test_holdout_never_splits_a_group(
         ({"test_fraction": 1.0}, r"test_fraction must be a number in \[0, 1\), got 1\.0"),
         ({"test_fraction": "0.2"}, r"test_fraction must be a number in \[0, 1\), got '0\.2'"),
         ({"val_fraction": True}, r"val_fraction must be a number in \[0, 1\), got True"),
-        ({"val_fraction": 0.5, "test_fraction": 0.5}, r"val_fraction \+ test_fraction must be below 1"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, r"val_fraction \+ test_fraction must be below 0\.9"),
     ],
 )
 def test_holdout_rejects_bad_fractions(kwargs: dict[str, object], message: str) -> None:
     labels, groups = _labels_and_groups(100)
     with pytest.raises(ConfigError, match=message):
         holdout_split(labels, groups, **kwargs)  # type: ignore[arg-type]
+
+
+HELD_OUT_MESSAGE = r"val_fraction \+ test_fraction must be below 0\.9 to leave at least a tenth of the images"
+
+
+@pytest.mark.parametrize(("val_fraction", "test_fraction"), [(0.45, 0.45), (0.8, 0.1), (0.1, 0.8), (0.5, 0.45)])
+def test_the_config_and_the_splitter_refuse_the_same_held_out_share(val_fraction: float, test_fraction: float) -> None:
+    """One rule (check_fractions) for both: validation + test at MAX_HELD_OUT or above is refused alike."""
+    from bcd_engine.models.config import TrainConfig
+
+    assert MAX_HELD_OUT == 0.9
+    labels, groups = _labels_and_groups(100)
+    for refuse in (lambda: check_fractions(val_fraction, test_fraction),
+                   lambda: holdout_split(labels, groups, val_fraction=val_fraction, test_fraction=test_fraction),
+                   lambda: TrainConfig(backbone="mobilenetv2", val_fraction=val_fraction, test_fraction=test_fraction)):
+        with pytest.raises(ConfigError, match=HELD_OUT_MESSAGE):
+            refuse()
+
+
+def test_just_below_the_held_out_limit_both_accept_and_a_training_run_still_needs_validation_and_test() -> None:
+    from bcd_engine.models.config import TrainConfig
+
+    labels, groups = _labels_and_groups(800)
+    split = holdout_split(labels, groups, val_fraction=0.44, test_fraction=0.44)
+    assert len(split.train) > 0 and len(split.train) / len(labels) <= 0.2
+    assert TrainConfig(backbone="mobilenetv2", val_fraction=0.44, test_fraction=0.44).val_fraction == 0.44
+    assert len(holdout_split(labels, groups, val_fraction=0.0, test_fraction=0.3).val) == 0  # a split may have no val
+    for zero in ({"val_fraction": 0.0}, {"test_fraction": 0.0}):
+        with pytest.raises(ConfigError, match="a run needs validation and test images"):
+            TrainConfig(backbone="mobilenetv2", **zero)
+    with pytest.raises(ConfigError, match=r"val_fraction must be a number in \[0, 1\), got -0\.1"):
+        TrainConfig(backbone="mobilenetv2", val_fraction=-0.1)  # the same range message as the splitter's
 
 
 @pytest.mark.parametrize(
@@ -143,12 +177,12 @@ def test_holdout_rejects_bad_arrays(labels: list[int], groups: list[int], messag
         holdout_split(labels, groups)
 
 
-@pytest.mark.parametrize("n_splits", [2, 5, 10])
-def test_group_kfold_folds_are_disjoint_cover_everything_and_keep_groups(n_splits: int) -> None:
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_group_kfold_folds_are_disjoint_cover_everything_and_keep_groups(k: int) -> None:
     labels, groups = _labels_and_groups()
     n = len(labels)
-    folds = group_kfold(labels, groups, n_splits=n_splits, seed=1)
-    assert len(folds) == n_splits
+    folds = group_kfold(labels, groups, folds=k, seed=1)
+    assert len(folds) == k
     tests = np.concatenate([test for _, test in folds])
     assert np.array_equal(np.sort(tests), np.arange(n))
     overall = np.bincount(labels, minlength=4) / n
@@ -156,7 +190,7 @@ def test_group_kfold_folds_are_disjoint_cover_everything_and_keep_groups(n_split
         assert np.array_equal(train, np.sort(train)) and np.array_equal(test, np.sort(test))
         assert np.intersect1d(train, test).size == 0 and len(train) + len(test) == n
         assert np.intersect1d(groups[train], groups[test]).size == 0
-        assert abs(len(test) / n - 1 / n_splits) <= 0.02
+        assert abs(len(test) / n - 1 / k) <= 0.02
         assert np.abs(np.bincount(labels[test], minlength=4) / len(test) - overall).max() <= 0.05
 
 
@@ -168,12 +202,12 @@ def test_group_kfold_is_seeded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_splits", "message"),
+    ("folds", "message"),
     [(1, r"got 1"), (4, r"got 4"), (2.0, r"got 2\.0"), (True, r"got True")],
 )
-def test_group_kfold_rejects_bad_n_splits(n_splits: object, message: str) -> None:
-    with pytest.raises(ConfigError, match=r"n_splits must be an integer from 2 to 3 \(.*\), " + message):
-        group_kfold([0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 2, 2], n_splits=n_splits)  # type: ignore[arg-type]
+def test_group_kfold_rejects_bad_folds(folds: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"folds must be an integer from 2 to 3 \(.*\), " + message):
+        group_kfold([0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 2, 2], folds=folds)  # type: ignore[arg-type]
 
 
 # --- splits of a scanned dataset ---------------------------------------------------------------------

@@ -128,6 +128,12 @@ def test_feature_cache_is_hit_on_identical_run_and_missed_when_augmentation_chan
     assert changed.feature_cache["hits"] == 0 and changed.feature_cache["file"] != first.feature_cache["file"]
     assert again.test_accuracy == first.test_accuracy
 
+    def probabilities(run_id: int) -> list[list[float]]:
+        (evaluation,) = store.get_evaluations(run_id)
+        return [prediction.probabilities for prediction in store.get_predictions(evaluation.id)]
+
+    np.testing.assert_allclose(probabilities(again.run_id), probabilities(first.run_id), atol=1e-6)  # the same seed
+
 
 def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_path):
     from bcd_engine.models.augment import augment_batch, view_seeds
@@ -159,6 +165,7 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
     common = dict(preprocess=preprocess, augment=config.augment, seed=config.seed, cache=cache, batch_size=4)
     train_x = extract_features(extractor, images, train_rows, [keys[i] for i in train_rows], train_views, **common)
     val_x = extract_features(extractor, images, val_rows, [keys[i] for i in val_rows], np.zeros(4, int), **common)
+    keras.utils.set_random_seed(config.seed)  # as train does: the order of the examples follows the run's seed
     head = fit_head_on_features(train_x, labels[train_rows], val_x, labels[val_rows], n_classes=4, config=config)
     cached_model = assemble_model(backbone, head, config)
 
@@ -169,8 +176,8 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
         else augment_batch(images[i][None], s[None], config.augment)[0]
         for i, v, s in zip(train_rows, train_views, seeds, strict=True)
     ])
-    keras.utils.set_random_seed(config.seed)  # as fit_head_on_features does: both heads start from the same weights
-    naive = assemble_model(backbone, build_head(train_x.shape[1], 4, config), config)
+    keras.utils.set_random_seed(config.seed)  # the same order of the examples
+    naive = assemble_model(backbone, build_head(train_x.shape[1], 4, config, seed=config.seed), config)  # same start
     compile_model(naive, config, config.learning_rate)
     targets = keras.utils.to_categorical(labels[train_rows], 4)
     val_data = (preprocess(images[val_rows].astype("float32")), keras.utils.to_categorical(labels[val_rows], 4))

@@ -91,14 +91,22 @@ def test_ensure_worker_starts_one_only_when_runs_wait_and_none_lives(store, synt
 
 
 @pytest.fixture
-def spawned():
-    """The workers spawn_worker() starts in this test; any still running at its end is stopped."""
-    yield worker._spawned
-    for process in worker._spawned:
+def spawned(monkeypatch):
+    """The workers spawn_worker() starts in this test (also through ensure_worker); any still running at its end is
+    stopped."""
+    processes: list[subprocess.Popen] = []
+    spawn = worker.spawn_worker
+    monkeypatch.setattr(worker, "spawn_worker", lambda *options: processes.append(spawn(*options)) or processes[-1])
+    yield processes
+    for process in processes:
         if process.poll() is None:
             process.terminate()
         process.wait(timeout=30)
-    worker._spawned.clear()
+
+
+def reaped(processes: list[subprocess.Popen]) -> bool:
+    """Whether every process has left and its exit status was collected (by the thread that waits for it)."""
+    return all(process.returncode is not None for process in processes)
 
 
 def failing_run(store: RunStore, tmp_path) -> int:
@@ -127,16 +135,17 @@ def test_a_zombie_child_is_not_alive():
 
 
 def test_a_spawned_worker_leaves_at_once_and_the_next_starts_right_after(store, spawned, tmp_path):
-    pid = worker.spawn_worker()
+    process = worker.spawn_worker()
+    pid = process.pid
     assert worker.live_worker()["pid"] == pid  # its heartbeat, written for it while it starts
-    [process] = spawned
-    wait_until(lambda: worker.live_worker() is None and not spawned, timeout=40, what="the idle worker leaving")
-    assert process.returncode == 0 and not pid_alive(pid)  # reaped by live_worker(): no zombie left
+    assert spawned == [process]
+    wait_until(lambda: worker.live_worker() is None and reaped(spawned), timeout=40, what="the idle worker leaving")
+    assert process.returncode == 0 and not pid_alive(pid)  # reaped by its waiting thread: no zombie left
     assert not worker.heartbeat_file().exists()
     run_id = failing_run(store, tmp_path)
     assert worker.ensure_worker(store) is True  # no wait for the old heartbeat to go stale
     wait_until(lambda: store.get_run(run_id).status == "failed", timeout=60, what="the queued run")
-    wait_until(lambda: worker.live_worker() is None and not spawned, timeout=40, what="the worker leaving")
+    wait_until(lambda: worker.live_worker() is None and reaped(spawned), timeout=40, what="the worker leaving")
 
 
 def test_a_second_queued_run_starts_seconds_after_the_first_finishes(store, synthetic_dataset, spawned, tmp_path):
@@ -152,7 +161,7 @@ def test_a_second_queued_run_starts_seconds_after_the_first_finishes(store, synt
     # a worker's start-up at most, not the 60 s until the finished worker's heartbeat went stale
     wait_until(taken, timeout=30, what="the second run starting")
     wait_until(lambda: store.get_run(second).status == "failed", timeout=60, what="the second run")
-    wait_until(lambda: worker.live_worker() is None and not spawned, timeout=40, what="the worker leaving")
+    wait_until(lambda: worker.live_worker() is None and reaped(spawned), timeout=40, what="the worker leaving")
 
 
 def test_a_leaving_worker_removes_its_own_heartbeat_and_never_another(store):
@@ -201,3 +210,15 @@ def test_worker_status_says_what_the_worker_does(store, synthetic_dataset):
     status = worker.worker_status(store)
     assert (status["state"], status["running"], status["queued"]) == ("training", [run_id], 1)
     assert status["text"] == f"Training run {run_id} (scratch_cnn); 1 more queued."
+
+
+def test_worker_status_counts_the_queue_in_the_store(store, synthetic_dataset, monkeypatch):
+    for _ in range(3):
+        queue.queue_run(store, tiny(), synthetic_dataset)
+    loaded = []
+    list_runs = store.list_runs
+    monkeypatch.setattr(store, "list_runs", lambda **kwargs: loaded.append(kwargs) or list_runs(**kwargs))
+    status = worker.worker_status(store)
+    assert (status["state"], status["queued"]) == ("waiting", 3)
+    assert {"status": "queued"} not in loaded  # counted by a query, not by loading every queued record
+    assert (store.count_runs(), store.count_runs(status="queued"), store.count_runs(status="running")) == (3, 3, 0)

@@ -21,6 +21,7 @@ from bcd_engine.errors import ConfigError, DataError
 SUBSETS = ("train", "val", "test")
 MAX_HOLDOUT_FOLDS = 20
 DEFAULT_FRACTION = 0.15  # of the images, for validation and for test, unless a config says otherwise
+MAX_HELD_OUT = 0.9  # validation + test stay below this fraction of the images: at least a tenth trains
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,16 +70,10 @@ def holdout_split(
     test_fraction: float = DEFAULT_FRACTION,
     seed: int = 0,
 ) -> Split:
-    """Stratified, group-aware, seeded train/val/test split (val_fraction or test_fraction may be 0)."""
+    """Stratified, group-aware, seeded train/val/test split (val_fraction or test_fraction may be 0; the
+    fractions follow :func:`check_fractions`)."""
     y, g = _check_arrays(labels, groups)
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
-    if val_fraction + test_fraction >= 1:
-        raise ConfigError(
-            f"val_fraction + test_fraction must be below 1 to leave a training set, "
-            f"got {val_fraction} + {test_fraction}"
-        )
+    check_fractions(val_fraction, test_fraction)
     n_folds, n_test, n_val = _fold_plan(val_fraction, test_fraction, _max_folds(y, g))
     fold_of = np.empty(len(y), dtype=np.int64)
     for k, (_, fold_idx) in enumerate(_stratified_group_folds(y, g, n_folds, seed)):
@@ -93,22 +88,35 @@ def holdout_split(
     )
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """The one rule for a hold-out split's fractions, which ``TrainConfig`` and :func:`holdout_split` both apply:
+    each a number in [0, 1), together below ``MAX_HELD_OUT``; ConfigError otherwise."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= MAX_HELD_OUT:
+        raise ConfigError(
+            f"val_fraction + test_fraction must be below {MAX_HELD_OUT} to leave at least a tenth of the images "
+            f"for training, got {val_fraction} + {test_fraction}"
+        )
+
+
 def group_kfold(
     labels: Iterable[int] | np.ndarray,
     groups: Iterable[int] | np.ndarray,
     *,
-    n_splits: int = 5,
+    folds: int = 5,
     seed: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified group k-fold with shuffling: a list of sorted (train_idx, test_idx) pairs."""
+    """Stratified group k-fold with shuffling: ``folds`` sorted (train_idx, test_idx) pairs."""
     y, g = _check_arrays(labels, groups)
     limit = _max_folds(y, g)
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or not 2 <= n_splits <= limit:
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= limit:
         raise ConfigError(
-            f"n_splits must be an integer from 2 to {limit} (the number of groups and of images in the "
-            f"largest class bound it), got {n_splits!r}"
+            f"folds must be an integer from 2 to {limit} (the number of groups and of images in the "
+            f"largest class bound it), got {folds!r}"
         )
-    return [(np.sort(tr), np.sort(te)) for tr, te in _stratified_group_folds(y, g, n_splits, seed)]
+    return [(np.sort(tr), np.sort(te)) for tr, te in _stratified_group_folds(y, g, folds, seed)]
 
 
 def split_from_assignments(

@@ -1,6 +1,7 @@
 """External evaluation: a trained run on another folder, with a label map when the class names differ."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -67,7 +68,8 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names, groups=scan.groups)
     if loaded.trust is not None:  # the gate looks at each image as it is, as predict does
         flagged = ~loaded.trust.gate.in_domain(loaded.forward_with_features(images)[1])
-        evaluation.metrics.update(ood_flagged=int(flagged.sum()), ood_flagged_share=float(flagged.mean()))
+        evaluation = dataclasses.replace(evaluation, metrics={**evaluation.metrics, "ood_flagged": int(flagged.sum()),
+                                                              "ood_flagged_share": float(flagged.mean())})
     store.save_scored_evaluation(run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths,
                                  y_true=y_true, y_prob=y_prob)
     return evaluation

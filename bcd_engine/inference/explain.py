@@ -7,7 +7,6 @@ layer from the registry, inside the nested backbone model that :func:`bcd_engine
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import get_backbone
-from bcd_engine.models.backend import forward_function, value_and_gradient
+from bcd_engine.models.backend import cached_for, forward_function, value_and_gradient
 
 if TYPE_CHECKING:
     from bcd_engine.inference.loading import LoadedModel
@@ -35,8 +34,9 @@ class GradCam:
     probabilities: np.ndarray  # the model's class probabilities for the image (no test-time augmentation)
 
 
-def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_index: int | None = None) -> GradCam:
-    """Grad-CAM of ``image`` (uint8 (h, w, 3) at the model's input size) for ``class_index`` (default: predicted).
+def grad_cam(model, image: np.ndarray, *, preprocess, backbone: str, class_index: int | None = None) -> GradCam:
+    """Grad-CAM of ``image`` (uint8 (h, w, 3) at the model's input size) for ``class_index`` (default: predicted);
+    ``backbone`` is the registry name of the model's backbone (whose last convolution layer is used).
 
     The class score is the pre-softmax logit when the model ends in a softmax Dense layer, so a
     confident prediction does not saturate the gradients. The forward pass is compiled once per model.
@@ -48,25 +48,26 @@ def grad_cam(model, image: np.ndarray, *, preprocess, backbone_name: str, class_
     n_classes = int(model.output_shape[-1])
     if class_index is not None and not 0 <= class_index < n_classes:
         raise ConfigError(f"class index must be in 0..{n_classes - 1}, got {class_index}")
-    compute = _cam_function(model, preprocess, get_backbone(backbone_name).last_conv_layer)
+    compute = _cam_function(model, preprocess, get_backbone(backbone).last_conv_layer)
     heatmap, probabilities, chosen = compute(image[None], class_index)
     peak = float(np.max(heatmap))
     heatmap = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
     return GradCam(np.clip(heatmap, 0, 1).astype(np.float32), int(chosen), np.asarray(probabilities, np.float32))
 
 
-_CAM_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {conv layer: Grad-CAM function}
-
-
 def _cam_function(model, preprocess, conv_name: str):
-    """(image (1, h, w, 3) uint8, class index or None for the predicted one) -> (heatmap, probabilities, class index).
+    """(image (1, h, w, 3) uint8, class index or None for the predicted one) -> (heatmap, probabilities, class index),
+    made once per (model, preprocess, conv layer) and kept while the model lives (:func:`cached_for`)."""
+    return cached_for(model, ("grad-cam", preprocess, conv_name),
+                      lambda: _make_cam_function(model, preprocess, conv_name))
+
+
+def _make_cam_function(model, preprocess, conv_name: str):
+    """The Grad-CAM function of :func:`_cam_function`, holding the model's layers but not the model itself.
 
     The forward pass to the convolutional layer is compiled (:func:`forward_function`); the gradient of the
     class score through the few layers after it is taken by the backend's own mechanism.
     """
-    compiled = _CAM_FUNCTIONS.setdefault(model, {})
-    if conv_name in compiled:
-        return compiled[conv_name]
     from keras import ops
 
     to_conv, after = _split_at_conv(model, conv_name)
@@ -83,7 +84,6 @@ def _cam_function(model, preprocess, conv_name: str):
         heatmap = ops.convert_to_numpy(ops.image.resize(cam[None, ..., None], size, interpolation="bilinear"))
         return heatmap[0, ..., 0], probabilities, chosen
 
-    compiled[conv_name] = compute
     return compute
 
 
@@ -155,7 +155,7 @@ def explain_image(loaded: LoadedModel, image: np.ndarray, *, class_index: int | 
     from bcd_engine.data.colour import apply_colour_mode
 
     seen = apply_colour_mode(np.asarray(image)[None], loaded.config.colour)[0]
-    return grad_cam(loaded.model, seen, preprocess=loaded.preprocess(), backbone_name=loaded.config.backbone,
+    return grad_cam(loaded.model, seen, preprocess=loaded.preprocess(), backbone=loaded.config.backbone,
                     class_index=class_index)
 
 

@@ -4,14 +4,20 @@ Everything else in the engine uses Keras' backend-neutral API (``keras.ops``, mo
 few things each backend does its own way live here, each behind one small function: compiling a
 model's forward pass (:func:`forward_function`) or a pure array function (:func:`compiled_function`),
 taking a gradient (:func:`value_and_gradient`), and listing the GPUs (:func:`gpus`). Choose the
-backend with ``KERAS_BACKEND=tensorflow|jax|torch`` before bcd starts.
+backend with ``KERAS_BACKEND=tensorflow|jax|torch`` before bcd starts. What is compiled for a model is
+made once and kept for as long as the model lives (:func:`cached_for`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+
+_T = TypeVar("_T")
 
 
 def name() -> str:
@@ -62,29 +68,50 @@ def _capability(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in str(text).split(".") if part.isdigit())
 
 
-_FORWARDS = "_bcd_forwards"  # the model's attribute holding its compiled forward passes, by preprocess function
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: what cached_for made}
+_COMPILED_LOCK = threading.RLock()  # a make() may compile for another model
+
+
+def cached_for(model, key: Hashable, make: Callable[[], _T]) -> _T:
+    """``make()``, made once per (``model``, ``key``) and kept while ``model`` lives: bcd's one cache of what is
+    compiled for a model (its forward passes, its Grad-CAM functions).
+
+    The cache holds the model weakly, so what ``make`` returns must not hold the model itself (at most a
+    weak reference to it), or the model would never be freed.
+    """
+    with _COMPILED_LOCK:
+        made = _COMPILED.setdefault(model, {})
+        if key not in made:
+            made[key] = make()
+        return made[key]
+
+
+@dataclass(frozen=True, eq=False)
+class _Forward:
+    """A compiled forward pass that keeps its model alive while it is in use (the cache holds neither)."""
+
+    model: Any
+    run: Callable[[Any], Any]
+
+    def __call__(self, images):
+        return self.run(images)
 
 
 def forward_function(model, preprocess: Callable) -> Callable[[np.ndarray], Any]:
     """``images -> model(preprocess(images))`` in inference mode, compiled once per (model, preprocess) for the
     backend: images (n, h, w, 3) in 0..255, uint8 or float32, NumPy or the backend's tensors; outputs come back
-    as NumPy arrays (a list for a model with several outputs). The function keeps the model alive, and the
-    model keeps it (the pair is freed together)."""
-    compiled = getattr(model, _FORWARDS, None)
-    if compiled is None:
-        compiled = {}
-        object.__setattr__(model, _FORWARDS, compiled)  # past Keras' attribute tracking: nothing to save
-    if preprocess not in compiled:
-        compiled[preprocess] = _BUILDERS[name()](model, preprocess)
-    return compiled[preprocess]
+    as NumPy arrays (a list for a model with several outputs). The function keeps the model alive; the
+    compiled pass is freed with the model."""
+    model_ref = weakref.ref(model)
+    return _Forward(model, cached_for(model, ("forward", preprocess), lambda: _BUILDERS[name()](model_ref, preprocess)))
 
 
-def _tensorflow_forward(model, preprocess):
+def _tensorflow_forward(model_ref, preprocess):
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def run(images):
-        return model(preprocess(tf.cast(images, tf.float32)), training=False)
+        return model_ref()(preprocess(tf.cast(images, tf.float32)), training=False)
 
     strategy = tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync > 1:  # split each batch over the devices, gathered back in order
@@ -94,17 +121,18 @@ def _tensorflow_forward(model, preprocess):
     return lambda images: _numpy(run(images))
 
 
-def _jax_forward(model, preprocess):
+def _jax_forward(model_ref, preprocess):
     import jax
     from keras import ops
 
     @jax.jit
     def run(trainable, non_trainable, images):
-        outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(ops.cast(images, "float32")),
-                                          training=False)
+        outputs, _ = model_ref().stateless_call(trainable, non_trainable, preprocess(ops.cast(images, "float32")),
+                                                training=False)
         return outputs
 
     def forward(images):
+        model = model_ref()
         sharded, n = _sharded_over_devices(images)
         outputs = _numpy(run([v.value for v in model.trainable_variables],
                              [v.value for v in model.non_trainable_variables], sharded))
@@ -132,13 +160,13 @@ def filled_for_devices(array: np.ndarray, devices: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[:1], filler, axis=0)]) if filler else array
 
 
-def _torch_forward(model, preprocess):
+def _torch_forward(model_ref, preprocess):
     import torch
     from keras import ops
 
     def forward(images):
         with torch.no_grad():
-            return _numpy(model(preprocess(ops.cast(ops.convert_to_tensor(images), "float32")), training=False))
+            return _numpy(model_ref()(preprocess(ops.cast(ops.convert_to_tensor(images), "float32")), training=False))
 
     return forward
 

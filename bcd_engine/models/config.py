@@ -6,7 +6,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from bcd_engine.data.colour import COLOUR_MODES
-from bcd_engine.data.splits import DEFAULT_FRACTION
+from bcd_engine.data.splits import DEFAULT_FRACTION, check_fractions
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import POOLINGS, BackboneSpec, get_backbone, require_weights_file, resolve_weights
 
@@ -107,6 +107,7 @@ class TrainConfig:
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
         spec.check_image_size(self.image_size)
+        check_fractions(self.val_fraction, self.test_fraction)  # the splitter's own rule, checked here up front
         checks = [
             (self.image_size <= MAX_IMAGE_SIZE,
              f"image size must be at most {MAX_IMAGE_SIZE} px, got {self.image_size}"),
@@ -124,9 +125,9 @@ class TrainConfig:
             (1 <= self.tta_views <= MAX_AUGMENT,
              f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}"),
             (self.colour in COLOUR_MODES, f"colour must be one of {COLOUR_MODES}, got {self.colour!r}"),
-            (0 < self.val_fraction < 1, f"validation fraction must be in (0, 1), got {self.val_fraction}"),
-            (0 < self.test_fraction < 1, f"test fraction must be in (0, 1), got {self.test_fraction}"),
-            (self.val_fraction + self.test_fraction < 0.9, "validation + test fractions must be < 0.9"),
+            (self.val_fraction > 0 and self.test_fraction > 0,  # early stopping and the evaluation need both
+             f"a run needs validation and test images: val_fraction and test_fraction must be above 0, got "
+             f"{self.val_fraction} and {self.test_fraction}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -12,22 +12,32 @@ from bcd_engine.models.backbones import get_backbone, pooling_layer
 from bcd_engine.models.config import TrainConfig
 
 
-def build_head(n_features: int, n_classes: int, config: TrainConfig):
+def build_head(n_features: int, n_classes: int, config: TrainConfig, *, seed: int | None = None):
     """The classification head on pooled features: [dense + dropout] then softmax (float32 output).
 
-    Building touches no global state: the initial weights come from Keras' generators as the caller seeded
-    them (training seeds them with the run's seed first).
+    Building touches no global state. With ``seed`` the initial weights are drawn from a generator of their
+    own (a NumPy ``Generator`` on ``seed`` hands each layer its initializer's seed), so the same seed gives the
+    same head wherever it is built; training passes the run's seed. Without it they come from Keras' default
+    generators as the caller seeded them. The dropout draws from ``config.seed``.
     """
     import keras
     from keras import layers
 
+    layer_seeds = None if seed is None else np.random.default_rng(seed)
+
+    def kernel_initializer():
+        drawn = None if layer_seeds is None else int(layer_seeds.integers(2**31 - 1))
+        return keras.initializers.GlorotUniform(seed=drawn)  # Dense's default initializer
+
     inputs = keras.Input((n_features,))
     x = inputs
     if config.dense_units:
-        x = layers.Dense(config.dense_units, activation=config.dense_activation, name="head_dense")(x)
+        x = layers.Dense(config.dense_units, activation=config.dense_activation,
+                         kernel_initializer=kernel_initializer(), name="head_dense")(x)
     if config.dropout:
         x = layers.Dropout(config.dropout, seed=config.seed, name="head_dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", kernel_initializer=kernel_initializer(),
+                           name="predictions")(x)
     return keras.Model(inputs, outputs, name="head")
 
 
@@ -67,18 +77,19 @@ def fit_head_on_features(
 ):
     """Phase 1 on cached features: returns the trained head (best validation-loss weights restored).
 
-    Keras' generators are seeded with ``config.seed`` first, so the head starts from the same weights every run.
+    The head starts from the weights ``config.seed`` draws (:func:`build_head`), the same every run; the
+    order of the features each epoch is drawn from Keras' process-wide generators, which
+    :func:`bcd_engine.training.run.train` seeds with the run's seed.
     """
     import keras
 
-    keras.utils.set_random_seed(config.seed)
-    head = build_head(train_x.shape[1], n_classes, config)
+    head = build_head(train_x.shape[1], n_classes, config, seed=config.seed)
     compile_model(head, config, config.learning_rate)
     one_hot = lambda y: keras.utils.to_categorical(y, n_classes)
     head.fit(
         train_x, one_hot(train_y),
         batch_size=config.batch_size,
-        shuffle=True,  # a new order every epoch, drawn from the seed set above
+        shuffle=True,  # a new order every epoch
         validation_data=(val_x, one_hot(val_y)) if len(val_x) else None,
         epochs=config.epochs,
         callbacks=[early_stopping(config), *callbacks],

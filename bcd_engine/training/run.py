@@ -92,6 +92,11 @@ def train(
     With ``run_id`` the (already claimed) run is used; otherwise a new one is created. Bad input raises
     a ``BCDError`` before anything is written. A failure or cancellation during training leaves the
     run ``failed`` or ``cancelled`` with its epochs so far; a failed run's files without a record are removed.
+
+    Training is the one place in bcd that seeds the process-wide generators (Python's, NumPy's and Keras'),
+    with ``config.seed``, just before the model is built: a random-start backbone's weights and the
+    order of the training examples follow it. Everything else draws from seeds it is given (the split,
+    the augmentation, the head's initial weights, the dropout).
     """
     require_weights_file(config.weights)
     if scan is None:
@@ -105,7 +110,7 @@ def train(
     run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names),
                   "dataset": {"name": root.name, "n_images": scan.n_images, "synthetic": is_synthetic(root),
                               "fingerprint": scan.fingerprint}}
-    dataset_id = store.register_dataset(name=root.name, root=str(root), n_images=scan.n_images,
+    dataset_id = store.register_dataset(name=root.name, data_dir=str(root), n_images=scan.n_images,
                                         class_counts=scan.class_counts, synthetic=run_config["dataset"]["synthetic"])
     if run_id is None:
         run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
@@ -116,6 +121,9 @@ def train(
     environment = configure_device()
     store.start_run(run_id, environment=environment)
     store.save_split(run_id, split.assignments(scan))
+    import keras
+
+    keras.utils.set_random_seed(config.seed)  # the one process-wide seeding (see above)
     try:
         with heartbeat(store, run_id), compute_precision(precision_policy(environment)), \
                 replicated(environment) as replicas:
@@ -152,8 +160,6 @@ def _result(store: RunStore, run_id, status, config, split, evaluation: Evaluati
 
 def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, store: RunStore, run_id: int,
                         progress: bool, feature_cache_dir: Path | None, replicas: int):
-    import keras
-
     spec = get_backbone(config.backbone)
     preprocess = spec.preprocess()
     monitor = RunMonitor(store, run_id, progress=progress)
@@ -164,13 +170,11 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
                                config.colour)
     monitor.check_cancel()
     weights = class_weight_dict(labels[split.train], n_classes) if config.class_weights else None
-    keras.utils.set_random_seed(config.seed)
 
     cache_stats, test_prob = None, None
     if not spec.pretrained:  # trained end to end on images
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
-        keras.utils.set_random_seed(config.seed)  # the head's initial weights follow the run's seed
-        head = build_head(backbone.output_shape[-1], n_classes, config)
+        head = build_head(backbone.output_shape[-1], n_classes, config, seed=config.seed)
         model = assemble_model(backbone, head, config)
         _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
                     epochs=config.epochs, learning_rate=config.learning_rate, phase=1, monitor=monitor,
@@ -206,20 +210,21 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
                                   augment=config.augment, tta_views=config.tta_views, seed=config.seed,
                                   image_keys=[md5s[i] for i in split.test])
-    evaluation = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names),
-                                        groups=scan.groups[split.test])
+    scores = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names),
+                                    groups=scan.groups[split.test])
     monitor.check_cancel()
     trust, trust_metrics = fit_trust(model, images, labels, train=split.train, val=split.val, test=split.test,
                                      test_probabilities=test_prob, preprocess=preprocess, batch_size=config.batch_size)
-    evaluation.metrics.update(trust_metrics)
     saved = save_model(model, run_id)
     save_trust(trust, run_id, store=store)
-    evaluation.metrics.update(
-        tta_views=config.tta_views,
-        parameters=int(model.count_params()),
-        model_bytes=os.path.getsize(saved),
-        latency_ms=measure_latency(model, images[split.test[0]], preprocess=preprocess),
-    )
+    evaluation = dataclasses.replace(scores, metrics={
+        **scores.metrics,
+        **trust_metrics,
+        "tta_views": config.tta_views,
+        "parameters": int(model.count_params()),
+        "model_bytes": os.path.getsize(saved),
+        "latency_ms": measure_latency(model, images[split.test[0]], preprocess=preprocess),
+    })
     artifacts.record_artifact(store, run_id, kind=artifacts.MODEL_KIND, path=saved)
     store.save_scored_evaluation(run_id, evaluation, name=TEST_EVALUATION, data_dir=scan.root, paths=paths[split.test],
                                  y_true=labels[split.test], y_prob=test_prob)

@@ -4,7 +4,9 @@
 workers (on one or several machines) never train the same run twice. A worker keeps a heartbeat file
 under the cache folder (pid, host, time) so the dashboard can tell whether one is alive, and removes it
 when it leaves, so the next worker can start at once; the run's own heartbeat in the store is kept by
-:func:`bcd_engine.training.run.train`, whoever calls it.
+:func:`bcd_engine.training.run.train`, whoever calls it. The module keeps no state: whether a worker lives
+is read from the heartbeat file and the OS, and a worker this process starts is waited for by a thread of
+its own.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +34,6 @@ HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 60.0
 POLL_SECONDS = 2.0  # between looks at an empty queue
 log = logging.getLogger("bcd.worker")
-_spawned: list[subprocess.Popen] = []  # workers this process started and has not reaped yet
 
 
 def heartbeat_file() -> Path:
@@ -67,14 +69,8 @@ def remove_heartbeat(worker_id: str | None) -> None:
     taken.unlink(missing_ok=True)
 
 
-def _reap() -> None:
-    """Collect the exit status of finished workers this process started, so none lingers as a zombie."""
-    _spawned[:] = [process for process in _spawned if process.poll() is None]
-
-
 def live_worker() -> dict | None:
-    """The heartbeat of a live worker on this host, or None (no file, process gone, or stale)."""
-    _reap()
+    """The heartbeat of a live worker on this host, or None (no file, process gone, or stale); reads only."""
     try:
         beat = json.loads(heartbeat_file().read_text())
     except (OSError, ValueError):
@@ -84,9 +80,13 @@ def live_worker() -> dict | None:
     return beat if pid_alive(int(beat["pid"])) else None
 
 
-def spawn_worker(*options: str) -> int:
+def spawn_worker(*options: str) -> subprocess.Popen:
     """Start ``python -m bcd_engine worker --once [options]`` detached (own session, output to the log file);
-    its pid. ``options`` are more of the worker's command-line options (``--executor ray ...``)."""
+    the process. ``options`` are more of the worker's command-line options (``--executor ray ...``).
+
+    A daemon thread waits for the process, so its exit status is collected as soon as it leaves (no zombie
+    lingers) without anyone keeping a list of the workers started.
+    """
     log_path = log_file()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
@@ -95,9 +95,9 @@ def spawn_worker(*options: str) -> int:
             cwd=settings.PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(settings.PROJECT_ROOT)},
         )
-    _spawned.append(process)
+    threading.Thread(target=process.wait, name=f"bcd-worker-{process.pid}-waiter", daemon=True).start()
     write_heartbeat(process.pid)  # so a second page load does not start another one meanwhile
-    return process.pid
+    return process
 
 
 def train_claimed(store: RunStore, run, worker_id: str) -> str:
@@ -175,7 +175,7 @@ def worker_status(store: RunStore) -> dict:
     """
     beat = live_worker()
     running = sorted(store.list_runs(status="running"), key=lambda run: run.id)
-    queued = len(store.list_runs(status="queued"))
+    queued = store.count_runs(status="queued")
     if running:
         more = f"; {queued} more queued" if queued else ""
         names = ", ".join(f"{run.id} ({run.backbone})" for run in running)

@@ -74,64 +74,64 @@ def lodo(tmp_path_factory, datasets):
 
 def test_each_dataset_is_held_out_in_exactly_one_round(lodo, datasets):
     result, store, cache = lodo
-    json.dumps(result)  # one JSON document
-    assert result["protocol"] == "leave-one-dataset-out" and result["shared_labels"] == ["benign", "malignant"]
-    assert Path(result["workdir"]).parent == cache / "lodo"
-    assert result["datasets"]["gamma"]["labels"] == {"benign": 6}
-    assert [r["held_out"] for r in result["rounds"]] == ["alpha", "beta", "gamma"]
-    for row in result["rounds"]:
-        assert row["status"] == "completed" and row["reason"] is None
-        assert row["train_datasets"] == [n for n in datasets if n != row["held_out"]]
-        assert row["n_held_out"] == len(images(datasets[row["held_out"]]))
-        assert 0 <= row["in_domain_accuracy"] <= 1 and 0 <= row["held_out_accuracy"] <= 1
-        run = store.get_run(row["run_id"])
-        assert run.protocol_info == Protocol.lodo(row["held_out"])
-        assert run.protocol == f"leave-one-dataset-out, held out {row['held_out']}"
+    json.dumps(result.to_dict())  # one JSON document
+    assert result.protocol == "leave-one-dataset-out" and result.shared_labels == ["benign", "malignant"]
+    assert Path(result.workdir).parent == cache / "lodo"
+    assert result.datasets["gamma"].labels == {"benign": 6}
+    assert [r.held_out for r in result.rounds] == ["alpha", "beta", "gamma"]
+    for row in result.rounds:
+        assert row.status == "completed" and row.reason is None
+        assert row.train_datasets == [n for n in datasets if n != row.held_out]
+        assert row.n_held_out == len(images(datasets[row.held_out]))
+        assert 0 <= row.in_domain_accuracy <= 1 and 0 <= row.held_out_accuracy <= 1
+        run = store.get_run(row.run_id)
+        assert run.protocol == Protocol.lodo(row.held_out)
+        assert run.protocol.label == f"leave-one-dataset-out, held out {row.held_out}"
     assert len(store.list_runs()) == 3
 
 
 def test_held_out_images_are_evaluated_once_and_never_trained_on(lodo, datasets):
     result, store, _ = lodo
     evaluated = Counter()
-    for row in result["rounds"]:
-        held_out = datasets[row["held_out"]]
-        (evaluation,) = [e for e in store.get_evaluations(row["run_id"])
-                         if e.name == held_out_evaluation_name(row["held_out"]) == f"held-out {row['held_out']}"]
+    for row in result.rounds:
+        held_out = datasets[row.held_out]
+        (evaluation,) = [e for e in store.get_evaluations(row.run_id)
+                         if e.name == held_out_evaluation_name(row.held_out) == f"held-out {row.held_out}"]
         paths = [p.path for p in store.get_predictions(evaluation.id)]
         assert sorted(paths) == [str(p.resolve()) for p in images(held_out)]
         evaluated.update(paths)
         held_out_md5s = {md5(p) for p in images(held_out)}
-        train_folder = Path(result["workdir"]) / f"without-{row['held_out']}"
-        trained_on = [Path(s["path"]) for s in store.get_split(row["run_id"])]
+        train_folder = Path(result.workdir) / f"without-{row.held_out}"
+        trained_on = [Path(s["path"]) for s in store.get_split(row.run_id)]
         assert {p.parent.parent for p in trained_on} == {train_folder.resolve()}
         assert not held_out_md5s & {md5(p) for p in images(train_folder)}
-        assert {p.name.split("__")[0] for p in trained_on} == set(row["train_datasets"])
+        assert {p.name.split("__")[0] for p in trained_on} == set(row.train_datasets)
     assert set(evaluated.values()) == {1}
     assert len(evaluated) == sum(len(images(d)) for d in datasets.values())
     # The copies of gamma images in alpha and beta are left out of training whenever either side is held out.
-    assert [r["excluded_duplicates"] for r in result["rounds"]] == [1, 1, 2]
+    assert [r.excluded_duplicates for r in result.rounds] == [1, 1, 2]
 
 
 def test_a_single_class_dataset_is_a_held_out_set(lodo):
     result, _, _ = lodo
-    gamma = result["rounds"][2]
-    assert gamma["held_out_labels"] == ["benign"] and gamma["held_out_macro_auc"] is None
-    assert gamma["confusion_matrix"]["labels"] == ["benign", "malignant"]
-    rates = gamma["per_label_rate"]
+    gamma = result.rounds[2]
+    assert gamma.held_out_labels == ["benign"] and gamma.held_out_macro_auc is None
+    assert gamma.confusion_matrix["labels"] == ["benign", "malignant"]
+    rates = gamma.per_label_rate
     assert list(rates) == ["benign"] and sum(rates["benign"].values()) == pytest.approx(1)
-    assert gamma["held_out_accuracy"] == pytest.approx(rates["benign"]["benign"])
+    assert gamma.held_out_accuracy == pytest.approx(rates["benign"]["benign"])
 
 
 def test_rounds_without_two_training_labels_or_with_unseen_labels_are_skipped(workspace, datasets):
     label_map = {"alpha": LABEL_MAP["alpha"], "gamma": {"lymphocyte": "normal"}}
     subset = {"alpha": datasets["alpha"], "gamma": datasets["gamma"]}
     result = leave_one_dataset_out(CONFIG, subset, label_map, store=workspace)
-    alpha, gamma = result["rounds"]
-    assert alpha["status"] == gamma["status"] == "skipped" and alpha["run_id"] is None
-    assert "only the shared label 'normal'" in alpha["reason"]
-    assert "'normal'" in gamma["reason"] and "do not occur in the training datasets" in gamma["reason"]
+    alpha, gamma = result.rounds
+    assert alpha.status == gamma.status == "skipped" and alpha.run_id is None
+    assert "only the shared label 'normal'" in alpha.reason
+    assert "'normal'" in gamma.reason and "do not occur in the training datasets" in gamma.reason
     assert workspace.list_runs() == []
-    assert leave_one_dataset_out(CONFIG, subset, label_map, store=workspace)["workdir"] == result["workdir"]
+    assert leave_one_dataset_out(CONFIG, subset, label_map, store=workspace).workdir == result.workdir
 
 
 @pytest.mark.parametrize("label_map, error, message", [

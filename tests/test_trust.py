@@ -1,6 +1,8 @@
 """Answers you can trust: the OOD gate, temperature scaling and the result contract, on synthetic data."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from bcd_engine.evaluation.confidence import expected_calibration_error
 from bcd_engine.evaluation.ood import MahalanobisGate
 from bcd_engine.inference.diagnosis import OUT_OF_DOMAIN_ADVICE, Diagnoser, results_frame
 from bcd_engine.inference.loading import load_run_model
+from bcd_engine.inference.results import Reading
 from bcd_engine.inference.trust import RunTrust
 from bcd_engine.models.config import AugmentConfig, TrainConfig
 from bcd_engine.store import Protocol
@@ -44,7 +47,7 @@ def test_the_gate_passes_its_validation_images_and_flags_another_style_noise_and
     assert loaded.trust is not None
     diagnoser = Diagnoser([loaded])
     val = _images([p for p, subset in split.items() if subset == "val"])
-    passed = np.mean([r["in_domain"] for r in diagnoser.diagnose_arrays([val], tta=False)])
+    passed = np.mean([r.in_domain for r in diagnoser.diagnose_arrays([val], tta=False)])
     assert passed >= 0.85  # the threshold lets 95% of validation images through (few images here)
     everything = _images(sorted(split))
     rng = np.random.default_rng(0)
@@ -57,12 +60,13 @@ def test_the_gate_passes_its_validation_images_and_flags_another_style_noise_and
     }
     for name, (images, share) in others.items():
         results = diagnoser.diagnose_arrays([images], tta=False)
-        flagged = np.mean([r["in_domain"] is False for r in results])
+        flagged = np.mean([r.in_domain is False for r in results])
         assert flagged >= share, f"{name}: only {flagged:.0%} flagged"
-        refused = next(r for r in results if r["in_domain"] is False)
-        assert refused["reading"] == "out_of_domain" and refused["advice"] == OUT_OF_DOMAIN_ADVICE
-        assert refused["ood_score"] > refused["ood_threshold"] == loaded.trust.gate.threshold
-        assert refused["predicted_class"] in loaded.class_names  # the raw output stays in the result
+        refused = next(r for r in results if r.in_domain is False)
+        assert refused.reading is Reading.OUT_OF_DOMAIN and refused.advice == OUT_OF_DOMAIN_ADVICE
+        assert refused.ood_score > refused.ood_threshold == loaded.trust.gate.threshold
+        assert refused.predicted_class in loaded.class_names  # the raw output stays in the result
+        assert refused.answer is None  # but it is not the answer
 
 
 def test_training_stores_the_gates_and_calibrations_figures(gated):
@@ -76,8 +80,7 @@ def test_training_stores_the_gates_and_calibrations_figures(gated):
 def test_an_out_of_domain_image_gets_no_class_in_the_table_or_csv(gated):
     _, loaded, _, _ = gated
     results = Diagnoser([loaded]).diagnose_arrays([np.full((1, SIZE, SIZE, 3), 255, np.uint8)])
-    results[0]["name"] = "blank.png"
-    row = results_frame(results).iloc[0]
+    row = results_frame([dataclasses.replace(results[0], name="blank.png")]).iloc[0]
     assert row["reading"] == "out_of_domain" and row["predicted_class"] is None and not row["in_domain"]
 
 
@@ -88,15 +91,15 @@ def test_an_ensemble_is_in_domain_only_when_every_member_says_so(gated):
     images = _images(sorted(split)[:4])
     alone = Diagnoser([loaded]).diagnose_arrays([images], tta=False)
     together = Diagnoser([loaded, other]).diagnose_arrays([images, images], tta=False)
-    assert any(r["in_domain"] for r in alone)
-    assert all(r["in_domain"] is False and r["ood_run"] == other.run_id for r in together)
+    assert any(r.in_domain for r in alone)
+    assert all(r.in_domain is False and r.ood_run == other.run_id for r in together)
 
 
 def test_a_run_without_a_gate_says_it_cannot_tell(gated):
     _, loaded, split, _ = gated
     ungated = type(loaded)(loaded.run_id, loaded.model, loaded.config, loaded.class_names)
     (result,) = Diagnoser([ungated]).diagnose_arrays([_images(sorted(split)[:1])])
-    assert result["in_domain"] is None and result["ood_score"] is None and result["reading"] != "out_of_domain"
+    assert result.in_domain is None and result.ood_score is None and result.reading is not Reading.OUT_OF_DOMAIN
 
 
 def test_a_tampered_gate_file_is_refused(gated, tmp_path):
@@ -163,25 +166,25 @@ def test_best_is_chosen_per_dataset_and_the_default_is_the_best_on_real_data(wor
                                                             "Small": small}
     assert run_tables.default_run(workspace).id == best_real  # not the synthetic 0.95, nor the tiny set's 0.99
     records = {r.id: r for r in workspace.list_runs()}
-    assert run_tables.run_label(records[best_real], best) == (
+    assert run_tables.run_label_with_dataset(records[best_real], best) == (
         f"run {best_real}: resnet50 on Original (3,256 images), test accuracy 0.850 (best on Original)")
-    assert "SYNTHETIC" in run_tables.run_label(records[drawn], best)
+    assert "SYNTHETIC" in run_tables.run_label_with_dataset(records[drawn], best)
     table = run_tables.runs_frame(workspace).set_index("id")
     assert table.loc[drawn, "dataset"] == "synthetic-demo (240 images, SYNTHETIC)"
 
 
-def test_runs_json_names_each_runs_dataset(workspace):
+def test_runs_json_names_each_runs_dataset(workspace, monkeypatch, capfd):
     import json
-    import subprocess
-    import sys
 
-    from helpers import subprocess_env
+    from bcd_engine.cli import main
 
     run_id = _finished(workspace, accuracy=0.9, name="Original", n_images=3256, synthetic=False)
-    result = subprocess.run([sys.executable, "-m", "bcd_engine", "runs", "--json"], capture_output=True, text=True,
-                            env={**subprocess_env(), "BCD_DATABASE_URL": workspace.url}, timeout=120)
-    assert result.returncode == 0, result.stderr
-    (run,) = [r for r in json.loads(result.stdout)["runs"] if r["id"] == run_id]
+    monkeypatch.setenv("BCD_DATABASE_URL", workspace.url)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")  # what main sets; restored after the test
+    code = main(["runs", "--json"])
+    result = capfd.readouterr()
+    assert code == 0, result.err
+    (run,) = [r for r in json.loads(result.out)["runs"] if r["id"] == run_id]
     assert run["dataset"] == {"name": "Original", "n_images": 3256, "synthetic": False}
 
 
@@ -189,6 +192,6 @@ def test_a_synthetic_models_answers_carry_a_warning_and_never_read_ok(gated):
     _, loaded, split, _ = gated
     assert loaded.synthetic  # trained on the synthetic set by the fixture
     results = Diagnoser([loaded]).diagnose_arrays([_images(sorted(split)[:6])])
-    in_domain = [r for r in results if r["in_domain"]]
-    assert in_domain and all(r["reading"] != "ok" and r["advice"].startswith("This model was trained on a SYNTHETIC")
-                             for r in in_domain)
+    in_domain = [r for r in results if r.in_domain]
+    assert in_domain and all(
+        r.reading is not Reading.OK and r.advice.startswith("This model was trained on a SYNTHETIC") for r in in_domain)

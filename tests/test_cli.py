@@ -34,22 +34,46 @@ from bcd_engine.training.worker import run_worker
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What one CLI command left behind: its exit code and what it wrote on stdout and stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 @pytest.fixture
-def cli_env(tmp_path) -> dict:
-    """The environment of a CLI child process on a store under ``tmp_path``, with the CLI's own log level."""
-    env = dict(os.environ)
-    env.update(BCD_DATABASE_URL=f"sqlite:///{tmp_path / 'results.db'}", BCD_ARTIFACTS_DIR=str(tmp_path / "artifacts"),
-               BCD_CACHE_DIR=str(tmp_path / "cache"))
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    return env
+def bcd(tmp_path, monkeypatch, capfd):
+    """``bcd(*args)`` runs ``python -m bcd_engine ARGS`` in this process (``cli.main``, its output captured at the
+    file descriptors) on a store, artifacts and cache under ``tmp_path``; what it left, as a child process would."""
+    monkeypatch.setenv("BCD_DATABASE_URL", f"sqlite:///{tmp_path / 'results.db'}")
+    monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BCD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", cli.QUIET_TF_LOG_LEVEL)  # the CLI's own level; restored afterwards
+
+    def run(*args) -> Finished:
+        capfd.readouterr()  # what came before is not this command's
+        try:
+            code = cli.main([str(arg) for arg in args])
+        except SystemExit as exit_:  # argparse's refusal ends the process with this code
+            code = exit_.code
+        out, err = capfd.readouterr()
+        return Finished(code, out, err)
+
+    return run
 
 
-def bcd(*args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bcd_engine", *map(str, args)], cwd=ROOT, env=env,
+def bcd_process(*args) -> Finished:
+    """``python -m bcd_engine ARGS`` as a child process with this process's environment (the store ``bcd`` set)
+    and the CLI's own log level: for what only a fresh process shows (exit codes, TensorFlow's start-up lines)."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "bcd_engine", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+    return Finished(proc.returncode, proc.stdout, proc.stderr)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+def assert_one_line_error(proc: Finished, fragment: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     last = proc.stderr.strip().splitlines()[-1]  # progress bars may come before it
@@ -58,20 +82,20 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> N
     assert fragment in last
 
 
-def test_scan_json_is_one_document(synthetic_dataset, cli_env):
-    proc = bcd("scan", "--data", synthetic_dataset, "--json", env=cli_env)
+def test_scan_json_is_one_document(synthetic_dataset, bcd):
+    proc = bcd_process("scan", "--data", synthetic_dataset, "--json")  # a real process's stdout
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["n_images"] == sum(doc["classes"].values()) > 0
     assert set(doc) >= {"n_images", "classes", "unreadable", "duplicate_groups", "near_duplicate_groups"}
 
 
-def test_scan_reports_unreadable_files_and_still_succeeds(synthetic_dataset, tmp_path, cli_env):
+def test_scan_reports_unreadable_files_and_still_succeeds(synthetic_dataset, tmp_path, bcd):
     data = tmp_path / "data"
     shutil.copytree(synthetic_dataset, data)
     broken = data / sorted(p.name for p in data.iterdir() if p.is_dir())[0] / "broken.jpg"
     broken.write_text("<html>not an image</html>")
-    doc = json.loads(bcd("scan", "--data", data, "--json", env=cli_env).stdout)
+    doc = json.loads(bcd("scan", "--data", data, "--json").stdout)
     assert [u["path"] for u in doc["unreadable"]] == [str(broken)]
 
 
@@ -83,8 +107,8 @@ def test_scan_reports_unreadable_files_and_still_succeeds(synthetic_dataset, tmp
         (lambda d: _one_class(d), "at least two classes"),
     ],
 )
-def test_scan_bad_folders(tmp_path, cli_env, make, fragment):
-    assert_one_line_error(bcd("scan", "--data", make(tmp_path), env=cli_env), fragment)
+def test_scan_bad_folders(tmp_path, bcd, make, fragment):
+    assert_one_line_error(bcd("scan", "--data", make(tmp_path)), fragment)
 
 
 def _one_class(folder: Path) -> Path:
@@ -95,28 +119,29 @@ def _one_class(folder: Path) -> Path:
     return folder
 
 
-def test_folder_without_a_readable_image(tmp_path, cli_env):
+def test_folder_without_a_readable_image(tmp_path, bcd):
     for name in ("A", "B"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.jpg").write_bytes(b"")
-    assert_one_line_error(bcd("scan", "--data", tmp_path, env=cli_env), "could be read")
+    assert_one_line_error(bcd("scan", "--data", tmp_path), "could be read")
 
 
 @pytest.mark.parametrize("args, fragment", [(["fly"], "invalid choice"), (["runs", "--colour"], "unrecognized")])
-def test_unknown_command_or_option(cli_env, args, fragment):
-    assert_one_line_error(bcd(*args, env=cli_env), fragment)
+def test_unknown_command_or_option(bcd, args, fragment):
+    assert_one_line_error(bcd(*args), fragment)
+    assert_one_line_error(bcd_process(*args), fragment)  # argparse's exit code is the process's
 
 
-def test_unreachable_database(cli_env):
-    cli_env["BCD_DATABASE_URL"] = "postgresql://bcd:secret@127.0.0.1:1/nowhere"
-    proc = bcd("runs", "--json", env=cli_env)
+def test_unreachable_database(bcd, monkeypatch):
+    monkeypatch.setenv("BCD_DATABASE_URL", "postgresql://bcd:secret@127.0.0.1:1/nowhere")
+    proc = bcd("runs", "--json")
     assert_one_line_error(proc, "127.0.0.1:1")
     assert "secret" not in proc.stderr
 
 
-def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env):
-    proc = bcd("train", "--data", synthetic_dataset, "--backbone", "mobilenetv2", "--weights", "none",
-               "--image-size", 32, "--epochs", 2, "--batch-size", 8, "--augment", 2, "--json", env=cli_env)
+def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, bcd):
+    proc = bcd_process("train", "--data", synthetic_dataset, "--backbone", "mobilenetv2", "--weights", "none",
+                       "--image-size", 32, "--epochs", 2, "--batch-size", 8, "--augment", 2, "--json")
     assert proc.returncode == 0, proc.stderr
     for noise in ("oneDNN", "cuInit", "absl::InitializeLog", "cuda drivers", "shuffle"):  # TensorFlow's and Keras'
         assert noise not in proc.stderr, proc.stderr
@@ -126,18 +151,18 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
         assert key in trained
     run_id = trained["run_id"]
 
-    evaluated = json.loads(bcd("evaluate", "--run", run_id, "--data", synthetic_dataset, "--json", env=cli_env).stdout)
+    evaluated = json.loads(bcd("evaluate", "--run", run_id, "--data", synthetic_dataset, "--json").stdout)
     assert evaluated["n_images"] == trained["n_train"] + trained["n_val"] + trained["n_test"]
     assert sum(map(sum, evaluated["confusion_matrix"])) == evaluated["n_images"]
     assert 0 <= evaluated["ood_flagged"] <= evaluated["n_images"]
-    calibrated = json.loads(bcd("calibrate", "--run", run_id, "--json", env=cli_env).stdout)
+    calibrated = json.loads(bcd("calibrate", "--run", run_id, "--json").stdout)
     assert calibrated["temperature"] >= 1 and calibrated["images"]["test"] == trained["n_test"]
     assert calibrated["ood_pass_rate"] == 0.95 and 0 <= calibrated["ood_flagged"] <= trained["n_test"]
 
     images = sorted(Path(synthetic_dataset).glob("*/*.png"))[:2]
     junk = tmp_path / "junk.jpg"
     junk.write_text("not an image")
-    proc = bcd("predict", "--run", run_id, *images, junk, "--json", env=cli_env)
+    proc = bcd("predict", "--run", run_id, *images, junk, "--json")
     assert proc.returncode == 0, proc.stderr
     predictions = json.loads(proc.stdout)
     assert [p["path"] for p in predictions] == [str(p) for p in [*images, junk]]
@@ -147,14 +172,14 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
         assert (p["reading"] == "out_of_domain") == (not p["in_domain"])
         assert abs(sum(p["calibrated_probabilities"].values()) - 1) < 1e-4
     assert "error" in predictions[2] and "predicted_class" not in predictions[2]
-    assert bcd("predict", "--run", run_id, junk, env=cli_env).returncode == 1
+    assert bcd("predict", "--run", run_id, junk).returncode == 1
 
     archive = tmp_path / "batch.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("inside.png", images[0].read_bytes())
         zf.writestr("readme.txt", "not an image")
     table = tmp_path / "results.csv"
-    proc = bcd("predict", "--run", run_id, "--tta", "--csv", table, images[0].parent, archive, "--json", env=cli_env)
+    proc = bcd("predict", "--run", run_id, "--tta", "--csv", table, images[0].parent, archive, "--json")
     assert proc.returncode == 0, proc.stderr
     batch = json.loads(proc.stdout)
     n_folder = len(list(images[0].parent.glob("*.png")))
@@ -164,34 +189,34 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
     assert len(table.read_text().splitlines()) == len(batch) + 1
 
     overlay = tmp_path / "cam.png"
-    proc = bcd("explain", "--run", run_id, images[0], "--out", overlay, "--json", env=cli_env)
+    proc = bcd("explain", "--run", run_id, images[0], "--out", overlay, "--json")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(overlay).size == (32, 32)
 
     for fmt, model_file in (("keras", "model.keras"), ("tflite", "model.tflite")):
-        proc = bcd("export", "--run", run_id, "--format", fmt, "--out", tmp_path / fmt, "--json", env=cli_env)
+        proc = bcd("export", "--run", run_id, "--format", fmt, "--out", tmp_path / fmt, "--json")
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / fmt / model_file).is_file()
         assert "Not a medical device" in (tmp_path / fmt / "MODEL_CARD.md").read_text()
-    proc = bcd("export", "--run", run_id, "--out", tmp_path / "audited", "--audit-data", synthetic_dataset, env=cli_env)
+    proc = bcd("export", "--run", run_id, "--out", tmp_path / "audited", "--audit-data", synthetic_dataset)
     assert proc.returncode == 0, proc.stderr  # the audit tests on the run's own test split
     assert f"tested on {trained['n_test']} images" in (tmp_path / "audited" / "MODEL_CARD.md").read_text()
-    assert_one_line_error(bcd("export", "--run", run_id, "--out", tmp_path / "keras", env=cli_env), "already exist")
+    assert_one_line_error(bcd("export", "--run", run_id, "--out", tmp_path / "keras"), "already exist")
 
-    leakage = json.loads(bcd("audit", "--run", run_id, "--json", env=cli_env).stdout)
-    assert_one_line_error(bcd("audit", "--run", run_id, "--test-fraction", 0.3, env=cli_env), "stored split")
+    leakage = json.loads(bcd("audit", "--run", run_id, "--json").stdout)
+    assert_one_line_error(bcd("audit", "--run", run_id, "--test-fraction", 0.3), "stored split")
     assert leakage["ok"] and leakage["runs"][0]["run_id"] == run_id
     assert leakage["runs"][0]["counts"]["crossing_exact"] == 0 and leakage["runs"][0]["warnings"]
 
-    runs = json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"]
+    runs = json.loads(bcd("runs", "--json").stdout)["runs"]
     assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "completed"
     assert runs[0]["seconds"] == trained["seconds"] > 0  # what train reported is what the store keeps
 
     other = tmp_path / "other"
     for name in ("Cats", "Dogs"):
         shutil.copytree(next(Path(synthetic_dataset).iterdir()), other / name)
-    assert_one_line_error(bcd("evaluate", "--run", run_id, "--data", other, env=cli_env), "differ")
-    assert_one_line_error(bcd("predict", "--run", 999, images[0], env=cli_env), "999")
+    assert_one_line_error(bcd("evaluate", "--run", run_id, "--data", other), "differ")
+    assert_one_line_error(bcd("predict", "--run", 999, images[0]), "999")
 
 
 @pytest.mark.parametrize(
@@ -202,14 +227,14 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, cli_env)
         (["--backbone", "resnet50", "--weights", "/nope/w.weights.h5"], "weights file not found"),
     ],
 )
-def test_train_bad_input_writes_nothing(synthetic_dataset, cli_env, extra, fragment):
-    assert_one_line_error(bcd("train", "--data", synthetic_dataset, *extra, env=cli_env), fragment)
-    assert json.loads(bcd("runs", "--json", env=cli_env).stdout)["runs"] == []
+def test_train_bad_input_writes_nothing(synthetic_dataset, bcd, extra, fragment):
+    assert_one_line_error(bcd("train", "--data", synthetic_dataset, *extra), fragment)
+    assert json.loads(bcd("runs", "--json").stdout)["runs"] == []
 
 
-def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, cli_env):
+def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, bcd):
     proc = bcd("cv", "--data", synthetic_dataset, "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1,
-               "--folds", 2, "--json", env=cli_env)
+               "--folds", 2, "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["protocol"].startswith("2-fold CV") and len(doc["folds"]) == 2
@@ -217,21 +242,21 @@ def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, cli_env):
     assert set(doc["mean"]) == set(doc["std"]) == {"accuracy", "macro_auc"}
 
 
-def test_baseline_json_hold_out_and_k_fold(synthetic_dataset, cli_env):
-    holdout = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--json", env=cli_env).stdout)
+def test_baseline_json_hold_out_and_k_fold(synthetic_dataset, bcd):
+    holdout = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--json").stdout)
     assert holdout["protocol"].startswith("holdout") and 0 <= holdout["test_accuracy"] <= 1
     assert holdout["confidence_intervals"]["accuracy"]["low"] <= holdout["test_accuracy"]
     folds = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--folds", 2, "--model",
-                           "logreg", "--json", env=cli_env).stdout)
+                           "logreg", "--json").stdout)
     assert folds["protocol"].startswith("2-fold CV") and len(folds["folds"]) == 2
     larger = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--model", "logreg",
-                            "--test-fraction", 0.3, "--json", env=cli_env).stdout)
+                            "--test-fraction", 0.3, "--json").stdout)
     assert larger["n_test"] > holdout["n_test"] and larger["n_train"] + larger["n_test"] == 48
-    assert_one_line_error(bcd("baseline", "--data", synthetic_dataset, "--folds", 2, "--test-fraction", 0.3,
-                              env=cli_env), "with --folds each fold is the test set")
+    assert_one_line_error(bcd("baseline", "--data", synthetic_dataset, "--folds", 2, "--test-fraction", 0.3),
+                          "with --folds each fold is the test set")
 
 
-def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_path, cli_env):
+def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_path, bcd):
     other = make_synthetic_dataset(tmp_path / "other", n_per_class=8, image_size=32, seed=1,
                                    class_names=("normal", "blast"))
     label_map = tmp_path / "map.json"
@@ -240,25 +265,25 @@ def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_pat
         "other": {"normal": "benign", "blast": "malignant"},
     }))
     proc = bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", f"other={other}", "--label-map", label_map,
-               "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1, "--json", env=cli_env)
+               "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1, "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["shared_labels"] == ["benign", "malignant"]
     assert [r["held_out"] for r in doc["rounds"]] == ["all", "other"]
     assert [r["n_held_out"] for r in doc["rounds"]] == [48, 16]
     assert_one_line_error(bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", str(other), "--backbone",
-                              "scratch_cnn", env=cli_env), "NAME=DIR")
+                              "scratch_cnn"), "NAME=DIR")
 
 
-def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, cli_env):
-    proc = bcd("audit", "--data", synthetic_dataset, "--json", env=cli_env)
+def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, bcd):
+    proc = bcd("audit", "--data", synthetic_dataset, "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["leakage"]["ok"] is True
     assert any("patient" in w for w in doc["leakage"]["warnings"])
     for key in ("colour_only_accuracy", "corner_only_accuracy", "chance_accuracy"):
         assert 0 <= doc["shortcuts"][key] <= 1
-    larger = json.loads(bcd("audit", "--data", synthetic_dataset, "--test-fraction", 0.3, "--json", env=cli_env).stdout)
+    larger = json.loads(bcd("audit", "--data", synthetic_dataset, "--test-fraction", 0.3, "--json").stdout)
     assert larger["shortcuts"]["n_test"] > doc["shortcuts"]["n_test"]
 
 
@@ -472,7 +497,7 @@ def test_rerun_queues_a_copy_and_refuses_a_run_not_finished(cli_store, synthetic
     again = json.loads(capfd.readouterr().out)
     assert again == {"run_id": again["run_id"], "status": "queued", "from_run": failed} and again["run_id"] != failed
     copy, original = cli_store.get_run(again["run_id"]), cli_store.get_run(failed)
-    assert copy.status == "queued" and copy.protocol_info == Protocol.holdout()
+    assert copy.status == "queued" and copy.protocol == Protocol.holdout()
     assert copy.config["train"] == original.config["train"] and copy.config["data_dir"] == original.config["data_dir"]
 
     assert cli.main(["rerun", "--run", str(copy.id)]) == cli.EXIT_BAD_INPUT

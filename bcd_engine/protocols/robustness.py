@@ -63,7 +63,7 @@ def colour_robustness_of_run(run_id: int, *, methods=NORMALISATION_METHODS, stor
         }
 
     result = {"run_id": run_id, "backbone": loaded.config.backbone, "colour_mode": loaded.config.colour,
-              "protocol": run.protocol, "n_test": len(split.test),
+              "protocol": run.protocol.label, "n_test": len(split.test),
               "original": measure(test_images, small[split.test], TEST_EVALUATION), "normalised": {}}
     for method in methods:
         reinhard = method == "reinhard"

@@ -91,8 +91,8 @@ def answers(store: RunStore, run_id: int, images: list[Path]) -> dict:
     pixels = load_images([str(p) for p in images], image_size=IMAGE_SIZE)
     results = Diagnoser([loaded]).diagnose_arrays([pixels])
     return {
-        "probabilities": np.array([list(r["calibrated_probabilities"].values()) for r in results]),
-        "verdicts": [(r["in_domain"], round(r["ood_score"], 6)) for r in results],
+        "probabilities": np.array([list(r.calibrated_probabilities.values()) for r in results]),
+        "verdicts": [(r.in_domain, round(r.ood_score, 6)) for r in results],
         "heatmaps": np.stack([explain_image(loaded, image).heatmap for image in pixels]),
     }
 

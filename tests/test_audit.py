@@ -88,7 +88,7 @@ def test_leakage_audit_flags_a_crossing_duplicate_and_passes_group_aware_splits(
     assert good["ok"] and good["crossing_groups"] == [] and good["warnings"] == [NO_PATIENT_IDS_WARNING]
     assert good["counts"]["exact_duplicate_groups"] == 1
     assert leakage_audit(scan, split.assignments(scan))["ok"]
-    folds = leakage_audit(scan, group_kfold(scan.labels, scan.groups, n_splits=3))
+    folds = leakage_audit(scan, group_kfold(scan.labels, scan.groups, folds=3))
     assert folds["ok"] and folds["protocol"] == "cross-validation" and folds["n_folds"] == 3
 
     a, b = (scan.paths.index(p) for p in scan.duplicate_groups[0])

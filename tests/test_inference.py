@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import workspace_store
 
 from bcd_engine.data.images import load_images
 from bcd_engine.data.scan import scan_dataset
@@ -20,12 +21,29 @@ from bcd_engine.training.run import train
 pytestmark = pytest.mark.every_backend  # CI runs this file on JAX too (README: Keras backends)
 
 
-@pytest.fixture
-def trained(workspace, synthetic_dataset):
-    store = workspace
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, synthetic_dataset):
+    """One tiny run trained once for the module: (its workspace folder, what ``train`` reported)."""
+    root = tmp_path_factory.mktemp("trained")
     config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
                          augment=AugmentConfig(factor=1), tta_views=3)
-    return store, train(config, synthetic_dataset, store=store)
+    with pytest.MonkeyPatch.context() as patch:
+        store = workspace_store(root, patch)
+        result = train(config, synthetic_dataset, store=store)
+        store.close()  # the write-ahead log folded back into results.db: the file alone is the store
+    return root, result
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path, monkeypatch):
+    """A private copy of the module's trained run under ``tmp_path`` (store, model files and caches), as
+    ``workspace`` lays them out: each test may change or break its copy."""
+    root, result = trained_once
+    shutil.copy2(root / "results.db", tmp_path / "results.db")
+    for folder in ("artifacts", "cache"):
+        if (root / folder).exists():
+            shutil.copytree(root / folder, tmp_path / folder)
+    return workspace_store(tmp_path, monkeypatch), result
 
 
 def test_model_path_is_stored_relative_to_the_artifacts_folder(trained):
@@ -42,7 +60,7 @@ def test_store_and_artifacts_can_move_together(trained, tmp_path, monkeypatch, s
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(moved))
     image = sorted(synthetic_dataset.glob("*/*.png"))[0]
     (prediction,) = Diagnoser.for_runs([result.run_id], store=store).diagnose([Source(image.name, image)])
-    assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert sum(prediction.probabilities.values()) == pytest.approx(1, abs=1e-5)
 
 
 def test_tta_predictions_average_the_augmented_views_and_are_deterministic(trained):

@@ -27,6 +27,18 @@ SYNTHETIC_PER_CLASS = 12
 SYNTHETIC_SIZE = 32
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (``--dist loadgroup``, pytest.ini)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep the tests that share a module-scoped fixture (a browser and its app, a Ray cluster, a trained model)
+    on one worker process, in their module's order: one group per module. Every other test is a unit of its own,
+    so the two workers stay busy to the end instead of waiting on the last long file."""
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        scopes = {defs[-1].scope for defs in definitions.name2fixturedefs.values()} if definitions else set()
+        if scopes & {"module", "class", "package"}:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only 4 classes x 12 images (32x32 PNG) synthetic dataset folder, shared by the session."""

@@ -6,15 +6,15 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import subprocess_env, workspace_store
+from helpers import workspace_store
 
+from bcd_engine.cli import main
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.protocols.crossval import cross_validate
 from bcd_engine.store import Protocol, RunStore
@@ -164,24 +164,22 @@ def test_a_killed_ray_worker_leaves_its_run_interrupted_and_the_others_going(sto
     assert store.list_runs(status="running") == []
 
 
-def test_queue_command_prints_the_queued_run(store, synthetic_dataset):
-    out = subprocess.run([sys.executable, "-m", "bcd_engine", "queue", "--data", str(synthetic_dataset),
-                          "--backbone", "scratch_cnn", "--image-size", "32", "--epochs", "1", "--json"],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    payload = json.loads(out.stdout)
+def test_queue_command_prints_the_queued_run(store, synthetic_dataset, capfd):
+    code = main(["queue", "--data", str(synthetic_dataset), "--backbone", "scratch_cnn", "--image-size", "32",
+                 "--epochs", "1", "--json"])
+    out = capfd.readouterr()
+    assert code == 0, out.err[-2000:]
+    payload = json.loads(out.out)
     assert payload == {"run_id": payload["run_id"], "status": "queued"}
     run = store.get_run(payload["run_id"])
     assert run.status == "queued" and run.config["train"]["image_size"] == 32 and run.config["train"]["epochs"] == 1
 
 
-def test_without_ray_the_cluster_options_say_how_to_install_it(store):
-    code = ("import sys; sys.modules['ray'] = None; from bcd_engine.cli import main; "
-            "sys.exit(main(['worker', '--executor', 'ray', '--once']))")
-    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2
-    assert "bcd: error: Ray is not installed: pip install -r requirements-cluster.txt" in out.stderr
+def test_without_ray_the_cluster_options_say_how_to_install_it(store, monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as it does where Ray is not installed
+    code = main(["worker", "--executor", "ray", "--once"])
+    assert code == 2
+    assert "bcd: error: Ray is not installed: pip install -r requirements-cluster.txt" in capfd.readouterr().err
 
 
 def test_the_train_page_hands_queued_runs_to_the_cluster_and_shows_it(store, synthetic_dataset, monkeypatch):

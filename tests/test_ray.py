@@ -102,6 +102,7 @@ def test_cv_on_ray_gives_the_folds_and_json_of_the_local_executor(store, synthet
     config = tiny("scratch_cnn")
     local = cross_validate(config, synthetic_dataset, folds=3, store=store)
     on_ray = cross_validate(config, synthetic_dataset, folds=3, store=store, executor=ray_executor.RayExecutor(None))
+    local, on_ray = local.to_dict(), on_ray.to_dict()  # compared in the shape the CLI's JSON has
     assert json.loads(json.dumps(on_ray)).keys() == local.keys()
     assert on_ray["protocol"] == local["protocol"]
     strip = [{k: v for k, v in row.items() if k not in ("run_id", "accuracy", "macro_auc")} for row in local["folds"]]
@@ -110,7 +111,7 @@ def test_cv_on_ray_gives_the_folds_and_json_of_the_local_executor(store, synthet
     assert [row.keys() for row in on_ray["folds"]] == [row.keys() for row in local["folds"]]
     for row in on_ray["folds"]:
         run = store.get_run(row["run_id"])
-        assert run.status == "completed" and run.protocol_info == Protocol.kfold(row["fold"], folds=3)
+        assert run.status == "completed" and run.protocol == Protocol.kfold(row["fold"], folds=3)
         assert run.pid != os.getpid()
         assert store.get_split(row["run_id"]) == store.get_split(local["folds"][row["fold"] - 1]["run_id"])
 
@@ -125,6 +126,7 @@ def test_lodo_on_ray_gives_the_rounds_and_json_of_the_local_executor(store, tmp_
     local = leave_one_dataset_out(config, datasets, store=store, workdir=tmp_path / "local")
     on_ray = leave_one_dataset_out(config, datasets, store=store, workdir=tmp_path / "ray",
                                    executor=ray_executor.RayExecutor(None))
+    local, on_ray = local.to_dict(), on_ray.to_dict()  # compared in the shape the CLI's JSON has
     assert json.loads(json.dumps(on_ray)).keys() == local.keys()
     assert [(r["held_out"], r["status"]) for r in on_ray["rounds"]] == [(r["held_out"], r["status"])
                                                                         for r in local["rounds"]]
@@ -132,7 +134,7 @@ def test_lodo_on_ray_gives_the_rounds_and_json_of_the_local_executor(store, tmp_
     assert [r["status"] for r in on_ray["rounds"]] == ["completed", "completed"]
     for row in on_ray["rounds"]:
         run = store.get_run(row["run_id"])
-        assert run.status == "completed" and run.protocol_info == Protocol.lodo(row["held_out"])
+        assert run.status == "completed" and run.protocol == Protocol.lodo(row["held_out"])
         assert run.pid != os.getpid()
 
 

@@ -20,6 +20,7 @@ package stays fast and never imports TensorFlow)::
     store = RunStore.open()
     result = train(TrainConfig.for_backbone("resnet50", weights="imagenet"), "data/Original", store=store)
 """
+
 from __future__ import annotations
 
 import importlib

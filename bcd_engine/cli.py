@@ -4,6 +4,7 @@ With ``--json`` a command prints exactly one JSON document on stdout; logs, warn
 go to stderr. Bad input prints one line ``bcd: error: ...`` on stderr and exits with code 2. TensorFlow's
 start-up notices are hidden unless ``TF_CPP_MIN_LOG_LEVEL`` asks for them (see :func:`_import_tensorflow`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ EXIT_BAD_INPUT = 2
 BUNDLE = "bundle"  # export --format bundle: the whole run, for the import command
 EXECUTORS = ("local", "ray")
 # The commands that use TensorFlow: they import it first, with its start-up notices hidden.
-TENSORFLOW_COMMANDS = frozenset({"train", "cv", "lodo", "evaluate", "calibrate", "robustness", "predict", "explain",
-                                 "export", "import", "worker"})
+TENSORFLOW_COMMANDS = frozenset(
+    {"train", "cv", "lodo", "evaluate", "calibrate", "robustness", "predict", "explain", "export", "import", "worker"}
+)
 QUIET_TF_LOG_LEVEL = "3"  # TF_CPP_MIN_LOG_LEVEL unless set: no TensorFlow C++ INFO, WARNING or ERROR lines
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} ")  # an absl C++ log line starts with its severity and the date (MMDD)
 _ABSL_EARLY = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -84,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("runs", _cmd_runs, "list the stored runs with their headline metrics")
     command("backbones", _cmd_backbones, "list the available backbones")
 
-    training = command("train", _cmd_train,
-                       "fine-tune a backbone on a folder, evaluate it on its test split and store it")
+    training = command(
+        "train", _cmd_train, "fine-tune a backbone on a folder, evaluate it on its test split and store it"
+    )
     _add_train_options(training)
 
     cv = command("cv", _cmd_cv, "k-fold cross-validation (stratified, group-aware): one stored run per fold")
@@ -93,119 +96,201 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help=f"number of folds (default {DEFAULT_FOLDS})")
     _add_executor_options(cv, "where the folds train: here one after another, or as parallel tasks on a Ray cluster")
 
-    lodo = command("lodo", _cmd_lodo,
-                   "leave-one-dataset-out CV: train on all datasets but one, test on the one left out")
-    _add_train_options(lodo, data_help="NAME=DIR of one dataset; give two or more (each is held out in turn)",
-                       data_action="append")
-    lodo.add_argument("--label-map", help='JSON file {dataset name: {folder class: shared label}}, e.g. '
-                      '{"all": {"Benign": "benign", "Early": "malignant", ...}, "pbc": {"lymphocyte": "benign"}}')
-    _add_executor_options(lodo, "where the rounds train: here one after another, or as parallel tasks on a Ray "
-                          "cluster")
+    lodo = command(
+        "lodo", _cmd_lodo, "leave-one-dataset-out CV: train on all datasets but one, test on the one left out"
+    )
+    _add_train_options(
+        lodo, data_help="NAME=DIR of one dataset; give two or more (each is held out in turn)", data_action="append"
+    )
+    lodo.add_argument(
+        "--label-map",
+        help="JSON file {dataset name: {folder class: shared label}}, e.g. "
+        '{"all": {"Benign": "benign", "Early": "malignant", ...}, "pbc": {"lymphocyte": "benign"}}',
+    )
+    _add_executor_options(lodo, "where the rounds train: here one after another, or as parallel tasks on a Ray cluster")
 
     queue = command("queue", _cmd_queue, "put a run in the queue with the train options (a worker trains it)")
     _add_train_options(queue)
 
-    baseline = command("baseline", _cmd_baseline, "the classical baseline (colour, GLCM texture and shape features "
-                       "+ SVM or logistic regression) on the hold-out split or under k-fold CV")
+    baseline = command(
+        "baseline",
+        _cmd_baseline,
+        "the classical baseline (colour, GLCM texture and shape features "
+        "+ SVM or logistic regression) on the hold-out split or under k-fold CV",
+    )
     baseline.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     baseline.add_argument("--model", choices=MODELS, default=MODELS[0], help=f"classifier (default {MODELS[0]})")
     baseline.add_argument("--folds", type=int, help="k-fold CV with K folds (default: the hold-out split)")
-    baseline.add_argument("--image-size", type=int, default=IMAGE_SIZE,
-                          help=f"input size in pixels (default {IMAGE_SIZE})")
+    baseline.add_argument(
+        "--image-size", type=int, default=IMAGE_SIZE, help=f"input size in pixels (default {IMAGE_SIZE})"
+    )
     baseline.add_argument("--seed", type=int, default=0, help="seed of the split and the classifier (default 0)")
     _add_fraction_options(baseline, "of the hold-out split (the one `train` makes with the same values)")
 
-    audit = command("audit", _cmd_audit,
-                    "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?")
+    audit = command(
+        "audit", _cmd_audit, "leakage and shortcut audit of a folder: can colour or a corner alone tell the classes?"
+    )
     audit_target = audit.add_mutually_exclusive_group(required=True)
     audit_target.add_argument("--data", help="folder with one subfolder of images per class")
-    audit_target.add_argument("--run", type=int, action="append",
-                              help="leakage audit of a stored run's split instead; repeat it, e.g. for every CV fold")
-    audit.add_argument("--seed", type=int, default=0,
-                       help="seed of the split audited and of the shortcut classifiers (default 0)")
+    audit_target.add_argument(
+        "--run",
+        type=int,
+        action="append",
+        help="leakage audit of a stored run's split instead; repeat it, e.g. for every CV fold",
+    )
+    audit.add_argument(
+        "--seed", type=int, default=0, help="seed of the split audited and of the shortcut classifiers (default 0)"
+    )
     _add_fraction_options(audit, "of the hold-out split audited (the one `train` makes with the same values)")
 
     evaluate = command("evaluate", _cmd_evaluate, "run a trained model on another folder with the same class names")
     evaluate.add_argument("--run", type=int, required=True, help="run id")
     evaluate.add_argument("--data", required=True, help="folder with one subfolder of images per class")
-    evaluate.add_argument("--label-map", help='JSON file {"run": {class: label}, "data": {class: label}} when '
-                          "class names differ (e.g. onto benign/malignant)")
+    evaluate.add_argument(
+        "--label-map",
+        help='JSON file {"run": {class: label}, "data": {class: label}} when '
+        "class names differ (e.g. onto benign/malignant)",
+    )
 
-    calibrate = command("calibrate", _cmd_calibrate, "fit a run's out-of-domain gate and calibration temperature "
-                        "from its recorded split (for runs trained before bcd fitted them; training does it)")
+    calibrate = command(
+        "calibrate",
+        _cmd_calibrate,
+        "fit a run's out-of-domain gate and calibration temperature "
+        "from its recorded split (for runs trained before bcd fitted them; training does it)",
+    )
     calibrate.add_argument("--run", type=int, required=True, help="run id")
 
-    robustness = command("robustness", _cmd_robustness, "colour robustness of a run: accuracy on its test split "
-                         "with colour taken away (grayscale, Reinhard), beside a colour-only baseline on the same "
-                         "images")
+    robustness = command(
+        "robustness",
+        _cmd_robustness,
+        "colour robustness of a run: accuracy on its test split "
+        "with colour taken away (grayscale, Reinhard), beside a colour-only baseline on the same "
+        "images",
+    )
     robustness.add_argument("--run", type=int, required=True, help="run id")
 
-    predict = command("predict", _cmd_predict,
-                      "diagnose image files, folders of images or zip archives with trained runs")
-    predict.add_argument("--run", type=int, action="append", required=True,
-                         help="run id; repeat it for an ensemble (probabilities averaged over the runs)")
-    predict.add_argument("--tta", action="store_true",
-                         help="average over the 8 flips and quarter turns and add an uncertainty to each result")
+    predict = command(
+        "predict", _cmd_predict, "diagnose image files, folders of images or zip archives with trained runs"
+    )
+    predict.add_argument(
+        "--run",
+        type=int,
+        action="append",
+        required=True,
+        help="run id; repeat it for an ensemble (probabilities averaged over the runs)",
+    )
+    predict.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the 8 flips and quarter turns and add an uncertainty to each result",
+    )
     predict.add_argument("--csv", metavar="FILE", help="also write the results table to this CSV file")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image file, folder of images or .zip archive")
 
     explain = command("explain", _cmd_explain, "Grad-CAM: where in the image the model looked, as an overlay PNG")
     explain.add_argument("--run", type=int, required=True, help="run id")
     explain.add_argument("--out", required=True, metavar="FILE.png", help="where to write the overlay")
-    explain.add_argument("--opacity", type=float, default=DEFAULT_OPACITY,
-                         help=f"heatmap opacity, 0 to 1 (default {DEFAULT_OPACITY})")
+    explain.add_argument(
+        "--opacity", type=float, default=DEFAULT_OPACITY, help=f"heatmap opacity, 0 to 1 (default {DEFAULT_OPACITY})"
+    )
     explain.add_argument("image", metavar="IMAGE")
 
-    export = command("export", _cmd_export, "export a run's model (.keras or TensorFlow Lite) with a model card, or "
-                     "the whole run as a bundle another store can import")
+    export = command(
+        "export",
+        _cmd_export,
+        "export a run's model (.keras or TensorFlow Lite) with a model card, or "
+        "the whole run as a bundle another store can import",
+    )
     export.add_argument("--run", type=int, required=True, help="run id")
-    export.add_argument("--format", choices=(*FORMATS, BUNDLE), default=FORMATS[0],
-                        help=f"model file format, or {BUNDLE}: one .zip with the model, its gate, labels, config, "
-                             f"evaluations and model card, for the import command (default {FORMATS[0]})")
-    export.add_argument("--out", required=True, metavar="DIR",
-                        help="folder for the model, labels.json and MODEL_CARD.md (or the bundle)")
-    export.add_argument("--audit-data", metavar="DIR",
-                        help="also audit this folder for the card, on the split the run's seed and fractions make")
+    export.add_argument(
+        "--format",
+        choices=(*FORMATS, BUNDLE),
+        default=FORMATS[0],
+        help=f"model file format, or {BUNDLE}: one .zip with the model, its gate, labels, config, "
+        f"evaluations and model card, for the import command (default {FORMATS[0]})",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for the model, labels.json and MODEL_CARD.md (or the bundle)",
+    )
+    export.add_argument(
+        "--audit-data",
+        metavar="DIR",
+        help="also audit this folder for the card, on the split the run's seed and fractions make",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
 
-    worker = command("worker", _cmd_worker,
-                     "train queued runs one after another (the dashboard starts one when needed)")
+    worker = command(
+        "worker", _cmd_worker, "train queued runs one after another (the dashboard starts one when needed)"
+    )
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty instead of polling")
-    worker.add_argument("--poll", type=float, default=POLL_SECONDS, metavar="SECONDS",
-                        help=f"queue poll interval (default {POLL_SECONDS:g} s)")
-    _add_executor_options(worker, "where the runs train: here one after another, or as parallel tasks on a Ray "
-                          "cluster")
+    worker.add_argument(
+        "--poll",
+        type=float,
+        default=POLL_SECONDS,
+        metavar="SECONDS",
+        help=f"queue poll interval (default {POLL_SECONDS:g} s)",
+    )
+    _add_executor_options(worker, "where the runs train: here one after another, or as parallel tasks on a Ray cluster")
 
-    import_ = command("import", _cmd_import, "add the run in a bundle (export --format bundle) to this store as a new "
-                      "run, after checking every member's checksum and loading its model in safe mode")
+    import_ = command(
+        "import",
+        _cmd_import,
+        "add the run in a bundle (export --format bundle) to this store as a new "
+        "run, after checking every member's checksum and loading its model in safe mode",
+    )
     import_.add_argument("bundle", metavar="BUNDLE.zip")
 
-    rerun = command("rerun", _cmd_rerun, "queue a finished hold-out run again with its stored settings and data "
-                    "folder (`worker --once` trains it)")
+    rerun = command(
+        "rerun",
+        _cmd_rerun,
+        "queue a finished hold-out run again with its stored settings and data folder (`worker --once` trains it)",
+    )
     rerun.add_argument("--run", type=int, required=True, help="run id")
-    rerun.add_argument("--weights", metavar="PATH", help="weights instead of the stored ones: a copy of a weights "
-                                                          "file that has moved, imagenet or none")
+    rerun.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="weights instead of the stored ones: a copy of a weights file that has moved, imagenet or none",
+    )
     return parser
 
 
 def _add_executor_options(parser: argparse.ArgumentParser, what: str) -> None:
     """``--executor`` and the Ray cluster's options (``worker``, ``cv``, ``lodo``)."""
     parser.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0], help=f"{what} (default local)")
-    parser.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster: auto (the one started on this "
-                        "machine), HOST:PORT or ray://HOST:PORT; default BCD_RAY_ADDRESS, else auto")
-    parser.add_argument("--cpus-per-run", type=int, default=1, metavar="N",
-                        help="CPUs one run takes on a cluster without GPUs (default 1)")
-    parser.add_argument("--gpus-per-run", type=int, default=1, metavar="N",
-                        help="GPUs one run takes on a cluster with GPUs (default 1; more trains with "
-                        "MirroredStrategy)")
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster: auto (the one started on this "
+        "machine), HOST:PORT or ray://HOST:PORT; default BCD_RAY_ADDRESS, else auto",
+    )
+    parser.add_argument(
+        "--cpus-per-run",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs one run takes on a cluster without GPUs (default 1)",
+    )
+    parser.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs one run takes on a cluster with GPUs (default 1; more trains with MirroredStrategy)",
+    )
 
 
 def _ray_options(args: argparse.Namespace) -> dict:
     """The Ray executor's keyword arguments from ``--ray-address``, ``--cpus-per-run`` and ``--gpus-per-run``."""
     if args.cpus_per_run < 1 or args.gpus_per_run < 1:
         raise ConfigError("--cpus-per-run and --gpus-per-run must be at least 1")
-    return {"address": args.ray_address or settings.ray_address() or "auto", "cpus_per_run": args.cpus_per_run,
-            "gpus_per_run": args.gpus_per_run}
+    return {
+        "address": args.ray_address or settings.ray_address() or "auto",
+        "cpus_per_run": args.cpus_per_run,
+        "gpus_per_run": args.gpus_per_run,
+    }
 
 
 def _executor(args: argparse.Namespace):
@@ -234,8 +319,12 @@ def _train_settings() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
 
 
-def _add_train_options(parser: argparse.ArgumentParser, *, data_help: str = "folder with one subfolder of images "
-                       "per class", data_action: str = "store") -> None:
+def _add_train_options(
+    parser: argparse.ArgumentParser,
+    *,
+    data_help: str = "folder with one subfolder of images per class",
+    data_action: str = "store",
+) -> None:
     """The options of ``train``, ``cv`` and ``lodo``: data and one flag per TrainConfig setting.
 
     A flag's default is None, so that :meth:`TrainConfig.for_backbone` fills the backbone's defaults;
@@ -297,8 +386,9 @@ def _stderr_without(hidden: Callable[[str], bool]):
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            sys.stderr.writelines(line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                                  if not hidden(line))
+            sys.stderr.writelines(
+                line for line in held.read().decode(errors="replace").splitlines(keepends=True) if not hidden(line)
+            )
             sys.stderr.flush()
 
 
@@ -360,24 +450,36 @@ def _cmd_scan(args):
 def _cmd_runs(args):
     records = RunStore.open().list_runs()
     runs = [
-        {"id": r.id, "backbone": r.backbone, "dataset": asdict(r.dataset), "status": r.status,
-         "protocol": r.protocol.label, "test_accuracy": r.test_accuracy, "macro_auc": r.macro_auc,
-         "created_at": r.created_at, "seconds": r.seconds, "worker_id": r.worker_id}
+        {
+            "id": r.id,
+            "backbone": r.backbone,
+            "dataset": asdict(r.dataset),
+            "status": r.status,
+            "protocol": r.protocol.label,
+            "test_accuracy": r.test_accuracy,
+            "macro_auc": r.macro_auc,
+            "created_at": r.created_at,
+            "seconds": r.seconds,
+            "worker_id": r.worker_id,
+        }
         for r in records
     ]
     lines = [f"{'id':>4}  {'backbone':<14} {'status':<11} {'accuracy':>8} {'AUC':>6}  {'dataset':<28} protocol"]
     for r, record in zip(runs, records):
         acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
         auc = "-" if r["macro_auc"] is None else f"{r['macro_auc']:.4f}"
-        lines.append(f"{r['id']:>4}  {r['backbone']:<14} {r['status']:<11} {acc:>8} {auc:>6}  "
-                     f"{dataset_label(record):<28} {r['protocol']}")
+        lines.append(
+            f"{r['id']:>4}  {r['backbone']:<14} {r['status']:<11} {acc:>8} {auc:>6}  "
+            f"{dataset_label(record):<28} {r['protocol']}"
+        )
     return {"runs": runs}, "\n".join(lines) if runs else "no runs yet", 0
 
 
 def _cmd_backbones(args):
     rows = [asdict(spec) for spec in BACKBONES.values()]
-    lines = [f"{s['name']:<15} {s['native_size']:>4}px  {s['params_millions']:>6.1f}M  {s['description']}"
-             for s in rows]
+    lines = [
+        f"{s['name']:<15} {s['native_size']:>4}px  {s['params_millions']:>6.1f}M  {s['description']}" for s in rows
+    ]
     return {"backbones": rows}, "\n".join(lines), 0
 
 
@@ -385,21 +487,26 @@ def _cmd_train(args):
     config = _config_from_args(args)
     result = train(config, args.data, store=RunStore.open(), progress=True).to_dict()
     result.pop("model_path")
-    text = (f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
-            f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
-            f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']:.1f} s)")
+    text = (
+        f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
+        f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
+        f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']:.1f} s)"
+    )
     return result, text, 0 if result["status"] == "completed" else 1
 
 
 def _cmd_cv(args):
     config = _config_from_args(args)
-    result = cross_validate(config, args.data, folds=args.folds, store=RunStore.open(), progress=True,
-                            executor=_executor(args))
+    result = cross_validate(
+        config, args.data, folds=args.folds, store=RunStore.open(), progress=True, executor=_executor(args)
+    )
     lines = [f"{result.protocol}, {args.backbone}:"]
-    lines += [f"  fold {f.fold}: accuracy {f.accuracy:.4f}, macro AUC {f.macro_auc}, run {f.run_id}"
-              for f in result.folds]
-    lines.append(f"  mean accuracy {result.mean['accuracy']:.4f} +- {result.std['accuracy']:.4f} "
-                 "(sample std over folds)")
+    lines += [
+        f"  fold {f.fold}: accuracy {f.accuracy:.4f}, macro AUC {f.macro_auc}, run {f.run_id}" for f in result.folds
+    ]
+    lines.append(
+        f"  mean accuracy {result.mean['accuracy']:.4f} +- {result.std['accuracy']:.4f} (sample std over folds)"
+    )
     return result.to_dict(), "\n".join(lines), 0
 
 
@@ -414,91 +521,118 @@ def _cmd_lodo(args):
         datasets[name] = folder
     label_map = load_dataset_label_map(args.label_map) if args.label_map else None
     config = _config_from_args(args)
-    result = leave_one_dataset_out(config, datasets, label_map, store=RunStore.open(), progress=True,
-                                   executor=_executor(args))
+    result = leave_one_dataset_out(
+        config, datasets, label_map, store=RunStore.open(), progress=True, executor=_executor(args)
+    )
     lines = [f"{result.protocol}, {args.backbone}, shared labels {', '.join(result.shared_labels)}:"]
     for r in result.rounds:
         if r.status != "completed":
             lines.append(f"  held out {r.held_out}: {r.status} ({r.reason})")
         else:
-            lines.append(f"  held out {r.held_out}: held-out accuracy {r.held_out_accuracy:.4f} on "
-                         f"{r.n_held_out} images, in-domain {r.in_domain_accuracy:.4f}, run {r.run_id}")
+            lines.append(
+                f"  held out {r.held_out}: held-out accuracy {r.held_out_accuracy:.4f} on "
+                f"{r.n_held_out} images, in-domain {r.in_domain_accuracy:.4f}, run {r.run_id}"
+            )
     return result.to_dict(), "\n".join(lines), 0
 
 
 def _cmd_baseline(args):
     if args.folds is not None and _fractions(args):
-        raise ConfigError("--val-fraction and --test-fraction set the hold-out split; "
-                          "with --folds each fold is the test set")
+        raise ConfigError(
+            "--val-fraction and --test-fraction set the hold-out split; with --folds each fold is the test set"
+        )
     scan = scan_dataset(args.data, progress=True)
     options = dict(seed=args.seed, image_size=args.image_size, model=args.model, progress=True)
     if args.folds is None:
         result = train_classical_baseline(scan, **options, **_fractions(args))
-        return result, (f"classical baseline ({args.model}), {result['protocol']}: test accuracy "
-                        f"{result['test_accuracy']:.4f}, macro AUC {result['macro_auc']}"), 0
+        return (
+            result,
+            (
+                f"classical baseline ({args.model}), {result['protocol']}: test accuracy "
+                f"{result['test_accuracy']:.4f}, macro AUC {result['macro_auc']}"
+            ),
+            0,
+        )
     result = cross_validate_classical(scan, folds=args.folds, **options)
     lines = [f"{result['model']}, {result['protocol']}:"]
     lines += [f"  fold {f['fold']}: accuracy {f['accuracy']:.4f}, macro AUC {f['macro_auc']}" for f in result["folds"]]
-    lines.append(f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} "
-                 "(sample std over folds)")
+    lines.append(
+        f"  mean accuracy {result['mean']['accuracy']:.4f} +- {result['std']['accuracy']:.4f} (sample std over folds)"
+    )
     return result, "\n".join(lines), 0
 
 
 def _cmd_audit(args):
     if args.run:
         if _fractions(args):
-            raise ConfigError("--val-fraction and --test-fraction set the split audited with --data; "
-                              "--run audits the run's stored split")
+            raise ConfigError(
+                "--val-fraction and --test-fraction set the split audited with --data; "
+                "--run audits the run's stored split"
+            )
         result = run_leakage_audit(args.run, store=RunStore.open())
-        lines = [f"run {r['run_id']} ({r['run_protocol']}): "
-                 f"{'ok' if r['ok'] else 'DUPLICATE GROUPS CROSS ITS SPLIT'}; " + "; ".join(r["warnings"])
-                 for r in result["runs"]]
+        lines = [
+            f"run {r['run_id']} ({r['run_protocol']}): "
+            f"{'ok' if r['ok'] else 'DUPLICATE GROUPS CROSS ITS SPLIT'}; " + "; ".join(r["warnings"])
+            for r in result["runs"]
+        ]
         return result, "\n".join(lines), 0 if result["ok"] else 1
     result = audit_dataset(args.data, seed=args.seed, progress=True, **_fractions(args))
     short = result.shortcuts
-    text = "\n".join([
-        f"leakage: {'ok' if result.ok else 'GROUPS CROSS THE SPLIT'}",
-        *[f"  warning: {w}" for w in result.leakage["warnings"]],
-        f"colour-only accuracy: {short['colour_only_accuracy']:.4f}",
-        f"corner-only accuracy: {short['corner_only_accuracy']:.4f}",
-        f"chance accuracy:      {short['chance_accuracy']:.4f}",
-        short["interpretation"],
-    ])
+    text = "\n".join(
+        [
+            f"leakage: {'ok' if result.ok else 'GROUPS CROSS THE SPLIT'}",
+            *[f"  warning: {w}" for w in result.leakage["warnings"]],
+            f"colour-only accuracy: {short['colour_only_accuracy']:.4f}",
+            f"corner-only accuracy: {short['corner_only_accuracy']:.4f}",
+            f"chance accuracy:      {short['chance_accuracy']:.4f}",
+            short["interpretation"],
+        ]
+    )
     return result.to_dict(), text, 0
 
 
 def _cmd_evaluate(args):
     label_map = load_label_map(args.label_map) if args.label_map else None
-    evaluation = evaluate_run_on_folder(args.run, args.data, store=RunStore.open(), label_map=label_map,
-                                        progress=True)
+    evaluation = evaluate_run_on_folder(args.run, args.data, store=RunStore.open(), label_map=label_map, progress=True)
     payload = {
-        "n_images": evaluation.metrics["n"], "accuracy": evaluation.accuracy,
-        "macro_f1": evaluation.metrics["macro_f1"], "macro_auc": evaluation.macro_auc,
-        "confusion_matrix": evaluation.confusion_matrix, "class_names": evaluation.class_names,
+        "n_images": evaluation.metrics["n"],
+        "accuracy": evaluation.accuracy,
+        "macro_f1": evaluation.metrics["macro_f1"],
+        "macro_auc": evaluation.macro_auc,
+        "confusion_matrix": evaluation.confusion_matrix,
+        "class_names": evaluation.class_names,
         "ood_flagged": evaluation.metrics.get("ood_flagged"),
     }
-    text = (f"run {args.run} on {args.data}: {payload['n_images']} images, accuracy {payload['accuracy']:.4f}, "
-            f"macro F1 {payload['macro_f1']:.4f}, macro AUC {payload['macro_auc']}")
+    text = (
+        f"run {args.run} on {args.data}: {payload['n_images']} images, accuracy {payload['accuracy']:.4f}, "
+        f"macro F1 {payload['macro_f1']:.4f}, macro AUC {payload['macro_auc']}"
+    )
     if payload["ood_flagged"] is not None:
-        text += (f"; the out-of-domain gate flagged {payload['ood_flagged']} of {payload['n_images']} images "
-                 f"({evaluation.metrics['ood_flagged_share']:.1%}): they would get no answer from predict")
+        text += (
+            f"; the out-of-domain gate flagged {payload['ood_flagged']} of {payload['n_images']} images "
+            f"({evaluation.metrics['ood_flagged_share']:.1%}): they would get no answer from predict"
+        )
     return payload, text, 0
 
 
 def _cmd_calibrate(args):
     result = calibrate_run(args.run, store=RunStore.open(), progress=True)
-    text = (f"run {args.run}: temperature {result.temperature:.3f}; test ECE {result.ece:.4f} before, "
-            f"{result.ece_calibrated:.4f} after; out-of-domain gate threshold {result.ood_threshold:.1f} "
-            f"(passes {result.ood_pass_rate:.0%} of {result.images['val']} validation images), flags "
-            f"{result.ood_flagged} of {result.images['test']} test images ({result.ood_flagged_share:.1%})")
+    text = (
+        f"run {args.run}: temperature {result.temperature:.3f}; test ECE {result.ece:.4f} before, "
+        f"{result.ece_calibrated:.4f} after; out-of-domain gate threshold {result.ood_threshold:.1f} "
+        f"(passes {result.ood_pass_rate:.0%} of {result.images['val']} validation images), flags "
+        f"{result.ood_flagged} of {result.images['test']} test images ({result.ood_flagged_share:.1%})"
+    )
     return result.to_dict(), text, 0
 
 
 def _cmd_robustness(args):
     result = colour_robustness_of_run(args.run, store=RunStore.open(), progress=True)
     rows = [("original", result["original"]), *result["normalised"].items()]
-    lines = [f"run {args.run} ({result['backbone']}, colour mode {result['colour_mode']}), "
-             f"{result['n_test']} test images:", f"  {'test images':<12} {'model':>7} {'colour-only':>12}"]
+    lines = [
+        f"run {args.run} ({result['backbone']}, colour mode {result['colour_mode']}), {result['n_test']} test images:",
+        f"  {'test images':<12} {'model':>7} {'colour-only':>12}",
+    ]
     lines += [f"  {name:<12} {row['model_accuracy']:>7.4f} {row['colour_only_accuracy']:>12.4f}" for name, row in rows]
     return result, "\n".join(lines), 0
 
@@ -515,12 +649,15 @@ def _cmd_predict(args):
         if not r.usable:
             lines.append(f"{r.name}: error: {r.error}")
         elif r.reading is Reading.OUT_OF_DOMAIN:  # no class is the answer, as on the Diagnose page
-            lines.append(f"{r.name}: out of domain, no answer (score {r.ood_score:.1f} > threshold "
-                         f"{r.ood_threshold:.1f})")
+            lines.append(
+                f"{r.name}: out of domain, no answer (score {r.ood_score:.1f} > threshold {r.ood_threshold:.1f})"
+            )
         else:
             extra = f", disagreement {r.uncertainty['disagreement']:.2f}" if args.tta else ""
-            lines.append(f"{r.name}: {r.reading.value}: {r.predicted_class} (calibrated probability "
-                         f"{r.calibrated_probabilities[r.predicted_class]:.3f}{extra})")
+            lines.append(
+                f"{r.name}: {r.reading.value}: {r.predicted_class} (calibrated probability "
+                f"{r.calibrated_probabilities[r.predicted_class]:.3f}{extra})"
+            )
     code = 0 if any(r.usable for r in results) else 1
     return [_prediction_row(r) for r in results], "\n".join(lines), code
 
@@ -542,8 +679,11 @@ def _cmd_explain(args):
     Image.fromarray(overlay(image, cam.heatmap, opacity=args.opacity)).save(buffer, format="PNG")
     _write(args.out, buffer.getvalue())
     predicted = class_names[cam.class_index]
-    payload = {"out": args.out, "class": predicted,
-               "probabilities": dict(zip(class_names, (float(p) for p in cam.probabilities), strict=True))}
+    payload = {
+        "out": args.out,
+        "class": predicted,
+        "probabilities": dict(zip(class_names, (float(p) for p in cam.probabilities), strict=True)),
+    }
     return payload, f"wrote {args.out} (Grad-CAM of class {predicted})", 0
 
 
@@ -562,39 +702,64 @@ def _cmd_export(args):
         if args.audit_data:
             raise ConfigError("--audit-data is for a model export's card; a bundle carries the run's own card")
         path = write_bundle(args.run, out_dir=args.out, store=store, overwrite=args.overwrite)
-        return ({"run_id": args.run, "format": BUNDLE, "files": [str(path)], "max_abs_diff": None},
-                f"wrote {path}", 0)
+        return ({"run_id": args.run, "format": BUNDLE, "files": [str(path)], "max_abs_diff": None}, f"wrote {path}", 0)
     audit = None
     if args.audit_data:
         train_config = store.get_run(args.run).config["train"]
-        audit = audit_dataset(args.audit_data, progress=True, seed=train_config["seed"],
-                              val_fraction=train_config["val_fraction"], test_fraction=train_config["test_fraction"])
-    result = export_run(args.run, format=args.format, out_dir=args.out, store=store, audit=audit,
-                        overwrite=args.overwrite)
-    payload = {"run_id": result.run_id, "format": result.format, "files": [str(p) for p in result.paths],
-               "max_abs_diff": result.max_abs_diff}
+        audit = audit_dataset(
+            args.audit_data,
+            progress=True,
+            seed=train_config["seed"],
+            val_fraction=train_config["val_fraction"],
+            test_fraction=train_config["test_fraction"],
+        )
+    result = export_run(
+        args.run, format=args.format, out_dir=args.out, store=store, audit=audit, overwrite=args.overwrite
+    )
+    payload = {
+        "run_id": result.run_id,
+        "format": result.format,
+        "files": [str(p) for p in result.paths],
+        "max_abs_diff": result.max_abs_diff,
+    }
     return payload, "\n".join(f"wrote {p}" for p in result.paths), 0
 
 
 def _cmd_import(args):
     result = import_bundle(args.bundle, store=RunStore.open())
-    payload = {"run_id": result.run_id, "source_run_id": result.source_run_id, "backbone": result.backbone,
-               "bundle_sha256": result.bundle_sha256}
-    return payload, (f"imported run {result.source_run_id} ({result.backbone}) of {args.bundle} as run "
-                     f"{result.run_id}"), 0
+    payload = {
+        "run_id": result.run_id,
+        "source_run_id": result.source_run_id,
+        "backbone": result.backbone,
+        "bundle_sha256": result.bundle_sha256,
+    }
+    return (
+        payload,
+        (f"imported run {result.source_run_id} ({result.backbone}) of {args.bundle} as run {result.run_id}"),
+        0,
+    )
 
 
 def _cmd_rerun(args):
     new_id = queue_again(RunStore.open(), args.run, weights=args.weights)
     payload = {"run_id": new_id, "status": "queued", "from_run": args.run}
-    return payload, (f"run {new_id} queued with the settings and data of run {args.run}; "
-                     "`python -m bcd_engine worker --once` trains it"), 0
+    return (
+        payload,
+        (
+            f"run {new_id} queued with the settings and data of run {args.run}; "
+            "`python -m bcd_engine worker --once` trains it"
+        ),
+        0,
+    )
 
 
 def _cmd_queue(args):
     run_id = queue_run(RunStore.open(), _config_from_args(args), args.data)
-    return {"run_id": run_id, "status": "queued"}, (f"run {run_id} queued; `python -m bcd_engine worker --once` "
-                                                    "trains it"), 0
+    return (
+        {"run_id": run_id, "status": "queued"},
+        (f"run {run_id} queued; `python -m bcd_engine worker --once` trains it"),
+        0,
+    )
 
 
 def _cmd_worker(args):

@@ -2,6 +2,7 @@
 
 Pages and the CLI catch :class:`BCDError` and show its message; anything else is a bug.
 """
+
 from __future__ import annotations
 
 

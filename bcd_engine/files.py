@@ -1,5 +1,6 @@
 """Files: content digests, atomic writes (a reader never sees a half-written file) and removing what a killed
 writer left."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Processes on this host: whether one is still alive."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 Each location has a default under the project root and an environment variable that overrides it.
 """
+
 from __future__ import annotations
 
 import functools

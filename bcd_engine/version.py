@@ -1,2 +1,3 @@
 """The engine's version, recorded in model cards."""
+
 __version__ = "0.1.0"

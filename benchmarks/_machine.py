@@ -3,6 +3,7 @@
 Shared by the benchmark scripts, so every figure they print carries the same machine description.
 ``cpu_model`` is bench_training_speed's helper; this adds the rest.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,10 +79,12 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "load_average_at_start": load_average(),
     }
-    info["summary"] = (f"{info['cpu']}, {usable} cores"
-                       + (f" (cgroup quota {info['cpu_quota']})" if info["cpu_quota"] else "")
-                       + (f", GPU: {', '.join(gpus)}" if gpus else ", no GPU")
-                       + f", TensorFlow {tf.__version__}")
+    info["summary"] = (
+        f"{info['cpu']}, {usable} cores"
+        + (f" (cgroup quota {info['cpu_quota']})" if info["cpu_quota"] else "")
+        + (f", GPU: {', '.join(gpus)}" if gpus else ", no GPU")
+        + f", TensorFlow {tf.__version__}"
+    )
     return info
 
 
@@ -99,6 +102,8 @@ def print_report_start(document: dict, machine: dict, *, as_json: bool) -> bool:
     if as_json:
         print(json.dumps(document, indent=2))
         return True
-    print(f"machine: {machine['summary']}; load average {machine['load_average_at_start']} at start, "
-          f"{document['load_average_at_end']} at end")
+    print(
+        f"machine: {machine['summary']}; load average {machine['load_average_at_start']} at start, "
+        f"{document['load_average_at_end']} at end"
+    )
     return False

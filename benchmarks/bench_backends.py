@@ -27,6 +27,7 @@ takes the medians over both: on a machine whose load drifts, that shares the dri
 Uses ../shared/weights/resnet50_imagenet_notop.weights.h5 when present (else random weights, and says
 so). The images are random uint8 arrays made on the spot (the timing does not depend on pixel values).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,7 @@ def matmul_rate(n: int, repeats: int) -> float:
         started = time.perf_counter()
         keras.ops.convert_to_numpy(keras.ops.matmul(a, b)[0, 0])
         times.append(time.perf_counter() - started)
-    return 2 * n ** 3 / min(times) / 1e9
+    return 2 * n**3 / min(times) / 1e9
 
 
 def worker(args) -> dict:
@@ -97,18 +98,30 @@ def worker(args) -> dict:
     environment = configure_device()
     policy = precision_policy(environment)
     keras.mixed_precision.set_global_policy(policy)  # float32 on a CPU, as a run trains
-    row = {"backend": backend, "library_version": library.__version__, "keras": keras.__version__,
-           "device": environment.get("device"), "policy": policy}
-    log(f"[{backend}] {library.__name__} {library.__version__}, Keras {keras.__version__}, {row['device']}, "
-        f"policy {policy}")
+    row = {
+        "backend": backend,
+        "library_version": library.__version__,
+        "keras": keras.__version__,
+        "device": environment.get("device"),
+        "policy": policy,
+    }
+    log(
+        f"[{backend}] {library.__name__} {library.__version__}, Keras {keras.__version__}, {row['device']}, "
+        f"policy {policy}"
+    )
 
     rate_before = matmul_rate(args.matmul_size, 5)
     log(f"[{backend}] matmul float32 {args.matmul_size}^2: {rate_before:.1f} GFLOP/s")
 
     spec = get_backbone("resnet50")
     weights = str(RESNET_WEIGHTS) if RESNET_WEIGHTS.is_file() and not args.random_weights else None
-    config = TrainConfig(backbone=spec.name, weights=weights, image_size=args.image_size, batch_size=args.batch_size,
-                         augment=AugmentConfig(factor=AUGMENTED_VIEWS + 1))
+    config = TrainConfig(
+        backbone=spec.name,
+        weights=weights,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        augment=AugmentConfig(factor=AUGMENTED_VIEWS + 1),
+    )
     preprocess = spec.preprocess()
     keras.utils.set_random_seed(0)
     started = time.perf_counter()
@@ -122,8 +135,9 @@ def worker(args) -> dict:
     keys = [f"{i:032x}" for i in range(n)]  # stand-ins for the images' md5 digests (they seed the views)
     views0 = np.zeros(n, dtype=np.int64)
     views_aug = 1 + np.arange(n) % AUGMENTED_VIEWS
-    common = dict(preprocess=preprocess, augment=config.augment, seed=config.seed, cache=None,
-                  batch_size=config.batch_size)
+    common = dict(
+        preprocess=preprocess, augment=config.augment, seed=config.seed, cache=None, batch_size=config.batch_size
+    )
 
     def extract(views, count=n):
         t0 = time.perf_counter()
@@ -141,10 +155,12 @@ def worker(args) -> dict:
         extract(views_aug)
     times = {"view0": [], "augmented": []}
     for repeat in range(args.repeats):
-        for name in (("view0", "augmented") if repeat % 2 == 0 else ("augmented", "view0")):
+        for name in ("view0", "augmented") if repeat % 2 == 0 else ("augmented", "view0"):
             times[name].append(extract(views0 if name == "view0" else views_aug))
-            log(f"[{backend}] repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s "
-                f"({n / times[name][-1]:.1f} images/s)")
+            log(
+                f"[{backend}] repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s "
+                f"({n / times[name][-1]:.1f} images/s)"
+            )
     row["n_images"] = n
     row["extract_view0_images_per_s"] = n / statistics.median(times["view0"])
     row["extract_augmented_images_per_s"] = n / statistics.median(times["augmented"])
@@ -173,9 +189,22 @@ def worker(args) -> dict:
 
 def run_backend(backend: str, args) -> dict:
     """Run this script's worker mode under ``KERAS_BACKEND=backend``; its row, or the reason it failed."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", backend,
-               "--images", str(args.images), "--image-size", str(args.image_size), "--repeats", str(args.repeats),
-               "--batch-size", str(args.batch_size), "--matmul-size", str(args.matmul_size)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        backend,
+        "--images",
+        str(args.images),
+        "--image-size",
+        str(args.image_size),
+        "--repeats",
+        str(args.repeats),
+        "--batch-size",
+        str(args.batch_size),
+        "--matmul-size",
+        str(args.matmul_size),
+    ]
     if args.random_weights:
         command.append("--random-weights")
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -222,9 +251,15 @@ def machine() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "usable_cores": usable,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": load_average()}
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": load_average(),
+    }
 
 
 def _ratio_cell(row: dict, key: str) -> str:
@@ -234,14 +269,21 @@ def _ratio_cell(row: dict, key: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma-separated Keras backends (default: all three; one not installed is skipped)")
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated Keras backends (default: all three; one not installed is skipped)",
+    )
     parser.add_argument("--images", type=int, default=128, help="images per feature-extraction pass")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32, help="as TrainConfig's default")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant, and latency calls")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="subprocesses per backend, the order alternating; figures are medians over all rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="subprocesses per backend, the order alternating; figures are medians over all rounds",
+    )
     parser.add_argument("--matmul-size", type=int, default=2048, help="square float32 matmul for the rate")
     parser.add_argument("--random-weights", action="store_true", help="random weights even when ../shared has them")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -271,7 +313,7 @@ def main() -> None:
     runnable = [b for b in names if installed(b)]
     rounds: dict[str, list[dict]] = {b: [] for b in runnable}
     for i in range(args.rounds):  # with several rounds the order alternates, so drifting load hits all alike
-        for backend in (runnable if i % 2 == 0 else runnable[::-1]):
+        for backend in runnable if i % 2 == 0 else runnable[::-1]:
             log(f"{backend} (round {i + 1}/{args.rounds}) ...")
             rounds[backend].append(run_backend(backend, args))
     rows = []
@@ -287,26 +329,46 @@ def main() -> None:
         if reference and "extract_view0_images_per_s" in row:
             row["ratio_to_tensorflow"] = {
                 key: row[key] / reference[key]
-                for key in ("extract_view0_images_per_s", "extract_augmented_images_per_s", "latency_ms",
-                            "matmul_gflops")}
-    weights = "ImageNet (../shared/weights)" if RESNET_WEIGHTS.is_file() and not args.random_weights else \
-        "random (../shared/weights missing or --random-weights; the timing does not depend on them)"
+                for key in (
+                    "extract_view0_images_per_s",
+                    "extract_augmented_images_per_s",
+                    "latency_ms",
+                    "matmul_gflops",
+                )
+            }
+    weights = (
+        "ImageNet (../shared/weights)"
+        if RESNET_WEIGHTS.is_file() and not args.random_weights
+        else "random (../shared/weights missing or --random-weights; the timing does not depend on them)"
+    )
     document = {
         "benchmark": "Keras backends side by side: ResNet50 feature extraction, single-image latency, matmul rate",
         "machine": info,
         "load_average_at_end": load_average(),
-        "backbone": "resnet50", "image_size": args.image_size, "batch_size": args.batch_size,
-        "n_images": args.images, "repeats": args.repeats, "rounds": args.rounds, "weights": weights,
+        "backbone": "resnet50",
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "n_images": args.images,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "weights": weights,
         "data": "random uint8 images made on the spot (decoding and resizing are not timed)",
         "notes": [
-            ("feature extraction: bcd_engine.models.features.extract_features(cache=None) on in-memory uint8 "
-             f"images, batch {args.batch_size}; view 0 = the images themselves, augmented = views 1..{AUGMENTED_VIEWS} "
-             "cycling over the images; median of interleaved passes after warm-up"),
-            ("latency: bcd_engine.inference.predict.measure_latency (mean of 10 warm single-image calls) on "
-             "backbone + pooling + head (head.assemble_model); median of --repeats calls"),
-            (f"matmul: float32 keras.ops.matmul {args.matmul_size}-square, best of 5, before and after the models; "
-             "floor time per image = ResNet50 FLOPs per image (2 x conv and dense MACs from layer shapes) / that rate; "
-             "view0_x_floor = measured view-0 time per image / floor time (1.0 = at the floor)"),
+            (
+                "feature extraction: bcd_engine.models.features.extract_features(cache=None) on in-memory uint8 "
+                f"images, batch {args.batch_size}; view 0 = the images themselves, "
+                f"augmented = views 1..{AUGMENTED_VIEWS} cycling over the images; median of interleaved passes after "
+                "warm-up"
+            ),
+            (
+                "latency: bcd_engine.inference.predict.measure_latency (mean of 10 warm single-image calls) on "
+                "backbone + pooling + head (head.assemble_model); median of --repeats calls"
+            ),
+            (
+                f"matmul: float32 keras.ops.matmul {args.matmul_size}-square, best of 5, before and after the models; "
+                "floor time per image = ResNet50 FLOPs per image (2 x conv and dense MACs from layer shapes) / "
+                "that rate; view0_x_floor = measured view-0 time per image / floor time (1.0 = at the floor)"
+            ),
             "ratio_to_tensorflow: each figure / the TensorFlow row's (images/s and GFLOP/s: higher is better; ms: "
             "lower is better)",
             "each backend runs in its own subprocess, one after the other, on the same cores",
@@ -316,23 +378,31 @@ def main() -> None:
     if args.json:
         print(json.dumps(document, indent=2))
         return
-    print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores; load average "
-          f"{info['load_average_at_start']} at start, {document['load_average_at_end']} at end")
-    print(f"ResNet50 at {args.image_size} px, batch {args.batch_size}, {args.images} images, median of "
-          f"{args.repeats * args.rounds} passes ({args.rounds} round(s)); weights: {weights}; data: {document['data']}")
-    header = (f"{'backend':<11}{'version':>10}{'view 0 img/s':>14}{'x TF':>7}{'augmented img/s':>17}{'x TF':>7}"
-              f"{'1 image ms':>12}{'x TF':>7}{'matmul GFLOP/s':>16}{'x TF':>7}{'view 0 x floor':>16}")
+    print(
+        f"machine: {info['cpu']}, {info['usable_cores']} usable cores; load average "
+        f"{info['load_average_at_start']} at start, {document['load_average_at_end']} at end"
+    )
+    print(
+        f"ResNet50 at {args.image_size} px, batch {args.batch_size}, {args.images} images, median of "
+        f"{args.repeats * args.rounds} passes ({args.rounds} round(s)); weights: {weights}; data: {document['data']}"
+    )
+    header = (
+        f"{'backend':<11}{'version':>10}{'view 0 img/s':>14}{'x TF':>7}{'augmented img/s':>17}{'x TF':>7}"
+        f"{'1 image ms':>12}{'x TF':>7}{'matmul GFLOP/s':>16}{'x TF':>7}{'view 0 x floor':>16}"
+    )
     print(header)
     for r in rows:
         if "skipped" in r or "error" in r:
             print(f"{r['backend']:<11}  {r.get('skipped') or 'failed: ' + r['error']}")
             continue
-        print(f"{r['backend']:<11}{r['library_version']:>10}"
-              f"{r['extract_view0_images_per_s']:>14.1f}{_ratio_cell(r, 'extract_view0_images_per_s')}"
-              f"{r['extract_augmented_images_per_s']:>17.1f}{_ratio_cell(r, 'extract_augmented_images_per_s')}"
-              f"{r['latency_ms']:>12.1f}{_ratio_cell(r, 'latency_ms')}"
-              f"{r['matmul_gflops']:>16.1f}{_ratio_cell(r, 'matmul_gflops')}"
-              f"{r['view0_x_floor']:>16.2f}")
+        print(
+            f"{r['backend']:<11}{r['library_version']:>10}"
+            f"{r['extract_view0_images_per_s']:>14.1f}{_ratio_cell(r, 'extract_view0_images_per_s')}"
+            f"{r['extract_augmented_images_per_s']:>17.1f}{_ratio_cell(r, 'extract_augmented_images_per_s')}"
+            f"{r['latency_ms']:>12.1f}{_ratio_cell(r, 'latency_ms')}"
+            f"{r['matmul_gflops']:>16.1f}{_ratio_cell(r, 'matmul_gflops')}"
+            f"{r['view0_x_floor']:>16.2f}"
+        )
     print("x TF = figure / TensorFlow's; view 0 x floor = view-0 time per image / floor time (1.00 = at the floor).")
     for note in document["notes"]:
         print(f"- {note}")

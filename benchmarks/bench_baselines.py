@@ -23,6 +23,7 @@ Uses ../shared/datasets/all_taleqani/Original when present, else the synthetic d
 ``--limit N`` copies a seeded random subset of N images into a temporary folder: for checking the script
 only, its figures are not comparable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,8 @@ def classical(scan, *, model: str, image_size: int, seed: int) -> dict:
         "protocol": result["protocol"],
         "image_size": image_size,
         "n_features": result["n_features"],
-        "n_fit": result["n_train"], "n_test": result["n_test"],
+        "n_fit": result["n_train"],
+        "n_test": result["n_test"],
         **ci_summary({**result, "accuracy": result["test_accuracy"]}),
         "confusion_matrix": result["confusion_matrix"],
         "seconds": {"total": result["seconds"], **result["stage_seconds"]},
@@ -88,8 +90,7 @@ def scratch(data: Path, *, image_size: int, epochs: int, patience: int | None, s
 
     os.environ["BCD_ARTIFACTS_DIR"] = str(tmp / "artifacts")  # the model is saved there, not in artifacts/
     store = RunStore.open(f"sqlite:///{tmp / 'runs.db'}")
-    config = TrainConfig.for_backbone("scratch_cnn", image_size=image_size, epochs=epochs, patience=patience,
-                                      seed=seed)
+    config = TrainConfig.for_backbone("scratch_cnn", image_size=image_size, epochs=epochs, patience=patience, seed=seed)
     result = train(config, data, store=store, progress=True)
     if result.status != "completed":
         raise SystemExit(f"scratch CNN run ended {result.status}")
@@ -101,11 +102,15 @@ def scratch(data: Path, *, image_size: int, epochs: int, patience: int | None, s
         "model": "scratch CNN",
         "protocol": result.protocol,
         "image_size": config.image_size,
-        "n_fit": result.n_train, "n_val": result.n_val, "n_test": result.n_test,
+        "n_fit": result.n_train,
+        "n_val": result.n_val,
+        "n_test": result.n_test,
         **ci_summary(evaluation.metrics),
         "confusion_matrix": evaluation.confusion_matrix,
-        "epochs_max": config.epochs, "patience": config.patience,
-        "epochs_run": len(history), "best_epoch": best.epoch,
+        "epochs_max": config.epochs,
+        "patience": config.patience,
+        "epochs_run": len(history),
+        "best_epoch": best.epoch,
         "stopped_early": len(history) < config.epochs,
         "seconds": {
             "total": result.seconds,
@@ -141,18 +146,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="folder of class subfolders (default: the ALL dataset in ../shared)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (train's default is 0)")
-    parser.add_argument("--models", default="svm,logreg", help=f"classical models, from {baselines.MODELS}; "
-                        "empty to skip")
-    parser.add_argument("--baseline-size", type=int, default=128,
-                        help="image size for the hand-crafted features (train_classical_baseline's default)")
+    parser.add_argument(
+        "--models", default="svm,logreg", help=f"classical models, from {baselines.MODELS}; empty to skip"
+    )
+    parser.add_argument(
+        "--baseline-size",
+        type=int,
+        default=128,
+        help="image size for the hand-crafted features (train_classical_baseline's default)",
+    )
     parser.add_argument("--scratch", action="store_true", help="also train the scratch CNN (minutes)")
     parser.add_argument("--scratch-size", type=int, default=96)
-    parser.add_argument("--scratch-epochs", type=int, default=60,
-                        help="at most (the engine's default for the scratch CNN); early stopping may end sooner")
-    parser.add_argument("--scratch-patience", type=int, default=None,
-                        help="early-stopping patience (default: the scratch CNN's default)")
-    parser.add_argument("--limit", type=int, default=0, help="check the script on N images only (figures not "
-                        "comparable)")
+    parser.add_argument(
+        "--scratch-epochs",
+        type=int,
+        default=60,
+        help="at most (the engine's default for the scratch CNN); early stopping may end sooner",
+    )
+    parser.add_argument(
+        "--scratch-patience",
+        type=int,
+        default=None,
+        help="early-stopping patience (default: the scratch CNN's default)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=0, help="check the script on N images only (figures not comparable)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -185,8 +204,16 @@ def main() -> None:
             log(f"  accuracy {results[-1]['accuracy']['estimate']:.4f} in {results[-1]['seconds']['total']:.1f} s")
         if args.scratch:
             log(f"scratch CNN ({args.scratch_size} px, at most {args.scratch_epochs} epochs) ...")
-            results.append(scratch(data, image_size=args.scratch_size, epochs=args.scratch_epochs,
-                                   patience=args.scratch_patience, seed=args.seed, tmp=tmp))
+            results.append(
+                scratch(
+                    data,
+                    image_size=args.scratch_size,
+                    epochs=args.scratch_epochs,
+                    patience=args.scratch_patience,
+                    seed=args.seed,
+                    tmp=tmp,
+                )
+            )
             log(f"  accuracy {results[-1]['accuracy']['estimate']:.4f} in {results[-1]['seconds']['total']:.1f} s")
 
     document = {
@@ -195,18 +222,27 @@ def main() -> None:
         "device": environment["device"],
         "load_average_at_end": load_average(),
         "data": note,
-        "split": {"seed": args.seed, "n_train": len(split.train), "n_val": len(split.val),
-                  "n_test": len(split.test), "class_names": list(scan.class_names)},
+        "split": {
+            "seed": args.seed,
+            "n_train": len(split.train),
+            "n_val": len(split.val),
+            "n_test": len(split.test),
+            "class_names": list(scan.class_names),
+        },
         "results": results,
         "reference": [
             {**row, "protocol": "reported by its source; split and leakage control unknown"} for row in THESIS_REFERENCE
         ],
         "seconds": round(time.perf_counter() - started, 1),
         "notes": [
-            ("accuracy, macro_auc (one-vs-rest) and macro_f1 are on the test side of the split, with 95% "
-             "percentile bootstrap CIs over 1000 resamples of the test set's duplicate groups (most hold one image)"),
-            ("the classical baseline fits on train + val (nothing is tuned); the scratch CNN trains on train and "
-             "stops early on val"),
+            (
+                "accuracy, macro_auc (one-vs-rest) and macro_f1 are on the test side of the split, with 95% "
+                "percentile bootstrap CIs over 1000 resamples of the test set's duplicate groups (most hold one image)"
+            ),
+            (
+                "the classical baseline fits on train + val (nothing is tuned); the scratch CNN trains on train and "
+                "stops early on val"
+            ),
             "the thesis reports validation accuracy, not a group-aware held-out test accuracy",
         ],
     }
@@ -214,18 +250,24 @@ def main() -> None:
         return
     s = document["split"]
     print(f"data: {note}; split seed {s['seed']}: {s['n_train']} train / {s['n_val']} val / {s['n_test']} test")
-    print(f"{'model':<28}{'px':>5}{'test accuracy (95% CI)':>28}{'macro AUC (95% CI)':>28}"
-          f"{'macro F1':>9}{'time s':>9}")
+    print(f"{'model':<28}{'px':>5}{'test accuracy (95% CI)':>28}{'macro AUC (95% CI)':>28}{'macro F1':>9}{'time s':>9}")
     for r in results:
-        print(f"{r['model']:<28}{r['image_size']:>5}{fmt_ci(r['accuracy']):>28}{fmt_ci(r['macro_auc']):>28}"
-              f"{r['macro_f1']['estimate']:>9.4f}{r['seconds']['total']:>9.1f}")
+        print(
+            f"{r['model']:<28}{r['image_size']:>5}{fmt_ci(r['accuracy']):>28}{fmt_ci(r['macro_auc']):>28}"
+            f"{r['macro_f1']['estimate']:>9.4f}{r['seconds']['total']:>9.1f}"
+        )
     print("reported by others (validation accuracy):")
     for row in THESIS_REFERENCE:
         print(f"  {row['model']:<44}{row['val_accuracy']:>8.2%}  ({row['source']})")
     for r in results:
-        print(f"{r['model']}: seconds {r['seconds']}"
-              + (f"; epochs run {r['epochs_run']} of {r['epochs_max']}, best {r['best_epoch']}" if "epochs_run" in r
-                 else ""))
+        print(
+            f"{r['model']}: seconds {r['seconds']}"
+            + (
+                f"; epochs run {r['epochs_run']} of {r['epochs_max']}, best {r['best_epoch']}"
+                if "epochs_run" in r
+                else ""
+            )
+        )
     for line in document["notes"]:
         print(f"- {line}")
 

@@ -11,6 +11,7 @@ server started (cold). Prediction: from ``set_input_files`` until the "Predicted
 upload is shown, after a first upload has loaded the model. Figures go to stdout (with --json as one JSON
 document), logs to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PAGES = [("", "Dataset explorer"), ("train", "Train"), ("compare", "Compare runs"), ("diagnose", "Diagnose images")]
 TIMEOUT_MS = 120_000
 # The metric of the upload named `name` is on screen: its image caption shows the name and the metric is not a
@@ -55,15 +62,29 @@ def log(msg: str) -> None:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "platform": platform.platform(), "python": platform.python_version()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def summary(times: list[float]) -> dict:
-    return {"times_s": [round(t, 3) for t in times], "median_s": round(statistics.median(times), 3),
-            "max_s": round(max(times), 3)}
+    return {
+        "times_s": [round(t, 3) for t in times],
+        "median_s": round(statistics.median(times), 3),
+        "max_s": round(max(times), 3),
+    }
 
 
 def free_port() -> int:
@@ -92,9 +113,27 @@ def train_demo_model(url: str) -> float:
 def start_server(env: dict, log_file) -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -144,7 +183,8 @@ def time_upload(page, image: Path, name: str) -> float:
     clear_uploads(page)
     t0 = time.perf_counter()
     page.locator('input[type="file"]').set_input_files(
-        files=[{"name": name, "mimeType": "image/png", "buffer": image.read_bytes()}])
+        files=[{"name": name, "mimeType": "image/png", "buffer": image.read_bytes()}]
+    )
     page.wait_for_function(PREDICTION_SHOWN_JS, arg=name, timeout=TIMEOUT_MS)
     elapsed = time.perf_counter() - t0
     check_no_exception(page, f"upload {name}")
@@ -215,30 +255,43 @@ def main() -> None:
 
     shutil.rmtree(tmp, ignore_errors=True)  # kept (with streamlit.log) only when something failed
     import streamlit
+
     result = {
         "benchmark": "dashboard",
         "machine": {**machine(), "chromium": chromium_version, "streamlit": streamlit.__version__},
         "setup": {"train_demo_model_s": round(train_s, 2), "server_start_s": round(server_s, 2)},
-        "page_render": {path: {"title": v["title"], "cold_s": round(v["times"][0], 3), **summary(v["times"])}
-                        for path, v in pages.items()},
-        "prediction": {"warm_up_s": round(warm_s, 3), "files": names[1:], "last_predicted_class": predicted,
-                       **summary(uploads)},
+        "page_render": {
+            path: {"title": v["title"], "cold_s": round(v["times"][0], 3), **summary(v["times"])}
+            for path, v in pages.items()
+        },
+        "prediction": {
+            "warm_up_s": round(warm_s, 3),
+            "files": names[1:],
+            "last_predicted_class": predicted,
+            **summary(uploads),
+        },
         "total_s": round(time.perf_counter() - started, 1),
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    print(f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_avg_1m']}; chromium {m['chromium']}, "
-          f"streamlit {m['streamlit']}")
+    print(
+        f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_avg_1m']}; chromium {m['chromium']}, "
+        f"streamlit {m['streamlit']}"
+    )
     print(f"setup: demo model trained in {train_s:.1f} s, server up in {server_s:.1f} s")
     print(f"page render over {args.rounds} rounds (cold = first visit):")
     for path, v in result["page_render"].items():
-        print(f"  {path:<10} {v['title']:<20} cold {v['cold_s']:.3f} s  median {v['median_s']:.3f} s  "
-              f"max {v['max_s']:.3f} s")
+        print(
+            f"  {path:<10} {v['title']:<20} cold {v['cold_s']:.3f} s  median {v['median_s']:.3f} s  "
+            f"max {v['max_s']:.3f} s"
+        )
     pr = result["prediction"]
-    print(f"upload -> prediction: warm-up {pr['warm_up_s']:.3f} s; {len(uploads)} timed uploads "
-          f"median {pr['median_s']:.3f} s  max {pr['max_s']:.3f} s")
+    print(
+        f"upload -> prediction: warm-up {pr['warm_up_s']:.3f} s; {len(uploads)} timed uploads "
+        f"median {pr['median_s']:.3f} s  max {pr['max_s']:.3f} s"
+    )
     print(f"total {result['total_s']} s")
 
 

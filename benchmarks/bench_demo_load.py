@@ -26,6 +26,7 @@ through the inference queue in-process, without browser or Streamlit, are printe
 Goals (issues 12 and 23, 2 cores): p95 at most 3 s and peak memory at most 2.5 GB with 8 sessions; with a
 hostile visitor beside them the others' p95 at most 5 s; a hostile visitor raises the memory by at most 500 MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -150,8 +151,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def latency_summary(times: list[float]) -> dict:
-    return {"n": len(times), "p50_s": round(percentile(times, 50), 3), "p95_s": round(percentile(times, 95), 3),
-            "max_s": round(max(times), 3), "mean_s": round(statistics.fmean(times), 3)}
+    return {
+        "n": len(times),
+        "p50_s": round(percentile(times, 50), 3),
+        "p95_s": round(percentile(times, 95), 3),
+        "max_s": round(max(times), 3),
+        "mean_s": round(statistics.fmean(times), 3),
+    }
 
 
 def train_resnet50(tmp: Path, weights: str | None) -> tuple[str, Path, int]:
@@ -203,13 +209,15 @@ def hostile_files() -> list[dict]:
     ramp = (np.arange(7000, dtype=np.uint32) * 9 % 65536).astype(np.uint16)
     deep = io.BytesIO()
     Image.fromarray(np.broadcast_to(ramp, (7000, 7000)).copy()).save(deep, format="PNG")
-    return ([{"name": f"batch{i}.zip", "mimeType": "application/zip", "buffer": archive.getvalue()}
-             for i in range(5)] + [{"name": "deep.png", "mimeType": "image/png", "buffer": deep.getvalue()}])
+    return [
+        {"name": f"batch{i}.zip", "mimeType": "application/zip", "buffer": archive.getvalue()} for i in range(5)
+    ] + [{"name": "deep.png", "mimeType": "image/png", "buffer": deep.getvalue()}]
 
 
 def upload(page, image: Path, name: str) -> None:
     page.locator('input[type="file"]').set_input_files(
-        files=[{"name": name, "mimeType": "image/png", "buffer": image.read_bytes()}])
+        files=[{"name": name, "mimeType": "image/png", "buffer": image.read_bytes()}]
+    )
 
 
 def renice_browser(niceness: int) -> None:
@@ -282,12 +290,12 @@ def decode_bombs() -> list[tuple[str, bytes, str]]:
 
     def save(mode: str, fmt: str, **kw) -> bytes:
         out = io.BytesIO()
-        Image.new(mode, (16, 16), (200, 120, 150, 255)[:len(mode)]).save(out, format=fmt, **kw)
+        Image.new(mode, (16, 16), (200, 120, 150, 255)[: len(mode)]).save(out, format=fmt, **kw)
         return out.getvalue()
 
     jpeg = bytearray(save("RGB", "JPEG"))
     sof = jpeg.index(b"\xff\xc0")
-    jpeg[sof + 5:sof + 9] = struct.pack(">HH", 7000, 7000)
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 7000, 7000)
     webp = bytearray(save("RGB", "WEBP", lossless=True))
     bits = int.from_bytes(webp[21:25], "little")
     webp[21:25] = ((bits & ~((1 << 28) - 1)) | 6999 | (6999 << 14)).to_bytes(4, "little")
@@ -299,10 +307,12 @@ def decode_bombs() -> list[tuple[str, bytes, str]]:
     progressive = save("RGB", "JPEG", progressive=True)
     last_scan, end = progressive.rindex(b"\xff\xda"), progressive.rindex(b"\xff\xd9")
     scans = progressive[:end] + progressive[last_scan:end] * 3000 + b"\xff\xd9"
-    return [("bomb-7000.jpg", bytes(jpeg[:len(jpeg) // 2]), "image/jpeg"),
-            ("bomb-7000.webp", bytes(webp), "image/webp"),
-            ("bomb-7000.png", bytes(png[:len(png) // 2]), "image/png"),
-            ("bomb-scans.jpg", scans, "image/jpeg")]
+    return [
+        ("bomb-7000.jpg", bytes(jpeg[: len(jpeg) // 2]), "image/jpeg"),
+        ("bomb-7000.webp", bytes(webp), "image/webp"),
+        ("bomb-7000.png", bytes(png[: len(png) // 2]), "image/png"),
+        ("bomb-scans.jpg", scans, "image/jpeg"),
+    ]
 
 
 def thousand_zip(image: Path) -> tuple[str, bytes, str]:
@@ -316,7 +326,8 @@ def thousand_zip(image: Path) -> tuple[str, bytes, str]:
 
 def _mime(image: Path) -> str:
     return {".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}.get(
-        image.suffix.lower(), "image/jpeg")
+        image.suffix.lower(), "image/jpeg"
+    )
 
 
 async def _open(base: str, count: int):
@@ -349,8 +360,12 @@ async def _answer(session, files: list[tuple[str, bytes, str]], timeout: float) 
     refusal = next((e for e in session.elements if e.kind == "alert" and OUT_OF_DOMAIN in e.text), None)
     if refusal is not None and len(files) == 1 and files[0][0] in headings:  # the gate's refusal is its answer
         return {"kind": "answer", "s": refusal.at - started, "out_of_domain": True}
-    return {"kind": "other", "s": time.perf_counter() - started, "alerts": [a[:160] for a in alerts],
-            "metrics": session.texts("metric")}
+    return {
+        "kind": "other",
+        "s": time.perf_counter() - started,
+        "alerts": [a[:160] for a in alerts],
+        "metrics": session.texts("metric"),
+    }
 
 
 async def _round(base: str, picks: list[Path], tag: str, hostile_tabs: int, hostile: list | None) -> tuple[list, list]:
@@ -364,8 +379,12 @@ async def _round(base: str, picks: list[Path], tag: str, hostile_tabs: int, host
         with contextlib.suppress(TimeoutError):
             await bad[0].wait_for(lambda s: bool(s.texts("progress")) or hostile_tasks[0].done(), 60)
         hostile_tasks += [asyncio.create_task(_answer(s, files, timeout)) for s, files in zip(bad[1:], hostile[1:])]
-    outcomes = await asyncio.gather(*(_answer(s, [(f"{tag}-{i}-{p.name}", p.read_bytes(), _mime(p))], timeout)
-                                      for i, (s, p) in enumerate(zip(normal, picks))))
+    outcomes = await asyncio.gather(
+        *(
+            _answer(s, [(f"{tag}-{i}-{p.name}", p.read_bytes(), _mime(p))], timeout)
+            for i, (s, p) in enumerate(zip(normal, picks))
+        )
+    )
     hostile_outcomes = []
     for task in hostile_tasks:  # a thousand-image zip is not waited for: leaving drops its job, as a tab closing
         if task.done() and task.exception() is None:
@@ -395,27 +414,40 @@ async def protocol_phases(base: str, images: list[Path], memory: MemoryWatch, ar
     phases["one_session"] = {**latency_summary(single), "peak_rss_mb": round(memory.peak / 2**20)}
     log(f"protocol, 1 session: {phases['one_session']}")
     memory.reset()
-    many = [t for r in range(args.rounds)
-            for t in (await _round(base, [next(pick) for _ in range(args.sessions)], f"many{r}", 0, None))[0]]
-    phases["many_sessions"] = {"sessions": args.sessions, **latency_summary(many),
-                               "peak_rss_mb": round(memory.peak / 2**20)}
+    many = [
+        t
+        for r in range(args.rounds)
+        for t in (await _round(base, [next(pick) for _ in range(args.sessions)], f"many{r}", 0, None))[0]
+    ]
+    phases["many_sessions"] = {
+        "sessions": args.sessions,
+        **latency_summary(many),
+        "peak_rss_mb": round(memory.peak / 2**20),
+    }
     log(f"protocol, {args.sessions} sessions: {phases['many_sessions']}")
     hostile = [[thousand_zip(images[0])]] + [decode_bombs() for _ in range(args.hostile_tabs - 1)]
     before = memory.reset()
     beside, seen = [], []
     for r in range(args.hostile_rounds):
-        times, outcomes = await _round(base, [next(pick) for _ in range(args.sessions)], f"hostile{r}",
-                                       args.hostile_tabs, hostile)
+        times, outcomes = await _round(
+            base, [next(pick) for _ in range(args.sessions)], f"hostile{r}", args.hostile_tabs, hostile
+        )
         beside += times
         seen += outcomes
     refusals = sum(sum("cannot be used" in a for a in o.get("alerts", [])) for o in seen)
-    phases["hostile_beside"] = {"sessions": args.sessions, "hostile_tabs": args.hostile_tabs, **latency_summary(beside),
-                                "peak_rss_mb": round(memory.peak / 2**20),
-                                "rss_rise_mb": round((memory.peak - before) / 2**20),
-                                "bomb_refusals_shown": refusals,
-                                "hostile_outcomes": [{k: v for k, v in o.items() if k != "metrics"} for o in seen]}
-    log(f"protocol, {args.sessions} sessions beside a hostile visitor: "
-        f"{ {k: v for k, v in phases['hostile_beside'].items() if k != 'hostile_outcomes'} }")
+    phases["hostile_beside"] = {
+        "sessions": args.sessions,
+        "hostile_tabs": args.hostile_tabs,
+        **latency_summary(beside),
+        "peak_rss_mb": round(memory.peak / 2**20),
+        "rss_rise_mb": round((memory.peak - before) / 2**20),
+        "bomb_refusals_shown": refusals,
+        "hostile_outcomes": [{k: v for k, v in o.items() if k != "metrics"} for o in seen],
+    }
+    log(
+        f"protocol, {args.sessions} sessions beside a hostile visitor: "
+        f"{ {k: v for k, v in phases['hostile_beside'].items() if k != 'hostile_outcomes'} }"
+    )
     phases["answers_out_of_domain"] = _round.out_of_domain
     return phases
 
@@ -461,8 +493,9 @@ def run_browser(env: dict, tmp: Path, images: list[Path], args) -> dict:
             log(f"browser, 1 session: {latency_summary(single)}")
             pages = [solo] + [open_diagnose(browser, base, args.browser_nice) for _ in range(args.sessions - 1)]
             memory.reset()
-            many = [t for r in range(args.rounds)
-                    for t in concurrent_round(pages, [next(pick) for _ in pages], f"many{r}")]
+            many = [
+                t for r in range(args.rounds) for t in concurrent_round(pages, [next(pick) for _ in pages], f"many{r}")
+            ]
             many_peak = memory.peak
             log(f"browser, {args.sessions} sessions: {latency_summary(many)}")
             for page in pages[1:]:
@@ -480,11 +513,14 @@ def run_browser(env: dict, tmp: Path, images: list[Path], args) -> dict:
             log(f"browser, hostile visitor: +{hostile_rise / 2**20:.0f} MB, {refused} refusals shown")
             chromium_version = browser.version
             browser.close()
-    return {"chromium": chromium_version, "browser_nice": args.browser_nice, "server_idle_rss_mb": round(idle / 2**20),
-            "one_session": {**latency_summary(single), "peak_rss_mb": round(single_peak / 2**20)},
-            "many_sessions": {"sessions": args.sessions, **latency_summary(many),
-                              "peak_rss_mb": round(many_peak / 2**20)},
-            "hostile": {"rss_rise_mb": round(hostile_rise / 2**20), "refusals_shown": refused}}
+    return {
+        "chromium": chromium_version,
+        "browser_nice": args.browser_nice,
+        "server_idle_rss_mb": round(idle / 2**20),
+        "one_session": {**latency_summary(single), "peak_rss_mb": round(single_peak / 2**20)},
+        "many_sessions": {"sessions": args.sessions, **latency_summary(many), "peak_rss_mb": round(many_peak / 2**20)},
+        "hostile": {"rss_rise_mb": round(hostile_rise / 2**20), "refusals_shown": refused},
+    }
 
 
 def main() -> None:
@@ -494,19 +530,32 @@ def main() -> None:
     parser.add_argument("--run", type=int, help="the run to serve (default: the store's best)")
     parser.add_argument("--weights", help="local ImageNet weights for the ResNet50 trained without --store")
     parser.add_argument("--images", help="folder of smear images to upload (default: the SYNTHETIC set)")
-    parser.add_argument("--client", choices=["protocol", "browser", "both"], default="both",
-                        help="protocol: Streamlit's websocket messages without a browser; browser: chromium; both "
-                             "(default), each against a fresh server")
+    parser.add_argument(
+        "--client",
+        choices=["protocol", "browser", "both"],
+        default="both",
+        help="protocol: Streamlit's websocket messages without a browser; browser: chromium; both "
+        "(default), each against a fresh server",
+    )
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="uploads per session in each phase")
-    parser.add_argument("--hostile-rounds", type=int, default=3,
-                        help="protocol client: rounds beside the hostile visitor")
-    parser.add_argument("--hostile-tabs", type=int, default=4,
-                        help="protocol client: the hostile visitor's tabs (the first uploads a thousand-image zip, "
-                             "the others decode bombs)")
-    parser.add_argument("--browser-nice", type=int, default=19,
-                        help="niceness of the browser (default 19: in real use the visitors' browsers run on their own "
-                             "machines, so here they get only the CPU the server leaves; 0 to compete with it)")
+    parser.add_argument(
+        "--hostile-rounds", type=int, default=3, help="protocol client: rounds beside the hostile visitor"
+    )
+    parser.add_argument(
+        "--hostile-tabs",
+        type=int,
+        default=4,
+        help="protocol client: the hostile visitor's tabs (the first uploads a thousand-image zip, "
+        "the others decode bombs)",
+    )
+    parser.add_argument(
+        "--browser-nice",
+        type=int,
+        default=19,
+        help="niceness of the browser (default 19: in real use the visitors' browsers run on their own "
+        "machines, so here they get only the CPU the server leaves; 0 to compete with it)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -526,13 +575,21 @@ def main() -> None:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     images = images[:: max(1, len(images) // (args.sessions * args.rounds * 2 + 1))]
     read_only = url + ("&" if "?" in url else "?") + "mode=ro"
-    env = {**os.environ, "BCD_DEMO_MODE": "1", "BCD_DATABASE_URL": read_only, "BCD_ARTIFACTS_DIR": str(artifacts),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "BCD_DEMO_MODE": "1",
+        "BCD_DATABASE_URL": read_only,
+        "BCD_ARTIFACTS_DIR": str(artifacts),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     from bcd_engine.store import RunStore
 
     store = RunStore(read_only)
-    run = store.get_run(args.run) if args.run else max(store.list_runs(status="completed"),
-                                                        key=lambda r: r.test_accuracy or 0)
+    run = (
+        store.get_run(args.run)
+        if args.run
+        else max(store.list_runs(status="completed"), key=lambda r: r.test_accuracy or 0)
+    )
     store.close()
     log(f"serving run {run.id} ({run.backbone}) in demo mode; {len(images)} smears from {folder}")
     floor = queue_floor(read_only, run.id, images, args.sessions, args.rounds)
@@ -552,13 +609,15 @@ def main() -> None:
             "p95_at_most_3_s": proto["many_sessions"]["p95_s"] <= GOAL_P95_S,
             "peak_at_most_2_5_gb": proto["many_sessions"]["peak_rss_mb"] * 2**20 <= GOAL_PEAK_BYTES,
             "p95_beside_hostile_at_most_5_s": proto["hostile_beside"]["p95_s"] <= GOAL_HOSTILE_P95_S,
-            "peak_beside_hostile_at_most_2_5_gb": proto["hostile_beside"]["peak_rss_mb"] * 2**20 <= GOAL_PEAK_BYTES}
+            "peak_beside_hostile_at_most_2_5_gb": proto["hostile_beside"]["peak_rss_mb"] * 2**20 <= GOAL_PEAK_BYTES,
+        }
     if args.client in ("browser", "both"):
         browser = result["browser"] = run_browser(env, tmp, images, args)
         goals["browser"] = {
             "p95_at_most_3_s": browser["many_sessions"]["p95_s"] <= GOAL_P95_S,
             "peak_at_most_2_5_gb": browser["many_sessions"]["peak_rss_mb"] * 2**20 <= GOAL_PEAK_BYTES,
-            "hostile_rise_at_most_500_mb": browser["hostile"]["rss_rise_mb"] * 2**20 <= GOAL_HOSTILE_RISE_BYTES}
+            "hostile_rise_at_most_500_mb": browser["hostile"]["rss_rise_mb"] * 2**20 <= GOAL_HOSTILE_RISE_BYTES,
+        }
     result["goals"] = goals
     result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     result["total_s"] = round(time.perf_counter() - started, 1)
@@ -570,44 +629,55 @@ def main() -> None:
 
 def print_table(result: dict, args, run, folder: Path) -> None:
     m, s0 = result["machine"], result["queue_floor_in_process"]
-    print(f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_avg_1m']} before, "
-          f"{m['load_avg_1m_after']} after")
+    print(
+        f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_avg_1m']} before, {m['load_avg_1m_after']} after"
+    )
     print(f"run {run.id}: {run.backbone}; smears from {folder}")
     print("| client | phase | n | p50 | p95 | max | server peak RSS |\n| --- | --- | --- | --- | --- | --- | --- |")
 
     def row(client: str, label: str, s: dict) -> None:
         peak = f"{s['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in s else ""
-        print(f"| {client} | {label} | {s['n']} | {s['p50_s']:.2f} s | {s['p95_s']:.2f} s | {s['max_s']:.2f} s "
-              f"| {peak} |")
+        print(
+            f"| {client} | {label} | {s['n']} | {s['p50_s']:.2f} s | {s['p95_s']:.2f} s | {s['max_s']:.2f} s | {peak} |"
+        )
 
     proto, browser = result.get("protocol"), result.get("browser")
     if proto:
         row("protocol", "1 session", proto["one_session"])
         row("protocol", f"{args.sessions} sessions at once", proto["many_sessions"])
-        row("protocol", f"{args.sessions} sessions beside a hostile visitor ({args.hostile_tabs} tabs)",
-            proto["hostile_beside"])
+        row(
+            "protocol",
+            f"{args.sessions} sessions beside a hostile visitor ({args.hostile_tabs} tabs)",
+            proto["hostile_beside"],
+        )
     if browser:
         row("browser", "1 session", browser["one_session"])
         row("browser", f"{args.sessions} sessions at once", browser["many_sessions"])
     row("floor", f"{args.sessions} jobs at once on the queue in-process", s0)
     if proto:
         h, s8 = proto["hostile_beside"], proto["many_sessions"]
-        print(f"protocol ratios to the goals: {args.sessions}-session p95 / 3 s = {s8['p95_s'] / GOAL_P95_S:.2f}; "
-              f"peak / 2.5 GB = {s8['peak_rss_mb'] * 2**20 / GOAL_PEAK_BYTES:.2f}; beside hostile p95 / 5 s = "
-              f"{h['p95_s'] / GOAL_HOSTILE_P95_S:.2f}; its peak / 2.5 GB = "
-              f"{h['peak_rss_mb'] * 2**20 / GOAL_PEAK_BYTES:.2f}; p95 / floor p95 = {s8['p95_s'] / s0['p95_s']:.2f}")
+        print(
+            f"protocol ratios to the goals: {args.sessions}-session p95 / 3 s = {s8['p95_s'] / GOAL_P95_S:.2f}; "
+            f"peak / 2.5 GB = {s8['peak_rss_mb'] * 2**20 / GOAL_PEAK_BYTES:.2f}; beside hostile p95 / 5 s = "
+            f"{h['p95_s'] / GOAL_HOSTILE_P95_S:.2f}; its peak / 2.5 GB = "
+            f"{h['peak_rss_mb'] * 2**20 / GOAL_PEAK_BYTES:.2f}; p95 / floor p95 = {s8['p95_s'] / s0['p95_s']:.2f}"
+        )
         kinds = {}
         for o in h["hostile_outcomes"]:
             kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
         print(f"  {proto['answers_out_of_domain']} answers were the out-of-domain gate's refusal (timed the same)")
-        print(f"  hostile visitor: RSS rise {h['rss_rise_mb']} MB; {h['bomb_refusals_shown']} bomb refusals shown; "
-              f"its uploads: {kinds}")
+        print(
+            f"  hostile visitor: RSS rise {h['rss_rise_mb']} MB; {h['bomb_refusals_shown']} bomb refusals shown; "
+            f"its uploads: {kinds}"
+        )
     if browser:
         s8, hb = browser["many_sessions"], browser["hostile"]
-        print(f"browser (chromium {browser['chromium']} at nice {browser['browser_nice']}) ratios: "
-              f"p95 / 3 s = {s8['p95_s'] / GOAL_P95_S:.2f}; peak / 2.5 GB = "
-              f"{s8['peak_rss_mb'] * 2**20 / GOAL_PEAK_BYTES:.2f}; hostile rise {hb['rss_rise_mb']} MB / 500 MB = "
-              f"{hb['rss_rise_mb'] * 2**20 / GOAL_HOSTILE_RISE_BYTES:.2f} ({hb['refusals_shown']} refusals shown)")
+        print(
+            f"browser (chromium {browser['chromium']} at nice {browser['browser_nice']}) ratios: "
+            f"p95 / 3 s = {s8['p95_s'] / GOAL_P95_S:.2f}; peak / 2.5 GB = "
+            f"{s8['peak_rss_mb'] * 2**20 / GOAL_PEAK_BYTES:.2f}; hostile rise {hb['rss_rise_mb']} MB / 500 MB = "
+            f"{hb['rss_rise_mb'] * 2**20 / GOAL_HOSTILE_RISE_BYTES:.2f} ({hb['refusals_shown']} refusals shown)"
+        )
     print(f"goals met: {result['goals']}; total {result['total_s']} s")
 
 

@@ -52,7 +52,7 @@ BEFORE = {
     "tabs": "one visitor's 32 tabs filled the global 32-job queue",
     "beside": "the next visitor told “the server is busy” within 0.5 s",
     "clear": "each clear_cache made a new queue (new thread, fresh 32-job budget): the clearing visitor waited "
-             "2.4 s instead of 37 s behind three bombs",
+    "2.4 s instead of 37 s behind three bombs",
 }
 
 
@@ -108,8 +108,7 @@ def train_tiny_run(folder: Path) -> tuple[str, Path]:
     from bcd_engine.training.run import train
 
     url = f"sqlite:///{folder / 'results.db'}"
-    config = TrainConfig.for_backbone("scratch_cnn", image_size=32, epochs=1, patience=1, batch_size=16,
-                                      dense_units=16)
+    config = TrainConfig.for_backbone("scratch_cnn", image_size=32, epochs=1, patience=1, batch_size=16, dense_units=16)
     with contextlib.redirect_stdout(sys.stderr):
         train(config, ensure_demo_dataset(), store=RunStore.open(url))
     return url, folder / "artifacts"
@@ -156,8 +155,7 @@ def threads(pid: int) -> int:
 
 def refusal(outcome: dict) -> str | None:
     """The share's line in a script run's alerts, if the upload was refused."""
-    return next((a for a in outcome.get("alerts", []) if "jobs waiting" in a or "busy" in a or "images in" in a),
-                None)
+    return next((a for a in outcome.get("alerts", []) if "jobs waiting" in a or "busy" in a or "images in" in a), None)
 
 
 async def phases(base: str, pid: int, tabs_count: int) -> dict:
@@ -175,14 +173,17 @@ async def phases(base: str, pid: int, tabs_count: int) -> dict:
     result["zip_tabs"] = [await queued_or_refused(tab, big) for tab in tabs[:3]]
     zip_runs = [tab.runs_finished for tab in tabs[:3]]  # a zip's job ending finishes its script run
     log(f"A's three zips: {result['zip_tabs']}; the other {tabs_count - 3} tabs upload one smear each")
-    outcomes = await asyncio.gather(*(_answer(tab, one(next(picks), f"a-{i}.png"), TIMEOUT_S)
-                                      for i, tab in enumerate(tabs[3:], start=3)))
+    outcomes = await asyncio.gather(
+        *(_answer(tab, one(next(picks), f"a-{i}.png"), TIMEOUT_S) for i, tab in enumerate(tabs[3:], start=3))
+    )
     refused = [refusal(o) for o in outcomes]
     result["single_tabs"] = {
-        "tabs": len(outcomes), "refused": sum(r is not None for r in refused),
+        "tabs": len(outcomes),
+        "refused": sum(r is not None for r in refused),
         "answered": sum(o["kind"] == "answer" for o in outcomes),
         "first_refusal": next((r for r in refused if r), None),
-        "slowest_refusal_s": max((o["s"] for o, r in zip(outcomes, refused) if r), default=None)}
+        "slowest_refusal_s": max((o["s"] for o, r in zip(outcomes, refused) if r), default=None),
+    }
     log(f"A's single-image tabs: {result['single_tabs']}")
 
     beside = await _answer(b, one(next(picks), "beside.png"), TIMEOUT_S)
@@ -196,11 +197,14 @@ async def phases(base: str, pid: int, tabs_count: int) -> dict:
     after = await _answer(tabs[3], one(next(picks), "a-after-clear.png"), TIMEOUT_S)
     clearing = await _answer(c, one(next(picks), "c-after-clear.png"), TIMEOUT_S)
     result["clear"] = {
-        "threads_before": threads_before, "threads_after": threads(pid),
-        "a_after_clear": refusal(after) or after["kind"], "a_after_clear_s": after["s"],
+        "threads_before": threads_before,
+        "threads_after": threads(pid),
+        "a_after_clear": refusal(after) or after["kind"],
+        "a_after_clear_s": after["s"],
         "clearing_visitor": {"kind": clearing["kind"], "s": clearing["s"], "refusal": refusal(clearing)},
         "a_progress_after_clear": tabs[0].texts("progress")[-1:],
-        "a_zip_jobs_ended": sum(tab.runs_finished > runs for tab, runs in zip(tabs[:3], zip_runs))}
+        "a_zip_jobs_ended": sum(tab.runs_finished > runs for tab, runs in zip(tabs[:3], zip_runs)),
+    }
     log(f"after clear_cache: {result['clear']}")
     await asyncio.gather(*(tab.close() for tab in [b, c, *tabs]))
     return result
@@ -209,8 +213,11 @@ async def phases(base: str, pid: int, tabs_count: int) -> dict:
 def report(result: dict, tabs: int) -> list[str]:
     single, clear = result["single_tabs"], result["clear"]
     beside = result["beside"]
-    beside_text = (f"refused: “{beside['refusal']}”" if beside["refusal"] else
-                   f"answered in {beside['s']:.2f} s (alone: {result['alone_s']:.2f} s)")
+    beside_text = (
+        f"refused: “{beside['refusal']}”"
+        if beside["refusal"]
+        else f"answered in {beside['s']:.2f} s (alone: {result['alone_s']:.2f} s)"
+    )
     clearing = clear["clearing_visitor"]
     lines = [
         "| phase | before (quoted from issue 23) | after |",
@@ -250,8 +257,13 @@ def main() -> None:
     log(f"training a tiny scratch-CNN run in {folder} ...")
     url, artifacts = train_tiny_run(folder)
     read_only = url + "?mode=ro"
-    env = {**os.environ, "BCD_DEMO_MODE": "1", "BCD_DATABASE_URL": read_only, "BCD_ARTIFACTS_DIR": str(artifacts),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "BCD_DEMO_MODE": "1",
+        "BCD_DATABASE_URL": read_only,
+        "BCD_ARTIFACTS_DIR": str(artifacts),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     with demo_server(env, folder / "streamlit.log") as (base, memory):
         result = asyncio.run(phases(base, memory.pid, max(4, args.tabs)))
         result["server_peak_rss_mb"] = round(memory.peak / 2**20)
@@ -261,8 +273,10 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print("\n".join(report(result, max(4, args.tabs))))
-    print(f"\n{result['wall_s']:.0f} s in all (training included); server peak RSS {result['server_peak_rss_mb']} MB; "
-          f"load average at end {result['load_average_at_end']}")
+    print(
+        f"\n{result['wall_s']:.0f} s in all (training included); server peak RSS {result['server_peak_rss_mb']} MB; "
+        f"load average at end {result['load_average_at_end']}"
+    )
 
 
 if __name__ == "__main__":

@@ -113,8 +113,13 @@ def rgba_png(padding: int = 0) -> bytes:
     idat = b"".join(rows.compress(row) for _ in range(BOMB_SIDE)) + rows.flush()
     header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 6, 0, 0, 0)
     private = _png_chunk(b"prVt", np.random.default_rng(0).bytes(padding)) if padding else b""
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + private
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + private
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def many_scans_jpeg(scans: int = 30_000) -> bytes:
@@ -229,8 +234,9 @@ def _thousand(quick: bool) -> tuple[Files, str]:
     png = rgba_png(padding=THOUSAND_PADDING)
     count = 100 if quick else 1000
     data = zip_of([(f"cell-{i:04d}.png", png) for i in range(count)])
-    return [("cells.zip", data)], (f"{count} members of {len(png):,} bytes, {THOUSAND_PADDING:,} of them random; "
-                                   f"zip of {len(data) / MB:.1f} MB")
+    return [("cells.zip", data)], (
+        f"{count} members of {len(png):,} bytes, {THOUSAND_PADDING:,} of them random; zip of {len(data) / MB:.1f} MB"
+    )
 
 
 def _fake_record(entries: int) -> Callable[[bool], tuple[Files, str]]:
@@ -242,8 +248,10 @@ def _fake_record(entries: int) -> Callable[[bool], tuple[Files, str]]:
 
 
 def _declared(quick: bool) -> tuple[Files, str]:
-    return ([(f"scan-{i}.tif", DECLARED_FILE_BYTES) for i in range(1, DECLARED_FILES + 1)],
-            f"{DECLARED_FILES} stand-ins declaring {DECLARED_FILE_BYTES // MB} MB each")
+    return (
+        [(f"scan-{i}.tif", DECLARED_FILE_BYTES) for i in range(1, DECLARED_FILES + 1)],
+        f"{DECLARED_FILES} stand-ins declaring {DECLARED_FILE_BYTES // MB} MB each",
+    )
 
 
 def _largest_image(quick: bool) -> tuple[Files, str]:
@@ -262,19 +270,35 @@ def cases(quick: bool) -> list[Case]:
 
     largest_entries = (diagnosis.MAX_ARCHIVE_UPLOAD_BYTES - 22) // 47
     fake = [
-        Case("6a", "fake end record, the issue's size", "197 MB zip: 62 s, +1.85 GB",
-             _fake_record(FAKE_RECORD_ISSUE_BYTES // 47)),
-        Case("6b", "fake end record, largest under the upload limit", "(the issue's file was 197 MB)",
-             _fake_record(200_000 if quick else largest_entries)),
+        Case(
+            "6a",
+            "fake end record, the issue's size",
+            "197 MB zip: 62 s, +1.85 GB",
+            _fake_record(FAKE_RECORD_ISSUE_BYTES // 47),
+        ),
+        Case(
+            "6b",
+            "fake end record, largest under the upload limit",
+            "(the issue's file was 197 MB)",
+            _fake_record(200_000 if quick else largest_entries),
+        ),
     ]
     return [
-        Case("1", "3 KB JPEG declaring 7000 x 7000, truncated", "accepted, 1.2 s, +375 MB",
-             _one("cell.jpg", truncated_jpeg)),
+        Case(
+            "1",
+            "3 KB JPEG declaring 7000 x 7000, truncated",
+            "accepted, 1.2 s, +375 MB",
+            _one("cell.jpg", truncated_jpeg),
+        ),
         Case("2", "2 KB lossless WebP of 7000 x 7000", "accepted, +750 MB", _one("cell.webp", lossless_webp)),
         Case("3", "200 KB RGBA PNG of 7000 x 7000", "accepted, 6 s, +935 MB", _one("cell.png", rgba_png)),
         Case("4", "a thousand such PNGs in one zip", "20-100 min of the inference thread", _thousand),
-        Case("5", "progressive JPEG repeating one scan 30,000 times",
-             "minutes (another visitor's image: 146 s, not 15 s)", _one("scans.jpg", many_scans_jpeg)),
+        Case(
+            "5",
+            "progressive JPEG repeating one scan 30,000 times",
+            "minutes (another visitor's image: 146 s, not 15 s)",
+            _one("scans.jpg", many_scans_jpeg),
+        ),
         *(fake[1:] if quick else fake),
         Case("7", "five 190 MB files in one upload", "+2.6 GB (1.7 GB kept)", _declared),
         Case("8a", "worst mix within the limits, decoded step by step", "(goal: at most +500 MB)", _mix),
@@ -335,8 +359,7 @@ def measure_case(manifest: Path) -> dict:
     from bcd_engine.inference.service import STEP_IMAGES
 
     specs = json.loads(manifest.read_text())
-    uploads = [StandInUpload(s["name"], s["size"], Path(s["path"]).read_bytes() if s["path"] else None)
-               for s in specs]
+    uploads = [StandInUpload(s["name"], s["size"], Path(s["path"]).read_bytes() if s["path"] else None) for s in specs]
     held = sum(u.size for u in uploads if u._data is not None)
     warm = _save(_noise((32, 32), "RGBA"), "PNG")  # Pillow's plugins loaded before the measurement
     read_header(warm)
@@ -351,8 +374,9 @@ def measure_case(manifest: Path) -> dict:
     sources, rejected = diagnosis.upload_sources(uploads)
     read_s = time.perf_counter() - started
     member_errors = [s.error for s in sources if s.error is not None]
-    steps = diagnosis.Diagnoser([StandInModel()]).diagnose_steps(sources, batch_size=STEP_IMAGES,
-                                                                 keep_images=len(sources) == 1)
+    steps = diagnosis.Diagnoser([StandInModel()]).diagnose_steps(
+        sources, batch_size=STEP_IMAGES, keep_images=len(sources) == 1
+    )
     accepted = len(sources)
     del sources
     while True:
@@ -414,15 +438,23 @@ def fair_share(images_per_job: int) -> dict:
         other_refused, other_s = str(exc), time.perf_counter() - started
     for job in accepted:
         job.cancel()
-    return {"images_per_job": images_per_job, "accepted": len(accepted), "refusals": refusals,
-            "other_refused": other_refused, "other_s": other_s, "step_s": FAIR_STEP_S, "step_images": STEP_IMAGES}
+    return {
+        "images_per_job": images_per_job,
+        "accepted": len(accepted),
+        "refusals": refusals,
+        "other_refused": other_refused,
+        "other_s": other_s,
+        "step_s": FAIR_STEP_S,
+        "step_images": STEP_IMAGES,
+    }
 
 
 # -- the parent -------------------------------------------------------------------------------------------------------
 def _child(*args: str) -> dict:
     try:
-        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_S, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, __file__, *args], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         return {"failed": f"did not finish in {CHILD_TIMEOUT_S} s"}
     if done.returncode != 0:
@@ -486,8 +518,10 @@ def table(rows: list[dict], fairs: dict[str, dict]) -> list[str]:
     ]
     for row in rows:
         if "failed" in row:
-            lines.append(f"| {row['key']} | {_cell(row['case'])} ({_cell(row['what'])}) | {_cell(row['before'])} | "
-                         f"{_cell(outcome(row))} | | | | |")
+            lines.append(
+                f"| {row['key']} | {_cell(row['case'])} ({_cell(row['what'])}) | {_cell(row['before'])} | "
+                f"{_cell(outcome(row))} | | | | |"
+            )
             continue
         lines.append(
             f"| {row['key']} | {_cell(row['case'])} ({_cell(row['what'])}) | {_cell(row['before'])} | "
@@ -495,8 +529,10 @@ def table(rows: list[dict], fairs: dict[str, dict]) -> list[str]:
             f"{row['images_to_decoder']} |"
         )
     for key, fair in fairs.items():
-        title = (f"fair share: one visitor's {FAIR_JOBS} jobs of {FAIR_CASES[key]:,} image(s), then "
-                 f"another visitor's one image (engine level, {FAIR_STEP_S} s steps)")
+        title = (
+            f"fair share: one visitor's {FAIR_JOBS} jobs of {FAIR_CASES[key]:,} image(s), then "
+            f"another visitor's one image (engine level, {FAIR_STEP_S} s steps)"
+        )
         before = "“the server is busy” within 0.5 s"
         if "failed" in fair:
             lines.append(f"| {key} | {title} | {before} | FAILED: {_cell(fair['failed'])} | | | | |")
@@ -513,8 +549,10 @@ def fair_outcome(fair: dict) -> str:
     elif fair["other_s"] is None:
         other = "the other visitor's job not answered within 120 s"
     else:
-        other = (f"the other visitor's image answered after {fair['other_s']:.2f} s: the step running when it came "
-                 f"and its own ({fair['other_s'] / fair['step_s']:.1f} steps)")
+        other = (
+            f"the other visitor's image answered after {fair['other_s']:.2f} s: the step running when it came "
+            f"and its own ({fair['other_s'] / fair['step_s']:.1f} steps)"
+        )
     return f"{fair['accepted']} of {FAIR_JOBS} jobs queued, {len(fair['refusals'])} refused{first}; {other}"
 
 
@@ -535,8 +573,10 @@ def verdicts(rows: list[dict], fairs: dict[str, dict], *, quick: bool) -> list[s
                 continue
             nothing_decoded = row["images_to_decoder"] == 0
             ok &= nothing_decoded and row["seconds"] < FAST_S and row["growth_mb"] < growth_mb
-            figures.append(f"{key}: {row['seconds']:.2f} s, +{row['growth_mb']:.0f} MB"
-                           + ("" if nothing_decoded else f", {row['images_to_decoder']} decoded"))
+            figures.append(
+                f"{key}: {row['seconds']:.2f} s, +{row['growth_mb']:.0f} MB"
+                + ("" if nothing_decoded else f", {row['images_to_decoder']} decoded")
+            )
         return ok, "; ".join(figures)
 
     def says(ok: bool) -> str:
@@ -544,43 +584,60 @@ def verdicts(rows: list[dict], fairs: dict[str, dict], *, quick: bool) -> list[s
 
     lines = []
     ok, figures = refused_fast(["1", "2", "3", "5"])
-    lines.append(f"- Decode budget read from headers (cases 1, 2, 3 and 5 refused before any pixel is decoded, each "
-                 f"within {FAST_S:g} s and +{SMALL_GROWTH_MB} MB): {says(ok)} ({figures})")
+    lines.append(
+        f"- Decode budget read from headers (cases 1, 2, 3 and 5 refused before any pixel is decoded, each "
+        f"within {FAST_S:g} s and +{SMALL_GROWTH_MB} MB): {says(ok)} ({figures})"
+    )
     budget_mb = diagnosis.MAX_UPLOAD_TOTAL_BYTES / MB
     ok, figures = refused_fast(["4"], growth_mb=budget_mb)
-    lines.append(f"- A thousand bombs in one zip (case 4: every member refused before any pixel is decoded, within "
-                 f"{FAST_S:g} s; memory within the upload's byte budget of {budget_mb:.0f} MB, since the members are "
-                 f"expanded before their headers are read): {says(ok)} ({figures})")
+    lines.append(
+        f"- A thousand bombs in one zip (case 4: every member refused before any pixel is decoded, within "
+        f"{FAST_S:g} s; memory within the upload's byte budget of {budget_mb:.0f} MB, since the members are "
+        f"expanded before their headers are read): {says(ok)} ({figures})"
+    )
     ok, figures = refused_fast(["6a", "6b"])
-    lines.append(f"- Archive records located as zipfile does (case 6 refused within {FAST_S:g} s and "
-                 f"+{SMALL_GROWTH_MB} MB): {says(ok)} ({figures})")
+    lines.append(
+        f"- Archive records located as zipfile does (case 6 refused within {FAST_S:g} s and "
+        f"+{SMALL_GROWTH_MB} MB): {says(ok)} ({figures})"
+    )
     row = by_key["7"]
     ok = "failed" not in row and not any(row["reads"]) and row["growth_mb"] < SMALL_GROWTH_MB
-    lines.append(f"- Memory charged before it is spent (case 7: no refused file read, +{SMALL_GROWTH_MB} MB at "
-                 f"most): {says(ok)}" + ("" if "failed" in row else
-                                         f" (getvalue() calls {row['reads']}, +{row['growth_mb']:.0f} MB); "
-                                         f"server.maxUploadSize is {upload_limit_mb()} MB, so the server itself "
-                                         "refuses these files before the page runs"))
+    lines.append(
+        f"- Memory charged before it is spent (case 7: no refused file read, +{SMALL_GROWTH_MB} MB at "
+        f"most): {says(ok)}"
+        + (
+            ""
+            if "failed" in row
+            else f" (getvalue() calls {row['reads']}, +{row['growth_mb']:.0f} MB); "
+            f"server.maxUploadSize is {upload_limit_mb()} MB, so the server itself "
+            "refuses these files before the page runs"
+        )
+    )
     row, alone = by_key["8a"], by_key["8b"]
     if "failed" in row:
-        lines.append(f"- Any mix raises resident memory by at most {GOAL_GROWTH_MB} MB (case 8): NOT MEASURED "
-                     f"({row['failed']})")
+        lines.append(
+            f"- Any mix raises resident memory by at most {GOAL_GROWTH_MB} MB (case 8): NOT MEASURED ({row['failed']})"
+        )
     else:
         total = row["growth_mb"] + row["held_mb"]
-        lines.append(f"- Any mix raises resident memory by at most {GOAL_GROWTH_MB} MB (case 8): "
-                     f"{says(total <= GOAL_GROWTH_MB)}: +{row['growth_mb']:.0f} MB in the engine, "
-                     f"{total:.0f} MB with the {row['held_mb']:.1f} MB the uploader holds (ratio "
-                     f"{total / GOAL_GROWTH_MB:.2f}); decoding only, the model's own step not included"
-                     + ("" if "failed" in alone else f"; its first image alone +{alone['growth_mb']:.0f} MB (8b)")
-                     + ("; --quick: a smaller mix than the worst" if quick else ""))
+        lines.append(
+            f"- Any mix raises resident memory by at most {GOAL_GROWTH_MB} MB (case 8): "
+            f"{says(total <= GOAL_GROWTH_MB)}: +{row['growth_mb']:.0f} MB in the engine, "
+            f"{total:.0f} MB with the {row['held_mb']:.1f} MB the uploader holds (ratio "
+            f"{total / GOAL_GROWTH_MB:.2f}); decoding only, the model's own step not included"
+            + ("" if "failed" in alone else f"; its first image alone +{alone['growth_mb']:.0f} MB (8b)")
+            + ("; --quick: a smaller mix than the worst" if quick else "")
+        )
     for key, fair in fairs.items():
         if "failed" in fair:
             lines.append(f"- Fair shares (case {key}, engine level): NOT MEASURED ({fair['failed']})")
             continue
         answered = fair["other_refused"] is None and fair["other_s"] is not None
         within_a_step = answered and fair["other_s"] <= 2 * fair["step_s"] + FAIR_MARGIN_S
-        lines.append(f"- Fair shares (case {key}, engine level; answered within the running step and its own): "
-                     f"{says(within_a_step)}: {fair_outcome(fair)}")
+        lines.append(
+            f"- Fair shares (case {key}, engine level; answered within the running step and its own): "
+            f"{says(within_a_step)}: {fair_outcome(fair)}"
+        )
     return lines
 
 
@@ -590,10 +647,18 @@ def upload_limit_mb() -> int | None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
-            f"Pillow {Image.__version__}, load average {[round(v, 2) for v in os.getloadavg()]}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    return (
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+        f"Pillow {Image.__version__}, load average {[round(v, 2) for v in os.getloadavg()]}"
+    )
 
 
 def log(message: str) -> None:
@@ -622,16 +687,24 @@ def main() -> None:
     for key, images in FAIR_CASES.items():
         log(f"case {key}: fair share on the inference queue, jobs of {images} image(s)")
         fairs[key] = _child("--fair-share", str(images))
-    document = {"machine_at_start": machine_start, "machine_at_end": machine(), "quick": args.quick,
-                "wall_s": time.perf_counter() - started, "cases": rows, "fair_share": fairs,
-                "verdicts": verdicts(rows, fairs, quick=args.quick)}
+    document = {
+        "machine_at_start": machine_start,
+        "machine_at_end": machine(),
+        "quick": args.quick,
+        "wall_s": time.perf_counter() - started,
+        "cases": rows,
+        "fair_share": fairs,
+        "verdicts": verdicts(rows, fairs, quick=args.quick),
+    }
     if args.json:
         print(json.dumps(document, indent=2))
         return
     print(f"machine: {machine_start}")
-    print(f"each case in a fresh process; memory: peak resident growth (VmHWM reset before the call, minus VmRSS "
-          f"then), images resized to {IMAGE_SIZE} px; the files' own bytes were in memory before (held by the "
-          "uploader); MB = 2^20 bytes\n")
+    print(
+        f"each case in a fresh process; memory: peak resident growth (VmHWM reset before the call, minus VmRSS "
+        f"then), images resized to {IMAGE_SIZE} px; the files' own bytes were in memory before (held by the "
+        "uploader); MB = 2^20 bytes\n"
+    )
     print("\n".join(table(rows, fairs)))
     print()
     print("\n".join(document["verdicts"]))

@@ -20,6 +20,7 @@ divided by the best rate; each figure is reported as measured time over floor ti
 
 ``--image-size 0`` (the default) uses each backbone's native size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,8 @@ def profiler_flops(model, image_size: int) -> int | None:
     )
 
     concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, image_size, image_size, 3], tf.float32))
+        tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
+    )
     graph_def = convert_variables_to_constants_v2(concrete).graph.as_graph_def()
     graph = tf.Graph()
     logger, level = tf.get_logger(), tf.get_logger().level
@@ -127,9 +129,10 @@ def matmul_rate(dtype: str, sizes: list[int], repeats: int) -> dict:
             started = time.perf_counter()
             float(tf.matmul(a, b)[0, 0])
             times.append(time.perf_counter() - started)
-        flops = 2 * n ** 3
-        per_size.append({"n": n, "best_gflops": flops / min(times) / 1e9,
-                         "median_gflops": flops / statistics.median(times) / 1e9})
+        flops = 2 * n**3
+        per_size.append(
+            {"n": n, "best_gflops": flops / min(times) / 1e9, "median_gflops": flops / statistics.median(times) / 1e9}
+        )
         del a, b
     return {"dtype": dtype, "sizes": per_size, "best_gflops": max(s["best_gflops"] for s in per_size)}
 
@@ -153,7 +156,7 @@ def interleaved(paths: dict, *, repeats: int, budget_s: float) -> dict[str, list
     names = list(paths)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(n):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             paths[name]()
             times[name].append(time.perf_counter() - t0)
@@ -194,14 +197,21 @@ def bench_backbone(name: str, image_size: int, args, rng: np.random.Generator) -
     def plain(x):
         return lambda: np.asarray(infer(x))
 
-    single = interleaved({"engine": engine(single_image), "plain": plain(x1)},
-                         repeats=args.repeats, budget_s=args.budget_s)
-    batch = interleaved({"engine": engine(batch_images), "plain": plain(xb)},
-                        repeats=args.batch_repeats, budget_s=args.budget_s)
+    single = interleaved(
+        {"engine": engine(single_image), "plain": plain(x1)}, repeats=args.repeats, budget_s=args.budget_s
+    )
+    batch = interleaved(
+        {"engine": engine(batch_images), "plain": plain(xb)}, repeats=args.batch_repeats, budget_s=args.budget_s
+    )
     result = {
-        "backbone": spec.name, "image_size": size, "parameters": int(model.count_params()),
-        "macs_per_image": macs, "flops_per_image": flops, "profiler_flops_per_image": prof,
-        "single_repeats": len(single["engine"]), "batch_repeats": len(batch["engine"]),
+        "backbone": spec.name,
+        "image_size": size,
+        "parameters": int(model.count_params()),
+        "macs_per_image": macs,
+        "flops_per_image": flops,
+        "profiler_flops_per_image": prof,
+        "single_repeats": len(single["engine"]),
+        "batch_repeats": len(batch["engine"]),
     }
     if prof_error:
         result["profiler_error"] = prof_error
@@ -231,12 +241,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size for the throughput figures")
     parser.add_argument("--repeats", type=int, default=30, help="single-image calls timed per path (at most)")
     parser.add_argument("--batch-repeats", type=int, default=5, help="batch calls timed per path (at most)")
-    parser.add_argument("--budget-s", type=float, default=20.0,
-                        help="seconds per backbone and mode: fewer repeats (at least 3) when they would not fit")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=20.0,
+        help="seconds per backbone and mode: fewer repeats (at least 3) when they would not fit",
+    )
     parser.add_argument("--matmul-sizes", default="2048,4096", help="square matmul sizes for the FLOP rate")
     parser.add_argument("--matmul-repeats", type=int, default=5)
-    parser.add_argument("--no-profiler", dest="profiler", action="store_false",
-                        help="skip the tf.profiler FLOP cross-check")
+    parser.add_argument(
+        "--no-profiler", dest="profiler", action="store_false", help="skip the tf.profiler FLOP cross-check"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args()
     names = [get_backbone(n.strip()).name for n in args.backbones.split(",") if n.strip()]
@@ -258,9 +273,11 @@ def main() -> None:
         started = time.perf_counter()
         log(f"{name} ...")
         results.append(bench_backbone(name, args.image_size, args, rng))
-        log(f"  done in {time.perf_counter() - started:.1f} s: single {results[-1]['single_engine_ms']:.1f} ms "
+        log(
+            f"  done in {time.perf_counter() - started:.1f} s: single {results[-1]['single_engine_ms']:.1f} ms "
             f"(engine) / {results[-1]['single_plain_ms']:.1f} ms (plain), batch "
-            f"{results[-1]['batch_engine_images_per_s']:.1f} / {results[-1]['batch_plain_images_per_s']:.1f} images/s")
+            f"{results[-1]['batch_engine_images_per_s']:.1f} / {results[-1]['batch_plain_images_per_s']:.1f} images/s"
+        )
     log("matmul rate again ...")
     rate_after = matmul_rate(dtype, sizes, args.matmul_repeats)
     rate = max(rate_before["best_gflops"], rate_after["best_gflops"])
@@ -274,39 +291,52 @@ def main() -> None:
         "compute_dtype": dtype,
         "load_average_at_end": load_average(),
         "matmul_rate_gflops": rate,
-        "matmul_before": rate_before, "matmul_after": rate_after,
+        "matmul_before": rate_before,
+        "matmul_after": rate_after,
         "batch_size": args.batch,
         "notes": [
             "weights=None (random initialisation): the timing does not depend on the weight values",
             "inputs are random uint8 images at the model's size (decoding and resizing are not timed)",
-            ("engine path: Diagnoser.diagnose_arrays(tta=False): colour mode, then preprocessing and model in one "
-             "compiled call, the OOD gate"),
+            (
+                "engine path: Diagnoser.diagnose_arrays(tta=False): colour mode, then preprocessing and model in one "
+                "compiled call, the OOD gate"
+            ),
             "plain path: one tf.function(model(x, training=False)) call on an already preprocessed tensor",
-            ("flops_per_image: 2 x multiply-accumulates of Conv2D, DepthwiseConv2D, SeparableConv2D and Dense "
-             "layers from their shapes; profiler_flops_per_image: tf.compat.v1.profiler float ops of the frozen "
-             "one-image graph (also counts BatchNorm and element-wise ops)"),
-            ("floor = flops_per_image / best matmul rate of this run; ratio = measured time / floor time "
-             "(1.0 = at the floor); depthwise convolutions cannot run at matmul speed, so their floor is optimistic"),
+            (
+                "flops_per_image: 2 x multiply-accumulates of Conv2D, DepthwiseConv2D, SeparableConv2D and Dense "
+                "layers from their shapes; profiler_flops_per_image: tf.compat.v1.profiler float ops of the frozen "
+                "one-image graph (also counts BatchNorm and element-wise ops)"
+            ),
+            (
+                "floor = flops_per_image / best matmul rate of this run; ratio = measured time / floor time "
+                "(1.0 = at the floor); depthwise convolutions cannot run at matmul speed, so their floor is optimistic"
+            ),
             "latencies are medians of interleaved repeats after warm-up",
         ],
         "results": results,
     }
     if print_report_start(document, machine, as_json=args.json):
         return
-    print(f"matmul rate ({dtype}): {rate_before['best_gflops']:.1f} GFLOP/s before, "
-          f"{rate_after['best_gflops']:.1f} after; floor uses {rate:.1f}")
-    header = (f"{'backbone':<15}{'px':>5}{'GFLOP':>8}{'prof':>8}{'floor ms':>10}"
-              f"{'1 img engine ms':>17}{'x':>7}{'plain ms':>10}{'x':>7}"
-              f"{'b' + str(args.batch) + ' engine img/s':>20}{'x':>7}{'plain img/s':>13}{'x':>7}{'floor img/s':>13}")
+    print(
+        f"matmul rate ({dtype}): {rate_before['best_gflops']:.1f} GFLOP/s before, "
+        f"{rate_after['best_gflops']:.1f} after; floor uses {rate:.1f}"
+    )
+    header = (
+        f"{'backbone':<15}{'px':>5}{'GFLOP':>8}{'prof':>8}{'floor ms':>10}"
+        f"{'1 img engine ms':>17}{'x':>7}{'plain ms':>10}{'x':>7}"
+        f"{'b' + str(args.batch) + ' engine img/s':>20}{'x':>7}{'plain img/s':>13}{'x':>7}{'floor img/s':>13}"
+    )
     print(header)
     for r in results:
         prof = f"{r['profiler_flops_per_image'] / 1e9:.2f}" if r["profiler_flops_per_image"] else "-"
-        print(f"{r['backbone']:<15}{r['image_size']:>5}{r['flops_per_image'] / 1e9:>8.2f}{prof:>8}"
-              f"{r['floor_ms_per_image']:>10.2f}"
-              f"{r['single_engine_ms']:>17.1f}{r['single_engine_ratio']:>7.1f}"
-              f"{r['single_plain_ms']:>10.1f}{r['single_plain_ratio']:>7.1f}"
-              f"{r['batch_engine_images_per_s']:>20.1f}{r['batch_engine_ratio']:>7.1f}"
-              f"{r['batch_plain_images_per_s']:>13.1f}{r['batch_plain_ratio']:>7.1f}{r['floor_images_per_s']:>13.1f}")
+        print(
+            f"{r['backbone']:<15}{r['image_size']:>5}{r['flops_per_image'] / 1e9:>8.2f}{prof:>8}"
+            f"{r['floor_ms_per_image']:>10.2f}"
+            f"{r['single_engine_ms']:>17.1f}{r['single_engine_ratio']:>7.1f}"
+            f"{r['single_plain_ms']:>10.1f}{r['single_plain_ratio']:>7.1f}"
+            f"{r['batch_engine_images_per_s']:>20.1f}{r['batch_engine_ratio']:>7.1f}"
+            f"{r['batch_plain_images_per_s']:>13.1f}{r['batch_plain_ratio']:>7.1f}{r['floor_images_per_s']:>13.1f}"
+        )
     print("x = measured time / floor time (1.0 = at the floor).")
     for note in document["notes"]:
         print(f"- {note}")

@@ -19,6 +19,7 @@ disk); the variants are interleaved, their order alternating between repeats, an
 Uses ../shared/datasets/all_taleqani/Original (and ../shared/weights for ResNet50) when present, else a
 synthetic folder made on the fly with random weights, and says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,11 +85,12 @@ def main() -> None:
         else:
             n_per_class = max(2, math.ceil((args.limit or 128) / 4))
             log(f"../shared missing: writing a synthetic folder ({n_per_class} PNG images per class) ...")
-            data = make_synthetic_dataset(Path(tmp) / "synthetic", n_per_class=n_per_class,
-                                          image_size=args.image_size)
+            data = make_synthetic_dataset(Path(tmp) / "synthetic", n_per_class=n_per_class, image_size=args.image_size)
             synthetic = True
-            note = (f"../shared missing: synthetic folder made on the fly ({n_per_class} images per class, "
-                    f"{args.image_size} px PNG files; not the ALL dataset's JPEGs)")
+            note = (
+                f"../shared missing: synthetic folder made on the fly ({n_per_class} images per class, "
+                f"{args.image_size} px PNG files; not the ALL dataset's JPEGs)"
+            )
         weights = str(RESNET_WEIGHTS) if spec.name == "resnet50" and RESNET_WEIGHTS.is_file() else None
         shown = "ImageNet (../shared)" if weights else "random (timing does not depend on them)"
         log(f"data: {note}; weights: {shown}")
@@ -98,15 +100,21 @@ def main() -> None:
         paths = [scan.paths[i] for i in rows]
         md5s = [scan.images[i].md5 for i in rows]
         n = len(rows)
-        config = TrainConfig(backbone=spec.name, weights=weights, image_size=args.image_size,
-                             batch_size=args.batch_size, augment=AugmentConfig(factor=AUGMENTED_VIEWS + 1))
+        config = TrainConfig(
+            backbone=spec.name,
+            weights=weights,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            augment=AugmentConfig(factor=AUGMENTED_VIEWS + 1),
+        )
         preprocess = spec.preprocess()
         extractor, _ = build_feature_extractor(spec, config)
         indices = np.arange(n)
         views0 = np.zeros(n, dtype=np.int64)
         views_aug = 1 + np.arange(n) % AUGMENTED_VIEWS
-        common = dict(preprocess=preprocess, augment=config.augment, seed=config.seed, cache=None,
-                      batch_size=config.batch_size)
+        common = dict(
+            preprocess=preprocess, augment=config.augment, seed=config.seed, cache=None, batch_size=config.batch_size
+        )
 
         def engine_from_files(views):
             started = time.perf_counter()
@@ -121,7 +129,7 @@ def main() -> None:
         def raw(x):
             started = time.perf_counter()
             for start in range(0, len(x), config.batch_size):
-                infer(x[start:start + config.batch_size]).numpy().astype(np.float32)
+                infer(x[start : start + config.batch_size]).numpy().astype(np.float32)
             return {"total": time.perf_counter() - started}
 
         # Warm-up: the page cache (all files), TF kernels and oneDNN primitives, both batch shapes of infer.
@@ -154,10 +162,12 @@ def main() -> None:
         times: dict[str, list[dict]] = {name: [] for name in variants}
         names = list(variants)
         for repeat in range(args.repeats):
-            for name in (names if repeat % 2 == 0 else names[::-1]):
+            for name in names if repeat % 2 == 0 else names[::-1]:
                 times[name].append(variants[name]())
-                log(f"repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]['total']:.2f} s "
-                    f"({n / times[name][-1]['total']:.1f} images/s)")
+                log(
+                    f"repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]['total']:.2f} s "
+                    f"({n / times[name][-1]['total']:.1f} images/s)"
+                )
 
     def median(name: str, part: str = "total") -> float:
         return statistics.median(t[part] for t in times[name])
@@ -174,9 +184,13 @@ def main() -> None:
         "device": environment["device"],
         "load_average_at_end": load_average(),
         "data": note,
-        "backbone": spec.name, "image_size": config.image_size, "batch_size": config.batch_size,
+        "backbone": spec.name,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
         "weights": "ImageNet" if weights else "random",
-        "n_images": n, "repeats": args.repeats, "decode_threads": os.cpu_count(),
+        "n_images": n,
+        "repeats": args.repeats,
+        "decode_threads": os.cpu_count(),
         "raw_tensor_images_per_s": raw_ips,
         "engine_files_view0_images_per_s": view0_ips,
         "engine_files_augmented_images_per_s": aug_ips,
@@ -195,34 +209,47 @@ def main() -> None:
         },
         "seconds": {name: [round(t["total"], 3) for t in times[name]] for name in names},
         "notes": [
-            ("end to end = load_images (decode + resize, thread pool of os.cpu_count() threads) + extract_features "
-             "(cache=None); files come from the page cache (warmed), not a cold disk"),
-            (f"augmented: views 1..{AUGMENTED_VIEWS} cycling over the images (flips, turns, rotation, scale, "
-             "colour jitter)"),
-            ("raw: the same tf.function(extractor(batch, training=False)) definition on slices of one preprocessed "
-             "float32 tensor, outputs copied to numpy as the engine does"),
+            (
+                "end to end = load_images (decode + resize, thread pool of os.cpu_count() threads) + extract_features "
+                "(cache=None); files come from the page cache (warmed), not a cold disk"
+            ),
+            (
+                f"augmented: views 1..{AUGMENTED_VIEWS} cycling over the images (flips, turns, rotation, scale, "
+                "colour jitter)"
+            ),
+            (
+                "raw: the same tf.function(extractor(batch, training=False)) definition on slices of one preprocessed "
+                "float32 tensor, outputs copied to numpy as the engine does"
+            ),
             "medians of interleaved repeats after warm-up",
         ],
     }
     if print_report_start(result, machine, as_json=args.json):
         return
-    print(f"data: {note}; {n} images, {spec.name} at {config.image_size} px, batch {config.batch_size}, "
-          f"{result['weights']} weights, median of {args.repeats}")
+    print(
+        f"data: {note}; {n} images, {spec.name} at {config.image_size} px, batch {config.batch_size}, "
+        f"{result['weights']} weights, median of {args.repeats}"
+    )
     rows_out = [
         ("raw extractor on in-memory tensor (b)", raw_ips, 1.0),
         ("engine from files, view 0 (a)", view0_ips, view0_ips / raw_ips),
         (f"engine from files, views 1..{AUGMENTED_VIEWS} (a')", aug_ips, aug_ips / raw_ips),
         ("  stage: decode + resize only", decode_ips, None),
         ("  stage: extract_features from memory, view 0", extract0_ips, extract0_ips / raw_ips),
-        (f"  stage: extract_features from memory, views 1..{AUGMENTED_VIEWS}", extract_aug_ips,
-         extract_aug_ips / raw_ips),
+        (
+            f"  stage: extract_features from memory, views 1..{AUGMENTED_VIEWS}",
+            extract_aug_ips,
+            extract_aug_ips / raw_ips,
+        ),
     ]
     print(f"{'path':<58}{'images/s':>10}{'of raw':>9}")
     for label, ips, fraction in rows_out:
         print(f"{label:<58}{ips:>10.1f}{'' if fraction is None else f'{fraction:>8.1%}':>9}")
     print(f"tf.function tracing of a fresh extractor (once per extractor): {trace_s:.2f} s")
-    print(f"goal (a)/(b) >= {GOAL:.0%}: view 0 {'met' if result['goal_met_view0'] else 'NOT met'}, "
-          f"augmented {'met' if result['goal_met_augmented'] else 'NOT met'}")
+    print(
+        f"goal (a)/(b) >= {GOAL:.0%}: view 0 {'met' if result['goal_met_view0'] else 'NOT met'}, "
+        f"augmented {'met' if result['goal_met_augmented'] else 'NOT met'}"
+    )
     for note_line in result["notes"]:
         print(f"- {note_line}")
 

@@ -11,6 +11,7 @@ where a worker that is not started, or believed alive when it is gone, shows up.
 
     python benchmarks/bench_newcomer.py [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-newcomer-"))
     url = f"sqlite:///{tmp / 'results.db'}"
-    env = {**os.environ, "BCD_DATABASE_URL": url, "BCD_ARTIFACTS_DIR": str(tmp / "artifacts"),
-           "BCD_CACHE_DIR": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BCD_DATABASE_URL": url,
+        "BCD_ARTIFACTS_DIR": str(tmp / "artifacts"),
+        "BCD_CACHE_DIR": str(tmp / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("BCD_DEMO_MODE", None)
     figures: dict = {"machine": machine()}
     with open(tmp / "streamlit.log", "wb") as server_log:
@@ -100,10 +106,14 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
     else:
         print(f"demo model, click to 'finished':                 {figures['demo_model_click_to_finished_s']:6.1f} s")
-        print(f"two queued runs, first click to second 'finished': "
-              f"{figures['two_runs_first_click_to_second_finished_s']:6.1f} s")
-        print("queue wait per run (started - queued): "
-              + ", ".join(f"run {i}: {s} s" for i, s in figures["queue_wait_s"].items()))
+        print(
+            f"two queued runs, first click to second 'finished': "
+            f"{figures['two_runs_first_click_to_second_finished_s']:6.1f} s"
+        )
+        print(
+            "queue wait per run (started - queued): "
+            + ", ".join(f"run {i}: {s} s" for i, s in figures["queue_wait_s"].items())
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ images that are no smears at all (the SYNTHETIC demo set drawn at the run's size
 white and black frames, the test images in grayscale, and with ``--photos`` a folder of photographs), and
 the gate's cost per image beside the model's forward pass (one view, and the 8 views of --tta).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=int, required=True)
     parser.add_argument("--external", required=True, help="folder of images from another source (searched recursively)")
-    parser.add_argument("--photos", help="folder of photographs that are no smears (e.g. scikit-image's sample "
-                                         "images, skimage/data in its wheel); each counted as flagged or not")
+    parser.add_argument(
+        "--photos",
+        help="folder of photographs that are no smears (e.g. scikit-image's sample "
+        "images, skimage/data in its wheel); each counted as flagged or not",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -68,8 +72,11 @@ def main() -> None:
     loaded = load_run_model(args.run, store=store)
     size, threshold = loaded.config.image_size, loaded.trust.gate.threshold
     test_paths = [row["path"] for row in store.get_split(args.run) if row["subset"] == "test"]
-    external_paths = sorted(str(p) for p in Path(args.external).rglob("*")
-                            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"))
+    external_paths = sorted(
+        str(p)
+        for p in Path(args.external).rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+    )
     log(f"scoring {len(test_paths)} test images and {len(external_paths)} external images ...")
     test_images = load_images(test_paths, image_size=size)
     own = scores(loaded, test_images)
@@ -77,8 +84,9 @@ def main() -> None:
     auroc = float(roc_auc_score(np.r_[np.zeros(len(own)), np.ones(len(external))], np.r_[own, external]))
 
     rng = np.random.default_rng(0)
-    drawn = make_synthetic_dataset(Path(os.environ.get("TMPDIR", "/tmp")) / f"bcd-ood-synthetic-{size}",
-                                   n_per_class=25, image_size=size, seed=7)
+    drawn = make_synthetic_dataset(
+        Path(os.environ.get("TMPDIR", "/tmp")) / f"bcd-ood-synthetic-{size}", n_per_class=25, image_size=size, seed=7
+    )
     synthetic = load_images(sorted(str(p) for p in Path(drawn).glob("*/*.png")), image_size=size)
     grey = np.repeat(test_images.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
     others = {
@@ -100,22 +108,36 @@ def main() -> None:
     gate_1 = best_of(50, lambda: loaded.trust.gate.score(features))
 
     result = {
-        "run": args.run, "backbone": loaded.config.backbone, "image_size": size,
-        "threshold": threshold, "pass_rate": loaded.trust.gate.pass_rate, "temperature": loaded.trust.temperature,
+        "run": args.run,
+        "backbone": loaded.config.backbone,
+        "image_size": size,
+        "threshold": threshold,
+        "pass_rate": loaded.trust.gate.pass_rate,
+        "temperature": loaded.trust.temperature,
         "calibration": calibration.to_dict() if calibration else None,
         "own_test": {"n": len(own), "flagged_share": float((own > threshold).mean())},
-        "external": {"folder": args.external, "n": len(external),
-                     "flagged_share": float((external > threshold).mean())},
+        "external": {
+            "folder": args.external,
+            "n": len(external),
+            "flagged_share": float((external > threshold).mean()),
+        },
         "auroc_own_vs_external": auroc,
         "not_smears_flagged_share": flagged_others,
-        "cost": {"gate_ms": gate_1 * 1e3, "forward_1_view_ms": forward_1 * 1e3, "forward_8_views_ms": forward_8 * 1e3,
-                 "gate_over_1_view": gate_1 / forward_1, "gate_over_8_views": gate_1 / forward_8},
+        "cost": {
+            "gate_ms": gate_1 * 1e3,
+            "forward_1_view_ms": forward_1 * 1e3,
+            "forward_8_views_ms": forward_8 * 1e3,
+            "gate_over_1_view": gate_1 / forward_1,
+            "gate_over_8_views": gate_1 / forward_8,
+        },
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"run {args.run} ({result['backbone']}, {size} px): threshold {threshold:.1f} "
-          f"(passes {result['pass_rate']:.0%} of its validation images), temperature {result['temperature']:.3f}")
+    print(
+        f"run {args.run} ({result['backbone']}, {size} px): threshold {threshold:.1f} "
+        f"(passes {result['pass_rate']:.0%} of its validation images), temperature {result['temperature']:.3f}"
+    )
     if calibration:
         print(f"  calibration: test ECE {calibration.ece:.4f} before, {calibration.ece_calibrated:.4f} after")
     print(f"  own test images flagged: {result['own_test']['flagged_share']:.1%} of {len(own)}")
@@ -124,9 +146,11 @@ def main() -> None:
     for name, share in flagged_others.items():
         print(f"  {name} flagged: {share:.1%}")
     c = result["cost"]
-    print(f"  cost per image: gate {c['gate_ms']:.2f} ms; forward {c['forward_1_view_ms']:.1f} ms (1 view), "
-          f"{c['forward_8_views_ms']:.1f} ms (8 views); gate / forward {c['gate_over_1_view']:.3f} (1 view), "
-          f"{c['gate_over_8_views']:.3f} (8 views)")
+    print(
+        f"  cost per image: gate {c['gate_ms']:.2f} ms; forward {c['forward_1_view_ms']:.1f} ms (1 view), "
+        f"{c['forward_8_views_ms']:.1f} ms (8 views); gate / forward {c['gate_over_1_view']:.3f} (1 view), "
+        f"{c['gate_over_8_views']:.3f} (8 views)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ run (connecting, a task's worker process starting and importing TensorFlow, the 
 
     python benchmarks/bench_scale_out.py [--runs 4] [--num-cpus 2] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,22 +55,35 @@ def stop_head() -> None:
 def through_worker(work: Path, data: Path, runs: int, options: list[str]) -> dict:
     """Queue ``runs`` runs in a fresh store under ``work`` and time the worker command that trains them."""
     work.mkdir()
-    env = {**os.environ, "BCD_DATABASE_URL": f"sqlite:///{work / 'results.db'}",
-           "BCD_ARTIFACTS_DIR": str(work / "artifacts"), "BCD_CACHE_DIR": str(work / "cache"),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BCD_DATABASE_URL": f"sqlite:///{work / 'results.db'}",
+        "BCD_ARTIFACTS_DIR": str(work / "artifacts"),
+        "BCD_CACHE_DIR": str(work / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
     store = RunStore.open(env["BCD_DATABASE_URL"])
     ids = [queue_run(store, CONFIG, data) for _ in range(runs)]
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "bcd_engine", "worker", "--once", "--json", *options],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bcd_engine", "worker", "--once", "--json", *options],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     records = [store.get_run(run_id) for run_id in ids]
     if any(r.status != "completed" for r in records):
         raise RuntimeError(f"not all runs completed: {[(r.id, r.status, r.error) for r in records]}")
-    return {"runs": runs, "wall_s": round(wall, 1), "run_seconds": [round(r.seconds, 1) for r in records],
-            "workers": sorted({r.worker_id.rsplit(":", 1)[0] for r in records})}
+    return {
+        "runs": runs,
+        "wall_s": round(wall, 1),
+        "run_seconds": [round(r.seconds, 1) for r in records],
+        "workers": sorted({r.worker_id.rsplit(":", 1)[0] for r in records}),
+    }
 
 
 def main() -> None:
@@ -82,8 +96,9 @@ def main() -> None:
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp:
         tmp = Path(tmp)
-        data = make_synthetic_dataset(tmp / "data", n_per_class=24, image_size=64, seed=0,
-                                      class_names=("Benign", "Early", "Pre", "Pro"))
+        data = make_synthetic_dataset(
+            tmp / "data", n_per_class=24, image_size=64, seed=0, class_names=("Benign", "Early", "Pre", "Pro")
+        )
         log(f"{args.runs} runs through the local worker")
         local = through_worker(tmp / "local", data, args.runs, [])
         log(f"starting a Ray head with {args.num_cpus} CPUs")
@@ -98,11 +113,19 @@ def main() -> None:
         finally:
             stop_head()
     result = {
-        "machine": machine, "config": CONFIG.to_dict(), "images": 96, "ray_cpus": args.num_cpus,
-        "ray_head_start_s": round(head_s, 1), "local": local, "ray": on_ray,
+        "machine": machine,
+        "config": CONFIG.to_dict(),
+        "images": 96,
+        "ray_cpus": args.num_cpus,
+        "ray_head_start_s": round(head_s, 1),
+        "local": local,
+        "ray": on_ray,
         "speedup_local_over_ray": round(local["wall_s"] / on_ray["wall_s"], 2),
-        "one_run": {"local": one_local, "ray": one_ray,
-                    "ray_overhead_s": round(one_ray["wall_s"] - one_local["wall_s"], 1)},
+        "one_run": {
+            "local": one_local,
+            "ray": one_ray,
+            "ray_overhead_s": round(one_ray["wall_s"] - one_local["wall_s"], 1),
+        },
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -113,9 +136,11 @@ def main() -> None:
     print(f"  Ray, {args.num_cpus} CPUs:           {on_ray['wall_s']:7.1f} s wall (runs {on_ray['run_seconds']} s)")
     print(f"  local / Ray:           {result['speedup_local_over_ray']:7.2f}x")
     print(f"  Ray head start:        {head_s:7.1f} s (not in the walls above)")
-    print(f"one run: local {one_local['wall_s']:.1f} s, Ray {one_ray['wall_s']:.1f} s: Ray adds "
-          f"{result['one_run']['ray_overhead_s']:.1f} s (run itself: {one_local['run_seconds'][0]} s local, "
-          f"{one_ray['run_seconds'][0]} s on Ray)")
+    print(
+        f"one run: local {one_local['wall_s']:.1f} s, Ray {one_ray['wall_s']:.1f} s: Ray adds "
+        f"{result['one_run']['ray_overhead_s']:.1f} s (run itself: {one_local['run_seconds'][0]} s local, "
+        f"{one_ray['run_seconds'][0]} s on Ray)"
+    )
 
 
 if __name__ == "__main__":

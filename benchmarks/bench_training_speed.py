@@ -10,6 +10,7 @@ number of epochs, in one process; the order alternates between repeats.
 Uses ../shared/datasets/all_taleqani/Original and ../shared/weights when present, else the synthetic
 demo set with random weights (and says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,9 +74,15 @@ def main() -> None:
 
     environment = configure_device()
     keras.mixed_precision.set_global_policy(precision_policy(environment))  # this process trains, as a run does
-    config = TrainConfig(backbone="resnet50", weights=str(RESNET_WEIGHTS) if real else None,
-                         image_size=224 if real else 96, epochs=args.epochs, patience=args.epochs + 1,
-                         dropout=0.0, augment=AugmentConfig(factor=1))
+    config = TrainConfig(
+        backbone="resnet50",
+        weights=str(RESNET_WEIGHTS) if real else None,
+        image_size=224 if real else 96,
+        epochs=args.epochs,
+        patience=args.epochs + 1,
+        dropout=0.0,
+        augment=AugmentConfig(factor=1),
+    )
     spec = get_backbone(config.backbone)
     preprocess = spec.preprocess()
     scan = scan_dataset(data)
@@ -90,12 +97,15 @@ def main() -> None:
 
     def cached():
         common = dict(preprocess=preprocess, augment=config.augment, seed=0, cache=None, batch_size=config.batch_size)
-        train_x = extract_features(extractor, images, train_rows, [md5s[i] for i in train_rows],
-                                   np.zeros(len(train_rows), int), **common)
-        val_x = extract_features(extractor, images, split.val, [md5s[i] for i in split.val],
-                                 np.zeros(len(split.val), int), **common)
-        head = fit_head_on_features(train_x, labels[train_rows], val_x, labels[split.val], n_classes=n_classes,
-                                    config=config)
+        train_x = extract_features(
+            extractor, images, train_rows, [md5s[i] for i in train_rows], np.zeros(len(train_rows), int), **common
+        )
+        val_x = extract_features(
+            extractor, images, split.val, [md5s[i] for i in split.val], np.zeros(len(split.val), int), **common
+        )
+        head = fit_head_on_features(
+            train_x, labels[train_rows], val_x, labels[split.val], n_classes=n_classes, config=config
+        )
         return assemble_model(backbone, head, config)
 
     def naive():
@@ -104,10 +114,18 @@ def main() -> None:
         model = assemble_model(backbone, build_head(backbone.output_shape[-1], n_classes, config), config)
         compile_model(model, config, config.learning_rate)
         x = preprocess(images[train_rows].astype("float32"))
-        val = (preprocess(images[split.val].astype("float32")),
-               keras.utils.to_categorical(labels[split.val], n_classes))
-        model.fit(x, keras.utils.to_categorical(labels[train_rows], n_classes), batch_size=config.batch_size,
-                  epochs=config.epochs, validation_data=val, verbose=0)
+        val = (
+            preprocess(images[split.val].astype("float32")),
+            keras.utils.to_categorical(labels[split.val], n_classes),
+        )
+        model.fit(
+            x,
+            keras.utils.to_categorical(labels[train_rows], n_classes),
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            validation_data=val,
+            verbose=0,
+        )
         return model
 
     def accuracy(model) -> float:
@@ -126,21 +144,30 @@ def main() -> None:
             accuracies[name].append(accuracy(model))
             timings[name].append(trained - started)
             evaluations[name].append(time.perf_counter() - trained)
-            print(f"{name}: training {timings[name][-1]:.1f} s, evaluation {evaluations[name][-1]:.1f} s, "
-                  f"test accuracy {accuracies[name][-1]:.4f}", file=sys.stderr)
+            print(
+                f"{name}: training {timings[name][-1]:.1f} s, evaluation {evaluations[name][-1]:.1f} s, "
+                f"test accuracy {accuracies[name][-1]:.4f}",
+                file=sys.stderr,
+            )
 
     naive_train, cached_train = float(np.median(timings["naive"])), float(np.median(timings["cached"]))
     result = {
         "benchmark": "frozen-backbone training, naive model.fit vs bcd feature cache",
-        "data": note, "n_train": len(train_rows), "n_test": len(split.test), "epochs": args.epochs,
-        "image_size": config.image_size, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "data": note,
+        "n_train": len(train_rows),
+        "n_test": len(split.test),
+        "epochs": args.epochs,
+        "image_size": config.image_size,
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "device": environment["device"],
-        "naive_train_seconds": naive_train, "cached_train_seconds": cached_train,
+        "naive_train_seconds": naive_train,
+        "cached_train_seconds": cached_train,
         "training_speedup": naive_train / cached_train,
         "evaluation_seconds": float(np.median(evaluations["naive"] + evaluations["cached"])),
         "end_to_end_speedup": float(naive_train + np.median(evaluations["naive"]))
         / (cached_train + np.median(evaluations["cached"])),
-        "naive_accuracy": float(np.mean(accuracies["naive"])), "cached_accuracy": float(np.mean(accuracies["cached"])),
+        "naive_accuracy": float(np.mean(accuracies["naive"])),
+        "cached_accuracy": float(np.mean(accuracies["cached"])),
     }
     if args.json:
         print(json.dumps(result, indent=2))

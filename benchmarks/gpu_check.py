@@ -34,6 +34,7 @@ would start after that many seconds.
 ``--quick`` (or ``BCD_GPU_CHECK_QUICK=1``): tiny sizes (64 px, batches of 4 and 8, 256-square matmul),
 to test the script on a CPU in a minute.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,26 @@ from bcd_engine.models.head import assemble_model, build_head, compile_model, un
 RESNET50_GFLOP_224 = 7.71  # BENCHMARKS.md 2b (bench_inference.py's count from layer shapes); printed beside ours
 AUGMENTED_VIEWS = 7  # views 1..7 of an 8-view recipe
 N_CLASSES = 4  # the ALL dataset's four classes
-FULL = {"image_size": 224, "extract_batches": [128, 32], "batches_per_pass": 8, "train_batches": [32, 64],
-        "train_steps": 20, "matmul_size": 8192, "matmul_burst": 10, "repeats": 3}
-QUICK = {"image_size": 64, "extract_batches": [8, 4], "batches_per_pass": 2, "train_batches": [4, 8],
-         "train_steps": 3, "matmul_size": 256, "matmul_burst": 3, "repeats": 2}
+FULL = {
+    "image_size": 224,
+    "extract_batches": [128, 32],
+    "batches_per_pass": 8,
+    "train_batches": [32, 64],
+    "train_steps": 20,
+    "matmul_size": 8192,
+    "matmul_burst": 10,
+    "repeats": 3,
+}
+QUICK = {
+    "image_size": 64,
+    "extract_batches": [8, 4],
+    "batches_per_pass": 2,
+    "train_batches": [4, 8],
+    "train_steps": 3,
+    "matmul_size": 256,
+    "matmul_burst": 3,
+    "repeats": 2,
+}
 STARTED = time.perf_counter()
 
 
@@ -91,8 +108,13 @@ def nvidia_smi() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     query = "name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw"
-    done = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                          capture_output=True, text=True, check=False, timeout=30)
+    done = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     return done.stdout.strip() or done.stderr.strip() or None
 
 
@@ -121,9 +143,15 @@ def environment(policy_option: str) -> dict:
     backend = keras.backend.backend()
     library = importlib.import_module(backend)
     devices = backend_devices(backend)
-    info = {"backend": backend, "library": library.__name__, "library_version": library.__version__,
-            "keras": keras.__version__, "python": platform.python_version(), "backend_devices": devices,
-            "nvidia_smi": nvidia_smi()}
+    info = {
+        "backend": backend,
+        "library": library.__name__,
+        "library_version": library.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "backend_devices": devices,
+        "nvidia_smi": nvidia_smi(),
+    }
     try:
         info["configure_device"] = configure_device()
     except Exception as exc:  # noqa: BLE001 - reported: on this machine the engine call itself is under test
@@ -159,9 +187,14 @@ def matmul_rate(dtype: str, n: int, burst: int, repeats: int) -> dict:
         sync(c)
         if i:  # the first burst is the warm-up (kernel selection, JAX's per-shape compile)
             times.append((time.perf_counter() - t0) / burst)
-    flops = 2 * n ** 3
-    return {"dtype": dtype, "n": n, "burst": burst, "best_tflops": flops / min(times) / 1e12,
-            "median_tflops": flops / statistics.median(times) / 1e12}
+    flops = 2 * n**3
+    return {
+        "dtype": dtype,
+        "n": n,
+        "burst": burst,
+        "best_tflops": flops / min(times) / 1e12,
+        "median_tflops": flops / statistics.median(times) / 1e12,
+    }
 
 
 # -- (d) FLOPs from layer shapes --------------------------------------------------------------------------
@@ -196,8 +229,13 @@ def resnet50_flops(sizes: dict) -> dict:
     import keras
 
     spec = get_backbone("resnet50")
-    config = TrainConfig(backbone=spec.name, weights=None, image_size=sizes["image_size"],
-                         fine_tune_layers=spec.fine_tune_layers, fine_tune_epochs=1)
+    config = TrainConfig(
+        backbone=spec.name,
+        weights=None,
+        image_size=sizes["image_size"],
+        fine_tune_layers=spec.fine_tune_layers,
+        fine_tune_epochs=1,
+    )
     backbone = build_backbone(spec, image_size=config.image_size, weights=None)
     model = assemble_model(backbone, build_head(backbone.output_shape[-1], N_CLASSES, config), config)
     unfreeze_top_layers(backbone, config.fine_tune_layers)
@@ -214,9 +252,13 @@ def step_flops(model) -> dict:
     forward = 2 * sum(m for _, m in macs)
     first = next((i for i, (layer, _) in enumerate(macs) if layer.trainable), len(macs))
     unfrozen = 2 * sum(m for _, m in macs[first:])
-    return {"forward_flops": forward, "unfrozen_forward_flops": unfrozen,
-            "train_flops": forward + 2 * unfrozen, "trainable_weighted_layers": len(macs) - first,
-            "weighted_layers": len(macs)}
+    return {
+        "forward_flops": forward,
+        "unfrozen_forward_flops": unfrozen,
+        "train_flops": forward + 2 * unfrozen,
+        "trainable_weighted_layers": len(macs) - first,
+        "weighted_layers": len(macs),
+    }
 
 
 # -- (a) feature extraction -------------------------------------------------------------------------------
@@ -257,8 +299,13 @@ def bench_extraction(sizes: dict, policy: str, budget_s: float) -> list[dict]:
         if time.perf_counter() - STARTED > budget_s:
             rows.append({"batch": batch, "skipped": f"over the {budget_s:.0f} s budget"})
             continue
-        config = TrainConfig(backbone=spec.name, weights=None, image_size=sizes["image_size"], batch_size=batch,
-                             augment=AugmentConfig(factor=AUGMENTED_VIEWS + 1))
+        config = TrainConfig(
+            backbone=spec.name,
+            weights=None,
+            image_size=sizes["image_size"],
+            batch_size=batch,
+            augment=AugmentConfig(factor=AUGMENTED_VIEWS + 1),
+        )
         if extractor is None:
             keras.utils.set_random_seed(0)
             t0 = time.perf_counter()
@@ -303,14 +350,20 @@ def extraction_at(extractor, preprocess, config: TrainConfig, sizes: dict) -> di
     log(f"batch {batch}: warm-up {time.perf_counter() - t0:.1f} s (first engine call {first:.1f} s)")
     times: dict[str, list[float]] = {"view0": [], "augmented": [], "raw": []}
     for repeat in range(sizes["repeats"]):
-        for name in (list(times) if repeat % 2 == 0 else list(times)[::-1]):
+        for name in list(times) if repeat % 2 == 0 else list(times)[::-1]:
             times[name].append(raw() if name == "raw" else engine(name))
-    row = {"batch": batch, "n_images": n, "first_engine_call_s": first,
-           "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()}}
+    row = {
+        "batch": batch,
+        "n_images": n,
+        "first_engine_call_s": first,
+        "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+    }
     for name, values in times.items():
         row[f"{name}_images_per_s"] = n / statistics.median(values)
-    log(f"batch {batch}: view 0 {row['view0_images_per_s']:.0f}, augmented {row['augmented_images_per_s']:.0f}, "
-        f"raw {row['raw_images_per_s']:.0f} images/s")
+    log(
+        f"batch {batch}: view 0 {row['view0_images_per_s']:.0f}, augmented {row['augmented_images_per_s']:.0f}, "
+        f"raw {row['raw_images_per_s']:.0f} images/s"
+    )
     return row
 
 
@@ -327,8 +380,14 @@ def bench_training(sizes: dict, budget_s: float) -> list[dict]:
         if time.perf_counter() - STARTED > budget_s:
             rows.append({"batch": batch, "skipped": f"over the {budget_s:.0f} s budget"})
             continue
-        config = TrainConfig(backbone=spec.name, weights=None, image_size=sizes["image_size"], batch_size=batch,
-                             fine_tune_layers=spec.fine_tune_layers, fine_tune_epochs=1)
+        config = TrainConfig(
+            backbone=spec.name,
+            weights=None,
+            image_size=sizes["image_size"],
+            batch_size=batch,
+            fine_tune_layers=spec.fine_tune_layers,
+            fine_tune_epochs=1,
+        )
         keras.utils.set_random_seed(0)
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
         head = build_head(backbone.output_shape[-1], N_CLASSES, config)
@@ -340,30 +399,41 @@ def bench_training(sizes: dict, budget_s: float) -> list[dict]:
         images = rng.integers(0, 256, size=(batch, config.image_size, config.image_size, 3), dtype=np.uint8)
         x_host = np.asarray(preprocess(images.astype(np.float32)), dtype=np.float32)
         y_host = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, batch)]
-        inputs = {"device": (keras.ops.convert_to_tensor(x_host), keras.ops.convert_to_tensor(y_host)),
-                  "host": (x_host, y_host)}
+        inputs = {
+            "device": (keras.ops.convert_to_tensor(x_host), keras.ops.convert_to_tensor(y_host)),
+            "host": (x_host, y_host),
+        }
         t0 = time.perf_counter()
         model.train_on_batch(*inputs["device"])  # compiles the train step
         first = time.perf_counter() - t0
         for _ in range(2):
             model.train_on_batch(*inputs["device"])
             model.train_on_batch(*inputs["host"])
-        log(f"train batch {batch}: warm-up {time.perf_counter() - t0:.1f} s (first step {first:.1f} s); "
-            f"{trainable['trainable_weighted_layers']} of {trainable['weighted_layers']} conv/dense layers trainable")
+        log(
+            f"train batch {batch}: warm-up {time.perf_counter() - t0:.1f} s (first step {first:.1f} s); "
+            f"{trainable['trainable_weighted_layers']} of {trainable['weighted_layers']} conv/dense layers trainable"
+        )
         times: dict[str, list[float]] = {"device": [], "host": []}
         for step in range(sizes["train_steps"]):
-            for name in (("device", "host") if step % 2 == 0 else ("host", "device")):
+            for name in ("device", "host") if step % 2 == 0 else ("host", "device"):
                 t0 = time.perf_counter()
                 logs = model.train_on_batch(*inputs[name], return_dict=True)  # returns host floats: a sync
                 times[name].append(time.perf_counter() - t0)
         assert np.isfinite(logs["loss"]), f"training loss is {logs['loss']}"
-        row = {"batch": batch, "steps": sizes["train_steps"], "first_step_s": first, "loss": float(logs["loss"]),
-               "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights))}
+        row = {
+            "batch": batch,
+            "steps": sizes["train_steps"],
+            "first_step_s": first,
+            "loss": float(logs["loss"]),
+            "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+        }
         for name, values in times.items():
             row[f"{name}_step_ms"] = statistics.median(values) * 1000
             row[f"{name}_images_per_s"] = batch / statistics.median(values)
-        log(f"train batch {batch}: {row['device_step_ms']:.1f} ms per step (batch on device), "
-            f"{row['host_step_ms']:.1f} ms (from host)")
+        log(
+            f"train batch {batch}: {row['device_step_ms']:.1f} ms per step (batch on device), "
+            f"{row['host_step_ms']:.1f} ms (from host)"
+        )
         rows.append(row)
         del model, backbone, head
         keras.backend.clear_session()
@@ -381,9 +451,12 @@ def add_floors(document: dict) -> None:
         return
     rate = rates[dtype] * 1e12
     flops = document["flops"]
-    document["floor"] = {"dtype": dtype, "rate_tflops": rates[dtype],
-                         "forward_ms_per_image": flops["forward_flops"] / rate * 1000,
-                         "train_ms_per_image": flops["train_flops"] / rate * 1000}
+    document["floor"] = {
+        "dtype": dtype,
+        "rate_tflops": rates[dtype],
+        "forward_ms_per_image": flops["forward_flops"] / rate * 1000,
+        "train_ms_per_image": flops["train_flops"] / rate * 1000,
+    }
     for row in document["extraction"]:
         for name in ("view0", "augmented", "raw"):
             if f"{name}_images_per_s" in row:
@@ -404,47 +477,66 @@ def save(document: dict, path: Path | None) -> None:
 
 def print_table(document: dict) -> None:
     env = document["environment"]
-    print(f"backend {env['backend']} ({env['library']} {env['library_version']}, Keras {env['keras']}); "
-          f"devices: {', '.join(env['backend_devices']) or 'none (CPU)'}; policy {document['policy']} "
-          f"(engine's precision_policy: {env['engine_policy']})")
+    print(
+        f"backend {env['backend']} ({env['library']} {env['library_version']}, Keras {env['keras']}); "
+        f"devices: {', '.join(env['backend_devices']) or 'none (CPU)'}; policy {document['policy']} "
+        f"(engine's precision_policy: {env['engine_policy']})"
+    )
     if env.get("nvidia_smi"):
         print(f"nvidia-smi: {env['nvidia_smi']}")
     for key in ("configure_device_error", "precision_policy_error"):
         if key in env:
             print(f"ENGINE CALL FAILED: {key.removesuffix('_error')}: {env[key]}")
-    print(f"ResNet50 at {document['image_size']} px, random weights, random uint8 images made on the spot"
-          + (" (QUICK sizes: not figures to keep)" if document["quick"] else ""))
+    print(
+        f"ResNet50 at {document['image_size']} px, random weights, random uint8 images made on the spot"
+        + (" (QUICK sizes: not figures to keep)" if document["quick"] else "")
+    )
     for m in document["matmul"]:
-        print(f"matmul {m['dtype']:<9} {m['n']}-square: {m['best_tflops']:8.2f} TFLOP/s best, "
-              f"{m['median_tflops']:8.2f} median")
+        print(
+            f"matmul {m['dtype']:<9} {m['n']}-square: {m['best_tflops']:8.2f} TFLOP/s best, "
+            f"{m['median_tflops']:8.2f} median"
+        )
     flops, floor = document.get("flops"), document.get("floor")
     if flops:
-        print(f"FLOPs per image: forward {flops['forward_flops'] / 1e9:.2f} G (BENCHMARKS.md 2b: "
-              f"{RESNET50_GFLOP_224} G at 224 px), training step {flops['train_flops'] / 1e9:.2f} G "
-              f"(3 x the unfrozen part's {flops['unfrozen_forward_flops'] / 1e9:.2f} G + 1 x the rest)")
+        print(
+            f"FLOPs per image: forward {flops['forward_flops'] / 1e9:.2f} G (BENCHMARKS.md 2b: "
+            f"{RESNET50_GFLOP_224} G at 224 px), training step {flops['train_flops'] / 1e9:.2f} G "
+            f"(3 x the unfrozen part's {flops['unfrozen_forward_flops'] / 1e9:.2f} G + 1 x the rest)"
+        )
     if floor:
-        print(f"floor at {floor['rate_tflops']:.1f} TFLOP/s ({floor['dtype']}): forward "
-              f"{floor['forward_ms_per_image'] * 1000:.1f} us/image, training {floor['train_ms_per_image'] * 1000:.1f}"
-              " us/image")
+        print(
+            f"floor at {floor['rate_tflops']:.1f} TFLOP/s ({floor['dtype']}): forward "
+            f"{floor['forward_ms_per_image'] * 1000:.1f} us/image, training {floor['train_ms_per_image'] * 1000:.1f}"
+            " us/image"
+        )
     print(f"{'what':<44}{'batch':>6}{'images/s':>11}{'ms/batch':>10}{'TFLOP/s':>9}{'x floor':>9}")
-    labels = {"view0": "extract_features, view 0", "augmented": f"extract_features, views 1..{AUGMENTED_VIEWS}",
-              "raw": "extractor alone, batch on device"}
+    labels = {
+        "view0": "extract_features, view 0",
+        "augmented": f"extract_features, views 1..{AUGMENTED_VIEWS}",
+        "raw": "extractor alone, batch on device",
+    }
     for row in document["extraction"]:
         if "skipped" in row:
             print(f"{'feature extraction':<44}{row['batch']:>6}  skipped: {row['skipped']}")
             continue
         for name, label in labels.items():
             ips = row[f"{name}_images_per_s"]
-            print(f"{label:<44}{row['batch']:>6}{ips:>11.1f}{row['batch'] / ips * 1000:>10.2f}"
-                  f"{row.get(f'{name}_tflops', float('nan')):>9.4g}{row.get(f'{name}_x_floor', float('nan')):>9.2f}")
+            print(
+                f"{label:<44}{row['batch']:>6}{ips:>11.1f}{row['batch'] / ips * 1000:>10.2f}"
+                f"{row.get(f'{name}_tflops', float('nan')):>9.4g}{row.get(f'{name}_x_floor', float('nan')):>9.2f}"
+            )
     for row in document["training"]:
         if "skipped" in row:
             print(f"{'phase-2 train step':<44}{row['batch']:>6}  skipped: {row['skipped']}")
             continue
-        for name, label in (("device", "phase-2 train_on_batch, batch on device"),
-                            ("host", "phase-2 train_on_batch, NumPy batch")):
-            print(f"{label:<44}{row['batch']:>6}{row[f'{name}_images_per_s']:>11.1f}{row[f'{name}_step_ms']:>10.2f}"
-                  f"{row.get(f'{name}_tflops', float('nan')):>9.4g}{row.get(f'{name}_x_floor', float('nan')):>9.2f}")
+        for name, label in (
+            ("device", "phase-2 train_on_batch, batch on device"),
+            ("host", "phase-2 train_on_batch, NumPy batch"),
+        ):
+            print(
+                f"{label:<44}{row['batch']:>6}{row[f'{name}_images_per_s']:>11.1f}{row[f'{name}_step_ms']:>10.2f}"
+                f"{row.get(f'{name}_tflops', float('nan')):>9.4g}{row.get(f'{name}_x_floor', float('nan')):>9.2f}"
+            )
     print("x floor = measured time / floor time (1.00 = at the matmul rate); TFLOP/s counts conv and dense FLOPs only.")
     if document.get("errors"):
         for error in document["errors"]:
@@ -453,12 +545,23 @@ def print_table(document: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", default=os.environ.get("BCD_GPU_CHECK_QUICK") == "1",
-                        help="tiny sizes, to test the script on a CPU (also BCD_GPU_CHECK_QUICK=1)")
-    parser.add_argument("--policy", default="auto",
-                        help="Keras dtype policy; auto (default): the engine's precision_policy for this device")
-    parser.add_argument("--budget-s", type=float, default=200.0,
-                        help="seconds after which no new measurement starts (default %(default)s)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=os.environ.get("BCD_GPU_CHECK_QUICK") == "1",
+        help="tiny sizes, to test the script on a CPU (also BCD_GPU_CHECK_QUICK=1)",
+    )
+    parser.add_argument(
+        "--policy",
+        default="auto",
+        help="Keras dtype policy; auto (default): the engine's precision_policy for this device",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=200.0,
+        help="seconds after which no new measurement starts (default %(default)s)",
+    )
     parser.add_argument("--out", help="JSON file (default: $OUT/gpu_check.json when OUT is set)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -471,36 +574,55 @@ def main() -> None:
     env = environment(args.policy)
     keras.mixed_precision.set_global_policy(env["policy"])  # before any model is built, as a run's block does
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
-    log(f"Keras {env['keras']} on {env['library']} {env['library_version']}, "
+    log(
+        f"Keras {env['keras']} on {env['library']} {env['library_version']}, "
         f"devices {env['backend_devices'] or 'CPU'}, policy {env['policy']} (engine: {env['engine_policy']}), "
-        f"compute dtype {compute_dtype}")
+        f"compute dtype {compute_dtype}"
+    )
     document = {
         "benchmark": "GPU check: ResNet50 feature extraction and phase-2 training step against the matmul rate",
-        "environment": env, "policy": env["policy"], "compute_dtype": compute_dtype, "quick": args.quick,
-        "image_size": sizes["image_size"], "sizes": sizes, "matmul": [], "extraction": [], "training": [],
+        "environment": env,
+        "policy": env["policy"],
+        "compute_dtype": compute_dtype,
+        "quick": args.quick,
+        "image_size": sizes["image_size"],
+        "sizes": sizes,
+        "matmul": [],
+        "extraction": [],
+        "training": [],
         "errors": [],
         "notes": [
             "random weights (weights=None) and random uint8 images made on the spot: nothing read from ../shared",
             "FLOPs: 2 x the multiply-accumulates of Conv2D and Dense layers from their shapes (as bench_inference)",
-            ("training step FLOPs per image = forward of all layers + 2 x forward of the layers from the lowest "
-             "trainable one up (their activation and weight gradients): 3 x forward for the unfrozen part; "
-             "optimizer update, BatchNorm and element-wise work not counted"),
+            (
+                "training step FLOPs per image = forward of all layers + 2 x forward of the layers from the lowest "
+                "trainable one up (their activation and weight gradients): 3 x forward for the unfrozen part; "
+                "optimizer update, BatchNorm and element-wise work not counted"
+            ),
             "floor = FLOPs / the best matmul rate in the policy's compute dtype in this run; x floor = time / floor",
-            ("extract_features: the engine's pipeline from uint8 images in host memory (cache=None), outputs back "
-             "to NumPy; raw: the extractor alone on a preprocessed batch already on the device"),
-            ("float32 matmul is the backend's default arithmetic for float32: JAX computes float32 dots in TF32 "
-             "on Ampere and newer GPUs, PyTorch in full float32 (allow_tf32 off); the floor uses the policy's "
-             "compute dtype"),
-            ("train_on_batch: 'device' = the batch already a backend tensor on the device, 'host' = a NumPy batch "
-             "copied in by Keras each step; medians over interleaved steps after warm-up; each step ends on the "
-             "host (the returned loss), so it is synchronised"),
+            (
+                "extract_features: the engine's pipeline from uint8 images in host memory (cache=None), outputs back "
+                "to NumPy; raw: the extractor alone on a preprocessed batch already on the device"
+            ),
+            (
+                "float32 matmul is the backend's default arithmetic for float32: JAX computes float32 dots in TF32 "
+                "on Ampere and newer GPUs, PyTorch in full float32 (allow_tf32 off); the floor uses the policy's "
+                "compute dtype"
+            ),
+            (
+                "train_on_batch: 'device' = the batch already a backend tensor on the device, 'host' = a NumPy batch "
+                "copied in by Keras each step; medians over interleaved steps after warm-up; each step ends on the "
+                "host (the returned loss), so it is synchronised"
+            ),
         ],
     }
     dtypes = list(dict.fromkeys(["bfloat16", "float32", compute_dtype]))
     sections = [
         ("flops", lambda: resnet50_flops(sizes)),
-        ("matmul", lambda: [matmul_rate(d, sizes["matmul_size"], sizes["matmul_burst"], sizes["repeats"] + 2)
-                            for d in dtypes]),
+        (
+            "matmul",
+            lambda: [matmul_rate(d, sizes["matmul_size"], sizes["matmul_burst"], sizes["repeats"] + 2) for d in dtypes],
+        ),
         ("extraction", lambda: bench_extraction(sizes, env["policy"], args.budget_s)),
         ("training", lambda: bench_training(sizes, args.budget_s)),
     ]

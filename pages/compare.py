@@ -1,4 +1,5 @@
 """Compare runs: runs table, cross-validation, leave-one-dataset-out, shortcut audit, curves, matrices, calibration."""
+
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +66,23 @@ def add_audit_lines(fig: go.Figure, roots: list[str]) -> None:
     known = {root: audit for root in roots if (audit := audit_of(root)) is not None}
     for ref in comparison.audit_references(known).itertuples():  # named in the legend, never over the bars
         fig.add_hline(y=ref.accuracy, line_dash=AUDIT_DASHES[ref.reference], line_color="grey")
-        fig.add_scatter(x=[None], y=[None], mode="lines", line={"dash": AUDIT_DASHES[ref.reference], "color": "grey"},
-                        name=f"{ref.reference} ({ref.dataset}): {ref.accuracy:.1%}")
+        fig.add_scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            line={"dash": AUDIT_DASHES[ref.reference], "color": "grey"},
+            name=f"{ref.reference} ({ref.dataset}): {ref.accuracy:.1%}",
+        )
 
 
 def interval_bars(frame: pd.DataFrame, x: str, bars: dict[str, str], title: str) -> go.Figure:
     """Grouped bars of ``frame``'s interval columns (column -> legend name) with 95% CI error bars."""
-    fig = go.Figure([go.Bar(name=name, x=frame[x], y=frame[column], error_y=charts.error_bar(frame, column))
-                     for column, name in bars.items()])
+    fig = go.Figure(
+        [
+            go.Bar(name=name, x=frame[x], y=frame[column], error_y=charts.error_bar(frame, column))
+            for column, name in bars.items()
+        ]
+    )
     return fig.update_layout(title=title, barmode="group", yaxis_title="share of test images", yaxis_range=[0, 1.05])
 
 
@@ -81,36 +91,69 @@ c1, c2, c3, c4 = st.columns(4)
 backbones = c1.multiselect("Backbone", sorted(runs["backbone"].unique()), key="compare_f_backbone")
 statuses = c2.multiselect("Status", sorted(runs["status"].unique()), key="compare_f_status")
 protocols = c3.multiselect("Protocol", sorted(runs["protocol"].unique()), key="compare_f_protocol")
-datasets = c4.multiselect("Dataset", sorted(runs["dataset"].unique()), key="compare_f_dataset",
-                          help="Accuracies are only comparable between runs on the same dataset.")
+datasets = c4.multiselect(
+    "Dataset",
+    sorted(runs["dataset"].unique()),
+    key="compare_f_dataset",
+    help="Accuracies are only comparable between runs on the same dataset.",
+)
 shown = runs
-for column, wanted in (("backbone", backbones), ("status", statuses), ("protocol", protocols),
-                       ("dataset", datasets)):
+for column, wanted in (("backbone", backbones), ("status", statuses), ("protocol", protocols), ("dataset", datasets)):
     if wanted:
         shown = shown[shown[column].isin(wanted)]
-SORTS = {"test_accuracy": "test accuracy", "macro_auc": "macro AUC", "macro_f1": "macro F1",
-         "parameters_M": "parameters", "seconds": "training time", "id": "run id"}
+SORTS = {
+    "test_accuracy": "test accuracy",
+    "macro_auc": "macro AUC",
+    "macro_f1": "macro F1",
+    "parameters_M": "parameters",
+    "seconds": "training time",
+    "id": "run id",
+}
 sort_by = st.selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="compare_sort")
 table = comparison.runs_table(shown, evaluations).sort_values(
-    sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last")
-tables.show(table.assign(time=table["seconds"].map(tables.duration)), key="compare_runs_table", columns={
-    "id": "run", "backbone": "backbone", "dataset": "dataset", "status": ("status", tables.status()),
-    "accuracy (95% CI)": "test accuracy (95% CI)", "macro AUC (95% CI)": "macro AUC (95% CI)",
-    "macro_f1": ("macro F1", tables.decimals()), "ece": ("ECE", tables.decimals()),
-    "ece_calibrated": ("ECE after calibration", tables.decimals()), "protocol": ("protocol", tables.wide_text()),
-    "parameters_M": ("parameters (millions)", tables.decimals(1)), "weights": "weights",
-    "image_size": ("image size (px)", tables.decimals(0)), "time": "training time",
-    "created": ("queued at", st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")),
-    "error": ("error", tables.wide_text())})
+    sort_by, ascending=sort_by in ("parameters_M", "seconds"), na_position="last"
+)
+tables.show(
+    table.assign(time=table["seconds"].map(tables.duration)),
+    key="compare_runs_table",
+    columns={
+        "id": "run",
+        "backbone": "backbone",
+        "dataset": "dataset",
+        "status": ("status", tables.status()),
+        "accuracy (95% CI)": "test accuracy (95% CI)",
+        "macro AUC (95% CI)": "macro AUC (95% CI)",
+        "macro_f1": ("macro F1", tables.decimals()),
+        "ece": ("ECE", tables.decimals()),
+        "ece_calibrated": ("ECE after calibration", tables.decimals()),
+        "protocol": ("protocol", tables.wide_text()),
+        "parameters_M": ("parameters (millions)", tables.decimals(1)),
+        "weights": "weights",
+        "image_size": ("image size (px)", tables.decimals(0)),
+        "time": "training time",
+        "created": ("queued at", st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")),
+        "error": ("error", tables.wide_text()),
+    },
+)
 
 st.subheader("Reference: reported results (not run here)")
-tables.show(comparison.reference_frame(), key="compare_reference", columns={
-    "model": "model", "train_accuracy": ("training accuracy", tables.percent()),
-    "val_accuracy": ("validation accuracy", tables.percent()), "95% CI": "95% CI", "source": "source",
-    "protocol": ("protocol", tables.wide_text())})
-st.caption("Thesis: *A Transfer Learning Approach for Blood Cancer Detection*; dataset authors: Ghaderzadeh "
-           "et al. 2022. Reported numbers, copied for comparison — not reproduced by bcd, and reported without "
-           "confidence intervals.")
+tables.show(
+    comparison.reference_frame(),
+    key="compare_reference",
+    columns={
+        "model": "model",
+        "train_accuracy": ("training accuracy", tables.percent()),
+        "val_accuracy": ("validation accuracy", tables.percent()),
+        "95% CI": "95% CI",
+        "source": "source",
+        "protocol": ("protocol", tables.wide_text()),
+    },
+)
+st.caption(
+    "Thesis: *A Transfer Learning Approach for Blood Cancer Detection*; dataset authors: Ghaderzadeh "
+    "et al. 2022. Reported numbers, copied for comparison — not reproduced by bcd, and reported without "
+    "confidence intervals."
+)
 
 completed = runs[runs["status"] == "completed"].sort_values("test_accuracy", ascending=False, na_position="last")
 if completed.empty:
@@ -119,69 +162,149 @@ if completed.empty:
 st.subheader("Cross-validation")
 groups = comparison.cv_groups(records.values())
 if not groups:
-    st.caption("No cross-validation runs yet. `python -m bcd_engine cv --data FOLDER --backbone NAME --folds 5` "
-               "trains one run per fold.")
+    st.caption(
+        "No cross-validation runs yet. `python -m bcd_engine cv --data FOLDER --backbone NAME --folds 5` "
+        "trains one run per fold."
+    )
 else:
-    st.caption("Cross-validation cuts the images into K parts (folds) and trains K times; each time another fold "
-               "is the test set, so every image is tested exactly once. The bar is the mean over the folds and the "
-               "error bar ± one standard deviation: how much the result moves when the split changes. The pooled "
-               "confusion matrix adds up the test results of all folds.")
+    st.caption(
+        "Cross-validation cuts the images into K parts (folds) and trains K times; each time another fold "
+        "is the test set, so every image is tested exactly once. The bar is the mean over the folds and the "
+        "error bar ± one standard deviation: how much the result moves when the split changes. The pooled "
+        "confusion matrix adds up the test results of all folds."
+    )
     summary = comparison.cv_summary_frame(groups, evaluations)
-    fig = go.Figure([go.Bar(name=name, x=charts.stacked(summary["group"]), y=summary[f"{metric}_mean"],
-                            error_y={"type": "data", "array": summary[f"{metric}_std"].tolist()})
-                     for metric, name in (("accuracy", "accuracy"), ("macro_auc", "macro AUC"))])
-    fig.update_layout(title="Mean over folds ± one standard deviation", barmode="group", yaxis_range=[0, 1.05],
-                      yaxis_title="share of test images")
+    fig = go.Figure(
+        [
+            go.Bar(
+                name=name,
+                x=charts.stacked(summary["group"]),
+                y=summary[f"{metric}_mean"],
+                error_y={"type": "data", "array": summary[f"{metric}_std"].tolist()},
+            )
+            for metric, name in (("accuracy", "accuracy"), ("macro_auc", "macro AUC"))
+        ]
+    )
+    fig.update_layout(
+        title="Mean over folds ± one standard deviation",
+        barmode="group",
+        yaxis_range=[0, 1.05],
+        yaxis_title="share of test images",
+    )
     add_audit_lines(fig, sorted({g.data_dir for g in groups if g.data_dir}))
     st.plotly_chart(fig, key="compare_cv_chart")
-    tables.show(summary, key="compare_cv_summary", columns={
-        "group": ("cross-validation", tables.wide_text()), "backbone": "backbone",
-        "protocol": ("protocol", tables.wide_text()), "folds": "folds", "n": "test images",
-        **{c: c for c in summary.columns if "(" in c}})
+    tables.show(
+        summary,
+        key="compare_cv_summary",
+        columns={
+            "group": ("cross-validation", tables.wide_text()),
+            "backbone": "backbone",
+            "protocol": ("protocol", tables.wide_text()),
+            "folds": "folds",
+            "n": "test images",
+            **{c: c for c in summary.columns if "(" in c},
+        },
+    )
     folds = comparison.cv_folds_frame(groups, evaluations)
-    tables.show(folds, key="compare_cv_folds", columns={
-        "group": ("cross-validation", tables.wide_text()), "fold": "fold", "run": "run",
-        "status": ("status", tables.status()), "n": "test images", "accuracy (95% CI)": "accuracy (95% CI)",
-        "macro AUC (95% CI)": "macro AUC (95% CI)", "ece": ("ECE", tables.decimals())})
-    group = groups[st.selectbox("Pooled confusion matrix of", range(len(groups)), format_func=lambda i: groups[i].label,
-                                key="compare_cv_group")]
+    tables.show(
+        folds,
+        key="compare_cv_folds",
+        columns={
+            "group": ("cross-validation", tables.wide_text()),
+            "fold": "fold",
+            "run": "run",
+            "status": ("status", tables.status()),
+            "n": "test images",
+            "accuracy (95% CI)": "accuracy (95% CI)",
+            "macro AUC (95% CI)": "macro AUC (95% CI)",
+            "ece": ("ECE", tables.decimals()),
+        },
+    )
+    group = groups[
+        st.selectbox(
+            "Pooled confusion matrix of",
+            range(len(groups)),
+            format_func=lambda i: groups[i].label,
+            key="compare_cv_group",
+        )
+    ]
     pooled = comparison.pooled_confusion(group, evaluations)
     if pooled is None:
         st.info("No fold of this cross-validation has test results yet.")
     else:
         names, counts = pooled
-        fig = go.Figure(go.Heatmap(z=counts, x=names, y=names, colorscale="Blues", texttemplate="%{z}",
-                                   hovertemplate="true %{y}, predicted %{x}: %{z} images<extra></extra>"))
+        fig = go.Figure(
+            go.Heatmap(
+                z=counts,
+                x=names,
+                y=names,
+                colorscale="Blues",
+                texttemplate="%{z}",
+                hovertemplate="true %{y}, predicted %{x}: %{z} images<extra></extra>",
+            )
+        )
         accuracy = comparison.format_interval(*comparison.pooled_accuracy(counts))
-        st.plotly_chart(fig.update_layout(
-            title=f"{group.label}<br><sup>all folds' test images, accuracy {accuracy} (95% CI)</sup>",
-            xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed"), key="compare_cv_cm")
+        st.plotly_chart(
+            fig.update_layout(
+                title=f"{group.label}<br><sup>all folds' test images, accuracy {accuracy} (95% CI)</sup>",
+                xaxis_title="predicted",
+                yaxis_title="true",
+                yaxis_autorange="reversed",
+            ),
+            key="compare_cv_cm",
+        )
 
 st.subheader("Leave one dataset out")
 lodo = comparison.lodo_frame(records.values(), evaluations)
 if lodo.empty:
-    st.caption("No leave-one-dataset-out runs yet. They train on every dataset but one and test on the one "
-               "left out, to show how well a model carries over to another lab's images.")
+    st.caption(
+        "No leave-one-dataset-out runs yet. They train on every dataset but one and test on the one "
+        "left out, to show how well a model carries over to another lab's images."
+    )
 else:
-    st.caption("Each row trained on every dataset but one and was then tested on the one it never saw (held "
-               "out). In-domain accuracy comes from test images of the training datasets. A big drop means the "
-               "model learned things of one lab — stain, microscope, camera — rather than the cells.")
+    st.caption(
+        "Each row trained on every dataset but one and was then tested on the one it never saw (held "
+        "out). In-domain accuracy comes from test images of the training datasets. A big drop means the "
+        "model learned things of one lab — stain, microscope, camera — rather than the cells."
+    )
     chart = lodo.assign(x=lodo["held_out"] + " (" + lodo["backbone"] + ", run " + lodo["run"].astype(str) + ")")
-    st.plotly_chart(interval_bars(chart, "x", {"in_domain": "in-domain test", "held_out_accuracy": "held-out"},
-                                  "leave-one-dataset-out: accuracy with 95% confidence intervals"),
-                    key="compare_lodo_chart")
-    tables.show(lodo, key="compare_lodo", columns={
-        "held_out": "held-out dataset", "backbone": "backbone", "run": "run",
-        "in-domain test accuracy (95% CI)": "in-domain test accuracy (95% CI)", "n_in_domain": "in-domain test images",
-        "held-out accuracy (95% CI)": "held-out accuracy (95% CI)", "n_held_out": "held-out images",
-        "drop": ("drop", tables.decimals())})
+    st.plotly_chart(
+        interval_bars(
+            chart,
+            "x",
+            {"in_domain": "in-domain test", "held_out_accuracy": "held-out"},
+            "leave-one-dataset-out: accuracy with 95% confidence intervals",
+        ),
+        key="compare_lodo_chart",
+    )
+    tables.show(
+        lodo,
+        key="compare_lodo",
+        columns={
+            "held_out": "held-out dataset",
+            "backbone": "backbone",
+            "run": "run",
+            "in-domain test accuracy (95% CI)": "in-domain test accuracy (95% CI)",
+            "n_in_domain": "in-domain test images",
+            "held-out accuracy (95% CI)": "held-out accuracy (95% CI)",
+            "n_held_out": "held-out images",
+            "drop": ("drop", tables.decimals()),
+        },
+    )
 
 st.subheader("Runs side by side")
-labels = {int(i): comparison.run_label_with_protocol(records[int(i)], latest_evaluation(evaluations[int(i)]))
-          for i in completed["id"]}
+labels = {
+    int(i): comparison.run_label_with_protocol(records[int(i)], latest_evaluation(evaluations[int(i)]))
+    for i in completed["id"]
+}
 wanted = common.requested_run()  # a link from the Train page's "finished" message
-selected = st.multiselect("Runs to compare", list(labels), format_func=labels.get, key="compare_selected",
-                          default=[wanted] if wanted in labels else list(labels)[:2])
+selected = st.multiselect(
+    "Runs to compare",
+    list(labels),
+    format_func=labels.get,
+    key="compare_selected",
+    default=[wanted] if wanted in labels else list(labels)[:2],
+)
 if not selected:
     st.info("Select one or more completed runs.")
     st.stop()
@@ -194,9 +317,12 @@ titles = {run_id: charts.figure_title(records[run_id], ev) for run_id, ev in tes
 st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
 chart_col, audit_col = st.columns([3, 2])
 intervals = comparison.intervals_frame([records[run_id] for run_id in selected], evaluations)
-fig = interval_bars(intervals.assign(label=charts.stacked(intervals["label"])), "label",
-                    {"accuracy": "accuracy", "macro_auc": "macro AUC"},
-                    "Test accuracy and macro AUC (error bars: 95% confidence interval)")
+fig = interval_bars(
+    intervals.assign(label=charts.stacked(intervals["label"])),
+    "label",
+    {"accuracy": "accuracy", "macro_auc": "macro AUC"},
+    "Test accuracy and macro AUC (error bars: 95% confidence interval)",
+)
 roots = comparison.dataset_roots(records[run_id] for run_id in selected)
 add_audit_lines(fig, roots)
 chart_col.plotly_chart(fig, key="compare_intervals")
@@ -232,102 +358,170 @@ for i, root in enumerate(roots):
     box.caption(comparison.audit_explanation(audit))
 
 st.subheader("Training curves")
-st.plotly_chart(charts.training_curves(run_tables.epochs_frame(store, selected),
-                                       {run_id: f"run {run_id} · {records[run_id].backbone}" for run_id in selected}),
-                key="compare_curves")
+st.plotly_chart(
+    charts.training_curves(
+        run_tables.epochs_frame(store, selected),
+        {run_id: f"run {run_id} · {records[run_id].backbone}" for run_id in selected},
+    ),
+    key="compare_curves",
+)
 
 st.subheader("Confusion matrices")
 normalise = st.toggle("Row-normalised (share of each true class)", key="compare_normalise")
 for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
     counts = np.asarray(ev.confusion_matrix, dtype=float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    heat = go.Heatmap(z=share if normalise else counts, x=ev.class_names, y=ev.class_names, colorscale="Blues",
-                      customdata=np.dstack([counts, share * 100]), texttemplate="%{z:.2f}" if normalise else "%{z}",
-                      hovertemplate="true %{y}, predicted %{x}<br>%{customdata[0]:.0f} images "
-                                    "(%{customdata[1]:.1f}% of the true class)<extra></extra>")
-    fig = go.Figure(heat).update_layout(title=titles[run_id], margin=TOP, xaxis_title="predicted",
-                                        yaxis_title="true", yaxis_autorange="reversed")
+    heat = go.Heatmap(
+        z=share if normalise else counts,
+        x=ev.class_names,
+        y=ev.class_names,
+        colorscale="Blues",
+        customdata=np.dstack([counts, share * 100]),
+        texttemplate="%{z:.2f}" if normalise else "%{z}",
+        hovertemplate="true %{y}, predicted %{x}<br>%{customdata[0]:.0f} images "
+        "(%{customdata[1]:.1f}% of the true class)<extra></extra>",
+    )
+    fig = go.Figure(heat).update_layout(
+        title=titles[run_id], margin=TOP, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed"
+    )
     col.plotly_chart(fig, key=f"compare_cm_{run_id}")
 
 st.subheader("ROC curves (one class against the rest)")
 for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
-    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
-                               name="chance"))
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="chance"))
     for name, curve in ev.roc.items():
         auc = "n/a" if curve.auc is None else f"{curve.auc:.3f}"
         fig.add_scatter(x=curve.fpr, y=curve.tpr, mode="lines", name=f"{name} (AUC {auc})")
-    fig.update_layout(title=titles[run_id], margin=TOP, xaxis_title="false positive rate",
-                      yaxis_title="true positive rate")
+    fig.update_layout(
+        title=titles[run_id], margin=TOP, xaxis_title="false positive rate", yaxis_title="true positive rate"
+    )
     col.plotly_chart(fig, key=f"compare_roc_{run_id}")
 
 st.subheader("Reliability: does the model's confidence match how often it is right?")
-st.caption("Test images are put in bins by the model's confidence in its answer. Each bar shows how many in the "
-           "bin were right; a well-calibrated model's bars reach the diagonal (of the answers given with 90% "
-           "confidence, 90% are right). Bars below the diagonal mean over-confidence. **ECE** (expected calibration "
-           "error) is the average gap, weighted by the number of images in each bin: 0 is perfect.")
+st.caption(
+    "Test images are put in bins by the model's confidence in its answer. Each bar shows how many in the "
+    "bin were right; a well-calibrated model's bars reach the diagonal (of the answers given with 90% "
+    "confidence, 90% are right). Bars below the diagonal mean over-confidence. **ECE** (expected calibration "
+    "error) is the average gap, weighted by the number of images in each bin: 0 is perfect."
+)
 for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
     bins = comparison.reliability_frame(ev)
     if bins.empty:
         col.info(f"Run {run_id} has no stored calibration data (it was evaluated before bcd recorded it).")
         continue
-    fig = go.Figure([
-        go.Bar(x=bins["centre"], y=bins["accuracy"], width=bins["width"], name="share right", customdata=bins,
-               hovertemplate="confidence %{customdata[0]:.2f}–%{customdata[1]:.2f}: %{customdata[6]} images, "
-                             "mean confidence %{customdata[4]:.2f}, %{y:.0%} right<extra></extra>"),
-        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect calibration"),
-    ])
-    fig.update_layout(title=titles[run_id], margin=TOP,
-                      xaxis_title="model's confidence in its answer", yaxis_title="share of answers right",
-                      xaxis_range=[0, 1], yaxis_range=[0, 1.05])
+    fig = go.Figure(
+        [
+            go.Bar(
+                x=bins["centre"],
+                y=bins["accuracy"],
+                width=bins["width"],
+                name="share right",
+                customdata=bins,
+                hovertemplate="confidence %{customdata[0]:.2f}–%{customdata[1]:.2f}: %{customdata[6]} images, "
+                "mean confidence %{customdata[4]:.2f}, %{y:.0%} right<extra></extra>",
+            ),
+            go.Scatter(
+                x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect calibration"
+            ),
+        ]
+    )
+    fig.update_layout(
+        title=titles[run_id],
+        margin=TOP,
+        xaxis_title="model's confidence in its answer",
+        yaxis_title="share of answers right",
+        xaxis_range=[0, 1],
+        yaxis_range=[0, 1.05],
+    )
     col.plotly_chart(fig, key=f"compare_reliability_{run_id}")
     before, after = ev.metrics.get("ece"), ev.metrics.get("ece_calibrated")
     col.metric("ECE", f"{before:.3f}" if before is not None else "n/a", help="0 is perfect; lower is better.")
     if after is not None:
-        col.metric("ECE after calibration", f"{after:.3f}",
-                   help=f"With the temperature {ev.metrics['temperature']:.2f} fitted on the run's validation images "
-                        "(the probabilities Diagnose shows). The bars above are before calibration.")
+        col.metric(
+            "ECE after calibration",
+            f"{after:.3f}",
+            help=f"With the temperature {ev.metrics['temperature']:.2f} fitted on the run's validation images "
+            "(the probabilities Diagnose shows). The bars above are before calibration.",
+        )
 
 st.subheader("Risk and coverage: how right is the model when it answers only when most sure?")
-st.caption("Test images are ranked by the model's confidence; a point shows the accuracy on the most confident share "
-           "of them. A curve that falls as more images are answered means confidence tells right from wrong, so "
-           "leaving the least confident images to a specialist buys accuracy.")
-curves = pd.concat([run_tables.risk_coverage_frame(store, ev).assign(run=labels[run_id])
-                    for run_id, ev in tests.items()])
-fig = px.line(curves, x="coverage", y="accuracy", color="run", hover_data={"confidence": ":.3f"},
-              labels={"coverage": "share of test images answered (most confident first)", "accuracy": "accuracy"})
-st.plotly_chart(fig.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", legend_title_text=""),
-                key="compare_risk_coverage")
+st.caption(
+    "Test images are ranked by the model's confidence; a point shows the accuracy on the most confident share "
+    "of them. A curve that falls as more images are answered means confidence tells right from wrong, so "
+    "leaving the least confident images to a specialist buys accuracy."
+)
+curves = pd.concat(
+    [run_tables.risk_coverage_frame(store, ev).assign(run=labels[run_id]) for run_id, ev in tests.items()]
+)
+fig = px.line(
+    curves,
+    x="coverage",
+    y="accuracy",
+    color="run",
+    hover_data={"confidence": ":.3f"},
+    labels={"coverage": "share of test images answered (most confident first)", "accuracy": "accuracy"},
+)
+st.plotly_chart(
+    fig.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", legend_title_text=""), key="compare_risk_coverage"
+)
 
 st.subheader("Per-class precision, recall and F1")
-per_class = pd.concat([run_tables.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
-                       for run_id, ev in tests.items()])
-tables.show(per_class, key="compare_per_class",
-            columns={"run": "run", "class": "class", "precision": ("precision", tables.decimals()),
-                     "recall": ("recall (sensitivity)", tables.decimals()),
-                     "specificity": ("specificity", tables.decimals()), "f1": ("F1", tables.decimals()),
-                     "auc": ("AUC", tables.decimals()), "support": "test images"})
+per_class = pd.concat(
+    [
+        run_tables.per_class_frame(ev).assign(run=f"run {run_id}: {records[run_id].backbone}")
+        for run_id, ev in tests.items()
+    ]
+)
+tables.show(
+    per_class,
+    key="compare_per_class",
+    columns={
+        "run": "run",
+        "class": "class",
+        "precision": ("precision", tables.decimals()),
+        "recall": ("recall (sensitivity)", tables.decimals()),
+        "specificity": ("specificity", tables.decimals()),
+        "f1": ("F1", tables.decimals()),
+        "auc": ("AUC", tables.decimals()),
+        "support": "test images",
+    },
+)
 
 st.subheader("Images behind a confusion-matrix cell")
 pick_run, pick_true, pick_predicted, pick_cam = st.columns([3, 2, 2, 2])
 gallery_run = pick_run.selectbox("Run", list(tests), format_func=labels.get, key="compare_gallery_run")
 cell_ev = tests[gallery_run]
 worst_true, worst_predicted = run_tables.worst_cell(cell_ev)
-true_class = pick_true.selectbox("True class", cell_ev.class_names, key=f"compare_cell_true_{gallery_run}",
-                                 index=cell_ev.class_names.index(worst_true))
-predicted_class = pick_predicted.selectbox("Predicted class", cell_ev.class_names,
-                                           key=f"compare_cell_predicted_{gallery_run}",
-                                           index=cell_ev.class_names.index(worst_predicted))
-show_cam = pick_cam.toggle("Show where the model looked (Grad-CAM)", key="compare_gradcam",
-                           help="Red marks the parts of the image that pushed the model towards its answer.")
+true_class = pick_true.selectbox(
+    "True class",
+    cell_ev.class_names,
+    key=f"compare_cell_true_{gallery_run}",
+    index=cell_ev.class_names.index(worst_true),
+)
+predicted_class = pick_predicted.selectbox(
+    "Predicted class",
+    cell_ev.class_names,
+    key=f"compare_cell_predicted_{gallery_run}",
+    index=cell_ev.class_names.index(worst_predicted),
+)
+show_cam = pick_cam.toggle(
+    "Show where the model looked (Grad-CAM)",
+    key="compare_gradcam",
+    help="Red marks the parts of the image that pushed the model towards its answer.",
+)
 items = run_tables.cell_images(store, cell_ev, true_class, predicted_class)
 count = cell_ev.confusion_matrix[cell_ev.class_names.index(true_class)][cell_ev.class_names.index(predicted_class)]
-st.caption(f"{count} test image(s) of class {true_class} that run {gallery_run} called {predicted_class}"
-           + (f"; the {len(items)} it was most sure of." if count > len(items) else ".")
-           + " The pair starts at the most frequent mistake.")
+st.caption(
+    f"{count} test image(s) of class {true_class} that run {gallery_run} called {predicted_class}"
+    + (f"; the {len(items)} it was most sure of." if count > len(items) else ".")
+    + " The pair starts at the most frequent mistake."
+)
 public = [item for item in items if common.public_path(item["path"])]  # a demo shows only public datasets' images
 if len(public) < len(items):
-    st.info(f"{len(items) - len(public)} of these images are from a dataset this demo may not show.",
-            icon=":material/visibility_off:")
+    st.info(
+        f"{len(items) - len(public)} of these images are from a dataset this demo may not show.",
+        icon=":material/visibility_off:",
+    )
     items = public
 loaded = None
 if show_cam and items:
@@ -348,13 +542,21 @@ for col, item in zip(st.columns(6) * 4, items):
 
 if not common.demo_mode():
     with st.expander("Take a run to another store (run bundle)", icon=":material/move_item:"):
-        st.caption("One .zip with the run's model, out-of-domain gate, labels, settings, split, curves, evaluations "
-                   "and model card, each member with its sha256. On the other machine: `python -m bcd_engine import "
-                   "BUNDLE.zip` adds it to that store as a new run (for a hosted demo, see the README).")
+        st.caption(
+            "One .zip with the run's model, out-of-domain gate, labels, settings, split, curves, evaluations "
+            "and model card, each member with its sha256. On the other machine: `python -m bcd_engine import "
+            "BUNDLE.zip` adds it to that store as a new run (for a hosted demo, see the README)."
+        )
         chosen = st.selectbox("Run", list(labels), format_func=labels.get, key="compare_bundle_run")
-        st.download_button("Download bundle", lambda: run_bundle.bundle_bytes(chosen, store=store),
-                           run_bundle.bundle_name(chosen, records[chosen].backbone), "application/zip",
-                           key="compare_bundle", icon=":material/download:", on_click="ignore")
+        st.download_button(
+            "Download bundle",
+            lambda: run_bundle.bundle_bytes(chosen, store=store),
+            run_bundle.bundle_name(chosen, records[chosen].backbone),
+            "application/zip",
+            key="compare_bundle",
+            icon=":material/download:",
+            on_click="ignore",
+        )
     with st.expander("Delete a run", icon=":material/delete:"):
         victim = st.selectbox("Run", runs["id"].tolist(), key="compare_delete_run")
         if st.button("Delete run and everything recorded about it", key="compare_delete"):

@@ -1,4 +1,5 @@
 """Diagnose: smear images (one, several, or a zip archive) through one trained run or an ensemble."""
+
 import plotly.express as px
 import streamlit as st
 
@@ -13,18 +14,28 @@ from bcd_engine.store import artifacts
 from ui import common, tables
 
 SHOWN_ERRORS = 5  # unusable files listed one by one above the results; the rest are in the table
-READINGS = {Reading.OK: "ok", Reading.UNSURE: "unsure", Reading.CONFLICTING: "views conflict",
-            Reading.OUT_OF_DOMAIN: "out of domain"}
-READING_ICONS = {Reading.OK: ":material/check_circle:", Reading.UNSURE: ":material/help:",
-                 Reading.CONFLICTING: ":material/warning:", Reading.OUT_OF_DOMAIN: ":material/block:"}
+READINGS = {
+    Reading.OK: "ok",
+    Reading.UNSURE: "unsure",
+    Reading.CONFLICTING: "views conflict",
+    Reading.OUT_OF_DOMAIN: "out of domain",
+}
+READING_ICONS = {
+    Reading.OK: ":material/check_circle:",
+    Reading.UNSURE: ":material/help:",
+    Reading.CONFLICTING: ":material/warning:",
+    Reading.OUT_OF_DOMAIN: ":material/block:",
+}
 
 st.title("Diagnose images")
-st.warning("**Research and teaching use only — not a medical device.** Never use it to diagnose anyone.",
-           icon=":material/warning:")
+st.warning(
+    "**Research and teaching use only — not a medical device.** Never use it to diagnose anyone.",
+    icon=":material/warning:",
+)
 common.explain(
     "Upload peripheral blood smear images (or one zip archive of them) and a trained model tells you which "
     "class each looks most like, with a probability per class. The model looks at every image 8 times — "
-    "flipped and turned, since a smear has no \"up\" — and averages; if those looks disagree, or no class "
+    'flipped and turned, since a smear has no "up" — and averages; if those looks disagree, or no class '
     "stands out, the result is flagged. Before answering, the model checks that the image looks like the "
     "images it was trained on; an image from another lab, stain or microscope, or not a smear at all, gets "
     "no answer. The probabilities are calibrated on the model's validation images (a shown 80% was right "
@@ -42,18 +53,26 @@ runs = store.list_runs(status="completed")
 best = run_tables.best_runs_by_dataset(store)
 labels = {r.id: run_tables.run_label_with_dataset(r, best) for r in runs}
 wanted = common.requested_run()  # a link from the Train page's "finished" message
-run_ids = st.multiselect("Model (choose several for an ensemble: their probabilities are averaged)", list(labels),
-                         default=[wanted if wanted in labels else default.id], format_func=labels.get,
-                         key="diagnose_runs", max_selections=4)
+run_ids = st.multiselect(
+    "Model (choose several for an ensemble: their probabilities are averaged)",
+    list(labels),
+    default=[wanted if wanted in labels else default.id],
+    format_func=labels.get,
+    key="diagnose_runs",
+    max_selections=4,
+)
 uploads = st.file_uploader(
-    "Smear images or a zip archive", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
-    accept_multiple_files=True, key="diagnose_upload",
+    "Smear images or a zip archive",
+    type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "zip"],
+    accept_multiple_files=True,
+    key="diagnose_upload",
     help=f"At most {diagnosis.MAX_UPLOAD_BYTES // 2**20} MB per image, "
-         f"{diagnosis.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive and "
-         f"{diagnosis.MAX_UPLOAD_TOTAL_BYTES // 2**20} MB for the whole upload with its archives expanded; each "
-         f"image at most {diagnosis.MAX_UPLOAD_IMAGE_PIXELS / 1e6:g} megapixels (frames included) and "
-         f"{diagnosis.MAX_UPLOAD_PIXELS / 1e6:g} megapixels in all, and a JPEG of at most {MAX_JPEG_SCANS} scans. "
-         "A file that cannot be used is listed with the reason; the others are still diagnosed.")
+    f"{diagnosis.MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB per zip archive and "
+    f"{diagnosis.MAX_UPLOAD_TOTAL_BYTES // 2**20} MB for the whole upload with its archives expanded; each "
+    f"image at most {diagnosis.MAX_UPLOAD_IMAGE_PIXELS / 1e6:g} megapixels (frames included) and "
+    f"{diagnosis.MAX_UPLOAD_PIXELS / 1e6:g} megapixels in all, and a JPEG of at most {MAX_JPEG_SCANS} scans. "
+    "A file that cannot be used is listed with the reason; the others are still diagnosed.",
+)
 if not run_ids:
     st.info("Choose at least one model.")
     st.stop()
@@ -78,8 +97,11 @@ if st.session_state.get("diagnose_job", (None,))[0] != job:
     count = len(sources)
     steps = diagnoser.diagnose_steps(sources, keep_images=count == 1, batch_size=STEP_IMAGES)
     del sources
-    results = common.run_queued(steps, images=count, describe=lambda done, total: f"Diagnosed {done} of {total} "
-                                "image(s)") if count else []
+    results = (
+        common.run_queued(steps, images=count, describe=lambda done, total: f"Diagnosed {done} of {total} image(s)")
+        if count
+        else []
+    )
     del steps
     st.session_state["diagnose_job"] = (job, rejected + results)  # whole files refused first
 _, results = st.session_state["diagnose_job"]
@@ -91,59 +113,113 @@ for bad in unusable[:SHOWN_ERRORS]:
     name, reason = (common.plain(common.public(text)) for text in (bad.name, bad.error))  # a visitor's text, as text
     st.error(f"**{name}** cannot be used: {reason}", icon=":material/block:")
 if len(unusable) > SHOWN_ERRORS:
-    st.error(f"... and {len(unusable) - SHOWN_ERRORS} more files cannot be used: the table below gives each reason.",
-             icon=":material/block:")
+    st.error(
+        f"... and {len(unusable) - SHOWN_ERRORS} more files cannot be used: the table below gives each reason.",
+        icon=":material/block:",
+    )
 
 if len(good) == 1 and len(results) == 1:
     result = good[0]
     st.subheader(common.plain(result.name))
     if result.reading is Reading.OUT_OF_DOMAIN:  # no class is the answer: only why, and the gate's figures
         st.error(result.advice, icon=READING_ICONS[Reading.OUT_OF_DOMAIN])
-        st.caption(f"Unusualness score {result.ood_score:,.0f}; images scoring above {result.ood_threshold:,.0f} "
-                   f"are refused ({DEFAULT_PASS_RATE:.0%} of the model's own validation images score below it). The "
-                   "score measures how far the image lies from the training images in the network's feature space.")
+        st.caption(
+            f"Unusualness score {result.ood_score:,.0f}; images scoring above {result.ood_threshold:,.0f} "
+            f"are refused ({DEFAULT_PASS_RATE:.0%} of the model's own validation images score below it). The "
+            "score measures how far the image lies from the training images in the network's feature space."
+        )
         st.stop()
     (st.success if result.reading is Reading.OK else st.warning)(result.advice, icon=READING_ICONS[result.reading])
     left, right = st.columns(2)
     probabilities = result.calibrated_probabilities
     certainty = result.uncertainty
-    right.metric("Predicted class", result.predicted_class, f"{certainty['confidence']:.1%} confidence",
-                 delta_color="off", delta_arrow="off")
-    fig = px.bar(x=list(probabilities.values()), y=list(probabilities), orientation="h", range_x=[0, 1],
-                 labels={"x": f"calibrated probability (mean of {certainty['views']} looks)", "y": "class"},
-                 text=[f"{p:.1%}" for p in probabilities.values()])
+    right.metric(
+        "Predicted class",
+        result.predicted_class,
+        f"{certainty['confidence']:.1%} confidence",
+        delta_color="off",
+        delta_arrow="off",
+    )
+    fig = px.bar(
+        x=list(probabilities.values()),
+        y=list(probabilities),
+        orientation="h",
+        range_x=[0, 1],
+        labels={"x": f"calibrated probability (mean of {certainty['views']} looks)", "y": "class"},
+        text=[f"{p:.1%}" for p in probabilities.values()],
+    )
     right.plotly_chart(fig, key="diagnose_probabilities")
-    gate = ("The image looks like the model's training images (it passed the out-of-domain check)."
-            if result.in_domain else "This run has no out-of-domain check: it cannot tell whether the image is "
-            "like its training images." if result.in_domain is None else "")
-    right.caption(f"Views that disagree with the answer: {certainty['disagreement']:.0%} · "
-                  f"lead over the runner-up: {certainty['margin']:.1%}. {gate}")
-    opacity = left.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diagnose_opacity",
-                          help="Grad-CAM of the first chosen model for the answer shown: red is where it "
-                               "looked for that class.")
+    gate = (
+        "The image looks like the model's training images (it passed the out-of-domain check)."
+        if result.in_domain
+        else "This run has no out-of-domain check: it cannot tell whether the image is like its training images."
+        if result.in_domain is None
+        else ""
+    )
+    right.caption(
+        f"Views that disagree with the answer: {certainty['disagreement']:.0%} · "
+        f"lead over the runner-up: {certainty['margin']:.1%}. {gate}"
+    )
+    opacity = left.slider(
+        "Heatmap opacity",
+        0.0,
+        1.0,
+        0.45,
+        0.05,
+        key="diagnose_opacity",
+        help="Grad-CAM of the first chosen model for the answer shown: red is where it looked for that class.",
+    )
     try:
         image, heatmap = common.grad_cam(diagnoser.run_ids[0], result.image, result.predicted_class)
-        left.image(explain.overlay(image, heatmap, opacity=opacity), width="stretch",
-                   caption=f"{result.name} with Grad-CAM (run {diagnoser.run_ids[0]})")
+        left.image(
+            explain.overlay(image, heatmap, opacity=opacity),
+            width="stretch",
+            caption=f"{result.name} with Grad-CAM (run {diagnoser.run_ids[0]})",
+        )
     except BCDError as exc:
         left.warning(common.public(f"No heatmap for this image: {exc}"))
 elif results:
     table = diagnosis.results_frame(results)
     flagged = int((table["reading"].isin([Reading.UNSURE, Reading.CONFLICTING])).sum())
     refused = int((table["reading"] == Reading.OUT_OF_DOMAIN).sum())
-    st.metric("Images diagnosed", len(good), f"{flagged} flagged, {refused} out of domain, "
-              f"{len(results) - len(good)} unusable", delta_color="off", delta_arrow="off")
+    st.metric(
+        "Images diagnosed",
+        len(good),
+        f"{flagged} flagged, {refused} out of domain, {len(results) - len(good)} unusable",
+        delta_color="off",
+        delta_arrow="off",
+    )
     if refused:
-        st.warning(f"{refused} image(s) do not look like the images the model was trained on (another lab, stain or "
-                   "microscope, or not a blood smear): they get no class in the table.", icon=":material/block:")
-    shown = {"image": "image", "predicted_class": "predicted class", "reading": "reading",
-             "confidence": ("confidence", st.column_config.ProgressColumn(min_value=0, max_value=1, format="percent")),
-             "margin": ("lead over runner-up", tables.percent()),
-             "disagreement": ("views that disagree", tables.percent()),
-             "in_domain": ("like the training images", st.column_config.CheckboxColumn()),
-             "ood_score": ("unusualness score", tables.decimals(0)), "error": ("why unusable", tables.wide_text())}
-    tables.show(table.assign(reading=table["reading"].map(READINGS)), key="diagnose_table",
-                columns={**{c: spec for c, spec in shown.items() if c in table},
-                         **{c: (c, tables.percent()) for c in table if c.startswith("p(")}})
-    st.download_button("Download results (CSV)", diagnosis.results_csv(results), "bcd_diagnosis.csv", "text/csv",
-                       key="diagnose_csv", icon=":material/download:", on_click="ignore")
+        st.warning(
+            f"{refused} image(s) do not look like the images the model was trained on (another lab, stain or "
+            "microscope, or not a blood smear): they get no class in the table.",
+            icon=":material/block:",
+        )
+    shown = {
+        "image": "image",
+        "predicted_class": "predicted class",
+        "reading": "reading",
+        "confidence": ("confidence", st.column_config.ProgressColumn(min_value=0, max_value=1, format="percent")),
+        "margin": ("lead over runner-up", tables.percent()),
+        "disagreement": ("views that disagree", tables.percent()),
+        "in_domain": ("like the training images", st.column_config.CheckboxColumn()),
+        "ood_score": ("unusualness score", tables.decimals(0)),
+        "error": ("why unusable", tables.wide_text()),
+    }
+    tables.show(
+        table.assign(reading=table["reading"].map(READINGS)),
+        key="diagnose_table",
+        columns={
+            **{c: spec for c, spec in shown.items() if c in table},
+            **{c: (c, tables.percent()) for c in table if c.startswith("p(")},
+        },
+    )
+    st.download_button(
+        "Download results (CSV)",
+        diagnosis.results_csv(results),
+        "bcd_diagnosis.csv",
+        "text/csv",
+        key="diagnose_csv",
+        icon=":material/download:",
+        on_click="ignore",
+    )

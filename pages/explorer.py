@@ -1,4 +1,5 @@
 """Dataset explorer: what is in a dataset folder, before any training."""
+
 from pathlib import Path
 
 import plotly.express as px
@@ -25,6 +26,7 @@ common.explain(
 common.demo_banner()
 store = common.store()
 
+
 @st.cache_data(show_spinner="Drawing the augmented views ...", max_entries=32)
 def _augmentation_preview(path: str, cfg: AugmentConfig):
     """Eight augmented views of one image (the first call builds the augmentation graph; later ones are quick)."""
@@ -41,15 +43,18 @@ if source == SOURCES[0]:
     choice = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="explorer_dataset")
     root = choice.root
 elif source == SOURCES[1]:
-    root = st.text_input("Folder with one subfolder per class", key="explorer_folder",
-                         placeholder="~/data/leukemia/Original").strip()
+    root = st.text_input(
+        "Folder with one subfolder per class", key="explorer_folder", placeholder="~/data/leukemia/Original"
+    ).strip()
     if not root:
         st.info("Type the path of a folder on this machine, e.g. the `Original` folder of the ALL dataset.")
         st.stop()
     root = str(Path(root).expanduser())
 else:
-    st.caption("Needs internet and Kaggle credentials (`~/.kaggle/kaggle.json` or KAGGLE_USERNAME/KAGGLE_KEY). "
-               "The dataset's terms forbid redistribution, so bcd never ships it.")
+    st.caption(
+        "Needs internet and Kaggle credentials (`~/.kaggle/kaggle.json` or KAGGLE_USERNAME/KAGGLE_KEY). "
+        "The dataset's terms forbid redistribution, so bcd never ships it."
+    )
     if st.button("Download with kagglehub", key="explorer_kaggle"):
         with st.spinner("Downloading ..."):
             folder, message = kaggle.download_kaggle_dataset()
@@ -67,8 +72,10 @@ except BCDError as exc:
 
 synthetic = Path(root).resolve() == Path(common.demo_dataset()).resolve()
 if synthetic:
-    st.warning("**SYNTHETIC dataset** — images drawn by a program for demos and tests. Not medical data.",
-               icon=":material/science:")
+    st.warning(
+        "**SYNTHETIC dataset** — images drawn by a program for demos and tests. Not medical data.",
+        icon=":material/science:",
+    )
 
 cols = st.columns(4)
 cols[0].metric("Images", scan.n_images)
@@ -77,16 +84,29 @@ cols[2].metric("Unreadable files", len(scan.unreadable))
 cols[3].metric("Near-duplicate groups", len(scan.near_duplicate_groups))
 
 balance, samples, stats_tab, dups, twins, augment = st.tabs(
-    ["Class balance", "Samples", "Size and colour", "Duplicates", "Original / Segmented", "Augmentation"])
+    ["Class balance", "Samples", "Size and colour", "Duplicates", "Original / Segmented", "Augmentation"]
+)
 
 with balance:
     counts = scan.class_counts
-    fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "class", "y": "images", "color": "class"},
-                 color=list(counts), text=list(counts.values()), title="Images per class")
+    fig = px.bar(
+        x=list(counts),
+        y=list(counts.values()),
+        labels={"x": "class", "y": "images", "color": "class"},
+        color=list(counts),
+        text=list(counts.values()),
+        title="Images per class",
+    )
     st.plotly_chart(fig, key="explorer_balance_chart")
     if scan.unreadable:
-        st.dataframe([{"file": explorer_tables.relative_name(r.path, root), "reason": common.public(r.error)}
-                      for r in scan.unreadable], key="explorer_unreadable", hide_index=True)
+        st.dataframe(
+            [
+                {"file": explorer_tables.relative_name(r.path, root), "reason": common.public(r.error)}
+                for r in scan.unreadable
+            ],
+            key="explorer_unreadable",
+            hide_index=True,
+        )
 
 by_class = explorer_tables.samples_by_class(scan)
 with samples:
@@ -103,22 +123,46 @@ with samples:
 with stats_tab:
     stats = common.image_stats(root)
     st.caption(f"Measured on up to 40 images per class ({len(stats)} images), resized to 64 px.")
-    tables.show(explorer_tables.class_summary(stats).reset_index(), key="explorer_stats_table", columns={
-        "class": "class", "width": "width (px)", "height": "height (px)", "kb": "file size (KB)",
-        "mean_r": "mean red", "mean_g": "mean green", "mean_b": "mean blue", "std": "contrast (std)",
-        "brightness": "brightness"})
+    tables.show(
+        explorer_tables.class_summary(stats).reset_index(),
+        key="explorer_stats_table",
+        columns={
+            "class": "class",
+            "width": "width (px)",
+            "height": "height (px)",
+            "kb": "file size (KB)",
+            "mean_r": "mean red",
+            "mean_g": "mean green",
+            "mean_b": "mean blue",
+            "std": "contrast (std)",
+            "brightness": "brightness",
+        },
+    )
     channels = {"mean_r": "red", "mean_g": "green", "mean_b": "blue"}
-    long = stats.rename(columns=channels).melt(id_vars=["class"], value_vars=list(channels.values()),
-                                               var_name="channel", value_name="mean value (0-255)")
-    st.plotly_chart(px.box(long, x="class", y="mean value (0-255)", color="channel", title="Mean colour per class",
-                           color_discrete_map={"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4"}),
-                    key="explorer_colour_chart")
-    st.caption("Classes that differ in stain colour can be told apart without looking at cell shape — "
-               "a shortcut a CNN may learn instead of morphology.")
+    long = stats.rename(columns=channels).melt(
+        id_vars=["class"], value_vars=list(channels.values()), var_name="channel", value_name="mean value (0-255)"
+    )
+    st.plotly_chart(
+        px.box(
+            long,
+            x="class",
+            y="mean value (0-255)",
+            color="channel",
+            title="Mean colour per class",
+            color_discrete_map={"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4"},
+        ),
+        key="explorer_colour_chart",
+    )
+    st.caption(
+        "Classes that differ in stain colour can be told apart without looking at cell shape — "
+        "a shortcut a CNN may learn instead of morphology."
+    )
 
 with dups:
-    st.write(f"{len(scan.duplicate_groups)} exact-duplicate groups (same bytes), "
-             f"{len(scan.near_duplicate_groups)} near-duplicate groups (similar gradient hash).")
+    st.write(
+        f"{len(scan.duplicate_groups)} exact-duplicate groups (same bytes), "
+        f"{len(scan.near_duplicate_groups)} near-duplicate groups (similar gradient hash)."
+    )
     kind = st.radio("Show", ("exact", "near"), horizontal=True, key="explorer_dup_kind")
     groups = scan.duplicate_groups if kind == "exact" else scan.near_duplicate_groups
     if groups:
@@ -138,8 +182,12 @@ with twins:
     else:
         c1, c2 = st.columns([1, 2])
         twin_class = c1.selectbox("Class", scan.class_names, key="explorer_twin_class")
-        path = c2.selectbox(f"Image ({len(by_class[twin_class])} in {twin_class})", by_class[twin_class],
-                            format_func=lambda p: Path(p).name, key=f"explorer_twin_{twin_class}")
+        path = c2.selectbox(
+            f"Image ({len(by_class[twin_class])} in {twin_class})",
+            by_class[twin_class],
+            format_func=lambda p: Path(p).name,
+            key=f"explorer_twin_{twin_class}",
+        )
         twin = twin_of(path, root)
         left, right = st.columns(2)
         left.image(load_image(path), caption=f"{Path(root).name}: {Path(path).name}")
@@ -149,14 +197,18 @@ with twins:
             right.image(load_image(twin), caption=f"{other.name}: {twin.name}")
 
 with augment:
-    st.caption("Training shows the network random variations of each image, so it learns what does not "
-               "matter (orientation, small colour shifts). View 0 is the original.")
+    st.caption(
+        "Training shows the network random variations of each image, so it learns what does not "
+        "matter (orientation, small colour shifts). View 0 is the original."
+    )
     if st.toggle("Show augmentation preview", key="explorer_aug_on"):
         c1, c2, c3, c4 = st.columns(4)
-        cfg = AugmentConfig(rotation_degrees=c1.slider("Rotation (degrees)", 0.0, 45.0, 15.0, key="explorer_aug_rot"),
-                            scale=c2.slider("Zoom", 0.0, 0.4, 0.1, key="explorer_aug_scale"),
-                            brightness=c3.slider("Brightness", 0.0, 0.4, 0.1, key="explorer_aug_bright"),
-                            hue=c4.slider("Hue", 0.0, 0.2, 0.02, key="explorer_aug_hue"))
+        cfg = AugmentConfig(
+            rotation_degrees=c1.slider("Rotation (degrees)", 0.0, 45.0, 15.0, key="explorer_aug_rot"),
+            scale=c2.slider("Zoom", 0.0, 0.4, 0.1, key="explorer_aug_scale"),
+            brightness=c3.slider("Brightness", 0.0, 0.4, 0.1, key="explorer_aug_bright"),
+            hue=c4.slider("Hue", 0.0, 0.2, 0.02, key="explorer_aug_hue"),
+        )
         views = _augmentation_preview(by_class[scan.class_names[0]][0], cfg)
         for i, (col, view) in enumerate(zip(st.columns(8), views)):
             col.image(view, caption=f"view {i}", width="stretch")

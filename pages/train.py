@@ -1,4 +1,5 @@
 """Train: queue runs (one backbone or a sweep), watch the running one live, cancel."""
+
 from pathlib import Path
 
 import pandas as pd
@@ -28,22 +29,41 @@ if not demo:  # once per page load, never in the refreshing panel: runs left que
     common.start_worker(store)
 
 with st.expander("Backbones", icon=":material/table:"):
-    st.dataframe(pd.DataFrame([
-        {"backbone": s.name, "depth": s.depth, "parameters (millions)": s.params_millions,
-         "input size (px)": s.native_size, "smallest input (px)": s.min_size,
-         "layers unfrozen in phase 2": s.fine_tune_layers, "year": s.year, "paper": s.paper,
-         "notes": s.description} for s in BACKBONES.values()]), hide_index=True, key="train_backbones",
-        placeholder=tables.MISSING)
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "backbone": s.name,
+                    "depth": s.depth,
+                    "parameters (millions)": s.params_millions,
+                    "input size (px)": s.native_size,
+                    "smallest input (px)": s.min_size,
+                    "layers unfrozen in phase 2": s.fine_tune_layers,
+                    "year": s.year,
+                    "paper": s.paper,
+                    "notes": s.description,
+                }
+                for s in BACKBONES.values()
+            ]
+        ),
+        hide_index=True,
+        key="train_backbones",
+        placeholder=tables.MISSING,
+    )
 
 STOPPED = ("failed", "interrupted", "cancelled")  # runs that can be queued again from the page
 SMALLEST_INPUT = min(spec.min_size for spec in BACKBONES.values())  # px; each backbone checks its own minimum
-WEIGHT_CHOICES = {"none": "none (random start)", "imagenet": "ImageNet (downloads; needs internet)",
-                  "file": "a weights file on this machine ..."}
+WEIGHT_CHOICES = {
+    "none": "none (random start)",
+    "imagenet": "ImageNet (downloads; needs internet)",
+    "file": "a weights file on this machine ...",
+}
 OFFLINE_HELP = (
     "ImageNet weights are downloaded by Keras on first use, which needs internet. On a machine without it, "
     "copy the backbone's no-top weights file (`.weights.h5` or `.h5`) into the weights folder "
     f"(`BCD_WEIGHTS_DIR`, here `{settings.weights_dir()}`): it is then offered in this list. "
-    "Or choose *a weights file on this machine* and type its path.")
+    "Or choose *a weights file on this machine* and type its path."
+)
 
 
 def _launch(configs: list[TrainConfig], data_dir: str) -> None:
@@ -59,8 +79,12 @@ def _launch(configs: list[TrainConfig], data_dir: str) -> None:
 def _weights_choices() -> dict[str, str]:
     """Weights option value -> label: none, imagenet, the files in the weights folder, a typed path."""
     files = {str(path): f"file: {path.name}" for path in weights_files(settings.weights_dir())}
-    return {"none": WEIGHT_CHOICES["none"], "imagenet": WEIGHT_CHOICES["imagenet"], **files,
-            "file": WEIGHT_CHOICES["file"]}
+    return {
+        "none": WEIGHT_CHOICES["none"],
+        "imagenet": WEIGHT_CHOICES["imagenet"],
+        **files,
+        "file": WEIGHT_CHOICES["file"],
+    }
 
 
 def _default_value(config: TrainConfig, setting: str):
@@ -91,8 +115,11 @@ def _defaults_text(setting: str) -> str:
 def _placeholder(setting: str) -> str:
     """What a blank box shows, short enough to fit it: the default of a pretrained backbone from ImageNet weights,
     starred when it differs by backbone or starting weights."""
-    starts = [(name, weights) for name, spec in BACKBONES.items()
-              for weights in (("none", "imagenet") if spec.pretrained else ("none",))]
+    starts = [
+        (name, weights)
+        for name, spec in BACKBONES.items()
+        for weights in (("none", "imagenet") if spec.pretrained else ("none",))
+    ]
     values = {_default_value(TrainConfig.for_backbone(name, weights=weights), setting) for name, weights in starts}
     shown = _default_value(TrainConfig.for_backbone("mobilenetv2", weights="imagenet"), setting)
     text = f"{shown:g}" if isinstance(shown, float) else str(shown)
@@ -102,8 +129,16 @@ def _placeholder(setting: str) -> str:
 def _setting_input(column, label: str, setting: str, low, high, help: str = "", **options):
     """A number box for one TrainConfig setting, blank (None) unless the user types a value; its placeholder shows
     the default a blank box takes and its help every backbone's."""
-    return column.number_input(label, low, high, None, key=f"train_{setting}", placeholder=_placeholder(setting),
-                               help=f"{help} Blank takes the {_defaults_text(setting)}.".strip(), **options)
+    return column.number_input(
+        label,
+        low,
+        high,
+        None,
+        key=f"train_{setting}",
+        placeholder=_placeholder(setting),
+        help=f"{help} Blank takes the {_defaults_text(setting)}.".strip(),
+        **options,
+    )
 
 
 if demo:
@@ -111,48 +146,79 @@ if demo:
 else:
     left, right = st.columns([3, 1])
     right.write("New here?")
-    if right.button("Train demo model", key="train_demo", type="primary",
-                    help="A tiny CNN on the SYNTHETIC demo set; about a minute on a CPU."):
+    if right.button(
+        "Train demo model",
+        key="train_demo",
+        type="primary",
+        help="A tiny CNN on the SYNTHETIC demo set; about a minute on a CPU.",
+    ):
         _launch([queue.demo_config()], common.demo_dataset())
 
     with left.form("train_form"):
         choices = explorer_tables.dataset_choices(store, common.demo_dataset())
         dataset = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="train_dataset")
         folder = st.text_input("... or a local folder", key="train_folder", help="Overrides the dataset above.")
-        names = st.multiselect("Backbone(s)", list(BACKBONES), default=["mobilenetv2"], key="train_backbones_sel",
-                               help="Several backbones queue a sweep: one run each, same settings.")
+        names = st.multiselect(
+            "Backbone(s)",
+            list(BACKBONES),
+            default=["mobilenetv2"],
+            key="train_backbones_sel",
+            help="Several backbones queue a sweep: one run each, same settings.",
+        )
         weight_options = _weights_choices()
         w1, w2 = st.columns(2)
-        weights = w1.selectbox("Weights", list(weight_options), format_func=weight_options.get, key="train_weights",
-                               help="Where the backbone starts from. " + OFFLINE_HELP
-                                    + " The scratch CNN always starts from none.")
-        weights_path = w2.text_input("Weights file (when \"a weights file on this machine\")", key="train_weights_path",
-                                     placeholder="~/weights/resnet50_imagenet_notop.weights.h5")
-        st.caption("A setting left blank takes each backbone's default, shown in grey; * marks one that differs by "
-                   "backbone or starting weights (the box's ? lists them).")
+        weights = w1.selectbox(
+            "Weights",
+            list(weight_options),
+            format_func=weight_options.get,
+            key="train_weights",
+            help="Where the backbone starts from. " + OFFLINE_HELP + " The scratch CNN always starts from none.",
+        )
+        weights_path = w2.text_input(
+            'Weights file (when "a weights file on this machine")',
+            key="train_weights_path",
+            placeholder="~/weights/resnet50_imagenet_notop.weights.h5",
+        )
+        st.caption(
+            "A setting left blank takes each backbone's default, shown in grey; * marks one that differs by "
+            "backbone or starting weights (the box's ? lists them)."
+        )
         given = {}  # TrainConfig field -> the value typed; None where left blank (TrainConfig.for_backbone decides)
         c1, c2, c3 = st.columns(3)
-        given["image_size"] = _setting_input(c1, "Image size (px)", "image_size", SMALLEST_INPUT, 512,
-                                             "Input size in pixels; smaller is faster.")
-        given["epochs"] = _setting_input(c2, "Epochs", "epochs", 1, 500,
-                                         "Phase 1 epochs (early stopping may end sooner).")
+        given["image_size"] = _setting_input(
+            c1, "Image size (px)", "image_size", SMALLEST_INPUT, 512, "Input size in pixels; smaller is faster."
+        )
+        given["epochs"] = _setting_input(
+            c2, "Epochs", "epochs", 1, 500, "Phase 1 epochs (early stopping may end sooner)."
+        )
         given["fine_tune_epochs"] = _setting_input(
-            c3, "Fine-tune epochs", "fine_tune_epochs", 0, 200,
-            "Phase 2 with the backbone's top layers unfrozen (how many: its row in the Backbones table); "
-            "0 skips it.")
+            c3,
+            "Fine-tune epochs",
+            "fine_tune_epochs",
+            0,
+            200,
+            "Phase 2 with the backbone's top layers unfrozen (how many: its row in the Backbones table); 0 skips it.",
+        )
         c1, c2, c3, c4 = st.columns(4)
         given["batch_size"] = _setting_input(c1, "Batch size", "batch_size", 1, 256)
         given["learning_rate"] = _setting_input(c2, "Learning rate", "learning_rate", 1e-6, 1.0, format="%.5f")
-        given["optimizer"] = c3.selectbox("Optimizer", OPTIMIZERS, index=None, key="train_optimizer",
-                                          placeholder=_placeholder("optimizer"),
-                                          help=f"Blank takes the {_defaults_text('optimizer')}.")
-        given["augment"] = _setting_input(c4, "Augmentation factor", "augment", 1, MAX_AUGMENT,
-                                          "Augmented views per training image.")
+        given["optimizer"] = c3.selectbox(
+            "Optimizer",
+            OPTIMIZERS,
+            index=None,
+            key="train_optimizer",
+            placeholder=_placeholder("optimizer"),
+            help=f"Blank takes the {_defaults_text('optimizer')}.",
+        )
+        given["augment"] = _setting_input(
+            c4, "Augmentation factor", "augment", 1, MAX_AUGMENT, "Augmented views per training image."
+        )
         c1, c2, c3, c4 = st.columns(4)
         given["dense_units"] = _setting_input(c1, "Head dense units", "dense_units", 0, 2048)
         given["dropout"] = _setting_input(c2, "Dropout", "dropout", 0.0, 0.9)
-        given["patience"] = _setting_input(c3, "Patience", "patience", 1, 100,
-                                           "Stop after this many epochs without a better validation loss.")
+        given["patience"] = _setting_input(
+            c3, "Patience", "patience", 1, 100, "Stop after this many epochs without a better validation loss."
+        )
         given["seed"] = _setting_input(c4, "Seed", "seed", 0, 10_000)
         given["class_weights"] = st.checkbox("Weight classes by frequency", key="train_class_weights") or None
         submitted = st.form_submit_button("Queue run(s)", type="primary")
@@ -166,8 +232,10 @@ else:
                 raise BCDError("type the path of the weights file, or choose other weights")
             if chosen not in ("none", "imagenet") and len(names) > 1:
                 raise BCDError("a weights file fits one backbone: choose one backbone, or ImageNet or none")
-            configs = [TrainConfig.for_backbone(name, weights=chosen if BACKBONES[name].pretrained else None, **given)
-                       for name in names]
+            configs = [
+                TrainConfig.for_backbone(name, weights=chosen if BACKBONES[name].pretrained else None, **given)
+                for name in names
+            ]
         except BCDError as exc:
             st.error(str(exc))
         else:
@@ -189,13 +257,19 @@ def announce(run, worker_text: str) -> None:
     elif run.status == "completed":
         accuracy = "" if run.test_accuracy is None else f": test accuracy {run.test_accuracy:.1%}"
         box = st.container(border=True)
-        box.success(f"{name} finished in {tables.duration(run.seconds) or 'n/a'}{accuracy}.",
-                    icon=":material/check_circle:")
+        box.success(
+            f"{name} finished in {tables.duration(run.seconds) or 'n/a'}{accuracy}.", icon=":material/check_circle:"
+        )
         c1, c2, c3 = box.columns(3)
-        c1.page_link("pages/compare.py", label=f"Compare run {run.id}", icon=":material/compare:",
-                     query_params={"run": run.id})
-        c2.page_link("pages/diagnose.py", label=f"Diagnose with run {run.id}", icon=":material/stethoscope:",
-                     query_params={"run": run.id})
+        c1.page_link(
+            "pages/compare.py", label=f"Compare run {run.id}", icon=":material/compare:", query_params={"run": run.id}
+        )
+        c2.page_link(
+            "pages/diagnose.py",
+            label=f"Diagnose with run {run.id}",
+            icon=":material/stethoscope:",
+            query_params={"run": run.id},
+        )
         if c3.button("Dismiss", key=f"train_dismiss_{run.id}"):
             common.forget_run(run.id)
             st.rerun()
@@ -228,8 +302,9 @@ def cluster_panel(address: str) -> None:
     try:
         cluster = common.cluster_status(address)
     except BCDError as exc:
-        st.warning(f"Runs go to the Ray cluster at {address}, which cannot be reached now: {exc}",
-                   icon=":material/lan:")
+        st.warning(
+            f"Runs go to the Ray cluster at {address}, which cannot be reached now: {exc}", icon=":material/lan:"
+        )
         return
     box = st.container(border=True)
     box.markdown(f"**Ray cluster** at `{address}`: runs are trained there, as many at once as it has room for.")
@@ -261,13 +336,33 @@ def queue_panel() -> None:
         return
     if worker_text:
         st.caption(worker_text)
-    frame = pd.DataFrame([{"id": r.id, "backbone": r.backbone, "dataset": run_tables.dataset_label(r),
-                           "status": r.status, "test_accuracy": r.test_accuracy, "time": tables.duration(r.seconds),
-                           "error": (r.error or "").partition("\n")[0][:120] or None} for r in runs])
-    tables.show(frame, key="train_queue", columns={
-        "id": "run", "backbone": "backbone", "dataset": "dataset", "status": ("status", tables.status()),
-        "test_accuracy": ("test accuracy", tables.percent()), "time": "training time",
-        "error": ("error (first line)", tables.wide_text())})
+    frame = pd.DataFrame(
+        [
+            {
+                "id": r.id,
+                "backbone": r.backbone,
+                "dataset": run_tables.dataset_label(r),
+                "status": r.status,
+                "test_accuracy": r.test_accuracy,
+                "time": tables.duration(r.seconds),
+                "error": (r.error or "").partition("\n")[0][:120] or None,
+            }
+            for r in runs
+        ]
+    )
+    tables.show(
+        frame,
+        key="train_queue",
+        columns={
+            "id": "run",
+            "backbone": "backbone",
+            "dataset": "dataset",
+            "status": ("status", tables.status()),
+            "test_accuracy": ("test accuracy", tables.percent()),
+            "time": "training time",
+            "error": ("error (first line)", tables.wide_text()),
+        },
+    )
     for run in [r for r in runs if r.status == "running"]:
         st.markdown(f"**Run {run.id}: {run.backbone}** — running")
         cfg = run.config["train"]
@@ -284,14 +379,19 @@ def queue_panel() -> None:
     if queued and not demo and st.button("Cancel all queued", key="train_cancel_queued"):
         for run in queued:
             store.request_cancel(run.id)
-    stopped = [r for r in runs if r.status in STOPPED and r.protocol.kind == "holdout"
-               and r.id not in common.remembered_runs()]
+    stopped = [
+        r for r in runs if r.status in STOPPED and r.protocol.kind == "holdout" and r.id not in common.remembered_runs()
+    ]
     if stopped and not demo:
         with st.expander(f"Failed or stopped runs ({len(stopped)}): reasons, run again", icon=":material/replay:"):
             for run in stopped:
                 st.markdown(f"**{run_name(run)}** {run.status}" + (f": {run.error}" if run.error else ""))
-            again = st.selectbox("Run", [r.id for r in stopped], key="train_again_pick",
-                                 format_func=lambda i: next(run_name(r) for r in stopped if r.id == i))
+            again = st.selectbox(
+                "Run",
+                [r.id for r in stopped],
+                key="train_again_pick",
+                format_func=lambda i: next(run_name(r) for r in stopped if r.id == i),
+            )
             if st.button("Run again with the same settings", key="train_again", icon=":material/replay:"):
                 run_again(again)
 

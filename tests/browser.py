@@ -1,4 +1,5 @@
 """Plain helpers for the tests that drive the running app in a real browser (Playwright on Debian's chromium)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,17 @@ def require_browser():
 @contextlib.contextmanager
 def launched_browser(playwright_api) -> Iterator:
     with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         yield chromium
         chromium.close()
 
@@ -48,18 +57,33 @@ def kill_group(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def streamlit_server(*, cwd: Path, env: dict[str, str], log_path: Path,
-                     wrap=lambda command: command) -> Iterator[tuple[str, subprocess.Popen]]:
+def streamlit_server(
+    *, cwd: Path, env: dict[str, str], log_path: Path, wrap=lambda command: command
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """``streamlit run app.py`` in ``cwd`` until the block ends: (base URL, the server process).
 
     ``wrap`` may change the command line (e.g. to drop root's powers).
     """
     port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     with open(log_path, "wb") as log:
-        server = subprocess.Popen(wrap(command), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            wrap(command), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 90
@@ -103,8 +127,11 @@ def tour_shot(page, name: str, *, from_heading: str | None = None, above: int = 
     folder.mkdir(parents=True, exist_ok=True)
     heading = None if from_heading is None else page.get_by_role("heading", name=from_heading).first
     top = 0 if heading is None else heading.bounding_box()["y"] - above
-    page.screenshot(path=str(folder / f"{name}.png"), full_page=True,
-                    clip={"x": 0, "y": top, "width": page.viewport_size["width"], "height": 1000})
+    page.screenshot(
+        path=str(folder / f"{name}.png"),
+        full_page=True,
+        clip={"x": 0, "y": top, "width": page.viewport_size["width"], "height": 1000},
+    )
 
 
 def check(page, name: str, *, tour: bool = False) -> None:

@@ -5,6 +5,7 @@ SQLite (a file under ``tmp_path``) always; PostgreSQL when ``BCD_TEST_POSTGRES_U
 URL (``export BCD_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)``): each test gets its own freshly
 created database there, dropped afterwards. Plain helpers are in ``helpers.py``.
 """
+
 from __future__ import annotations
 
 import os

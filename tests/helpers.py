@@ -1,4 +1,5 @@
 """Plain helpers that several test modules share (fixtures are in ``conftest.py``)."""
+
 from __future__ import annotations
 
 import functools
@@ -78,29 +79,54 @@ def scored_evaluation(name: str, paths: list[str], data_dir: str, *, right: floa
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation, "bootstrap_cis", functools.partial(confidence.bootstrap_cis, n_resamples=100))
         ev = evaluation.evaluate_probabilities(labels, prob, class_names=CLASSES)
-    predictions = [{"path": p, "true_class": CLASSES[t], "predicted_class": CLASSES[k], "probabilities": q.tolist()}
-                   for p, t, k, q in zip(paths, labels, ev.predicted, prob, strict=True)]
-    return {"name": name, "data_dir": data_dir, "metrics": ev.metrics, "class_names": CLASSES,
-            "confusion_matrix": ev.confusion_matrix, "roc": ev.roc, "predictions": predictions}
+    predictions = [
+        {"path": p, "true_class": CLASSES[t], "predicted_class": CLASSES[k], "probabilities": q.tolist()}
+        for p, t, k, q in zip(paths, labels, ev.predicted, prob, strict=True)
+    ]
+    return {
+        "name": name,
+        "data_dir": data_dir,
+        "metrics": ev.metrics,
+        "class_names": CLASSES,
+        "confusion_matrix": ev.confusion_matrix,
+        "roc": ev.roc,
+        "predictions": predictions,
+    }
 
 
 def register_folder(db: RunStore, root: str) -> int:
     """Register the dataset folder ``root`` as training and queueing do; its id."""
     scan = scan_dataset(root)
-    return db.register_dataset(name=Path(root).name, data_dir=root, n_images=scan.n_images,
-                               class_counts=scan.class_counts, synthetic=is_synthetic(root))
+    return db.register_dataset(
+        name=Path(root).name,
+        data_dir=root,
+        n_images=scan.n_images,
+        class_counts=scan.class_counts,
+        synthetic=is_synthetic(root),
+    )
 
 
 def completed_run(db: RunStore, backbone: str, protocol: Protocol, root: str, evaluations: list[dict]) -> int:
     """A completed run with three epochs and ``evaluations`` (the first is its test evaluation); its id."""
-    config = {"train": {"backbone": backbone, "image_size": 64, "weights": "imagenet"}, "data_dir": root,
-              "class_names": CLASSES}
-    run_id = db.create_run(backbone=backbone, protocol=protocol, config=config, status="running",
-                           dataset_id=register_folder(db, root))
+    config = {
+        "train": {"backbone": backbone, "image_size": 64, "weights": "imagenet"},
+        "data_dir": root,
+        "class_names": CLASSES,
+    }
+    run_id = db.create_run(
+        backbone=backbone, protocol=protocol, config=config, status="running", dataset_id=register_folder(db, root)
+    )
     db.start_run(run_id, environment={"tensorflow": "test"})
     for epoch in range(1, 4):
-        db.log_epoch(run_id, phase=1, epoch=epoch, train_loss=1 / epoch, train_accuracy=0.6 + epoch / 10,
-                     val_loss=1.2 / epoch, val_accuracy=0.55 + epoch / 10)
+        db.log_epoch(
+            run_id,
+            phase=1,
+            epoch=epoch,
+            train_loss=1 / epoch,
+            train_accuracy=0.6 + epoch / 10,
+            val_loss=1.2 / epoch,
+            val_accuracy=0.55 + epoch / 10,
+        )
     for kwargs in evaluations:
         db.save_evaluation(run_id, **kwargs)
     test = evaluations[0]["metrics"]
@@ -116,15 +142,33 @@ def fill_store(db: RunStore, root: str | Path) -> dict:
     """
     root = str(Path(root).resolve())
     paths = sorted(str(p) for p in Path(root).glob("*/*.png"))
-    ids = {"holdout": completed_run(db, "resnet50", Protocol.holdout(), root,
-                                    [scored_evaluation("test", paths[::4], root, right=0.75, seed=1)])}
-    ids["failed"] = db.create_run(backbone="vgg16", protocol=Protocol.holdout(), config={"data_dir": root},
-                                  dataset_id=register_folder(db, root))
+    ids = {
+        "holdout": completed_run(
+            db, "resnet50", Protocol.holdout(), root, [scored_evaluation("test", paths[::4], root, right=0.75, seed=1)]
+        )
+    }
+    ids["failed"] = db.create_run(
+        backbone="vgg16", protocol=Protocol.holdout(), config={"data_dir": root}, dataset_id=register_folder(db, root)
+    )
     db.finish_run(ids["failed"], status="failed", error="out of memory")
-    ids["cv"] = [completed_run(db, "mobilenetv2", Protocol.kfold(k, folds=3), root,
-                               [scored_evaluation("test", paths[k - 1::3], root, right=0.6 + k / 10, seed=10 + k)])
-                 for k in (1, 2, 3)]
-    ids["lodo"] = completed_run(db, "resnet50", Protocol.lodo("Segmented"), root, [
-        scored_evaluation("test", paths[1::4], root, right=0.9, seed=20),
-        scored_evaluation("held-out Segmented", paths[::2], "/data/Segmented", right=0.5, seed=21)])
+    ids["cv"] = [
+        completed_run(
+            db,
+            "mobilenetv2",
+            Protocol.kfold(k, folds=3),
+            root,
+            [scored_evaluation("test", paths[k - 1 :: 3], root, right=0.6 + k / 10, seed=10 + k)],
+        )
+        for k in (1, 2, 3)
+    ]
+    ids["lodo"] = completed_run(
+        db,
+        "resnet50",
+        Protocol.lodo("Segmented"),
+        root,
+        [
+            scored_evaluation("test", paths[1::4], root, right=0.9, seed=20),
+            scored_evaluation("held-out Segmented", paths[::2], "/data/Segmented", right=0.5, seed=21),
+        ],
+    )
     return ids

@@ -1,4 +1,5 @@
 """The dashboard pages through Streamlit's AppTest, on an empty isolated store."""
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,11 @@ def test_a_blank_form_queues_what_the_cli_builds_for_every_backbone(isolated, sy
         at.text_input(key="train_weights_path").input(path)
         at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
         assert not at.exception and not at.error, (at.exception, at.error)
-        return {run.backbone: TrainConfig.from_dict(run.config["train"])
-                for run in store.list_runs() if run.id not in before}
+        return {
+            run.backbone: TrainConfig.from_dict(run.config["train"])
+            for run in store.list_runs()
+            if run.id not in before
+        }
 
     def cli_config(backbone: str, weights: str | None) -> TrainConfig:
         argv = ["train", "--data", str(synthetic_dataset), "--backbone", backbone]
@@ -167,8 +171,12 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
     ids = fill_store(RunStore.open(isolated["url"]), synthetic_dataset)
     at = open_page("pages/compare.py")
     headers = [s.value for s in at.subheader]
-    for wanted in ("Cross-validation", "Leave one dataset out", "Confusion matrices",
-                   "Images behind a confusion-matrix cell"):
+    for wanted in (
+        "Cross-validation",
+        "Leave one dataset out",
+        "Confusion matrices",
+        "Images behind a confusion-matrix cell",
+    ):
         assert wanted in headers
     assert any("Reliability" in h for h in headers) and any("shortcut audit" in h for h in headers)
     runs_table, _reference, cv_summary, cv_folds, lodo, _per_class = (d.value for d in at.dataframe)
@@ -178,8 +186,13 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
 
     charts = _charts(at)
     selected = at.multiselect(key="compare_selected").value
-    assert {"compare_cv_chart", "compare_cv_cm", "compare_lodo_chart", "compare_intervals",
-            *(f"compare_reliability_{i}" for i in selected)} <= charts.keys()
+    assert {
+        "compare_cv_chart",
+        "compare_cv_cm",
+        "compare_lodo_chart",
+        "compare_intervals",
+        *(f"compare_reliability_{i}" for i in selected),
+    } <= charts.keys()
     assert all(len(bar["error_y"]["array"]) == 1 for bar in charts["compare_cv_chart"]["data"])
     assert sum(map(sum, charts["compare_cv_cm"]["data"][0]["z"])) == 48
     assert all("arrayminus" in bar["error_y"] for bar in charts["compare_intervals"]["data"])
@@ -197,7 +210,8 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
     names = evaluation.class_names
     counts = evaluation.confusion_matrix
     assert true_class != predicted and counts[names.index(true_class)][names.index(predicted)] == max(
-        counts[i][j] for i in range(len(names)) for j in range(len(names)) if i != j)
+        counts[i][j] for i in range(len(names)) for j in range(len(names)) if i != j
+    )
     assert len(at.get("image")) == min(24, counts[names.index(true_class)][names.index(predicted)])
 
 
@@ -213,7 +227,7 @@ def test_compare_runs_the_shortcut_audit_once_and_reports_a_missing_model(isolat
     assert len(intervals["layout"]["shapes"]) == 3  # colour, corner and chance lines ...
     assert not intervals["layout"].get("annotations")  # ... named in the legend, not written over the bars
     assert {"colour only", "corner only", "chance"} <= {trace["name"].split(" (")[0] for trace in intervals["data"]}
-    assert len(list((Path(isolated["url"][len("sqlite:///"):]).parent / "cache" / "audits").glob("*.json"))) == 1
+    assert len(list((Path(isolated["url"][len("sqlite:///") :]).parent / "cache" / "audits").glob("*.json"))) == 1
 
     again = open_page("pages/compare.py")  # a later visit shows the cached audit at once
     assert not [b for b in again.button if b.key == "compare_audit_0"]
@@ -261,13 +275,15 @@ def test_original_segmented_picker_offers_every_class(tmp_path, synthetic_datase
 
 
 def test_train_page_trains_from_a_local_weights_file_and_says_when_the_run_is_done(
-        isolated, tmp_path, monkeypatch, synthetic_dataset):
+    isolated, tmp_path, monkeypatch, synthetic_dataset
+):
     import keras
 
     weights = tmp_path / "weights"
     weights.mkdir()
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
-        weights / "mobilenetv2_notop.weights.h5")
+        weights / "mobilenetv2_notop.weights.h5"
+    )
     monkeypatch.setenv("BCD_WEIGHTS_DIR", str(weights))
     at = open_page("pages/train.py")
     options = at.selectbox(key="train_weights").options

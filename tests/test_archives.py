@@ -1,4 +1,5 @@
 """Expanding uploaded zip archives safely: unsafe paths, zip bombs, nesting, junk and corrupt archives."""
+
 from __future__ import annotations
 
 import io
@@ -46,12 +47,14 @@ def test_good_archive_gives_its_images_in_order(tmp_path: Path) -> None:
 
 def test_images_are_recognised_by_content_and_other_members_are_listed() -> None:
     contents = read_archive(
-        _zip([
-            ("cell.dat", RED),  # an image whatever its name
-            ("notes.txt", b"smears from ward 3"),
-            ("fake.jpg", b"<html>not a picture</html>"),
-            ("report.docx", _zip([("word/media/image1.png", RED)])),  # a zip, but not a nested archive
-        ])
+        _zip(
+            [
+                ("cell.dat", RED),  # an image whatever its name
+                ("notes.txt", b"smears from ward 3"),
+                ("fake.jpg", b"<html>not a picture</html>"),
+                ("report.docx", _zip([("word/media/image1.png", RED)])),  # a zip, but not a nested archive
+            ]
+        )
     )
     assert contents.images == (("cell.dat", RED),)
     reason = "not a supported image (PNG, JPEG, BMP, TIFF, GIF, WEBP)"
@@ -60,15 +63,17 @@ def test_images_are_recognised_by_content_and_other_members_are_listed() -> None
 
 def test_folders_hidden_files_and_macos_forks_are_left_out_silently() -> None:
     contents = read_archive(
-        _zip([
-            ("cells/", b""),
-            ("cells/a.png", RED),
-            ("cells/.hidden.png", RED),
-            (".DS_Store", b"\x00\x00\x00\x01Bud1"),
-            ("__MACOSX/cells/._a.png", b"\x00\x05\x16\x07"),
-            ("Thumbs.db", b"\xd0\xcf\x11\xe0"),
-            ("./cells/b.png", BLUE),
-        ])
+        _zip(
+            [
+                ("cells/", b""),
+                ("cells/a.png", RED),
+                ("cells/.hidden.png", RED),
+                (".DS_Store", b"\x00\x00\x00\x01Bud1"),
+                ("__MACOSX/cells/._a.png", b"\x00\x05\x16\x07"),
+                ("Thumbs.db", b"\xd0\xcf\x11\xe0"),
+                ("./cells/b.png", BLUE),
+            ]
+        )
     )
     assert contents == ArchiveContents(images=(("cells/a.png", RED), ("./cells/b.png", BLUE)), skipped=())
 
@@ -122,14 +127,18 @@ def test_zip_bomb_is_refused_from_its_headers(monkeypatch: pytest.MonkeyPatch) -
     """200 MB of zeros squeezed into about 1 MB: refused before a byte is inflated."""
     buf = io.BytesIO()
     zeros = bytes(2**20)
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive, archive.open(
-        "smear.bmp", "w", force_zip64=True
-    ) as member:
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+        archive.open("smear.bmp", "w", force_zip64=True) as member,
+    ):
         for _ in range(200):
             member.write(zeros)
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda *args, **kwargs: pytest.fail("a member was opened"))
-    with pytest.raises(ArchiveError, match=rf"^archive: member 'smear\.bmp' expands [\d,]+ times "
-                                           rf"\(the limit is {MAX_RATIO}\); refused as a possible zip bomb$"):
+    with pytest.raises(
+        ArchiveError,
+        match=rf"^archive: member 'smear\.bmp' expands [\d,]+ times "
+        rf"\(the limit is {MAX_RATIO}\); refused as a possible zip bomb$",
+    ):
         read_archive(buf.getvalue())
 
 
@@ -141,9 +150,12 @@ def _stored_bitmaps(n: int) -> bytes:
 def test_archive_expanding_past_the_byte_budget_is_refused() -> None:
     data = _stored_bitmaps(3)
     assert len(read_archive(data, max_total_bytes=len(data) + 12_000).images) == 3  # the archive itself counts too
-    with pytest.raises(ArchiveError, match=r"^archive: expands to 12,000 bytes; with what the upload holds already "
-                                           r"\([\d,]+ bytes, this archive included\) that is more than the [\d,]+ "
-                                           r"bytes one upload may hold in memory; refused$"):
+    with pytest.raises(
+        ArchiveError,
+        match=r"^archive: expands to 12,000 bytes; with what the upload holds already "
+        r"\([\d,]+ bytes, this archive included\) that is more than the [\d,]+ "
+        r"bytes one upload may hold in memory; refused$",
+    ):
         read_archive(data, max_total_bytes=len(data) + 11_999)
     with pytest.raises(ArchiveError, match=r"^archive: too large: [\d,]+ bytes; the limit is 300 bytes$"):
         read_archive(data, max_total_bytes=300)
@@ -152,8 +164,11 @@ def test_archive_expanding_past_the_byte_budget_is_refused() -> None:
 def test_archive_declaring_more_than_the_whole_budget_is_refused_as_a_zip_bomb() -> None:
     member = b"BM" + os.urandom(800) + bytes(40_000 - 802)  # about 40 times smaller deflated: under the ratio limit
     data = _zip([(f"{i}.bmp", member) for i in range(3)])
-    with pytest.raises(ArchiveError, match=r"^archive: expands to 120,000 bytes \(declared in its headers\); "
-                                           r"the limit is 100,000 bytes in all; refused as a possible zip bomb$"):
+    with pytest.raises(
+        ArchiveError,
+        match=r"^archive: expands to 120,000 bytes \(declared in its headers\); "
+        r"the limit is 100,000 bytes in all; refused as a possible zip bomb$",
+    ):
         read_archive(data, max_total_bytes=100_000)
 
 
@@ -242,7 +257,7 @@ def test_fuzz_damaged_archives(data: st.DataObject, cuts: list[tuple[int, bytes]
         at %= len(archive) + 1
         archive[at : at + len(patch)] = patch
     if data.draw(st.booleans()):
-        del archive[data.draw(st.integers(0, len(archive))):]
+        del archive[data.draw(st.integers(0, len(archive))) :]
     try:
         contents = read_archive(bytes(archive))
     except ArchiveError:
@@ -261,7 +276,7 @@ def test_an_archive_with_too_many_entries_is_refused_before_it_is_parsed():
         read_archive(data, max_files=5)
     # A record that lies about its count is bounded by its directory's size (46 bytes or more per entry).
     end = data.rfind(b"PK\x05\x06")
-    lying = data[:end + 8] + (1).to_bytes(2, "little") * 2 + data[end + 12:]
+    lying = data[: end + 8] + (1).to_bytes(2, "little") * 2 + data[end + 12 :]
     with pytest.raises(ArchiveError, match="too many entries"):
         read_archive(lying, max_files=5)
     # The same bound holds for an archive nested in an innocent one: it is skipped with the reason.

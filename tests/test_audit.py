@@ -1,4 +1,5 @@
 """Leakage and shortcut audits, colour features and colour normalisation."""
+
 from __future__ import annotations
 
 import shutil
@@ -75,9 +76,7 @@ def test_shortcut_audit_reports_chance_without_a_shortcut(tmp_path, isolated_cac
     assert "no strong colour shortcut" in result["interpretation"]
 
 
-def test_leakage_audit_flags_a_crossing_duplicate_and_passes_group_aware_splits(
-    synthetic_dataset_copy, isolated_cache
-):
+def test_leakage_audit_flags_a_crossing_duplicate_and_passes_group_aware_splits(synthetic_dataset_copy, isolated_cache):
     original = synthetic_dataset_copy / "Benign" / "synthetic-benign-001.png"
     shutil.copy(original, original.with_name("synthetic-benign-copy.png"))
     scan = scan_dataset(synthetic_dataset_copy)

@@ -1,4 +1,5 @@
 """Augmented views: decided by their seed pair alone, and each augmentation doing what its name says."""
+
 from __future__ import annotations
 
 import dataclasses

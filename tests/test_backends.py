@@ -4,6 +4,7 @@ Each side runs in its own process (a process holds one Keras backend): training 
 one script that loads the run and prints its single-view and test-time-augmented probabilities, pooled
 features and Grad-CAM heatmap. CI installs JAX (CPU); elsewhere these tests skip when it is missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,18 @@ print(json.dumps({
 """
 
 
-def _run(backend: str, args: list[str], workspace: Path, *, check: bool = True,
-         devices: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KERAS_BACKEND": backend, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "BCD_DATABASE_URL": f"sqlite:///{workspace / 'results.db'}",
-           "BCD_ARTIFACTS_DIR": str(workspace / "artifacts"), "BCD_CACHE_DIR": str(workspace / "cache"),
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _run(
+    backend: str, args: list[str], workspace: Path, *, check: bool = True, devices: int = 1
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "BCD_DATABASE_URL": f"sqlite:///{workspace / 'results.db'}",
+        "BCD_ARTIFACTS_DIR": str(workspace / "artifacts"),
+        "BCD_CACHE_DIR": str(workspace / "cache"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
     out = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 or not check, out.stderr[-3000:]
     return out
@@ -63,15 +70,43 @@ def answers(synthetic_dataset, workspace):
     images = [str(path) for path in sorted(synthetic_dataset.glob("*/*.png"))[::6]]
     found = {}
     for trained_on in BACKENDS:
-        result = json.loads(_run(trained_on, [
-            "-m", "bcd_engine", "train", "--data", str(synthetic_dataset), "--backbone", "mobilenetv2",
-            "--weights", "none", "--image-size", "32", "--epochs", "2", "--fine-tune-epochs", "1",
-            "--fine-tune-layers", "10", "--augment", "2", "--tta-views", "3", "--batch-size", "8", "--json"],
-            workspace).stdout)
+        result = json.loads(
+            _run(
+                trained_on,
+                [
+                    "-m",
+                    "bcd_engine",
+                    "train",
+                    "--data",
+                    str(synthetic_dataset),
+                    "--backbone",
+                    "mobilenetv2",
+                    "--weights",
+                    "none",
+                    "--image-size",
+                    "32",
+                    "--epochs",
+                    "2",
+                    "--fine-tune-epochs",
+                    "1",
+                    "--fine-tune-layers",
+                    "10",
+                    "--augment",
+                    "2",
+                    "--tta-views",
+                    "3",
+                    "--batch-size",
+                    "8",
+                    "--json",
+                ],
+                workspace,
+            ).stdout
+        )
         assert result["status"] == "completed"
         for answered_on in BACKENDS:
             found[trained_on, answered_on] = json.loads(
-                _run(answered_on, ["-c", ANSWERS, str(result["run_id"]), *images], workspace).stdout)
+                _run(answered_on, ["-c", ANSWERS, str(result["run_id"]), *images], workspace).stdout
+            )
     return found
 
 
@@ -90,8 +125,12 @@ def test_the_run_records_the_backend_it_trained_on(answers, trained_on):
 
 
 def test_tensorflow_lite_export_on_jax_says_to_use_the_tensorflow_backend(answers, workspace, tmp_path):
-    out = _run("jax", ["-m", "bcd_engine", "export", "--run", "1", "--format", "tflite", "--out", str(tmp_path / "x")],
-               workspace, check=False)
+    out = _run(
+        "jax",
+        ["-m", "bcd_engine", "export", "--run", "1", "--format", "tflite", "--out", str(tmp_path / "x")],
+        workspace,
+        check=False,
+    )
     assert out.returncode != 0 and "KERAS_BACKEND=tensorflow" in out.stderr and not (tmp_path / "x").exists()
 
 

@@ -1,4 +1,5 @@
 """The classical hand-crafted-feature baseline."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,7 @@ def test_glcm_of_flat_and_striped_images():
     stripes = np.zeros((1, 8, 8), dtype=np.uint8)
     stripes[:, :, ::2] = 255
     features = glcm_features(stripes)[0].reshape(2, 4, 4)  # distance, angle, property
-    assert features[0, 0, 0] == 31 ** 2  # distance 1, angle 0: every neighbour differs by all levels
+    assert features[0, 0, 0] == 31**2  # distance 1, angle 0: every neighbour differs by all levels
     assert features[0, 2, 0] == 0  # angle 90: along the stripe
     assert features[0, 0, 3] == pytest.approx(-1)
 
@@ -136,7 +137,8 @@ def test_a_class_missing_from_the_training_side_gets_a_zero_column(model):
     features = rng.normal(size=(36, 4)) + labels[:, None] * 3.0
     train = np.flatnonzero(labels < 2)[::2].tolist() + np.flatnonzero(labels < 2)[1::4].tolist()
     test = np.setdiff1d(np.arange(36), train)  # holds every class-2 image
-    evaluation = _fit_and_evaluate(features, labels, np.arange(36), np.array(train), test, model=model, seed=0,
-                                   class_names=["a", "b", "c"])
+    evaluation = _fit_and_evaluate(
+        features, labels, np.arange(36), np.array(train), test, model=model, seed=0, class_names=["a", "b", "c"]
+    )
     assert evaluation.metrics["per_class"]["c"]["recall"] == 0.0  # never predicted: it was never seen
     assert evaluation.metrics["per_class"]["a"]["recall"] > 0.5

@@ -1,4 +1,5 @@
 """The CLI as a user scripts it: one JSON document on stdout, one-line errors with exit code 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,14 @@ def bcd_process(*args) -> Finished:
     """``python -m bcd_engine ARGS`` as a child process with this process's environment (the store ``bcd`` set)
     and the CLI's own log level: for what only a fresh process shows (exit codes, TensorFlow's start-up lines)."""
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-    proc = subprocess.run([sys.executable, "-m", "bcd_engine", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcd_engine", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return Finished(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -140,8 +147,24 @@ def test_unreachable_database(bcd, monkeypatch):
 
 
 def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, bcd):
-    proc = bcd_process("train", "--data", synthetic_dataset, "--backbone", "mobilenetv2", "--weights", "none",
-                       "--image-size", 32, "--epochs", 2, "--batch-size", 8, "--augment", 2, "--json")
+    proc = bcd_process(
+        "train",
+        "--data",
+        synthetic_dataset,
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "none",
+        "--image-size",
+        32,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--augment",
+        2,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     for noise in ("oneDNN", "cuInit", "absl::InitializeLog", "cuda drivers", "shuffle"):  # TensorFlow's and Keras'
         assert noise not in proc.stderr, proc.stderr
@@ -184,7 +207,7 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, bcd):
     batch = json.loads(proc.stdout)
     n_folder = len(list(images[0].parent.glob("*.png")))
     assert len(batch) == n_folder + 2 and batch[n_folder]["path"] == f"{archive}/inside.png"
-    assert all(0 <= r["uncertainty"]["disagreement"] <= 1 and r["reading"] for r in batch[:n_folder + 1])
+    assert all(0 <= r["uncertainty"]["disagreement"] <= 1 and r["reading"] for r in batch[: n_folder + 1])
     assert "not a supported image" in batch[-1]["error"]
     assert len(table.read_text().splitlines()) == len(batch) + 1
 
@@ -233,8 +256,20 @@ def test_train_bad_input_writes_nothing(synthetic_dataset, bcd, extra, fragment)
 
 
 def test_cv_json_reports_folds_mean_and_std(synthetic_dataset, bcd):
-    proc = bcd("cv", "--data", synthetic_dataset, "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1,
-               "--folds", 2, "--json")
+    proc = bcd(
+        "cv",
+        "--data",
+        synthetic_dataset,
+        "--backbone",
+        "scratch_cnn",
+        "--image-size",
+        32,
+        "--epochs",
+        1,
+        "--folds",
+        2,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["protocol"].startswith("2-fold CV") and len(doc["folds"]) == 2
@@ -246,33 +281,70 @@ def test_baseline_json_hold_out_and_k_fold(synthetic_dataset, bcd):
     holdout = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--json").stdout)
     assert holdout["protocol"].startswith("holdout") and 0 <= holdout["test_accuracy"] <= 1
     assert holdout["confidence_intervals"]["accuracy"]["low"] <= holdout["test_accuracy"]
-    folds = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--folds", 2, "--model",
-                           "logreg", "--json").stdout)
+    folds = json.loads(
+        bcd(
+            "baseline", "--data", synthetic_dataset, "--image-size", 32, "--folds", 2, "--model", "logreg", "--json"
+        ).stdout
+    )
     assert folds["protocol"].startswith("2-fold CV") and len(folds["folds"]) == 2
-    larger = json.loads(bcd("baseline", "--data", synthetic_dataset, "--image-size", 32, "--model", "logreg",
-                            "--test-fraction", 0.3, "--json").stdout)
+    larger = json.loads(
+        bcd(
+            "baseline",
+            "--data",
+            synthetic_dataset,
+            "--image-size",
+            32,
+            "--model",
+            "logreg",
+            "--test-fraction",
+            0.3,
+            "--json",
+        ).stdout
+    )
     assert larger["n_test"] > holdout["n_test"] and larger["n_train"] + larger["n_test"] == 48
-    assert_one_line_error(bcd("baseline", "--data", synthetic_dataset, "--folds", 2, "--test-fraction", 0.3),
-                          "with --folds each fold is the test set")
+    assert_one_line_error(
+        bcd("baseline", "--data", synthetic_dataset, "--folds", 2, "--test-fraction", 0.3),
+        "with --folds each fold is the test set",
+    )
 
 
 def test_lodo_json_has_one_round_per_held_out_dataset(synthetic_dataset, tmp_path, bcd):
-    other = make_synthetic_dataset(tmp_path / "other", n_per_class=8, image_size=32, seed=1,
-                                   class_names=("normal", "blast"))
+    other = make_synthetic_dataset(
+        tmp_path / "other", n_per_class=8, image_size=32, seed=1, class_names=("normal", "blast")
+    )
     label_map = tmp_path / "map.json"
-    label_map.write_text(json.dumps({
-        "all": {"Benign": "benign", "Early": "malignant", "Pre": "malignant", "Pro": "malignant"},
-        "other": {"normal": "benign", "blast": "malignant"},
-    }))
-    proc = bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", f"other={other}", "--label-map", label_map,
-               "--backbone", "scratch_cnn", "--image-size", 32, "--epochs", 1, "--json")
+    label_map.write_text(
+        json.dumps(
+            {
+                "all": {"Benign": "benign", "Early": "malignant", "Pre": "malignant", "Pro": "malignant"},
+                "other": {"normal": "benign", "blast": "malignant"},
+            }
+        )
+    )
+    proc = bcd(
+        "lodo",
+        "--data",
+        f"all={synthetic_dataset}",
+        "--data",
+        f"other={other}",
+        "--label-map",
+        label_map,
+        "--backbone",
+        "scratch_cnn",
+        "--image-size",
+        32,
+        "--epochs",
+        1,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["shared_labels"] == ["benign", "malignant"]
     assert [r["held_out"] for r in doc["rounds"]] == ["all", "other"]
     assert [r["n_held_out"] for r in doc["rounds"]] == [48, 16]
-    assert_one_line_error(bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", str(other), "--backbone",
-                              "scratch_cnn"), "NAME=DIR")
+    assert_one_line_error(
+        bcd("lodo", "--data", f"all={synthetic_dataset}", "--data", str(other), "--backbone", "scratch_cnn"), "NAME=DIR"
+    )
 
 
 def test_audit_json_has_leakage_and_shortcuts(synthetic_dataset, bcd):
@@ -325,18 +397,80 @@ def test_choices_are_the_engine_constants():
         assert f"default {DEFAULT_FRACTION}" in options_of(command)["test_fraction"].help
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], {}),
-    (["--weights", "none", "--epochs", "3", "--fine-tune-epochs", "2", "--fine-tune-layers", "5", "--image-size", "64",
-      "--batch-size", "4", "--learning-rate", "0.01", "--fine-tune-learning-rate", "0.0001", "--optimizer", "sgd",
-      "--label-smoothing", "0.1", "--class-weights", "--dense-units", "0", "--dropout", "0.5", "--pooling", "max",
-      "--patience", "3", "--augment", "5", "--tta-views", "4", "--colour", "grayscale", "--val-fraction", "0.2",
-      "--test-fraction", "0.25", "--seed", "7"],
-     dict(weights="none", epochs=3, fine_tune_epochs=2, fine_tune_layers=5, image_size=64, batch_size=4,
-          learning_rate=0.01, fine_tune_learning_rate=0.0001, optimizer="sgd", label_smoothing=0.1,
-          class_weights=True, dense_units=0, dropout=0.5, pooling="max", patience=3, augment=5, tta_views=4,
-          colour="grayscale", val_fraction=0.2, test_fraction=0.25, seed=7)),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {}),
+        (
+            [
+                "--weights",
+                "none",
+                "--epochs",
+                "3",
+                "--fine-tune-epochs",
+                "2",
+                "--fine-tune-layers",
+                "5",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "4",
+                "--learning-rate",
+                "0.01",
+                "--fine-tune-learning-rate",
+                "0.0001",
+                "--optimizer",
+                "sgd",
+                "--label-smoothing",
+                "0.1",
+                "--class-weights",
+                "--dense-units",
+                "0",
+                "--dropout",
+                "0.5",
+                "--pooling",
+                "max",
+                "--patience",
+                "3",
+                "--augment",
+                "5",
+                "--tta-views",
+                "4",
+                "--colour",
+                "grayscale",
+                "--val-fraction",
+                "0.2",
+                "--test-fraction",
+                "0.25",
+                "--seed",
+                "7",
+            ],
+            dict(
+                weights="none",
+                epochs=3,
+                fine_tune_epochs=2,
+                fine_tune_layers=5,
+                image_size=64,
+                batch_size=4,
+                learning_rate=0.01,
+                fine_tune_learning_rate=0.0001,
+                optimizer="sgd",
+                label_smoothing=0.1,
+                class_weights=True,
+                dense_units=0,
+                dropout=0.5,
+                pooling="max",
+                patience=3,
+                augment=5,
+                tta_views=4,
+                colour="grayscale",
+                val_fraction=0.2,
+                test_fraction=0.25,
+                seed=7,
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "scratch_cnn"])
 def test_a_parsed_train_command_builds_the_config_for_backbone_builds(backbone, argv, expected):
     args = cli.build_parser().parse_args(["train", "--data", "d", "--backbone", backbone, *argv])
@@ -365,17 +499,20 @@ def opened_stores(monkeypatch) -> list:
     return opened
 
 
-@pytest.mark.parametrize("argv, function", [
-    (["train", "--data", "d", "--backbone", "mobilenetv2"], "train"),
-    (["cv", "--data", "d", "--backbone", "mobilenetv2"], "cross_validate"),
-    (["lodo", "--data", "a=x", "--data", "b=y", "--backbone", "mobilenetv2"], "leave_one_dataset_out"),
-    (["evaluate", "--run", "1", "--data", "d"], "evaluate_run_on_folder"),
-    (["robustness", "--run", "1"], "colour_robustness_of_run"),
-    (["explain", "--run", "1", "--out", "x.png", "image.png"], "load_run_model"),
-    (["export", "--run", "1", "--out", "dir"], "export_run"),
-    (["audit", "--run", "1"], "run_leakage_audit"),
-    (["worker", "--once"], "run_worker"),
-])
+@pytest.mark.parametrize(
+    "argv, function",
+    [
+        (["train", "--data", "d", "--backbone", "mobilenetv2"], "train"),
+        (["cv", "--data", "d", "--backbone", "mobilenetv2"], "cross_validate"),
+        (["lodo", "--data", "a=x", "--data", "b=y", "--backbone", "mobilenetv2"], "leave_one_dataset_out"),
+        (["evaluate", "--run", "1", "--data", "d"], "evaluate_run_on_folder"),
+        (["robustness", "--run", "1"], "colour_robustness_of_run"),
+        (["explain", "--run", "1", "--out", "x.png", "image.png"], "load_run_model"),
+        (["export", "--run", "1", "--out", "dir"], "export_run"),
+        (["audit", "--run", "1"], "run_leakage_audit"),
+        (["worker", "--once"], "run_worker"),
+    ],
+)
 def test_a_command_opens_the_store_once_and_passes_it(monkeypatch, opened_stores, argv, function):
     def engine(*args, store, **kwargs):
         assert store is opened_stores[-1]
@@ -459,10 +596,13 @@ class ChanceModel:
         return np.full((len(images), 4), 0.25), np.zeros((len(images), 8))
 
 
-@pytest.mark.parametrize("ood_score, reading, line", [
-    (1.0, "unsure", "unsure: Benign (calibrated probability 0.250)"),
-    (50.0, "out_of_domain", "out of domain, no answer (score 50.0 > threshold 10.0)"),
-])
+@pytest.mark.parametrize(
+    "ood_score, reading, line",
+    [
+        (1.0, "unsure", "unsure: Benign (calibrated probability 0.250)"),
+        (50.0, "out_of_domain", "out of domain, no answer (score 50.0 > threshold 10.0)"),
+    ],
+)
 def test_predict_text_gives_the_reading_the_json_gives(monkeypatch, opened_stores, tmp_path, ood_score, reading, line):
     image = tmp_path / "smear.png"
     Image.new("RGB", (40, 40), "purple").save(image)
@@ -484,8 +624,10 @@ def cli_store(tmp_path, monkeypatch) -> RunStore:
 
 def finished_run(store: RunStore, data_dir, status: str, protocol: Protocol = Protocol.holdout()) -> int:
     """A run on ``data_dir`` under ``protocol`` that ended ``status`` without training."""
-    config = {"train": TrainConfig.for_backbone("scratch_cnn", image_size=32, epochs=1).to_dict(),
-              "data_dir": str(data_dir)}
+    config = {
+        "train": TrainConfig.for_backbone("scratch_cnn", image_size=32, epochs=1).to_dict(),
+        "data_dir": str(data_dir),
+    }
     run_id = store.create_run(backbone="scratch_cnn", protocol=protocol, config=config, status="running")
     store.finish_run(run_id, status=status)
     return run_id
@@ -503,7 +645,8 @@ def test_rerun_queues_a_copy_and_refuses_a_run_not_finished(cli_store, synthetic
     assert cli.main(["rerun", "--run", str(copy.id)]) == cli.EXIT_BAD_INPUT
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err.strip().splitlines()[-1] == (
-        f"bcd: error: run {copy.id} is queued; only a finished run can be queued again")
+        f"bcd: error: run {copy.id} is queued; only a finished run can be queued again"
+    )
     cli_store.start_run(copy.id, environment={})
     with pytest.raises(RerunError, match="is running"):
         queue_again(cli_store, copy.id)
@@ -525,18 +668,23 @@ def test_a_cv_or_lodo_round_is_not_queued_again(cli_store, synthetic_dataset, pr
 def test_rerun_refuses_an_unknown_run_and_an_unreadable_config(cli_store, synthetic_dataset):
     with pytest.raises(RunNotFoundError, match="999"):
         queue_again(cli_store, 999)
-    old = cli_store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), status="failed",
-                               config={"train": {"backbone": "scratch_cnn", "retired_setting": 1},
-                                       "data_dir": str(synthetic_dataset)})
+    old = cli_store.create_run(
+        backbone="scratch_cnn",
+        protocol=Protocol.holdout(),
+        status="failed",
+        config={"train": {"backbone": "scratch_cnn", "retired_setting": 1}, "data_dir": str(synthetic_dataset)},
+    )
     with pytest.raises(RerunError, match=r"cannot be read by this version.*retired_setting"):
         queue_again(cli_store, old)
 
 
-def test_runs_json_names_each_runs_dataset_however_it_was_started(cli_store, synthetic_dataset, tmp_path,
-                                                                   monkeypatch, capfd):
+def test_runs_json_names_each_runs_dataset_however_it_was_started(
+    cli_store, synthetic_dataset, tmp_path, monkeypatch, capfd
+):
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
-    config = TrainConfig.for_backbone("scratch_cnn", weights="none", image_size=32, epochs=1, batch_size=8,
-                                      dense_units=8, augment=1, patience=1)
+    config = TrainConfig.for_backbone(
+        "scratch_cnn", weights="none", image_size=32, epochs=1, batch_size=8, dense_units=8, augment=1, patience=1
+    )
     trained = train(config, synthetic_dataset, store=cli_store).run_id
     queued = queue_run(cli_store, config, synthetic_dataset)
     assert run_worker(once=True, store=cli_store) == [{"run_id": queued, "status": "completed"}]
@@ -546,5 +694,6 @@ def test_runs_json_names_each_runs_dataset_however_it_was_started(cli_store, syn
     n_images = scan_dataset(synthetic_dataset).n_images
     expected = {"name": Path(synthetic_dataset).name, "n_images": n_images, "synthetic": True}
     assert {run_id: runs[run_id]["dataset"] for run_id in (trained, queued, again)} == dict.fromkeys(
-        (trained, queued, again), expected)
+        (trained, queued, again), expected
+    )
     assert len({cli_store.get_run(run_id).dataset_id for run_id in (trained, queued, again)} - {None}) == 1

@@ -1,4 +1,5 @@
 """Tests of bcd_engine.comparison (the Compare page's data) on a run store filled through the RunStore API."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,10 @@ def test_runs_table_and_intervals_carry_the_stored_confidence_intervals(filled):
     assert ids["failed"] not in frame.index and len(frame) == 5
     row = frame.loc[ids["holdout"]]
     assert (row["accuracy_low"], row["accuracy"], row["accuracy_high"]) == (
-        ci["low"], test.metrics["accuracy"], ci["high"])
+        ci["low"],
+        test.metrics["accuracy"],
+        ci["high"],
+    )
     assert row["protocol"] == HOLDOUT and HOLDOUT in row["label"] and row["n"] == 12
     assert frame.loc[ids["lodo"], "protocol"] == LODO + comparison.IN_DOMAIN_NOTE  # not the held-out figure
     bars = charts.error_bar(frame, "accuracy")
@@ -148,8 +152,13 @@ def test_lodo_rows_have_in_domain_and_held_out_accuracy_with_intervals(filled):
 
 def test_lodo_run_without_its_held_out_evaluation_says_n_a(store, synthetic_dataset):
     paths = sorted(str(p) for p in synthetic_dataset.glob("*/*.png"))
-    run_id = completed_run(store, "vgg16", Protocol.lodo("Other"), str(synthetic_dataset),
-                           [scored_evaluation("test", paths[::6], str(synthetic_dataset), right=0.8, seed=3)])
+    run_id = completed_run(
+        store,
+        "vgg16",
+        Protocol.lodo("Other"),
+        str(synthetic_dataset),
+        [scored_evaluation("test", paths[::6], str(synthetic_dataset), right=0.8, seed=3)],
+    )
     (row,) = comparison.lodo_frame(store.list_runs(), comparison.evaluations_by_run(store, [run_id])).to_dict("records")
     assert row["held_out"] == "Other" and row["held-out accuracy (95% CI)"] == "n/a"
     assert row["n_held_out"] is None and np.isnan(row["drop"])
@@ -180,7 +189,8 @@ def test_shortcut_audit_is_cached_by_dataset_content(synthetic_dataset_copy, iso
     assert 0 <= shortcuts["chance_accuracy"] <= shortcuts["colour_only_accuracy"] <= 1
     assert comparison.audit_explanation(audit).startswith(
         f"Colour statistics alone reach {shortcuts['colour_only_accuracy']:.1%}: a model's accuracy close to this "
-        "may come from colour, not cell shape.")
+        "may come from colour, not cell shape."
+    )
     refs = comparison.audit_references({scan.root: audit})
     assert list(refs["reference"]) == ["colour only", "corner only", "chance"]
     assert set(refs["dataset"]) == {"dataset"}

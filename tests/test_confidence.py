@@ -1,4 +1,5 @@
 """Bootstrap confidence intervals and calibration error."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,13 +57,17 @@ def test_auc_skips_resamples_missing_a_class_and_is_none_without_one():
     assert 0 < ci["n_resamples"] < 100 and ci["low"] <= ci["estimate"] <= ci["high"]
     y[0] = 1
     assert bootstrap_ci(y, prob, metric="macro_auc", n_resamples=10) == {
-        "estimate": None, "low": None, "high": None, "n_resamples": 0}
+        "estimate": None,
+        "low": None,
+        "high": None,
+        "n_resamples": 0,
+    }
 
 
 def test_ece_near_zero_when_calibrated_and_large_when_overconfident():
     y, prob = _calibrated(20000, seed=4)
     assert expected_calibration_error(y, prob) < 0.02
-    sharp = prob ** 4 / (prob ** 4).sum(axis=1, keepdims=True)
+    sharp = prob**4 / (prob**4).sum(axis=1, keepdims=True)
     assert expected_calibration_error(y, sharp) > 0.1
 
 
@@ -77,22 +82,28 @@ def test_reliability_diagram_bins():
     assert expected_calibration_error(y, prob, n_bins=5) == pytest.approx((2 * 0.075 + 2 * 0.05) / 4)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"metric": "recall"}, "metric must be one of .*, got 'recall'"),
-    ({"metric": "accuracy", "n_resamples": 0}, "n_resamples must be a positive integer, got 0"),
-    ({"metric": "accuracy", "confidence": 1.0}, r"confidence must be a number in \(0, 1\), got 1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"metric": "recall"}, "metric must be one of .*, got 'recall'"),
+        ({"metric": "accuracy", "n_resamples": 0}, "n_resamples must be a positive integer, got 0"),
+        ({"metric": "accuracy", "confidence": 1.0}, r"confidence must be a number in \(0, 1\), got 1.0"),
+    ],
+)
 def test_bad_arguments_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         bootstrap_ci([0, 1], [[0.6, 0.4], [0.3, 0.7]], **kwargs)
 
 
-@pytest.mark.parametrize("y, prob, message", [
-    ([0, 2], [[0.6, 0.4], [0.3, 0.7]], "y_true must hold class indices from 0 to 1"),
-    ([0], [[0.5, 0.5], [0.5, 0.5]], "y_true must be 1-D and match y_prob's 2 rows"),
-    ([0, 1], [0.5, 0.5], r"y_prob must be \(n, n_classes\) with at least 2 classes"),
-    ([0, 1], [[-1, 2], [0.5, 0.5]], "y_prob must be finite, non-negative"),
-])
+@pytest.mark.parametrize(
+    "y, prob, message",
+    [
+        ([0, 2], [[0.6, 0.4], [0.3, 0.7]], "y_true must hold class indices from 0 to 1"),
+        ([0], [[0.5, 0.5], [0.5, 0.5]], "y_true must be 1-D and match y_prob's 2 rows"),
+        ([0, 1], [0.5, 0.5], r"y_prob must be \(n, n_classes\) with at least 2 classes"),
+        ([0, 1], [[-1, 2], [0.5, 0.5]], "y_prob must be finite, non-negative"),
+    ],
+)
 def test_bad_inputs_raise_config_error(y, prob, message):
     with pytest.raises(ConfigError, match=message):
         expected_calibration_error(y, prob)
@@ -104,7 +115,8 @@ def test_macro_f1_counts_a_class_predicted_but_absent_from_the_test_set():
     y_true = np.array([0, 0, 1, 1])
     y_pred = np.array([0, 2, 1, 1])  # class 2 never occurs, but the model says it once
     assert macro_f1(y_true, y_pred) == pytest.approx(
-        skm.f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
+        skm.f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0)
+    )
     assert macro_f1(y_true, y_true) == 1.0
 
 

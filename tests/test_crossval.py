@@ -1,4 +1,5 @@
 """k-fold cross-validation: folds cover the data once, groups never cross, one stored run per fold."""
+
 from __future__ import annotations
 
 import shutil
@@ -35,8 +36,15 @@ def test_fold_splits_are_disjoint_cover_the_data_and_keep_groups_together():
 
 def test_cross_validate_stores_one_run_per_fold(workspace, synthetic_dataset):
     store = workspace
-    config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
-                         dense_units=8, augment=AugmentConfig(factor=1))
+    config = TrainConfig(
+        backbone="mobilenetv2",
+        weights=None,
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        augment=AugmentConfig(factor=1),
+    )
     result = cross_validate(config, synthetic_dataset, folds=2, store=store)
     assert result.protocol == "2-fold CV (group-aware, stratified)"
     assert [f.fold for f in result.folds] == [1, 2]
@@ -61,8 +69,15 @@ def test_folds_train_on_the_scan_their_splits_were_made_from(workspace, syntheti
         return scan
 
     monkeypatch.setattr(crossval, "scan_dataset", scan_then_a_file_arrives)
-    config = TrainConfig(backbone="scratch_cnn", weights=None, image_size=32, epochs=1, batch_size=8,
-                         dense_units=8, augment=AugmentConfig(factor=1))
+    config = TrainConfig(
+        backbone="scratch_cnn",
+        weights=None,
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        augment=AugmentConfig(factor=1),
+    )
     result = cross_validate(config, data, folds=2, store=workspace)
     scanned = sorted(str(p.resolve()) for p in data.glob("*/*") if "arrived" not in p.name)
     for row in result.folds:
@@ -73,15 +88,26 @@ def test_folds_train_on_the_scan_their_splits_were_made_from(workspace, syntheti
 def test_training_refuses_a_scan_of_another_folder(workspace, synthetic_dataset, tmp_path):
     other = shutil.copytree(synthetic_dataset, tmp_path / "other")
     with pytest.raises(ConfigError, match="the scan given is of"):
-        train(TrainConfig(backbone="scratch_cnn", image_size=32), synthetic_dataset, store=workspace,
-              scan=crossval.scan_dataset(other))
+        train(
+            TrainConfig(backbone="scratch_cnn", image_size=32),
+            synthetic_dataset,
+            store=workspace,
+            scan=crossval.scan_dataset(other),
+        )
 
 
 def test_a_folder_given_under_home_is_stored_expanded(workspace, synthetic_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     data = shutil.copytree(synthetic_dataset, tmp_path / "data")
-    config = TrainConfig(backbone="scratch_cnn", weights=None, image_size=32, epochs=1, batch_size=8,
-                         dense_units=8, augment=AugmentConfig(factor=1))
+    config = TrainConfig(
+        backbone="scratch_cnn",
+        weights=None,
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        augment=AugmentConfig(factor=1),
+    )
     result = train(config, "~/data", store=workspace, scan=crossval.scan_dataset("~/data"))
     assert workspace.get_run(result.run_id).config["data_dir"] == str(data.resolve())
 

@@ -1,4 +1,5 @@
 """Scanning dataset folders, the per-file scan cache, and the shared image loader."""
+
 from __future__ import annotations
 
 import io
@@ -87,8 +88,10 @@ def test_to_dict_is_the_cli_document(synthetic_dataset_copy: Path) -> None:
     assert list(doc) == ["root", "n_images", "classes", "unreadable", "duplicate_groups", "near_duplicate_groups"]
     assert doc["n_images"] == 48 and doc["classes"]["Pro"] == 12
     assert doc["unreadable"] == [
-        {"path": str((synthetic_dataset_copy / "Pro" / "broken.jpg").resolve()),
-         "reason": "not a recognised image format"}
+        {
+            "path": str((synthetic_dataset_copy / "Pro" / "broken.jpg").resolve()),
+            "reason": "not a recognised image format",
+        }
     ]
     assert json.loads(json.dumps(doc)) == doc
 
@@ -109,8 +112,16 @@ def test_ignores_hidden_unsupported_and_nested_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extension", SUPPORTED_EXTENSIONS)
 def test_every_supported_extension_is_read(tmp_path: Path, extension: str) -> None:
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
-           ".gif": "GIF", ".webp": "WEBP"}[extension]
+    fmt = {
+        ".jpg": "JPEG",
+        ".jpeg": "JPEG",
+        ".png": "PNG",
+        ".bmp": "BMP",
+        ".tif": "TIFF",
+        ".tiff": "TIFF",
+        ".gif": "GIF",
+        ".webp": "WEBP",
+    }[extension]
     root = _two_class_folder(tmp_path / "data")
     _write(root / "A" / f"extra{extension}", _encode(_smooth_image(9), fmt))
     assert scan_dataset(root).class_counts["A"] == 3
@@ -188,13 +199,16 @@ def test_flipped_and_turned_copies_are_near_duplicates_and_stay_on_one_side_of_a
     originals = [_smooth_image(500 + i, size=160) for i in range(10)]  # larger than the views' reduced copy
     for i, img in enumerate(originals):
         _write(root / "A" / f"cell{i}.png", _encode(img, "PNG"))
-        _write(root / "A" / f"cell{i}-mirrored.jpg",
-               _encode(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90))
+        _write(
+            root / "A" / f"cell{i}-mirrored.jpg",
+            _encode(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90),
+        )
         _write(root / "B" / f"cell{i}-turned.png", _encode(img.transpose(Image.Transpose.ROTATE_90), "PNG"))
     scan = scan_dataset(root)
     triples = [g for g in scan.near_duplicate_groups if any("cell" in Path(p).name for p in g)]
     assert sorted(sorted(Path(p).name for p in g) for g in triples) == sorted(
-        sorted([f"cell{i}.png", f"cell{i}-mirrored.jpg", f"cell{i}-turned.png"]) for i in range(10))
+        sorted([f"cell{i}.png", f"cell{i}-mirrored.jpg", f"cell{i}-turned.png"]) for i in range(10)
+    )
     split = holdout_split(scan.labels, scan.groups, val_fraction=0.2, test_fraction=0.2, seed=0)
     side = {i: name for name in ("train", "val", "test") for i in getattr(split, name).tolist()}
     index = {p: i for i, p in enumerate(scan.paths)}

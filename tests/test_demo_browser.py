@@ -6,6 +6,7 @@ no path input and no server path, archives that expand far past the upload budge
 server's resident memory stays bounded, a near-cap 16-bit image stays within a memory bound, and a
 crafted file name never reaches the file system.
 """
+
 from __future__ import annotations
 
 import io
@@ -73,8 +74,14 @@ def demo(tmp_path_factory, synthetic_dataset):
     shipped = tmp / "shipped"
     with pytest.MonkeyPatch.context() as patch:
         store = workspace_store(shipped, patch)
-        config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
-                             augment=AugmentConfig(factor=1))
+        config = TrainConfig(
+            backbone="scratch_cnn",
+            image_size=32,
+            epochs=1,
+            batch_size=8,
+            dense_units=8,
+            augment=AugmentConfig(factor=1),
+        )
         train(config, synthetic_dataset, store=store)
         store.close()
     shutil.rmtree(shipped / "cache")
@@ -88,11 +95,20 @@ def demo(tmp_path_factory, synthetic_dataset):
             shutil.copy2(source, target)
     server_tmp = tmp / "server-tmp"
     server_tmp.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "TMPDIR": str(server_tmp), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "BCD_DEMO_MODE": "1", "BCD_DATABASE_URL": f"sqlite:///{shipped / 'results.db'}",
-           "BCD_ARTIFACTS_DIR": str(shipped / "artifacts")}  # no BCD_CACHE_DIR: caches must find a place
-    with read_only_tree(project), read_only_tree(shipped), streamlit_server(
-            cwd=project, env=env, log_path=tmp / "streamlit.log", wrap=unprivileged) as (base, server):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp),
+        "TMPDIR": str(server_tmp),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "BCD_DEMO_MODE": "1",
+        "BCD_DATABASE_URL": f"sqlite:///{shipped / 'results.db'}",
+        "BCD_ARTIFACTS_DIR": str(shipped / "artifacts"),
+    }  # no BCD_CACHE_DIR: caches must find a place
+    with (
+        read_only_tree(project),
+        read_only_tree(shipped),
+        streamlit_server(cwd=project, env=env, log_path=tmp / "streamlit.log", wrap=unprivileged) as (base, server),
+    ):
         yield base, server, [str(tmp), str(PROJECT_ROOT), str(Path.home())], server_tmp
     assert sorted(p.name for p in shipped.iterdir()) == ["artifacts", "results.db"], "the store was written to"
 
@@ -117,7 +133,8 @@ def _smear(root: Path, i: int) -> bytes:
 def _diagnose_page(browser, base: str, smears: Path):
     page = open_page(browser, base, "diagnose", "Diagnose images")
     page.locator('input[type="file"]').set_input_files(
-        files=[{"name": "smear.png", "mimeType": "image/png", "buffer": _smear(smears, 0)}])
+        files=[{"name": "smear.png", "mimeType": "image/png", "buffer": _smear(smears, 0)}]
+    )
     page.get_by_text("Predicted class").wait_for(timeout=120_000)  # the model is loaded and warm
     settle(page)
     return page
@@ -125,9 +142,12 @@ def _diagnose_page(browser, base: str, smears: Path):
 
 def test_no_page_offers_a_path_input_or_shows_a_server_path(demo, browser):
     base, _server, private, server_tmp = demo
-    for path, heading, name in [("", "Dataset explorer", "demo-explorer"), ("train", "Train", "demo-train"),
-                                ("compare", "Compare runs", "demo-compare"),
-                                ("diagnose", "Diagnose images", "demo-diagnose")]:
+    for path, heading, name in [
+        ("", "Dataset explorer", "demo-explorer"),
+        ("train", "Train", "demo-train"),
+        ("compare", "Compare runs", "demo-compare"),
+        ("diagnose", "Diagnose images", "demo-diagnose"),
+    ]:
         page = open_page(browser, base, path, heading)
         check(page, name)
         assert page.get_by_text("Demo mode").count() >= 1
@@ -162,8 +182,7 @@ def test_archives_expanding_far_past_the_budget_are_refused_with_memory_bounded(
     texts = refusals.all_inner_texts()
     assert len(texts) >= 3 and all(re.search(r"256(\.0)? MB", text) for text in texts), texts
     assert memory.rise <= HOSTILE_RISE_LIMIT, f"server memory rose {memory.rise / 2**20:.0f} MB"
-    print(f"\n5 archives of 2 MB expanding to 500 MB: refused {texts}; "
-          f"server memory rose {memory.rise / 2**20:.0f} MB")
+    print(f"\n5 archives of 2 MB expanding to 500 MB: refused {texts}; server memory rose {memory.rise / 2**20:.0f} MB")
     page.close()
 
 
@@ -177,7 +196,8 @@ def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser, synt
     Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(buffer, format="PNG")
     with PeakMemory(server.pid) as memory:
         page.locator('input[type="file"]').set_input_files(
-            files=[{"name": "deep.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+            files=[{"name": "deep.png", "mimeType": "image/png", "buffer": buffer.getvalue()}]
+        )
         page.get_by_role("heading", name="deep.png").wait_for(timeout=120_000)
         settle(page)
     # A ramp is no smear: the out-of-domain gate refuses it (that it was decoded at all is what is measured).
@@ -186,18 +206,22 @@ def test_a_near_cap_16_bit_image_stays_within_a_memory_bound(demo, browser, synt
     # 19.4 MP at 16 bits is 39 MB as decoded; the 8-bit RGB image 58 MB. Before the band-wise conversion a
     # 49 MP one took the server 1.3 GB.
     assert memory.rise <= HOSTILE_RISE_LIMIT, f"server memory rose {memory.rise / 2**20:.0f} MB"
-    print(f"\n16-bit {side}x{side} PNG ({len(buffer.getvalue()) / 2**10:.0f} KB): "
-          f"server memory rose {memory.rise / 2**20:.0f} MB")
+    print(
+        f"\n16-bit {side}x{side} PNG ({len(buffer.getvalue()) / 2**10:.0f} KB): "
+        f"server memory rose {memory.rise / 2**20:.0f} MB"
+    )
     page.close()
 
 
 def test_a_crafted_file_name_never_reaches_the_file_system(demo, browser):
     base, _server, _private, _tmp = demo
     page = open_page(browser, base, "diagnose", "Diagnose images")
-    page.locator('input[type="file"]').set_input_files(files=[
-        {"name": "../../../../etc/passwd.png", "mimeType": "image/png", "buffer": b"not the server's file"},
-        {"name": "%2e%2e%2fetc%2fshadow.png", "mimeType": "image/png", "buffer": b"nor this one"},
-    ])
+    page.locator('input[type="file"]').set_input_files(
+        files=[
+            {"name": "../../../../etc/passwd.png", "mimeType": "image/png", "buffer": b"not the server's file"},
+            {"name": "%2e%2e%2fetc%2fshadow.png", "mimeType": "image/png", "buffer": b"nor this one"},
+        ]
+    )
     page.get_by_text("cannot be used").first.wait_for(timeout=60_000)
     settle(page)
     check(page, "demo-crafted-names")
@@ -219,7 +243,8 @@ def test_visitors_waiting_at_once_all_get_answers(demo, browser, synthetic_datas
     started = time.monotonic()
     for i, page in enumerate(pages):
         page.locator('input[type="file"]').set_input_files(
-            files=[{"name": f"smear{i}.png", "mimeType": "image/png", "buffer": _smear(synthetic_dataset, 10 + i)}])
+            files=[{"name": f"smear{i}.png", "mimeType": "image/png", "buffer": _smear(synthetic_dataset, 10 + i)}]
+        )
     for page in pages:
         page.get_by_text("Predicted class").wait_for(timeout=120_000)
     assert time.monotonic() - started < 120
@@ -232,7 +257,8 @@ def test_an_image_unlike_the_training_images_gets_no_answer(demo, browser):
     page = open_page(browser, base, "diagnose", "Diagnose images")
     blank = np.full((64, 64, 3), 255, np.uint8)
     page.locator('input[type="file"]').set_input_files(
-        files=[{"name": "blank.png", "mimeType": "image/png", "buffer": _png(blank)}])
+        files=[{"name": "blank.png", "mimeType": "image/png", "buffer": _png(blank)}]
+    )
     page.get_by_text("does not look like the images the model was trained on").wait_for(timeout=120_000)
     settle(page)
     check(page, "demo-out-of-domain")

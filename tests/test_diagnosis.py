@@ -1,4 +1,5 @@
 """Diagnosis: dihedral test-time augmentation, uncertainty, ensembles and batches with bad files in them."""
+
 from __future__ import annotations
 
 import io
@@ -88,10 +89,14 @@ def test_a_model_that_depends_on_orientation_disagrees_with_itself():
 def test_uncertainty_and_its_plain_reading():
     agreeing = np.array([[0.9, 0.05, 0.05]] * 8)
     certainty = uncertainty(agreeing)
-    assert certainty == pytest.approx({"confidence": 0.9, "margin": 0.85, "disagreement": 0.0, "spread": 0.0,
-                                       "views": 8})
-    assert reading("Pro", certainty) == ("ok", "The model gives Pro with 90.0% confidence, and all 8 looks "
-                                            "(flips and turns) agree. This is a research tool, not a diagnosis.")
+    assert certainty == pytest.approx(
+        {"confidence": 0.9, "margin": 0.85, "disagreement": 0.0, "spread": 0.0, "views": 8}
+    )
+    assert reading("Pro", certainty) == (
+        "ok",
+        "The model gives Pro with 90.0% confidence, and all 8 looks "
+        "(flips and turns) agree. This is a research tool, not a diagnosis.",
+    )
     single = uncertainty(np.array([[0.9, 0.1]]))
     assert "agree" not in reading("Pro", single)[1]
     split = np.array([[0.8, 0.2, 0.0]] * 5 + [[0.2, 0.8, 0.0]] * 3)
@@ -110,7 +115,8 @@ def test_an_ensemble_averages_its_models():
     for a, b, ensemble in zip(*single, both, strict=True):
         for name in CLASSES:
             assert ensemble.probabilities[name] == pytest.approx(
-                (a.probabilities[name] + b.probabilities[name]) / 2, abs=1e-6)
+                (a.probabilities[name] + b.probabilities[name]) / 2, abs=1e-6
+            )
         assert ensemble.uncertainty["views"] == 2
 
 
@@ -122,7 +128,8 @@ def test_an_ensemble_of_models_of_different_sizes_diagnoses_each_file_once_decod
     (both,) = Diagnoser([small, large]).diagnose([Source("s", smear)])
     for name in CLASSES:
         assert both.probabilities[name] == pytest.approx(
-            (alone_small.probabilities[name] + alone_large.probabilities[name]) / 2, abs=1e-6)
+            (alone_small.probabilities[name] + alone_large.probabilities[name]) / 2, abs=1e-6
+        )
 
 
 def test_an_ensemble_needs_the_same_classes():
@@ -137,11 +144,17 @@ def test_a_batch_keeps_going_past_bad_files_and_reports_progress(tmp_path):
     good.write_bytes(png_bytes(random_images(1)[0]))
     fake = tmp_path / "fake.jpg"
     fake.write_text("<html>not an image</html>")
-    sources = [Source("good", good), Source("fake", fake), Source("bytes", png_bytes(random_images(1, 1)[0])),
-               Source("missing", tmp_path / "missing.png"), Source("garbage", b"\x00" * 64)]
+    sources = [
+        Source("good", good),
+        Source("fake", fake),
+        Source("bytes", png_bytes(random_images(1, 1)[0])),
+        Source("missing", tmp_path / "missing.png"),
+        Source("garbage", b"\x00" * 64),
+    ]
     seen = []
     results = Diagnoser([loaded_model(pooled_model())]).diagnose(
-        sources, batch_size=3, on_progress=lambda done, total: seen.append((done, total)))
+        sources, batch_size=3, on_progress=lambda done, total: seen.append((done, total))
+    )
     assert [r.name for r in results] == ["good", "fake", "bytes", "missing", "garbage"]
     assert results[0].predicted_class is not None and results[2].predicted_class is not None
     assert [r.usable for r in results] == [True, False, True, False, False]
@@ -188,13 +201,19 @@ def test_uploads_become_sources_and_a_bad_upload_costs_only_itself(monkeypatch):
     with zipfile.ZipFile(evil_zip, "w") as zf:
         zf.writestr("../escape.png", image)
     monkeypatch.setattr(diagnosis, "MAX_UPLOAD_BYTES", len(image) + 10)
-    sources, rejected = diagnosis.upload_sources([
-        ("a.png", image), ("big.png", image + b"\0" * 20), ("batch.download", good_zip.getvalue()),
-        ("evil.zip", evil_zip.getvalue()),
-    ])
+    sources, rejected = diagnosis.upload_sources(
+        [
+            ("a.png", image),
+            ("big.png", image + b"\0" * 20),
+            ("batch.download", good_zip.getvalue()),
+            ("evil.zip", evil_zip.getvalue()),
+        ]
+    )
     assert [s.name for s in sources] == ["a.png", "batch.download/c.png"]
     assert [r.name for r in rejected] == ["big.png", "evil.zip"]
     assert "the limit is" in rejected[0].error and "unsafe member path" in rejected[1].error
+
+
 def test_many_small_archives_in_one_upload_cannot_add_up_past_its_budget():
     from bcd_engine.inference import diagnosis
 
@@ -207,14 +226,21 @@ def test_many_small_archives_in_one_upload_cannot_add_up_past_its_budget():
     sources, rejected = diagnosis.upload_sources([(f"batch{i}.zip", data) for i in range(3)], max_total_bytes=budget)
     assert [s.name for s in sources] == [f"batch0.zip/{i}.png" for i in range(4)]
     assert [r.name for r in rejected] == ["batch1.zip", "batch2.zip"]
-    assert all("one upload may hold in memory; refused" in r.error or "the upload would hold more than" in r.error
-               for r in rejected)
+    assert all(
+        "one upload may hold in memory; refused" in r.error or "the upload would hold more than" in r.error
+        for r in rejected
+    )
     image = png_bytes(random_images(1)[0])
     sources, rejected = diagnosis.upload_sources([("a.png", image), ("b.png", image)], max_total_bytes=len(image) + 1)
     assert [s.name for s in sources] == ["a.png"]
-    assert [r.to_dict() for r in rejected] == [{"name": "b.png", "error": f"b.png: the upload would hold more than "
-                                                f"{len(image) + 1:,} bytes in memory ({len(image):,} bytes already); "
-                                                "refused"}]
+    assert [r.to_dict() for r in rejected] == [
+        {
+            "name": "b.png",
+            "error": f"b.png: the upload would hold more than "
+            f"{len(image) + 1:,} bytes in memory ({len(image):,} bytes already); "
+            "refused",
+        }
+    ]
 
 
 def test_diagnosing_step_by_step_gives_the_same_results_and_keeps_a_lone_image_once_decoded():

@@ -3,6 +3,7 @@
 Trains the demo model through the Train page (the app's own worker process trains it), then diagnoses an
 uploaded image. Screenshots of every page go to test-artifacts/.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,13 @@ def app(tmp_path_factory):
     """A running dashboard on an empty isolated store: (base URL, database URL, cache folder)."""
     tmp = tmp_path_factory.mktemp("e2e")
     url = f"sqlite:///{tmp / 'results.db'}"
-    env = {**subprocess_env(), "BCD_DATABASE_URL": url, "BCD_ARTIFACTS_DIR": str(tmp / "artifacts"),
-           "BCD_CACHE_DIR": str(tmp / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **subprocess_env(),
+        "BCD_DATABASE_URL": url,
+        "BCD_ARTIFACTS_DIR": str(tmp / "artifacts"),
+        "BCD_CACHE_DIR": str(tmp / "cache"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     env.pop("BCD_DEMO_MODE", None)
     try:
         with streamlit_server(cwd=PROJECT_ROOT, env=env, log_path=tmp / "streamlit.log") as (base, _server):
@@ -56,9 +62,11 @@ def browser():
 
 def test_pages_train_demo_model_and_diagnose(app, browser):
     base, url, _cache = app
-    for path, heading, name in [("", "Dataset explorer", "explorer"),
-                                ("compare", "Compare runs", "compare-empty"),
-                                ("diagnose", "Diagnose images", "diagnose-empty")]:
+    for path, heading, name in [
+        ("", "Dataset explorer", "explorer"),
+        ("compare", "Compare runs", "compare-empty"),
+        ("diagnose", "Diagnose images", "diagnose-empty"),
+    ]:
         page = open_page(browser, base, path, heading)
         check(page, name, tour=name == "explorer")
         page.close()
@@ -107,22 +115,26 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
     settle(page)
     check(page, "diagnose", tour=True)
     page.locator('input[type="file"]').set_input_files(
-        files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"}])
+        files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"}]
+    )
     page.get_by_text("cannot be used").wait_for(timeout=60_000)
     check(page, "diagnose-bad-file")
     others = sorted((_cache / "synthetic-demo" / "Benign").glob("*.png"))[:2]
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../escape.png", others[0].read_bytes())
-    page.locator('input[type="file"]').set_input_files(files=[
-        *[{"name": p.name, "mimeType": "image/png", "buffer": p.read_bytes()} for p in others],
-        {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"},
-        {"name": "evil.zip", "mimeType": "application/zip", "buffer": archive.getvalue()},
-    ])
+    page.locator('input[type="file"]').set_input_files(
+        files=[
+            *[{"name": p.name, "mimeType": "image/png", "buffer": p.read_bytes()} for p in others],
+            {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"},
+            {"name": "evil.zip", "mimeType": "application/zip", "buffer": archive.getvalue()},
+        ]
+    )
     page.get_by_text("Images diagnosed").wait_for(timeout=120_000)
     # The reason is shown in the message above the table (the table may render it too).
-    page.locator("p").filter(has_text="evil.zip cannot be used").filter(
-        has_text="unsafe member path").first.wait_for(timeout=10_000)
+    page.locator("p").filter(has_text="evil.zip cannot be used").filter(has_text="unsafe member path").first.wait_for(
+        timeout=10_000
+    )
     settle(page)
     check(page, "diagnose-batch")
     assert page.get_by_role("button", name="Download results (CSV)").count() == 1

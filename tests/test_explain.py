@@ -1,4 +1,5 @@
 """Grad-CAM on tiny random-weight and synthetic-trained models: localisation, every backbone, save/load, overlay."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def bright_square_images(n: int, rng: np.random.Generator):
     corners = rng.integers(0, SIZE - SQUARE + 1, (n, 2))
     for image, label, (top, left) in zip(images, labels, corners, strict=True):
         if label:
-            image[top:top + SQUARE, left:left + SQUARE] = rng.integers(200, 256, (SQUARE, SQUARE, 3))
+            image[top : top + SQUARE, left : left + SQUARE] = rng.integers(200, 256, (SQUARE, SQUARE, 3))
     return images, labels, corners
 
 
@@ -57,8 +58,9 @@ def test_grad_cam_peaks_on_the_region_that_decides_the_class(square_model):
     hits = {0: [], 1: []}
     for image, (top, left) in zip(images[labels == 1], corners[labels == 1], strict=True):
         for class_index in (0, 1):
-            heatmap = grad_cam(square_model, image, preprocess=preprocess, backbone="scratch_cnn",
-                               class_index=class_index).heatmap
+            heatmap = grad_cam(
+                square_model, image, preprocess=preprocess, backbone="scratch_cnn", class_index=class_index
+            ).heatmap
             row, col = np.unravel_index(heatmap.argmax(), heatmap.shape)
             hits[class_index].append(top <= row < top + SQUARE and left <= col < left + SQUARE)
     assert np.mean(hits[1]) >= 0.8
@@ -116,13 +118,22 @@ def test_a_stored_run_explains_an_image_file(square_model, tmp_path, monkeypatch
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
     store = RunStore.open(f"sqlite:///{tmp_path / 'results.db'}")
     config = TrainConfig(backbone="scratch_cnn", image_size=SIZE)
-    run_id = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(), status="running",
-                              config={"train": config.to_dict(), "class_names": ["noise", "square"]})
+    run_id = store.create_run(
+        backbone="scratch_cnn",
+        protocol=Protocol.holdout(),
+        status="running",
+        config={"train": config.to_dict(), "class_names": ["noise", "square"]},
+    )
     model_file = tmp_path / "artifacts" / f"run-{run_id}" / "model.keras"
     model_file.parent.mkdir(parents=True)
     square_model.save(model_file)
-    store.save_artifact(run_id, kind="model", path=f"run-{run_id}/model.keras", sha256=file_sha256(model_file),
-                        size_bytes=model_file.stat().st_size)
+    store.save_artifact(
+        run_id,
+        kind="model",
+        path=f"run-{run_id}/model.keras",
+        sha256=file_sha256(model_file),
+        size_bytes=model_file.stat().st_size,
+    )
     store.finish_run(run_id, status="completed")
     images, _, _ = bright_square_images(2, np.random.default_rng(4))
     image_file = tmp_path / "square.png"
@@ -130,8 +141,9 @@ def test_a_stored_run_explains_an_image_file(square_model, tmp_path, monkeypatch
 
     image, result = explain_source(load_run_model(run_id, store=store), image_file.read_bytes())
     np.testing.assert_array_equal(image, images[1])
-    direct = grad_cam(square_model, images[1], preprocess=get_backbone("scratch_cnn").preprocess(),
-                      backbone="scratch_cnn")
+    direct = grad_cam(
+        square_model, images[1], preprocess=get_backbone("scratch_cnn").preprocess(), backbone="scratch_cnn"
+    )
     assert result.class_index == direct.class_index
     np.testing.assert_allclose(result.heatmap, direct.heatmap, atol=1e-5)
 

@@ -1,4 +1,5 @@
 """Exporting a run: .keras and TFLite files that predict like the stored model, labels.json and the model card."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,14 @@ keras = pytest.importorskip("keras")
 
 AUDIT = {
     "leakage": {"ok": True},
-    "shortcuts": {"colour_only_accuracy": 0.996, "corner_only_accuracy": 0.812, "opposite_corner_accuracy": 0.75,
-                  "chance_accuracy": 0.25, "corner_fraction": 0.25, "interpretation": "Colour alone suffices."},
+    "shortcuts": {
+        "colour_only_accuracy": 0.996,
+        "corner_only_accuracy": 0.812,
+        "opposite_corner_accuracy": 0.75,
+        "chance_accuracy": 0.25,
+        "corner_fraction": 0.25,
+        "interpretation": "Colour alone suffices.",
+    },
 }
 
 
@@ -34,8 +41,15 @@ def trained(tmp_path_factory, synthetic_dataset):
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as patch:
         store = workspace_store(root, patch)
-        config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
-                             augment=AugmentConfig(factor=1), tta_views=2)
+        config = TrainConfig(
+            backbone="scratch_cnn",
+            image_size=32,
+            epochs=1,
+            batch_size=8,
+            dense_units=8,
+            augment=AugmentConfig(factor=1),
+            tta_views=2,
+        )
         yield store, train(config, synthetic_dataset, store=store).run_id
 
 
@@ -50,8 +64,9 @@ def test_keras_export_loads_back_and_predicts_the_same(trained, tmp_path):
     assert all(p.is_file() for p in result.paths) and result.max_abs_diff is None
     exported = keras.models.load_model(result.model_path, compile=False, safe_mode=True)
     original = load_run_model(run_id, store=store).model
-    np.testing.assert_allclose(exported.predict(_inputs(), verbose=0), original.predict(_inputs(), verbose=0),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        exported.predict(_inputs(), verbose=0), original.predict(_inputs(), verbose=0), atol=1e-6
+    )
     # The exported file is the one the run saved: its sha256 is the store's, and the card names it.
     (artifact,) = [a for a in store.get_artifacts(run_id) if a.kind == "model"]
     assert file_sha256(result.model_path) == artifact.sha256
@@ -105,7 +120,7 @@ def test_model_card_has_metrics_with_cis_protocol_and_warnings(trained):
     assert split_line.endswith("train, 7 val, 7 test (48 images)")
     assert "Duplicates: no exact or near-duplicate images in the split." in card
     assert f"python -m bcd_engine audit --data {run.config['data_dir']}" in card
-    assert "keras.models.load_model(\"model.keras\", compile=False)" in card
+    assert 'keras.models.load_model("model.keras", compile=False)' in card
 
 
 def test_model_card_includes_a_given_audit(trained):
@@ -118,8 +133,10 @@ def test_model_card_includes_a_given_audit(trained):
 
 def test_model_card_reports_duplicate_groups_and_groups_crossing_the_split(trained):
     store, run_id = trained
-    rows = [{"path": f"{i}.png", "class_name": "Benign", "subset": subset, "group_id": group}
-            for i, (subset, group) in enumerate([("train", "a"), ("train", "a"), ("test", "b"), ("test", "c")])]
+    rows = [
+        {"path": f"{i}.png", "class_name": "Benign", "subset": subset, "group_id": group}
+        for i, (subset, group) in enumerate([("train", "a"), ("train", "a"), ("test", "b"), ("test", "c")])
+    ]
     card = model_card(store.get_run(run_id), [], split=rows)
     assert "1 group(s) of exact or near-duplicate images (2 images); each group is kept on one side" in card
     rows[0]["subset"] = "val"
@@ -131,8 +148,9 @@ def test_preprocessing_info_reproduces_every_backbone_preprocess():
     for name in BACKBONES:
         info = preprocessing_info(name)
         mine = (rgb[..., info["channels"]] / info["divisor"] - np.array(info["mean"])) / np.array(info["std"])
-        np.testing.assert_allclose(mine, np.asarray(get_backbone(name).preprocess()(rgb.copy())), atol=1e-4,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            mine, np.asarray(get_backbone(name).preprocess()(rgb.copy())), atol=1e-4, err_msg=name
+        )
 
 
 def test_bad_format_and_bad_audit_are_config_errors(trained, tmp_path):

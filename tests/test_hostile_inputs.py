@@ -3,6 +3,7 @@
 Every file is built here; none is committed. ``load_image`` must return a uint8 H x W x 3 array or
 raise ImageLoadError (ConfigError only for a bad ``image_size``), whatever the bytes.
 """
+
 from __future__ import annotations
 
 import io
@@ -99,8 +100,21 @@ def _is(pixel: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40) ->
         ),
         (lambda: _png_declaring(100_000, 100_000), r"too large to decode safely \(Image size \(10000000000 pixels\)"),
     ],
-    ids=["empty", "truncated-jpeg", "truncated-png", "html", "html-indented", "text", "pdf", "postscript", "ppm",
-         "png-header-only", "zero-width", "60-megapixels", "decompression-bomb"],
+    ids=[
+        "empty",
+        "truncated-jpeg",
+        "truncated-png",
+        "html",
+        "html-indented",
+        "text",
+        "pdf",
+        "postscript",
+        "ppm",
+        "png-header-only",
+        "zero-width",
+        "60-megapixels",
+        "decompression-bomb",
+    ],
 )
 def test_hostile_file_named_jpg_is_refused(tmp_path: Path, make_bytes: Callable[[], bytes], reason: str) -> None:
     path = tmp_path / "smear.jpg"
@@ -239,8 +253,14 @@ def test_a_large_transparent_image_is_put_on_white_with_one_full_size_copy(tmp_p
         "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024\n"
         "print(json.dumps([rgb.mode, rgb.getpixel((0, 0)), rgb.getpixel((1, 0)), grew]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.png")], capture_output=True, text=True,
-                         check=True, env=subprocess_env(), timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "big.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=subprocess_env(),
+        timeout=120,
+    ).stdout
     mode, transparent, half, grew = json.loads(out)
     assert mode == "RGB" and transparent == [255, 255, 255] and _is(np.array(half), (228, 178, 153), tolerance=1), out
     assert grew < 20_000_000 * (4 + 4 + 1) + 24 * 2**20, f"grew {grew / 2**20:.0f} MB"
@@ -328,7 +348,13 @@ def _valid_samples() -> list[bytes]:
 
 VALID_SAMPLES = _valid_samples()
 SIGNATURES = [
-    b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP"
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"GIF89a",
+    b"RIFF\x00\x00\x00\x00WEBP",
 ]
 
 

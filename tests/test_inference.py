@@ -1,4 +1,5 @@
 """Loading trained models safely: only bcd's own files, checked by sha256, movable with their store."""
+
 from __future__ import annotations
 
 import shutil
@@ -25,8 +26,15 @@ pytestmark = pytest.mark.every_backend  # CI runs this file on JAX too (README: 
 def trained_once(tmp_path_factory, synthetic_dataset):
     """One tiny run trained once for the module: (its workspace folder, what ``train`` reported)."""
     root = tmp_path_factory.mktemp("trained")
-    config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
-                         augment=AugmentConfig(factor=1), tta_views=3)
+    config = TrainConfig(
+        backbone="scratch_cnn",
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        augment=AugmentConfig(factor=1),
+        tta_views=3,
+    )
     with pytest.MonkeyPatch.context() as patch:
         store = workspace_store(root, patch)
         result = train(config, synthetic_dataset, store=store)
@@ -75,8 +83,14 @@ def test_tta_predictions_average_the_augmented_views_and_are_deterministic(train
     views = [images.astype(np.float32)]
     for view in range(1, config.tta_views):
         seeds = view_seeds(["0" * 8] * len(images), [view] * len(images), seed=config.seed)
-        views.append(np.stack([augment_batch(image[None], pair[None], config.augment)[0]
-                               for image, pair in zip(images, seeds, strict=True)]))
+        views.append(
+            np.stack(
+                [
+                    augment_batch(image[None], pair[None], config.augment)[0]
+                    for image, pair in zip(images, seeds, strict=True)
+                ]
+            )
+        )
     per_view = [keras.ops.convert_to_numpy(loaded.model(loaded.preprocess()(v), training=False)) for v in views]
 
     tta = loaded.predict_arrays(images)
@@ -118,8 +132,14 @@ def test_external_evaluation_with_a_label_map_onto_shared_labels(trained, tmp_pa
     external = tmp_path / "external"
     shutil.copytree(synthetic_dataset / "Benign", external / "lymphocyte")
     map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps({"run": {"Benign": "benign", "Early": "malignant", "Pre": "malignant",
-                                            "Pro": "malignant"}, "data": {"lymphocyte": "benign"}}))
+    map_file.write_text(
+        json.dumps(
+            {
+                "run": {"Benign": "benign", "Early": "malignant", "Pre": "malignant", "Pro": "malignant"},
+                "data": {"lymphocyte": "benign"},
+            }
+        )
+    )
     evaluation = evaluate_run_on_folder(result.run_id, external, store=store, label_map=load_label_map(map_file))
     n_images = len(list(external.glob("*/*.png")))
     assert evaluation.class_names == ["benign", "malignant"]
@@ -138,8 +158,9 @@ def test_external_evaluation_with_a_label_map_onto_shared_labels(trained, tmp_pa
 
 def test_colour_robustness_of_a_grayscale_run(workspace, synthetic_dataset):
     store = workspace
-    config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
-                         colour="grayscale")
+    config = TrainConfig(
+        backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8, colour="grayscale"
+    )
     run_id = train(config, synthetic_dataset, store=store).run_id
     result = colour_robustness_of_run(run_id, store=store)
     # A grayscale model sees the same pixels whether or not the test images were made gray first.
@@ -154,8 +175,16 @@ def test_colour_robustness_of_a_grayscale_run(workspace, synthetic_dataset):
 def test_a_stored_test_evaluation_can_be_reproduced_from_the_saved_model(workspace, synthetic_dataset):
     """Cached test-time views (training) and views made from the saved model (later) are the same transforms."""
     store = workspace
-    config = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, epochs=1, batch_size=8,
-                         dense_units=8, augment=AugmentConfig(factor=3), tta_views=3)
+    config = TrainConfig(
+        backbone="mobilenetv2",
+        weights=None,
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        augment=AugmentConfig(factor=3),
+        tta_views=3,
+    )
     run_id = train(config, synthetic_dataset, store=store).run_id
     (evaluation,) = store.get_evaluations(run_id)
     stored = store.get_predictions(evaluation.id)
@@ -175,8 +204,16 @@ def test_model_identity_tells_a_reused_run_id_from_the_deleted_run(trained, synt
     (artifact,) = [a for a in store.get_artifacts(result.run_id) if a.kind == "model"]
     assert artifact.sha256 in before
     store.delete_run(result.run_id)
-    config = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
-                         augment=AugmentConfig(factor=1), tta_views=1, seed=1)
+    config = TrainConfig(
+        backbone="scratch_cnn",
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        dense_units=8,
+        augment=AugmentConfig(factor=1),
+        tta_views=1,
+        seed=1,
+    )
     again = train(config, synthetic_dataset, store=store)
     assert again.run_id == result.run_id  # SQLite hands the id out again
     assert model_identity(again.run_id, store=store) != before

@@ -1,4 +1,5 @@
 """The shared inference queue: every session's model calls on one thread, in turns, bounded, dropped when unwanted."""
+
 from __future__ import annotations
 
 import threading

@@ -4,6 +4,7 @@
 before its own, nothing else (imports inside functions and under ``TYPE_CHECKING`` count too). Units on
 one line of ``SIDE_BY_SIDE`` are separate concerns at the same height and import nothing of each other.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,12 +18,15 @@ ENGINE = Path(__file__).resolve().parent.parent / "bcd_engine"
 
 LAYERS: list[set[str]] = [
     {"errors", "settings", "progress", "files", "processes", "version"},  # leaves
-    {"data"}, {"store"}, {"evaluation"},  # the ground: three separate concerns, none imports another
+    {"data"},
+    {"store"},
+    {"evaluation"},  # the ground: three separate concerns, none imports another
     {"models"},
     {"inference"},
     {"training"},
     {"protocols"},
-    {"reports"}, {"export"},  # two tops beside each other
+    {"reports"},
+    {"export"},  # two tops beside each other
     {"cli"},
     {"__init__", "__main__"},  # the package's entry points
 ]
@@ -92,11 +96,14 @@ def test_every_engine_module_has_a_layer():
         _rank(_unit(".".join(("bcd_engine", *path.relative_to(ENGINE).with_suffix("").parts))))
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("from bcd_engine.training.run import train\n", "data imports bcd_engine.training.run, which is not below it"),
-    ("from bcd_engine.store import RunStore\n", "data imports bcd_engine.store, which is not below it"),
-    ("import plotly.express as px\n", "imports plotly.express: drawing and Streamlit belong in ui/"),
-])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from bcd_engine.training.run import train\n", "data imports bcd_engine.training.run, which is not below it"),
+        ("from bcd_engine.store import RunStore\n", "data imports bcd_engine.store, which is not below it"),
+        ("import plotly.express as px\n", "imports plotly.express: drawing and Streamlit belong in ui/"),
+    ],
+)
 def test_the_check_catches_an_import_that_points_up_or_sideways(tmp_path, monkeypatch, source, expected):
     fake = tmp_path / "bcd_engine"
     (fake / "data").mkdir(parents=True)
@@ -107,8 +114,10 @@ def test_the_check_catches_an_import_that_points_up_or_sideways(tmp_path, monkey
 
 
 def test_importing_the_package_imports_no_tensorflow_and_its_entry_points_resolve():
-    code = ("import sys, bcd_engine; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; "
-            "from bcd_engine import RunStore, TrainConfig, train, scan_dataset, load_run_model, Diagnoser; "
-            "print(sorted(set(bcd_engine.__all__) - set(dir(bcd_engine))))")
+    code = (
+        "import sys, bcd_engine; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; "
+        "from bcd_engine import RunStore, TrainConfig, train, scan_dataset, load_run_model, Diagnoser; "
+        "print(sorted(set(bcd_engine.__all__) - set(dir(bcd_engine))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ENGINE.parent, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
 """Leave-one-dataset-out: one held-out dataset per round, never in its training folder, evaluated once."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,9 @@ from bcd_engine.protocols.lodo import (
 )
 from bcd_engine.store import Protocol
 
-CONFIG = TrainConfig(backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8,
-                     augment=AugmentConfig(factor=1))
+CONFIG = TrainConfig(
+    backbone="scratch_cnn", image_size=32, epochs=1, batch_size=8, dense_units=8, augment=AugmentConfig(factor=1)
+)
 LABEL_MAP = {
     "alpha": {"Benign": "benign", "Early": "malignant", "Pre": "malignant", "Pro": "malignant"},
     "beta": {"normal": "benign", "blast_a": "malignant", "blast_b": "malignant", "blast_c": "malignant"},
@@ -51,10 +53,12 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     """
     root = tmp_path_factory.mktemp("lodo-data")
     alpha = make_synthetic_dataset(root / "alpha", n_per_class=5, image_size=32, seed=1)
-    beta = make_synthetic_dataset(root / "beta", n_per_class=5, image_size=32, seed=2,
-                                  class_names=("normal", "blast_a", "blast_b", "blast_c"))
-    gamma = make_synthetic_dataset(root / "gamma", n_per_class=6, image_size=32, seed=3,
-                                   class_names=("lymphocyte", "unused"))
+    beta = make_synthetic_dataset(
+        root / "beta", n_per_class=5, image_size=32, seed=2, class_names=("normal", "blast_a", "blast_b", "blast_c")
+    )
+    gamma = make_synthetic_dataset(
+        root / "gamma", n_per_class=6, image_size=32, seed=3, class_names=("lymphocyte", "unused")
+    )
     shutil.rmtree(gamma / "unused")
     shutil.copy(images(gamma)[0], beta / "normal" / "copied-from-gamma.png")
     with Image.open(images(gamma)[1]) as img:
@@ -95,8 +99,11 @@ def test_held_out_images_are_evaluated_once_and_never_trained_on(lodo, datasets)
     evaluated = Counter()
     for row in result.rounds:
         held_out = datasets[row.held_out]
-        (evaluation,) = [e for e in store.get_evaluations(row.run_id)
-                         if e.name == held_out_evaluation_name(row.held_out) == f"held-out {row.held_out}"]
+        (evaluation,) = [
+            e
+            for e in store.get_evaluations(row.run_id)
+            if e.name == held_out_evaluation_name(row.held_out) == f"held-out {row.held_out}"
+        ]
         paths = [p.path for p in store.get_predictions(evaluation.id)]
         assert sorted(paths) == [str(p.resolve()) for p in images(held_out)]
         evaluated.update(paths)
@@ -134,14 +141,17 @@ def test_rounds_without_two_training_labels_or_with_unseen_labels_are_skipped(wo
     assert leave_one_dataset_out(CONFIG, subset, label_map, store=workspace).workdir == result.workdir
 
 
-@pytest.mark.parametrize("label_map, error, message", [
-    ({"delta": {"x": "benign"}}, ConfigError, "unknown dataset.*'delta'"),
-    ({"gamma": {"Blast": "malignant"}}, DataError, "dataset 'gamma' names class.*'Blast'.*lymphocyte"),
-    ({"gamma": ["benign"]}, ConfigError, "label map must be"),
-    ([], ConfigError, "label map must be"),
-    ({"gamma": {"lymphocyte": "benign"}, "alpha": {"Benign": "Benign"}}, ConfigError, "differ only in case"),
-    ({"gamma": {"lymphocyte": "a/b"}}, ConfigError, "shared label 'a/b' cannot be used as a folder name"),
-])
+@pytest.mark.parametrize(
+    "label_map, error, message",
+    [
+        ({"delta": {"x": "benign"}}, ConfigError, "unknown dataset.*'delta'"),
+        ({"gamma": {"Blast": "malignant"}}, DataError, "dataset 'gamma' names class.*'Blast'.*lymphocyte"),
+        ({"gamma": ["benign"]}, ConfigError, "label map must be"),
+        ([], ConfigError, "label map must be"),
+        ({"gamma": {"lymphocyte": "benign"}, "alpha": {"Benign": "Benign"}}, ConfigError, "differ only in case"),
+        ({"gamma": {"lymphocyte": "a/b"}}, ConfigError, "shared label 'a/b' cannot be used as a folder name"),
+    ],
+)
 def test_label_map_errors(workspace, datasets, label_map, error, message):
     subset = {"alpha": datasets["alpha"], "gamma": datasets["gamma"]}
     with pytest.raises(error, match=message):

@@ -1,5 +1,6 @@
 """The pieces issue 11 made single and side-effect free: the backbone rows, builders that touch no global
 state, the precision policy around training only, atomic writes and process checks."""
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,11 @@ def test_a_seeded_head_draws_its_weights_from_its_seed_alone():
 
 def test_only_the_training_entry_point_seeds_the_process_wide_generators():
     engine = Path(__file__).resolve().parent.parent / "bcd_engine"
-    seeding = sorted(str(path.relative_to(engine)) for path in engine.rglob("*.py")
-                     if "set_random_seed(" in path.read_text() or "np.random.seed(" in path.read_text())
+    seeding = sorted(
+        str(path.relative_to(engine))
+        for path in engine.rglob("*.py")
+        if "set_random_seed(" in path.read_text() or "np.random.seed(" in path.read_text()
+    )
     assert seeding == ["training/run.py"]
 
 
@@ -119,8 +123,7 @@ def test_a_models_compiled_functions_are_made_once_and_freed_with_it():
     assert backend.cached_for(model, "probe", lambda: made.append(1) or "made") == "made"
     assert backend.cached_for(model, "probe", lambda: made.append(1) or "again") == "made" and made == [1]
     first = grad_cam(model, image, preprocess=preprocess, backbone=SCRATCH)
-    np.testing.assert_allclose(grad_cam(model, image, preprocess=preprocess, backbone=SCRATCH).heatmap,
-                               first.heatmap)
+    np.testing.assert_allclose(grad_cam(model, image, preprocess=preprocess, backbone=SCRATCH).heatmap, first.heatmap)
     freed = weakref.ref(model)
     del model, forward
     gc.collect()
@@ -156,8 +159,9 @@ def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
 
 def test_pid_alive_tells_a_live_process_from_a_finished_one():
     assert pid_alive(os.getpid())
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     assert not pid_alive(int(finished.stdout))
     assert not pid_alive(0) and not pid_alive(-1)
 
@@ -196,9 +200,13 @@ print(strategy.num_replicas_in_sync, float(np.abs(features(single) - split).max(
 def test_feature_extraction_under_a_mirrored_strategy_splits_batches_and_keeps_their_order():
     """Two logical CPUs stand in for two GPUs: 21 images in batches of 8 (the last one uneven) come back
     in order, the same vectors as on one device."""
-    out = subprocess.run([sys.executable, "-c", MIRRORED_EXTRACTION], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-                              "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_EXTRACTION],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     replicas, max_diff = out.stdout.split()
     assert replicas == "2" and float(max_diff) < 1e-5

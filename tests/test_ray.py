@@ -1,5 +1,6 @@
 """Runs and folds on a real local Ray cluster (2 CPUs, started once for the module): the store says what to
 train, Ray trains it; cancelling, a killed Ray worker process and a dataset a node cannot see."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ CLASSES = ["Benign", "Early", "Pre", "Pro"]
 def cluster():
     """A private local Ray cluster with 2 CPUs and a small object store, shared by the module's tests (never one
     a `ray start` left running)."""
-    ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
-             logging_level="ERROR")
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, logging_level="ERROR"
+    )
     yield
     ray.shutdown()
 
@@ -60,8 +62,10 @@ def long_run(store: RunStore, data: Path) -> int:
 def in_background(**options) -> tuple[threading.Thread, list]:
     """``run_ray_worker(once=True)`` in a thread; the list gets its result."""
     result: list = []
-    thread = threading.Thread(target=lambda: result.append(ray_executor.run_ray_worker(
-        address=None, once=True, poll_seconds=0.5, **options)), daemon=True)
+    thread = threading.Thread(
+        target=lambda: result.append(ray_executor.run_ray_worker(address=None, once=True, poll_seconds=0.5, **options)),
+        daemon=True,
+    )
     thread.start()
     return thread, result
 
@@ -79,14 +83,21 @@ def wait_until_training(store: RunStore, run_id: int, timeout: float = 120) -> N
 
 
 def test_queued_runs_train_on_ray_and_a_missing_dataset_fails_clearly(store, synthetic_dataset, tmp_path):
-    ids = [queue.queue_run(store, tiny("scratch_cnn"), synthetic_dataset),
-           queue.queue_run(store, tiny("mobilenetv2"), synthetic_dataset)]
-    unseen = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(),
-                              config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "not-here")})
+    ids = [
+        queue.queue_run(store, tiny("scratch_cnn"), synthetic_dataset),
+        queue.queue_run(store, tiny("mobilenetv2"), synthetic_dataset),
+    ]
+    unseen = store.create_run(
+        backbone="scratch_cnn",
+        protocol=Protocol.holdout(),
+        config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "not-here")},
+    )
     done = ray_executor.run_ray_worker(address=None, once=True, poll_seconds=0.5)
     assert sorted(done, key=lambda d: d["run_id"]) == [
-        {"run_id": ids[0], "status": "completed"}, {"run_id": ids[1], "status": "completed"},
-        {"run_id": unseen, "status": "failed"}]
+        {"run_id": ids[0], "status": "completed"},
+        {"run_id": ids[1], "status": "completed"},
+        {"run_id": unseen, "status": "failed"},
+    ]
     node = ray.util.get_node_ip_address()
     for run_id in ids:
         run = store.get_run(run_id)
@@ -106,8 +117,9 @@ def test_cv_on_ray_gives_the_folds_and_json_of_the_local_executor(store, synthet
     assert json.loads(json.dumps(on_ray)).keys() == local.keys()
     assert on_ray["protocol"] == local["protocol"]
     strip = [{k: v for k, v in row.items() if k not in ("run_id", "accuracy", "macro_auc")} for row in local["folds"]]
-    assert [{k: v for k, v in row.items() if k not in ("run_id", "accuracy", "macro_auc")}
-            for row in on_ray["folds"]] == strip
+    assert [
+        {k: v for k, v in row.items() if k not in ("run_id", "accuracy", "macro_auc")} for row in on_ray["folds"]
+    ] == strip
     assert [row.keys() for row in on_ray["folds"]] == [row.keys() for row in local["folds"]]
     for row in on_ray["folds"]:
         run = store.get_run(row["run_id"])
@@ -120,16 +132,20 @@ def test_lodo_on_ray_gives_the_rounds_and_json_of_the_local_executor(store, tmp_
     from bcd_engine.data.synthetic import make_synthetic_dataset
     from bcd_engine.protocols.lodo import leave_one_dataset_out
 
-    datasets = {name: str(make_synthetic_dataset(tmp_path / name, n_per_class=8, image_size=32, seed=seed,
-                                                 class_names=CLASSES)) for seed, name in enumerate(("alpha", "beta"))}
+    datasets = {
+        name: str(make_synthetic_dataset(tmp_path / name, n_per_class=8, image_size=32, seed=seed, class_names=CLASSES))
+        for seed, name in enumerate(("alpha", "beta"))
+    }
     config = tiny("scratch_cnn")
     local = leave_one_dataset_out(config, datasets, store=store, workdir=tmp_path / "local")
-    on_ray = leave_one_dataset_out(config, datasets, store=store, workdir=tmp_path / "ray",
-                                   executor=ray_executor.RayExecutor(None))
+    on_ray = leave_one_dataset_out(
+        config, datasets, store=store, workdir=tmp_path / "ray", executor=ray_executor.RayExecutor(None)
+    )
     local, on_ray = local.to_dict(), on_ray.to_dict()  # compared in the shape the CLI's JSON has
     assert json.loads(json.dumps(on_ray)).keys() == local.keys()
-    assert [(r["held_out"], r["status"]) for r in on_ray["rounds"]] == [(r["held_out"], r["status"])
-                                                                        for r in local["rounds"]]
+    assert [(r["held_out"], r["status"]) for r in on_ray["rounds"]] == [
+        (r["held_out"], r["status"]) for r in local["rounds"]
+    ]
     assert [r.keys() for r in on_ray["rounds"]] == [r.keys() for r in local["rounds"]]
     assert [r["status"] for r in on_ray["rounds"]] == ["completed", "completed"]
     for row in on_ray["rounds"]:
@@ -158,7 +174,9 @@ def test_a_killed_ray_worker_leaves_its_run_interrupted_and_the_others_going(sto
     thread.join(timeout=180)
     assert not thread.is_alive()
     assert sorted(result[0], key=lambda d: d["run_id"]) == [
-        {"run_id": victim, "status": "interrupted"}, {"run_id": other, "status": "completed"}]
+        {"run_id": victim, "status": "interrupted"},
+        {"run_id": other, "status": "completed"},
+    ]
     run = store.get_run(victim)
     assert run.status == "interrupted" and run.error.startswith("interrupted: ") and run.finished_at is not None
     with sqlite3.connect(Path(store.url.removeprefix("sqlite:///"))) as db:
@@ -167,8 +185,20 @@ def test_a_killed_ray_worker_leaves_its_run_interrupted_and_the_others_going(sto
 
 
 def test_queue_command_prints_the_queued_run(store, synthetic_dataset, capfd):
-    code = main(["queue", "--data", str(synthetic_dataset), "--backbone", "scratch_cnn", "--image-size", "32",
-                 "--epochs", "1", "--json"])
+    code = main(
+        [
+            "queue",
+            "--data",
+            str(synthetic_dataset),
+            "--backbone",
+            "scratch_cnn",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--json",
+        ]
+    )
     out = capfd.readouterr()
     assert code == 0, out.err[-2000:]
     payload = json.loads(out.out)

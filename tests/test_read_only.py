@@ -1,5 +1,6 @@
 """Read-only deployments: a run store on a read-only folder or behind a read-only URL is read, never
 written, migrated or switched to WAL; caches move to a private temporary folder when the project is read-only."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,10 @@ def shipped_store(tmp_path: Path, synthetic_dataset: Path) -> tuple[Path, dict]:
 def _cli_runs(url: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         unprivileged([sys.executable, "-m", "bcd_engine", "runs", "--json"]),
-        env={**subprocess_env(), "BCD_DATABASE_URL": url}, capture_output=True, text=True, timeout=120,
+        env={**subprocess_env(), "BCD_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -67,8 +71,13 @@ def test_a_store_that_cannot_be_written_refuses_writes_with_a_clear_error(shippe
         "    print(exc)\n"
     )
     with read_only_tree(db.parent):
-        result = subprocess.run(unprivileged([sys.executable, "-c", script, f"sqlite:///{db}"]),
-                                env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            unprivileged([sys.executable, "-c", script, f"sqlite:///{db}"]),
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.splitlines()
     assert first.startswith("True ")
@@ -121,12 +130,18 @@ def test_caches_move_to_a_private_temporary_folder_when_the_project_is_read_only
     )
     env = {key: value for key, value in subprocess_env().items() if key != "BCD_CACHE_DIR"}
     with read_only_tree(project):
-        result = subprocess.run(unprivileged([sys.executable, "-c", script, str(project)]),
-                                env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            unprivileged([sys.executable, "-c", script, str(project)]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 0, result.stderr
     cache = Path(result.stdout.strip())
     assert cache.parent == Path(tempfile.gettempdir()) and cache.name.startswith("bcd-cache")
     assert cache.is_dir() and cache.stat().st_mode & 0o077 == 0
-    writable = subprocess.run([sys.executable, "-c", script, str(project)], env=env,
-                              capture_output=True, text=True, timeout=60)
+    writable = subprocess.run(
+        [sys.executable, "-c", script, str(project)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert Path(writable.stdout.strip()) == project / ".bcd_cache"

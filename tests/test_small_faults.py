@@ -1,4 +1,5 @@
 """Issue 12's smaller faults: each gives one clear error, leaves nothing half-written and loses nothing."""
+
 from __future__ import annotations
 
 import errno
@@ -59,11 +60,14 @@ def test_an_image_size_past_the_cap_is_a_config_error() -> None:
         TrainConfig.for_backbone("mobilenetv2", image_size=100_000)
 
 
-@pytest.mark.parametrize(("root", "message"), [
-    ("~nosuchuser_bcd/data", r"dataset folder '~nosuchuser_bcd/data' cannot be used"),
-    ("x\0y", r"dataset folder 'x\\x00y' cannot be (used|read)"),
-    ("/tmp/" + "a" * 300, r"^dataset folder '/tmp/a{20,}\.\.\. cannot be read: File name too long$"),
-])
+@pytest.mark.parametrize(
+    ("root", "message"),
+    [
+        ("~nosuchuser_bcd/data", r"dataset folder '~nosuchuser_bcd/data' cannot be used"),
+        ("x\0y", r"dataset folder 'x\\x00y' cannot be (used|read)"),
+        ("/tmp/" + "a" * 300, r"^dataset folder '/tmp/a{20,}\.\.\. cannot be read: File name too long$"),
+    ],
+)
 def test_a_path_no_system_accepts_is_a_data_error(root: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
         scan_dataset(root)
@@ -82,12 +86,17 @@ def test_a_model_that_keras_safe_mode_refuses_is_a_store_error(workspace, tmp_pa
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
-    run_id = workspace.create_run(backbone="mobilenetv2", protocol=Protocol.holdout(), status="running",
-                                  config={"train": TrainConfig(backbone="mobilenetv2").to_dict(), "class_names": []})
+    run_id = workspace.create_run(
+        backbone="mobilenetv2",
+        protocol=Protocol.holdout(),
+        status="running",
+        config={"train": TrainConfig(backbone="mobilenetv2").to_dict(), "class_names": []},
+    )
     workspace.start_run(run_id, environment={})
     path = save_model(model, run_id)
-    workspace.save_artifact(run_id, kind="model", path=f"run-{run_id}/model.keras", sha256=file_sha256(path),
-                            size_bytes=path.stat().st_size)
+    workspace.save_artifact(
+        run_id, kind="model", path=f"run-{run_id}/model.keras", sha256=file_sha256(path), size_bytes=path.stat().st_size
+    )
     workspace.finish_run(run_id, status="completed")
     with pytest.raises(StoreError, match=rf"model file of run {run_id} cannot be loaded safely \(ValueError"):
         load_run_model(run_id, store=workspace)
@@ -158,8 +167,7 @@ def test_a_recorded_file_is_used_only_inside_the_artifacts_folder_and_with_its_s
     workspace.save_artifact(run_id, kind=TRUST_KIND, path=str(outside), sha256=file_sha256(outside), size_bytes=6)
     with pytest.raises(StoreError, match=rf"OOD gate of run {run_id} lies outside the artifacts folder"):
         artifact_file(run_id, TRUST_KIND, store=workspace)
-    workspace.save_artifact(run_id, kind=TRUST_KIND, path="../elsewhere.npz", sha256=file_sha256(outside),
-                            size_bytes=6)
+    workspace.save_artifact(run_id, kind=TRUST_KIND, path="../elsewhere.npz", sha256=file_sha256(outside), size_bytes=6)
     with pytest.raises(StoreError, match="outside the artifacts folder"):
         artifact_file(run_id, TRUST_KIND, store=workspace)
     workspace.save_artifact(run_id, kind=TRUST_KIND, path=f"run-{run_id}/gone.npz", sha256="0" * 64, size_bytes=6)

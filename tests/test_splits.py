@@ -1,4 +1,5 @@
 """Hold-out splits and k-fold: group integrity, stratification, determinism, stored splits."""
+
 from __future__ import annotations
 
 import shutil
@@ -140,9 +141,11 @@ def test_the_config_and_the_splitter_refuse_the_same_held_out_share(val_fraction
 
     assert MAX_HELD_OUT == 0.9
     labels, groups = _labels_and_groups(100)
-    for refuse in (lambda: check_fractions(val_fraction, test_fraction),
-                   lambda: holdout_split(labels, groups, val_fraction=val_fraction, test_fraction=test_fraction),
-                   lambda: TrainConfig(backbone="mobilenetv2", val_fraction=val_fraction, test_fraction=test_fraction)):
+    for refuse in (
+        lambda: check_fractions(val_fraction, test_fraction),
+        lambda: holdout_split(labels, groups, val_fraction=val_fraction, test_fraction=test_fraction),
+        lambda: TrainConfig(backbone="mobilenetv2", val_fraction=val_fraction, test_fraction=test_fraction),
+    ):
         with pytest.raises(ConfigError, match=HELD_OUT_MESSAGE):
             refuse()
 
@@ -168,8 +171,11 @@ def test_just_below_the_held_out_limit_both_accept_and_a_training_run_still_need
         ([0, 1, 0], [0, 1], r"labels and groups must have the same length, got 3 and 2"),
         ([], [], r"cannot split an empty dataset"),
         ([[0, 1]], [[0, 1]], r"labels and groups must be 1-D"),
-        ([0, 1, 0, 1], [0, 0, 1, 1],
-         r"too few images or groups to make train/val/test subsets \(at most 2 folds possible"),
+        (
+            [0, 1, 0, 1],
+            [0, 0, 1, 1],
+            r"too few images or groups to make train/val/test subsets \(at most 2 folds possible",
+        ),
     ],
 )
 def test_holdout_rejects_bad_arrays(labels: list[int], groups: list[int], message: str) -> None:
@@ -248,8 +254,10 @@ def _rows(dataset: Path) -> tuple[object, list[dict[str, object]]]:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (lambda rows: rows.append({**rows[0], "path": "/gone/x.png"}),
-         r"names 1 image\(s\) that are not in .* e\.g\. /gone/x\.png"),
+        (
+            lambda rows: rows.append({**rows[0], "path": "/gone/x.png"}),
+            r"names 1 image\(s\) that are not in .* e\.g\. /gone/x\.png",
+        ),
         (lambda rows: rows.__setitem__(0, {**rows[0], "subset": "holdout"}), r"unknown subset 'holdout'"),
         (lambda rows: rows.append(dict(rows[0])), r"lists .* more than once"),
         (lambda rows: rows.clear(), r"stored split is empty"),

@@ -1,4 +1,5 @@
 """Tests of the run store (bcd_engine.store) on SQLite and, when configured, PostgreSQL."""
+
 from __future__ import annotations
 
 import logging
@@ -198,9 +199,12 @@ def test_migrating_sqlite_with_foreign_keys_on_is_refused_before_anything_is_del
     _migrate(url, "0001")
     engine = _engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO runs (id, backbone, protocol, config, status, created_at, cancel_requested) "
-            "VALUES (1, 'b', 'p', '{}', 'queued', '2025-01-01 00:00:00', 0)"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (id, backbone, protocol, config, status, created_at, cancel_requested) "
+                "VALUES (1, 'b', 'p', '{}', 'queued', '2025-01-01 00:00:00', 0)"
+            )
+        )
         conn.execute(sa.text("INSERT INTO epochs (run_id, phase, epoch) VALUES (1, 0, 0)"))
     with pytest.raises(RuntimeError, match="foreign keys off"), engine.begin() as conn:  # foreign keys on
         config = Config(str(ALEMBIC_INI))
@@ -322,8 +326,9 @@ def test_unusable_url_raises_one_line_store_error(url: str, shown: str, opener) 
 def test_dataset_round_trip_and_reregistration(store: RunStore) -> None:
     first = store.register_dataset(name="C-NMC", data_dir="/data/cnmc", n_images=10, class_counts={"ALL": 6, "hem": 4})
     other = store.register_dataset(name="ALL-IDB", data_dir=Path("/data/allidb"), n_images=3, class_counts={"ALL": 3})
-    again = store.register_dataset(name="C-NMC v2", data_dir="/data/cnmc", n_images=12,
-                                   class_counts={"ALL": 7, "hem": 5})
+    again = store.register_dataset(
+        name="C-NMC v2", data_dir="/data/cnmc", n_images=12, class_counts={"ALL": 7, "hem": 5}
+    )
     assert again == first != other
     records = {d.id: d for d in store.list_datasets()}
     assert len(records) == 2
@@ -336,10 +341,14 @@ def test_dataset_round_trip_and_reregistration(store: RunStore) -> None:
     assert store.get_run(run_id).dataset_id == first
 
 
-
 def test_a_run_carries_its_registered_dataset_and_an_old_run_what_its_config_says(store: RunStore) -> None:
-    demo = store.register_dataset(name="synthetic-demo", data_dir="/cache/synthetic-demo", n_images=240,
-                                  class_counts={"Benign": 240}, synthetic=True)
+    demo = store.register_dataset(
+        name="synthetic-demo",
+        data_dir="/cache/synthetic-demo",
+        n_images=240,
+        class_counts={"Benign": 240},
+        synthetic=True,
+    )
     queued = _new_run(store, dataset_id=demo)
     later = _new_run(store)
     store.set_run_dataset(later, demo)
@@ -370,12 +379,16 @@ def test_upgrading_to_revision_3_names_the_dataset_of_runs_that_recorded_only_th
     )
     with engine.begin() as conn:
         conn.execute(
-            sa.text("INSERT INTO datasets (name, root, n_images, class_counts, created_at) "
-                    "VALUES ('synthetic-demo', '/cache/synthetic-demo', 240, '{}', :now)"),
+            sa.text(
+                "INSERT INTO datasets (name, root, n_images, class_counts, created_at) "
+                "VALUES ('synthetic-demo', '/cache/synthetic-demo', 240, '{}', :now)"
+            ),
             {"now": datetime(2025, 1, 1)},
         )
-        demo_config = '{"data_dir": "/cache/synthetic-demo", "dataset": {"name": "synthetic-demo", ' \
-                      '"n_images": 240, "synthetic": true}}'
+        demo_config = (
+            '{"data_dir": "/cache/synthetic-demo", "dataset": {"name": "synthetic-demo", '
+            '"n_images": 240, "synthetic": true}}'
+        )
         for config in (demo_config, '{"data_dir": "/data/unregistered"}'):
             conn.execute(insert_run, {"config": config, "now": datetime(2025, 1, 1)})
     engine.dispose()
@@ -384,6 +397,7 @@ def test_upgrading_to_revision_3_names_the_dataset_of_runs_that_recorded_only_th
         assert demo_run.dataset_id is not None and demo_run.dataset == RunDataset("synthetic-demo", 240, True)
         assert unregistered.dataset_id is None and unregistered.dataset == RunDataset("unregistered", None, False)
         assert [d.synthetic for d in store.list_datasets()] == [True]
+
 
 def test_run_lifecycle_round_trip(store: RunStore) -> None:
     config = {"backbone": "efficientnetb0", "image_size": 224, "lr": [1e-3, 1e-5], "nested": {"seed": 7}}
@@ -444,8 +458,17 @@ def test_list_runs_newest_first_and_by_status(store: RunStore) -> None:
 
 def test_epochs_round_trip(store: RunStore) -> None:
     run_id = _started_run(store)
-    store.log_epoch(run_id, phase=1, epoch=0, train_loss=0.4, train_accuracy=0.85, val_loss=0.5,
-                    val_accuracy=0.8, learning_rate=1e-5, seconds=12.5)
+    store.log_epoch(
+        run_id,
+        phase=1,
+        epoch=0,
+        train_loss=0.4,
+        train_accuracy=0.85,
+        val_loss=0.5,
+        val_accuracy=0.8,
+        learning_rate=1e-5,
+        seconds=12.5,
+    )
     store.log_epoch(run_id, phase=0, epoch=1, train_loss=math.nan, train_accuracy=0.7)
     store.log_epoch(run_id, phase=0, epoch=0, train_loss=0.9, train_accuracy=0.6)
     epochs = store.get_epochs(run_id)
@@ -518,12 +541,18 @@ def test_evaluation_is_never_half_written(store: RunStore) -> None:
 
 def test_artifact_round_trip(store: RunStore) -> None:
     run_id = _started_run(store)
-    artifact_id = store.save_artifact(run_id, kind="model", path=Path("/artifacts/1/model.keras"),
-                                      sha256="ab" * 32, size_bytes=5_000_000_000)
+    artifact_id = store.save_artifact(
+        run_id, kind="model", path=Path("/artifacts/1/model.keras"), sha256="ab" * 32, size_bytes=5_000_000_000
+    )
     [artifact] = store.get_artifacts(run_id)
     assert isinstance(artifact, ArtifactRecord)
     assert (artifact.id, artifact.run_id, artifact.kind, artifact.path, artifact.sha256, artifact.size_bytes) == (
-        artifact_id, run_id, "model", "/artifacts/1/model.keras", "ab" * 32, 5_000_000_000
+        artifact_id,
+        run_id,
+        "model",
+        "/artifacts/1/model.keras",
+        "ab" * 32,
+        5_000_000_000,
     )
 
 
@@ -545,16 +574,19 @@ def test_protocols_round_trip_as_data_with_their_labels(store: RunStore) -> None
         ).one() == ("kfold", 4, 5)
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: Protocol("cv"), "protocol kind must be one of holdout, kfold, lodo, external, not 'cv'"),
-    (lambda: Protocol.kfold(6, folds=5), "fold must be 1 to 5"),
-    (lambda: Protocol.kfold(0, folds=5), "fold must be 1 to 5"),
-    (lambda: Protocol.kfold(1, folds=1), "needs folds >= 2, not 1"),
-    (lambda: Protocol.kfold(True, folds=2), "fold must be 1 to 2"),
-    (lambda: Protocol("holdout", fold=1), "a holdout protocol has no fold"),
-    (lambda: Protocol("lodo", folds=3), "a lodo protocol has no folds"),
-    (lambda: Protocol.lodo(""), "held_out must name a dataset"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Protocol("cv"), "protocol kind must be one of holdout, kfold, lodo, external, not 'cv'"),
+        (lambda: Protocol.kfold(6, folds=5), "fold must be 1 to 5"),
+        (lambda: Protocol.kfold(0, folds=5), "fold must be 1 to 5"),
+        (lambda: Protocol.kfold(1, folds=1), "needs folds >= 2, not 1"),
+        (lambda: Protocol.kfold(True, folds=2), "fold must be 1 to 2"),
+        (lambda: Protocol("holdout", fold=1), "a holdout protocol has no fold"),
+        (lambda: Protocol("lodo", folds=3), "a lodo protocol has no folds"),
+        (lambda: Protocol.lodo(""), "held_out must name a dataset"),
+    ],
+)
 def test_a_protocol_that_does_not_fit_its_kind_is_refused(make, message) -> None:
     with pytest.raises(RecordError, match=message):
         make()
@@ -571,13 +603,19 @@ def test_bad_values_raise_record_error_before_anything_is_written(store: RunStor
         (lambda: store.create_run(backbone="b", protocol="holdout", config={}), "protocol must be a Protocol"),
         (lambda: store.create_run(backbone="b", protocol=Protocol.holdout(), config=[1]), "create_run config"),
         (lambda: store.list_runs(status="done"), "status must be one of"),
-        (lambda: store.register_dataset(name="d", data_dir="/d", n_images=1, class_counts={"a": "many"}),
-         "register_dataset: invalid literal"),
-        (lambda: store.log_epoch(run_id, phase="first", epoch=0, train_loss=1.0, train_accuracy=0.5),
-         "log_epoch: invalid literal"),
+        (
+            lambda: store.register_dataset(name="d", data_dir="/d", n_images=1, class_counts={"a": "many"}),
+            "register_dataset: invalid literal",
+        ),
+        (
+            lambda: store.log_epoch(run_id, phase="first", epoch=0, train_loss=1.0, train_accuracy=0.5),
+            "log_epoch: invalid literal",
+        ),
         (lambda: store.finish_run(run_id, status="completed", test_accuracy="high"), "finish_run: could not convert"),
-        (lambda: store.save_split(run_id, [{"path": "p", "subset": "train"}]),
-         "save_split assignment: missing 'class_name'"),
+        (
+            lambda: store.save_split(run_id, [{"path": "p", "subset": "train"}]),
+            "save_split assignment: missing 'class_name'",
+        ),
         (lambda: store.save_artifact(run_id, kind="model", path="m", sha256="0", size_bytes=None), "save_artifact"),
         (lambda: store.start_run(run_id, environment=["cpu"]), "environment"),
     ]

@@ -3,6 +3,7 @@
 ``BCD_CONCURRENCY_SECONDS`` (default 10) sets how long the reader/writer test runs; the issue's
 acceptance check is a minute: ``BCD_CONCURRENCY_SECONDS=60 python -m pytest -s tests/test_store_concurrency.py``.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -71,8 +72,17 @@ def _write_epochs(store: RunStore, run_id: int, seconds: float) -> dict[str, Any
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         try:
-            store.log_epoch(run_id, phase=0, epoch=writes, train_loss=1.0 / (writes + 1), train_accuracy=0.5,
-                            val_loss=0.9, val_accuracy=0.6, learning_rate=1e-4, seconds=0.01)
+            store.log_epoch(
+                run_id,
+                phase=0,
+                epoch=writes,
+                train_loss=1.0 / (writes + 1),
+                train_accuracy=0.5,
+                val_loss=0.9,
+                val_accuracy=0.6,
+                learning_rate=1e-4,
+                seconds=0.01,
+            )
             writes += 1
         except Exception as exc:  # noqa: BLE001 - counted, then asserted empty
             errors.append(f"{type(exc).__name__}: {exc}")
@@ -126,8 +136,10 @@ def test_readers_never_see_database_is_locked_while_a_run_logs_epochs(
     record_property("concurrency_seconds", seconds)
     record_property("writes", writes)
     record_property("reads", reads)
-    print(f"\n{store.url}: {seconds:g} s, 1 writer + 10 readers: {writes} epoch writes, {reads} reads, "
-          f"{len(errors)} errors")
+    print(
+        f"\n{store.url}: {seconds:g} s, 1 writer + 10 readers: {writes} epoch writes, {reads} reads, "
+        f"{len(errors)} errors"
+    )
     assert errors == []
     assert sorted(r["role"] for r in reports) == sorted(role for role, _, _ in jobs)
     assert writes > 0

@@ -1,4 +1,5 @@
 """The synthetic smear dataset: layout, determinism, scan compatibility, the demo copy."""
+
 from __future__ import annotations
 
 from pathlib import Path

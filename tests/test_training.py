@@ -1,4 +1,5 @@
 """Training on tiny synthetic images with random weights: backbones, cache, equivalence, cancellation."""
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,16 @@ QUICK_ON_EVERY_BACKEND = ("mobilenetv2", "resnet50", "scratch_cnn", "vgg16")
 
 def tiny_config(backbone: str = "mobilenetv2", **overrides) -> TrainConfig:
     spec = get_backbone(backbone)
-    base = dict(weights=None, image_size=max(32, spec.min_size), epochs=2, batch_size=8, dense_units=16,
-                dropout=0.0, augment=AugmentConfig(factor=2), patience=2)
+    base = dict(
+        weights=None,
+        image_size=max(32, spec.min_size),
+        epochs=2,
+        batch_size=8,
+        dense_units=16,
+        dropout=0.0,
+        augment=AugmentConfig(factor=2),
+        patience=2,
+    )
     base.update(overrides)
     return TrainConfig(backbone=backbone, **base)
 
@@ -38,8 +47,10 @@ def tiny_config(backbone: str = "mobilenetv2", **overrides) -> TrainConfig:
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_and_trains_one_step(name):
     if keras.backend.backend() != "tensorflow" and name not in QUICK_ON_EVERY_BACKEND:
-        pytest.skip(f"{name}'s first step compiles op by op for minutes on another backend's 2 CPU cores; "
-                    "the TensorFlow suite trains it")
+        pytest.skip(
+            f"{name}'s first step compiles op by op for minutes on another backend's 2 CPU cores; "
+            "the TensorFlow suite trains it"
+        )
     spec = get_backbone(name)
     size = max(32, spec.min_size)
     backbone = build_backbone(spec, image_size=size, weights=None)
@@ -89,9 +100,11 @@ def test_train_stores_run_split_epochs_evaluation_and_model(store, synthetic_dat
 
     groups_given = []
     evaluate = training.evaluate_probabilities
-    monkeypatch.setattr(training, "evaluate_probabilities",
-                        lambda *args, groups, **kwargs: groups_given.append(groups) or evaluate(*args, groups=groups,
-                                                                                                 **kwargs))
+    monkeypatch.setattr(
+        training,
+        "evaluate_probabilities",
+        lambda *args, groups, **kwargs: groups_given.append(groups) or evaluate(*args, groups=groups, **kwargs),
+    )
     result = train(tiny_config(), synthetic_dataset, store=store)
     assert result.status == "completed"
     run = store.get_run(result.run_id)
@@ -171,19 +184,27 @@ def test_training_on_the_cache_equals_training_end_to_end_on_the_same_views(tmp_
 
     # The naive way: the same views as images, through the frozen backbone on every step.
     seeds = view_seeds([keys[i] for i in train_rows], train_views, seed=config.seed)
-    view_images = np.stack([
-        images[i].astype("float32") if v == 0
-        else augment_batch(images[i][None], s[None], config.augment)[0]
-        for i, v, s in zip(train_rows, train_views, seeds, strict=True)
-    ])
+    view_images = np.stack(
+        [
+            images[i].astype("float32") if v == 0 else augment_batch(images[i][None], s[None], config.augment)[0]
+            for i, v, s in zip(train_rows, train_views, seeds, strict=True)
+        ]
+    )
     keras.utils.set_random_seed(config.seed)  # the same order of the examples
     naive = assemble_model(backbone, build_head(train_x.shape[1], 4, config, seed=config.seed), config)  # same start
     compile_model(naive, config, config.learning_rate)
     targets = keras.utils.to_categorical(labels[train_rows], 4)
     val_data = (preprocess(images[val_rows].astype("float32")), keras.utils.to_categorical(labels[val_rows], 4))
-    naive.fit(preprocess(view_images), targets, batch_size=config.batch_size, shuffle=True,
-              validation_data=val_data, epochs=config.epochs, verbose=0,
-              callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True)])
+    naive.fit(
+        preprocess(view_images),
+        targets,
+        batch_size=config.batch_size,
+        shuffle=True,
+        validation_data=val_data,
+        epochs=config.epochs,
+        verbose=0,
+        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True)],
+    )
 
     probe = preprocess(images.astype("float32"))
     np.testing.assert_allclose(cached_model.predict(probe, verbose=0), naive.predict(probe, verbose=0), atol=1e-4)

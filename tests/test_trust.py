@@ -1,4 +1,5 @@
 """Answers you can trust: the OOD gate, temperature scaling and the result contract, on synthetic data."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,15 @@ def gated(tmp_path_factory, synthetic_dataset):
 
     with pytest.MonkeyPatch.context() as patch:
         store = workspace_store(tmp_path_factory.mktemp("trust"), patch)
-        config = TrainConfig(backbone="scratch_cnn", image_size=SIZE, epochs=1, batch_size=8, dense_units=8,
-                             augment=AugmentConfig(factor=1), tta_views=1)
+        config = TrainConfig(
+            backbone="scratch_cnn",
+            image_size=SIZE,
+            epochs=1,
+            batch_size=8,
+            dense_units=8,
+            augment=AugmentConfig(factor=1),
+            tta_views=1,
+        )
         result = train(config, synthetic_dataset, store=store)
         loaded = load_run_model(result.run_id, store=store)
         split = {row["path"]: row["subset"] for row in store.get_split(result.run_id)}
@@ -147,8 +155,12 @@ def test_risk_coverage_answers_the_most_confident_first():
 
 
 def _finished(store, *, accuracy: float, name: str, n_images: int, synthetic: bool) -> int:
-    config = {"train": {"backbone": "resnet50"}, "data_dir": f"/data/{name}", "class_names": ["a", "b"],
-              "dataset": {"name": name, "n_images": n_images, "synthetic": synthetic}}
+    config = {
+        "train": {"backbone": "resnet50"},
+        "data_dir": f"/data/{name}",
+        "class_names": ["a", "b"],
+        "dataset": {"name": name, "n_images": n_images, "synthetic": synthetic},
+    }
     run_id = store.create_run(backbone="resnet50", protocol=Protocol.holdout(), config=config, status="running")
     store.finish_run(run_id, status="completed", test_accuracy=accuracy, macro_auc=accuracy)
     return run_id
@@ -162,12 +174,16 @@ def test_best_is_chosen_per_dataset_and_the_default_is_the_best_on_real_data(wor
     best_real = _finished(workspace, accuracy=0.85, name="Original", n_images=3256, synthetic=False)
     small = _finished(workspace, accuracy=0.99, name="Small", n_images=100, synthetic=False)
     best = run_tables.best_runs_by_dataset(workspace)
-    assert {name: run.id for name, run in best.items()} == {"synthetic-demo": drawn, "Original": best_real,
-                                                            "Small": small}
+    assert {name: run.id for name, run in best.items()} == {
+        "synthetic-demo": drawn,
+        "Original": best_real,
+        "Small": small,
+    }
     assert run_tables.default_run(workspace).id == best_real  # not the synthetic 0.95, nor the tiny set's 0.99
     records = {r.id: r for r in workspace.list_runs()}
     assert run_tables.run_label_with_dataset(records[best_real], best) == (
-        f"run {best_real}: resnet50 on Original (3,256 images), test accuracy 0.850 (best on Original)")
+        f"run {best_real}: resnet50 on Original (3,256 images), test accuracy 0.850 (best on Original)"
+    )
     assert "SYNTHETIC" in run_tables.run_label_with_dataset(records[drawn], best)
     table = run_tables.runs_frame(workspace).set_index("id")
     assert table.loc[drawn, "dataset"] == "synthetic-demo (240 images, SYNTHETIC)"
@@ -194,4 +210,5 @@ def test_a_synthetic_models_answers_carry_a_warning_and_never_read_ok(gated):
     results = Diagnoser([loaded]).diagnose_arrays([_images(sorted(split)[:6])])
     in_domain = [r for r in results if r.in_domain]
     assert in_domain and all(
-        r.reading is not Reading.OK and r.advice.startswith("This model was trained on a SYNTHETIC") for r in in_domain)
+        r.reading is not Reading.OK and r.advice.startswith("This model was trained on a SYNTHETIC") for r in in_domain
+    )

@@ -1,4 +1,5 @@
 """The background worker: trains queued runs, never the same run twice, survives a bad run."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def store(tmp_path, monkeypatch) -> RunStore:
 
 
 def tiny(backbone: str = "scratch_cnn") -> TrainConfig:
-    return TrainConfig.for_backbone(backbone, weights="none", image_size=32, epochs=1, batch_size=8,
-                                    dense_units=8, augment=1, patience=1)
+    return TrainConfig.for_backbone(
+        backbone, weights="none", image_size=32, epochs=1, batch_size=8, dense_units=8, augment=1, patience=1
+    )
 
 
 def test_worker_once_trains_a_queued_run_to_completed(store, synthetic_dataset):
@@ -49,8 +51,11 @@ def test_worker_once_trains_a_queued_run_to_completed(store, synthetic_dataset):
 
 def test_a_failing_run_is_marked_failed_and_the_queue_goes_on(store, synthetic_dataset, tmp_path):
 
-    bad = store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(),
-                           config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")})
+    bad = store.create_run(
+        backbone="scratch_cnn",
+        protocol=Protocol.holdout(),
+        config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")},
+    )
     good = queue.queue_run(store, tiny(), synthetic_dataset)
     done = worker.run_worker(once=True, store=store)
     assert done == [{"run_id": bad, "status": "failed"}, {"run_id": good, "status": "completed"}]
@@ -61,8 +66,9 @@ def test_two_concurrent_workers_train_each_run_exactly_once(store, synthetic_dat
     ids = [queue.queue_run(store, tiny(), synthetic_dataset) for _ in range(3)]
     command = [sys.executable, "-m", "bcd_engine", "worker", "--once", "--json"]
     env = {**subprocess_env(), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
+    workers = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
     taken = [d["run_id"] for out, _ in outputs for d in json.loads(out)["runs"]]
@@ -111,8 +117,11 @@ def reaped(processes: list[subprocess.Popen]) -> bool:
 
 def failing_run(store: RunStore, tmp_path) -> int:
     """Queue a run whose data folder does not exist: a worker takes it and fails it within a second."""
-    return store.create_run(backbone="scratch_cnn", protocol=Protocol.holdout(),
-                            config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")})
+    return store.create_run(
+        backbone="scratch_cnn",
+        protocol=Protocol.holdout(),
+        config={"train": tiny().to_dict(), "data_dir": str(tmp_path / "missing")},
+    )
 
 
 def wait_until(condition, *, timeout: float, what: str) -> float:
@@ -180,8 +189,7 @@ def test_a_leaving_worker_removes_its_own_heartbeat_and_never_another(store):
     assert list(path.parent.iterdir()) == []  # no temporary file left behind
 
 
-def test_a_run_queued_as_a_once_worker_finds_the_queue_empty_is_still_trained(store, synthetic_dataset,
-                                                                              monkeypatch):
+def test_a_run_queued_as_a_once_worker_finds_the_queue_empty_is_still_trained(store, synthetic_dataset, monkeypatch):
     claim, late = store.claim_next_queued, []
 
     def claim_then_queue(**kwargs):
@@ -196,15 +204,23 @@ def test_a_run_queued_as_a_once_worker_finds_the_queue_empty_is_still_trained(st
 
 
 def test_worker_status_says_what_the_worker_does(store, synthetic_dataset):
-    assert worker.worker_status(store) == {"state": "idle", "text": "No worker needed: no run is queued.",
-                                           "running": [], "queued": 0, "pid": None}
+    assert worker.worker_status(store) == {
+        "state": "idle",
+        "text": "No worker needed: no run is queued.",
+        "running": [],
+        "queued": 0,
+        "pid": None,
+    }
     run_id = queue.queue_run(store, tiny(), synthetic_dataset)
     status = worker.worker_status(store)
     assert (status["state"], status["text"], status["queued"]) == ("waiting", "1 run queued; a worker will start.", 1)
     worker.write_heartbeat()
     status = worker.worker_status(store)
-    assert (status["state"], status["text"], status["pid"]) == ("starting", "A worker is starting; 1 run queued.",
-                                                                os.getpid())
+    assert (status["state"], status["text"], status["pid"]) == (
+        "starting",
+        "A worker is starting; 1 run queued.",
+        os.getpid(),
+    )
     store.claim_next_queued(worker_id="w1")
     queue.queue_run(store, tiny(), synthetic_dataset)
     status = worker.worker_status(store)

@@ -2,6 +2,7 @@
 
 The engine returns tables (``bcd_engine.reports``); everything that knows Plotly lives here and in the pages.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -26,12 +27,20 @@ def training_curves(frame: pd.DataFrame, run_names: dict[int, str]) -> go.Figure
         for col, metric in enumerate(("accuracy", "loss"), start=1):
             for split, dash in SPLIT_DASHES.items():
                 rows = frame[(frame["run"] == run_id) & (frame["metric"] == metric) & (frame["split"] == split)]
-                fig.add_scatter(x=rows["step"], y=rows["value"], mode="lines+markers", row=1, col=col,
-                                name=f"{name} — {SPLIT_NAMES[split]}", legendgroup=f"{run_id}-{split}",
-                                showlegend=col == 1, line={"color": colour, "dash": dash},
-                                customdata=rows["phase"],
-                                hovertemplate=f"{name}<br>epoch %{{x}} (%{{customdata}})<br>{SPLIT_NAMES[split]} "
-                                              f"{metric} %{{y:.3f}}<extra></extra>")
+                fig.add_scatter(
+                    x=rows["step"],
+                    y=rows["value"],
+                    mode="lines+markers",
+                    row=1,
+                    col=col,
+                    name=f"{name} — {SPLIT_NAMES[split]}",
+                    legendgroup=f"{run_id}-{split}",
+                    showlegend=col == 1,
+                    line={"color": colour, "dash": dash},
+                    customdata=rows["phase"],
+                    hovertemplate=f"{name}<br>epoch %{{x}} (%{{customdata}})<br>{SPLIT_NAMES[split]} "
+                    f"{metric} %{{y:.3f}}<extra></extra>",
+                )
     steps = int(frame["step"].max()) if not frame.empty else 1
     ticks = {"tick0": 1, "dtick": 1} if steps <= 15 else {}  # past 15 epochs Plotly's own ticks are whole numbers
     fig.update_xaxes(title_text="epoch (all phases)", tickformat="d", **ticks)
@@ -42,16 +51,21 @@ def training_curves(frame: pd.DataFrame, run_names: dict[int, str]) -> go.Figure
 
 def error_bar(frame: pd.DataFrame, column: str) -> dict:
     """Plotly ``error_y`` for ``column`` from its ``<column>_low`` and ``<column>_high`` columns (asymmetric)."""
-    return {"type": "data", "symmetric": False,
-            "array": (frame[f"{column}_high"] - frame[column]).tolist(),
-            "arrayminus": (frame[column] - frame[f"{column}_low"]).tolist()}
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": (frame[f"{column}_high"] - frame[column]).tolist(),
+        "arrayminus": (frame[column] - frame[f"{column}_low"]).tolist(),
+    }
 
 
 def figure_title(run: RunRecord, evaluation: EvaluationRecord | None) -> str:
     """A three-line Plotly title: run and backbone; protocol; accuracy and macro AUC with their intervals."""
-    return (f"run {run.id}: {run.backbone}<br><sup>{run.protocol.label}<br>accuracy "
-            f"{format_interval(*interval(evaluation, 'accuracy'))} · macro AUC "
-            f"{format_interval(*interval(evaluation, 'macro_auc'))}</sup>")
+    return (
+        f"run {run.id}: {run.backbone}<br><sup>{run.protocol.label}<br>accuracy "
+        f"{format_interval(*interval(evaluation, 'accuracy'))} · macro AUC "
+        f"{format_interval(*interval(evaluation, 'macro_auc'))}</sup>"
+    )
 
 
 def stacked(labels: pd.Series) -> pd.Series:

@@ -1,4 +1,5 @@
 """Streamlit-side glue shared by the pages: cached store/scan/model, demo mode, explainers."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -57,8 +58,7 @@ def load_model(run_id: int):
     """The run's model, loaded once per model: the cache key names the model itself, not only the run id,
     so a run deleted and its id reused by a new run never serves the old model (BCDError when unusable)."""
     url = settings.database_url()
-    return _load_model(run_id, model_identity(run_id, store=_store(url)), url,
-                       str(settings.artifacts_dir()))
+    return _load_model(run_id, model_identity(run_id, store=_store(url)), url, str(settings.artifacts_dir()))
 
 
 _models_in_memory: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # identity -> a model still in use
@@ -203,8 +203,10 @@ def public_path(path: str | os.PathLike) -> bool:
 
 def demo_banner() -> None:
     if demo_mode():
-        st.info("**Demo mode**: browse and diagnose only. Training and deleting runs are switched off.",
-                icon=":material/visibility:")
+        st.info(
+            "**Demo mode**: browse and diagnose only. Training and deleting runs are switched off.",
+            icon=":material/visibility:",
+        )
 
 
 def explain(text: str) -> None:

@@ -1,4 +1,5 @@
 """Tables as a reader sees them: headers in words, numbers formatted, missing values as a dash."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,14 @@ def show(frame: pd.DataFrame, *, key: str, columns: Mapping[str, str | tuple[str
     columns = {name: spec for name, spec in columns.items() if name in frame.columns}
     headers = {name: spec if isinstance(spec, str) else spec[0] for name, spec in columns.items()}
     config = {headers[name]: spec[1] for name, spec in columns.items() if not isinstance(spec, str)}
-    st.dataframe(frame[list(columns)].rename(columns=headers), key=key, hide_index=True, placeholder=MISSING,
-                 column_config=config, **kwargs)
+    st.dataframe(
+        frame[list(columns)].rename(columns=headers),
+        key=key,
+        hide_index=True,
+        placeholder=MISSING,
+        column_config=config,
+        **kwargs,
+    )
 
 
 def percent() -> Any:

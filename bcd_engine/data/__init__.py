@@ -4,6 +4,7 @@
 ``dedup`` (near-duplicates in every flip and turn), ``splits`` (group-aware, stratified), ``archives``
 (safe zip uploads), ``colour`` (stain-colour normalisation), ``synthetic`` (the demo set), ``kaggle``.
 """
+
 from bcd_engine.data.archives import ArchiveContents, is_zip, read_archive
 from bcd_engine.data.colour import COLOUR_MODES, NORMALISATION_METHODS, apply_colour_mode, normalise_colour
 from bcd_engine.data.dedup import NEAR_DUPLICATE_DISTANCE, near_copies

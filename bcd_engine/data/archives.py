@@ -9,6 +9,7 @@ share one :class:`ExpansionBudget`, so many small archives cannot add up to what
 an image when its content starts like one (whatever its name); :func:`bcd_engine.data.images.load_image`
 decodes it later.
 """
+
 from __future__ import annotations
 
 import io
@@ -237,8 +238,9 @@ class _Expander:
         budget = self.budget
         budget.files_seen += len(members)
         if budget.files_seen > budget.max_files:
-            raise ArchiveError(f"{label}: too many files: at least {budget.files_seen}; "
-                               f"the limit is {budget.max_files}")
+            raise ArchiveError(
+                f"{label}: too many files: at least {budget.files_seen}; the limit is {budget.max_files}"
+            )
         declared = sum(info.file_size for info in entries)
         if declared <= budget.max_total_bytes < budget.bytes_used + declared:
             raise ArchiveError(
@@ -261,8 +263,10 @@ class _Expander:
                 while chunk := member.read(_CHUNK_BYTES):
                     size += len(chunk)
                     if size > most:
-                        raise ArchiveError(f"{name}: expands more than {self.max_ratio} times its compressed "
-                                           "size; refused as a possible zip bomb")
+                        raise ArchiveError(
+                            f"{name}: expands more than {self.max_ratio} times its compressed "
+                            "size; refused as a possible zip bomb"
+                        )
                     if self.budget.bytes_used + len(chunk) > self.budget.max_total_bytes:
                         raise ArchiveError(
                             f"{name}: the archive expands past {format_size(self.budget.max_total_bytes)}; "

@@ -2,6 +2,7 @@
 
 Used by colour-robust training (``TrainConfig.colour``), by robustness evaluations and by the audits.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ NORMALISATION_METHODS = ("grayscale", "reinhard")
 COLOUR_MODES = ("rgb", "grayscale")  # what a model may be trained on (applied to every image it sees)
 # Reinhard et al. (2001): RGB -> LMS cone space, then log LMS -> decorrelated l-alpha-beta.
 _RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
-_LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
+_LOG_LMS_TO_LAB = np.diag([3**-0.5, 6**-0.5, 2**-0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
 _LMS_FLOOR = 1e-4
 
 
@@ -50,7 +51,7 @@ def apply_colour_mode(images: np.ndarray, mode: str, *, chunk: int = 256) -> np.
         return images
     out = np.empty_like(_check_images(images))
     for start in range(0, len(images), chunk):
-        out[start:start + chunk] = normalise_colour(images[start:start + chunk], method=mode)
+        out[start : start + chunk] = normalise_colour(images[start : start + chunk], method=mode)
     return out
 
 

@@ -4,6 +4,7 @@ A scan hashes each image in its eight dihedral views; images within :data:`NEAR_
 bits in some view are grouped (:func:`near_duplicate_groups`), and :func:`near_copies` tells which
 images of one set are copies of images of another (leave-one-dataset-out keeps those out of training).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -43,8 +44,7 @@ def gradient_hash(img: Image.Image) -> str:
     published with the ALL dataset's MANIFEST exactly (Lanczos moves 4 of its 71 pairs across the
     distance threshold).
     """
-    small = np.asarray(img.convert("L").resize((DHASH_SIZE + 1, DHASH_SIZE), Image.Resampling.BILINEAR),
-                       dtype=np.int16)
+    small = np.asarray(img.convert("L").resize((DHASH_SIZE + 1, DHASH_SIZE), Image.Resampling.BILINEAR), dtype=np.int16)
     return str(imagehash.ImageHash(small[:, 1:] > small[:, :-1]))
 
 
@@ -83,8 +83,12 @@ def near_duplicate_groups(images: list[ImageRecord], max_distance: int) -> tuple
     return tuple(tuple(paths) for _, paths in sorted(members.items()) if len(paths) > 1)
 
 
-def near_copies(records: Sequence[ImageRecord], of: Sequence[ImageRecord],
-                max_distance: int = NEAR_DUPLICATE_DISTANCE, block: int = 512) -> list[bool]:
+def near_copies(
+    records: Sequence[ImageRecord],
+    of: Sequence[ImageRecord],
+    max_distance: int = NEAR_DUPLICATE_DISTANCE,
+    block: int = 512,
+) -> list[bool]:
     """For each readable record, whether it is an exact or near-duplicate (in some flip or turn) of one in ``of``."""
     close = np.zeros(len(records), dtype=bool)
     if records and of:

@@ -6,6 +6,7 @@ every failure is an :class:`~bcd_engine.errors.ImageLoadError` with a short reas
 :func:`load_image` is the one loader the rest of the engine uses; :func:`load_images` loads a batch
 into one uint8 array with all cores.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -171,11 +172,14 @@ class DecodeBudget:
         frames = f" x {header.frames} frames" if header.frames > 1 else ""
         size = f"{header.width} x {header.height} pixels{frames} ({header.pixels / 1e6:,.1f} megapixels)"
         if header.pixels > self.max_image_pixels:
-            raise ImageLoadError(f"too large to decode here: {size}; the limit is "
-                                 f"{self.max_image_pixels / 1e6:g} megapixels per image")
+            raise ImageLoadError(
+                f"too large to decode here: {size}; the limit is {self.max_image_pixels / 1e6:g} megapixels per image"
+            )
         if self.pixels_used + header.pixels > self.max_total_pixels:
-            raise ImageLoadError(f"{size} would pass the {self.max_total_pixels / 1e6:g} megapixels one upload may "
-                                 f"decode ({self.pixels_used / 1e6:,.1f} already); refused")
+            raise ImageLoadError(
+                f"{size} would pass the {self.max_total_pixels / 1e6:g} megapixels one upload may "
+                f"decode ({self.pixels_used / 1e6:,.1f} already); refused"
+            )
         self.pixels_used += header.pixels
 
 
@@ -247,14 +251,17 @@ def _check_jpeg_segments(data: bytes) -> None:
             continue
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
-            raise ImageLoadError(f"too costly to decode: a JPEG of more than {MAX_JPEG_SEGMENTS} segments "
-                                 "(a photo has a few dozen)")
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            raise ImageLoadError(
+                f"too costly to decode: a JPEG of more than {MAX_JPEG_SEGMENTS} segments (a photo has a few dozen)"
+            )
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker == 0xDA:  # start of scan: its coded data runs to the next marker
             scans += 1
             if scans > MAX_JPEG_SCANS:
-                raise ImageLoadError(f"too costly to decode: a JPEG of more than {MAX_JPEG_SCANS} scans "
-                                     "(a progressive photo has about 10)")
+                raise ImageLoadError(
+                    f"too costly to decode: a JPEG of more than {MAX_JPEG_SCANS} scans "
+                    "(a progressive photo has about 10)"
+                )
             scan_end = _JPEG_SCAN_END.search(data, pos)
             if scan_end is None:
                 return

@@ -5,6 +5,7 @@ files that do not decode, and groups exact and near duplicates so that splits ca
 one side. Per-file results are cached, so re-scanning an unchanged folder is near-instant. The
 ``Original``/``Segmented`` twin folders of the ALL dataset are found by :func:`twin_root`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -129,8 +130,10 @@ def scan_dataset(
     allow_single_class: bool = False,
 ) -> ScanResult:
     """Scan ``data_dir/<Class>/*`` for images; raise :class:`DataError` when the folder cannot be used."""
-    if isinstance(near_duplicate_distance, bool) or not isinstance(near_duplicate_distance, int) or not (
-        0 <= near_duplicate_distance <= DHASH_SIZE * DHASH_SIZE
+    if (
+        isinstance(near_duplicate_distance, bool)
+        or not isinstance(near_duplicate_distance, int)
+        or not (0 <= near_duplicate_distance <= DHASH_SIZE * DHASH_SIZE)
     ):
         raise ConfigError(
             f"near_duplicate_distance must be an integer from 0 to {DHASH_SIZE * DHASH_SIZE}, "
@@ -147,9 +150,10 @@ def scan_dataset(
     fresh: dict[str, dict[str, Any]] = {}
     if todo:
         workers = min(8, os.cpu_count() or 1, len(todo))
-        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=len(todo), disable=not progress, file=sys.stderr, desc="Scanning images", unit="img"
-        ) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(total=len(todo), disable=not progress, file=sys.stderr, desc="Scanning images", unit="img") as bar,
+        ):
             for path, info in zip(todo, pool.map(_read_file, todo)):
                 fresh[path] = {"key": list(_cache_key(stats[path])), **info}
                 bar.update()
@@ -164,9 +168,7 @@ def scan_dataset(
         raise DataError(f"{root_path}: none of the {len(records)} image files could be read")
     class_names = tuple(sorted({r.class_name for r in images}))
     if len(class_names) < 2 and not allow_single_class:
-        raise DataError(
-            f"{root_path}: needs at least two classes with readable images, found only {class_names[0]!r}"
-        )
+        raise DataError(f"{root_path}: needs at least two classes with readable images, found only {class_names[0]!r}")
     images.sort(key=lambda r: (r.class_name, r.path))
     return ScanResult(
         root=str(root_path),
@@ -309,7 +311,6 @@ def _write_cache(cache_file: Path, root: Path, entries: dict[str, dict[str, Any]
         atomic_write_text(cache_file, json.dumps(doc, separators=(",", ":")))
     except OSError as exc:
         warnings.warn(f"could not write the scan cache {cache_file}: {exc}", RuntimeWarning, stacklevel=3)
-
 
 
 def twin_root(data_dir: str | os.PathLike) -> Path | None:

@@ -5,6 +5,7 @@ image and its near-duplicates) never straddles two subsets, and every subset kee
 overall class proportions. A hold-out split is made of whole folds: ``n_folds`` is chosen so that
 a whole number of folds comes closest to the requested fractions (0.15/0.15 -> 20 folds, 3 + 3).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -38,11 +39,11 @@ class Split:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Split):
             return NotImplemented
-        return (
-            all(np.array_equal(getattr(self, s), getattr(other, s)) for s in SUBSETS)
-            and (self.seed, self.val_fraction, self.test_fraction)
-            == (other.seed, other.val_fraction, other.test_fraction)
-        )
+        return all(np.array_equal(getattr(self, s), getattr(other, s)) for s in SUBSETS) and (
+            self.seed,
+            self.val_fraction,
+            self.test_fraction,
+        ) == (other.seed, other.val_fraction, other.test_fraction)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -156,8 +157,9 @@ def split_from_assignments(
     )
 
 
-def _check_arrays(labels: Iterable[int] | np.ndarray,
-                  groups: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(
+    labels: Iterable[int] | np.ndarray, groups: Iterable[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels and groups as 1-D arrays of equal, non-zero length."""
     y = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
     g = np.asarray(groups if isinstance(groups, np.ndarray) else list(groups))

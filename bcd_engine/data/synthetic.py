@@ -6,6 +6,7 @@ ratio, nucleus indentation and lobulation, chromatin texture, nucleoli); the sta
 position, rotation and noise are drawn from the same distributions for every class, so there is
 no colour shortcut. It is not medical data.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ _PROFILES = (
     _Morphology(0.19, 0.84, 0.00, 2, 0.03, 48, 0.10, (0, 0), "small cell, round dense nucleus, scant cytoplasm"),
     _Morphology(0.24, 0.80, 0.00, 2, 0.05, 40, 0.22, (1, 1), "medium cell, round nucleus, fine chromatin, 1 nucleolus"),
     _Morphology(0.27, 0.62, 0.38, 2, 0.04, 24, 0.28, (1, 2), "larger cell, wide cytoplasm, indented (kidney) nucleus"),
-    _Morphology(0.30, 0.74, 0.12, 4, 0.14, 12, 0.40, (2, 3),
-                "large cell, lobulated nucleus, coarse chromatin, 2-3 nucleoli"),
+    _Morphology(
+        0.30, 0.74, 0.12, 4, 0.14, 12, 0.40, (2, 3), "large cell, lobulated nucleus, coarse chromatin, 2-3 nucleoli"
+    ),
 )
 
 

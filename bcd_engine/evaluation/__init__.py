@@ -3,6 +3,7 @@
 ``metrics`` (accuracy, AUC, per-class figures, confusion matrix), ``confidence`` (group-aware bootstrap
 intervals, calibration error and reliability bins).
 """
+
 from bcd_engine.evaluation.confidence import bootstrap_cis, expected_calibration_error, reliability_diagram, sample_std
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 

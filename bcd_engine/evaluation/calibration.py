@@ -8,6 +8,7 @@ probability shown to a user. It is never below 1: a small validation split can m
 look sure of itself, and bcd never shows a model as more confident than its own output. And it stays 1
 unless it also lowers the validation images' expected calibration error.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +51,8 @@ def fit_temperature(y_true, y_prob) -> float:
     # Kept only when it lowers the calibration error too: with a few confident mistakes among many right
     # answers, the likelihood alone favours softening every answer, which leaves the model under-confident.
     better = nll(np.log(best)) < nll(0.0) and (
-        expected_calibration_error(y, apply_temperature(prob, best)) < expected_calibration_error(y, prob))
+        expected_calibration_error(y, apply_temperature(prob, best)) < expected_calibration_error(y, prob)
+    )
     return best if better else 1.0
 
 
@@ -68,5 +70,8 @@ def risk_coverage(y_true, y_prob) -> dict[str, list[float]]:
     order = np.argsort(-confidence, kind="stable")
     correct = (prob.argmax(axis=1) == y)[order]
     answered = np.arange(1, len(y) + 1)
-    return {"coverage": (answered / len(y)).tolist(), "accuracy": (np.cumsum(correct) / answered).tolist(),
-            "threshold": confidence[order].tolist()}
+    return {
+        "coverage": (answered / len(y)).tolist(),
+        "accuracy": (np.cumsum(correct) / answered).tolist(),
+        "threshold": confidence[order].tolist(),
+    }

@@ -3,6 +3,7 @@
 Everything here computes numbers only; pages draw them. ``y_true`` holds class indices and ``y_prob``
 is an (n, n_classes) array of predicted probabilities, as in :mod:`bcd_engine.evaluation.metrics`.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Classification metrics from predicted probabilities, computed with scikit-learn."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,9 +47,7 @@ def evaluate_probabilities(y_true, y_prob, *, class_names, groups=None) -> Evalu
     labels = list(range(len(class_names)))
     y_pred = y_prob.argmax(axis=1)
     cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     roc, per_class = {}, {}
     for k, name in enumerate(class_names):
         positives = y_true == k
@@ -59,10 +58,20 @@ def evaluate_probabilities(y_true, y_prob, *, class_names, groups=None) -> Evalu
         if 0 < positives.sum() < len(y_true):
             fpr, tpr, thresholds = skm.roc_curve(positives, y_prob[:, k])
             auc = float(skm.auc(fpr, tpr))
-            roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
-                         "thresholds": np.nan_to_num(thresholds, posinf=1.0).tolist(), "auc": auc}
-        per_class[name] = {"precision": float(precision[k]), "recall": float(recall[k]),
-                           "specificity": specificity, "f1": float(f1[k]), "support": int(support[k]), "auc": auc}
+            roc[name] = {
+                "fpr": fpr.tolist(),
+                "tpr": tpr.tolist(),
+                "thresholds": np.nan_to_num(thresholds, posinf=1.0).tolist(),
+                "auc": auc,
+            }
+        per_class[name] = {
+            "precision": float(precision[k]),
+            "recall": float(recall[k]),
+            "specificity": specificity,
+            "f1": float(f1[k]),
+            "support": int(support[k]),
+            "auc": auc,
+        }
     aucs = [v["auc"] for v in per_class.values() if v["auc"] is not None]
     metrics = {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),

@@ -11,6 +11,7 @@ What it catches: images far from every class in feature space (another lab's sta
 smear at all, noise, a blank frame). What it does not: an in-domain image the model gets wrong, or an
 unusual image that happens to land near a class mean. A pass is not a correct answer.
 """
+
 from __future__ import annotations
 
 import functools

@@ -2,6 +2,7 @@
 
 ``bundle`` (:func:`export_run`), ``card`` (``MODEL_CARD.md``), ``tflite`` (conversion, checked against Keras).
 """
+
 from bcd_engine.export.bundle import FORMATS, ExportResult, export_run, labels_document
 from bcd_engine.export.card import model_card
 

@@ -8,6 +8,7 @@ file, so its sha256 is the store's; TFLite is converted from the model loaded th
 :func:`~bcd_engine.inference.loading.load_run_model`. The model takes *preprocessed* images: the
 backbone's ``preprocess_input`` is applied outside it, as ``labels.json`` describes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,8 +77,6 @@ def labels_document(run: RunRecord, *, model_file: str) -> dict[str, Any]:
     }
 
 
-
-
 def export_run(
     run_id: int,
     *,
@@ -102,8 +101,9 @@ def export_run(
         raise ConfigError(f"export folder {out} exists and is not a folder")
     existing = [p.name for p in (model_path, labels_path, card_path) if p.exists()]
     if existing and not overwrite:
-        raise ConfigError(f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True "
-                          "(CLI: --overwrite)")
+        raise ConfigError(
+            f"{', '.join(existing)} already exist in {out}; overwrite them with overwrite=True (CLI: --overwrite)"
+        )
     run = store.get_run(run_id)
     loaded = load_run_model(run_id, store=store)  # Keras safe mode: a model it refuses is not exported either
     content, max_diff = checked_tflite(loaded) if format == "tflite" else (None, None)
@@ -119,11 +119,17 @@ def export_run(
             model_path.write_bytes(content)
             model_sha256 = hashlib.sha256(content).hexdigest()
         labels_path.write_text(json.dumps(labels_document(run, model_file=model_path.name), indent=2) + "\n")
-        card_path.write_text(model_card(
-            run, store.get_evaluations(run_id), audit=audit, split=store.get_split(run_id),
-            model_file=model_path.name, model_sha256=model_sha256,
-            exported_on=datetime.now(UTC).date(),
-        ))
+        card_path.write_text(
+            model_card(
+                run,
+                store.get_evaluations(run_id),
+                audit=audit,
+                split=store.get_split(run_id),
+                model_file=model_path.name,
+                model_sha256=model_sha256,
+                exported_on=datetime.now(UTC).date(),
+            )
+        )
     except OSError as exc:
         raise WriteError(f"cannot write the export to {out}: {exc.strerror or exc}") from exc
     return ExportResult(run_id, format, model_path, labels_path, card_path, max_diff)

@@ -1,6 +1,7 @@
 """The model card (``MODEL_CARD.md``) of an exported run: data, protocol, metrics with 95% intervals,
 shortcut audit, intended use and limitations, and how to load the model.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -86,8 +87,11 @@ def model_card(
         "ECE is the top-label expected calibration error (15 bins).",
     ]
     if int(train.get("tta_views", 1)) > 1:
-        lines += ["", f"Stored metrics average {train['tta_views']} test-time augmented views per image; the "
-                      "exported model gives single-view probabilities, which can differ slightly."]
+        lines += [
+            "",
+            f"Stored metrics average {train['tta_views']} test-time augmented views per image; the "
+            "exported model gives single-view probabilities, which can differ slightly.",
+        ]
     for evaluation in evaluations:
         lines += _evaluation_section(evaluation)
     if not evaluations:
@@ -133,15 +137,16 @@ def audit_parts(audit: DatasetAudit | dict | None) -> tuple[dict | None, dict | 
     shortcuts = audit.get("shortcuts", audit) if isinstance(audit, dict) else None
     needed = ("colour_only_accuracy", "corner_only_accuracy", "chance_accuracy")
     if not isinstance(shortcuts, dict) or any(key not in shortcuts for key in needed):
-        raise ConfigError("audit must be the result of audit_dataset() or shortcut_audit() "
-                          f"(with {', '.join(needed)})")
+        raise ConfigError(f"audit must be the result of audit_dataset() or shortcut_audit() (with {', '.join(needed)})")
     return shortcuts, audit.get("leakage")
 
 
 def _audit_lines(shortcuts: dict | None, leakage: dict | None, data_dir: str) -> list[str]:
     if shortcuts is None:
-        return ["Not run for this export. Run it with `" + AUDIT_COMMAND.format(data_dir=data_dir) + "` and pass "
-                "its result to `export_run(..., audit=...)` to include it here."]
+        return [
+            "Not run for this export. Run it with `" + AUDIT_COMMAND.format(data_dir=data_dir) + "` and pass "
+            "its result to `export_run(..., audit=...)` to include it here."
+        ]
     tested_on = f", tested on {shortcuts['n_test']} images" if "n_test" in shortcuts else ""
     lines = [
         f"A random forest on simple colour statistics (no morphology) on a group-aware hold-out split{tested_on}:",
@@ -156,8 +161,11 @@ def _audit_lines(shortcuts: dict | None, leakage: dict | None, data_dir: str) ->
     if shortcuts.get("interpretation"):
         lines += ["", shortcuts["interpretation"]]
     if leakage is not None:
-        verdict = ("no duplicate group crosses subsets." if leakage.get("ok")
-                   else "duplicate groups cross subsets; test figures are inflated.")
+        verdict = (
+            "no duplicate group crosses subsets."
+            if leakage.get("ok")
+            else "duplicate groups cross subsets; test figures are inflated."
+        )
         lines += ["", f"Leakage of the audit's split: {verdict}"]
     return lines
 
@@ -180,52 +188,67 @@ def _evaluation_section(evaluation: EvaluationRecord) -> list[str]:
         lines.append(f"| {label} | {_num(metrics.get(key))} | {interval} |")
     lines.append(f"| ECE | {_num(metrics.get('ece'))} | |")
     if metrics.get("ece_calibrated") is not None:
-        lines.append(f"| ECE after calibration (temperature {metrics['temperature']:.2f}) | "
-                     f"{_num(metrics['ece_calibrated'])} | |")
+        lines.append(
+            f"| ECE after calibration (temperature {metrics['temperature']:.2f}) | "
+            f"{_num(metrics['ece_calibrated'])} | |"
+        )
     if metrics.get("ood_flagged_share") is not None:
         lines.append(f"| Flagged out of domain by the gate | {_pct(metrics['ood_flagged_share'])} | |")
     per_class = metrics.get("per_class") or {}
     if per_class:
-        lines += ["", "| class | precision | recall (sensitivity) | specificity | F1 | AUC | n |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {name} | {_num(c.get('precision'))} | {_num(c.get('recall'))} | {_num(c.get('specificity'))} "
-                  f"| {_num(c.get('f1'))} | {_num(c.get('auc'))} | {c.get('support', '?')} |"
-                  for name, c in per_class.items()]
+        lines += [
+            "",
+            "| class | precision | recall (sensitivity) | specificity | F1 | AUC | n |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {name} | {_num(c.get('precision'))} | {_num(c.get('recall'))} | {_num(c.get('specificity'))} "
+            f"| {_num(c.get('f1'))} | {_num(c.get('auc'))} | {c.get('support', '?')} |"
+            for name, c in per_class.items()
+        ]
     return lines
 
 
 def _dataset(run: RunRecord) -> str:
     dataset = run.dataset
     size = f", {dataset.n_images:,} images" if dataset.n_images is not None else ""
-    return f"{dataset.name}{size}" + (" (**SYNTHETIC**: drawn by a program, not medical data)"
-                                      if dataset.synthetic else "")
+    return f"{dataset.name}{size}" + (
+        " (**SYNTHETIC**: drawn by a program, not medical data)" if dataset.synthetic else ""
+    )
 
 
 def _trust_lines(test_metrics: dict, run: RunRecord) -> list[str]:
     lines = ["", "## Out-of-domain gate and calibration", ""]
     if test_metrics.get("ood_threshold") is None:
-        return [*lines, f"This run has no out-of-domain gate and no calibration temperature; "
-                        f"`python -m bcd_engine calibrate --run {run.id}` fits them from its recorded split."]
-    return [*lines,
-            "bcd answers only for images that look like the training images: a Mahalanobis score on the network's "
-            "pooled features (class means and one shared, shrunk covariance from the training images) must stay "
-            f"under {test_metrics['ood_threshold']:.1f}, a threshold that {_pct(test_metrics['ood_pass_rate'])} of "
-            "the validation images pass (set from in-domain images only). "
-            f"It flagged {_pct(test_metrics['ood_flagged_share'])} of the test images. It catches images far from "
-            "every class in feature space (another lab's stain or microscope, no smear at all, noise, blank frames); "
-            "it does not catch an in-domain image the model gets wrong, and a confident answer is not a correct one.",
-            "",
-            f"Probabilities shown are calibrated by temperature scaling (T = {test_metrics['temperature']:.2f}, fitted "
-            "on the validation images, never below 1); the exported model gives the raw probabilities: divide "
-            "their logarithms by T and apply softmax to calibrate them."]
+        return [
+            *lines,
+            f"This run has no out-of-domain gate and no calibration temperature; "
+            f"`python -m bcd_engine calibrate --run {run.id}` fits them from its recorded split.",
+        ]
+    return [
+        *lines,
+        "bcd answers only for images that look like the training images: a Mahalanobis score on the network's "
+        "pooled features (class means and one shared, shrunk covariance from the training images) must stay "
+        f"under {test_metrics['ood_threshold']:.1f}, a threshold that {_pct(test_metrics['ood_pass_rate'])} of "
+        "the validation images pass (set from in-domain images only). "
+        f"It flagged {_pct(test_metrics['ood_flagged_share'])} of the test images. It catches images far from "
+        "every class in feature space (another lab's stain or microscope, no smear at all, noise, blank frames); "
+        "it does not catch an in-domain image the model gets wrong, and a confident answer is not a correct one.",
+        "",
+        f"Probabilities shown are calibrated by temperature scaling (T = {test_metrics['temperature']:.2f}, fitted "
+        "on the validation images, never below 1); the exported model gives the raw probabilities: divide "
+        "their logarithms by T and apply softmax to calibrate them.",
+    ]
 
 
 def _recipe(train: dict) -> str:
     text = f"up to {train['epochs']} epochs (early stopping)"
     if train["fine_tune_epochs"] and train["fine_tune_layers"]:
         text += f", then up to {train['fine_tune_epochs']} fine-tuning the top {train['fine_tune_layers']} layers"
-    return (f"{text}; augmentation x{train['augment']['factor']}, optimizer {train['optimizer']}, "
-            f"learning rate {train['learning_rate']}, seed {train['seed']}")
+    return (
+        f"{text}; augmentation x{train['augment']['factor']}, optimizer {train['optimizer']}, "
+        f"learning rate {train['learning_rate']}, seed {train['seed']}"
+    )
 
 
 def _split_sizes(split: list[dict] | None) -> str:
@@ -249,15 +272,20 @@ def _duplicate_handling(split: list[dict] | None) -> str:
     if not groups:
         return "no exact or near-duplicate images in the split."
     crossing = sum(len(subsets[g]) > 1 for g in groups)
-    text = (f"{len(groups)} group(s) of exact or near-duplicate images ({sum(sizes[g] for g in groups)} images); "
-            "each group is kept on one side of the split")
+    text = (
+        f"{len(groups)} group(s) of exact or near-duplicate images ({sum(sizes[g] for g in groups)} images); "
+        "each group is kept on one side of the split"
+    )
     return text + ("." if not crossing else f", but {crossing} group(s) cross subsets: test figures are inflated.")
 
 
 def _load_snippet(model_file: str, prep: dict) -> list[str]:
     tflite = model_file.endswith(".tflite")
-    imports = (["from ai_edge_litert.interpreter import Interpreter  # or: from tensorflow.lite import Interpreter"]
-               if tflite else ["import keras"])
+    imports = (
+        ["from ai_edge_litert.interpreter import Interpreter  # or: from tensorflow.lite import Interpreter"]
+        if tflite
+        else ["import keras"]
+    )
     same = f"  # equals {prep['keras_function']}(rgb[None])" if prep["keras_function"] else ""
     lines = [
         "import json",
@@ -318,6 +346,8 @@ def _pct(value) -> str:
 
 def colour_instruction(mode: str) -> str:
     if mode == "grayscale":
-        return ("convert to grayscale first (luminance 0.299 R + 0.587 G + 0.114 B, rounded, copied to all three "
-                "channels): the model was trained on grayscale images only")
+        return (
+            "convert to grayscale first (luminance 0.299 R + 0.587 G + 0.114 B, rounded, copied to all three "
+            "channels): the model was trained on grayscale images only"
+        )
     return "keep the colours as they are"

@@ -1,4 +1,5 @@
 """TensorFlow Lite conversion of a run's model, checked against Keras before anything is written."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,23 +50,29 @@ def checked_tflite(loaded) -> tuple[bytes, float]:
     """Convert, then compare TFLite with Keras on seeded random images; ConfigError when they disagree, or when
     Keras runs on another backend than TensorFlow (the converter needs it)."""
     if backend_name() != "tensorflow":
-        raise ConfigError(f"TensorFlow Lite export needs Keras' TensorFlow backend, and this process runs on "
-                          f"{backend_name()}: run the export again with KERAS_BACKEND=tensorflow (a run's .keras "
-                          f"model loads on every backend), or export it as .keras")
+        raise ConfigError(
+            f"TensorFlow Lite export needs Keras' TensorFlow backend, and this process runs on "
+            f"{backend_name()}: run the export again with KERAS_BACKEND=tensorflow (a run's .keras "
+            f"model loads on every backend), or export it as .keras"
+        )
     size = loaded.config.image_size
     try:
         content = to_tflite(loaded.model)
     except Exception as exc:  # the converter raises several types for unsupported graphs
-        raise ConfigError(f"run {loaded.run_id}'s model cannot be converted to TFLite ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); export it as .keras") from exc
+        raise ConfigError(
+            f"run {loaded.run_id}'s model cannot be converted to TFLite ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); export it as .keras"
+        ) from exc
     rgb = np.random.default_rng(0).integers(0, 256, (N_CHECK_IMAGES, size, size, 3)).astype(np.float32)
     images = np.asarray(loaded.preprocess()(rgb), dtype=np.float32)
     expected = np.asarray(loaded.model.predict(images, verbose=0), dtype=np.float64)
     diff = float(np.abs(tflite_probabilities(content, images) - expected).max())
     atol = TFLITE_ATOL_MIXED if reduced_precision(loaded.model) else TFLITE_ATOL
     if not diff <= atol:
-        raise ConfigError(f"TFLite model of run {loaded.run_id} differs from Keras by {diff:.2g} "
-                          f"(allowed {atol:g}); export it as .keras")
+        raise ConfigError(
+            f"TFLite model of run {loaded.run_id} differs from Keras by {diff:.2g} "
+            f"(allowed {atol:g}); export it as .keras"
+        )
     return content, diff
 
 

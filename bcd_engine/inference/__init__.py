@@ -4,6 +4,7 @@
 ``evaluate`` (a run on another folder), ``diagnosis`` (single images, batches, ensembles, with a
 plain-words reading), ``explain`` (Grad-CAM).
 """
+
 from bcd_engine.inference.diagnosis import Diagnoser, Source, sources_from_archive, sources_from_paths
 from bcd_engine.inference.evaluate import evaluate_run_on_folder, load_label_map
 from bcd_engine.inference.explain import GradCam, explain_image, explain_source, grad_cam, overlay

@@ -3,6 +3,7 @@
 Uses the split the store recorded for the run: the gate on its training images, its threshold and the
 temperature on its validation images, and both measured on its test images, exactly as training does.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -48,11 +49,15 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> Ca
     paths = [row["path"] for row in rows]
     missing = [path for path in paths if not Path(path).is_file()]
     if missing:
-        raise DataError(f"{len(missing)} of the {len(paths)} images run {run_id} was trained on are missing "
-                        f"(first: {missing[0]}); calibrate where its dataset is")
+        raise DataError(
+            f"{len(missing)} of the {len(paths)} images run {run_id} was trained on are missing "
+            f"(first: {missing[0]}); calibrate where its dataset is"
+        )
     labels = np.array([loaded.class_names.index(row["class_name"]) for row in rows])
-    index = {name: np.array([i for i, row in enumerate(rows) if row["subset"] == name], dtype=int)
-             for name in ("train", "val", "test")}
+    index = {
+        name: np.array([i for i, row in enumerate(rows) if row["subset"] == name], dtype=int)
+        for name in ("train", "val", "test")
+    }
     evaluation = store.latest_evaluation(run_id)
     if evaluation is None:
         raise StoreError(f"run {run_id} has no test evaluation")
@@ -60,12 +65,25 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> Ca
     test_paths = [paths[i] for i in index["test"]]
     if any(path not in stored for path in test_paths):
         raise StoreError(f"run {run_id}'s test evaluation does not cover its test split")
-    images = load_split_images(paths, image_size=loaded.config.image_size, colour=loaded.config.colour,
-                               progress=progress)
-    trust, metrics = fit_trust(loaded.model, images, labels, train=index["train"], val=index["val"],
-                               test=index["test"], test_probabilities=np.array([stored[p] for p in test_paths]),
-                               preprocess=loaded.preprocess(), batch_size=loaded.config.batch_size)
+    images = load_split_images(
+        paths, image_size=loaded.config.image_size, colour=loaded.config.colour, progress=progress
+    )
+    trust, metrics = fit_trust(
+        loaded.model,
+        images,
+        labels,
+        train=index["train"],
+        val=index["val"],
+        test=index["test"],
+        test_probabilities=np.array([stored[p] for p in test_paths]),
+        preprocess=loaded.preprocess(),
+        batch_size=loaded.config.batch_size,
+    )
     save_trust(trust, run_id, store=store)
     store.add_evaluation_metrics(evaluation.id, metrics)
-    return CalibrationResult(run_id=run_id, ece=evaluation.metrics.get("ece"), **metrics,
-                             images={name: len(found) for name, found in index.items()})
+    return CalibrationResult(
+        run_id=run_id,
+        ece=evaluation.metrics.get("ece"),
+        **metrics,
+        images={name: len(found) for name, found in index.items()},
+    )

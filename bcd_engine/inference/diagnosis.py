@@ -4,6 +4,7 @@ A smear has no "up", so a sound model should answer the same for every flip and 
 image. :class:`Diagnoser` averages the probabilities over those 8 views (and over the models of an
 ensemble) and reports how much the views disagree, with a plain-words reading for non-specialists.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,9 @@ MAX_UPLOAD_IMAGE_PIXELS = 20_000_000
 MAX_UPLOAD_PIXELS = 250_000_000
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
 HIGH_DISAGREEMENT = 0.25  # from this share of views (2 of 8) answering differently, it is flagged
-SYNTHETIC_MODEL_ADVICE = ("This model was trained on a SYNTHETIC demo set, not on real smears: its answer says "
-                          "nothing about a real image.")
+SYNTHETIC_MODEL_ADVICE = (
+    "This model was trained on a SYNTHETIC demo set, not on real smears: its answer says nothing about a real image."
+)
 OUT_OF_DOMAIN_ADVICE = (
     "This image does not look like the images the model was trained on (it may come from another lab, stain or "
     "microscope, or not be a blood smear at all), so the model cannot judge it. No answer is given."
@@ -118,8 +120,10 @@ def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and tu
         agreement = f", and all {views} looks ({looks}) agree"
     else:
         agreement = f"; most of the {views} looks ({looks}) agree"
-    return Reading.OK, (f"The model gives {predicted_class} with {confidence:.1%} confidence{agreement}. "
-                  "This is a research tool, not a diagnosis.")
+    return Reading.OK, (
+        f"The model gives {predicted_class} with {confidence:.1%} confidence{agreement}. "
+        "This is a research tool, not a diagnosis."
+    )
 
 
 class Diagnoser:
@@ -130,8 +134,10 @@ class Diagnoser:
             raise ConfigError("choose at least one run")
         names = {tuple(m.class_names) for m in models}
         if len(names) > 1:
-            raise ConfigError("an ensemble needs runs trained on the same classes; these runs differ: "
-                              + "; ".join(f"run {m.run_id}: {', '.join(m.class_names)}" for m in models))
+            raise ConfigError(
+                "an ensemble needs runs trained on the same classes; these runs differ: "
+                + "; ".join(f"run {m.run_id}: {', '.join(m.class_names)}" for m in models)
+            )
         self.models = list(models)
         self.class_names = list(models[0].class_names)
 
@@ -154,7 +160,7 @@ class Diagnoser:
             prob = prob.reshape(len(views), len(images), -1).transpose(1, 0, 2)
             raw.append(prob)
             calibrated.append(model.trust.calibrate(prob) if model.trust else prob)
-            scores.append(model.trust.gate.score(features[:len(images)]) if model.trust else None)
+            scores.append(model.trust.gate.score(features[: len(images)]) if model.trust else None)
         return np.concatenate(raw, axis=1), np.concatenate(calibrated, axis=1), scores
 
     def diagnose_arrays(self, images_by_model: Sequence[np.ndarray], *, tta: bool = True) -> list[Diagnosis]:
@@ -173,21 +179,26 @@ class Diagnoser:
             certainty = uncertainty(calibrated[i])
             predicted = self.class_names[int(mean.argmax())]
             gate = self._gate_verdict(scores, i)
-            level, sentence = ((Reading.OUT_OF_DOMAIN, OUT_OF_DOMAIN_ADVICE) if gate["in_domain"] is False
-                               else reading(predicted, certainty, looks=looks))
+            level, sentence = (
+                (Reading.OUT_OF_DOMAIN, OUT_OF_DOMAIN_ADVICE)
+                if gate["in_domain"] is False
+                else reading(predicted, certainty, looks=looks)
+            )
             if synthetic and level is not Reading.OUT_OF_DOMAIN:
                 level = Reading.UNSURE if level is Reading.OK else level
                 sentence = f"{SYNTHETIC_MODEL_ADVICE} {sentence}"
-            results.append(Diagnosis(
-                name="",
-                reading=level,
-                advice=sentence,
-                predicted_class=predicted,
-                probabilities=dict(zip(self.class_names, mean.tolist())),
-                calibrated_probabilities=dict(zip(self.class_names, shown.tolist())),
-                uncertainty=certainty,
-                **gate,
-            ))
+            results.append(
+                Diagnosis(
+                    name="",
+                    reading=level,
+                    advice=sentence,
+                    predicted_class=predicted,
+                    probabilities=dict(zip(self.class_names, mean.tolist())),
+                    calibrated_probabilities=dict(zip(self.class_names, shown.tolist())),
+                    uncertainty=certainty,
+                    **gate,
+                )
+            )
         return results
 
     def _gate_verdict(self, scores: list[np.ndarray | None], i: int) -> dict:
@@ -199,13 +210,21 @@ class Diagnoser:
         # The member furthest past its own threshold speaks for the ensemble (past a zero threshold: furthest).
         worst = int(np.argmax([s[i] / t if t > 0 else np.inf if s[i] > 0 else 0.0 for s, t in zip(scores, thresholds)]))
         threshold = thresholds[worst]
-        return {"in_domain": bool(all(s[i] <= t for s, t in zip(scores, thresholds))),
-                "ood_score": float(scores[worst][i]),
-                "ood_threshold": float(threshold), **({"ood_run": self.models[worst].run_id}
-                                                       if len(self.models) > 1 else {})}
+        return {
+            "in_domain": bool(all(s[i] <= t for s, t in zip(scores, thresholds))),
+            "ood_score": float(scores[worst][i]),
+            "ood_threshold": float(threshold),
+            **({"ood_run": self.models[worst].run_id} if len(self.models) > 1 else {}),
+        }
 
-    def diagnose(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
-                 on_progress: Callable[[int, int], None] | None = None) -> list[Diagnosis]:
+    def diagnose(
+        self,
+        sources: Sequence[Source],
+        *,
+        tta: bool = True,
+        batch_size: int = 16,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[Diagnosis]:
         """Diagnose many images in batches; an unreadable one is an ``UNUSABLE`` :class:`Diagnosis` with the reason,
         and the rest go on.
 
@@ -220,8 +239,9 @@ class Diagnoser:
             if on_progress is not None:
                 on_progress(done, total)
 
-    def diagnose_steps(self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16,
-                       keep_images: bool = False) -> Generator[tuple[int, int], None, list[Diagnosis]]:
+    def diagnose_steps(
+        self, sources: Sequence[Source], *, tta: bool = True, batch_size: int = 16, keep_images: bool = False
+    ) -> Generator[tuple[int, int], None, list[Diagnosis]]:
         """:meth:`diagnose` one batch at a time: yields (done, total) after each batch and returns the results.
 
         Only the batch being diagnosed is held decoded, and each source is let go (its bytes with it) once it is
@@ -236,8 +256,13 @@ class Diagnoser:
             chunk = range(start, min(start + batch_size, len(sources)))
             decoded = {i: self._decoded(sources, i) for i in chunk}
             loaded = {i: arrays for i, arrays in decoded.items() if not isinstance(arrays, str)}
-            answers = iter(self.diagnose_arrays(
-                [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))], tta=tta) if loaded else [])
+            answers = iter(
+                self.diagnose_arrays(
+                    [np.stack([loaded[i][k] for i in loaded]) for k in range(len(self.models))], tta=tta
+                )
+                if loaded
+                else []
+            )
             for i in chunk:
                 if i in loaded:
                     results.append(replace(next(answers), name=names[i], image=loaded[i][0] if keep_images else None))
@@ -273,8 +298,13 @@ def sources_from_paths(paths: Iterable[str | os.PathLike]) -> list[Source]:
         path = Path(raw)
         try:
             if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
-                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                files = sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file()
+                    and p.suffix.lower() in SUPPORTED_EXTENSIONS
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
                 if not files:
                     raise DataError(f"{path} has no supported image files ({', '.join(SUPPORTED_EXTENSIONS)})")
                 sources += [Source(str(p), p) for p in files]
@@ -300,8 +330,9 @@ def _head(path: Path) -> bytes:
         return b""
 
 
-def sources_from_archive(data: str | os.PathLike | bytes, *, name: str,
-                         budget: ExpansionBudget | None = None) -> list[Source]:
+def sources_from_archive(
+    data: str | os.PathLike | bytes, *, name: str, budget: ExpansionBudget | None = None
+) -> list[Source]:
     """The members of a zip archive as sources named ``archive/member``, skipped ones with their reason.
 
     Unsafe archives (path traversal, zip bombs, deep nesting) are refused with ``ArchiveError``; ``budget``
@@ -310,8 +341,9 @@ def sources_from_archive(data: str | os.PathLike | bytes, *, name: str,
     contents = read_archive(data, budget=budget)
     if not contents.images and not contents.skipped:
         return [Source(name, None, error="the archive holds no files (only folders or hidden files, or none)")]
-    return ([Source(f"{name}/{member}", payload) for member, payload in contents.images]
-            + [Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped])
+    return [Source(f"{name}/{member}", payload) for member, payload in contents.images] + [
+        Source(f"{name}/{member}", None, error=reason) for member, reason in contents.skipped
+    ]
 
 
 def results_frame(results: Sequence[Diagnosis]) -> pd.DataFrame:
@@ -319,8 +351,14 @@ def results_frame(results: Sequence[Diagnosis]) -> pd.DataFrame:
     gets no class (:attr:`Diagnosis.answer`), an unusable file no reading, only its error."""
     rows = []
     for r in results:
-        row = {"image": r.name, "predicted_class": r.answer, "reading": r.reading.value if r.usable else None,
-               "in_domain": r.in_domain, "ood_score": r.ood_score, "error": r.error}
+        row = {
+            "image": r.name,
+            "predicted_class": r.answer,
+            "reading": r.reading.value if r.usable else None,
+            "in_domain": r.in_domain,
+            "ood_score": r.ood_score,
+            "error": r.error,
+        }
         if r.uncertainty is not None:
             row.update({k: r.uncertainty[k] for k in ("confidence", "margin", "disagreement")})
         row.update({f"p({name})": p for name, p in (r.calibrated_probabilities or {}).items()})
@@ -351,9 +389,13 @@ class Upload(Protocol):
     def getvalue(self) -> bytes: ...
 
 
-def upload_sources(uploads: Iterable[Upload | tuple[str, bytes]], *, max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES,
-                   max_files: int = MAX_UPLOAD_FILES,
-                   max_pixels: int = MAX_UPLOAD_PIXELS) -> tuple[list[Source], list[Diagnosis]]:
+def upload_sources(
+    uploads: Iterable[Upload | tuple[str, bytes]],
+    *,
+    max_total_bytes: int = MAX_UPLOAD_TOTAL_BYTES,
+    max_files: int = MAX_UPLOAD_FILES,
+    max_pixels: int = MAX_UPLOAD_PIXELS,
+) -> tuple[list[Source], list[Diagnosis]]:
     """Uploaded files (:class:`Upload` s, or (name, bytes) pairs) as diagnosis sources; zip archives are opened
     safely.
 
@@ -376,8 +418,9 @@ def upload_sources(uploads: Iterable[Upload | tuple[str, bytes]], *, max_total_b
             budget.check(size, label=name)
             data = read()
             if is_zip(name, data[:4]):
-                sources += [_charged_member(member, pixels)
-                            for member in sources_from_archive(data, name=name, budget=budget)]
+                sources += [
+                    _charged_member(member, pixels) for member in sources_from_archive(data, name=name, budget=budget)
+                ]
             else:
                 _check_upload_size(size, MAX_UPLOAD_BYTES)
                 pixels.charge(read_header(data))

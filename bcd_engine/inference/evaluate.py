@@ -1,4 +1,5 @@
 """External evaluation: a trained run on another folder, with a label map when the class names differ."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,16 +32,26 @@ def load_label_map(path: str | os.PathLike) -> dict:
         mapping = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read label map {path}: {exc}") from exc
-    if not isinstance(mapping, dict) or set(mapping) - {"run", "data"} or not all(
-        isinstance(part, dict) and all(isinstance(v, str) for v in part.values()) for part in mapping.values()
+    if (
+        not isinstance(mapping, dict)
+        or set(mapping) - {"run", "data"}
+        or not all(
+            isinstance(part, dict) and all(isinstance(v, str) for v in part.values()) for part in mapping.values()
+        )
     ):
         raise DataError(f'label map {path} must be {{"run": {{class: label}}, "data": {{class: label}}}}')
     return mapping
 
 
-def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: RunStore,
-                           label_map: dict | None = None, progress: bool = False,
-                           evaluation_name: str = "external") -> Evaluation:
+def evaluate_run_on_folder(
+    run_id: int,
+    data_dir: str | os.PathLike,
+    *,
+    store: RunStore,
+    label_map: dict | None = None,
+    progress: bool = False,
+    evaluation_name: str = "external",
+) -> Evaluation:
     """External validation: the run's model on every readable image of another folder.
 
     Without ``label_map`` the folder's class names must be among the run's. With one (see
@@ -68,9 +79,15 @@ def evaluate_run_on_folder(run_id: int, data_dir: str | os.PathLike, *, store: R
     evaluation = evaluate_probabilities(y_true, y_prob, class_names=class_names, groups=scan.groups)
     if loaded.trust is not None:  # the gate looks at each image as it is, as predict does
         flagged = ~loaded.trust.gate.in_domain(loaded.forward_with_features(images)[1])
-        evaluation = dataclasses.replace(evaluation, metrics={**evaluation.metrics, "ood_flagged": int(flagged.sum()),
-                                                              "ood_flagged_share": float(flagged.mean())})
-    store.save_scored_evaluation(run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths,
-                                 y_true=y_true, y_prob=y_prob)
+        evaluation = dataclasses.replace(
+            evaluation,
+            metrics={
+                **evaluation.metrics,
+                "ood_flagged": int(flagged.sum()),
+                "ood_flagged_share": float(flagged.mean()),
+            },
+        )
+    store.save_scored_evaluation(
+        run_id, evaluation, name=evaluation_name, data_dir=scan.root, paths=scan.paths, y_true=y_true, y_prob=y_prob
+    )
     return evaluation
-

@@ -4,6 +4,7 @@ The engine computes the heatmap as an array; drawing it is the caller's job (``o
 onto the image for the CLI and the pages). The target layer is the backbone's last convolutional
 layer from the registry, inside the nested backbone model that :func:`bcd_engine.models.head.assemble_model` builds.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,9 @@ def grad_cam(model, image: np.ndarray, *, preprocess, backbone: str, class_index
 def _cam_function(model, preprocess, conv_name: str):
     """(image (1, h, w, 3) uint8, class index or None for the predicted one) -> (heatmap, probabilities, class index),
     made once per (model, preprocess, conv layer) and kept while the model lives (:func:`cached_for`)."""
-    return cached_for(model, ("grad-cam", preprocess, conv_name),
-                      lambda: _make_cam_function(model, preprocess, conv_name))
+    return cached_for(
+        model, ("grad-cam", preprocess, conv_name), lambda: _make_cam_function(model, preprocess, conv_name)
+    )
 
 
 def _make_cam_function(model, preprocess, conv_name: str):
@@ -100,7 +102,7 @@ def _split_at_conv(model, conv_name: str):
         if isinstance(layer, keras.Model) and any(inner.name == conv_name for inner in layer.layers):
             names = [inner.name for inner in layer.layers]
             to_conv = keras.Model(layer.inputs, layer.get_layer(conv_name).output)
-            return to_conv, layer.layers[names.index(conv_name) + 1:] + model.layers[position + 1:]
+            return to_conv, layer.layers[names.index(conv_name) + 1 :] + model.layers[position + 1 :]
     raise ConfigError(f"model {model.name!r} has no nested backbone with layer {conv_name!r}")
 
 
@@ -155,12 +157,14 @@ def explain_image(loaded: LoadedModel, image: np.ndarray, *, class_index: int | 
     from bcd_engine.data.colour import apply_colour_mode
 
     seen = apply_colour_mode(np.asarray(image)[None], loaded.config.colour)[0]
-    return grad_cam(loaded.model, seen, preprocess=loaded.preprocess(), backbone=loaded.config.backbone,
-                    class_index=class_index)
+    return grad_cam(
+        loaded.model, seen, preprocess=loaded.preprocess(), backbone=loaded.config.backbone, class_index=class_index
+    )
 
 
-def explain_source(loaded: LoadedModel, image_path_or_bytes: str | os.PathLike[str] | bytes, *,
-                   class_index: int | None = None) -> tuple[np.ndarray, GradCam]:
+def explain_source(
+    loaded: LoadedModel, image_path_or_bytes: str | os.PathLike[str] | bytes, *, class_index: int | None = None
+) -> tuple[np.ndarray, GradCam]:
     """An image file (or its bytes) at the run's input size, and its Grad-CAM; the image is returned unchanged RGB."""
     from bcd_engine.data.images import load_image
 

@@ -1,5 +1,6 @@
 """Loading a completed run's model safely: the file must lie in the artifacts folder and match its sha256
 (:func:`bcd_engine.store.artifacts.run_model_file` checks it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,21 +53,31 @@ class LoadedModel:
         if self._forward is None:
             self._forward = compiled_forward(self.model, self.preprocess())
         features, probabilities = features_and_probabilities(
-            self._forward, apply_colour_mode(images, self.config.colour), batch_size=self.config.batch_size)
+            self._forward, apply_colour_mode(images, self.config.colour), batch_size=self.config.batch_size
+        )
         if not len(probabilities):
             return np.zeros((0, len(self.class_names))), features
         return probabilities, features
 
-    def predict_arrays(self, images: np.ndarray, *, image_keys: list[str] | None = None,
-                       progress: bool = False) -> np.ndarray:
+    def predict_arrays(
+        self, images: np.ndarray, *, image_keys: list[str] | None = None, progress: bool = False
+    ) -> np.ndarray:
         """Probabilities for uint8 images already at the model's size, with the run's test-time augmentation.
 
         ``image_keys`` (the images' md5 digests) make each view the one training used for that image.
         """
         images = apply_colour_mode(images, self.config.colour)
-        return predict_proba(self.model, images, preprocess=self.preprocess(), batch_size=self.config.batch_size,
-                             augment=self.config.augment, tta_views=self.config.tta_views, seed=self.config.seed,
-                             image_keys=image_keys, progress=progress)
+        return predict_proba(
+            self.model,
+            images,
+            preprocess=self.preprocess(),
+            batch_size=self.config.batch_size,
+            augment=self.config.augment,
+            tta_views=self.config.tta_views,
+            seed=self.config.seed,
+            image_keys=image_keys,
+            progress=progress,
+        )
 
 
 def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
@@ -77,9 +88,16 @@ def load_run_model(run_id: int, *, store: RunStore) -> LoadedModel:
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras refuses unsafe or broken files with many types
-        raise StoreError(f"model file of run {run_id} cannot be loaded safely ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); refusing it") from exc
+        raise StoreError(
+            f"model file of run {run_id} cannot be loaded safely ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); refusing it"
+        ) from exc
     run = store.get_run(run_id)
-    return LoadedModel(run_id, model, TrainConfig.from_dict(run.config["train"]), list(run.config["class_names"]),
-                       trust=load_trust(run_id, store=store), synthetic=run.dataset.synthetic)
-
+    return LoadedModel(
+        run_id,
+        model,
+        TrainConfig.from_dict(run.config["train"]),
+        list(run.config["class_names"]),
+        trust=load_trust(run_id, store=store),
+        synthetic=run.dataset.synthetic,
+    )

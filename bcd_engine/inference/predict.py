@@ -1,4 +1,5 @@
 """Predicting with a Keras model: class probabilities with test-time augmentation, and warm latency."""
+
 from __future__ import annotations
 
 import time
@@ -11,9 +12,18 @@ from bcd_engine.models.config import AugmentConfig
 from bcd_engine.progress import progress_bar
 
 
-def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32, augment: AugmentConfig | None = None,
-                  tta_views: int = 1, seed: int = 0, image_keys: list[str] | None = None,
-                  progress: bool = False) -> np.ndarray:
+def predict_proba(
+    model,
+    images: np.ndarray,
+    *,
+    preprocess,
+    batch_size: int = 32,
+    augment: AugmentConfig | None = None,
+    tta_views: int = 1,
+    seed: int = 0,
+    image_keys: list[str] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Class probabilities for uint8 images (n, size, size, 3).
 
     With ``tta_views`` > 1 (test-time augmentation) the probabilities are averaged over the image
@@ -30,9 +40,10 @@ def predict_proba(model, images: np.ndarray, *, preprocess, batch_size: int = 32
         for view in range(tta_views):
             views = np.full(len(images), view)
             done = 0
-            for batch in view_batches(images, rows, views, keys, augment=augment or AugmentConfig(), seed=seed,
-                                      batch_size=batch_size):
-                total[done:done + len(batch)] += np.asarray(forward(batch), dtype=np.float64)
+            for batch in view_batches(
+                images, rows, views, keys, augment=augment or AugmentConfig(), seed=seed, batch_size=batch_size
+            ):
+                total[done : done + len(batch)] += np.asarray(forward(batch), dtype=np.float64)
                 done += len(batch)
             bar.update(len(images))
     return total / tta_views
@@ -47,7 +58,3 @@ def measure_latency(model, image: np.ndarray, *, preprocess, repeats: int = 10) 
     for _ in range(repeats):
         forward(x)
     return (time.perf_counter() - started) / repeats * 1000
-
-
-
-

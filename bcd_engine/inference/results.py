@@ -1,4 +1,5 @@
 """What diagnosing one image gives: a :class:`Diagnosis` with its :class:`Reading`, read by the CLI and the pages."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

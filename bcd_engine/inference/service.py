@@ -10,6 +10,7 @@ At most ``max_jobs`` jobs wait, ``max_jobs_per_visitor`` of one visitor, and a v
 cancelled or its ``alive()`` says its visitor has gone. :func:`shared_queue` is the process's one queue:
 it lives as long as the process, whatever any cache holds.
 """
+
 from __future__ import annotations
 
 import threading
@@ -101,8 +102,13 @@ class Job:
 class InferenceQueue:
     """Runs the jobs of every visitor on one thread, a step of each visitor's in turn."""
 
-    def __init__(self, *, max_jobs: int = MAX_JOBS, max_jobs_per_visitor: int = MAX_JOBS_PER_VISITOR,
-                 images_per_minute: int = IMAGES_PER_MINUTE) -> None:
+    def __init__(
+        self,
+        *,
+        max_jobs: int = MAX_JOBS,
+        max_jobs_per_visitor: int = MAX_JOBS_PER_VISITOR,
+        images_per_minute: int = IMAGES_PER_MINUTE,
+    ) -> None:
         self.max_jobs = max_jobs
         self.max_jobs_per_visitor = max_jobs_per_visitor
         self.images_per_minute = images_per_minute
@@ -112,8 +118,9 @@ class InferenceQueue:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def submit(self, steps: Steps, *, alive: Callable[[], bool] | None = None, visitor: object = None,
-               images: int = 0) -> Job:
+    def submit(
+        self, steps: Steps, *, alive: Callable[[], bool] | None = None, visitor: object = None, images: int = 0
+    ) -> Job:
         """Queue the generator ``steps`` (see :data:`Steps`) for ``visitor`` (any hashable key), who sends
         ``images`` images with it; BusyError, and ``steps`` closed, when the queue or the visitor's share is full.
 
@@ -154,13 +161,17 @@ class InferenceQueue:
         sent = sum(n for _, n in window)
         if sent + images > self.images_per_minute:
             wait = _WINDOW_S - (now - window[0][0]) if window else _WINDOW_S
-            raise BusyError(f"you sent {sent} images in the last minute and may send {self.images_per_minute} a "
-                            f"minute; try these {images} again in {wait:.0f} s")
+            raise BusyError(
+                f"you sent {sent} images in the last minute and may send {self.images_per_minute} a "
+                f"minute; try these {images} again in {wait:.0f} s"
+            )
         window.append((now, images))
 
-    def call(self, function: Callable[[], Any], *, alive: Callable[[], bool] | None = None,
-             visitor: object = None) -> Job:
+    def call(
+        self, function: Callable[[], Any], *, alive: Callable[[], bool] | None = None, visitor: object = None
+    ) -> Job:
         """Queue one call of ``function`` as a one-step job of one image."""
+
         def steps() -> Steps:
             return function()
             yield (0, 1)  # never reached: it makes this a generator

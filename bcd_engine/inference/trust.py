@@ -5,6 +5,7 @@ its threshold and the temperature on its validation images) and saved beside the
 (:mod:`bcd_engine.store.artifacts` says where). :func:`bcd_engine.inference.calibrate.calibrate_run` fits them
 for a run trained before they existed, from the split the store recorded.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -41,8 +42,14 @@ class RunTrust:
         """Write ``path`` whole or not at all (WriteError when it cannot be written)."""
         try:
             with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, means=self.gate.means, precision=self.gate.precision, threshold=self.gate.threshold,
-                         pass_rate=self.gate.pass_rate, temperature=self.temperature)
+                np.savez(
+                    fh,
+                    means=self.gate.means,
+                    precision=self.gate.precision,
+                    threshold=self.gate.threshold,
+                    pass_rate=self.gate.pass_rate,
+                    temperature=self.temperature,
+                )
         except OSError as exc:
             raise WriteError(f"cannot save {path}: {exc.strerror or exc}") from exc
 
@@ -51,8 +58,9 @@ class RunTrust:
         """Read a gate :meth:`save` wrote; StoreError for a file that is not one (pickled objects are never loaded)."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                gate = MahalanobisGate(data["means"], data["precision"], float(data["threshold"]),
-                                       float(data["pass_rate"]))
+                gate = MahalanobisGate(
+                    data["means"], data["precision"], float(data["threshold"]), float(data["pass_rate"])
+                )
                 return cls(gate, float(data["temperature"]))
         except (ValueError, KeyError, zipfile.BadZipFile) as exc:
             detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -83,7 +91,7 @@ def features_and_probabilities(forward, images: np.ndarray, *, batch_size: int) 
     ``batch_size`` at a time."""
     features, probabilities = [], []
     for start in range(0, len(images), batch_size):
-        f, p = forward(images[start:start + batch_size])
+        f, p = forward(images[start : start + batch_size])
         features.append(np.asarray(f, np.float64))
         probabilities.append(np.asarray(p, np.float64))
     if not features:
@@ -91,8 +99,18 @@ def features_and_probabilities(forward, images: np.ndarray, *, batch_size: int) 
     return np.concatenate(features), np.concatenate(probabilities)
 
 
-def fit_trust(model, images: np.ndarray, labels: np.ndarray, *, train: np.ndarray, val: np.ndarray, test: np.ndarray,
-              test_probabilities: np.ndarray, preprocess, batch_size: int) -> tuple[RunTrust, dict]:
+def fit_trust(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    train: np.ndarray,
+    val: np.ndarray,
+    test: np.ndarray,
+    test_probabilities: np.ndarray,
+    preprocess,
+    batch_size: int,
+) -> tuple[RunTrust, dict]:
     """Fit the gate (training images; threshold on validation) and the temperature (validation), and measure
     both on the test images: (trust, metrics for the test evaluation).
 

@@ -5,6 +5,7 @@
 model), ``features`` (frozen-feature cache), ``device`` (GPU or CPU, mixed precision), ``backend`` (the few
 things TensorFlow, JAX and PyTorch each do their own way).
 """
+
 from bcd_engine.models.augment import augment_batch, preview_views, view_seeds
 from bcd_engine.models.backbones import BACKBONES, SCRATCH, BackboneSpec, build_backbone, get_backbone
 from bcd_engine.models.config import AugmentConfig, TrainConfig

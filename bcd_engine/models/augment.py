@@ -8,6 +8,7 @@ ever use view 0. The flip, the 90-degree turn, the rotation and the zoom are one
 (bilinear, reflecting at the borders); brightness, contrast and hue (a turn of YIQ's chroma plane, which
 keeps luma) one colour map.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,9 @@ def view_parameters(seed_pairs: np.ndarray, config: AugmentConfig, *, size: int)
     """The augmentation of each view, drawn from its seed pair: an affine map (n, 8) from output to input
     pixels for square images of ``size`` px, a brightness shift in 0..255 units and a contrast factor (n,)
     each, and a hue rotation (n, 3, 3) acting on RGB."""
-    draws = np.array([np.random.default_rng([int(a), int(b)]).random(_DRAWS) for a, b in np.asarray(seed_pairs)],
-                     dtype=np.float64).reshape(-1, _DRAWS)
+    draws = np.array(
+        [np.random.default_rng([int(a), int(b)]).random(_DRAWS) for a, b in np.asarray(seed_pairs)], dtype=np.float64
+    ).reshape(-1, _DRAWS)
     flip = (draws[:, 0] < 0.5) & config.flips
     turns = np.floor(draws[:, 1] * 4).astype(int) * config.rot90
     angle = (2 * draws[:, 2] - 1) * (config.rotation_degrees * math.pi / 180)
@@ -69,8 +71,14 @@ def _affine_map(size: int, flip: bool, turns: int, angle: float, zoom: float) ->
     return flipped @ quarter @ rotated
 
 
-def augment_batch(images: np.ndarray, seed_pairs: np.ndarray, config: AugmentConfig, *,
-                  untouched: np.ndarray | None = None, as_tensor: bool = False):
+def augment_batch(
+    images: np.ndarray,
+    seed_pairs: np.ndarray,
+    config: AugmentConfig,
+    *,
+    untouched: np.ndarray | None = None,
+    as_tensor: bool = False,
+):
     """The views decided by ``seed_pairs`` (n, 2) of square images (n, size, size, 3) in 0..255: float32 in 0..255,
     as NumPy (or, with ``as_tensor``, as the backend's tensor, to feed a model without a copy).
 
@@ -84,8 +92,9 @@ def augment_batch(images: np.ndarray, seed_pairs: np.ndarray, config: AugmentCon
         parameters["affine"][untouched] = [1, 0, 0, 0, 1, 0, 0, 0]
         parameters["brightness"][untouched], parameters["contrast"][untouched] = 0, 1
         parameters["hue"][untouched] = np.eye(3)
-    return _compiled(config, as_tensor)(images, parameters["affine"], parameters["brightness"],
-                                        parameters["contrast"], parameters["hue"])
+    return _compiled(config, as_tensor)(
+        images, parameters["affine"], parameters["brightness"], parameters["contrast"], parameters["hue"]
+    )
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,6 +8,7 @@ patience, head size: :meth:`BackboneSpec.training_defaults`). ``scratch_cnn`` is
 more row: a small CNN of bcd's own, trained from random initialisation end to end (it has no ImageNet
 weights, so nothing is cached through it frozen).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,13 +23,28 @@ SCRATCH = "scratch_cnn"
 POOLINGS = ("avg", "max")  # global pooling of the backbone's last feature map
 # keras.applications preprocessing modes as x = (rgb[..., channels] / divisor - mean) / std, with a description.
 PREPROCESSING_MODES: dict[str, tuple[list[int], float, list[float], list[float], str]] = {
-    "caffe": ([2, 1, 0], 1.0, [103.939, 116.779, 123.68], [1.0, 1.0, 1.0],
-              "RGB to BGR, then the ImageNet channel means subtracted (no scaling)"),
+    "caffe": (
+        [2, 1, 0],
+        1.0,
+        [103.939, 116.779, 123.68],
+        [1.0, 1.0, 1.0],
+        "RGB to BGR, then the ImageNet channel means subtracted (no scaling)",
+    ),
     "tf": ([0, 1, 2], 127.5, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], "scaled to [-1, 1]"),
-    "torch": ([0, 1, 2], 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
-              "scaled to [0, 1], then normalised with the ImageNet channel means and standard deviations"),
-    "passthrough": ([0, 1, 2], 1.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
-                    "unchanged 0..255 values (the network rescales inside)"),
+    "torch": (
+        [0, 1, 2],
+        255.0,
+        [0.485, 0.456, 0.406],
+        [0.229, 0.224, 0.225],
+        "scaled to [0, 1], then normalised with the ImageNet channel means and standard deviations",
+    ),
+    "passthrough": (
+        [0, 1, 2],
+        1.0,
+        [0.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0],
+        "unchanged 0..255 values (the network rescales inside)",
+    ),
     "unit": ([0, 1, 2], 255.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], "scaled to [0, 1]"),
 }
 
@@ -58,8 +74,13 @@ class BackboneSpec:
 
     def training_defaults(self) -> dict[str, int]:
         """The :class:`~bcd_engine.models.config.TrainConfig` values this row decides for a new run."""
-        return {"image_size": self.native_size, "fine_tune_layers": self.fine_tune_layers, "epochs": self.epochs,
-                "patience": self.patience, "dense_units": self.dense_units}
+        return {
+            "image_size": self.native_size,
+            "fine_tune_layers": self.fine_tune_layers,
+            "epochs": self.epochs,
+            "patience": self.patience,
+            "dense_units": self.dense_units,
+        }
 
     @property
     def pretrained(self) -> bool:
@@ -87,47 +108,169 @@ def _rescale_unit(x):
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("xception", "xception", "Xception", "tf", 299, 71, 22.9, 81, 2017,
-                     "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions (CVPR 2017)",
-                     "block14_sepconv2_act", "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "Inception modules replaced by depthwise-separable convolutions.", 30),
-        BackboneSpec("vgg16", "vgg16", "VGG16", "caffe", 224, 32, 138.4, 16, 2014,
-                     "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
-                     "block5_conv3", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "Plain stack of 3x3 convolutions; the thesis' best model (94%).", 4),
-        BackboneSpec("vgg19", "vgg19", "VGG19", "caffe", 224, 32, 143.7, 19, 2014,
-                     "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
-                     "block5_conv4", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "VGG16 with three more convolution layers.", 5),
-        BackboneSpec("resnet50", "resnet50", "ResNet50", "caffe", 224, 32, 25.6, 107, 2015,
-                     "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
-                     "conv5_block3_out", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "50-layer residual network with bottleneck blocks.", 33),
-        BackboneSpec("resnet101", "resnet", "ResNet101", "caffe", 224, 32, 44.7, 209, 2015,
-                     "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
-                     "conv5_block3_out", "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "Deeper ResNet: 101 layers.", 33),
-        BackboneSpec("inceptionv3", "inception_v3", "InceptionV3", "tf", 299, 75, 23.9, 189, 2015,
-                     "Szegedy et al., Rethinking the Inception Architecture (CVPR 2016)",
-                     "mixed10", "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "Parallel convolution branches of several sizes, factorised kernels.", 31),
-        BackboneSpec("mobilenetv2", "mobilenet_v2", "MobileNetV2", "tf", 224, 32, 3.5, 105, 2018,
-                     "Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks (CVPR 2018)",
-                     "out_relu", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-                     "Light network of inverted residual blocks, made for phones.", 20),
-        BackboneSpec("densenet121", "densenet", "DenseNet121", "torch", 224, 32, 8.1, 242, 2017,
-                     "Huang et al., Densely Connected Convolutional Networks (CVPR 2017)",
-                     "relu", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "Each layer receives the feature maps of all earlier layers in its block.", 30),
-        BackboneSpec("efficientnetb0", "efficientnet", "EfficientNetB0", "passthrough", 224, 32, 5.3, 132, 2019,
-                     "Tan & Le, EfficientNet: Rethinking Model Scaling (ICML 2019)",
-                     "top_activation", "efficientnetb0_notop.h5",
-                     "Compound-scaled mobile blocks with squeeze-and-excitation.", 20),
-        BackboneSpec(SCRATCH, "", "scratch_cnn", "unit", 128, 32, 0.4, 8, 2026,
-                     "bcd baseline: a small CNN trained from scratch (the thesis' baseline model)",
-                     "scratch_conv4_out", "",
-                     "Four conv blocks trained from random initialisation; no transfer learning.", 0,
-                     epochs=60, patience=10, dense_units=128),
+        BackboneSpec(
+            "xception",
+            "xception",
+            "Xception",
+            "tf",
+            299,
+            71,
+            22.9,
+            81,
+            2017,
+            "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions (CVPR 2017)",
+            "block14_sepconv2_act",
+            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "Inception modules replaced by depthwise-separable convolutions.",
+            30,
+        ),
+        BackboneSpec(
+            "vgg16",
+            "vgg16",
+            "VGG16",
+            "caffe",
+            224,
+            32,
+            138.4,
+            16,
+            2014,
+            "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
+            "block5_conv3",
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "Plain stack of 3x3 convolutions; the thesis' best model (94%).",
+            4,
+        ),
+        BackboneSpec(
+            "vgg19",
+            "vgg19",
+            "VGG19",
+            "caffe",
+            224,
+            32,
+            143.7,
+            19,
+            2014,
+            "Simonyan & Zisserman, Very Deep Convolutional Networks (ICLR 2015)",
+            "block5_conv4",
+            "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "VGG16 with three more convolution layers.",
+            5,
+        ),
+        BackboneSpec(
+            "resnet50",
+            "resnet50",
+            "ResNet50",
+            "caffe",
+            224,
+            32,
+            25.6,
+            107,
+            2015,
+            "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
+            "conv5_block3_out",
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "50-layer residual network with bottleneck blocks.",
+            33,
+        ),
+        BackboneSpec(
+            "resnet101",
+            "resnet",
+            "ResNet101",
+            "caffe",
+            224,
+            32,
+            44.7,
+            209,
+            2015,
+            "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
+            "conv5_block3_out",
+            "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "Deeper ResNet: 101 layers.",
+            33,
+        ),
+        BackboneSpec(
+            "inceptionv3",
+            "inception_v3",
+            "InceptionV3",
+            "tf",
+            299,
+            75,
+            23.9,
+            189,
+            2015,
+            "Szegedy et al., Rethinking the Inception Architecture (CVPR 2016)",
+            "mixed10",
+            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "Parallel convolution branches of several sizes, factorised kernels.",
+            31,
+        ),
+        BackboneSpec(
+            "mobilenetv2",
+            "mobilenet_v2",
+            "MobileNetV2",
+            "tf",
+            224,
+            32,
+            3.5,
+            105,
+            2018,
+            "Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks (CVPR 2018)",
+            "out_relu",
+            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+            "Light network of inverted residual blocks, made for phones.",
+            20,
+        ),
+        BackboneSpec(
+            "densenet121",
+            "densenet",
+            "DenseNet121",
+            "torch",
+            224,
+            32,
+            8.1,
+            242,
+            2017,
+            "Huang et al., Densely Connected Convolutional Networks (CVPR 2017)",
+            "relu",
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "Each layer receives the feature maps of all earlier layers in its block.",
+            30,
+        ),
+        BackboneSpec(
+            "efficientnetb0",
+            "efficientnet",
+            "EfficientNetB0",
+            "passthrough",
+            224,
+            32,
+            5.3,
+            132,
+            2019,
+            "Tan & Le, EfficientNet: Rethinking Model Scaling (ICML 2019)",
+            "top_activation",
+            "efficientnetb0_notop.h5",
+            "Compound-scaled mobile blocks with squeeze-and-excitation.",
+            20,
+        ),
+        BackboneSpec(
+            SCRATCH,
+            "",
+            "scratch_cnn",
+            "unit",
+            128,
+            32,
+            0.4,
+            8,
+            2026,
+            "bcd baseline: a small CNN trained from scratch (the thesis' baseline model)",
+            "scratch_conv4_out",
+            "",
+            "Four conv blocks trained from random initialisation; no transfer learning.",
+            0,
+            epochs=60,
+            patience=10,
+            dense_units=128,
+        ),
     )
 }
 
@@ -171,10 +314,12 @@ def weights_files(folder: str | os.PathLike) -> list[Path]:
 
 def offline_advice(spec: BackboneSpec) -> str:
     """What to do when ImageNet weights cannot be downloaded, in plain words."""
-    return (f"Without internet, get {spec.weights_file} on a machine that has it (Keras downloads it from "
-            f"https://storage.googleapis.com/tensorflow/keras-applications/), copy it to this machine's weights "
-            f"folder (BCD_WEIGHTS_DIR, default weights/ in the project) and choose it under Weights on the Train "
-            f"page, or pass --weights PATH on the command line")
+    return (
+        f"Without internet, get {spec.weights_file} on a machine that has it (Keras downloads it from "
+        f"https://storage.googleapis.com/tensorflow/keras-applications/), copy it to this machine's weights "
+        f"folder (BCD_WEIGHTS_DIR, default weights/ in the project) and choose it under Weights on the Train "
+        f"page, or pass --weights PATH on the command line"
+    )
 
 
 def build_backbone(spec: BackboneSpec, *, image_size: int, weights: str | None):

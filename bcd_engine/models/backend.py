@@ -7,6 +7,7 @@ taking a gradient (:func:`value_and_gradient`), and listing the GPUs (:func:`gpu
 backend with ``KERAS_BACKEND=tensorflow|jax|torch`` before bcd starts. What is compiled for a model is
 made once and kept for as long as the model lives (:func:`cached_for`).
 """
+
 from __future__ import annotations
 
 import threading
@@ -49,19 +50,30 @@ def gpus() -> list[dict[str, Any]]:
             with contextlib.suppress(RuntimeError):  # already initialised in this process
                 tf.config.experimental.set_memory_growth(gpu, True)
             details = tf.config.experimental.get_device_details(gpu)
-            found.append({"name": details.get("device_name", "GPU"),
-                          "bfloat16": tuple(details.get("compute_capability", (0, 0))) >= (8, 0)})
+            found.append(
+                {
+                    "name": details.get("device_name", "GPU"),
+                    "bfloat16": tuple(details.get("compute_capability", (0, 0))) >= (8, 0),
+                }
+            )
         return found
     if backend == "jax":
         import jax
 
-        return [{"name": device.device_kind,
-                 "bfloat16": _capability(getattr(device, "compute_capability", "0.0")) >= (8, 0)}
-                for device in jax.devices() if device.platform == "gpu"]
+        return [
+            {
+                "name": device.device_kind,
+                "bfloat16": _capability(getattr(device, "compute_capability", "0.0")) >= (8, 0),
+            }
+            for device in jax.devices()
+            if device.platform == "gpu"
+        ]
     import torch
 
-    return [{"name": torch.cuda.get_device_name(i), "bfloat16": torch.cuda.get_device_capability(i) >= (8, 0)}
-            for i in range(torch.cuda.device_count())]
+    return [
+        {"name": torch.cuda.get_device_name(i), "bfloat16": torch.cuda.get_device_capability(i) >= (8, 0)}
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def _capability(text: str) -> tuple[int, ...]:
@@ -116,8 +128,17 @@ def _tensorflow_forward(model_ref, preprocess):
     strategy = tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync > 1:  # split each batch over the devices, gathered back in order
         split = tf.function(lambda images: strategy.gather(strategy.run(run, args=(images,)), axis=0))
-        return lambda images: _numpy(split(next(iter(strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensors(images).unbatch().batch(len(images)))))))
+        return lambda images: _numpy(
+            split(
+                next(
+                    iter(
+                        strategy.experimental_distribute_dataset(
+                            tf.data.Dataset.from_tensors(images).unbatch().batch(len(images))
+                        )
+                    )
+                )
+            )
+        )
     return lambda images: _numpy(run(images))
 
 
@@ -127,15 +148,17 @@ def _jax_forward(model_ref, preprocess):
 
     @jax.jit
     def run(trainable, non_trainable, images):
-        outputs, _ = model_ref().stateless_call(trainable, non_trainable, preprocess(ops.cast(images, "float32")),
-                                                training=False)
+        outputs, _ = model_ref().stateless_call(
+            trainable, non_trainable, preprocess(ops.cast(images, "float32")), training=False
+        )
         return outputs
 
     def forward(images):
         model = model_ref()
         sharded, n = _sharded_over_devices(images)
-        outputs = _numpy(run([v.value for v in model.trainable_variables],
-                             [v.value for v in model.non_trainable_variables], sharded))
+        outputs = _numpy(
+            run([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], sharded)
+        )
         return [output[:n] for output in outputs] if isinstance(outputs, list) else outputs[:n]
 
     return forward

@@ -5,6 +5,7 @@ a thread prepares the next batch while the model computes the current one. :func
 inference (feature extraction, test-time views); :func:`training_batches` serves ``model.fit``, with a
 new shuffle and new augmented views every epoch, both decided by the seed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,16 @@ from bcd_engine.models.config import AugmentConfig
 PREFETCH = 2  # batches prepared ahead of the one the model is working on
 
 
-def view_batches(images: np.ndarray, rows: np.ndarray, views: np.ndarray, image_keys: list[str], *,
-                 augment: AugmentConfig, seed: int, batch_size: int) -> Iterator:
+def view_batches(
+    images: np.ndarray,
+    rows: np.ndarray,
+    views: np.ndarray,
+    image_keys: list[str],
+    *,
+    augment: AugmentConfig,
+    seed: int,
+    batch_size: int,
+) -> Iterator:
     """Batches of ``images[rows[j]]`` seen as ``views[j]`` (0: the image itself), in order, in 0..255: uint8 NumPy
     when no image of the batch is augmented, else float32 backend tensors (for :func:`backend.forward_function`).
 
@@ -31,11 +40,12 @@ def view_batches(images: np.ndarray, rows: np.ndarray, views: np.ndarray, image_
     seeds = view_seeds(image_keys, views, seed=seed)
 
     def make(start: int):
-        chosen, untouched = rows[start:start + batch_size], views[start:start + batch_size] == 0
+        chosen, untouched = rows[start : start + batch_size], views[start : start + batch_size] == 0
         if untouched.all():
             return images[chosen]  # uint8: the model's compiled call casts it
-        return augment_batch(images[chosen], seeds[start:start + batch_size], augment, untouched=untouched,
-                             as_tensor=True)
+        return augment_batch(
+            images[chosen], seeds[start : start + batch_size], augment, untouched=untouched, as_tensor=True
+        )
 
     yield from _prefetched(make, range(0, len(rows), batch_size))
 
@@ -52,8 +62,17 @@ def _prefetched(make, starts) -> Iterator:
             yield batch
 
 
-def training_batches(images: np.ndarray, one_hot: np.ndarray, *, preprocess, augment: AugmentConfig | None, seed: int,
-                     batch_size: int, class_weight: dict[int, float] | None = None, multiple_of: int = 1):
+def training_batches(
+    images: np.ndarray,
+    one_hot: np.ndarray,
+    *,
+    preprocess,
+    augment: AugmentConfig | None,
+    seed: int,
+    batch_size: int,
+    class_weight: dict[int, float] | None = None,
+    multiple_of: int = 1,
+):
     """A ``keras.utils.PyDataset`` of (preprocessed images, one-hot labels[, sample weights]) for ``model.fit``.
 
     With ``augment`` each epoch shuffles the images and gives every one a new augmented view, both drawn
@@ -61,8 +80,16 @@ def training_batches(images: np.ndarray, one_hot: np.ndarray, *, preprocess, aug
     becomes per-image sample weights. With ``multiple_of`` > 1 (the devices a batch is split over) a short
     last batch is filled up to a multiple of it with images of weight 0, which change nothing.
     """
-    return _training_batches_class()(images, one_hot, preprocess=preprocess, augment=augment, seed=seed,
-                                     batch_size=batch_size, class_weight=class_weight, multiple_of=multiple_of)
+    return _training_batches_class()(
+        images,
+        one_hot,
+        preprocess=preprocess,
+        augment=augment,
+        seed=seed,
+        batch_size=batch_size,
+        class_weight=class_weight,
+        multiple_of=multiple_of,
+    )
 
 
 @functools.cache
@@ -75,8 +102,13 @@ def _training_batches_class():
             self.images, self.one_hot, self.preprocess, self.augment = images, one_hot, preprocess, augment
             self.seed, self.batch_size, self.multiple_of, self.epoch = seed, batch_size, multiple_of, 0
             labels = np.argmax(one_hot, axis=1)
-            self.weights = (np.array([class_weight[int(k)] for k in labels], dtype=np.float32) if class_weight
-                            else np.ones(len(labels), np.float32) if multiple_of > 1 else None)
+            self.weights = (
+                np.array([class_weight[int(k)] for k in labels], dtype=np.float32)
+                if class_weight
+                else np.ones(len(labels), np.float32)
+                if multiple_of > 1
+                else None
+            )
             self._draw()
 
         def _draw(self) -> None:
@@ -90,7 +122,7 @@ def _training_batches_class():
             return -(-len(self.images) // self.batch_size)
 
         def __getitem__(self, index: int):
-            chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+            chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             if self.augment is not None:
                 x = np.require(augment_batch(self.images[chosen], self.seeds[chosen], self.augment), np.float32, "W")
             else:

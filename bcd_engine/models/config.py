@@ -1,4 +1,5 @@
 """Training configuration: one frozen, validated dataclass stored with every run."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,12 +70,15 @@ class TrainConfig:
     weights: str | None = setting(None, help="imagenet, none or a path to a .weights.h5 file (default: none)")
     image_size: int = setting(224, help="input size in pixels (default: the backbone's native size)")
     batch_size: int = setting(32, help="images per training batch (default {default})")
-    epochs: int = setting(40, help="phase-1 epochs (head on the frozen backbone, or the whole scratch CNN; "
-                                   f"{_BACKBONE_DEFAULT_HELP})")
-    fine_tune_epochs: int = setting(0, help="phase-2 epochs with the top layers unfrozen (default {default}: "
-                                            "no phase 2)")
-    fine_tune_layers: int = setting(0, help="number of top backbone layers to unfreeze in phase 2 "
-                                            f"({_BACKBONE_DEFAULT_HELP})")
+    epochs: int = setting(
+        40, help=f"phase-1 epochs (head on the frozen backbone, or the whole scratch CNN; {_BACKBONE_DEFAULT_HELP})"
+    )
+    fine_tune_epochs: int = setting(
+        0, help="phase-2 epochs with the top layers unfrozen (default {default}: no phase 2)"
+    )
+    fine_tune_layers: int = setting(
+        0, help=f"number of top backbone layers to unfreeze in phase 2 ({_BACKBONE_DEFAULT_HELP})"
+    )
     learning_rate: float = setting(1e-3, help="phase-1 learning rate (default {default})")
     fine_tune_learning_rate: float = setting(1e-5, help="phase-2 learning rate (default {default})")
     optimizer: str = setting("adam", help="optimizer of both phases (default {default})", choices=OPTIMIZERS)
@@ -85,17 +89,25 @@ class TrainConfig:
     dense_activation: str = setting("relu", help="activation of the head's dense layer", cli=False)
     dropout: float = setting(0.3, help="dropout before the head's softmax, in [0, 1) (default {default})")
     pooling: str = setting("avg", help="pooling of the backbone's feature map (default {default})", choices=POOLINGS)
-    patience: int = setting(6, help="early-stopping patience on validation loss (best weights restored; "
-                                    f"{_BACKBONE_DEFAULT_HELP})")
+    patience: int = setting(
+        6, help=f"early-stopping patience on validation loss (best weights restored; {_BACKBONE_DEFAULT_HELP})"
+    )
     augment: AugmentConfig = setting(  # noqa: RUF009 (a field, its default made fresh per instance)
-        default_factory=AugmentConfig, type=int,
+        default_factory=AugmentConfig,
+        type=int,
         help=f"augmented views per training image, 1 to {MAX_AUGMENT} (default: {PRETRAINED_VIEWS} from pretrained "
-             f"weights, {RANDOM_START_VIEWS} from random ones, 1 for the scratch CNN)")
-    tta_views: int = setting(1, help="test-time augmentation: average over this many views (1: off; default: "
-                                     f"{PRETRAINED_VIEWS} from pretrained weights, else 1)")
-    colour: str = setting("rgb", choices=COLOUR_MODES,
-                          help="grayscale: train and predict on grayscale images, so stain colour is no shortcut "
-                               "(default {default})")
+        f"weights, {RANDOM_START_VIEWS} from random ones, 1 for the scratch CNN)",
+    )
+    tta_views: int = setting(
+        1,
+        help="test-time augmentation: average over this many views (1: off; default: "
+        f"{PRETRAINED_VIEWS} from pretrained weights, else 1)",
+    )
+    colour: str = setting(
+        "rgb",
+        choices=COLOUR_MODES,
+        help="grayscale: train and predict on grayscale images, so stain colour is no shortcut (default {default})",
+    )
     val_fraction: float = setting(DEFAULT_FRACTION, help="fraction of the images for validation (default {default})")
     test_fraction: float = setting(DEFAULT_FRACTION, help="fraction of the images for testing (default {default})")
     seed: int = setting(0, help="seed of the split, the initial weights and the augmentation (default {default})")
@@ -109,8 +121,10 @@ class TrainConfig:
         spec.check_image_size(self.image_size)
         check_fractions(self.val_fraction, self.test_fraction)  # the splitter's own rule, checked here up front
         checks = [
-            (self.image_size <= MAX_IMAGE_SIZE,
-             f"image size must be at most {MAX_IMAGE_SIZE} px, got {self.image_size}"),
+            (
+                self.image_size <= MAX_IMAGE_SIZE,
+                f"image size must be at most {MAX_IMAGE_SIZE} px, got {self.image_size}",
+            ),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.fine_tune_epochs >= 0, f"fine-tune epochs must be >= 0, got {self.fine_tune_epochs}"),
@@ -122,12 +136,16 @@ class TrainConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (1 <= self.tta_views <= MAX_AUGMENT,
-             f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}"),
+            (
+                1 <= self.tta_views <= MAX_AUGMENT,
+                f"TTA views must be between 1 and {MAX_AUGMENT}, got {self.tta_views}",
+            ),
             (self.colour in COLOUR_MODES, f"colour must be one of {COLOUR_MODES}, got {self.colour!r}"),
-            (self.val_fraction > 0 and self.test_fraction > 0,  # early stopping and the evaluation need both
-             f"a run needs validation and test images: val_fraction and test_fraction must be above 0, got "
-             f"{self.val_fraction} and {self.test_fraction}"),
+            (
+                self.val_fraction > 0 and self.test_fraction > 0,  # early stopping and the evaluation need both
+                f"a run needs validation and test images: val_fraction and test_fraction must be above 0, got "
+                f"{self.val_fraction} and {self.test_fraction}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -151,8 +169,10 @@ class TrainConfig:
             given["augment"] = dataclasses.replace(defaults.get("augment", AugmentConfig()), factor=given["augment"])
         config = cls(backbone=spec.name, **{**defaults, **given})
         if spec.pretrained and config.fine_tune_epochs and not config.fine_tune_layers:
-            raise ConfigError(f"{config.fine_tune_epochs} fine-tune epochs with 0 fine-tune layers would train "
-                              f"nothing in phase 2; unfreeze some ({spec.name}'s default: {spec.fine_tune_layers})")
+            raise ConfigError(
+                f"{config.fine_tune_epochs} fine-tune epochs with 0 fine-tune layers would train "
+                f"nothing in phase 2; unfreeze some ({spec.name}'s default: {spec.fine_tune_layers})"
+            )
         require_weights_file(config.weights)
         return config
 

@@ -7,6 +7,7 @@ capability 8.0 and newer), float16 with loss scaling on older ones. With several
 spreads the models built in its block over all of them (TensorFlow's ``MirroredStrategy``, Keras'
 ``DataParallel`` distribution on JAX; PyTorch trains on one).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ vectors (backbone, weights, image size, pooling, augmentation, seed, colour mode
 backend and precision). A new split of the same images reuses the entries; a changed image has a new md5 and is
 recomputed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -133,8 +134,15 @@ def extract_features(
         cache.misses += len(missing)
     if len(missing):
         forward = forward_function(extractor, preprocess)
-        batches = view_batches(images, np.asarray(indices, dtype=np.int64)[missing], np.asarray(views)[missing],
-                               [image_keys[i] for i in missing], augment=augment, seed=seed, batch_size=batch_size)
+        batches = view_batches(
+            images,
+            np.asarray(indices, dtype=np.int64)[missing],
+            np.asarray(views)[missing],
+            [image_keys[i] for i in missing],
+            augment=augment,
+            seed=seed,
+            batch_size=batch_size,
+        )
         outputs = []
         with progress_bar(len(missing), description, enabled=progress) as bar:
             for batch in batches:

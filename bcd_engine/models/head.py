@@ -4,6 +4,7 @@ Phase 1 of fine-tuning trains the head on cached frozen-backbone features (:func
 :func:`assemble_model` joins backbone, pooling and head into one Keras model on preprocessed images, and
 :func:`unfreeze_top_layers` prepares phase 2.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,12 +33,17 @@ def build_head(n_features: int, n_classes: int, config: TrainConfig, *, seed: in
     inputs = keras.Input((n_features,))
     x = inputs
     if config.dense_units:
-        x = layers.Dense(config.dense_units, activation=config.dense_activation,
-                         kernel_initializer=kernel_initializer(), name="head_dense")(x)
+        x = layers.Dense(
+            config.dense_units,
+            activation=config.dense_activation,
+            kernel_initializer=kernel_initializer(),
+            name="head_dense",
+        )(x)
     if config.dropout:
         x = layers.Dropout(config.dropout, seed=config.seed, name="head_dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", kernel_initializer=kernel_initializer(),
-                           name="predictions")(x)
+    outputs = layers.Dense(
+        n_classes, activation="softmax", dtype="float32", kernel_initializer=kernel_initializer(), name="predictions"
+    )(x)
     return keras.Model(inputs, outputs, name="head")
 
 
@@ -87,7 +93,8 @@ def fit_head_on_features(
     compile_model(head, config, config.learning_rate)
     one_hot = lambda y: keras.utils.to_categorical(y, n_classes)
     head.fit(
-        train_x, one_hot(train_y),
+        train_x,
+        one_hot(train_y),
         batch_size=config.batch_size,
         shuffle=True,  # a new order every epoch
         validation_data=(val_x, one_hot(val_y)) if len(val_x) else None,

@@ -4,6 +4,7 @@ A shortcut audit trains a random forest on simple colour statistics, which know 
 morphology. If they separate the classes on a group-aware test split, a CNN can score well for the
 wrong reason. :func:`audit_dataset` is what ``python -m bcd_engine audit --data DIR --json`` prints.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,7 +76,7 @@ def corner_features(images, *, fraction: float = CORNER_FRACTION) -> np.ndarray:
     corners = []
     for image in images:
         h, w = np.asarray(image).shape[:2]
-        corners.append(np.asarray(image)[h - max(1, round(h * fraction)):, w - max(1, round(w * fraction)):])
+        corners.append(np.asarray(image)[h - max(1, round(h * fraction)) :, w - max(1, round(w * fraction)) :])
     return colour_features(corners)
 
 
@@ -136,14 +137,20 @@ def run_leakage_audit(run_ids, *, store: RunStore) -> dict[str, Any]:
         run = store.get_run(run_id)
         data_dir = run.config["data_dir"]
         scan = scans[data_dir] = scans.get(data_dir) or scan_dataset(data_dir)  # CV folds share one folder
-        rows.append({"run_id": run_id, "run_protocol": run.protocol.label,
-                     **leakage_audit(scan, store.get_split(run_id))})
+        rows.append(
+            {"run_id": run_id, "run_protocol": run.protocol.label, **leakage_audit(scan, store.get_split(run_id))}
+        )
     return {"runs": rows, "ok": all(row["ok"] for row in rows)}
 
 
 def holdout_data(
-    scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False,
-    val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION,
+    scan: ScanResult,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    progress: bool = False,
+    val_fraction: float = DEFAULT_FRACTION,
+    test_fraction: float = DEFAULT_FRACTION,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Images (n, size, size, 3), labels, and the training (train + val) and test indices of a hold-out split.
 
@@ -155,8 +162,15 @@ def holdout_data(
     return images, scan.labels, np.sort(np.concatenate([split.train, split.val])), split.test
 
 
-def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False,
-                   val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION) -> dict[str, Any]:
+def shortcut_audit(
+    scan: ScanResult,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    progress: bool = False,
+    val_fraction: float = DEFAULT_FRACTION,
+    test_fraction: float = DEFAULT_FRACTION,
+) -> dict[str, Any]:
     """Test accuracy of a random forest on whole-image colour statistics and on the bottom-right corner alone.
 
     Corner statistics also carry the stain's colour cast, so the top-left corner of the same size is
@@ -165,8 +179,14 @@ def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, pro
     majority-class rate on the test side.
     """
     started = time.perf_counter()
-    images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress,
-                                               val_fraction=val_fraction, test_fraction=test_fraction)
+    images, labels, train, test = holdout_data(
+        scan,
+        seed=seed,
+        image_size=image_size,
+        progress=progress,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
     chance = _chance(labels[test])
     colour = _forest_accuracy(colour_features(images), labels, train, test, seed)
     corner = _forest_accuracy(corner_features(images), labels, train, test, seed)
@@ -188,8 +208,14 @@ def shortcut_audit(scan: ScanResult, *, seed: int = 0, image_size: int = 64, pro
     }
 
 
-def audit_dataset(data_dir: str | os.PathLike[str], *, seed: int = 0, progress: bool = False,
-                  val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION) -> DatasetAudit:
+def audit_dataset(
+    data_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    val_fraction: float = DEFAULT_FRACTION,
+    test_fraction: float = DEFAULT_FRACTION,
+) -> DatasetAudit:
     """Scan ``data_dir`` and audit it: leakage of the hold-out split for ``seed`` and the fractions, and shortcuts."""
     scan = scan_dataset(data_dir, progress=progress)
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
@@ -199,8 +225,9 @@ def audit_dataset(data_dir: str | os.PathLike[str], *, seed: int = 0, progress: 
     )
 
 
-def colour_robustness(scan: ScanResult, *, seed: int = 0, image_size: int = 64,
-                      progress: bool = False) -> dict[str, Any]:
+def colour_robustness(
+    scan: ScanResult, *, seed: int = 0, image_size: int = 64, progress: bool = False
+) -> dict[str, Any]:
     """Colour-only random forest accuracy on the test split before and after colour normalisation.
 
     ``accuracy``: trained on original colours, tested on normalised test images (a fall shows the
@@ -291,8 +318,10 @@ def _well_above_chance(accuracy: float, chance: float) -> bool:
 
 def _interpretation(colour: float, corner: float, opposite: float, chance: float) -> str:
     if _well_above_chance(colour, chance):
-        text = (f"Colour statistics alone classify {colour:.1%} of test images (chance {chance:.1%}): the classes "
-                "differ in colour, so a model can score well without looking at cell morphology.")
+        text = (
+            f"Colour statistics alone classify {colour:.1%} of test images (chance {chance:.1%}): the classes "
+            "differ in colour, so a model can score well without looking at cell morphology."
+        )
     else:
         text = f"Colour statistics alone reach {colour:.1%} (chance {chance:.1%}): no strong colour shortcut."
     return text + (

@@ -4,6 +4,7 @@ logistic regression, on the same group-aware holdout split and k-fold folds as t
 Texture is a grey-level co-occurrence matrix (GLCM) computed with numpy, with the property definitions
 of scikit-image's ``graycoprops`` (scikit-image is not a bcd dependency).
 """
+
 from __future__ import annotations
 
 import time
@@ -54,7 +55,7 @@ def glcm_features(gray: np.ndarray) -> np.ndarray:
     Grey levels are quantised to 32; symmetric, normalised matrices for each distance and angle.
     Returns (n, len(GLCM_DISTANCES) * len(GLCM_ANGLES) * 4), properties varying fastest.
     """
-    return np.concatenate([_glcm_chunk(gray[s:s + _CHUNK]) for s in range(0, len(gray), _CHUNK)])
+    return np.concatenate([_glcm_chunk(gray[s : s + _CHUNK]) for s in range(0, len(gray), _CHUNK)])
 
 
 def shape_features(gray: np.ndarray) -> np.ndarray:
@@ -90,8 +91,14 @@ def otsu_threshold(gray: np.ndarray) -> int:
 
 
 def train_classical_baseline(
-    scan: ScanResult, *, seed: int = 0, image_size: int = IMAGE_SIZE, model: str = MODELS[0], progress: bool = False,
-    val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION,
+    scan: ScanResult,
+    *,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    model: str = MODELS[0],
+    progress: bool = False,
+    val_fraction: float = DEFAULT_FRACTION,
+    test_fraction: float = DEFAULT_FRACTION,
 ) -> dict[str, Any]:
     """Fit StandardScaler + SVM (sigmoid-calibrated) or logistic regression on hand-crafted features.
 
@@ -103,13 +110,20 @@ def train_classical_baseline(
     if model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
     started = time.perf_counter()
-    images, labels, train, test = holdout_data(scan, seed=seed, image_size=image_size, progress=progress,
-                                               val_fraction=val_fraction, test_fraction=test_fraction)
+    images, labels, train, test = holdout_data(
+        scan,
+        seed=seed,
+        image_size=image_size,
+        progress=progress,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
     loaded = time.perf_counter()
     features = handcrafted_features(images)
     featured = time.perf_counter()
-    evaluation = _fit_and_evaluate(features, labels, scan.groups, train, test, model=model, seed=seed,
-                                   class_names=list(scan.class_names))
+    evaluation = _fit_and_evaluate(
+        features, labels, scan.groups, train, test, model=model, seed=seed, class_names=list(scan.class_names)
+    )
     finished = time.perf_counter()
     return {
         "model": model,
@@ -127,14 +141,22 @@ def train_classical_baseline(
         "confusion_matrix": evaluation.confusion_matrix,
         "class_names": list(scan.class_names),
         "seconds": round(finished - started, 2),
-        "stage_seconds": {"load_images": round(loaded - started, 2), "features": round(featured - loaded, 2),
-                          "fit_and_evaluate": round(finished - featured, 2)},
+        "stage_seconds": {
+            "load_images": round(loaded - started, 2),
+            "features": round(featured - loaded, 2),
+            "fit_and_evaluate": round(finished - featured, 2),
+        },
     }
 
 
 def cross_validate_classical(
-    scan: ScanResult, *, folds: int = DEFAULT_FOLDS, seed: int = 0, image_size: int = IMAGE_SIZE,
-    model: str = MODELS[0], progress: bool = False,
+    scan: ScanResult,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    model: str = MODELS[0],
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The classical baseline under k-fold CV: the same group-aware folds as ``cv`` (``crossval.fold_splits``).
 
@@ -150,16 +172,37 @@ def cross_validate_classical(
     images = load_images(scan.paths, image_size=image_size, progress=progress, description="baseline: loading")
     features = handcrafted_features(images)
     rows = []
-    for fold, split in enumerate(fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=DEFAULT_FRACTION,
-                                                   seed=seed), 1):
+    for fold, split in enumerate(
+        fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=DEFAULT_FRACTION, seed=seed), 1
+    ):
         fit_on = np.sort(np.concatenate([split.train, split.val]))
-        evaluation = _fit_and_evaluate(features, scan.labels, scan.groups, fit_on, split.test, model=model, seed=seed,
-                                       class_names=list(scan.class_names))
-        rows.append({"fold": fold, "n_train": len(fit_on), "n_test": len(split.test),
-                     "accuracy": evaluation.accuracy, "macro_auc": evaluation.macro_auc})
-    return {"protocol": Protocol.kfold(folds=folds).label, "model": f"classical baseline ({model})",
-            "image_size": image_size,
-            "folds": rows, **summarise_folds(rows), "seconds": round(time.perf_counter() - started, 2)}
+        evaluation = _fit_and_evaluate(
+            features,
+            scan.labels,
+            scan.groups,
+            fit_on,
+            split.test,
+            model=model,
+            seed=seed,
+            class_names=list(scan.class_names),
+        )
+        rows.append(
+            {
+                "fold": fold,
+                "n_train": len(fit_on),
+                "n_test": len(split.test),
+                "accuracy": evaluation.accuracy,
+                "macro_auc": evaluation.macro_auc,
+            }
+        )
+    return {
+        "protocol": Protocol.kfold(folds=folds).label,
+        "model": f"classical baseline ({model})",
+        "image_size": image_size,
+        "folds": rows,
+        **summarise_folds(rows),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def _fit_and_evaluate(features, labels, groups, train, test, *, model: str, seed: int, class_names: list[str]):
@@ -200,10 +243,10 @@ def _glcm_chunk(gray: np.ndarray) -> np.ndarray:
     for d in GLCM_DISTANCES:
         for angle in GLCM_ANGLES:
             dr, dc = -round(d * np.sin(np.radians(angle))), round(d * np.cos(np.radians(angle)))
-            a = q[:, max(0, -dr):h - max(0, dr), max(0, -dc):w - max(0, dc)]
-            b = q[:, max(0, dr):h - max(0, -dr), max(0, dc):w - max(0, -dc)]
+            a = q[:, max(0, -dr) : h - max(0, dr), max(0, -dc) : w - max(0, dc)]
+            b = q[:, max(0, dr) : h - max(0, -dr), max(0, dc) : w - max(0, -dc)]
             codes = (np.arange(n)[:, None, None] * GLCM_LEVELS + a) * GLCM_LEVELS + b
-            glcm = np.bincount(codes.ravel(), minlength=n * GLCM_LEVELS ** 2).reshape(n, GLCM_LEVELS, GLCM_LEVELS)
+            glcm = np.bincount(codes.ravel(), minlength=n * GLCM_LEVELS**2).reshape(n, GLCM_LEVELS, GLCM_LEVELS)
             glcm = glcm + glcm.transpose(0, 2, 1)
             p = glcm / np.maximum(glcm.sum(axis=(1, 2), keepdims=True), 1)
             out.append(_glcm_properties(p, i, j))
@@ -215,7 +258,7 @@ def _glcm_properties(p: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     diff2 = (i - j) ** 2
     contrast = (p * diff2).sum(axis=(1, 2))
     homogeneity = (p / (1.0 + diff2)).sum(axis=(1, 2))
-    energy = np.sqrt((p ** 2).sum(axis=(1, 2)))
+    energy = np.sqrt((p**2).sum(axis=(1, 2)))
     mean_i = (p * i).sum(axis=(1, 2))
     mean_j = (p * j).sum(axis=(1, 2))
     std_i = np.sqrt((p * (i - mean_i[:, None, None]) ** 2).sum(axis=(1, 2)))

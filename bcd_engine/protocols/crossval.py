@@ -1,4 +1,5 @@
 """k-fold cross-validation: stratified, group-aware folds, one stored run per fold."""
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,12 @@ class CrossValidationResult:
     def to_dict(self) -> dict:
         """The JSON shape ``cv --json`` prints: ``{"protocol", "folds": [{"fold", "run_id", "n_train", "n_test",
         "accuracy", "macro_auc"}], "mean": {...}, "std": {...}}``."""
-        return {"protocol": self.protocol, "folds": [asdict(fold) for fold in self.folds], "mean": dict(self.mean),
-                "std": dict(self.std)}
+        return {
+            "protocol": self.protocol,
+            "folds": [asdict(fold) for fold in self.folds],
+            "mean": dict(self.mean),
+            "std": dict(self.std),
+        }
 
 
 def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -> list[Split]:
@@ -53,15 +58,31 @@ def fold_splits(labels, groups, *, folds: int, val_fraction: float, seed: int) -
     labels, groups = np.asarray(labels), np.asarray(groups)
     splits = []
     for train_rest, test in group_kfold(labels, groups, folds=folds, seed=seed):
-        inner = holdout_split(labels[train_rest], groups[train_rest], val_fraction=val_fraction,
-                              test_fraction=0.0, seed=seed)
-        splits.append(Split(train=np.sort(train_rest[inner.train]), val=np.sort(train_rest[inner.val]),
-                            test=np.sort(test), seed=seed, val_fraction=val_fraction, test_fraction=1 / folds))
+        inner = holdout_split(
+            labels[train_rest], groups[train_rest], val_fraction=val_fraction, test_fraction=0.0, seed=seed
+        )
+        splits.append(
+            Split(
+                train=np.sort(train_rest[inner.train]),
+                val=np.sort(train_rest[inner.val]),
+                test=np.sort(test),
+                seed=seed,
+                val_fraction=val_fraction,
+                test_fraction=1 / folds,
+            )
+        )
     return splits
 
 
-def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: int = DEFAULT_FOLDS, store: RunStore,
-                   progress: bool = False, executor: Executor | None = None) -> CrossValidationResult:
+def cross_validate(
+    config: TrainConfig,
+    data_dir: str | os.PathLike,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    store: RunStore,
+    progress: bool = False,
+    executor: Executor | None = None,
+) -> CrossValidationResult:
     """Train and test ``config`` on each of ``folds`` group-aware folds; per-fold metrics, mean and std.
 
     Each fold is stored in ``store`` as its own run, under
@@ -74,19 +95,40 @@ def cross_validate(config: TrainConfig, data_dir: str | os.PathLike, *, folds: i
     scan = scan_dataset(data_dir, progress=progress)
     splits = fold_splits(scan.labels, scan.groups, folds=folds, val_fraction=config.val_fraction, seed=config.seed)
     executor = executor or LocalExecutor()
-    work = functools.partial(_train_fold, config=config, data_dir=data_dir, scan=scan, folds=folds,
-                             progress=progress and isinstance(executor, LocalExecutor))
+    work = functools.partial(
+        _train_fold,
+        config=config,
+        data_dir=data_dir,
+        scan=scan,
+        folds=folds,
+        progress=progress and isinstance(executor, LocalExecutor),
+    )
     results = tuple(executor.map(work, list(enumerate(splits, start=1)), store=store))
     summary = summarise_folds([asdict(fold) for fold in results])
     return CrossValidationResult(Protocol.kfold(folds=folds).label, results, summary["mean"], summary["std"])
 
 
-def _train_fold(store: RunStore, fold_split: tuple[int, Split], *, config: TrainConfig, data_dir: str | os.PathLike,
-                scan: ScanResult, folds: int, progress: bool) -> FoldResult:
+def _train_fold(
+    store: RunStore,
+    fold_split: tuple[int, Split],
+    *,
+    config: TrainConfig,
+    data_dir: str | os.PathLike,
+    scan: ScanResult,
+    folds: int,
+    progress: bool,
+) -> FoldResult:
     """Train and test one fold."""
     fold, split = fold_split
-    result = train(config, data_dir, store=store, split=split, scan=scan, progress=progress,
-                   protocol=Protocol.kfold(fold, folds=folds))
+    result = train(
+        config,
+        data_dir,
+        store=store,
+        split=split,
+        scan=scan,
+        progress=progress,
+        protocol=Protocol.kfold(fold, folds=folds),
+    )
     return FoldResult(fold, result.run_id, result.n_train, result.n_test, result.test_accuracy, result.macro_auc)
 
 
@@ -98,6 +140,8 @@ def summarise_folds(rows: list[dict]) -> dict:
     """
     summary = {}
     for stat, fn in (("mean", lambda values: float(np.mean(values))), ("std", sample_std)):
-        summary[stat] = {key: fn([r[key] for r in rows]) if all(r[key] is not None for r in rows) else None
-                         for key in ("accuracy", "macro_auc")}
+        summary[stat] = {
+            key: fn([r[key] for r in rows]) if all(r[key] is not None for r in rows) else None
+            for key in ("accuracy", "macro_auc")
+        }
     return summary

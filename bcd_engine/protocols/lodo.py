@@ -9,6 +9,7 @@ but pair by pair rather than through chains) is left out of training. The round'
 evaluated on the held-out folder, which may have a single class (its accuracy is then one minus its
 false-positive or false-negative rate).
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,9 +86,13 @@ class LodoResult:
     def to_dict(self) -> dict:
         """The JSON shape ``lodo --json`` prints: ``{"protocol", "shared_labels", "workdir", "datasets": {name:
         {"root", "n_images", "labels"}}, "rounds": [{"held_out", "status", ...}]}``."""
-        return {"protocol": self.protocol, "shared_labels": list(self.shared_labels), "workdir": self.workdir,
-                "datasets": {name: asdict(dataset) for name, dataset in self.datasets.items()},
-                "rounds": [asdict(row) for row in self.rounds]}
+        return {
+            "protocol": self.protocol,
+            "shared_labels": list(self.shared_labels),
+            "workdir": self.workdir,
+            "datasets": {name: asdict(dataset) for name, dataset in self.datasets.items()},
+            "rounds": [asdict(row) for row in self.rounds],
+        }
 
 
 def held_out_evaluation_name(held_out: str) -> str:
@@ -106,9 +111,16 @@ def load_dataset_label_map(path: str | os.PathLike) -> dict:
         raise DataError(f"cannot read label map {path}: {exc}") from exc
 
 
-def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.PathLike], label_map: dict | None = None,
-                          *, store: RunStore, progress: bool = False, workdir: str | os.PathLike | None = None,
-                          executor: Executor | None = None) -> LodoResult:
+def leave_one_dataset_out(
+    config: TrainConfig,
+    datasets: dict[str, str | os.PathLike],
+    label_map: dict | None = None,
+    *,
+    store: RunStore,
+    progress: bool = False,
+    workdir: str | os.PathLike | None = None,
+    executor: Executor | None = None,
+) -> LodoResult:
     """Hold out each dataset in turn: train ``config`` on the others, evaluate on it; one stored run per round.
 
     ``datasets`` maps names to folders of class subfolders; ``label_map`` maps a dataset name to
@@ -121,19 +133,29 @@ def leave_one_dataset_out(config: TrainConfig, datasets: dict[str, str | os.Path
     a folder under the cache keyed by the inputs. The rounds train one after another here unless ``executor``
     runs them elsewhere (the Ray executor: in parallel, without progress bars); the result is the same.
     """
-    scans = {name: scan_dataset(root, progress=progress, allow_single_class=True)
-             for name, root in _check_datasets(datasets).items()}
+    scans = {
+        name: scan_dataset(root, progress=progress, allow_single_class=True)
+        for name, root in _check_datasets(datasets).items()
+    }
     labels_of = _check_label_map(label_map, scans)
     workdir = Path(workdir) if workdir is not None else _default_workdir(scans, labels_of)
     executor = executor or LocalExecutor()
-    work = functools.partial(_round, config=config, scans=scans, labels_of=labels_of, workdir=workdir,
-                             progress=progress and isinstance(executor, LocalExecutor))
+    work = functools.partial(
+        _round,
+        config=config,
+        scans=scans,
+        labels_of=labels_of,
+        workdir=workdir,
+        progress=progress and isinstance(executor, LocalExecutor),
+    )
     return LodoResult(
         protocol=Protocol.lodo().label,
         shared_labels=sorted({label for labels in labels_of.values() for label in labels.values()}),
         workdir=str(workdir),
-        datasets={name: LodoDataset(scan.root, scan.n_images, _label_counts(scan, labels_of[name]))
-                  for name, scan in scans.items()},
+        datasets={
+            name: LodoDataset(scan.root, scan.n_images, _label_counts(scan, labels_of[name]))
+            for name, scan in scans.items()
+        },
         rounds=tuple(executor.map(work, list(scans), store=store)),
     )
 
@@ -164,29 +186,35 @@ def _check_label_map(label_map: dict | None, scans: dict[str, ScanResult]) -> di
         raise ConfigError(f"the label map must be {shape}")
     unknown = sorted(set(label_map) - set(scans))
     if unknown:
-        raise ConfigError(f"the label map names unknown dataset(s) {', '.join(map(repr, unknown))}; "
-                          f"the datasets are {', '.join(map(repr, scans))}")
+        raise ConfigError(
+            f"the label map names unknown dataset(s) {', '.join(map(repr, unknown))}; "
+            f"the datasets are {', '.join(map(repr, scans))}"
+        )
     labels_of = {}
     for name, scan in scans.items():
         part = label_map.get(name, {})
         missing = sorted(set(part) - set(scan.class_names))
         if missing:
-            raise DataError(f"the label map for dataset {name!r} names class(es) {', '.join(map(repr, missing))} "
-                            f"that {scan.root} does not have (its classes: {', '.join(scan.class_names)})")
+            raise DataError(
+                f"the label map for dataset {name!r} names class(es) {', '.join(map(repr, missing))} "
+                f"that {scan.root} does not have (its classes: {', '.join(scan.class_names)})"
+            )
         labels_of[name] = {cls: part.get(cls, cls) for cls in scan.class_names}
     seen: dict[str, str] = {}
     for label in sorted({label for labels in labels_of.values() for label in labels.values()}):
         _check_folder_name("shared label", label)
         if seen.setdefault(label.casefold(), label) != label:
-            raise ConfigError(f"shared labels {seen[label.casefold()]!r} and {label!r} differ only in case; "
-                              "map them onto one label")
+            raise ConfigError(
+                f"shared labels {seen[label.casefold()]!r} and {label!r} differ only in case; map them onto one label"
+            )
     return labels_of
 
 
 def _check_folder_name(what: str, name: object) -> None:
     if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ConfigError(f"{what} {name!r} cannot be used as a folder name "
-                          "(empty, starts with '.', or contains '/' or '\\')")
+        raise ConfigError(
+            f"{what} {name!r} cannot be used as a folder name (empty, starts with '.', or contains '/' or '\\')"
+        )
 
 
 def _default_workdir(scans: dict[str, ScanResult], labels_of: dict) -> Path:
@@ -202,8 +230,16 @@ def _label_counts(scan: ScanResult, labels: dict[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _round(store: RunStore, held_out: str, *, config: TrainConfig, scans: dict[str, ScanResult], labels_of: dict,
-           progress: bool, workdir: Path) -> LodoRound:
+def _round(
+    store: RunStore,
+    held_out: str,
+    *,
+    config: TrainConfig,
+    scans: dict[str, ScanResult],
+    labels_of: dict,
+    progress: bool,
+    workdir: Path,
+) -> LodoRound:
     """Train on the datasets other than ``held_out`` and evaluate on it; one row of the LODO table."""
     train_names = [name for name in scans if name != held_out]
     sources, excluded = {}, 0
@@ -218,46 +254,79 @@ def _round(store: RunStore, held_out: str, *, config: TrainConfig, scans: dict[s
     train_labels = sorted({rel.parts[0] for rel in sources})
     held_out_labels = sorted(set(labels_of[held_out].values()))
     skipped = LodoRound(
-        held_out=held_out, status="skipped", reason=None, run_id=None, train_datasets=train_names,
-        train_labels=train_labels, excluded_duplicates=excluded, n_train=None, n_val=None, n_test_in_domain=None,
-        in_domain_accuracy=None, in_domain_macro_auc=None, n_held_out=scans[held_out].n_images,
-        held_out_labels=held_out_labels, held_out_accuracy=None, held_out_macro_auc=None, confusion_matrix=None,
+        held_out=held_out,
+        status="skipped",
+        reason=None,
+        run_id=None,
+        train_datasets=train_names,
+        train_labels=train_labels,
+        excluded_duplicates=excluded,
+        n_train=None,
+        n_val=None,
+        n_test_in_domain=None,
+        in_domain_accuracy=None,
+        in_domain_macro_auc=None,
+        n_held_out=scans[held_out].n_images,
+        held_out_labels=held_out_labels,
+        held_out_accuracy=None,
+        held_out_macro_auc=None,
+        confusion_matrix=None,
         per_label_rate=None,
     )
     unseen = [label for label in held_out_labels if label not in train_labels]
     if len(train_labels) < 2:
         have = f"only the shared label {train_labels[0]!r}" if train_labels else "no images left"
-        return replace(skipped, reason=f"the training datasets ({', '.join(train_names)}) have {have}; training "
-                                       "needs two labels")
+        return replace(
+            skipped, reason=f"the training datasets ({', '.join(train_names)}) have {have}; training needs two labels"
+        )
     if unseen:
-        return replace(skipped, reason=f"held-out label(s) {', '.join(map(repr, unseen))} do not occur in the "
-                                       f"training datasets ({', '.join(train_names)}), so the model cannot predict "
-                                       "them")
+        return replace(
+            skipped,
+            reason=f"held-out label(s) {', '.join(map(repr, unseen))} do not occur in the "
+            f"training datasets ({', '.join(train_names)}), so the model cannot predict "
+            "them",
+        )
     train_dir = _link_folder(workdir / f"without-{held_out}", sources)
     try:
         result = train(config, train_dir, store=store, progress=progress, protocol=Protocol.lodo(held_out))
     except BCDError as exc:  # one failed round does not cost the others their results
         return replace(skipped, status="failed", reason=str(exc))
-    trained = replace(skipped, run_id=result.run_id, status=result.status, n_train=result.n_train,
-                      n_val=result.n_val, n_test_in_domain=result.n_test, in_domain_accuracy=result.test_accuracy,
-                      in_domain_macro_auc=result.macro_auc)
+    trained = replace(
+        skipped,
+        run_id=result.run_id,
+        status=result.status,
+        n_train=result.n_train,
+        n_val=result.n_val,
+        n_test_in_domain=result.n_test,
+        in_domain_accuracy=result.test_accuracy,
+        in_domain_macro_auc=result.macro_auc,
+    )
     if result.status != "completed":
         return replace(trained, reason=f"run {result.run_id} was {result.status}")
     try:
         evaluation = evaluate_run_on_folder(
-            result.run_id, scans[held_out].root, store=store, progress=progress,
+            result.run_id,
+            scans[held_out].root,
+            store=store,
+            progress=progress,
             label_map={"run": {label: label for label in train_labels}, "data": labels_of[held_out]},
             evaluation_name=held_out_evaluation_name(held_out),
         )
     except BCDError as exc:
-        return replace(trained, status="failed",
-                       reason=f"run {result.run_id} trained, but its held-out evaluation failed: {exc}")
+        return replace(
+            trained, status="failed", reason=f"run {result.run_id} trained, but its held-out evaluation failed: {exc}"
+        )
     names = evaluation.class_names
     return replace(
-        trained, held_out_accuracy=evaluation.accuracy, held_out_macro_auc=evaluation.macro_auc,
+        trained,
+        held_out_accuracy=evaluation.accuracy,
+        held_out_macro_auc=evaluation.macro_auc,
         confusion_matrix={"labels": names, "counts": evaluation.confusion_matrix},
-        per_label_rate={names[i]: {names[j]: n / sum(counts) for j, n in enumerate(counts)}
-                        for i, counts in enumerate(evaluation.confusion_matrix) if sum(counts)},
+        per_label_rate={
+            names[i]: {names[j]: n / sum(counts) for j, n in enumerate(counts)}
+            for i, counts in enumerate(evaluation.confusion_matrix)
+            if sum(counts)
+        },
     )
 
 
@@ -279,8 +348,10 @@ def _link_folder(folder: Path, sources: dict[Path, str]) -> Path:
                 return folder
             _build_folder(folder, sources, digest)
     except Timeout as exc:
-        raise DataError(f"another run has been building {folder} for over {_BUILD_LOCK_SECONDS} s; "
-                        f"if no run is, remove {lock.lock_file} and try again") from exc
+        raise DataError(
+            f"another run has been building {folder} for over {_BUILD_LOCK_SECONDS} s; "
+            f"if no run is, remove {lock.lock_file} and try again"
+        ) from exc
     return folder
 
 

@@ -4,6 +4,7 @@ reliability bins and the cached shortcut audit. Plain data in, plain data (or Da
 Every accuracy and macro AUC comes with the 95% bootstrap interval that :mod:`bcd_engine.evaluation`
 stored with it (``metrics["confidence_intervals"]``), formatted like ``0.996 (0.990–1.000)``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,11 @@ from bcd_engine.store import Protocol, RunStore, latest_evaluation
 from bcd_engine.store.records import EvaluationRecord, RunRecord
 
 IN_DOMAIN_NOTE = " (in-domain hold-out test; the held-out dataset's figure is in the LODO table)"
-AUDIT_REFERENCES = (("colour_only_accuracy", "colour only"), ("corner_only_accuracy", "corner only"),
-                    ("chance_accuracy", "chance"))
+AUDIT_REFERENCES = (
+    ("colour_only_accuracy", "colour only"),
+    ("corner_only_accuracy", "corner only"),
+    ("chance_accuracy", "chance"),
+)
 _POOLED_RESAMPLES = 1000
 
 
@@ -73,15 +77,41 @@ def intervals_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Ev
         if test is None:
             continue
         protocol = run.protocol.label + (IN_DOMAIN_NOTE if run.protocol.kind == "lodo" else "")
-        row = {"run": run.id, "label": f"run {run.id}: {run.backbone} · {protocol}", "backbone": run.backbone,
-               "protocol": protocol, "data_dir": run.config.get("data_dir"), "n": test.metrics.get("n")}
+        row = {
+            "run": run.id,
+            "label": f"run {run.id}: {run.backbone} · {protocol}",
+            "backbone": run.backbone,
+            "protocol": protocol,
+            "data_dir": run.config.get("data_dir"),
+            "n": test.metrics.get("n"),
+        }
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
             value, low, high = interval(test, metric)
-            row.update({metric: value, f"{metric}_low": low, f"{metric}_high": high,
-                        f"{title} (95% CI)": format_interval(value, low, high)})
+            row.update(
+                {
+                    metric: value,
+                    f"{metric}_low": low,
+                    f"{metric}_high": high,
+                    f"{title} (95% CI)": format_interval(value, low, high),
+                }
+            )
         rows.append(row)
-    columns = ["run", "label", "backbone", "protocol", "data_dir", "n", "accuracy", "accuracy_low", "accuracy_high",
-               "macro_auc", "macro_auc_low", "macro_auc_high", "accuracy (95% CI)", "macro AUC (95% CI)"]
+    columns = [
+        "run",
+        "label",
+        "backbone",
+        "protocol",
+        "data_dir",
+        "n",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "macro_auc",
+        "macro_auc_low",
+        "macro_auc_high",
+        "accuracy (95% CI)",
+        "macro AUC (95% CI)",
+    ]
     return pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[6:12]})
 
 
@@ -98,7 +128,8 @@ def runs_table(runs: pd.DataFrame, evaluations: Mapping[int, list[EvaluationReco
 def reference_frame() -> pd.DataFrame:
     """The thesis' and the dataset authors' reported accuracies, saying that no interval or protocol is known."""
     return pd.DataFrame(THESIS_REFERENCE).assign(
-        **{"95% CI": "not reported", "protocol": "as reported (split and protocol differ from bcd's)"})
+        **{"95% CI": "not reported", "protocol": "as reported (split and protocol differ from bcd's)"}
+    )
 
 
 @dataclass(frozen=True)
@@ -139,8 +170,9 @@ def cv_groups(runs: Iterable[RunRecord]) -> list[CVGroup]:
             groups.append((run.backbone, protocol.folds, members))
         members.append(run)
         open_groups[key] = (protocol.fold, members)
-    return [CVGroup(Protocol.kfold(folds=folds), backbone, folds, tuple(members))
-            for backbone, folds, members in groups]
+    return [
+        CVGroup(Protocol.kfold(folds=folds), backbone, folds, tuple(members)) for backbone, folds, members in groups
+    ]
 
 
 def cv_folds_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[EvaluationRecord]]) -> pd.DataFrame:
@@ -150,17 +182,40 @@ def cv_folds_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[Eva
         for run in group.runs:
             test = latest_evaluation(evaluations.get(run.id, []))
             accuracy, macro_auc = interval(test, "accuracy"), interval(test, "macro_auc")
-            rows.append({"group": group.label, "fold": f"{run.protocol.fold}/{group.folds}",
-                         "run": run.id, "status": run.status, "n": test.metrics.get("n") if test else None,
-                         "accuracy": accuracy[0], "accuracy (95% CI)": format_interval(*accuracy),
-                         "macro_auc": macro_auc[0], "macro AUC (95% CI)": format_interval(*macro_auc),
-                         "ece": test.metrics.get("ece") if test else None})
-    return pd.DataFrame(rows, columns=["group", "fold", "run", "status", "n", "accuracy", "accuracy (95% CI)",
-                                       "macro_auc", "macro AUC (95% CI)", "ece"])
+            rows.append(
+                {
+                    "group": group.label,
+                    "fold": f"{run.protocol.fold}/{group.folds}",
+                    "run": run.id,
+                    "status": run.status,
+                    "n": test.metrics.get("n") if test else None,
+                    "accuracy": accuracy[0],
+                    "accuracy (95% CI)": format_interval(*accuracy),
+                    "macro_auc": macro_auc[0],
+                    "macro AUC (95% CI)": format_interval(*macro_auc),
+                    "ece": test.metrics.get("ece") if test else None,
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "group",
+            "fold",
+            "run",
+            "status",
+            "n",
+            "accuracy",
+            "accuracy (95% CI)",
+            "macro_auc",
+            "macro AUC (95% CI)",
+            "ece",
+        ],
+    )
 
 
-def pooled_confusion(group: CVGroup, evaluations: Mapping[int, list[EvaluationRecord]]
-                     ) -> tuple[list[str], list[list[int]]] | None:
+def pooled_confusion(
+    group: CVGroup, evaluations: Mapping[int, list[EvaluationRecord]]
+) -> tuple[list[str], list[list[int]]] | None:
     """(class names, the sum of the folds' test confusion matrices); None when no fold has a test evaluation.
 
     Every image is in exactly one fold's test set, so the sum covers each tested image once.
@@ -199,11 +254,15 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
     rows = []
     for group in groups:
         completed = [r for r in group.runs if r.status == "completed"]
-        tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in completed)
-                 if t is not None]
-        row = {"group": group.label, "backbone": group.backbone, "protocol": group.protocol.label,
-               "data_dir": group.data_dir, "folds": f"{len(tests)} of {group.folds} completed",
-               "n": sum(t.metrics.get("n", 0) for t in tests)}
+        tests = [t for t in (latest_evaluation(evaluations.get(r.id, [])) for r in completed) if t is not None]
+        row = {
+            "group": group.label,
+            "backbone": group.backbone,
+            "protocol": group.protocol.label,
+            "data_dir": group.data_dir,
+            "folds": f"{len(tests)} of {group.folds} completed",
+            "n": sum(t.metrics.get("n", 0) for t in tests),
+        }
         for metric, title in (("accuracy", "accuracy"), ("macro_auc", "macro AUC")):
             values = [t.metrics.get(metric) for t in tests]
             known = bool(values) and all(v is not None for v in values)
@@ -213,9 +272,24 @@ def cv_summary_frame(groups: Iterable[CVGroup], evaluations: Mapping[int, list[E
         pooled = pooled_confusion(group, evaluations) if tests else None
         row["pooled accuracy (95% CI)"] = format_interval(*pooled_accuracy(pooled[1])) if pooled else "n/a"
         rows.append(row)
-    return pd.DataFrame(rows, columns=["group", "backbone", "protocol", "data_dir", "folds", "n", "accuracy_mean",
-                                       "accuracy_std", "macro_auc_mean", "macro_auc_std", "accuracy (mean ± std)",
-                                       "macro AUC (mean ± std)", "pooled accuracy (95% CI)"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "group",
+            "backbone",
+            "protocol",
+            "data_dir",
+            "folds",
+            "n",
+            "accuracy_mean",
+            "accuracy_std",
+            "macro_auc_mean",
+            "macro_auc_std",
+            "accuracy (mean ± std)",
+            "macro AUC (mean ± std)",
+            "pooled accuracy (95% CI)",
+        ],
+    )
 
 
 def lodo_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[EvaluationRecord]]) -> pd.DataFrame:
@@ -236,19 +310,40 @@ def lodo_frame(runs: Iterable[RunRecord], evaluations: Mapping[int, list[Evaluat
         held_out = latest_evaluation(evals, held_out_evaluation_name(name))
         test = latest_evaluation(evals)
         inside, outside = interval(test, "accuracy"), interval(held_out, "accuracy")
-        rows.append({
-            "held_out": name, "backbone": run.backbone, "run": run.id,
-            "in_domain": inside[0], "in_domain_low": inside[1], "in_domain_high": inside[2],
-            "in-domain test accuracy (95% CI)": format_interval(*inside),
-            "n_in_domain": test.metrics.get("n") if test else None,
-            "held_out_accuracy": outside[0], "held_out_accuracy_low": outside[1],
-            "held_out_accuracy_high": outside[2], "held-out accuracy (95% CI)": format_interval(*outside),
-            "n_held_out": held_out.metrics.get("n") if held_out else None,
-            "drop": inside[0] - outside[0] if None not in (inside[0], outside[0]) else None,
-        })
-    columns = ["held_out", "backbone", "run", "in_domain", "in_domain_low", "in_domain_high",
-               "in-domain test accuracy (95% CI)", "n_in_domain", "held_out_accuracy", "held_out_accuracy_low",
-               "held_out_accuracy_high", "held-out accuracy (95% CI)", "n_held_out", "drop"]
+        rows.append(
+            {
+                "held_out": name,
+                "backbone": run.backbone,
+                "run": run.id,
+                "in_domain": inside[0],
+                "in_domain_low": inside[1],
+                "in_domain_high": inside[2],
+                "in-domain test accuracy (95% CI)": format_interval(*inside),
+                "n_in_domain": test.metrics.get("n") if test else None,
+                "held_out_accuracy": outside[0],
+                "held_out_accuracy_low": outside[1],
+                "held_out_accuracy_high": outside[2],
+                "held-out accuracy (95% CI)": format_interval(*outside),
+                "n_held_out": held_out.metrics.get("n") if held_out else None,
+                "drop": inside[0] - outside[0] if None not in (inside[0], outside[0]) else None,
+            }
+        )
+    columns = [
+        "held_out",
+        "backbone",
+        "run",
+        "in_domain",
+        "in_domain_low",
+        "in_domain_high",
+        "in-domain test accuracy (95% CI)",
+        "n_in_domain",
+        "held_out_accuracy",
+        "held_out_accuracy_low",
+        "held_out_accuracy_high",
+        "held-out accuracy (95% CI)",
+        "n_held_out",
+        "drop",
+    ]
     frame = pd.DataFrame(rows, columns=columns).astype({c: float for c in (*columns[3:6], *columns[8:11], "drop")})
     return frame.sort_values(["held_out", "backbone", "run"], ignore_index=True)
 
@@ -261,10 +356,19 @@ def reliability_frame(evaluation: EvaluationRecord) -> pd.DataFrame:
     """
     bins = evaluation.metrics.get("reliability") or {}
     edges = bins.get("bin_edges", [])
-    rows = [{"low": edges[k], "high": edges[k + 1], "centre": (edges[k] + edges[k + 1]) / 2,
-             "width": edges[k + 1] - edges[k], "confidence": bins["confidence"][k],
-             "accuracy": bins["accuracy"][k], "count": count}
-            for k, count in enumerate(bins.get("count", [])) if count]
+    rows = [
+        {
+            "low": edges[k],
+            "high": edges[k + 1],
+            "centre": (edges[k] + edges[k + 1]) / 2,
+            "width": edges[k + 1] - edges[k],
+            "confidence": bins["confidence"][k],
+            "accuracy": bins["accuracy"][k],
+            "count": count,
+        }
+        for k, count in enumerate(bins.get("count", []))
+        if count
+    ]
     return pd.DataFrame(rows, columns=["low", "high", "centre", "width", "confidence", "accuracy", "count"])
 
 
@@ -307,16 +411,21 @@ def audit_references(audits: Mapping[str, dict]) -> pd.DataFrame:
     ``audits`` maps a dataset root to its :func:`run_audit` result; references are colour only,
     corner only and chance.
     """
-    rows = [{"dataset": Path(root).name, "root": root, "reference": name, "accuracy": audit["shortcuts"][key]}
-            for root, audit in audits.items() for key, name in AUDIT_REFERENCES]
+    rows = [
+        {"dataset": Path(root).name, "root": root, "reference": name, "accuracy": audit["shortcuts"][key]}
+        for root, audit in audits.items()
+        for key, name in AUDIT_REFERENCES
+    ]
     return pd.DataFrame(rows, columns=["dataset", "root", "reference", "accuracy"])
 
 
 def audit_explanation(audit: dict) -> str:
     """What the audit means for model accuracies on this dataset, in plain words."""
     s = audit["shortcuts"]
-    return (f"Colour statistics alone reach {s['colour_only_accuracy']:.1%}: a model's accuracy close to this may "
-            f"come from colour, not cell shape. The bottom-right corner alone (where the ALL dataset's scale-bar "
-            f"label sits) reaches {s['corner_only_accuracy']:.1%}, and always guessing the most common class "
-            f"{s['chance_accuracy']:.1%}. These come from a simple colour classifier (a random forest) tested on "
-            f"{s['n_test']} images of a group-aware test split of the same folder.")
+    return (
+        f"Colour statistics alone reach {s['colour_only_accuracy']:.1%}: a model's accuracy close to this may "
+        f"come from colour, not cell shape. The bottom-right corner alone (where the ALL dataset's scale-bar "
+        f"label sits) reaches {s['corner_only_accuracy']:.1%}, and always guessing the most common class "
+        f"{s['chance_accuracy']:.1%}. These come from a simple colour classifier (a random forest) tested on "
+        f"{s['n_test']} images of a group-aware test split of the same folder."
+    )

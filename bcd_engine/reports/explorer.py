@@ -1,4 +1,5 @@
 """Tables for the Dataset explorer: dataset choices, samples per class, size and colour statistics."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ class DatasetChoice:
     synthetic: bool = False
 
 
-def dataset_choices(store: RunStore, demo_root: str | os.PathLike, *,
-                    public: Sequence[str | os.PathLike] | None = None) -> list[DatasetChoice]:
+def dataset_choices(
+    store: RunStore, demo_root: str | os.PathLike, *, public: Sequence[str | os.PathLike] | None = None
+) -> list[DatasetChoice]:
     """The SYNTHETIC demo set at ``demo_root`` first, then the datasets registered in the store.
 
     With ``public`` (a hosted demo: ``settings.demo_datasets()``) the store's datasets are left out, only
@@ -35,8 +37,11 @@ def dataset_choices(store: RunStore, demo_root: str | os.PathLike, *,
     choices = [DatasetChoice(f"SYNTHETIC demo set ({DEMO_DATASET_NAME}, not medical data)", demo, True)]
     if public is not None:
         return choices + [DatasetChoice(f"{Path(root).name} (public dataset)", str(root)) for root in public]
-    choices += [DatasetChoice(f"{d.name}: {d.n_images} images ({d.root})", d.root)
-                for d in store.list_datasets() if d.root != demo]
+    choices += [
+        DatasetChoice(f"{d.name}: {d.n_images} images ({d.root})", d.root)
+        for d in store.list_datasets()
+        if d.root != demo
+    ]
     return choices
 
 
@@ -52,7 +57,7 @@ def page_of(items: list, page: int, per_page: int) -> tuple[list, int]:
     """Items on ``page`` (1-based, clamped) and the number of pages."""
     n_pages = max(1, math.ceil(len(items) / per_page))
     page = min(max(1, page), n_pages)
-    return items[(page - 1) * per_page: page * per_page], n_pages
+    return items[(page - 1) * per_page : page * per_page], n_pages
 
 
 def image_stats(scan: ScanResult, *, per_class: int = 40, seed: int = 0) -> pd.DataFrame:
@@ -69,9 +74,20 @@ def image_stats(scan: ScanResult, *, per_class: int = 40, seed: int = 0) -> pd.D
             record = records[path]
             pixels = load_image(path, image_size=64).reshape(-1, 3).astype(np.float64)
             mean = pixels.mean(axis=0)
-            rows.append({"class": class_name, "path": path, "width": record.width, "height": record.height,
-                         "kb": record.size_bytes / 1024, "mean_r": mean[0], "mean_g": mean[1], "mean_b": mean[2],
-                         "std": pixels.mean(axis=1).std(), "brightness": mean.mean()})
+            rows.append(
+                {
+                    "class": class_name,
+                    "path": path,
+                    "width": record.width,
+                    "height": record.height,
+                    "kb": record.size_bytes / 1024,
+                    "mean_r": mean[0],
+                    "mean_g": mean[1],
+                    "mean_b": mean[2],
+                    "std": pixels.mean(axis=1).std(),
+                    "brightness": mean.mean(),
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -1,6 +1,7 @@
 """Tables for the Train and Compare pages: one row per run, epochs as a long table, per-class metrics,
 the images of a confusion-matrix cell, risk-coverage curves, and the accuracies the thesis reported.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -16,8 +17,12 @@ THESIS_REFERENCE = [
     {"model": "VGG19", "train_accuracy": 0.94, "val_accuracy": 0.91, "source": "thesis (reported)"},
     {"model": "ResNet50", "train_accuracy": 0.89, "val_accuracy": 0.87, "source": "thesis (reported)"},
     {"model": "InceptionV3", "train_accuracy": 0.90, "val_accuracy": 0.80, "source": "thesis (reported)"},
-    {"model": "Ghaderzadeh et al. 2022 (dataset authors)", "train_accuracy": None, "val_accuracy": 0.9985,
-     "source": "dataset authors (reported)"},
+    {
+        "model": "Ghaderzadeh et al. 2022 (dataset authors)",
+        "train_accuracy": None,
+        "val_accuracy": 0.9985,
+        "source": "dataset authors (reported)",
+    },
 ]
 
 
@@ -38,8 +43,7 @@ def default_run(store: RunStore) -> RunRecord | None:
     """The run to offer first: the best run on the real dataset with the most images; only when no run was
     trained on real data, the best on a SYNTHETIC set; None without completed runs."""
     best = list(best_runs_by_dataset(store).values())
-    return max(best, key=lambda r: (not r.dataset.synthetic, r.dataset.n_images or 0, r.id),
-               default=None)
+    return max(best, key=lambda r: (not r.dataset.synthetic, r.dataset.n_images or 0, r.id), default=None)
 
 
 def dataset_label(run: RunRecord) -> str:
@@ -73,20 +77,49 @@ def runs_frame(store: RunStore) -> pd.DataFrame:
         metrics = evaluation.metrics if evaluation else {}
         spec = BACKBONES.get(run.backbone)
         train_cfg = run.config.get("train", {})
-        rows.append({
-            "id": run.id, "backbone": run.backbone, "dataset": dataset_label(run), "status": run.status,
-            "protocol": run.protocol.label, "test_accuracy": run.test_accuracy, "macro_auc": run.macro_auc,
-            "macro_f1": metrics.get("macro_f1"), "ece": metrics.get("ece"),
-            "ece_calibrated": metrics.get("ece_calibrated"),
-            "parameters_M": (metrics["parameters"] / 1e6) if metrics.get("parameters") else None,
-            "backbone_params_M": spec.params_millions if spec else None,
-            "weights": train_cfg.get("weights") or "none", "image_size": train_cfg.get("image_size"),
-            "seconds": run.seconds, "created": run.created_at, "error": run.error,
-        })
-    return pd.DataFrame(rows, columns=["id", "backbone", "dataset", "status", "protocol", "test_accuracy",
-                                       "macro_auc", "macro_f1", "ece", "ece_calibrated", "parameters_M",
-                                       "backbone_params_M", "weights", "image_size",
-                                       "seconds", "created", "error"])
+        rows.append(
+            {
+                "id": run.id,
+                "backbone": run.backbone,
+                "dataset": dataset_label(run),
+                "status": run.status,
+                "protocol": run.protocol.label,
+                "test_accuracy": run.test_accuracy,
+                "macro_auc": run.macro_auc,
+                "macro_f1": metrics.get("macro_f1"),
+                "ece": metrics.get("ece"),
+                "ece_calibrated": metrics.get("ece_calibrated"),
+                "parameters_M": (metrics["parameters"] / 1e6) if metrics.get("parameters") else None,
+                "backbone_params_M": spec.params_millions if spec else None,
+                "weights": train_cfg.get("weights") or "none",
+                "image_size": train_cfg.get("image_size"),
+                "seconds": run.seconds,
+                "created": run.created_at,
+                "error": run.error,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "id",
+            "backbone",
+            "dataset",
+            "status",
+            "protocol",
+            "test_accuracy",
+            "macro_auc",
+            "macro_f1",
+            "ece",
+            "ece_calibrated",
+            "parameters_M",
+            "backbone_params_M",
+            "weights",
+            "image_size",
+            "seconds",
+            "created",
+            "error",
+        ],
+    )
 
 
 def epochs_frame(store: RunStore, run_ids: list[int]) -> pd.DataFrame:
@@ -96,8 +129,17 @@ def epochs_frame(store: RunStore, run_ids: list[int]) -> pd.DataFrame:
         for step, e in enumerate(store.get_epochs(run_id), start=1):
             for metric in ("accuracy", "loss"):
                 for split in ("train", "val"):
-                    rows.append({"run": run_id, "phase": e.phase, "epoch": e.epoch, "step": step,
-                                 "metric": metric, "split": split, "value": getattr(e, f"{split}_{metric}")})
+                    rows.append(
+                        {
+                            "run": run_id,
+                            "phase": e.phase,
+                            "epoch": e.epoch,
+                            "step": step,
+                            "metric": metric,
+                            "split": split,
+                            "value": getattr(e, f"{split}_{metric}"),
+                        }
+                    )
     return pd.DataFrame(rows, columns=["run", "phase", "epoch", "step", "metric", "split", "value"])
 
 
@@ -107,23 +149,31 @@ def per_class_frame(evaluation: EvaluationRecord) -> pd.DataFrame:
     return pd.DataFrame([{"class": name, **per_class.get(name, {})} for name in evaluation.class_names])
 
 
-def cell_images(store: RunStore, evaluation: EvaluationRecord, true_class: str, predicted_class: str,
-                limit: int = 24) -> list[dict]:
+def cell_images(
+    store: RunStore, evaluation: EvaluationRecord, true_class: str, predicted_class: str, limit: int = 24
+) -> list[dict]:
     """Up to ``limit`` images of one confusion-matrix cell (true class, predicted class): path and the
     probability of every class, most confident first."""
-    out = [{"path": p.path, "true": p.true_class, "predicted": p.predicted_class,
+    out = [
+        {
+            "path": p.path,
+            "true": p.true_class,
+            "predicted": p.predicted_class,
             "probabilities": dict(zip(evaluation.class_names, p.probabilities)),
-            "confidence": p.probabilities[evaluation.class_names.index(p.predicted_class)]}
-           for p in store.get_predictions(evaluation.id)
-           if p.true_class == true_class and p.predicted_class == predicted_class]
+            "confidence": p.probabilities[evaluation.class_names.index(p.predicted_class)],
+        }
+        for p in store.get_predictions(evaluation.id)
+        if p.true_class == true_class and p.predicted_class == predicted_class
+    ]
     return sorted(out, key=lambda item: -item["confidence"])[:limit]
 
 
 def worst_cell(evaluation: EvaluationRecord) -> tuple[str, str]:
     """The off-diagonal confusion-matrix cell with the most images (true, predicted); the first diagonal cell
     when every image is right."""
-    counts = [[count if i != j else -1 for j, count in enumerate(row)]
-              for i, row in enumerate(evaluation.confusion_matrix)]
+    counts = [
+        [count if i != j else -1 for j, count in enumerate(row)] for i, row in enumerate(evaluation.confusion_matrix)
+    ]
     i, j = max(((i, j) for i in range(len(counts)) for j in range(len(counts))), key=lambda c: counts[c[0]][c[1]])
     names = evaluation.class_names
     return (names[i], names[j]) if counts[i][j] > 0 else (names[0], names[0])
@@ -134,5 +184,6 @@ def risk_coverage_frame(store: RunStore, evaluation: EvaluationRecord) -> pd.Dat
     predictions = store.get_predictions(evaluation.id)
     names = evaluation.class_names
     curve = risk_coverage([names.index(p.true_class) for p in predictions], [p.probabilities for p in predictions])
-    return pd.DataFrame({"coverage": curve["coverage"], "accuracy": curve["accuracy"],
-                         "confidence": curve["threshold"]})
+    return pd.DataFrame(
+        {"coverage": curve["coverage"], "accuracy": curve["accuracy"], "confidence": curve["threshold"]}
+    )

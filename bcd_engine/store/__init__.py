@@ -7,6 +7,7 @@ use psycopg 3). Everything it returns is a frozen record from :mod:`bcd_engine.s
 run's protocol is a :class:`Protocol`. Where a run's files live, and finding them checked, is
 :mod:`bcd_engine.store.artifacts`'s; how the database is reached and migrated :mod:`bcd_engine.store.engine`'s.
 """
+
 from __future__ import annotations
 
 from bcd_engine.store.models import FINAL_STATUSES, RUN_STATUSES

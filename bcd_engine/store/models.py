@@ -3,6 +3,7 @@
 The schema itself is created and changed only by the Alembic revisions in ``migrations/versions``;
 these classes must stay in step with them (``tests/test_store.py`` checks that they do).
 """
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -75,9 +76,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map: ClassVar[dict[Any, Any]] = {
-        datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()
-    }
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
 
 
 _CASCADE = {"ondelete": "CASCADE"}
@@ -109,9 +108,7 @@ class SqlRun(Base):
     protocol_fold: Mapped[int | None] = mapped_column(Integer)
     protocol_folds: Mapped[int | None] = mapped_column(Integer)
     protocol_held_out: Mapped[str | None] = mapped_column(Text)
-    protocol: Mapped[Protocol] = composite(
-        "protocol_kind", "protocol_fold", "protocol_folds", "protocol_held_out"
-    )
+    protocol: Mapped[Protocol] = composite("protocol_kind", "protocol_fold", "protocol_folds", "protocol_held_out")
     config: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -125,9 +122,7 @@ class SqlRun(Base):
     heartbeat_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker_id: Mapped[str | None] = mapped_column(String(255))
-    dataset_id: Mapped[int | None] = mapped_column(
-        ForeignKey("datasets.id", ondelete="SET NULL"), index=True
-    )
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     dataset: Mapped[SqlDataset | None] = relationship(lazy="joined")
     test_accuracy: Mapped[float | None] = mapped_column(Float)
     macro_auc: Mapped[float | None] = mapped_column(Float)
@@ -152,9 +147,7 @@ class SqlEpoch(Base):
 class SqlSplitAssignment(Base):
     __tablename__ = "split_assignments"
     __table_args__ = (
-        CheckConstraint(
-            "subset IN ('train', 'val', 'test') OR subset LIKE 'fold%'", name="subset"
-        ),
+        CheckConstraint("subset IN ('train', 'val', 'test') OR subset LIKE 'fold%'", name="subset"),
         Index("ix_split_assignments_run_id_subset", "run_id", "subset"),
     )
 
@@ -199,9 +192,7 @@ class SqlPrediction(Base):
     __tablename__ = "predictions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    evaluation_id: Mapped[int] = mapped_column(
-        ForeignKey("evaluations.id", **_CASCADE), index=True
-    )
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", **_CASCADE), index=True)
     path: Mapped[str] = mapped_column(Text)
     true_class: Mapped[str] = mapped_column(String(255))
     predicted_class: Mapped[str] = mapped_column(String(255))

@@ -3,6 +3,7 @@
 ORM rows never leave the store; every public read returns one of these instead, so callers can keep
 them after the session is gone and pass them between threads.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -5,6 +5,7 @@ process entry points use ``RunStore.open(url)``, which creates or upgrades the s
 whose process died as interrupted. How the database is reached and migrated is :mod:`bcd_engine.store.engine`'s.
 A read-only store (see there) raises :class:`StoreError` on every write.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,7 +92,6 @@ def _checked(what: str) -> Iterator[None]:
         raise RecordError(f"{what}: {exc}") from None
 
 
-
 def _metric(value: Any) -> float | None:
     """A float for a metric column; NaN becomes None (SQLite cannot keep NaN, so neither do we)."""
     if value is None:
@@ -103,7 +103,6 @@ def _metric(value: Any) -> float | None:
 def _require_status(status: str, allowed: Sequence[str], *, what: str = "status must be") -> None:
     if status not in allowed:
         raise RecordError(f"{what} one of {', '.join(allowed)}, not {status!r}")
-
 
 
 def _record(cls: type[_R], row: Any) -> _R:
@@ -125,7 +124,6 @@ def _run_dataset(run: SqlRun) -> RunDataset:
     if recorded:
         return RunDataset(name=recorded["name"], n_images=recorded["n_images"], synthetic=bool(recorded["synthetic"]))
     return RunDataset(name=Path(run.config.get("data_dir") or "").name or "unknown", n_images=None, synthetic=False)
-
 
 
 class RunStore:
@@ -308,8 +306,9 @@ class RunStore:
             if row is None:
                 try:
                     with s.begin_nested():  # PostgreSQL: another process may insert the same root
-                        row = SqlDataset(name=name, root=root, n_images=n_images, class_counts=counts,
-                                      synthetic=bool(synthetic))
+                        row = SqlDataset(
+                            name=name, root=root, n_images=n_images, class_counts=counts, synthetic=bool(synthetic)
+                        )
                         s.add(row)
                 except IntegrityError:
                     row = s.scalars(select(SqlDataset).where(SqlDataset.root == root)).one()
@@ -368,9 +367,7 @@ class RunStore:
             "worker_id": worker_id,
         }
 
-    def start_run(
-        self, run_id: int, *, environment: Mapping[str, Any], worker_id: str | None = None
-    ) -> None:
+    def start_run(self, run_id: int, *, environment: Mapping[str, Any], worker_id: str | None = None) -> None:
         """Mark a run as running in this process (host, pid, environment, first heartbeat).
 
         The run must be queued, or already running without a process or in this one (created with
@@ -395,9 +392,7 @@ class RunStore:
                 where = f" (pid {run.pid} on {run.host})" if run.status == "running" else ""
                 raise StoreError(f"run {run_id} is {run.status}{where}; it cannot be started here")
 
-    def claim_next_queued(
-        self, *, worker_id: str, environment: Mapping[str, Any] | None = None
-    ) -> RunRecord | None:
+    def claim_next_queued(self, *, worker_id: str, environment: Mapping[str, Any] | None = None) -> RunRecord | None:
         """Atomically take the oldest queued run and mark it running here; None when none is queued.
 
         Two workers never get the same run (PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite: the
@@ -437,8 +432,10 @@ class RunStore:
             claimed = and_(SqlRun.id == run_id, SqlRun.status == "running", SqlRun.worker_id == claimed_by)
             if s.execute(update(SqlRun).where(claimed).values(**values)).rowcount == 0:
                 run = self._require_run(s, run_id)
-                raise StoreError(f"run {run_id} is {run.status} under worker {run.worker_id}, "
-                                 f"not running under {claimed_by}; it cannot be handed over")
+                raise StoreError(
+                    f"run {run_id} is {run.status} under worker {run.worker_id}, "
+                    f"not running under {claimed_by}; it cannot be handed over"
+                )
 
     def set_run_dataset(self, run_id: int, dataset_id: int) -> None:
         """Record that run ``run_id`` trains on the registered dataset ``dataset_id``."""
@@ -624,8 +621,7 @@ class RunStore:
                 select(SqlSplitAssignment).where(SqlSplitAssignment.run_id == run_id).order_by(SqlSplitAssignment.id)
             )
             return [
-                {"path": r.path, "class_name": r.class_name, "subset": r.subset, "group_id": r.group_id}
-                for r in rows
+                {"path": r.path, "class_name": r.class_name, "subset": r.subset, "group_id": r.group_id} for r in rows
             ]
 
     # -- evaluations --------------------------------------------------------------------------
@@ -666,8 +662,13 @@ class RunStore:
                         "values of fpr, tpr and thresholds; they must match"
                     )
                 points += [
-                    {"class_name": str(class_name), "point_index": i, "fpr": float(fpr), "tpr": float(tpr),
-                     "threshold": float(threshold)}
+                    {
+                        "class_name": str(class_name),
+                        "point_index": i,
+                        "fpr": float(fpr),
+                        "tpr": float(tpr),
+                        "threshold": float(threshold),
+                    }
                     for i, (fpr, tpr, threshold) in enumerate(zip(*columns, strict=True))
                 ]
             rows = [
@@ -707,13 +708,23 @@ class RunStore:
         names = evaluation.class_names
         with _checked("save_scored_evaluation"):
             predictions = [
-                {"path": str(path), "true_class": names[int(true)], "predicted_class": names[int(predicted)],
-                 "probabilities": list(prob)}
+                {
+                    "path": str(path),
+                    "true_class": names[int(true)],
+                    "predicted_class": names[int(predicted)],
+                    "probabilities": list(prob),
+                }
                 for path, true, predicted, prob in zip(paths, y_true, evaluation.predicted, y_prob, strict=True)
             ]
         return self.save_evaluation(
-            run_id, name=name, data_dir=data_dir, metrics=evaluation.metrics, class_names=names,
-            confusion_matrix=evaluation.confusion_matrix, roc=evaluation.roc, predictions=predictions,
+            run_id,
+            name=name,
+            data_dir=data_dir,
+            metrics=evaluation.metrics,
+            class_names=names,
+            confusion_matrix=evaluation.confusion_matrix,
+            roc=evaluation.roc,
+            predictions=predictions,
         )
 
     def latest_evaluation(self, run_id: int, name: str = TEST_EVALUATION) -> EvaluationRecord | None:
@@ -787,9 +798,7 @@ class RunStore:
     ) -> int:
         """Record a file the run produced and return the record's id."""
         with _checked("save_artifact"):
-            artifact = SqlArtifact(
-                run_id=run_id, kind=kind, path=str(path), sha256=sha256, size_bytes=int(size_bytes)
-            )
+            artifact = SqlArtifact(run_id=run_id, kind=kind, path=str(path), sha256=sha256, size_bytes=int(size_bytes))
         with self._session(write=True) as s:
             self._require_run(s, run_id)
             s.add(artifact)

@@ -1,4 +1,5 @@
 """Watching a training run: the store heartbeat, cancellation, and the Keras callback that logs epochs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -89,10 +90,15 @@ class RunMonitor:
                 logs = logs or {}
                 lr = self.model.optimizer.learning_rate
                 monitor.store.log_epoch(
-                    monitor.run_id, phase=phase, epoch=epoch + 1,
-                    train_loss=float(logs["loss"]), train_accuracy=float(logs["accuracy"]),
-                    val_loss=_maybe_float(logs.get("val_loss")), val_accuracy=_maybe_float(logs.get("val_accuracy")),
-                    learning_rate=float(np.asarray(lr)), seconds=time.monotonic() - self.started,
+                    monitor.run_id,
+                    phase=phase,
+                    epoch=epoch + 1,
+                    train_loss=float(logs["loss"]),
+                    train_accuracy=float(logs["accuracy"]),
+                    val_loss=_maybe_float(logs.get("val_loss")),
+                    val_accuracy=_maybe_float(logs.get("val_accuracy")),
+                    learning_rate=float(np.asarray(lr)),
+                    seconds=time.monotonic() - self.started,
                 )
                 self.started = time.monotonic()
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_acc=f"{logs.get('val_accuracy', 0):.3f}")

@@ -1,4 +1,5 @@
 """Putting runs in the queue for a worker (the Train page and the demo model)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,11 +23,19 @@ def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike)
 
     require_weights_file(config.weights)
     scan = scan_dataset(data_dir)
-    dataset_id = store.register_dataset(name=Path(scan.root).name, data_dir=scan.root, n_images=scan.n_images,
-                                        class_counts=scan.class_counts, synthetic=is_synthetic(scan.root))
-    return store.create_run(backbone=config.backbone, protocol=Protocol.holdout(), dataset_id=dataset_id,
-                            config={"train": config.to_dict(), "data_dir": scan.root,
-                                    "class_names": list(scan.class_names)})
+    dataset_id = store.register_dataset(
+        name=Path(scan.root).name,
+        data_dir=scan.root,
+        n_images=scan.n_images,
+        class_counts=scan.class_counts,
+        synthetic=is_synthetic(scan.root),
+    )
+    return store.create_run(
+        backbone=config.backbone,
+        protocol=Protocol.holdout(),
+        dataset_id=dataset_id,
+        config={"train": config.to_dict(), "data_dir": scan.root, "class_names": list(scan.class_names)},
+    )
 
 
 def queue_again(store: RunStore, run_id: int, *, weights: str | os.PathLike | None = None) -> int:
@@ -45,29 +54,33 @@ def queue_again(store: RunStore, run_id: int, *, weights: str | os.PathLike | No
     if run.status not in FINAL_STATUSES:
         raise RerunError(f"run {run_id} is {run.status}; only a finished run can be queued again")
     if run.protocol.kind != "holdout":
-        raise RerunError(f"run {run_id} is one round of {run.protocol.label}; the queue trains hold-out runs only, "
-                         "so run the whole protocol again (the cv or lodo command)")
+        raise RerunError(
+            f"run {run_id} is one round of {run.protocol.label}; the queue trains hold-out runs only, "
+            "so run the whole protocol again (the cv or lodo command)"
+        )
     try:
         config, data_dir = TrainConfig.from_dict(run.config["train"]), run.config["data_dir"]
     except (KeyError, TypeError) as exc:
-        raise RerunError(f"the stored config of run {run_id} cannot be read by this version of bcd "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise RerunError(
+            f"the stored config of run {run_id} cannot be read by this version of bcd ({type(exc).__name__}: {exc})"
+        ) from exc
     if weights is not None:
         config = dataclasses.replace(config, weights=str(weights))
     else:
         try:
             require_weights_file(config.weights)
         except ConfigError as exc:
-            raise RerunError(f"run {run_id} was trained from the weights file {config.weights}, which is gone; "
-                             f"point the new run at a copy with `rerun --run {run_id} --weights PATH` "
-                             "(or choose other weights)") from exc
+            raise RerunError(
+                f"run {run_id} was trained from the weights file {config.weights}, which is gone; "
+                f"point the new run at a copy with `rerun --run {run_id} --weights PATH` "
+                "(or choose other weights)"
+            ) from exc
     return queue_run(store, config, data_dir)
 
 
 def demo_config() -> TrainConfig:
     """A tiny scratch-CNN configuration that trains on the demo set on a CPU in about a minute."""
-    return TrainConfig.for_backbone("scratch_cnn", image_size=64, epochs=15, patience=8, batch_size=16,
-                                    dense_units=64)
+    return TrainConfig.for_backbone("scratch_cnn", image_size=64, epochs=15, patience=8, batch_size=16, dense_units=64)
 
 
 def queue_demo_run(store: RunStore, data_dir: str | os.PathLike) -> int:

@@ -12,6 +12,7 @@ Every node needs bcd at the same path as here, the store's URL reachable (Postgr
 machines) and the dataset and artifacts folders at the same paths (shared storage). Ray is optional
 (``requirements-cluster.txt``) and imported only when one of these functions is called.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,22 +52,25 @@ def connect(address: str | None):
         try:
             ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterError(f"cannot reach a Ray cluster at {address!r}: {exc} (start one with "
-                               "`ray start --head`)") from None
+            raise ClusterError(
+                f"cannot reach a Ray cluster at {address!r}: {exc} (start one with `ray start --head`)"
+            ) from None
     return ray
 
 
 def _task_env(database_url: str) -> dict:
     """The runtime environment of a task: this checkout on the path, this store, artifacts folder and BCD_* settings."""
     env = {name: value for name, value in os.environ.items() if name.startswith("BCD_")}
-    env.update(BCD_DATABASE_URL=database_url, BCD_ARTIFACTS_DIR=str(settings.artifacts_dir()),
-               TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(settings.PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(
+        BCD_DATABASE_URL=database_url,
+        BCD_ARTIFACTS_DIR=str(settings.artifacts_dir()),
+        TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(settings.PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    )
     return {"env_vars": env}
 
 
-def run_resources(ray, *, cpus_per_run: int = DEFAULT_CPUS_PER_RUN,
-                  gpus_per_run: int = DEFAULT_GPUS_PER_RUN) -> dict:
+def run_resources(ray, *, cpus_per_run: int = DEFAULT_CPUS_PER_RUN, gpus_per_run: int = DEFAULT_GPUS_PER_RUN) -> dict:
     """Ray task options for one run: ``gpus_per_run`` GPUs when the cluster has GPUs, else ``cpus_per_run`` CPUs."""
     if ray.cluster_resources().get("GPU", 0) >= 1:
         return {"num_gpus": gpus_per_run, "num_cpus": 1}
@@ -94,8 +98,10 @@ def node_name() -> str:
 def require_visible(folder: str | os.PathLike, node: str) -> None:
     """``DataError`` unless ``folder`` is a folder this node can see."""
     if not Path(folder).is_dir():
-        raise DataError(f"data folder {folder} is not visible on node {node}: put the dataset at the same path on "
-                        "every node (or on storage they share)")
+        raise DataError(
+            f"data folder {folder} is not visible on node {node}: put the dataset at the same path on "
+            "every node (or on storage they share)"
+        )
 
 
 def _train_queued_run(run_id: int, claimed_by: str) -> str:
@@ -133,13 +139,24 @@ def _outcome(ray, store: RunStore, ref, run_id: int) -> str:
         cause = exc.cause if exc.cause is not None else exc
         return _close(store, run_id, "failed", f"{type(cause).__name__}: {str(cause).splitlines()[0]}")
     except ray.exceptions.RayError as exc:  # the worker process or its node died, or the task was cancelled
-        return _close(store, run_id, "interrupted", f"interrupted: the Ray worker training it was lost "
-                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})")
+        return _close(
+            store,
+            run_id,
+            "interrupted",
+            f"interrupted: the Ray worker training it was lost "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})",
+        )
 
 
-def run_ray_worker(*, address: str | None, database_url: str | None = None, once: bool = False,
-                   cpus_per_run: int = DEFAULT_CPUS_PER_RUN, gpus_per_run: int = DEFAULT_GPUS_PER_RUN,
-                   poll_seconds: float = worker.POLL_SECONDS) -> list[dict]:
+def run_ray_worker(
+    *,
+    address: str | None,
+    database_url: str | None = None,
+    once: bool = False,
+    cpus_per_run: int = DEFAULT_CPUS_PER_RUN,
+    gpus_per_run: int = DEFAULT_GPUS_PER_RUN,
+    poll_seconds: float = worker.POLL_SECONDS,
+) -> list[dict]:
     """Train queued runs as Ray tasks on the cluster at ``address``; ``[{"run_id", "status"}, ...]`` of those taken.
 
     At most as many runs are claimed as the cluster has room for, so a run shown ``running`` is training.
@@ -151,8 +168,10 @@ def run_ray_worker(*, address: str | None, database_url: str | None = None, once
     url = database_url or settings.database_url()
     store = RunStore.open(url)
     claim_id = f"ray:{node_name()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    resources = {**run_resources(ray, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run),
-                 "runtime_env": _task_env(url)}
+    resources = {
+        **run_resources(ray, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run),
+        "runtime_env": _task_env(url),
+    }
     task = _remote(_train_queued_run)
     in_flight: dict = {}  # task ref -> run id
     done: list[dict] = []
@@ -195,8 +214,14 @@ def _work_on_node(work: Callable, item):
 class RayExecutor:
     """A protocol's folds or rounds as parallel Ray tasks (see :mod:`bcd_engine.training.executor`)."""
 
-    def __init__(self, address: str | None, *, database_url: str | None = None,
-                 cpus_per_run: int = DEFAULT_CPUS_PER_RUN, gpus_per_run: int = DEFAULT_GPUS_PER_RUN):
+    def __init__(
+        self,
+        address: str | None,
+        *,
+        database_url: str | None = None,
+        cpus_per_run: int = DEFAULT_CPUS_PER_RUN,
+        gpus_per_run: int = DEFAULT_GPUS_PER_RUN,
+    ):
         self.address, self.database_url = address, database_url or settings.database_url()
         self.cpus_per_run, self.gpus_per_run = cpus_per_run, gpus_per_run
 
@@ -209,8 +234,10 @@ class RayExecutor:
         if store.url != mask_url(self.database_url):
             raise ConfigError(f"the Ray executor writes to {mask_url(self.database_url)}, not to {store.url}")
         ray = connect(self.address)
-        options = {**run_resources(ray, cpus_per_run=self.cpus_per_run, gpus_per_run=self.gpus_per_run),
-                   "runtime_env": _task_env(self.database_url)}
+        options = {
+            **run_resources(ray, cpus_per_run=self.cpus_per_run, gpus_per_run=self.gpus_per_run),
+            "runtime_env": _task_env(self.database_url),
+        }
         task = _remote(_work_on_node).options(**options)
         refs = [task.remote(work, item) for item in items]
         try:
@@ -221,8 +248,9 @@ class RayExecutor:
             if isinstance(exc, ray.exceptions.RayTaskError):
                 raise (exc.cause if exc.cause is not None else exc) from None
             if isinstance(exc, ray.exceptions.RayError):
-                raise ClusterError(f"a Ray task was lost: {type(exc).__name__}: "
-                                   f"{str(exc).strip().splitlines()[0]}") from None
+                raise ClusterError(
+                    f"a Ray task was lost: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                ) from None
             raise
 
 
@@ -236,11 +264,24 @@ def cluster_status(address: str, *, store: RunStore) -> dict:
     """The cluster at ``address``: ``{"address", "nodes": [{"node", "alive", "cpus", "gpus"}], "cpus", "gpus",
     "available_cpus", "available_gpus", "running": [run ids on Ray], "queued": N}``."""
     ray = connect(address)
-    nodes = [{"node": n.get("NodeManagerAddress"), "alive": bool(n.get("Alive")),
-              "cpus": n.get("Resources", {}).get("CPU", 0), "gpus": n.get("Resources", {}).get("GPU", 0)}
-             for n in ray.nodes()]
+    nodes = [
+        {
+            "node": n.get("NodeManagerAddress"),
+            "alive": bool(n.get("Alive")),
+            "cpus": n.get("Resources", {}).get("CPU", 0),
+            "gpus": n.get("Resources", {}).get("GPU", 0),
+        }
+        for n in ray.nodes()
+    ]
     total, free = ray.cluster_resources(), ray.available_resources()
     running = [run.id for run in store.list_runs(status="running") if (run.worker_id or "").startswith("ray:")]
-    return {"address": address, "nodes": nodes, "cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0),
-            "available_cpus": free.get("CPU", 0), "available_gpus": free.get("GPU", 0),
-            "running": sorted(running), "queued": len(store.list_runs(status="queued"))}
+    return {
+        "address": address,
+        "nodes": nodes,
+        "cpus": total.get("CPU", 0),
+        "gpus": total.get("GPU", 0),
+        "available_cpus": free.get("CPU", 0),
+        "available_gpus": free.get("GPU", 0),
+        "running": sorted(running),
+        "queued": len(store.list_runs(status="queued")),
+    }

@@ -5,6 +5,7 @@ Phase 1 trains the classification head on cached frozen-backbone features (see
 images at a lower learning rate, with BatchNorm kept in inference mode. The scratch CNN trains end to
 end on images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,16 +106,35 @@ def train(
         raise ConfigError(f"the scan given is of {scan.root}, not of {Path(data_dir).expanduser().resolve()}")
     root = Path(scan.root)  # resolved, ``~`` expanded
     if split is None:
-        split = holdout_split(scan.labels, scan.groups, val_fraction=config.val_fraction,
-                              test_fraction=config.test_fraction, seed=config.seed)
-    run_config = {"train": config.to_dict(), "data_dir": str(root), "class_names": list(scan.class_names),
-                  "dataset": {"name": root.name, "n_images": scan.n_images, "synthetic": is_synthetic(root),
-                              "fingerprint": scan.fingerprint}}
-    dataset_id = store.register_dataset(name=root.name, data_dir=str(root), n_images=scan.n_images,
-                                        class_counts=scan.class_counts, synthetic=run_config["dataset"]["synthetic"])
+        split = holdout_split(
+            scan.labels,
+            scan.groups,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    run_config = {
+        "train": config.to_dict(),
+        "data_dir": str(root),
+        "class_names": list(scan.class_names),
+        "dataset": {
+            "name": root.name,
+            "n_images": scan.n_images,
+            "synthetic": is_synthetic(root),
+            "fingerprint": scan.fingerprint,
+        },
+    }
+    dataset_id = store.register_dataset(
+        name=root.name,
+        data_dir=str(root),
+        n_images=scan.n_images,
+        class_counts=scan.class_counts,
+        synthetic=run_config["dataset"]["synthetic"],
+    )
     if run_id is None:
-        run_id = store.create_run(backbone=config.backbone, protocol=protocol, config=run_config,
-                                  dataset_id=dataset_id, status="running")
+        run_id = store.create_run(
+            backbone=config.backbone, protocol=protocol, config=run_config, dataset_id=dataset_id, status="running"
+        )
     else:
         store.update_run_config(run_id, {**store.get_run(run_id).config, **run_config})
         store.set_run_dataset(run_id, dataset_id)
@@ -125,11 +145,21 @@ def train(
 
     keras.utils.set_random_seed(config.seed)  # the one process-wide seeding (see above)
     try:
-        with heartbeat(store, run_id), compute_precision(precision_policy(environment)), \
-                replicated(environment) as replicas:
+        with (
+            heartbeat(store, run_id),
+            compute_precision(precision_policy(environment)),
+            replicated(environment) as replicas,
+        ):
             evaluation, model_path, cache_stats = _train_and_evaluate(
-                _global_batch(config, replicas), scan, split, store=store, run_id=run_id, progress=progress,
-                feature_cache_dir=feature_cache_dir, replicas=replicas)
+                _global_batch(config, replicas),
+                scan,
+                split,
+                store=store,
+                run_id=run_id,
+                progress=progress,
+                feature_cache_dir=feature_cache_dir,
+                replicas=replicas,
+            )
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
         return _result(store, run_id, "cancelled", config, split, None, None, protocol=protocol)
@@ -147,27 +177,52 @@ def _global_batch(config: TrainConfig, replicas: int) -> TrainConfig:
     return config if replicas == 1 else dataclasses.replace(config, batch_size=config.batch_size * replicas)
 
 
-def _result(store: RunStore, run_id, status, config, split, evaluation: Evaluation | None, model_path,
-            cache_stats=None, *, protocol: Protocol) -> TrainResult:
+def _result(
+    store: RunStore,
+    run_id,
+    status,
+    config,
+    split,
+    evaluation: Evaluation | None,
+    model_path,
+    cache_stats=None,
+    *,
+    protocol: Protocol,
+) -> TrainResult:
     return TrainResult(
-        run_id=run_id, status=status, backbone=config.backbone, protocol=protocol.label,
-        n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+        run_id=run_id,
+        status=status,
+        backbone=config.backbone,
+        protocol=protocol.label,
+        n_train=len(split.train),
+        n_val=len(split.val),
+        n_test=len(split.test),
         test_accuracy=None if evaluation is None else evaluation.accuracy,
         macro_auc=None if evaluation is None else evaluation.macro_auc,
-        seconds=store.get_run(run_id).seconds, model_path=model_path, feature_cache=cache_stats,
+        seconds=store.get_run(run_id).seconds,
+        model_path=model_path,
+        feature_cache=cache_stats,
     )
 
 
-def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, store: RunStore, run_id: int,
-                        progress: bool, feature_cache_dir: Path | None, replicas: int):
+def _train_and_evaluate(
+    config: TrainConfig,
+    scan: ScanResult,
+    split: Split,
+    *,
+    store: RunStore,
+    run_id: int,
+    progress: bool,
+    feature_cache_dir: Path | None,
+    replicas: int,
+):
     spec = get_backbone(config.backbone)
     preprocess = spec.preprocess()
     monitor = RunMonitor(store, run_id, progress=progress)
     n_classes = len(scan.class_names)
     paths, labels = np.array(scan.paths), scan.labels
     md5s = [record.md5 for record in scan.images]
-    images = apply_colour_mode(load_images(list(paths), image_size=config.image_size, progress=progress),
-                               config.colour)
+    images = apply_colour_mode(load_images(list(paths), image_size=config.image_size, progress=progress), config.colour)
     monitor.check_cancel()
     weights = class_weight_dict(labels[split.train], n_classes) if config.class_weights else None
 
@@ -176,58 +231,129 @@ def _train_and_evaluate(config: TrainConfig, scan: ScanResult, split: Split, *, 
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
         head = build_head(backbone.output_shape[-1], n_classes, config, seed=config.seed)
         model = assemble_model(backbone, head, config)
-        _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
-                    epochs=config.epochs, learning_rate=config.learning_rate, phase=1, monitor=monitor,
-                    class_weight=weights, replicas=replicas)
+        _fit_images(
+            model,
+            images,
+            labels,
+            split,
+            config=config,
+            preprocess=preprocess,
+            n_classes=n_classes,
+            epochs=config.epochs,
+            learning_rate=config.learning_rate,
+            phase=1,
+            monitor=monitor,
+            class_weight=weights,
+            replicas=replicas,
+        )
     else:
         extractor, backbone = build_feature_extractor(spec, config)
         cache = FeatureCache.for_config(config, root=feature_cache_dir)
         train_idx = np.repeat(split.train, config.augment.factor)
         train_views = np.tile(np.arange(config.augment.factor), len(split.train))
-        common = dict(preprocess=preprocess, augment=config.augment, seed=config.seed, cache=cache,
-                      batch_size=config.batch_size, progress=progress, on_batch=monitor.check_cancel)
+        common = dict(
+            preprocess=preprocess,
+            augment=config.augment,
+            seed=config.seed,
+            cache=cache,
+            batch_size=config.batch_size,
+            progress=progress,
+            on_batch=monitor.check_cancel,
+        )
         train_x = _features_for(extractor, images, md5s, train_idx, train_views, "train views", common)
         val_x = _features_for(extractor, images, md5s, split.val, np.zeros(len(split.val), int), "val", common)
         head = fit_head_on_features(
-            train_x, labels[train_idx], val_x, labels[split.val], n_classes=n_classes, config=config,
-            callbacks=[monitor.callback(phase=1, epochs=config.epochs)], class_weight=weights,
+            train_x,
+            labels[train_idx],
+            val_x,
+            labels[split.val],
+            n_classes=n_classes,
+            config=config,
+            callbacks=[monitor.callback(phase=1, epochs=config.epochs)],
+            class_weight=weights,
         )
         model = assemble_model(backbone, head, config)
         if config.fine_tune_epochs and config.fine_tune_layers:
             unfreeze_top_layers(backbone, config.fine_tune_layers)
-            _fit_images(model, images, labels, split, config=config, preprocess=preprocess, n_classes=n_classes,
-                        epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate, phase=2,
-                        monitor=monitor, class_weight=weights, replicas=replicas)
+            _fit_images(
+                model,
+                images,
+                labels,
+                split,
+                config=config,
+                preprocess=preprocess,
+                n_classes=n_classes,
+                epochs=config.fine_tune_epochs,
+                learning_rate=config.fine_tune_learning_rate,
+                phase=2,
+                monitor=monitor,
+                class_weight=weights,
+                replicas=replicas,
+            )
         else:
             # The backbone is still the frozen one: test views come from the feature cache too, so
             # k-fold runs over the same images extract every (image, view) once.
             views = config.tta_views
-            test_x = _features_for(extractor, images, md5s, np.repeat(split.test, views),
-                                   np.tile(np.arange(views), len(split.test)), "test views", common)
+            test_x = _features_for(
+                extractor,
+                images,
+                md5s,
+                np.repeat(split.test, views),
+                np.tile(np.arange(views), len(split.test)),
+                "test views",
+                common,
+            )
             test_prob = _mean_over_views(head, test_x, views)
         cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
     if test_prob is None:
-        test_prob = predict_proba(model, images[split.test], preprocess=preprocess, batch_size=config.batch_size,
-                                  augment=config.augment, tta_views=config.tta_views, seed=config.seed,
-                                  image_keys=[md5s[i] for i in split.test])
-    scores = evaluate_probabilities(labels[split.test], test_prob, class_names=list(scan.class_names),
-                                    groups=scan.groups[split.test])
+        test_prob = predict_proba(
+            model,
+            images[split.test],
+            preprocess=preprocess,
+            batch_size=config.batch_size,
+            augment=config.augment,
+            tta_views=config.tta_views,
+            seed=config.seed,
+            image_keys=[md5s[i] for i in split.test],
+        )
+    scores = evaluate_probabilities(
+        labels[split.test], test_prob, class_names=list(scan.class_names), groups=scan.groups[split.test]
+    )
     monitor.check_cancel()
-    trust, trust_metrics = fit_trust(model, images, labels, train=split.train, val=split.val, test=split.test,
-                                     test_probabilities=test_prob, preprocess=preprocess, batch_size=config.batch_size)
+    trust, trust_metrics = fit_trust(
+        model,
+        images,
+        labels,
+        train=split.train,
+        val=split.val,
+        test=split.test,
+        test_probabilities=test_prob,
+        preprocess=preprocess,
+        batch_size=config.batch_size,
+    )
     saved = save_model(model, run_id)
     save_trust(trust, run_id, store=store)
-    evaluation = dataclasses.replace(scores, metrics={
-        **scores.metrics,
-        **trust_metrics,
-        "tta_views": config.tta_views,
-        "parameters": int(model.count_params()),
-        "model_bytes": os.path.getsize(saved),
-        "latency_ms": measure_latency(model, images[split.test[0]], preprocess=preprocess),
-    })
+    evaluation = dataclasses.replace(
+        scores,
+        metrics={
+            **scores.metrics,
+            **trust_metrics,
+            "tta_views": config.tta_views,
+            "parameters": int(model.count_params()),
+            "model_bytes": os.path.getsize(saved),
+            "latency_ms": measure_latency(model, images[split.test[0]], preprocess=preprocess),
+        },
+    )
     artifacts.record_artifact(store, run_id, kind=artifacts.MODEL_KIND, path=saved)
-    store.save_scored_evaluation(run_id, evaluation, name=TEST_EVALUATION, data_dir=scan.root, paths=paths[split.test],
-                                 y_true=labels[split.test], y_prob=test_prob)
+    store.save_scored_evaluation(
+        run_id,
+        evaluation,
+        name=TEST_EVALUATION,
+        data_dir=scan.root,
+        paths=paths[split.test],
+        y_true=labels[split.test],
+        y_prob=test_prob,
+    )
     return evaluation, str(saved), cache_stats
 
 
@@ -238,25 +364,64 @@ def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:
 
 
 def _features_for(extractor, images, md5s, indices, views, description, common) -> np.ndarray:
-    return extract_features(extractor, images, indices, [md5s[i] for i in indices], np.asarray(views),
-                            description=f"features ({description})", **common)
+    return extract_features(
+        extractor,
+        images,
+        indices,
+        [md5s[i] for i in indices],
+        np.asarray(views),
+        description=f"features ({description})",
+        **common,
+    )
 
 
-def _fit_images(model, images, labels, split: Split, *, config: TrainConfig, preprocess, n_classes: int,
-                epochs: int, learning_rate: float, phase: int, monitor: RunMonitor, class_weight,
-                replicas: int) -> None:
+def _fit_images(
+    model,
+    images,
+    labels,
+    split: Split,
+    *,
+    config: TrainConfig,
+    preprocess,
+    n_classes: int,
+    epochs: int,
+    learning_rate: float,
+    phase: int,
+    monitor: RunMonitor,
+    class_weight,
+    replicas: int,
+) -> None:
     import keras
 
     compile_model(model, config, learning_rate)
     one_hot = keras.utils.to_categorical(labels, n_classes)
-    train_batches = training_batches(images[split.train], one_hot[split.train], preprocess=preprocess,
-                                     augment=config.augment, seed=config.seed + phase, batch_size=config.batch_size,
-                                     class_weight=class_weight, multiple_of=replicas)
-    val_batches = training_batches(images[split.val], one_hot[split.val], preprocess=preprocess, augment=None,
-                                   seed=0, batch_size=config.batch_size, multiple_of=replicas)
-    model.fit(train_batches, validation_data=val_batches if len(split.val) else None, epochs=epochs, verbose=0,
-              shuffle=False,  # training_batches shuffles the training images itself
-              callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)])
+    train_batches = training_batches(
+        images[split.train],
+        one_hot[split.train],
+        preprocess=preprocess,
+        augment=config.augment,
+        seed=config.seed + phase,
+        batch_size=config.batch_size,
+        class_weight=class_weight,
+        multiple_of=replicas,
+    )
+    val_batches = training_batches(
+        images[split.val],
+        one_hot[split.val],
+        preprocess=preprocess,
+        augment=None,
+        seed=0,
+        batch_size=config.batch_size,
+        multiple_of=replicas,
+    )
+    model.fit(
+        train_batches,
+        validation_data=val_batches if len(split.val) else None,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,  # training_batches shuffles the training images itself
+        callbacks=[early_stopping(config), monitor.callback(phase=phase, epochs=epochs)],
+    )
 
 
 def save_model(model, run_id: int) -> Path:

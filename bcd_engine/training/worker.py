@@ -8,6 +8,7 @@ when it leaves, so the next worker can start at once; the run's own heartbeat in
 is read from the heartbeat file and the OS, and a worker this process starts is waited for by a thread of
 its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,12 @@ def log_file() -> Path:
 
 def write_heartbeat(pid: int | None = None, worker_id: str | None = None) -> None:
     """Note that the worker ``pid`` (default: this process) is alive now."""
-    atomic_write_text(heartbeat_file(), json.dumps({"pid": pid or os.getpid(), "host": socket.gethostname(),
-                                                    "worker_id": worker_id, "time": time.time()}))
+    atomic_write_text(
+        heartbeat_file(),
+        json.dumps(
+            {"pid": pid or os.getpid(), "host": socket.gethostname(), "worker_id": worker_id, "time": time.time()}
+        ),
+    )
 
 
 def remove_heartbeat(worker_id: str | None) -> None:
@@ -92,8 +97,12 @@ def spawn_worker(*options: str) -> subprocess.Popen:
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bcd_engine", "worker", "--once", *options],
-            cwd=settings.PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, "PYTHONPATH": str(settings.PROJECT_ROOT)},
+            cwd=settings.PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(settings.PROJECT_ROOT)},
         )
     threading.Thread(target=process.wait, name=f"bcd-worker-{process.pid}-waiter", daemon=True).start()
     write_heartbeat(process.pid)  # so a second page load does not start another one meanwhile
@@ -102,8 +111,9 @@ def spawn_worker(*options: str) -> subprocess.Popen:
 
 def train_claimed(store: RunStore, run, worker_id: str) -> str:
     """Train one claimed run, keeping this worker's heartbeat file; its final status (see :func:`train_stored`)."""
-    with repeating(lambda: write_heartbeat(worker_id=worker_id), every_s=HEARTBEAT_SECONDS,
-                   name=f"bcd-worker-{worker_id}"):
+    with repeating(
+        lambda: write_heartbeat(worker_id=worker_id), every_s=HEARTBEAT_SECONDS, name=f"bcd-worker-{worker_id}"
+    ):
         return train_stored(store, run)
 
 
@@ -120,8 +130,9 @@ def train_stored(store: RunStore, run) -> str:
         return "failed"
 
 
-def run_worker(*, store: RunStore, worker_id: str | None = None, once: bool = False,
-               poll_seconds: float = POLL_SECONDS) -> list[dict]:
+def run_worker(
+    *, store: RunStore, worker_id: str | None = None, once: bool = False, poll_seconds: float = POLL_SECONDS
+) -> list[dict]:
     """Train queued runs one after another; return ``[{"run_id", "status"}, ...]`` for the runs taken.
 
     With ``once`` the worker stops when the queue is empty; otherwise it polls every ``poll_seconds``.
@@ -186,5 +197,10 @@ def worker_status(store: RunStore) -> dict:
         state, text = "starting", f"A worker is starting; {_runs(queued)} queued."
     else:
         state, text = "waiting", f"{_runs(queued)} queued; a worker will start."
-    return {"state": state, "text": text, "running": [run.id for run in running], "queued": queued,
-            "pid": beat["pid"] if beat is not None else None}
+    return {
+        "state": state,
+        "text": text,
+        "running": [run.id for run in running],
+        "queued": queued,
+        "pid": beat["pid"] if beat is not None else None,
+    }

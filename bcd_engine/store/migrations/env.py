@@ -5,6 +5,7 @@ transaction that holds the migration lock); the Alembic CLI gets an engine built
 URL (``BCD_DATABASE_URL`` or the project's ``results.db``) and migrates in a
 :func:`~bcd_engine.store.engine.migration_transaction` too (on SQLite: foreign keys off).
 """
+
 from __future__ import annotations
 
 from alembic import context

@@ -4,6 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-11-26
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -51,9 +52,7 @@ def upgrade() -> None:
         sa.Column("test_accuracy", sa.Float(), nullable=True),
         sa.Column("macro_auc", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_runs"),
-        sa.CheckConstraint(
-            "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")", name="ck_runs_status"
-        ),
+        sa.CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")", name="ck_runs_status"),
         sa.ForeignKeyConstraint(
             ["dataset_id"], ["datasets.id"], name="fk_runs_dataset_id_datasets", ondelete="SET NULL"
         ),
@@ -74,9 +73,7 @@ def upgrade() -> None:
         sa.Column("learning_rate", sa.Float(), nullable=True),
         sa.Column("seconds", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_epochs"),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["runs.id"], name="fk_epochs_run_id_runs", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name="fk_epochs_run_id_runs", ondelete="CASCADE"),
         sa.UniqueConstraint("run_id", "phase", "epoch", name="uq_epochs_run_id_phase_epoch"),
     )
     op.create_table(
@@ -92,13 +89,9 @@ def upgrade() -> None:
             "subset IN ('train', 'val', 'test') OR subset LIKE 'fold%'",
             name="ck_split_assignments_subset",
         ),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["runs.id"], name="fk_split_assignments_run_id_runs", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name="fk_split_assignments_run_id_runs", ondelete="CASCADE"),
     )
-    op.create_index(
-        "ix_split_assignments_run_id_subset", "split_assignments", ["run_id", "subset"]
-    )
+    op.create_index("ix_split_assignments_run_id_subset", "split_assignments", ["run_id", "subset"])
     op.create_table(
         "evaluations",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -111,9 +104,7 @@ def upgrade() -> None:
         sa.Column("confusion_matrix", sa.JSON(), nullable=False),
         sa.Column("roc_auc", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_evaluations"),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["runs.id"], name="fk_evaluations_run_id_runs", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name="fk_evaluations_run_id_runs", ondelete="CASCADE"),
     )
     op.create_index("ix_evaluations_run_id", "evaluations", ["run_id"])
     op.create_table(
@@ -166,9 +157,7 @@ def upgrade() -> None:
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_artifacts"),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["runs.id"], name="fk_artifacts_run_id_runs", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name="fk_artifacts_run_id_runs", ondelete="CASCADE"),
     )
     op.create_index("ix_artifacts_run_id", "artifacts", ["run_id"])
 

@@ -25,6 +25,7 @@ SQLite rebuilds the tables (batch mode). That copies ``runs`` and drops the orig
 foreign keys on would cascade-delete every epoch, split, evaluation and artifact; the store turns
 them off while it migrates, and this revision refuses to run on SQLite with them on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -142,8 +143,9 @@ def downgrade() -> None:
         batch.add_column(sa.Column("protocol", sa.String(64), nullable=True))
     bind = op.get_bind()
     rows = bind.execute(
-        sa.select(_runs.c.id, _runs.c.protocol_kind, _runs.c.protocol_fold, _runs.c.protocol_folds,
-                  _runs.c.protocol_held_out)
+        sa.select(
+            _runs.c.id, _runs.c.protocol_kind, _runs.c.protocol_fold, _runs.c.protocol_folds, _runs.c.protocol_held_out
+        )
     ).all()
     if rows:
         bind.execute(

@@ -31,6 +31,7 @@ from bcd_engine.export.tflite import checked_tflite
 from bcd_engine.files import file_sha256
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.models.backbones import preprocessing_info
+from bcd_engine.protocols.audit import DatasetAudit
 from bcd_engine.store import RunRecord, RunStore
 from bcd_engine.store.artifacts import run_model_file
 
@@ -83,7 +84,7 @@ def export_run(
     format: str,
     out_dir: str | os.PathLike,
     store: RunStore,
-    audit: dict | None = None,
+    audit: DatasetAudit | dict | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
     """Export run ``run_id``'s verified model as ``.keras`` or ``.tflite`` with ``labels.json`` and ``MODEL_CARD.md``.

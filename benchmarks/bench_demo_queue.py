@@ -32,9 +32,7 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
-from http.cookies import SimpleCookie
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_demo_load import _answer, demo_server  # noqa: E402 - after the path set-up above
-from streamlit_client import XSRF_COOKIE, StreamlitSession  # noqa: E402
+from streamlit_client import StreamlitSession  # noqa: E402
 
 ZIP_IMAGES = 666  # three of them: 1,998 images, within one visitor's 2,000 a minute
 ADDRESSES = {"A": "1.1.1.1", "B": "8.8.8.8", "C": "9.9.9.9"}  # global addresses, so each is one visitor
@@ -64,33 +62,8 @@ class VisitorTab(StreamlitSession):
     """A tab of the visitor at ``address``, as if through a proxy: its websocket carries ``X-Forwarded-For``."""
 
     def __init__(self, base: str, address: str) -> None:
-        super().__init__(base, "diagnose")
+        super().__init__(base, "diagnose", headers={"X-Forwarded-For": address})
         self.address = address
-
-    async def connect(self) -> None:
-        """As :meth:`StreamlitSession.connect`, with the ``X-Forwarded-For`` header on the websocket."""
-        import websockets
-
-        def health() -> str:
-            with urllib.request.urlopen(f"{self.base}/_stcore/health", timeout=30) as response:
-                cookies = SimpleCookie()
-                for header in response.headers.get_all("Set-Cookie") or []:
-                    cookies.load(header)
-                return cookies[XSRF_COOKIE].value if XSRF_COOKIE in cookies else ""
-
-        self._xsrf = await asyncio.to_thread(health)
-        headers = {"X-Forwarded-For": self.address}
-        if self._xsrf:
-            headers["Cookie"] = f"{XSRF_COOKIE}={self._xsrf}"
-        self._ws = await websockets.connect(
-            "ws" + self.base[len("http") :] + "/_stcore/stream",
-            subprotocols=["streamlit", self._xsrf] if self._xsrf else ["streamlit"],
-            additional_headers=headers,
-            max_size=None,
-            ping_interval=None,
-            open_timeout=60,
-        )
-        self._reader = asyncio.create_task(self._read())
 
     async def clear_cache(self) -> None:
         """Send the ``clear_cache`` BackMsg, as Streamlit's "Clear cache" menu item does."""

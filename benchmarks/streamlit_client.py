@@ -59,9 +59,10 @@ def _element(delta) -> Element | None:
 class StreamlitSession:
     """One browser tab's worth of protocol: connect, run a page, upload files, read what the server draws."""
 
-    def __init__(self, base: str, page: str = "") -> None:
+    def __init__(self, base: str, page: str = "", *, headers: dict[str, str] | None = None) -> None:
         self.base = base.rstrip("/")
         self.page = page
+        self.headers = dict(headers or {})  # more headers on the websocket (e.g. a proxy's X-Forwarded-For)
         self.session_id = ""
         self.page_hash = ""
         self.elements: list[Element] = []  # this script run's elements, in arrival order
@@ -87,7 +88,7 @@ class StreamlitSession:
 
         self._xsrf = await asyncio.to_thread(health)
         ws_url = "ws" + self.base[len("http") :] + "/_stcore/stream"
-        headers = {"Cookie": f"{XSRF_COOKIE}={self._xsrf}"} if self._xsrf else {}
+        headers = {**self.headers, **({"Cookie": f"{XSRF_COOKIE}={self._xsrf}"} if self._xsrf else {})}
         self._ws = await websockets.connect(
             ws_url,
             subprotocols=["streamlit", self._xsrf] if self._xsrf else ["streamlit"],

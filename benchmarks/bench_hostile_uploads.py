@@ -345,13 +345,6 @@ def _reset_high_water_mark() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux 4.0+: VmHWM := VmRSS
 
 
-def _name_and_error(result: object) -> tuple[str, str | None]:
-    """A result's name and error, as a typed ``Diagnosis`` or as the older ``{"name", "error"}`` dict."""
-    if isinstance(result, dict):
-        return result["name"], result.get("error")
-    return result.name, result.error
-
-
 def measure_case(manifest: Path) -> dict:
     """Run one case's uploads through upload_sources and diagnose_steps; time, memory and what happened."""
     from bcd_engine.data.images import decode_image, read_header
@@ -387,8 +380,8 @@ def measure_case(manifest: Path) -> dict:
             break
     elapsed = time.perf_counter() - started
     peak_kb = _status_kb("VmHWM")
-    errors = [_name_and_error(r)[1] for r in results]
-    refused = [_name_and_error(r) for r in rejected]
+    errors = [r.error for r in results]
+    refused = [(r.name, r.error) for r in rejected]
     return {
         "files": len(uploads),
         "held_mb": held / MB,

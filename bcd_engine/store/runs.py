@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -107,6 +107,14 @@ def _require_status(status: str, allowed: Sequence[str], *, what: str = "status 
 
 def _record(cls: type[_R], row: Any) -> _R:
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _with_status(query: Select, status: str | None) -> Select:
+    """``query`` over runs kept to those with ``status`` (a known status; all runs when None)."""
+    if status is None:
+        return query
+    _require_status(status, RUN_STATUSES)
+    return query.where(SqlRun.status == status)
 
 
 def _run_record(run: SqlRun) -> RunRecord:
@@ -821,11 +829,7 @@ class RunStore:
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
         """Runs, newest first, optionally only those with ``status`` and at most ``limit``."""
-        if status is not None:
-            _require_status(status, RUN_STATUSES)
-        query = select(SqlRun).order_by(SqlRun.created_at.desc(), SqlRun.id.desc()).limit(limit)
-        if status is not None:
-            query = query.where(SqlRun.status == status)
+        query = _with_status(select(SqlRun).order_by(SqlRun.created_at.desc(), SqlRun.id.desc()).limit(limit), status)
         with self._session() as s:
             return [_run_record(r) for r in s.scalars(query).unique()]
 
@@ -881,10 +885,6 @@ class RunStore:
 
     def count_runs(self, *, status: str | None = None) -> int:
         """How many runs there are, optionally only those with ``status`` (counted in the database)."""
-        if status is not None:
-            _require_status(status, RUN_STATUSES)
-        query = select(func.count(SqlRun.id))
-        if status is not None:
-            query = query.where(SqlRun.status == status)
+        query = _with_status(select(func.count(SqlRun.id)), status)
         with self._session() as s:
             return int(s.execute(query).scalar_one())

@@ -174,7 +174,7 @@ if len(good) == 1 and len(results) == 1:
         left.image(
             explain.overlay(image, heatmap, opacity=opacity),
             width="stretch",
-            caption=f"{result.name} with Grad-CAM (run {diagnoser.run_ids[0]})",
+            caption=f"{common.plain(result.name)} with Grad-CAM (run {diagnoser.run_ids[0]})",  # Markdown
         )
     except BCDError as exc:
         left.warning(common.public(f"No heatmap for this image: {exc}"))

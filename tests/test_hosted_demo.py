@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from helpers import fill_store
 from markdown_it import MarkdownIt
@@ -132,6 +133,40 @@ def test_an_uploaded_files_name_is_shown_as_text(diagnose_page, synthetic_datase
     diagnose_page.file_uploader(key="diagnose_upload").set_value((HOSTILE_NAMES[1], image, "image/png")).run()
     assert not diagnose_page.exception, diagnose_page.exception
     assert _shows(diagnose_page.subheader[0].value) == HOSTILE_NAMES[1]
+
+
+class _Confident:
+    """A Diagnoser that answers every image with a confident class (the page's full answer: a heatmap with a
+    caption naming the file)."""
+
+    run_ids = (1,)
+
+    def diagnose_steps(self, sources, *, keep_images=False, batch_size=16):
+        results = [
+            Diagnosis(
+                name=s.name,
+                predicted_class="Pro",
+                reading=Reading.OK,
+                advice="Pro.",
+                calibrated_probabilities={"Benign": 0.1, "Pro": 0.9},
+                uncertainty={"confidence": 0.9, "margin": 0.8, "disagreement": 0.0, "views": 1},
+                in_domain=True,
+                image=np.zeros((32, 32, 3), np.uint8) if keep_images else None,
+            )
+            for s in sources
+        ]
+        yield len(sources), len(sources)
+        return results
+
+
+def test_the_heatmaps_caption_shows_the_files_name_as_text(diagnose_page, synthetic_dataset, monkeypatch):
+    monkeypatch.setattr(common, "load_diagnoser", lambda run_ids: _Confident())
+    monkeypatch.setattr(common, "grad_cam", lambda run_id, image, class_name: (image, np.zeros(image.shape[:2])))
+    image = next(Path(synthetic_dataset).rglob("*.png")).read_bytes()
+    diagnose_page.file_uploader(key="diagnose_upload").set_value((HOSTILE_NAMES[0], image, "image/png")).run()
+    assert not diagnose_page.exception, diagnose_page.exception
+    (caption,) = [img.caption for element in diagnose_page.get("image") for img in element.proto.imgs]
+    assert _shows(caption) == f"{HOSTILE_NAMES[0]} with Grad-CAM (run 1)"
 
 
 def test_archive_member_names_are_shown_as_text(diagnose_page, synthetic_dataset):

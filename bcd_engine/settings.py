@@ -23,6 +23,12 @@ def artifacts_dir() -> Path:
     return Path(os.environ.get("BCD_ARTIFACTS_DIR") or PROJECT_ROOT / "artifacts")
 
 
+def class_packs_dir() -> Path:
+    """Folder of class packs (features cached by ``prepare-class``) that demo mode's class mode trains heads on:
+    ``BCD_CLASS_DIR`` or ``class-packs/`` at the project root. Only the host writes there; visitors only read."""
+    return Path(os.environ.get("BCD_CLASS_DIR") or PROJECT_ROOT / "class-packs")
+
+
 def ray_address() -> str | None:
     """The Ray cluster the dashboard hands queued runs to: ``BCD_RAY_ADDRESS`` (e.g. ``auto``), else None (a local
     worker trains them)."""

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"inference"},
     {"training"},
+    {"classroom"},  # class mode: heads on a class pack's cached features, queued like inference
     {"protocols"},
     {"reports"},
     {"export"},  # two tops beside each other

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from bcd_engine import cli
+from bcd_engine.data.classes import ALL_CLASSES
 from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import holdout_split
 from bcd_engine.data.synthetic import make_synthetic_dataset
 from bcd_engine.errors import ConfigError
 from bcd_engine.inference import calibrate
 from bcd_engine.inference.diagnosis import OUT_OF_DOMAIN_ADVICE
-from bcd_engine.inference.results import Diagnosis, Reading
+from bcd_engine.inference.results import NO_ANSWER_IN_WORDS, Diagnosis, Reading
 from bcd_engine.protocols import audit, crossval, lodo
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -78,6 +79,8 @@ def test_predict_json_is_what_the_dict_results_printed(run_cli, monkeypatch, tmp
             [
                 {
                     "predicted_class": "Benign",
+                    "in_words": "Looks like hematogones — benign",
+                    "class_meaning": ALL_CLASSES[0].meaning,
                     "probabilities": quarter,
                     "calibrated_probabilities": quarter,
                     "uncertainty": {"confidence": 0.25, "margin": 0.0, "disagreement": 0.0, "spread": 0.0, "views": 1},
@@ -94,21 +97,37 @@ def test_predict_json_is_what_the_dict_results_printed(run_cli, monkeypatch, tmp
         ),
     )
     # An ensemble names the run whose gate refused the image; out of domain, the advice says why there is no answer.
+    # Changed on purpose (issue 25): out of domain, no class, meaning, probability or uncertainty is given (null);
+    # the model's output is kept apart under "model_output_ignored".
     assert run_cli("predict", "--run", 1, "--run", 2, image) == (
         0,
         printed(
             [
                 {
-                    "predicted_class": "Benign",
-                    "probabilities": quarter,
-                    "calibrated_probabilities": quarter,
-                    "uncertainty": {"confidence": 0.25, "margin": 0.0, "disagreement": 0.0, "spread": 0.0, "views": 2},
+                    "predicted_class": None,
+                    "in_words": NO_ANSWER_IN_WORDS,
+                    "class_meaning": None,
+                    "probabilities": None,
+                    "calibrated_probabilities": None,
+                    "uncertainty": None,
                     "in_domain": False,
                     "ood_score": 50.0,
                     "ood_threshold": 10.0,
                     "ood_run": 2,
                     "reading": "out_of_domain",
                     "advice": OUT_OF_DOMAIN_ADVICE,
+                    "model_output_ignored": {
+                        "predicted_class": "Benign",
+                        "probabilities": quarter,
+                        "calibrated_probabilities": quarter,
+                        "uncertainty": {
+                            "confidence": 0.25,
+                            "margin": 0.0,
+                            "disagreement": 0.0,
+                            "spread": 0.0,
+                            "views": 2,
+                        },
+                    },
                     "path": str(image),
                 },
             ]
@@ -132,7 +151,10 @@ def test_a_diagnosis_reads_as_its_reading_says():
         ood_score=9.0,
         ood_threshold=1.0,
     )
-    assert out.usable and out.answer is None and out.to_dict()["predicted_class"] == "Pro"
+    # Changed on purpose (issue 25): the refused image's class is no longer in "predicted_class" (null), only under
+    # "model_output_ignored".
+    assert out.usable and out.answer is None and out.confidence is None and out.to_dict()["predicted_class"] is None
+    assert out.to_dict()["model_output_ignored"]["predicted_class"] == "Pro"
     assert "ood_run" not in out.to_dict() and out.to_dict()["reading"] == "out_of_domain"
 
 

@@ -155,10 +155,12 @@ def run_queued(steps: Steps, *, images: int, describe: Callable[[int, int], str]
 
 
 def load_diagnoser(run_ids: tuple[int, ...]):
-    """A Diagnoser over the runs' cached models (an ensemble when there are several)."""
-    from bcd_engine.inference.diagnosis import Diagnoser
+    """A Diagnoser over the runs' cached models (an ensemble when there are several), answering in the words of the
+    first run's classes."""
+    from bcd_engine.inference.diagnosis import Diagnoser, class_guide_of_run
 
-    return Diagnoser([load_model(run_id) for run_id in run_ids])
+    models = [load_model(run_id) for run_id in run_ids]
+    return Diagnoser(models, guide=class_guide_of_run(run_ids[0], store=store()))
 
 
 def demo_mode() -> bool:

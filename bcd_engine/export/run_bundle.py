@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from bcd_engine.data.classes import run_class_guide
 from bcd_engine.errors import BCDError, BundleError, ConfigError, WriteError
 from bcd_engine.export.bundle import LABELS, labels_document
 from bcd_engine.export.card import MODEL_CARD, model_card
@@ -198,12 +199,14 @@ def _run_document(run, split: list[dict]) -> dict[str, Any]:
 
 
 def _dataset_summary(run) -> dict[str, Any]:
-    """The run's dataset as the store shows it, with the fingerprint its config recorded (None before bcd did)."""
+    """The run's dataset as the store shows it, with the fingerprint its config recorded (None before bcd did) and
+    its classes in words (looked up here, where its folder may be, so that the run answers in words anywhere)."""
     return {
         "name": run.dataset.name,
         "n_images": run.dataset.n_images,
         "synthetic": run.dataset.synthetic,
         "fingerprint": (run.config.get("dataset") or {}).get("fingerprint"),
+        "classes": run_class_guide(run.config, synthetic=run.dataset.synthetic).to_dict(),
     }
 
 

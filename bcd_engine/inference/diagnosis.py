@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bcd_engine.data.archives import MAX_FILES, ExpansionBudget, is_zip, read_archive
+from bcd_engine.data.classes import ClassGuide, default_guide, run_class_guide
 from bcd_engine.data.images import (
     SUPPORTED_EXTENSIONS,
     DecodeBudget,
@@ -127,9 +128,13 @@ def reading(predicted_class: str, certainty: dict, *, looks: str = "flips and tu
 
 
 class Diagnoser:
-    """One trained run, or an ensemble of runs with the same classes, ready to diagnose images."""
+    """One trained run, or an ensemble of runs with the same classes, ready to diagnose images.
 
-    def __init__(self, models: Sequence[LoadedModel]):
+    ``guide`` gives the classes in words (:mod:`bcd_engine.data.classes`); without one, the built-in words for
+    the class names.
+    """
+
+    def __init__(self, models: Sequence[LoadedModel], *, guide: ClassGuide | None = None):
         if not models:
             raise ConfigError("choose at least one run")
         names = {tuple(m.class_names) for m in models}
@@ -140,11 +145,15 @@ class Diagnoser:
             )
         self.models = list(models)
         self.class_names = list(models[0].class_names)
+        self.guide = guide or default_guide(self.class_names, synthetic=any(m.synthetic for m in self.models))
 
     @classmethod
     def for_runs(cls, run_ids: Iterable[int], *, store: RunStore) -> Diagnoser:
-        """Load each run's model (sha256-checked, see :func:`~bcd_engine.inference.loading.load_run_model`)."""
-        return cls([load_run_model(int(run_id), store=store) for run_id in dict.fromkeys(run_ids)])
+        """Load each run's model (sha256-checked, see :func:`~bcd_engine.inference.loading.load_run_model`); the
+        classes in the first run's words (:func:`class_guide_of_run`)."""
+        run_ids = [int(run_id) for run_id in dict.fromkeys(run_ids)]
+        models = [load_run_model(run_id, store=store) for run_id in run_ids]
+        return cls(models, guide=class_guide_of_run(run_ids[0], store=store) if run_ids else None)
 
     @property
     def run_ids(self) -> list[int]:
@@ -196,6 +205,7 @@ class Diagnoser:
                     probabilities=dict(zip(self.class_names, mean.tolist())),
                     calibrated_probabilities=dict(zip(self.class_names, shown.tolist())),
                     uncertainty=certainty,
+                    class_info=self.guide.of(predicted),
                     **gate,
                 )
             )
@@ -284,6 +294,12 @@ class Diagnoser:
             return str(exc)
 
 
+def class_guide_of_run(run_id: int, *, store: RunStore) -> ClassGuide:
+    """The words for a stored run's classes (:func:`~bcd_engine.data.classes.run_class_guide`)."""
+    run = store.get_run(run_id)
+    return run_class_guide(run.config, synthetic=run.dataset.synthetic)
+
+
 def _read(data: str | os.PathLike | bytes) -> bytes:
     return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else read_image_bytes(data)
 
@@ -347,21 +363,25 @@ def sources_from_archive(
 
 
 def results_frame(results: Sequence[Diagnosis]) -> pd.DataFrame:
-    """A flat table of diagnosis results (one row per image) for display and CSV download; an image out of domain
-    gets no class (:attr:`Diagnosis.answer`), an unusable file no reading, only its error."""
+    """A flat table of diagnosis results (one row per image) for display and CSV download: the answer in words, the
+    class, the reading, the uncertainty and each class's calibrated probability. An image out of domain gets no
+    class, no confidence and no probability (:attr:`Diagnosis.answer`), an unusable file no reading, only its
+    error."""
     rows = []
     for r in results:
         row = {
             "image": r.name,
+            "in_words": r.in_words,
             "predicted_class": r.answer,
             "reading": r.reading.value if r.usable else None,
             "in_domain": r.in_domain,
             "ood_score": r.ood_score,
             "error": r.error,
         }
-        if r.uncertainty is not None:
-            row.update({k: r.uncertainty[k] for k in ("confidence", "margin", "disagreement")})
-        row.update({f"p({name})": p for name, p in (r.calibrated_probabilities or {}).items()})
+        if r.answer is not None:
+            if r.uncertainty is not None:
+                row.update({k: r.uncertainty[k] for k in ("confidence", "margin", "disagreement")})
+            row.update({f"p({name})": p for name, p in (r.calibrated_probabilities or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 

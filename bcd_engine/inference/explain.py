@@ -8,8 +8,9 @@ layer from the registry, inside the nested backbone model that :func:`bcd_engine
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from bcd_engine.inference.loading import LoadedModel
 
 DEFAULT_OPACITY = 0.45  # of the heatmap over the image in an overlay
+BORDER_BAND = 0.12  # the image's border: the outer 12% of its width and height on every side
+LABEL_CORNER = 0.25  # the bottom-right quarter of the width and height, where microscopes put a scale-bar label
+MOSTLY = 0.5  # a region holding at least this share of the heat gets a note
 
 
 @dataclass(frozen=True)
@@ -152,11 +156,121 @@ def jet(values: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(4 * v - np.array([3, 2, 1], dtype=np.float32)), 0, 1)
 
 
-def explain_image(loaded: LoadedModel, image: np.ndarray, *, class_index: int | None = None) -> GradCam:
-    """Grad-CAM of a loaded run for a uint8 image at its input size, seen in the run's colour mode."""
-    from bcd_engine.data.colour import apply_colour_mode
+class Box(Protocol):
+    """A box in fractions of an image's width (x) and height (y), origin top-left, with a name (a run's masked or
+    flagged region, as :class:`bcd_engine.data.regions.Region` is)."""
 
-    seen = apply_colour_mode(np.asarray(image)[None], loaded.config.colour)[0]
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    name: str
+
+
+@dataclass(frozen=True)
+class RegionHeat:
+    """The share of a heatmap's heat in one region (``heat``) beside the share of the image it covers (``area``:
+    what an even heatmap would put there)."""
+
+    name: str
+    heat: float
+    area: float
+
+    @property
+    def mostly(self) -> bool:
+        """Whether most of the heat lies there (and more than an even heatmap would put there)."""
+        return self.heat >= MOSTLY and self.heat > self.area
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"name": self.name, "heat": self.heat, "area": self.area}
+
+
+@dataclass(frozen=True)
+class HeatShare:
+    """Where a Grad-CAM's heat lies: on the image's border band, in the bottom-right label corner and in any
+    regions asked about (a run's masked or flagged ones). All shares are 0 for an all-zero heatmap."""
+
+    border: RegionHeat
+    label_corner: RegionHeat
+    regions: tuple[RegionHeat, ...] = ()
+
+    @property
+    def notes(self) -> list[str]:
+        """A plain-words note for each region holding most of the heat (none when the heat lies inside)."""
+        notes = []
+        if self.border.mostly:
+            notes.append(
+                f"{self.border.heat:.0%} of the heat lies on the image's border (the outer {BORDER_BAND:.0%} on each "
+                f"side, {self.border.area:.0%} of the image), not on the cell in the middle: the model may be "
+                "reading the frame, a label or the slide's edge instead of the cell."
+            )
+        if self.label_corner.mostly:
+            notes.append(
+                f"{self.label_corner.heat:.0%} of the heat lies in the bottom-right corner "
+                f"({self.label_corner.area:.0%} of the image), where microscope images often carry a scale-bar "
+                "label: the model may have learnt the label rather than the cell."
+            )
+        notes += [
+            f"{region.heat:.0%} of the heat lies on {region.name} ({region.area:.0%} of the image), a region the "
+            "model should not learn from."
+            for region in self.regions
+            if region.mostly
+        ]
+        return notes
+
+    def to_dict(self) -> dict:
+        return {
+            "border": self.border.to_dict(),
+            "label_corner": self.label_corner.to_dict(),
+            "regions": [region.to_dict() for region in self.regions],
+        }
+
+
+def heat_share(heatmap: np.ndarray, *, regions: Sequence[Box] = ()) -> HeatShare:
+    """Where the heat of ``heatmap`` (h, w), values >= 0, lies: its share on the border band (:data:`BORDER_BAND`),
+    in the bottom-right corner (:data:`LABEL_CORNER`) and in each of ``regions``.
+
+    >>> heat = np.zeros((100, 100)); heat[:5] = 1  # a hot top edge
+    >>> heat_share(heat).border.heat
+    1.0
+    """
+    heat = np.clip(np.asarray(heatmap, dtype=np.float64), 0, None)
+    if heat.ndim != 2 or not heat.size:
+        raise ConfigError(f"expected a 2-D heatmap, got shape {heat.shape}")
+    height, width = heat.shape
+    total = float(heat.sum())
+    border = np.ones_like(heat, dtype=bool)
+    band_y, band_x = round(height * BORDER_BAND), round(width * BORDER_BAND)
+    border[band_y : height - band_y, band_x : width - band_x] = False
+    corner = np.zeros_like(border)
+    corner[height - round(height * LABEL_CORNER) :, width - round(width * LABEL_CORNER) :] = True
+
+    def share(name: str, mask: np.ndarray) -> RegionHeat:
+        return RegionHeat(name, float(heat[mask].sum()) / total if total > 0 else 0.0, float(mask.mean()))
+
+    def box_mask(box: Box) -> np.ndarray:
+        mask = np.zeros_like(border)
+        rows = slice(
+            int(np.floor(box.y0 * height)), max(int(np.floor(box.y0 * height)) + 1, int(np.ceil(box.y1 * height)))
+        )
+        cols = slice(
+            int(np.floor(box.x0 * width)), max(int(np.floor(box.x0 * width)) + 1, int(np.ceil(box.x1 * width)))
+        )
+        mask[rows, cols] = True
+        return mask
+
+    return HeatShare(
+        share("the border", border),
+        share("the bottom-right corner", corner),
+        tuple(share(box.name or "a masked region", box_mask(box)) for box in regions),
+    )
+
+
+def explain_image(loaded: LoadedModel, image: np.ndarray, *, class_index: int | None = None) -> GradCam:
+    """Grad-CAM of a loaded run for a uint8 image at its input size, seen as the run sees it (colour mode, masks)."""
+    from bcd_engine.data.regions import prepare_for_model
+
+    seen = prepare_for_model(np.asarray(image)[None], loaded.config)[0]
     return grad_cam(
         loaded.model, seen, preprocess=loaded.preprocess(), backbone=loaded.config.backbone, class_index=class_index
     )

@@ -81,6 +81,11 @@ def test_the_upload_limit_of_the_server_is_the_largest_file_the_engine_takes():
     assert diagnosis.MAX_UPLOAD_BYTES <= diagnosis.MAX_ARCHIVE_UPLOAD_BYTES <= diagnosis.MAX_UPLOAD_TOTAL_BYTES
 
 
+def test_the_toolbar_offers_no_deploy_button():
+    client = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["client"]
+    assert client["toolbarMode"] == "viewer"  # Streamlit's Deploy button shows in "auto" and "developer" only
+
+
 def _shows(markdown: str) -> str:
     """The text a reader sees of ``markdown`` (CommonMark, as Streamlit renders it), failing on any markup."""
     rendered = MarkdownIt("commonmark").enable("strikethrough").renderInline(markdown)

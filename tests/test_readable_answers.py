@@ -320,3 +320,25 @@ def test_demo_modes_default_model_is_one_trained_on_what_visitors_can_try(
     sources = {img.caption for e in at.get("image") for img in e.proto.imgs} - {""}
     assert {"SYNTHETIC example", f"test image of {Path(synthetic_dataset).name}"} <= sources
     assert not any("all-like" in caption for caption in sources)  # never a private folder's image in a demo
+
+
+def test_the_explorers_glossary_reads_a_datasets_file_and_reports_a_malformed_one(
+    workspace, synthetic_dataset_copy, monkeypatch
+):
+    monkeypatch.setenv("BCD_DATABASE_URL", workspace.url)
+    monkeypatch.delenv("BCD_DEMO_MODE", raising=False)
+    (synthetic_dataset_copy / CLASSES_FILE).write_text(json.dumps({"classes": {"Pro": {"name": "big drawn cells"}}}))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/explorer.py").run()
+    at.radio(key="explorer_source").set_value("Local folder").run()
+    at.text_input(key="explorer_folder").set_value(str(synthetic_dataset_copy)).run()
+    assert not at.exception, at.exception
+    glossary = next(e for e in at.expander if e.label == "What the classes mean")
+    assert any("**Pro**: big drawn cells" in m.value for m in glossary.markdown)
+    assert len(glossary.get("image")) == 4  # the dataset's own first image of each class
+    (synthetic_dataset_copy / CLASSES_FILE).write_text('{"classes": {"Blast": {"name": "x"}}}')
+    at.run()
+    glossary = next(e for e in at.expander if e.label == "What the classes mean")
+    assert any("not a class of this dataset" in w.value for w in glossary.warning)
+    assert any("drawn pro" in m.value for m in glossary.markdown)  # the built-in words instead

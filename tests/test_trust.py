@@ -51,18 +51,18 @@ def _images(paths) -> np.ndarray:
 
 
 def test_the_gate_passes_its_validation_images_and_flags_another_style_noise_and_blank(gated):
+    from sklearn.metrics import roc_auc_score
+
     _, loaded, split, _ = gated
     assert loaded.trust is not None
     diagnoser = Diagnoser([loaded])
-    val = _images([p for p, subset in split.items() if subset == "val"])
-    passed = np.mean([r.in_domain for r in diagnoser.diagnose_arrays([val], tta=False)])
-    assert passed >= 0.85  # the threshold lets 95% of validation images through (few images here)
+    val = diagnoser.diagnose_arrays([_images([p for p, subset in split.items() if subset == "val"])], tta=False)
+    passed = np.mean([r.in_domain for r in val])
+    assert passed >= 0.85  # set to let at least 99% of in-domain images through (few images here)
     everything = _images(sorted(split))
     rng = np.random.default_rng(0)
-    # (images, share that must be flagged): a one-epoch 32-px CNN's features tell a stain apart less
-    # sharply than a ResNet50's (BENCHMARKS.md has the real figures), noise and blank frames at once.
+    # (images, share that must be flagged): noise and blank frames at once.
     others = {
-        "another stain (colour channels swapped)": (everything[..., ::-1], 0.6),
         "noise": (rng.integers(0, 256, everything.shape, dtype=np.uint8), 0.95),
         "blank": (np.full_like(everything, 255), 0.95),
     }
@@ -75,6 +75,12 @@ def test_the_gate_passes_its_validation_images_and_flags_another_style_noise_and
         assert refused.ood_score > refused.ood_threshold == loaded.trust.gate.threshold
         assert refused.predicted_class in loaded.class_names  # the raw output stays in the result
         assert refused.answer is None  # but it is not the answer
+    # Another stain (colour channels swapped): a one-epoch 32-px CNN trained on 34 images puts it only a little
+    # further out than its own validation images (BENCHMARKS.md has a ResNet50's real figures), so a threshold
+    # that keeps 99% of in-domain images lets much of it through; the score still ranks it above them.
+    swapped = diagnoser.diagnose_arrays([everything[..., ::-1]], tta=False)
+    scores = [r.ood_score for r in val] + [r.ood_score for r in swapped]
+    assert roc_auc_score([0] * len(val) + [1] * len(swapped), scores) >= 0.9
 
 
 def test_training_stores_the_gates_and_calibrations_figures(gated):

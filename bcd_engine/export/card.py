@@ -9,6 +9,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from bcd_engine.errors import ConfigError
+from bcd_engine.evaluation.ood import HELD_OUT_BOUND_RULE
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
 from bcd_engine.protocols.audit import DatasetAudit
 from bcd_engine.store import EvaluationRecord, RunRecord, latest_evaluation
@@ -225,15 +226,30 @@ def _trust_lines(test_metrics: dict, run: RunRecord) -> list[str]:
             f"This run has no out-of-domain gate and no calibration temperature; "
             f"`python -m bcd_engine calibrate --run {run.id}` fits them from its recorded split.",
         ]
+    if test_metrics.get("ood_rule") == HELD_OUT_BOUND_RULE:
+        rule = (
+            f"set so that, with 95% confidence, at most {_pct(1 - test_metrics['ood_pass_rate'])} of new images "
+            "like the training images are refused (from the scores of the validation images and of the training "
+            "images, each scored by a gate fitted without it; in-domain images only)"
+        )
+    else:
+        rule = (
+            f"a threshold that {_pct(test_metrics['ood_pass_rate'])} of the validation images pass (set from "
+            "in-domain images only)"
+        )
     return [
         *lines,
         "bcd answers only for images that look like the training images: a Mahalanobis score on the network's "
         "pooled features (class means and one shared, shrunk covariance from the training images) must stay "
-        f"under {test_metrics['ood_threshold']:.1f}, a threshold that {_pct(test_metrics['ood_pass_rate'])} of "
-        "the validation images pass (set from in-domain images only). "
-        f"It flagged {_pct(test_metrics['ood_flagged_share'])} of the test images. It catches images far from "
-        "every class in feature space (another lab's stain or microscope, no smear at all, noise, blank frames); "
-        "it does not catch an in-domain image the model gets wrong, and a confident answer is not a correct one.",
+        f"under {test_metrics['ood_threshold']:.1f}, {rule}.",
+        "",
+        f"**Own test images refused by the gate: {_pct(test_metrics['ood_flagged_share'])}** "
+        f"({test_metrics['ood_flagged']} of {test_metrics.get('n', '?')}: images from the same source as the "
+        "training images that neither the model nor the gate saw).",
+        "",
+        "It catches images far from every class in feature space (another lab's stain or microscope, no smear at "
+        "all, noise, blank frames); it does not catch an in-domain image the model gets wrong, and a confident "
+        "answer is not a correct one.",
         "",
         f"Probabilities shown are calibrated by temperature scaling (T = {test_metrics['temperature']:.2f}, fitted "
         "on the validation images, never below 1); the exported model gives the raw probabilities: divide "

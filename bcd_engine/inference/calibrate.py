@@ -1,12 +1,13 @@
 """Fitting the OOD gate and the temperature of a run trained before bcd fitted them (or fitting them again).
 
-Uses the split the store recorded for the run: the gate on its training images, its threshold and the
-temperature on its validation images, and both measured on its test images, exactly as training does.
+Uses the split the store recorded for the run: the gate on its training images, its threshold on held-out
+scores of its validation and training images, the temperature on its validation images, and both measured on its
+test images, exactly as training does.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from bcd_engine.store import RunStore
 @dataclass(frozen=True)
 class CalibrationResult:
     """What :func:`calibrate_run` reports: the test ECE before (``ece``, None when the evaluation has none) and
-    after calibration with ``temperature``, the out-of-domain gate's threshold, the share of validation images it
-    passes and the test images it flags, and the number of images in each subset of the split."""
+    after calibration with ``temperature``, the out-of-domain gate's threshold, the share of in-domain images it
+    is set to pass and the test images it flags, and the number of images in each subset of the split."""
 
     run_id: int
     ece: float | None
@@ -66,7 +67,7 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> Ca
     if any(path not in stored for path in test_paths):
         raise StoreError(f"run {run_id}'s test evaluation does not cover its test split")
     images = load_split_images(
-        paths, image_size=loaded.config.image_size, colour=loaded.config.colour, progress=progress
+        paths, image_size=loaded.config.image_size, seen_as=loaded.config, progress=progress
     )
     trust, metrics = fit_trust(
         loaded.model,
@@ -84,6 +85,6 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> Ca
     return CalibrationResult(
         run_id=run_id,
         ece=evaluation.metrics.get("ece"),
-        **metrics,
+        **{field.name: metrics[field.name] for field in fields(CalibrationResult) if field.name in metrics},
         images={name: len(found) for name, found in index.items()},
     )

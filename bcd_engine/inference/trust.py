@@ -1,7 +1,8 @@
 """What a run needs before its answers are shown: an out-of-distribution gate and a calibration temperature.
 
-Both are fitted on the run's own split after training (the gate on its training images' pooled features,
-its threshold and the temperature on its validation images) and saved beside the model
+Both are fitted on the run's own split after training (the gate on its training images' pooled features, its
+threshold on held-out scores of its validation and training images, the temperature on its validation images) and
+saved beside the model
 (:mod:`bcd_engine.store.artifacts` says where). :func:`bcd_engine.inference.calibrate.calibrate_run` fits them
 for a run trained before they existed, from the split the store recorded.
 """
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
+from bcd_engine.data.regions import SeenAs, prepare_for_model
 from bcd_engine.errors import StoreError, WriteError
 from bcd_engine.evaluation.calibration import apply_temperature, fit_temperature
 from bcd_engine.evaluation.confidence import expected_calibration_error
-from bcd_engine.evaluation.ood import MahalanobisGate
+from bcd_engine.evaluation.ood import VALIDATION_QUANTILE_RULE, MahalanobisGate
 from bcd_engine.files import atomic_path
 from bcd_engine.models.backend import forward_function
 from bcd_engine.store import RunStore
@@ -48,6 +49,7 @@ class RunTrust:
                     precision=self.gate.precision,
                     threshold=self.gate.threshold,
                     pass_rate=self.gate.pass_rate,
+                    rule=self.gate.rule,
                     temperature=self.temperature,
                 )
         except OSError as exc:
@@ -55,11 +57,13 @@ class RunTrust:
 
     @classmethod
     def load(cls, path: Path) -> RunTrust:
-        """Read a gate :meth:`save` wrote; StoreError for a file that is not one (pickled objects are never loaded)."""
+        """Read a gate :meth:`save` wrote, or one saved before gates named their rule (its threshold is a quantile
+        of the validation scores); StoreError for a file that is not one (pickled objects are never loaded)."""
         try:
             with np.load(path, allow_pickle=False) as data:
+                rule = str(data["rule"]) if "rule" in data.files else VALIDATION_QUANTILE_RULE
                 gate = MahalanobisGate(
-                    data["means"], data["precision"], float(data["threshold"]), float(data["pass_rate"])
+                    data["means"], data["precision"], float(data["threshold"]), float(data["pass_rate"]), rule
                 )
                 return cls(gate, float(data["temperature"]))
         except (ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -111,8 +115,10 @@ def fit_trust(
     preprocess,
     batch_size: int,
 ) -> tuple[RunTrust, dict]:
-    """Fit the gate (training images; threshold on validation) and the temperature (validation), and measure
-    both on the test images: (trust, metrics for the test evaluation).
+    """Fit the gate (training images; threshold on held-out in-domain scores: the validation images' and the
+    training images' cross-fitted ones, :meth:`MahalanobisGate.fit`) and the temperature (validation), and measure
+    both on the test images, which neither saw: (trust, metrics for the test evaluation, among them the share of
+    the test images the gate refuses).
 
     ``test_probabilities`` are the run's test probabilities as evaluated (with its test-time views).
     """
@@ -128,6 +134,7 @@ def fit_trust(
         "ece_calibrated": expected_calibration_error(labels[test], trust.calibrate(test_probabilities)),
         "ood_threshold": gate.threshold,
         "ood_pass_rate": gate.pass_rate,
+        "ood_rule": gate.rule,
         "ood_flagged": int(flagged.sum()),
         "ood_flagged_share": float(flagged.mean()) if len(flagged) else 0.0,
     }
@@ -149,5 +156,5 @@ def load_trust(run_id: int, *, store: RunStore) -> RunTrust | None:
     return None if found is None else RunTrust.load(found[0])
 
 
-def load_split_images(paths: list[str], *, image_size: int, colour: str, progress: bool = False) -> np.ndarray:
-    return apply_colour_mode(load_images(paths, image_size=image_size, progress=progress), colour)
+def load_split_images(paths: list[str], *, image_size: int, seen_as: SeenAs, progress: bool = False) -> np.ndarray:
+    return prepare_for_model(load_images(paths, image_size=image_size, progress=progress), seen_as)

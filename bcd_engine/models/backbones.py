@@ -71,6 +71,9 @@ class BackboneSpec:
     epochs: int = 40
     patience: int = 6  # early-stopping patience on validation loss
     dense_units: int = 256
+    # Billions of multiply-adds per image at the native size, as the papers report them ("FLOPs"): what the
+    # time estimate scales a rate measured with another backbone by (bcd_engine.training.estimate).
+    gflops: float = 1.0
 
     def training_defaults(self) -> dict[str, int]:
         """The :class:`~bcd_engine.models.config.TrainConfig` values this row decides for a new run."""
@@ -123,6 +126,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "Inception modules replaced by depthwise-separable convolutions.",
             30,
+            gflops=8.4,
         ),
         BackboneSpec(
             "vgg16",
@@ -139,6 +143,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "Plain stack of 3x3 convolutions; the thesis' best model (94%).",
             4,
+            gflops=15.5,
         ),
         BackboneSpec(
             "vgg19",
@@ -155,6 +160,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "VGG16 with three more convolution layers.",
             5,
+            gflops=19.6,
         ),
         BackboneSpec(
             "resnet50",
@@ -171,6 +177,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "50-layer residual network with bottleneck blocks.",
             33,
+            gflops=4.1,
         ),
         BackboneSpec(
             "resnet101",
@@ -187,6 +194,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "Deeper ResNet: 101 layers.",
             33,
+            gflops=7.8,
         ),
         BackboneSpec(
             "inceptionv3",
@@ -203,6 +211,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "Parallel convolution branches of several sizes, factorised kernels.",
             31,
+            gflops=5.7,
         ),
         BackboneSpec(
             "mobilenetv2",
@@ -219,6 +228,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
             "Light network of inverted residual blocks, made for phones.",
             20,
+            gflops=0.3,
         ),
         BackboneSpec(
             "densenet121",
@@ -235,6 +245,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "Each layer receives the feature maps of all earlier layers in its block.",
             30,
+            gflops=2.9,
         ),
         BackboneSpec(
             "efficientnetb0",
@@ -251,6 +262,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "efficientnetb0_notop.h5",
             "Compound-scaled mobile blocks with squeeze-and-excitation.",
             20,
+            gflops=0.39,
         ),
         BackboneSpec(
             SCRATCH,
@@ -270,6 +282,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             epochs=60,
             patience=10,
             dense_units=128,
+            gflops=0.24,
         ),
     )
 }

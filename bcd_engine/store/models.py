@@ -126,6 +126,12 @@ class SqlRun(Base):
     dataset: Mapped[SqlDataset | None] = relationship(lazy="joined")
     test_accuracy: Mapped[float | None] = mapped_column(Float)
     macro_auc: Mapped[float | None] = mapped_column(Float)
+    progress_phase: Mapped[str | None] = mapped_column(String(80))
+    progress_done: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    progress_unit: Mapped[str | None] = mapped_column(String(16))
+    progress_started_at: Mapped[datetime | None]
+    progress_updated_at: Mapped[datetime | None]
 
 
 class SqlEpoch(Base):

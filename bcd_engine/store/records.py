@@ -153,6 +153,54 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class RunProgress:
+    """The phase a running run is in: ``done`` of ``total`` ``unit``\\ s (``total`` 0: not counted, e.g. saving),
+    reported at ``updated_at`` for a phase that started at ``started_at``."""
+
+    run_id: int
+    phase: str
+    done: int
+    total: int
+    unit: str
+    started_at: datetime
+    updated_at: datetime
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the phase done in 0..1; None for a phase that is not counted."""
+        return min(1.0, self.done / self.total) if self.total else None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds from the phase's start to its last report."""
+        return (self.updated_at - self.started_at).total_seconds()
+
+    @property
+    def rate(self) -> float | None:
+        """Units per second over the phase so far; None before the first is done."""
+        return self.done / self.elapsed_s if self.done and self.elapsed_s > 0 else None
+
+    @property
+    def seconds_left(self) -> float | None:
+        """Time the rest of the phase takes at :attr:`rate`, from ``updated_at``; None without a rate or a total."""
+        rate = self.rate
+        return max(0.0, (self.total - self.done) / rate) if rate and self.total else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "phase": self.phase,
+            "done": self.done,
+            "total": self.total,
+            "unit": self.unit,
+            "started_at": self.started_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "rate": self.rate,
+            "seconds_left": self.seconds_left,
+        }
+
+
+@dataclass(frozen=True)
 class EpochRecord:
     """Metrics of one epoch of one training phase (phase 0: frozen backbone, 1: fine-tuning, ...).
 

@@ -61,6 +61,7 @@ from bcd_engine.store.records import (
     Protocol,
     RocCurve,
     RunDataset,
+    RunProgress,
     RunRecord,
     latest_evaluation,
 )
@@ -464,6 +465,42 @@ class RunStore:
         with self._session(write=True, revises=False) as s:
             if s.execute(update(SqlRun).where(SqlRun.id == run_id).values(heartbeat_at=utcnow())).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id} in the run store")
+
+    def set_progress(
+        self, run_id: int, *, phase: str, done: int, total: int, unit: str, started_at: datetime | None = None
+    ) -> None:
+        """Note where the run's current ``phase`` stands (``done`` of ``total`` ``unit``\\ s; total 0: not counted) and
+        refresh its heartbeat. ``started_at`` is when the phase began (default: now, a new phase)."""
+        now = utcnow()
+        with _checked("set_progress"):
+            values = {
+                "progress_phase": str(phase)[:80],
+                "progress_done": int(done),
+                "progress_total": int(total),
+                "progress_unit": str(unit)[:16],
+                "progress_started_at": started_at or now,
+                "progress_updated_at": now,
+                "heartbeat_at": now,
+            }
+        with self._session(write=True) as s:
+            if s.execute(update(SqlRun).where(SqlRun.id == run_id).values(**values)).rowcount == 0:
+                raise RunNotFoundError(f"no run with id {run_id} in the run store")
+
+    def get_progress(self, run_id: int) -> RunProgress | None:
+        """The phase the run last reported (:meth:`set_progress`), or None when it reported none."""
+        with self._session() as s:
+            run = self._require_run(s, run_id)
+            if run.progress_phase is None:
+                return None
+            return RunProgress(
+                run_id=run.id,
+                phase=run.progress_phase,
+                done=run.progress_done or 0,
+                total=run.progress_total or 0,
+                unit=run.progress_unit or "",
+                started_at=run.progress_started_at,
+                updated_at=run.progress_updated_at,
+            )
 
     def request_cancel(self, run_id: int) -> None:
         """Ask for a run to stop: a queued run is cancelled at once, a running one is flagged.

@@ -1,4 +1,5 @@
-"""Watching a training run: the store heartbeat, cancellation, and the Keras callback that logs epochs."""
+"""Watching a training run: the store heartbeat, cancellation, each phase's progress (to the store and the log),
+and the Keras callback that logs epochs."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import numpy as np
 
 from bcd_engine.errors import BCDError, CancelledError
-from bcd_engine.progress import progress_bar
+from bcd_engine.progress import Phase, PhaseProgress, Reporter, describe
 from bcd_engine.store import RunStore
 
 CANCEL_POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 30.0
+PROGRESS_SECONDS = 2.0  # a phase's progress is written to the store at most this often (and at its start and end)
+LOG_STEPS = 10  # a counted phase writes a log line each tenth of the way
 
 log = logging.getLogger("bcd.training")
 
@@ -54,7 +58,7 @@ def heartbeat(store: RunStore, run_id: int) -> Iterator[None]:
 
 
 class RunMonitor:
-    """Keras callback glue: logs epochs to the store, polls the cancel flag, drives a progress bar."""
+    """Watches one run: reports its phases (store, log, bar), polls the cancel flag, logs epochs (Keras callback)."""
 
     def __init__(self, store: RunStore, run_id: int, *, progress: bool):
         self.store, self.run_id, self.progress = store, run_id, progress
@@ -68,6 +72,45 @@ class RunMonitor:
             if self.store.is_cancel_requested(self.run_id):
                 raise CancelledError(f"run {self.run_id} was cancelled")
 
+    def phase(self, name: str, total: int = 0, *, unit: str = "img", log_each_step: bool = False) -> Phase:
+        """A phase of the run (``with monitor.phase("loading images", n) as phase: ... phase.advance(k)``): a bar
+        when the run shows progress, the store's progress columns (:meth:`RunStore.set_progress`) and log lines on
+        ``bcd.training`` at its start, each tenth (each step with ``log_each_step``) and its end. ``total`` 0 is a
+        phase that is not counted."""
+        return Phase(name, total, unit=unit, bar=self.progress, report=self.reporter(log_each_step=log_each_step))
+
+    def announce(self, name: str) -> None:
+        """Report the start of a phase that is not counted (fitting, saving): the store and one log line."""
+        self.reporter()(PhaseProgress(name, 0, 0, "", 0.0))
+
+    def reporter(self, *, log_each_step: bool = False) -> Reporter:
+        """What :meth:`phase` hands its progress to: store writes at most every PROGRESS_SECONDS, and log lines."""
+        started_at = datetime.now(UTC)
+        state = {"written": -PROGRESS_SECONDS, "logged": -1}
+
+        def report(update: PhaseProgress) -> None:
+            now = time.monotonic()
+            finished = update.total and update.done >= update.total
+            if update.done == 0 or finished or now - state["written"] >= PROGRESS_SECONDS:
+                state["written"] = now
+                try:
+                    self.store.set_progress(
+                        self.run_id,
+                        phase=update.phase,
+                        done=update.done,
+                        total=update.total,
+                        unit=update.unit,
+                        started_at=started_at,
+                    )
+                except BCDError as exc:  # a busy database costs one report, not the run
+                    log.warning("progress of run %s not saved: %s", self.run_id, exc)
+            step = update.done if log_each_step or not update.total else update.done * LOG_STEPS // update.total
+            if step > state["logged"]:
+                state["logged"] = step
+                log.info("run %s: %s", self.run_id, describe(update))
+
+        return report
+
     def callback(self, *, phase: int, epochs: int):
         import keras
 
@@ -76,7 +119,8 @@ class RunMonitor:
         class StoreCallback(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
                 self.cancelled = False
-                self.bar = progress_bar(epochs, f"phase {phase} epochs", enabled=monitor.progress, unit="epoch")
+                name = f"phase {phase} epochs" if phase == 1 else f"phase {phase} (fine-tuning) epochs"
+                self.phase = monitor.phase(name, epochs, unit="epoch", log_each_step=True).__enter__()
                 self.started = time.monotonic()
 
             def on_train_batch_end(self, batch, logs=None):
@@ -101,11 +145,11 @@ class RunMonitor:
                     seconds=time.monotonic() - self.started,
                 )
                 self.started = time.monotonic()
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_acc=f"{logs.get('val_accuracy', 0):.3f}")
-                self.bar.update(1)
+                self.phase.set_postfix(loss=f"{logs['loss']:.3f}", val_acc=f"{logs.get('val_accuracy', 0):.3f}")
+                self.phase.advance(1)
 
             def on_train_end(self, logs=None):
-                self.bar.close()
+                self.phase.__exit__(None, None, None)
                 if self.cancelled:
                     raise CancelledError(f"run {monitor.run_id} was cancelled")
 

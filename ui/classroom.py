@@ -1,7 +1,8 @@
 """Class mode (demo mode's Train page): a student trains a classification head on a class pack in seconds.
 
-The head trains on the host's cached features (:mod:`bcd_engine.classroom`) as a job of the process's class queue,
-which takes the sessions in turn, an epoch each, at most one training per session at once. The curves grow while
+The head trains on the host's cached features (:mod:`bcd_engine.classroom`) in the server's class worker (a child
+process), driven by the process's class queue, which takes the sessions in turn, an epoch each, at most one training
+per session at once. The curves grow while
 it trains; then its confusion matrix and test accuracy stand beside this session's other trainings and the host's
 runs on the same dataset. Results live in this session's state only: nothing is written to the store or to disk.
 """
@@ -20,7 +21,17 @@ import streamlit as st
 from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from bcd_engine.classroom import ClassPack, ClassResult, HeadSettings, HeadTraining, class_queue, host_runs
+from bcd_engine import settings
+from bcd_engine.classroom import (
+    ClassPack,
+    ClassResult,
+    HeadSettings,
+    PackRef,
+    RemoteTraining,
+    class_queue,
+    class_worker,
+    host_runs,
+)
 from bcd_engine.classroom import pack as packs
 from bcd_engine.classroom import session as bounds
 from bcd_engine.errors import BCDError, BusyError
@@ -32,7 +43,7 @@ RESULTS = "class.results"  # the session's finished trainings, oldest first: (nu
 COUNT = "class.count"  # trainings this session has started
 ERROR = "class.error"  # why the last training stopped without a result
 KEPT_RESULTS = 8  # a session keeps its last eight results
-REFRESH_S = 0.5
+REFRESH_S = 1.0
 DEFAULT_SOURCE = "SYNTHETIC demo set"
 
 
@@ -43,12 +54,12 @@ class _Source:
     dataset: str
     backbone_label: str
     views: int
-    pack: ClassPack | None  # None: the SYNTHETIC default, computed on the first training of the server process
+    ref: PackRef  # None: the SYNTHETIC default, computed by the class worker when it starts
 
 
 @dataclass(frozen=True)
 class _Live:
-    training: HeadTraining
+    training: RemoteTraining
     job: object  # bcd_engine.inference.service.Job
     number: int  # "training 3" of this session
     started: float
@@ -71,12 +82,13 @@ def render(store: RunStore) -> None:
         "them)."
     )
     sources = _sources()
+    _warm_worker(sources[0].ref)
     source, chosen = _settings_form(sources)
     busy = LIVE in st.session_state
     if st.button("Train this head", key="class_train", type="primary", icon=":material/school:", disabled=busy):
         _start(source, chosen)
     _live_panel(run_every=REFRESH_S if LIVE in st.session_state else None)
-    _results(store, sources)
+    _results(store)
 
 
 def _sources() -> list[_Source]:
@@ -85,23 +97,25 @@ def _sources() -> list[_Source]:
         st.caption(common.public(f"Skipped a class pack: {problem}"))
     if not loaded:
         return [_Source(DEFAULT_SOURCE, _default_label(), packs.DEFAULT_VIEWS, None)]
-    return [_Source(_dataset_label(pack), pack.label, pack.views, pack) for pack in loaded]
+    root = str(settings.class_packs_dir())
+    return [_Source(_dataset_label(pack), pack.label, pack.views, (root, pack.name)) for pack in loaded]
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_worker(first: PackRef) -> None:
+    """Start the class worker and have it load the first pack once per server, while the first student reads."""
+    class_worker().prepare(first)
 
 
 @st.cache_resource(show_spinner="Loading the class packs ...", max_entries=2)
 def _packs(signature: str) -> tuple[list[ClassPack], list[str]]:
-    """The host's class packs, loaded once per change of the class folder and shared by every session (read only)."""
+    """The host's class packs as the page lists them, read once per change of the class folder (the class worker
+    loads its own copy to train on)."""
     return packs.find_packs()
 
 
-@st.cache_resource(show_spinner="Computing the SYNTHETIC set's features, once for the whole server ...")
-def _default_pack() -> ClassPack:
-    """The SYNTHETIC demo set's pack, in memory (no feature cache, nothing written), for a host with no pack."""
-    return packs.prepare_pack(None, use_feature_cache=False)
-
-
 def _default_label() -> str:
-    return f"{packs.DEFAULT_BACKBONE}, random (no pretraining) weights, {packs.SYNTHETIC_IMAGE_SIZE} px"
+    return f"{packs.DEFAULT_BACKBONE}, random weights, {packs.SYNTHETIC_IMAGE_SIZE} px, {packs.DEFAULT_VIEWS} views"
 
 
 def _dataset_label(pack: ClassPack) -> str:
@@ -157,9 +171,8 @@ def _settings_form(sources: list[_Source]) -> tuple[_Source, HeadSettings]:
 
 def _start(source: _Source, chosen: HeadSettings) -> None:
     """Queue a training of ``chosen`` on ``source`` for this session (an error or a warning when it cannot be)."""
-    pack = source.pack if source.pack is not None else _default_pack()
     try:
-        training = HeadTraining(pack, chosen)
+        training = RemoteTraining(source.ref, chosen, max_views=source.views)
     except BCDError as exc:
         st.error(common.public(exc))
         return
@@ -246,15 +259,15 @@ def _matrix(result: ClassResult) -> go.Figure:
         hovertemplate="true %{y}, predicted %{x}<br>%{z} images (%{customdata:.1f}% of the true class)<extra></extra>",
     )
     return go.Figure(heat).update_layout(
-        title="Test images: true class (rows) against the head's answer (columns)",
-        xaxis_title="predicted",
-        yaxis_title="true",
+        title=f"Confusion matrix of the {int(counts.sum())} test images",
+        xaxis_title="the head's answer",
+        yaxis_title="true class",
         yaxis_autorange="reversed",
         margin={"t": 60},
     )
 
 
-def _results(store: RunStore, sources: list[_Source]) -> None:
+def _results(store: RunStore) -> None:
     if ERROR in st.session_state:
         st.error(st.session_state.pop(ERROR))
     numbered: dict[int, ClassResult] = dict(st.session_state.get(RESULTS, []))
@@ -273,7 +286,7 @@ def _results(store: RunStore, sources: list[_Source]) -> None:
     right.plotly_chart(_matrix(latest), key="class_matrix")
     st.plotly_chart(_curves({n: list(r.history) for n, r in numbered.items()}), key="class_curves")
     st.markdown("**Your trainings** (this tab only) **beside the host's runs on the same images**")
-    st.dataframe(_comparison(store, numbered, sources), hide_index=True, key="class_table", placeholder=tables.MISSING)
+    st.dataframe(_comparison(store, numbered), hide_index=True, key="class_table", placeholder=tables.MISSING)
     download, clear = st.columns([1, 1])
     download.download_button(
         "Download my results (JSON)",
@@ -288,36 +301,33 @@ def _results(store: RunStore, sources: list[_Source]) -> None:
         st.rerun()
 
 
-def _comparison(store: RunStore, numbered: dict[int, ClassResult], sources: list[_Source]) -> pd.DataFrame:
+def _comparison(store: RunStore, numbered: dict[int, ClassResult]) -> pd.DataFrame:
     rows = [
         {
             "who": f"you: training {number}",
+            "test accuracy": r.test_accuracy,
             "model": f"head {r.settings.dense_units} units on frozen {r.backbone} ({r.weights} weights)",
             "views": r.settings.views,
             "epochs run": len(r.history),
             "learning rate": f"{r.settings.learning_rate:g}",
-            "test accuracy": r.test_accuracy,
             "protocol": "holdout on the pack's split; head on frozen features",
         }
         for number, r in numbered.items()
     ]
-    trained_on = {r.pack for r in numbered.values()}
-    loaded = {source.pack.name: source.pack for source in sources if source.pack is not None}
     seen: set[int] = set()
-    for name in trained_on:
-        pack = loaded.get(name) if loaded else _default_pack()  # the packs offered, or else the default
-        for run in host_runs(store, pack) if pack is not None else []:
+    for result in numbered.values():
+        for run in host_runs(store, result):
             if run.run_id in seen:
                 continue
             seen.add(run.run_id)
             rows.append(
                 {
                     "who": f"host: run {run.run_id}",
+                    "test accuracy": run.test_accuracy,
                     "model": f"{run.backbone} (trained by the host)",
                     "views": None,
                     "epochs run": None,
                     "learning rate": None,
-                    "test accuracy": run.test_accuracy,
                     "protocol": run.protocol + ("; the same test images" if run.same_split else ""),
                 }
             )

@@ -76,12 +76,10 @@ class ClassPack:
 
     @property
     def weights_label(self) -> str:
-        """The starting weights in words: 'ImageNet', 'random (no pretraining)' or 'a weights file (sha256 1a2b...)'."""
+        """The starting weights in a word or two: 'ImageNet', 'random' or 'file sha256:1a2b3c4d'."""
         if self.weights == "imagenet":
             return "ImageNet"
-        if self.weights.startswith("sha256:"):
-            return f"a weights file (sha256 {self.weights[7:15]}...)"
-        return "random (no pretraining)"
+        return f"file sha256:{self.weights[7:15]}" if self.weights.startswith("sha256:") else "random"
 
     @property
     def label(self) -> str:

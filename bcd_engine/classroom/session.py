@@ -45,10 +45,10 @@ class HeadSettings:
     epochs: int = 20
     learning_rate: float = 1e-3
 
-    def check(self, pack: ClassPack) -> None:
-        """ConfigError naming the first setting outside the class bounds or the pack."""
-        if not 1 <= self.views <= pack.views:
-            raise ConfigError(f"views must be between 1 and {pack.views} (what the pack holds), got {self.views}")
+    def check(self, *, max_views: int) -> None:
+        """ConfigError naming the first setting outside the class bounds or the ``max_views`` that the pack holds."""
+        if not 1 <= self.views <= max_views:
+            raise ConfigError(f"views must be between 1 and {max_views} (what the pack holds), got {self.views}")
         if self.dense_units not in HEAD_SIZES:
             raise ConfigError(f"head size must be one of {HEAD_SIZES}, got {self.dense_units}")
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -87,6 +87,10 @@ class ClassResult:
 
     pack: str
     dataset: str
+    fingerprint: str  # of the dataset's images and labels (the store's runs on them carry the same)
+    split_seed: int
+    val_fraction: float
+    test_fraction: float
     backbone: str
     weights: str
     settings: HeadSettings
@@ -118,7 +122,7 @@ class HeadTraining:
     """
 
     def __init__(self, pack: ClassPack, settings: HeadSettings, *, max_seconds: float = MAX_SECONDS) -> None:
-        settings.check(pack)
+        settings.check(max_views=pack.views)
         self.pack = pack
         self.settings = settings
         self.max_seconds = max_seconds
@@ -132,7 +136,7 @@ class HeadTraining:
 
     def steps(self) -> Steps:
         """Build the head, then train it one epoch per step (yielding (epoch, epochs)); returns a ClassResult."""
-        import keras
+        import keras  # imported before the clock starts: the server's first import is not the student's compute
 
         pack, chosen = self.pack, self.settings
         config = TrainConfig(
@@ -193,6 +197,10 @@ class HeadTraining:
         return ClassResult(
             pack=pack.name,
             dataset=pack.dataset.name,
+            fingerprint=pack.dataset.fingerprint,
+            split_seed=pack.seed,
+            val_fraction=pack.split.val_fraction,
+            test_fraction=pack.split.test_fraction,
             backbone=pack.backbone,
             weights=pack.weights_label,
             settings=chosen,

@@ -58,8 +58,8 @@ def show_refusal(result: Diagnosis) -> None:
     """An image out of domain: the image itself, why there is no answer and what to do; no class, no confidence."""
     st.error(result.advice, icon=READING_ICONS[Reading.OUT_OF_DOMAIN])
     picture, next_steps = st.columns([1, 2])
-    if result.image is not None:
-        picture.image(result.image, width="stretch", caption="The image as the model saw it")
+    if result.image is not None:  # framed: a blank or white image is still seen
+        picture.container(border=True).image(result.image, width="stretch", caption="The image as the model saw it")
     next_steps.markdown(
         "**What you can do**\n"
         "- Choose another model above, one trained on images like yours (same stain, microscope and magnification).\n"
@@ -179,10 +179,14 @@ if not run_ids:
 offered = examples.examples_for(store.get_run(run_ids[0]), store=store)
 if offered:
     st.markdown("**Try an example** (one click diagnoses it)")
-    for start in range(0, len(offered), EXAMPLES_PER_ROW):
-        row = offered[start : start + EXAMPLES_PER_ROW]
-        for number, (column, example) in enumerate(zip(st.columns(EXAMPLES_PER_ROW), row), start=start):
-            column.image(example.path, width=64, caption=example.source)
+    by_source: dict[str, list[tuple[int, examples.Example]]] = {}
+    for number, example in enumerate(offered):
+        by_source.setdefault(example.source, []).append((number, example))
+    for source, row in by_source.items():
+        label, *columns = st.columns([2] + [1] * EXAMPLES_PER_ROW, vertical_alignment="center")
+        label.markdown(common.plain(source[0].upper() + source[1:]))  # a folder's name, as text
+        for column, (number, example) in zip(columns, row[:EXAMPLES_PER_ROW]):
+            column.image(example.path, width=48)
             column.button(
                 example.class_name,
                 key=f"diagnose_example_{number}",

@@ -263,5 +263,33 @@ def test_an_image_unlike_the_training_images_gets_no_answer(demo, browser):
     settle(page)
     check(page, "demo-out-of-domain")
     assert page.get_by_text("Predicted class").count() == 0  # no class is offered as the answer
+    assert page.get_by_text("calibrated probability").count() == 0
+    assert page.get_by_role("heading", name=re.compile("^Looks like")).count() == 0  # no answer in words
     assert page.get_by_text("Unusualness score").count() == 1
+    assert page.get_by_text("What you can do").count() == 1  # the image is shown, with the next steps
+    assert page.get_by_text("The image as the model saw it").count() == 1
+    page.close()
+
+
+def test_a_visitor_tries_the_examples_and_each_is_answered_in_words(demo, browser):
+    """Demo mode's default model is the SYNTHETIC run, and every example one click away gets an answer (none refused
+    by its gate), led by its words; no Deploy button; the glossary names each class."""
+    base, _server, _private, _tmp = demo
+    page = open_page(browser, base, "diagnose", "Diagnose images")
+    assert page.get_by_role("button", name="Deploy").count() == 0
+    examples = page.locator('[class*="st-key-diagnose_example_"] button')
+    count = examples.count()
+    assert count >= 4, count
+    for i in range(count):
+        page.locator(f".st-key-diagnose_example_{i} button").click()
+        page.get_by_text("Predicted class").wait_for(timeout=120_000)
+        settle(page)
+        assert page.get_by_text("does not look like the images the model was trained on").count() == 0, i
+        assert page.get_by_role("heading", name=re.compile("^Looks like drawn")).count() == 1, i  # words lead
+        if i == 0:
+            check(page, "demo-example-answer")
+    page.get_by_text("What the classes mean", exact=True).click()
+    settle(page)
+    assert page.get_by_text("SYNTHETIC drawing, not medical data").count() >= 4
+    check(page, "demo-glossary")
     page.close()

@@ -317,8 +317,8 @@ def test_demo_modes_default_model_is_one_trained_on_what_visitors_can_try(
     at = _page()
     (chosen,) = at.multiselect(key="diagnose_runs").value
     assert store.get_run(chosen).dataset.synthetic and chosen in [synthetic_runs["holdout"], *synthetic_runs["cv"]]
-    sources = {img.caption for e in at.get("image") for img in e.proto.imgs} - {""}
-    assert {"SYNTHETIC example", f"test image of {Path(synthetic_dataset).name}"} <= sources
+    sources = {markdown.value for markdown in at.markdown}
+    assert {"SYNTHETIC examples", common.plain(f"Test images of {Path(synthetic_dataset).name}")} <= sources
     assert not any("all-like" in caption for caption in sources)  # never a private folder's image in a demo
 
 

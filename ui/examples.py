@@ -65,7 +65,7 @@ def examples_for(run: RunRecord | None, *, store: RunStore) -> list[Example]:
     if run is not None:
         found += _own_test_images(run, store=store)
     with contextlib.suppress(OSError):  # no writable cache folder: no drawn examples
-        found += _first_per_class(synthetic_examples_folder(), "SYNTHETIC example")
+        found += _first_per_class(synthetic_examples_folder(), "SYNTHETIC examples")
     for root in settings.demo_datasets():
         found += _first_per_class(str(root), f"public set {root.name}")
     seen: set[str] = set()
@@ -100,7 +100,7 @@ def _own_test_images(run: RunRecord, *, store: RunStore) -> list[Example]:
     for prediction in store.get_predictions(evaluation.id):
         if prediction.true_class not in chosen and Path(prediction.path).is_file():
             chosen[prediction.true_class] = prediction.path
-    source = f"test image of {run.dataset.name}"
+    source = f"test images of {run.dataset.name}"
     return [Example(path, name, source) for name, path in list(chosen.items())[:PER_SOURCE]]
 
 

@@ -10,15 +10,17 @@ import streamlit as st
 
 from bcd_engine.data.images import load_image
 from bcd_engine.errors import BCDError
-from bcd_engine.export import run_bundle
+from bcd_engine.export import archive, run_bundle
 from bcd_engine.inference import explain
 from bcd_engine.reports import comparison
+from bcd_engine.reports import jobs as job_tables
 from bcd_engine.reports import runs as run_tables
-from bcd_engine.store import artifacts, latest_evaluation
+from bcd_engine.store import JobQueue, artifacts, latest_evaluation
 from ui import charts, common, tables
 
 TOP = {"t": 110}  # figure margin with room for charts.figure_title's three lines
 AUDIT_DASHES = {"colour only": "dash", "corner only": "dot", "chance": "longdashdot"}
+EXPORT_FORMATS = {"tflite": "TensorFlow Lite", "keras": "Keras (.keras)"}
 
 st.title("Compare runs")
 common.explain(
@@ -124,12 +126,23 @@ tables.show(
         "accuracy (95% CI)": "test accuracy (95% CI)",
         "macro AUC (95% CI)": "macro AUC (95% CI)",
         "macro_f1": ("macro F1", tables.decimals()),
-        "ece": ("ECE", tables.decimals()),
-        "ece_calibrated": ("ECE after calibration", tables.decimals()),
+        "ece": ("ECE", st.column_config.NumberColumn(format="%.3f", help=comparison.ECE_MEANING)),
+        "ece_calibrated": (
+            "ECE after calibration",
+            st.column_config.NumberColumn(
+                format="%.3f",
+                help="The test ECE with the run's temperature (see Reliability below for what it did and why).",
+            ),
+        ),
         "protocol": ("protocol", tables.wide_text()),
         "parameters_M": ("parameters (millions)", tables.decimals(1)),
         "weights": "weights",
         "image_size": ("image size (px)", tables.decimals(0)),
+        "learning_rate": ("learning rate", st.column_config.NumberColumn(format="%g")),
+        "epochs": ("epochs", tables.decimals(0)),
+        "views": ("training views", tables.decimals(0)),
+        "tta_views": ("test-time views", tables.decimals(0)),
+        "head": "head",
         "time": "training time",
         "created": ("queued at", st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")),
         "error": ("error", tables.wide_text()),
@@ -163,8 +176,8 @@ st.subheader("Cross-validation")
 groups = comparison.cv_groups(records.values())
 if not groups:
     st.caption(
-        "No cross-validation runs yet. `python -m bcd_engine cv --data FOLDER --backbone NAME --folds 5` "
-        "trains one run per fold."
+        "No cross-validation runs yet. Queue one on the Train page (Protocol: k-fold cross-validation), or run "
+        "`python -m bcd_engine cv --data FOLDER --backbone NAME --folds 5`: one run per fold."
     )
 else:
     st.caption(
@@ -259,7 +272,8 @@ lodo = comparison.lodo_frame(records.values(), evaluations)
 if lodo.empty:
     st.caption(
         "No leave-one-dataset-out runs yet. They train on every dataset but one and test on the one "
-        "left out, to show how well a model carries over to another lab's images."
+        "left out, to show how well a model carries over to another lab's images. Queue one on the Train page "
+        "(Protocol: Leave one dataset out)."
     )
 else:
     st.caption(
@@ -292,6 +306,46 @@ else:
         },
     )
 
+jobs = JobQueue(store).list()
+baselines = job_tables.baseline_frame(jobs)
+if not baselines.empty:
+    st.subheader("Classical baseline")
+    st.caption(
+        "Colour, texture and shape features with a classical classifier, queued from the Train page: a floor a "
+        "network should clear on the same dataset (k-fold rows: the mean over the folds ± one standard deviation)."
+    )
+    tables.show(
+        baselines,
+        key="compare_baselines",
+        columns={
+            "job": "job",
+            "dataset": "dataset",
+            "model": "model",
+            "protocol": ("protocol", tables.wide_text()),
+            "accuracy": ("test accuracy", tables.decimals()),
+            "std": ("± std", tables.decimals()),
+            "macro_auc": ("macro AUC", tables.decimals()),
+        },
+    )
+robustness = job_tables.robustness_frame(jobs)
+if not robustness.empty:
+    st.subheader("Colour robustness")
+    st.caption(
+        "Each checked run's test images as they are, in grayscale and colour-normalised (Reinhard). A model that "
+        "reads cells keeps its accuracy; the colour-only classifier beside it should fall."
+    )
+    tables.show(
+        robustness,
+        key="compare_robustness",
+        columns={
+            "run": "run",
+            "backbone": "backbone",
+            "test images": "test images",
+            "model_accuracy": ("model accuracy", tables.decimals()),
+            "colour_only_accuracy": ("colour-only accuracy", tables.decimals()),
+        },
+    )
+
 st.subheader("Runs side by side")
 labels = {
     int(i): comparison.run_label_with_protocol(records[int(i)], latest_evaluation(evaluations[int(i)]))
@@ -314,34 +368,33 @@ if not tests:
     st.stop()
 titles = {run_id: charts.figure_title(records[run_id], ev) for run_id, ev in tests.items()}
 
-st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
-chart_col, audit_col = st.columns([3, 2])
-intervals = comparison.intervals_frame([records[run_id] for run_id in selected], evaluations)
-fig = interval_bars(
-    intervals.assign(label=charts.stacked(intervals["label"])),
-    "label",
-    {"accuracy": "accuracy", "macro_auc": "macro AUC"},
-    "Test accuracy and macro AUC (error bars: 95% confidence interval)",
-)
-roots = comparison.dataset_roots(records[run_id] for run_id in selected)
-add_audit_lines(fig, roots)
-chart_col.plotly_chart(fig, key="compare_intervals")
-audit_col.markdown("**Shortcut audit**: can colour alone tell the classes apart? Grey lines on the charts.")
-for i, root in enumerate(roots):
-    box = audit_col.container(border=True)
+st.subheader("What differs between these runs")
+diff = comparison.settings_diff(records[run_id] for run_id in selected)
+if len(selected) < 2:
+    st.caption("Select two or more runs to see the settings in which they differ.")
+elif diff.empty:
+    st.caption("The selected runs have the same settings and dataset (they differ only by chance, e.g. hardware).")
+else:
+    st.caption("Only the settings in which the selected runs differ; everything else is the same.")
+    tables.show(diff, key="compare_settings_diff", columns={c: c for c in diff.columns})
+
+
+def shortcut_audit_box(column, root: str, key: str) -> None:
+    """The shortcut audit of one dataset folder: its colour-only, corner-only and chance accuracies (or a button)."""
+    box = column.container(border=True)
     box.markdown(f"**{Path(root).name}**" if common.demo_mode() else f"**{Path(root).name}** (`{root}`)")
     try:
         scan = common.scan(root)
     except BCDError as exc:
         box.warning(common.public(f"This folder cannot be read here, so it cannot be audited: {exc}"))
-        continue
+        return
     audit = audit_of(root)
     if audit is None and common.demo_mode():  # a demo writes nothing: it shows only audits already computed
         box.caption("Not audited yet; a demo shows only audits computed beforehand.")
-        continue
+        return
     if audit is None:
         box.caption("Not audited yet. It takes a few seconds for a few thousand images; the result is kept.")
-        if box.button("Run shortcut audit", key=f"compare_audit_{i}", icon=":material/search:"):
+        if box.button("Run shortcut audit", key=f"compare_audit_{key}", icon=":material/search:"):
             try:
                 with st.spinner(f"Auditing {Path(root).name} ..."):
                     comparison.run_audit(scan)
@@ -349,13 +402,38 @@ for i, root in enumerate(roots):
                 box.error(common.public(f"The audit failed: {exc}"))
             else:
                 st.rerun()
-        continue
+        return
     shortcuts = audit["shortcuts"]
     m1, m2, m3 = box.columns(3)
     m1.metric("colour only", f"{shortcuts['colour_only_accuracy']:.1%}")
     m2.metric("corner only", f"{shortcuts['corner_only_accuracy']:.1%}")
     m3.metric("chance", f"{shortcuts['chance_accuracy']:.1%}")
     box.caption(comparison.audit_explanation(audit))
+
+
+st.subheader("Accuracy with 95% confidence intervals, and the shortcut audit")
+by_dataset = comparison.runs_by_dataset(records[run_id] for run_id in selected)
+if (note := comparison.not_comparable_note(by_dataset)) is not None:
+    st.warning(note, icon=":material/rule:")
+audited = 0  # the audit buttons are numbered across the datasets' charts
+for g, group_runs in enumerate(by_dataset.values()):
+    chart_col, audit_col = st.columns([3, 2])
+    intervals = comparison.intervals_frame(group_runs, evaluations)
+    fig = interval_bars(
+        intervals.assign(label=charts.stacked(intervals["label"])),
+        "label",
+        {"accuracy": "accuracy", "macro_auc": "macro AUC"},
+        f"{group_runs[0].dataset.name}: test accuracy and macro AUC (95% CI)"
+        if note
+        else "Test accuracy and macro AUC (error bars: 95% confidence interval)",
+    )
+    roots = comparison.dataset_roots(group_runs)
+    add_audit_lines(fig, roots)
+    chart_col.plotly_chart(fig, key=f"compare_intervals_{g}" if g else "compare_intervals")
+    audit_col.markdown("**Shortcut audit**: can colour alone tell the classes apart? Grey lines on the chart.")
+    for root in roots:
+        shortcut_audit_box(audit_col, root, str(audited))
+        audited += 1
 
 st.subheader("Training curves")
 st.plotly_chart(
@@ -402,7 +480,9 @@ st.caption(
     "Test images are put in bins by the model's confidence in its answer. Each bar shows how many in the "
     "bin were right; a well-calibrated model's bars reach the diagonal (of the answers given with 90% "
     "confidence, 90% are right). Bars below the diagonal mean over-confidence. **ECE** (expected calibration "
-    "error) is the average gap, weighted by the number of images in each bin: 0 is perfect."
+    "error) is the average gap, weighted by the number of images in each bin: 0 is perfect. A **temperature** "
+    "above 1 softens every answer, below 1 sharpens it; bcd fits it on the validation images and keeps it only "
+    "when it lowers both their log-loss and their ECE."
 )
 for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
     bins = comparison.reliability_frame(ev)
@@ -440,9 +520,19 @@ for col, (run_id, ev) in zip(st.columns(len(tests)), tests.items()):
         col.metric(
             "ECE after calibration",
             f"{after:.3f}",
+            delta=f"{after - before:+.3f}" if before is not None else None,
+            delta_color="inverse",
             help=f"With the temperature {ev.metrics['temperature']:.2f} fitted on the run's validation images "
             "(the probabilities Diagnose shows). The bars above are before calibration.",
         )
+    if ev.metrics.get("ood_flagged_share") is not None:
+        col.metric(
+            "Own test images refused",
+            f"{ev.metrics['ood_flagged_share']:.1%}",
+            help="Share of the run's own test images (same source as its training images, never seen in training) "
+            "that its out-of-domain gate refused: they would get no answer.",
+        )
+    col.caption(comparison.calibration_note(ev, tta_views=records[run_id].config.get("train", {}).get("tta_views")))
 
 st.subheader("Risk and coverage: how right is the model when it answers only when most sure?")
 st.caption(
@@ -557,6 +647,37 @@ if not common.demo_mode():
             icon=":material/download:",
             on_click="ignore",
         )
+    with st.expander("Export a model for an app (TensorFlow Lite or Keras)", icon=":material/phone_android:"):
+        st.caption(
+            "The run's model with its labels.json (class names, input size, preprocessing) and model card, in one "
+            ".zip. TensorFlow Lite runs on phones and small devices; the export is checked against the Keras model "
+            "on test images before it is offered. It takes from seconds to a minute."
+        )
+        e1, e2 = st.columns([3, 1])
+        exported = e1.selectbox("Run", list(labels), format_func=labels.get, key="compare_export_run")
+        export_format = e2.selectbox("Format", EXPORT_FORMATS, format_func=EXPORT_FORMATS.get, key="compare_export_fmt")
+        if st.button("Export", key="compare_export", icon=":material/build:"):
+            try:
+                with st.spinner(f"Exporting run {exported} as {EXPORT_FORMATS[export_format]} ..."):
+                    content, result = archive.export_zip(exported, format=export_format, store=store)
+            except BCDError as exc:
+                st.error(common.public(f"The export failed: {exc}"))
+            else:
+                st.session_state["compare.export"] = (exported, export_format, content, result.max_abs_diff)
+        done = st.session_state.get("compare.export")
+        if done is not None and done[:2] == (exported, export_format):
+            run_id, fmt, content, max_diff = done
+            if max_diff is not None:
+                st.caption(f"Largest difference from the Keras model's probabilities: {max_diff:.2e}.")
+            st.download_button(
+                f"Download run {run_id} ({EXPORT_FORMATS[fmt]})",
+                content,
+                archive.export_name(run_id, records[run_id].backbone, fmt),
+                "application/zip",
+                key="compare_export_download",
+                icon=":material/download:",
+                on_click="ignore",
+            )
     with st.expander("Delete a run", icon=":material/delete:"):
         victim = st.selectbox("Run", runs["id"].tolist(), key="compare_delete_run")
         if st.button("Delete run and everything recorded about it", key="compare_delete"):

@@ -13,7 +13,10 @@ from bcd_engine.errors import BCDError
 from bcd_engine.models.augment import preview_views
 from bcd_engine.models.config import AugmentConfig
 from bcd_engine.reports import explorer as explorer_tables
-from ui import common, tables
+from bcd_engine.training import queue
+from ui import common, glossary, tables
+
+TRAIN_DATASET_REQUEST = "train.dataset_request"  # read once by the Train page (pages/train.py DATASET_REQUEST)
 
 st.title("Dataset explorer")
 common.explain(
@@ -82,7 +85,22 @@ cols[0].metric("Images", scan.n_images)
 cols[1].metric("Classes", len(scan.class_names))
 cols[2].metric("Unreadable files", len(scan.unreadable))
 cols[3].metric("Near-duplicate groups", len(scan.near_duplicate_groups))
+if not demo and st.button(
+    "Train on this dataset",
+    key="explorer_train",
+    type="primary",
+    icon=":material/model_training:",
+    help="Opens the Train page with this folder chosen as the dataset (and lists it there from now on).",
+):
+    try:
+        queue.register_dataset(store, scan)
+    except BCDError as exc:
+        st.error(common.public(exc))
+    else:
+        st.session_state[TRAIN_DATASET_REQUEST] = scan.root
+        st.switch_page("pages/train.py")
 
+glossary.dataset_glossary(scan)  # what each class means, with a reference image
 balance, samples, stats_tab, dups, twins, augment = st.tabs(
     ["Class balance", "Samples", "Size and colour", "Duplicates", "Original / Segmented", "Augmentation"]
 )

@@ -1,5 +1,6 @@
 """Train: queue runs (one backbone or a sweep), watch the running one live, cancel."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,10 +10,16 @@ from bcd_engine import settings
 from bcd_engine.errors import BCDError, RunNotFoundError
 from bcd_engine.models.backbones import BACKBONES, weights_files
 from bcd_engine.models.config import MAX_AUGMENT, OPTIMIZERS, TrainConfig
+from bcd_engine.protocols import jobs as protocol_jobs
+from bcd_engine.protocols.baselines import MODELS as BASELINE_MODELS
+from bcd_engine.protocols.crossval import DEFAULT_FOLDS
 from bcd_engine.reports import explorer as explorer_tables
+from bcd_engine.reports import jobs as job_tables
 from bcd_engine.reports import runs as run_tables
+from bcd_engine.store import JobQueue
 from bcd_engine.training import queue, worker
-from ui import charts, common, tables
+from ui import charts, classroom, common, tables
+from ui.progress import show_run_progress
 
 st.title("Train")
 common.explain(
@@ -52,9 +59,14 @@ with st.expander("Backbones", icon=":material/table:"):
     )
 
 STOPPED = ("failed", "interrupted", "cancelled")  # runs that can be queued again from the page
+DATASET_REQUEST = "train.dataset_request"  # the folder the Explorer's "Train on this dataset" hands over
+PROTOCOLS = {"holdout": "Hold-out", "cv": "k-fold cross-validation", "lodo": "Leave one dataset out"}
+SUBMIT = {"holdout": "Queue run(s)", "cv": "Queue cross-validation", "lodo": "Queue leave-one-dataset-out"}
+LABEL_MAP_EXAMPLE = '{"Original": {"Benign": "benign", "Early": "malignant"}, "pbc": {"lymphocyte": "benign"}}'
 SMALLEST_INPUT = min(spec.min_size for spec in BACKBONES.values())  # px; each backbone checks its own minimum
 WEIGHT_CHOICES = {
     "none": "none (random start)",
+    "local": "ImageNet, from the weights folder",
     "imagenet": "ImageNet (downloads; needs internet)",
     "file": "a weights file on this machine ...",
 }
@@ -76,15 +88,178 @@ def _launch(configs: list[TrainConfig], data_dir: str) -> None:
     common.remember_runs(ids)
 
 
-def _weights_choices() -> dict[str, str]:
-    """Weights option value -> label: none, imagenet, the files in the weights folder, a typed path."""
+def _local_weights(names: list[str]) -> dict[str, Path | None]:
+    """Each chosen pretrained backbone's ImageNet file in the weights folder (None where it has none)."""
+    return {
+        name: queue.local_imagenet_weights(name, settings.weights_dir()) for name in names if BACKBONES[name].pretrained
+    }
+
+
+def _launch_job(queue_one, configs: list[TrainConfig]) -> None:
+    """Queue one protocol job per config with ``queue_one(config)`` (BCDError is the caller's) and start a worker."""
+    ids = [queue_one(config) for config in configs]
+    common.start_worker(store)
+    st.session_state["train.my_jobs"] = [*st.session_state.get("train.my_jobs", []), *ids]
+    st.toast(f"Queued job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}; follow it under Protocol jobs.")
+
+
+def _lodo_inputs(choices):
+    """The LODO part of the form: datasets from the list and typed NAME=FOLDER lines, and a label map; a function
+    that reads them at submit time into ``({name: folder}, label map or None)`` (BCDError when they do not parse)."""
+    picked = st.multiselect(
+        "Datasets (two or more)",
+        choices,
+        format_func=lambda c: c.label,
+        key="train_lodo_datasets",
+        help="Each is held out once; a dataset is named by its folder.",
+    )
+    typed = st.text_area(
+        "... and/or folders, one NAME=FOLDER per line",
+        key="train_lodo_folders",
+        placeholder="pbc=~/data/pbc_lymphocytes",
+    )
+    mapping = st.text_area(
+        "Label map (JSON; blank when the datasets share class names)",
+        key="train_lodo_map",
+        placeholder=LABEL_MAP_EXAMPLE,
+        help="Maps each dataset's folder classes onto shared labels; a class left out keeps its name.",
+    )
+
+    def read() -> tuple[dict[str, str], dict | None]:
+        datasets: dict[str, str] = {}
+        for name, root in [(Path(c.root).name, c.root) for c in picked] + [
+            _named_folder(line) for line in typed.splitlines() if line.strip()
+        ]:
+            if name in datasets:
+                raise BCDError(f"two datasets are named {name!r}: type one as OTHERNAME=FOLDER instead")
+            datasets[name] = root
+        try:
+            label_map = json.loads(mapping) if mapping.strip() else None
+        except ValueError as exc:
+            raise BCDError(f"the label map is not JSON: {exc}") from None
+        return datasets, label_map
+
+    return read
+
+
+def _named_folder(line: str) -> tuple[str, str]:
+    name, sep, folder = line.strip().partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise BCDError(f"each line must be NAME=FOLDER, got {line.strip()!r}")
+    return name.strip(), str(Path(folder.strip()).expanduser())
+
+
+def _weights_choices(names: list[str]) -> dict[str, str]:
+    """Weights option value -> label: none, the weights folder's ImageNet file of each chosen backbone (when it has
+    one), imagenet, the files in the weights folder, a typed path."""
+    local = {name: path for name, path in _local_weights(names).items() if path is not None}
     files = {str(path): f"file: {path.name}" for path in weights_files(settings.weights_dir())}
+    found = ", ".join(path.name for path in local.values())
     return {
         "none": WEIGHT_CHOICES["none"],
+        **({"local": f"{WEIGHT_CHOICES['local']} ({found})"} if local else {}),
         "imagenet": WEIGHT_CHOICES["imagenet"],
         **files,
         "file": WEIGHT_CHOICES["file"],
     }
+
+
+def _default_weights(names: list[str]) -> str:
+    """The weights a fresh form offers: the weights folder's ImageNet files when every chosen pretrained backbone has
+    one there, else none (a random start; the page never downloads unasked)."""
+    local = _local_weights(names)
+    return "local" if local and all(local.values()) else "none"
+
+
+def _resolve_weights(name: str, chosen: str) -> str | None:
+    """The weights option of backbone ``name`` for the form's choice (``local``: its file in the weights folder)."""
+    if not BACKBONES[name].pretrained:
+        return None
+    if chosen != "local":
+        return chosen
+    path = queue.local_imagenet_weights(name, settings.weights_dir())
+    if path is None:
+        raise BCDError(
+            f"the weights folder ({settings.weights_dir()}) has no ImageNet file for {name} "
+            f"({BACKBONES[name].weights_file}): choose ImageNet (download) or none for it"
+        )
+    return str(path)
+
+
+def _weights_file_example(names: list[str]) -> str:
+    """A weights path that fits the first chosen pretrained backbone, for the path box's placeholder."""
+    pretrained = [BACKBONES[name] for name in names if BACKBONES[name].pretrained]
+    return f"~/weights/{pretrained[0].weights_file}" if pretrained else "~/weights/BACKBONE_notop.weights.h5"
+
+
+def _preselect_dataset(choices) -> None:
+    """Take the dataset the Explorer handed over ("Train on this dataset", or a ``?dataset=FOLDER`` link) once:
+    choose it in the Dataset box, or type it as the local folder when the store does not list it."""
+    requested = st.session_state.pop(DATASET_REQUEST, None) or st.query_params.get("dataset")
+    if not requested or st.session_state.get("train.dataset_taken") == requested:
+        return
+    st.session_state["train.dataset_taken"] = requested  # a link's dataset is taken once, then the user's choice
+    wanted = Path(requested).expanduser().resolve()
+    match = next((c for c in choices if Path(c.root).resolve() == wanted), None)
+    if match is not None:
+        st.session_state["train_dataset"] = match
+        st.session_state["train_folder"] = ""
+    else:
+        st.session_state["train_folder"] = str(wanted)
+
+
+def _follow_weights_default(names: list[str], options: dict[str, str]) -> None:
+    """Keep the Weights box on the chosen backbones' default (:func:`_default_weights`) until the user picks other
+    weights; a choice the options no longer hold goes back to the default."""
+    default = _default_weights(names)
+    current = st.session_state.get("train_weights")
+    if current is None or current == st.session_state.get("train.weights_default") or current not in options:
+        st.session_state["train_weights"] = default
+    st.session_state["train.weights_default"] = default
+
+
+def other_protocols(column, choices) -> None:
+    """Queue the classical baseline on a dataset, or the colour-robustness check of a completed run."""
+    with column.expander("Classical baseline and colour robustness", icon=":material/rule:"):
+        st.caption(
+            "The thesis' classical baseline: colour, texture (GLCM) and shape features with an SVM or logistic "
+            "regression, on the same group-aware split as training; a floor every network should clear."
+        )
+        with st.form("train_baseline_form"):
+            b1, b2, b3 = st.columns([3, 1, 1])
+            dataset = b1.selectbox("Dataset", choices, format_func=lambda c: c.label, key="train_baseline_dataset")
+            model = b2.selectbox("Model", BASELINE_MODELS, key="train_baseline_model")
+            folds = b3.number_input("Folds", 2, 20, None, key="train_baseline_folds", placeholder="hold-out")
+            if st.form_submit_button("Queue baseline"):
+                try:
+                    _launch_job(
+                        lambda _: protocol_jobs.queue_baseline(
+                            store, dataset.root, model=model, folds=None if folds is None else int(folds)
+                        ),
+                        [None],
+                    )
+                except BCDError as exc:
+                    st.error(str(exc))
+        st.caption(
+            "Colour robustness: a completed run's test images again in grayscale and colour-normalised (Reinhard), "
+            "beside a colour-only classifier on the same images. A model that reads cells keeps its accuracy."
+        )
+        completed = store.list_runs(status="completed")
+        with st.form("train_robustness_form"):
+            run_id = st.selectbox(
+                "Run",
+                [run.id for run in completed],
+                format_func=lambda i: next(
+                    f"run {r.id} · {r.backbone} · {r.dataset.name}" for r in completed if r.id == i
+                ),
+                key="train_robustness_run",
+                placeholder="no completed run yet",
+            )
+            if st.form_submit_button("Queue robustness check", disabled=not completed):
+                try:
+                    _launch_job(lambda _: protocol_jobs.queue_robustness(store, run_id), [None])
+                except BCDError as exc:
+                    st.error(str(exc))
 
 
 def _default_value(config: TrainConfig, setting: str):
@@ -141,8 +316,8 @@ def _setting_input(column, label: str, setting: str, low, high, help: str = "", 
     )
 
 
-if demo:
-    st.info("Training is switched off in demo mode.", icon=":material/block:")
+if demo:  # class mode: students train heads on the host's cached features, nothing stored (ui/classroom.py)
+    classroom.render(store)
 else:
     left, right = st.columns([3, 1])
     right.write("New here?")
@@ -154,18 +329,35 @@ else:
     ):
         _launch([queue.demo_config()], common.demo_dataset())
 
+    choices = explorer_tables.dataset_choices(store, common.demo_dataset())
+    _preselect_dataset(choices)
+    names = left.multiselect(
+        "Backbone(s)",
+        list(BACKBONES),
+        default=["mobilenetv2"],
+        key="train_backbones_sel",
+        help="Several backbones queue a sweep: one run each, same settings.",
+    )
+    weight_options = _weights_choices(names)
+    _follow_weights_default(names, weight_options)
+    protocol = left.radio(
+        "Protocol",
+        list(PROTOCOLS),
+        format_func=PROTOCOLS.get,
+        horizontal=True,
+        key="train_protocol",
+        help="Hold-out: one run per backbone with one group-aware train/validation/test split. k-fold CV: one run "
+        "per fold, every image tested once. Leave one dataset out: train on all datasets but one, test on that one. "
+        "All go through the same queue and worker; their results show on the Compare page.",
+    )
     with left.form("train_form"):
-        choices = explorer_tables.dataset_choices(store, common.demo_dataset())
-        dataset = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="train_dataset")
-        folder = st.text_input("... or a local folder", key="train_folder", help="Overrides the dataset above.")
-        names = st.multiselect(
-            "Backbone(s)",
-            list(BACKBONES),
-            default=["mobilenetv2"],
-            key="train_backbones_sel",
-            help="Several backbones queue a sweep: one run each, same settings.",
-        )
-        weight_options = _weights_choices()
+        if protocol == "lodo":
+            lodo_datasets = _lodo_inputs(choices)
+        else:
+            dataset = st.selectbox("Dataset", choices, format_func=lambda c: c.label, key="train_dataset")
+            folder = st.text_input("... or a local folder", key="train_folder", help="Overrides the dataset above.")
+        if protocol == "cv":
+            folds = st.number_input("Folds", 2, 20, DEFAULT_FOLDS, key="train_folds", help="One run per fold.")
         w1, w2 = st.columns(2)
         weights = w1.selectbox(
             "Weights",
@@ -177,7 +369,7 @@ else:
         weights_path = w2.text_input(
             'Weights file (when "a weights file on this machine")',
             key="train_weights_path",
-            placeholder="~/weights/resnet50_imagenet_notop.weights.h5",
+            placeholder=_weights_file_example(names),
         )
         st.caption(
             "A setting left blank takes each backbone's default, shown in grey; * marks one that differs by "
@@ -221,25 +413,31 @@ else:
         )
         given["seed"] = _setting_input(c4, "Seed", "seed", 0, 10_000)
         given["class_weights"] = st.checkbox("Weight classes by frequency", key="train_class_weights") or None
-        submitted = st.form_submit_button("Queue run(s)", type="primary")
+        submitted = st.form_submit_button(SUBMIT[protocol], type="primary")
     if submitted:
-        data_dir = str(Path(folder.strip()).expanduser()) if folder.strip() else dataset.root
         chosen = weights_path.strip() if weights == "file" else weights
         try:
             if not names:
                 raise BCDError("choose at least one backbone")
             if weights == "file" and not chosen:
                 raise BCDError("type the path of the weights file, or choose other weights")
-            if chosen not in ("none", "imagenet") and len(names) > 1:
+            if chosen not in ("none", "imagenet", "local") and len(names) > 1:
                 raise BCDError("a weights file fits one backbone: choose one backbone, or ImageNet or none")
             configs = [
-                TrainConfig.for_backbone(name, weights=chosen if BACKBONES[name].pretrained else None, **given)
-                for name in names
+                TrainConfig.for_backbone(name, weights=_resolve_weights(name, chosen), **given) for name in names
             ]
+            if protocol == "lodo":
+                datasets, label_map = lodo_datasets()
+                _launch_job(lambda config: protocol_jobs.queue_lodo(store, config, datasets, label_map), configs)
+            else:
+                data_dir = str(Path(folder.strip()).expanduser()) if folder.strip() else dataset.root
+                if protocol == "cv":
+                    _launch_job(lambda config: protocol_jobs.queue_cv(store, config, data_dir, folds=folds), configs)
+                else:
+                    _launch(configs, data_dir)
         except BCDError as exc:
             st.error(str(exc))
-        else:
-            _launch(configs, data_dir)
+    other_protocols(left, choices)
 
 
 def run_name(run) -> str:
@@ -260,6 +458,7 @@ def announce(run, worker_text: str) -> None:
         box.success(
             f"{name} finished in {tables.duration(run.seconds) or 'n/a'}{accuracy}.", icon=":material/check_circle:"
         )
+        finished_curves(box, run)
         c1, c2, c3 = box.columns(3)
         c1.page_link(
             "pages/compare.py", label=f"Compare run {run.id}", icon=":material/compare:", query_params={"run": run.id}
@@ -275,13 +474,50 @@ def announce(run, worker_text: str) -> None:
             st.rerun()
     else:
         box = st.container(border=True)
-        box.error(f"{name} {run.status}" + (f": {run.error}" if run.error else "."), icon=":material/error:")
+        if run.status == "cancelled":  # the user's own choice: said plainly, not as an error
+            box.info(f"{name} was cancelled; its epochs so far are kept.", icon=":material/cancel:")
+        else:
+            box.error(f"{name} {run.status}" + (f": {run.error}" if run.error else "."), icon=":material/error:")
+        finished_curves(box, run)
         c1, c2 = box.columns(2)
         if c1.button("Run again", key=f"train_again_{run.id}", icon=":material/replay:"):
             run_again(run.id)
         if c2.button("Dismiss", key=f"train_dismiss_{run.id}"):
             common.forget_run(run.id)
             st.rerun()
+
+
+def finished_curves(box, run) -> None:
+    """The curves of a run that has ended, kept under its message (the live chart goes when the run stops)."""
+    frame = run_tables.epochs_frame(store, [run.id])
+    if not frame.empty:
+        box.plotly_chart(charts.training_curves(frame, {run.id: run_name(run)}), key=f"train_final_curves_{run.id}")
+
+
+def cancel_button(run) -> None:
+    """Cancel a running run, asked once (its epochs so far are kept)."""
+    confirmed_cancel(
+        str(run.id),
+        "Cancel",
+        f"Stop run {run.id}? Its epochs so far are kept, and Run again reuses the features already cached.",
+        lambda: store.request_cancel(run.id),
+        pending=run.cancel_requested,
+    )
+
+
+def cancel_queued(queued) -> None:
+    """Cancel every queued run, asked once like a single run's cancel."""
+
+    def cancel() -> None:
+        for run in queued:
+            store.request_cancel(run.id)
+
+    confirmed_cancel(
+        "queued",
+        "Cancel all queued",
+        f"Cancel the {len(queued)} queued run(s)? They have not started, so nothing trained is lost.",
+        cancel,
+    )
 
 
 def run_again(run_id: int) -> None:
@@ -295,6 +531,59 @@ def run_again(run_id: int) -> None:
     common.remember_runs([new_id])
     common.start_worker(store)
     st.rerun()
+
+
+def jobs_panel() -> None:
+    """The protocol jobs (k-fold CV, LODO, baseline, robustness): where each stands, its result in one line, and
+    Cancel (asked once) for a queued or running one; nothing when there are none."""
+    jobs = JobQueue(store).list(limit=20)
+    if not jobs:
+        return
+    st.markdown("**Protocol jobs**: their runs appear in the table below; results on the Compare page.")
+    tables.show(
+        job_tables.jobs_frame(jobs),
+        key="train_jobs",
+        columns={
+            "id": "job",
+            "job": ("what", tables.wide_text()),
+            "status": ("status", tables.status()),
+            "result": ("result", tables.wide_text()),
+            "error": ("error (first line)", tables.wide_text()),
+            "created": ("queued at", st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")),
+        },
+    )
+    for job in jobs:
+        if job.status in ("queued", "running") and not demo:
+            confirmed_cancel(
+                f"job_{job.id}",
+                f"Cancel {job.name}",
+                f"Stop {job.name}? Its finished folds or rounds are kept; the one training now stops.",
+                lambda job=job: JobQueue(store).request_cancel(job.id),
+                pending=job.cancel_requested,
+            )
+
+
+def confirmed_cancel(key: str, label: str, question: str, cancel, *, pending: bool = False) -> None:
+    """A Cancel button that asks once: ``question`` with Yes / No; Yes calls ``cancel()``. ``pending``: already asked
+    to stop (a caption instead of the button). The buttons act in callbacks, so the refreshed panel shows the answer."""
+    asking = f"train.confirm_cancel_{key}"
+
+    def ask(value: bool) -> None:
+        st.session_state[asking] = value
+
+    def confirm() -> None:
+        cancel()
+        st.session_state[asking] = False
+
+    if pending:
+        st.caption(f"{label}: stopping at its next check ...")
+    elif not st.session_state.get(asking):
+        st.button(label, key=f"train_cancel_{key}", icon=":material/stop_circle:", on_click=ask, args=(True,))
+    else:
+        st.warning(question, icon=":material/help:")
+        yes, no = st.columns(2)
+        yes.button("Yes, stop it", key=f"train_cancel_yes_{key}", type="primary", on_click=confirm)
+        no.button("No, keep going", key=f"train_cancel_no_{key}", on_click=ask, args=(False,))
 
 
 def cluster_panel(address: str) -> None:
@@ -331,6 +620,7 @@ def queue_panel() -> None:
     st.subheader("Queue and recent runs")
     if (address := settings.ray_address()) is not None:
         cluster_panel(address)
+    jobs_panel()
     if not runs:
         st.caption("No runs yet.")
         return
@@ -345,7 +635,7 @@ def queue_panel() -> None:
                 "status": r.status,
                 "test_accuracy": r.test_accuracy,
                 "time": tables.duration(r.seconds),
-                "error": (r.error or "").partition("\n")[0][:120] or None,
+                "error": None if r.status == "cancelled" else (r.error or "").partition("\n")[0][:120] or None,
             }
             for r in runs
         ]
@@ -365,6 +655,7 @@ def queue_panel() -> None:
     )
     for run in [r for r in runs if r.status == "running"]:
         st.markdown(f"**Run {run.id}: {run.backbone}** — running")
+        show_run_progress(store, run.id)  # the phase it is in: scanning, features, epochs, evaluation
         cfg = run.config["train"]
         epochs = store.get_epochs(run.id)
         planned = cfg["epochs"] + cfg["fine_tune_epochs"]
@@ -372,13 +663,11 @@ def queue_panel() -> None:
         frame = run_tables.epochs_frame(store, [run.id])
         if not frame.empty:
             st.plotly_chart(charts.training_curves(frame, {run.id: run_name(run)}), key=f"train_curves_{run.id}")
-        if not demo and st.button("Cancel", key=f"train_cancel_{run.id}", disabled=run.cancel_requested):
-            store.request_cancel(run.id)
-            st.toast(f"Asked run {run.id} to stop.")
+        if not demo:
+            cancel_button(run)
     queued = [r for r in runs if r.status == "queued"]
-    if queued and not demo and st.button("Cancel all queued", key="train_cancel_queued"):
-        for run in queued:
-            store.request_cancel(run.id)
+    if queued and not demo:
+        cancel_queued(queued)
     stopped = [
         r for r in runs if r.status in STOPPED and r.protocol.kind == "holdout" and r.id not in common.remembered_runs()
     ]

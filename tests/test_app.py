@@ -14,7 +14,7 @@ from bcd_engine import cli
 from bcd_engine.models.backbones import BACKBONES
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import RunStore
-from bcd_engine.training import worker
+from bcd_engine.training import queue, worker
 
 PAGES = ["pages/explorer.py", "pages/train.py", "pages/compare.py", "pages/diagnose.py"]
 TIMEOUT = 120
@@ -162,6 +162,12 @@ def test_demo_mode_explorer_offers_no_path_input_and_only_public_datasets(monkey
     assert not any(str(tmp_path) in label for label in labels)
 
 
+def frame_with(at: AppTest, *headers: str):
+    """The one table on the page with all these column headers (st.dataframe's key does not reach AppTest)."""
+    (frame,) = [d.value for d in at.dataframe if set(headers) <= set(d.value.columns)]
+    return frame
+
+
 def _charts(at: AppTest) -> dict[str, dict]:
     """The page's plotly figures by widget key."""
     return {c.proto.id.rpartition("-")[2]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
@@ -179,7 +185,9 @@ def test_compare_shows_cross_validation_lodo_intervals_and_reliability(isolated,
     ):
         assert wanted in headers
     assert any("Reliability" in h for h in headers) and any("shortcut audit" in h for h in headers)
-    runs_table, _reference, cv_summary, cv_folds, lodo, _per_class = (d.value for d in at.dataframe)
+    runs_table = frame_with(at, "test accuracy (95% CI)", "queued at")
+    cv_summary, cv_folds = frame_with(at, "cross-validation", "folds"), frame_with(at, "cross-validation", "fold")
+    lodo = frame_with(at, "held-out dataset")
     assert runs_table.set_index("run").loc[ids["holdout"], "test accuracy (95% CI)"].count("–") == 1
     assert list(cv_summary["folds"]) == ["3 of 3 completed"] and len(cv_folds) == 3
     assert list(lodo["held-out dataset"]) == ["Segmented"] and "–" in lodo.loc[0, "held-out accuracy (95% CI)"]
@@ -335,3 +343,74 @@ def test_a_failed_run_is_queued_again_from_the_train_page_with_its_settings(isol
     assert again.config["train"] == run.config["train"] and again.config["data_dir"] == run.config["data_dir"]
     assert any(f"Run {again.id} (mobilenetv2) is queued" in i.value for i in at.info)
     assert not [b for b in at.button if b.key == f"train_again_{run.id}"]  # the old failure is dismissed
+
+
+def test_train_on_this_dataset_in_the_explorer_makes_it_the_train_pages_dataset(isolated, synthetic_dataset):
+    at = open_page("pages/explorer.py")
+    at.radio(key="explorer_source").set_value("Local folder").run()
+    at.text_input(key="explorer_folder").input(str(synthetic_dataset)).run()
+    at.button(key="explorer_train").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Train"
+    chosen = at.selectbox(key="train_dataset")
+    assert str(synthetic_dataset) in chosen.options[chosen.index]  # preselected, and registered in the store
+    assert at.text_input(key="train_folder").value == ""
+    assert [d.root for d in RunStore(isolated["url"]).list_datasets()][-1] == str(synthetic_dataset)
+    chosen.select_index(0)  # the user's own choice wins over the handed-over dataset
+    at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+    (run,) = RunStore(isolated["url"]).list_runs()
+    assert run.config["data_dir"].endswith("synthetic-demo")
+    assert at.selectbox(key="train_dataset").index == 0
+
+
+def test_weights_default_to_the_weights_folders_imagenet_file_of_the_chosen_backbone(
+    isolated, tmp_path, monkeypatch, synthetic_dataset
+):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "resnet50_imagenet_notop.weights.h5").touch()  # named as ../shared has it; never loaded here
+    monkeypatch.setenv("BCD_WEIGHTS_DIR", str(weights))
+    at = open_page("pages/train.py")
+    assert at.selectbox(key="train_weights").value == "none"  # mobilenetv2 has no file there
+    assert at.text_input(key="train_weights_path").placeholder == (
+        "~/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    )
+    at.multiselect(key="train_backbones_sel").set_value(["resnet50"]).run()
+    assert at.selectbox(key="train_weights").value == "local"
+    assert "ImageNet, from the weights folder (resnet50_imagenet_notop.weights.h5)" in (
+        at.selectbox(key="train_weights").options
+    )
+    assert at.text_input(key="train_weights_path").placeholder.endswith(
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    )
+    at.text_input(key="train_folder").input(str(synthetic_dataset))
+    at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
+    (run,) = RunStore(isolated["url"]).list_runs()
+    assert run.config["train"]["weights"] == str(weights / "resnet50_imagenet_notop.weights.h5")
+    at.multiselect(key="train_backbones_sel").set_value(["resnet50", "vgg16"]).run()
+    assert at.selectbox(key="train_weights").value == "none"  # vgg16 has no file: no silent download
+
+
+def test_cancel_asks_once_and_a_cancelled_run_reads_as_cancelled_with_its_curves(isolated, synthetic_dataset):
+    store = RunStore.open(isolated["url"])
+    config = TrainConfig.for_backbone("scratch_cnn", image_size=32, epochs=3)
+    run_id = queue.queue_run(store, config, synthetic_dataset)
+    store.claim_next_queued(worker_id="elsewhere")
+    store.log_epoch(run_id, phase=1, epoch=1, train_loss=1.0, train_accuracy=0.5, val_loss=1.1, val_accuracy=0.4)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["my_runs"] = [run_id]  # queued by this visitor
+    at.run()
+    at.switch_page("pages/train.py").run()
+    at.button(key=f"train_cancel_{run_id}").click().run()
+    assert any(f"Stop run {run_id}?" in w.value for w in at.warning) and not store.is_cancel_requested(run_id)
+    at.button(key=f"train_cancel_no_{run_id}").click().run()
+    assert not any("Stop run" in w.value for w in at.warning) and not store.is_cancel_requested(run_id)
+    at.button(key=f"train_cancel_{run_id}").click().run()
+    at.button(key=f"train_cancel_yes_{run_id}").click().run()
+    assert store.is_cancel_requested(run_id)
+
+    store.finish_run(run_id, status="cancelled", error="cancelled by user")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(i.value.startswith(f"Run {run_id} (scratch_cnn) was cancelled") for i in at.info)
+    assert f"train_final_curves_{run_id}" in _charts(at)  # the curves stay after the run ends

@@ -207,3 +207,66 @@ def test_shortcut_audit_is_cached_by_dataset_content(synthetic_dataset_copy, iso
 def test_dataset_roots_are_distinct_and_sorted(filled, synthetic_dataset):
     db, _ = filled
     assert comparison.dataset_roots(db.list_runs()) == [str(synthetic_dataset.resolve())]
+
+
+def _with_train(db: RunStore, run_id: int, **train) -> None:
+    """Give a stored run a fuller train config (as training stores it)."""
+    config = db.get_run(run_id).config
+    db.update_run_config(run_id, {**config, "train": {**config["train"], **train}})
+
+
+def test_settings_diff_shows_only_the_settings_that_differ(filled, tmp_path):
+    db, ids = filled
+    first, second, third = ids["cv"]
+    common = {"learning_rate": 0.001, "epochs": 10, "augment": {"factor": 8, "flips": True}, "dense_units": 256}
+    _with_train(db, first, **common)
+    _with_train(db, second, **{**common, "learning_rate": 0.0003, "augment": {"factor": 1, "flips": True}})
+    _with_train(db, third, **{**common, "weights": str(tmp_path / "resnet50_imagenet_notop.weights.h5")})
+    runs = [db.get_run(i) for i in (first, second, third)]
+
+    diff = comparison.settings_diff(runs).set_index("setting")
+    assert list(diff.columns) == [f"run {first}", f"run {second}", f"run {third}"]
+    assert list(diff.index) == ["protocol", "starting weights", "learning rate", "training views per image"]
+    assert list(diff.loc["learning rate"]) == ["0.001", "0.0003", "0.001"]
+    assert list(diff.loc["training views per image"]) == ["8", "1", "8"]
+    assert list(diff.loc["starting weights"]) == ["imagenet", "imagenet", "file resnet50_imagenet_notop.weights.h5"]
+    assert comparison.settings_diff(runs[:1]).empty  # one run differs from nothing
+    assert comparison.settings_diff([runs[0], runs[0]]).empty
+
+
+def test_runs_on_different_datasets_are_grouped_and_said_not_comparable(store, synthetic_dataset, tmp_path):
+    other = shutil.copytree(synthetic_dataset, tmp_path / "Segmented")
+    paths = sorted(str(p) for p in Path(other).glob("*/*.png"))
+    here = fill_store(store, synthetic_dataset)
+    there = completed_run(
+        store,
+        "resnet50",
+        Protocol.holdout(),
+        str(other),
+        [scored_evaluation("test", paths[::4], str(other), right=0.7, seed=3)],
+    )
+    runs = [store.get_run(i) for i in (here["holdout"], there, here["cv"][0])]
+    groups = comparison.runs_by_dataset(runs)
+    assert [[run.id for run in group] for group in groups.values()] == [[here["holdout"], here["cv"][0]], [there]]
+    note = comparison.not_comparable_note(groups)
+    assert "2 different datasets" in note and f"Segmented: run {there}" in note and "not comparable" in note
+    assert comparison.not_comparable_note(comparison.runs_by_dataset(runs[:1])) is None
+
+
+def test_calibration_note_says_what_the_temperature_did_and_the_rule(filled):
+    db, ids = filled
+    test = latest_evaluation(db.get_evaluations(ids["holdout"]))
+    worse = dataclasses.replace(
+        test, metrics={**test.metrics, "ece": 0.043, "ece_calibrated": 0.080, "temperature": 1.32}
+    )
+    note = comparison.calibration_note(worse, tta_views=8)
+    assert note.startswith("ECE 0.043 → 0.080 on the test images with temperature 1.32 (softened answers).")
+    assert "keeps it only when it lowers both their log-loss and their ECE" in note
+    assert "worse calibrated here" in note and "average 8 test-time views" in note
+    better = dataclasses.replace(
+        test, metrics={**test.metrics, "ece": 0.09, "ece_calibrated": 0.03, "temperature": 0.8}
+    )
+    assert "sharpened" in comparison.calibration_note(better, tta_views=1)
+    assert "worse" not in comparison.calibration_note(better, tta_views=1)
+    kept = dataclasses.replace(test, metrics={**test.metrics, "ece": 0.05, "ece_calibrated": 0.05, "temperature": 1.0})
+    assert comparison.calibration_note(kept).startswith("ECE 0.050, temperature left at 1")

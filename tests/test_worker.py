@@ -209,6 +209,8 @@ def test_worker_status_says_what_the_worker_does(store, synthetic_dataset):
         "text": "No worker needed: no run is queued.",
         "running": [],
         "queued": 0,
+        "jobs_running": [],
+        "jobs_queued": 0,
         "pid": None,
     }
     run_id = queue.queue_run(store, tiny(), synthetic_dataset)

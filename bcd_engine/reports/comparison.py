@@ -150,10 +150,22 @@ class CVGroup:
         return self.runs[0].config.get("data_dir")
 
 
+# What each run settles from its own split (the regions "auto" masks, and why): folds of one CV differ there.
+_SETTLED_PER_RUN = ("mask",)
+_SETTLED_PER_RUN_TRAIN = ("mask_regions",)
+
+
+def _asked_settings(config: Mapping) -> dict:
+    """A run's config without what the run settled from its own split: what the cross-validation asked for."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k not in _SETTLED_PER_RUN_TRAIN}
+    return {**{k: v for k, v in config.items() if k not in _SETTLED_PER_RUN}, "train": train}
+
+
 def cv_groups(runs: Iterable[RunRecord]) -> list[CVGroup]:
     """Group k-fold runs (protocol kind ``"kfold"``, fold k of K) into one :class:`CVGroup` per cross-validation.
 
-    Runs belong together when K, backbone and config match and their folds count up 1, 2, ... in
+    Runs belong together when K, backbone and config match (but for what each fold settles from its own split, as
+    the regions ``auto`` masks) and their folds count up 1, 2, ... in
     run-id order (``crossval.cross_validate`` stores the folds one after another); a fold that does
     not continue its open group starts a new one. Groups come in order of their first run.
     """
@@ -163,7 +175,7 @@ def cv_groups(runs: Iterable[RunRecord]) -> list[CVGroup]:
         protocol = run.protocol
         if protocol.kind != "kfold" or protocol.fold is None:
             continue
-        key = (protocol.folds, run.backbone, json.dumps(run.config, sort_keys=True))
+        key = (protocol.folds, run.backbone, json.dumps(_asked_settings(run.config), sort_keys=True))
         last_fold, members = open_groups.get(key, (0, None))
         if members is None or protocol.fold != last_fold + 1:
             members = []
@@ -429,3 +441,145 @@ def audit_explanation(audit: dict) -> str:
         f"{s['chance_accuracy']:.1%}. These come from a simple colour classifier (a random forest) tested on "
         f"{s['n_test']} images of a group-aware test split of the same folder."
     )
+
+
+# Settings as a reader names them; a setting not listed here (added later) is shown by its own name.
+SETTING_NAMES = {
+    "dataset": "dataset",
+    "protocol": "protocol",
+    "backbone": "backbone",
+    "weights": "starting weights",
+    "image_size": "image size (px)",
+    "colour": "colour mode",
+    "epochs": "epochs (phase 1)",
+    "fine_tune_epochs": "fine-tune epochs (phase 2)",
+    "fine_tune_layers": "layers unfrozen in phase 2",
+    "learning_rate": "learning rate",
+    "fine_tune_learning_rate": "fine-tune learning rate",
+    "optimizer": "optimizer",
+    "batch_size": "batch size",
+    "augment.factor": "training views per image",
+    "tta_views": "test-time views",
+    "dense_units": "head dense units",
+    "dense_activation": "head activation",
+    "dropout": "head dropout",
+    "pooling": "pooling",
+    "label_smoothing": "label smoothing",
+    "class_weights": "classes weighted by frequency",
+    "patience": "patience (epochs)",
+    "val_fraction": "validation share",
+    "test_fraction": "test share",
+    "seed": "seed",
+}
+
+
+def _flat(settings_: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested settings as ``{"augment.factor": 8, ...}``."""
+    out: dict[str, object] = {}
+    for key, value in settings_.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(setting: str, value: object) -> str:
+    """A setting's value as text: a weights file by its name, none for a random start."""
+    if value is None:
+        return "none (random start)" if setting == "weights" else "—"
+    if setting == "weights" and value != "imagenet":
+        return f"file {Path(str(value)).name}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def run_settings(run: RunRecord) -> dict[str, str]:
+    """A run's settings as text, keyed by setting (its dataset and protocol first, then its train config)."""
+    shown = {"dataset": run.dataset.name, "protocol": run.protocol.label}
+    train = _flat(run.config.get("train") or {})
+    return shown | {key: _shown(key, value) for key, value in train.items()}
+
+
+def settings_diff(runs: Iterable[RunRecord]) -> pd.DataFrame:
+    """The settings on which ``runs`` differ, and only those: one row per setting (``setting``: its name in words),
+    one column per run (``run 3``). Empty (no rows) when they agree on everything; a setting one run lacks (an
+    older record) reads ``—``."""
+    runs = list(runs)
+    values = {run.id: run_settings(run) for run in runs}
+    keys = list(dict.fromkeys(key for shown in values.values() for key in shown))
+    order = {key: i for i, key in enumerate(SETTING_NAMES)}
+    rows = [
+        {
+            "setting": SETTING_NAMES.get(key, key.replace("_", " ")),
+            **{f"run {i}": values[i].get(key, "—") for i in values},
+        }
+        for key in sorted(keys, key=lambda k: order.get(k, len(order)))
+        if len({values[i].get(key, "—") for i in values}) > 1
+    ]
+    return pd.DataFrame(rows, columns=["setting", *(f"run {i}" for i in values)])
+
+
+def runs_by_dataset(runs: Iterable[RunRecord]) -> dict[str, list[RunRecord]]:
+    """``runs`` grouped by the dataset they were tested on (its folder, else its name), in first-seen order: only
+    runs of one group can be compared by accuracy."""
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(run.config.get("data_dir") or run.dataset.name, []).append(run)
+    return groups
+
+
+def not_comparable_note(groups: Mapping[str, list[RunRecord]]) -> str | None:
+    """Why runs on several datasets are drawn apart (None for one dataset)."""
+    if len(groups) < 2:
+        return None
+    parts = "; ".join(
+        f"{runs[0].dataset.name}: run{'s' if len(runs) > 1 else ''} {', '.join(str(r.id) for r in runs)}"
+        for runs in groups.values()
+    )
+    return (
+        f"These runs were tested on {len(groups)} different datasets ({parts}). Accuracies on different images "
+        "are not comparable, so each dataset gets its own chart with its own shortcut-audit lines."
+    )
+
+
+ECE_MEANING = (
+    "ECE (expected calibration error) is the average gap between how sure the model says it is and how often it is "
+    "right (0 is perfect)."
+)
+
+
+def calibration_note(evaluation: EvaluationRecord, *, tta_views: int | None = None) -> str:
+    """One line on what the run's temperature did to its test ECE, and the rule bcd keeps or drops it by.
+
+    The temperature is fitted on the validation images (one view each) by log-loss and kept only when it lowers
+    both their log-loss and their ECE (``evaluation.calibration.fit_temperature``); the test ECE is measured on the
+    evaluated test probabilities, averaged over ``tta_views`` test-time views when there were several.
+    """
+    metrics = evaluation.metrics
+    before, after, temperature = metrics.get("ece"), metrics.get("ece_calibrated"), metrics.get("temperature")
+    if before is None:
+        return "No ECE stored: the run was evaluated before bcd measured calibration."
+    if temperature is None or after is None:
+        return f"ECE {before:.3f}; no temperature was fitted (the run was trained before bcd calibrated runs)."
+    rule = (
+        "bcd fits the temperature on the validation images and keeps it only when it lowers both their log-loss and "
+        "their ECE; otherwise it stays 1."
+    )
+    if temperature == 1.0:
+        return f"ECE {before:.3f}, temperature left at 1 (no change). {rule}"
+    effect = "softened" if temperature > 1 else "sharpened"
+    line = (
+        f"ECE {before:.3f} → {after:.3f} on the test images with temperature {temperature:.2f} ({effect} answers). "
+        + rule
+    )
+    if after > before:
+        line += " It made the test answers worse calibrated here"
+        if tta_views and tta_views > 1:
+            line += (
+                f": they average {tta_views} test-time views, which already softens them, while the temperature was "
+                "fitted on single views"
+            )
+        line += "."
+    return line

@@ -69,6 +69,15 @@ def holdout_evaluation(store: RunStore, run_id: int) -> EvaluationRecord | None:
     return store.latest_evaluation(run_id)
 
 
+def _head(train_cfg: dict) -> str | None:
+    """The classification head in a few words: ``dense 256, dropout 0.3`` (``no dense layer`` for 0 units)."""
+    if "dense_units" not in train_cfg:
+        return None
+    units = train_cfg["dense_units"]
+    dense = f"dense {units}" if units else "no dense layer"
+    return f"{dense}, dropout {train_cfg.get('dropout', 0):g}"
+
+
 def runs_frame(store: RunStore) -> pd.DataFrame:
     """One row per run with its headline numbers, for the runs table."""
     rows = []
@@ -93,9 +102,14 @@ def runs_frame(store: RunStore) -> pd.DataFrame:
                 "backbone_params_M": spec.params_millions if spec else None,
                 "weights": train_cfg.get("weights") or "none",
                 "image_size": train_cfg.get("image_size"),
+                "learning_rate": train_cfg.get("learning_rate"),
+                "epochs": train_cfg.get("epochs"),
+                "views": (train_cfg.get("augment") or {}).get("factor"),
+                "tta_views": train_cfg.get("tta_views"),
+                "head": _head(train_cfg),
                 "seconds": run.seconds,
                 "created": run.created_at,
-                "error": run.error,
+                "error": None if run.status == "cancelled" else run.error,  # the status says it: no error
             }
         )
     return pd.DataFrame(
@@ -115,6 +129,11 @@ def runs_frame(store: RunStore) -> pd.DataFrame:
             "backbone_params_M",
             "weights",
             "image_size",
+            "learning_rate",
+            "epochs",
+            "views",
+            "tta_views",
+            "head",
             "seconds",
             "created",
             "error",

@@ -10,6 +10,7 @@ run's protocol is a :class:`Protocol`. Where a run's files live, and finding the
 
 from __future__ import annotations
 
+from bcd_engine.store.jobs import JOB_KINDS, JobQueue, JobRecord
 from bcd_engine.store.models import FINAL_STATUSES, RUN_STATUSES
 from bcd_engine.store.records import (
     PROTOCOL_KINDS,
@@ -29,6 +30,7 @@ from bcd_engine.store.runs import RunStore
 
 __all__ = [
     "FINAL_STATUSES",
+    "JOB_KINDS",
     "PROTOCOL_KINDS",
     "RUN_STATUSES",
     "TEST_EVALUATION",
@@ -36,6 +38,8 @@ __all__ = [
     "DatasetRecord",
     "EpochRecord",
     "EvaluationRecord",
+    "JobQueue",
+    "JobRecord",
     "PredictionRecord",
     "Protocol",
     "RocCurve",

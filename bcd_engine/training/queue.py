@@ -5,11 +5,49 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bcd_engine.errors import ConfigError, RerunError
-from bcd_engine.models.backbones import require_weights_file
+from bcd_engine.models.backbones import BACKBONES, require_weights_file, weights_files
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.store import FINAL_STATUSES, Protocol, RunStore
+
+if TYPE_CHECKING:
+    from bcd_engine.data.scan import ScanResult
+
+
+def _squashed(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def local_imagenet_weights(backbone: str, folder: str | os.PathLike) -> Path | None:
+    """The no-top ImageNet weights file of ``backbone`` in ``folder`` (the weights folder), or None.
+
+    A file matches by Keras' own name for it (the registry's ``weights_file``) or by a name that starts with the
+    backbone's and says no-top (``resnet50_imagenet_notop.weights.h5``); a backbone without ImageNet weights has none.
+    """
+    spec = BACKBONES.get(backbone)
+    if spec is None or not spec.pretrained:
+        return None
+    files = weights_files(folder)
+    exact = [path for path in files if path.name == spec.weights_file]
+    loose = [
+        path for path in files if _squashed(path.name).startswith(spec.name) and "notop" in _squashed(path.name)
+    ]
+    return next(iter(exact + loose), None)
+
+
+def register_dataset(store: RunStore, scan: ScanResult) -> int:
+    """Register the scanned folder as a dataset of ``store`` (the Train page then offers it); its id."""
+    from bcd_engine.data.synthetic import is_synthetic
+
+    return store.register_dataset(
+        name=Path(scan.root).name,
+        data_dir=scan.root,
+        n_images=scan.n_images,
+        class_counts=scan.class_counts,
+        synthetic=is_synthetic(scan.root),
+    )
 
 
 def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike) -> int:
@@ -19,17 +57,10 @@ def queue_run(store: RunStore, config: TrainConfig, data_dir: str | os.PathLike)
     registered as the run's dataset.
     """
     from bcd_engine.data.scan import scan_dataset
-    from bcd_engine.data.synthetic import is_synthetic
 
     require_weights_file(config.weights)
     scan = scan_dataset(data_dir)
-    dataset_id = store.register_dataset(
-        name=Path(scan.root).name,
-        data_dir=scan.root,
-        n_images=scan.n_images,
-        class_counts=scan.class_counts,
-        synthetic=is_synthetic(scan.root),
-    )
+    dataset_id = register_dataset(store, scan)
     return store.create_run(
         backbone=config.backbone,
         protocol=Protocol.holdout(),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bcd_engine import settings
 from bcd_engine.errors import ClusterError, ConfigError, DataError
-from bcd_engine.store import RunStore
+from bcd_engine.store import JobQueue, RunStore
 from bcd_engine.store.engine import mask_url
 from bcd_engine.training import worker
 
@@ -156,8 +156,12 @@ def run_ray_worker(
     cpus_per_run: int = DEFAULT_CPUS_PER_RUN,
     gpus_per_run: int = DEFAULT_GPUS_PER_RUN,
     poll_seconds: float = worker.POLL_SECONDS,
+    run_job: worker.JobRunner | None = None,
 ) -> list[dict]:
     """Train queued runs as Ray tasks on the cluster at ``address``; ``[{"run_id", "status"}, ...]`` of those taken.
+
+    With ``run_job``, a protocol job queued from the dashboard is taken when no run is in flight or waiting, and run
+    here (its folds or rounds go to the cluster through :class:`RayExecutor`); it adds ``{"job_id", "status"}``.
 
     At most as many runs are claimed as the cluster has room for, so a run shown ``running`` is training.
     With ``once`` it returns when the queue is empty and every task has ended; otherwise it polls every
@@ -191,9 +195,11 @@ def run_ray_worker(
                     run_id = in_flight.pop(ref)
                     done.append({"run_id": run_id, "status": _outcome(ray, store, ref, run_id)})
                     log.info("run %s %s", run_id, done[-1]["status"])
+            elif run_job is not None and (job := JobQueue(store).claim_next(worker_id=claim_id)) is not None:
+                done.append({"job_id": job.id, "status": worker.run_claimed_job(store, job, run_job, claim_id)})
             elif once:
                 worker.remove_heartbeat(claim_id)
-                if not store.list_runs(status="queued", limit=1):
+                if not store.list_runs(status="queued", limit=1) and not JobQueue(store).list(status="queued", limit=1):
                     return done
             else:
                 time.sleep(poll_seconds)

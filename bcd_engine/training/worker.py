@@ -21,19 +21,23 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from bcd_engine import settings
 from bcd_engine.files import atomic_write_text
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.processes import pid_alive
-from bcd_engine.store import RunStore
+from bcd_engine.store import JobQueue, JobRecord, RunStore
 from bcd_engine.training.monitor import repeating
 from bcd_engine.training.run import train
 
 HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 60.0
 POLL_SECONDS = 2.0  # between looks at an empty queue
+CANCEL_CHECK_SECONDS = 2.0  # how often a running job looks whether it was asked to stop
+JOB_RUN_PROTOCOLS = {"cv": "kfold", "lodo": "lodo"}  # the protocol of the runs a job kind trains
+JobRunner = Callable[[RunStore, JobRecord], dict]  # runs a claimed job; its result (bcd_engine.protocols.jobs)
 log = logging.getLogger("bcd.worker")
 
 
@@ -130,10 +134,53 @@ def train_stored(store: RunStore, run) -> str:
         return "failed"
 
 
+def _cancel_job_runs(store: RunStore, job: JobRecord) -> None:
+    """Pass a job's cancel on to the runs it trains: those of its protocol started since the job began."""
+    kind = JOB_RUN_PROTOCOLS.get(job.kind)
+    for run in store.list_runs(status="running"):
+        if run.protocol.kind == kind and job.started_at is not None and run.created_at >= job.started_at:
+            store.request_cancel(run.id)
+
+
+def run_claimed_job(store: RunStore, job: JobRecord, run_job: JobRunner, worker_id: str) -> str:
+    """Run a claimed protocol job, keeping the worker's heartbeat and passing a cancel on to its runs; its final
+    status (a failure is recorded on the job, never raised)."""
+    jobs = JobQueue(store)
+
+    def beat() -> None:
+        write_heartbeat(worker_id=worker_id)
+        if jobs.get(job.id).cancel_requested:
+            _cancel_job_runs(store, job)
+
+    try:
+        with repeating(beat, every_s=CANCEL_CHECK_SECONDS, name=f"bcd-job-{job.id}"):
+            result = run_job(store, job)
+    except Exception as exc:  # noqa: BLE001 - one bad job must not stop the queue
+        log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc)
+        status = "cancelled" if jobs.get(job.id).cancel_requested else "failed"
+        jobs.finish(job.id, status=status, error=f"{type(exc).__name__}: {exc}")
+        return status
+    status = "cancelled" if jobs.get(job.id).cancel_requested else "completed"
+    jobs.finish(job.id, status=status, result=result, error="cancelled by user" if status == "cancelled" else None)
+    return status
+
+
+def _queue_empty(store: RunStore, *, jobs: bool) -> bool:
+    return not store.list_runs(status="queued", limit=1) and not (
+        jobs and JobQueue(store).list(status="queued", limit=1)
+    )
+
+
 def run_worker(
-    *, store: RunStore, worker_id: str | None = None, once: bool = False, poll_seconds: float = POLL_SECONDS
+    *,
+    store: RunStore,
+    worker_id: str | None = None,
+    once: bool = False,
+    poll_seconds: float = POLL_SECONDS,
+    run_job: JobRunner | None = None,
 ) -> list[dict]:
-    """Train queued runs one after another; return ``[{"run_id", "status"}, ...]`` for the runs taken.
+    """Train queued runs one after another, and with ``run_job`` run queued protocol jobs when no run waits; return
+    ``[{"run_id", "status"}, ...]`` for the runs taken and ``{"job_id", "status"}`` for the jobs.
 
     With ``once`` the worker stops when the queue is empty; otherwise it polls every ``poll_seconds``.
     However it leaves, it removes its heartbeat file. A ``once`` worker looks at the queue again after
@@ -141,15 +188,24 @@ def run_worker(
     """
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     done: list[dict] = []
+    jobs = JobQueue(store)
     try:
         while True:
             write_heartbeat(worker_id=worker_id)
             store.recover_interrupted()
             run = store.claim_next_queued(worker_id=worker_id)
+            if run is None and run_job is not None:
+                jobs.recover_interrupted()
+                if (job := jobs.claim_next(worker_id=worker_id)) is not None:
+                    log.info("worker %s: running %s", worker_id, job.name)
+                    status = run_claimed_job(store, job, run_job, worker_id)
+                    log.info("worker %s: job %s %s", worker_id, job.id, status)
+                    done.append({"job_id": job.id, "status": status})
+                    continue
             if run is None:
                 if once:
                     remove_heartbeat(worker_id)
-                    if not store.list_runs(status="queued", limit=1):
+                    if _queue_empty(store, jobs=run_job is not None):
                         return done
                 else:
                     time.sleep(poll_seconds)
@@ -164,9 +220,9 @@ def run_worker(
 
 
 def ensure_worker(store: RunStore, *options: str) -> bool:
-    """Start a background worker (with more command-line ``options``, as :func:`spawn_worker`) when runs are
-    queued and none is alive; True when one was started."""
-    if live_worker() is not None or not store.list_runs(status="queued", limit=1):
+    """Start a background worker (with more command-line ``options``, as :func:`spawn_worker`) when runs or
+    protocol jobs are queued and none is alive; True when one was started."""
+    if live_worker() is not None or _queue_empty(store, jobs=True):
         return False
     spawn_worker(*options)
     return True
@@ -177,30 +233,47 @@ def _runs(n: int) -> str:
 
 
 def worker_status(store: RunStore) -> dict:
-    """What the background worker is doing: ``{"state", "text", "running", "queued", "pid"}``.
+    """What the background worker is doing: ``{"state", "text", "running", "queued", "jobs_running", "jobs_queued",
+    "pid"}``.
 
     ``state`` is ``idle`` (nothing queued or running: no worker needed), ``training`` (``running`` holds the
-    ids of the running runs), ``starting`` (runs are queued and a live worker has not taken one yet) or
-    ``waiting`` (runs are queued and no worker lives; :func:`ensure_worker` starts one). ``queued`` counts
-    the queued runs, ``pid`` is the live worker's on this host (or None), ``text`` says it in one sentence.
+    ids of the running runs, ``jobs_running`` those of the running protocol jobs), ``starting`` (runs or jobs are
+    queued and a live worker has not taken one yet) or ``waiting`` (they are queued and no worker lives;
+    :func:`ensure_worker` starts one). ``queued`` counts the queued runs and ``jobs_queued`` the queued jobs,
+    ``pid`` is the live worker's on this host (or None), ``text`` says it in one sentence.
     """
     beat = live_worker()
     running = sorted(store.list_runs(status="running"), key=lambda run: run.id)
     queued = store.count_runs(status="queued")
-    if running:
-        more = f"; {queued} more queued" if queued else ""
-        names = ", ".join(f"{run.id} ({run.backbone})" for run in running)
-        state, text = "training", f"Training run{'s' if len(running) > 1 else ''} {names}{more}."
-    elif not queued:
+    jobs = JobQueue(store)
+    running_jobs, queued_jobs = jobs.list(status="running"), len(jobs.list(status="queued"))
+    waiting = ", ".join(
+        part for part in (_runs(queued) if queued else "", _jobs(queued_jobs) if queued_jobs else "") if part
+    )
+    if running or running_jobs:
+        parts = [
+            f"Training run{'s' if len(running) > 1 else ''} " + ", ".join(f"{r.id} ({r.backbone})" for r in running)
+        ]
+        parts = (parts if running else []) + [f"running {job.name}" for job in running_jobs]
+        more = str(queued) if queued and not queued_jobs else waiting  # "2 more queued" when only runs wait
+        state, text = "training", "; ".join(parts) + (f"; {more} more queued" if more else "") + "."
+        text = text[0].upper() + text[1:]
+    elif not waiting:
         state, text = "idle", "No worker needed: no run is queued."
     elif beat is not None:
-        state, text = "starting", f"A worker is starting; {_runs(queued)} queued."
+        state, text = "starting", f"A worker is starting; {waiting} queued."
     else:
-        state, text = "waiting", f"{_runs(queued)} queued; a worker will start."
+        state, text = "waiting", f"{waiting} queued; a worker will start."
     return {
         "state": state,
         "text": text,
         "running": [run.id for run in running],
         "queued": queued,
+        "jobs_running": [job.id for job in running_jobs],
+        "jobs_queued": queued_jobs,
         "pid": beat["pid"] if beat is not None else None,
     }
+
+
+def _jobs(n: int) -> str:
+    return f"{n} protocol job{'' if n == 1 else 's'}"

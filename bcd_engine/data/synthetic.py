@@ -28,7 +28,8 @@ from bcd_engine.errors import ConfigError
 DEMO_DATASET_NAME = "synthetic-demo"
 DEFAULT_CLASS_NAMES = ("Benign", "Early", "Pre", "Pro")
 MIN_IMAGE_SIZE = 32
-_MARKER_BOX = (0.72, 0.84, 0.97, 0.97)  # x0, y0, x1, y1 of the corner label, in fractions of the image
+_MARKER_BOX = (0.72, 0.8, 0.97, 0.97)  # x0, y0, x1, y1 of the corner label, in fractions of the image
+_MARKER_COLOURS = ((0, 0, 0), (220, 0, 0), (0, 0, 220), (0, 160, 0))  # the label's bar, one colour per class
 _README = "README.txt"
 _README_TITLE = "SYNTHETIC DATASET - NOT MEDICAL DATA"
 
@@ -71,8 +72,8 @@ def make_synthetic_dataset(
     """Write ``data_dir/<Class>/synthetic-<class>-NNN.png`` and a README; deterministic for a seed; the folder.
 
     ``corner_marker`` draws a label in each image's bottom-right corner that tells the class by itself (a white
-    box with a black bar as long as the class's position), like the ALL images' scale-bar label: a shortcut to test
-    the region audit, masking and the occlusion audit with.
+    box with a bar whose length and colour follow the class's position), like the ALL images' scale-bar label: a
+    shortcut to test the region audit, masking and the occlusion audit with.
     """
     class_names = tuple(class_names)
     _check_arguments(n_per_class, image_size, seed, class_names)
@@ -184,13 +185,13 @@ def _render_smear(profile: _Morphology, size: int, rng: np.random.Generator) -> 
 
 
 def _draw_marker(pixels: np.ndarray, k: int, n_classes: int) -> None:
-    """Draw class ``k``'s label in place: a white box in the bottom-right corner, a black bar (k + 1) / n long."""
+    """Draw class ``k``'s label in place: a white box in the bottom-right corner holding a bar (k + 1) / n long, in
+    class k's colour of :data:`_MARKER_COLOURS`."""
     size = pixels.shape[0]
     top, bottom, left, right = (round(size * f) for f in (_MARKER_BOX[1], _MARKER_BOX[3], *_MARKER_BOX[::2]))
     pixels[top:bottom, left:right] = 255
-    middle = (top + bottom) // 2
     length = max(1, round((right - left - 2) * (k + 1) / n_classes))
-    pixels[middle : middle + 1, left + 1 : left + 1 + length] = 0
+    pixels[top + 1 : bottom - 1, left + 1 : left + 1 + length] = _MARKER_COLOURS[k % len(_MARKER_COLOURS)]
 
 
 def _disc(dist: np.ndarray, radius: float | np.ndarray, soft: float = 0.7) -> np.ndarray:

@@ -70,6 +70,7 @@ def labels_document(run: RunRecord, *, model_file: str) -> dict[str, Any]:
             "resize": f"whole image, bilinear, to {size}x{size} (no crop), RGB 0..255",
             "colour_mode": train.get("colour", "rgb"),
             "colour": colour_instruction(train.get("colour", "rgb")),
+            "mask_regions": train.get("mask_regions", "none"),  # painted in the image's median colour before use
             "preprocessed": True,
         },
         "preprocessing": preprocessing_info(run.backbone),

@@ -12,6 +12,7 @@ from bcd_engine.errors import ConfigError
 from bcd_engine.evaluation.ood import HELD_OUT_BOUND_RULE
 from bcd_engine.models.backbones import get_backbone, preprocessing_info
 from bcd_engine.protocols.audit import DatasetAudit
+from bcd_engine.protocols.occlusion import stored_occlusion
 from bcd_engine.store import EvaluationRecord, RunRecord, latest_evaluation
 from bcd_engine.version import __version__
 
@@ -55,6 +56,7 @@ def model_card(
         f"- Image size: {train['image_size']} x {train['image_size']} RGB"
         + (" (grayscale content: trained on grayscale images)" if train.get("colour") == "grayscale" else ""),
         f"- Classes (output order): {', '.join(run.config['class_names'])}",
+        f"- Masked regions: {_masked_regions(run.config)}",
         f"- Parameters: {test_metrics['parameters']:,}" if "parameters" in test_metrics else "- Parameters: not stored",
         f"- Trained: {_day(run.finished_at)}; {_library(environment)}, "
         f"Keras {environment.get('keras', '?')}, {environment.get('device', 'device not recorded')}",
@@ -66,7 +68,7 @@ def model_card(
         "",
         f"The model expects **preprocessed** images, not raw pixels: resize the whole image (bilinear, no crop) to "
         f"{train['image_size']} x {train['image_size']} RGB with values 0..255 as float32; "
-        f"{colour_instruction(train.get('colour', 'rgb'))}; then apply the "
+        f"{_mask_instruction(train)}{colour_instruction(train.get('colour', 'rgb'))}; then apply the "
         f"{run.backbone} preprocessing ({prep['mode']}: {prep['description']})"
         + (f", i.e. `{prep['keras_function']}`" if prep["keras_function"] else "")
         + f". Without Keras: `{prep['formula']}` with channels {prep['channels']}, divisor {prep['divisor']}, "
@@ -100,6 +102,7 @@ def model_card(
     lines += _trust_lines(test_metrics, run)
     lines += ["", "## Shortcut audit", ""]
     lines += _audit_lines(shortcuts, leakage, data_dir)
+    lines += _occlusion_lines(run)
     lines += [
         "",
         "## Intended use",
@@ -333,6 +336,48 @@ def _load_snippet(model_file: str, prep: dict) -> list[str]:
             "probabilities = model.predict(x)[0]",
         ]
     return [*lines, 'print(dict(zip(labels["class_names"], probabilities)))']
+
+
+def _masked_regions(config: dict) -> str:
+    """What the run painted over in every image it saw, and why (``train --mask-regions``)."""
+    regions = config["train"].get("mask_regions", "none")
+    reason = (config.get("mask") or {}).get("reason")
+    if regions == "none":
+        return "none (the model saw whole images)" + (f"; {reason}" if reason and reason != "nothing masked" else "")
+    return f"`{regions}` (x0,y0,x1,y1 in fractions of width and height), painted in each image's median colour" + (
+        f"; {reason}" if reason else ""
+    )
+
+
+def _mask_instruction(train: dict) -> str:
+    regions = train.get("mask_regions", "none")
+    if regions == "none":
+        return ""
+    return (
+        f"paint the regions `{regions}` (x0,y0,x1,y1 in fractions of width and height, `;` between boxes) in the "
+        "image's median colour per channel, as the model never saw them; "
+    )
+
+
+def _occlusion_lines(run: RunRecord) -> list[str]:
+    """The run's latest occlusion audit (``audit --run N --occlusion``), or how to make one."""
+    audit = stored_occlusion(run.config)
+    lines = ["", "## Occlusion audit", ""]
+    if audit is None:
+        return [*lines, f"Not run. `python -m bcd_engine audit --run {run.id} --occlusion` measures it."]
+    lines.append(f"On the run's {audit.n_test} test images: {audit.summary()}.")
+    if audit.flagged_regions:
+        lines.append(
+            f"Flagged regions: {', '.join(f'{r.name} `{r.to_text()}`' for r in audit.flagged_regions)} "
+            f"({audit.flagged_reason})."
+        )
+    if audit.heat is not None:
+        lines.append(
+            f"Grad-CAM heat over {audit.heat.n_images} test images: {audit.heat.border:.0%} on the border "
+            f"({audit.heat.border_area:.0%} of the image), {audit.heat.flagged:.0%} on the flagged regions "
+            f"({audit.heat.flagged_area:.0%} of the image)."
+        )
+    return lines
 
 
 def _weights(weights: str | None) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bcd_engine.data.colour import apply_colour_mode
+from bcd_engine.data.regions import prepare_for_model
 from bcd_engine.errors import StoreError
 from bcd_engine.inference.predict import predict_proba
 from bcd_engine.inference.trust import (
@@ -53,7 +53,7 @@ class LoadedModel:
         if self._forward is None:
             self._forward = compiled_forward(self.model, self.preprocess())
         features, probabilities = features_and_probabilities(
-            self._forward, apply_colour_mode(images, self.config.colour), batch_size=self.config.batch_size
+            self._forward, prepare_for_model(images, self.config), batch_size=self.config.batch_size
         )
         if not len(probabilities):
             return np.zeros((0, len(self.class_names))), features
@@ -66,7 +66,7 @@ class LoadedModel:
 
         ``image_keys`` (the images' md5 digests) make each view the one training used for that image.
         """
-        images = apply_colour_mode(images, self.config.colour)
+        images = prepare_for_model(images, self.config)
         return predict_proba(
             self.model,
             images,

@@ -14,12 +14,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import accuracy_score
 
 from bcd_engine.data.colour import NORMALISATION_METHODS, normalise_colour
 from bcd_engine.data.images import load_images
+from bcd_engine.data.regions import Region, read_declared_regions
 from bcd_engine.data.scan import ScanResult, scan_dataset
+from bcd_engine.data.shortcuts import (
+    CORNER_FRACTION,
+    chance_accuracy,
+    colour_features,
+    forest_accuracy,
+    region_features,
+    score_regions,
+    shortcut_forest,
+    well_above_chance,
+)
+from bcd_engine.data.shortcuts import N_COLOUR_FEATURES as N_COLOUR_FEATURES  # where the audits' users look
 from bcd_engine.data.splits import (
     DEFAULT_FRACTION,
     SUBSETS,
@@ -30,11 +41,7 @@ from bcd_engine.data.splits import (
 from bcd_engine.errors import ConfigError
 from bcd_engine.store import RunStore
 
-HIST_BINS = 16
-N_COLOUR_FEATURES = 6 + 3 * HIST_BINS
-CORNER_FRACTION = 0.25
 NO_PATIENT_IDS_WARNING = "no patient identifiers: image-level splits of one patient's fields are optimistic"
-_N_TREES = 200
 
 
 @dataclass(frozen=True)
@@ -55,17 +62,6 @@ class DatasetAudit:
         return {"leakage": dict(self.leakage), "shortcuts": dict(self.shortcuts)}
 
 
-def colour_features(images) -> np.ndarray:
-    """Per image: RGB channel means and standard deviations (0..1 scale) and a 16-bin histogram per channel.
-
-    ``images`` is an (n, h, w, 3) uint8 array or a sequence of (h, w, 3) uint8 arrays; returns
-    (n, N_COLOUR_FEATURES = 54).
-    """
-    if not len(images):
-        return np.empty((0, N_COLOUR_FEATURES))
-    return np.stack([_colour_stats(np.asarray(image)) for image in images])
-
-
 def corner_features(images, *, fraction: float = CORNER_FRACTION) -> np.ndarray:
     """:func:`colour_features` of each image's bottom-right patch (``fraction`` of its height and width).
 
@@ -73,11 +69,7 @@ def corner_features(images, *, fraction: float = CORNER_FRACTION) -> np.ndarray:
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ConfigError(f"corner fraction must be in (0, 1], got {fraction!r}")
-    corners = []
-    for image in images:
-        h, w = np.asarray(image).shape[:2]
-        corners.append(np.asarray(image)[h - max(1, round(h * fraction)) :, w - max(1, round(w * fraction)) :])
-    return colour_features(corners)
+    return region_features(images, Region(1 - fraction, 1 - fraction, 1, 1, "bottom-right corner"))
 
 
 def leakage_audit(scan: ScanResult, assignments_or_split) -> dict[str, Any]:
@@ -171,12 +163,15 @@ def shortcut_audit(
     val_fraction: float = DEFAULT_FRACTION,
     test_fraction: float = DEFAULT_FRACTION,
 ) -> dict[str, Any]:
-    """Test accuracy of a random forest on whole-image colour statistics and on the bottom-right corner alone.
+    """Test accuracy of a random forest on whole-image colour statistics and on the bottom-right corner alone,
+    and which corner or border regions alone predict the class.
 
     Corner statistics also carry the stain's colour cast, so the top-left corner of the same size is
-    scored as a control (``opposite_corner_accuracy``). Each forest is trained on the train + val side
-    of the group-aware holdout split and tested on its test side; ``chance_accuracy`` is the
-    majority-class rate on the test side.
+    scored as a control (``opposite_corner_accuracy``). ``regions`` is :func:`score_regions` of every
+    corner and border band (pixels without colour, so an overlay such as a label stands out; its
+    ``flagged`` boxes are what ``train --mask-regions auto`` masks); ``declared_regions`` those the
+    dataset's ``regions.json`` names. Each forest is trained on the train + val side of the group-aware
+    holdout split and tested on its test side; ``chance_accuracy`` is the majority-class rate on the test side.
     """
     started = time.perf_counter()
     images, labels, train, test = holdout_data(
@@ -187,24 +182,27 @@ def shortcut_audit(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
     )
-    chance = _chance(labels[test])
-    colour = _forest_accuracy(colour_features(images), labels, train, test, seed)
-    corner = _forest_accuracy(corner_features(images), labels, train, test, seed)
-    opposite = _forest_accuracy(corner_features(images[:, ::-1, ::-1]), labels, train, test, seed)
+    chance = chance_accuracy(labels[test])
+    colour = forest_accuracy(colour_features(images), labels, train, test, seed)
+    corner = forest_accuracy(corner_features(images), labels, train, test, seed)
+    opposite = forest_accuracy(corner_features(images[:, ::-1, ::-1]), labels, train, test, seed)
+    regions = score_regions(images, labels, train, test, seed=seed)
     return {
         "colour_only_accuracy": colour,
         "corner_only_accuracy": corner,
         "opposite_corner_accuracy": opposite,
         "chance_accuracy": chance,
-        "colour_shortcut": _well_above_chance(colour, chance),
-        "corner_shortcut": _well_above_chance(corner, chance),
+        "colour_shortcut": well_above_chance(colour, chance),
+        "corner_shortcut": well_above_chance(corner, chance),
+        "regions": regions.to_dict(),
+        "declared_regions": [region.to_dict() for region in read_declared_regions(scan.root)],
         "n_train": len(train),
         "n_test": len(test),
         "image_size": image_size,
         "corner_fraction": CORNER_FRACTION,
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 2),
-        "interpretation": _interpretation(colour, corner, opposite, chance),
+        "interpretation": _interpretation(colour, corner, opposite, chance) + f" Regions: {regions.reason()}.",
     }
 
 
@@ -245,29 +243,18 @@ def colour_robustness(
         converted_features = colour_features(converted)
         normalised[method] = {
             "accuracy": float(accuracy_score(labels[test], forest.predict(converted_features[test]))),
-            "retrained_accuracy": _forest_accuracy(converted_features, labels, train, test, seed),
+            "retrained_accuracy": forest_accuracy(converted_features, labels, train, test, seed),
         }
     return {
         "original_accuracy": float(accuracy_score(labels[test], forest.predict(features[test]))),
         "normalised": normalised,
-        "chance_accuracy": _chance(labels[test]),
+        "chance_accuracy": chance_accuracy(labels[test]),
         "n_train": len(train),
         "n_test": len(test),
         "image_size": image_size,
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def _colour_stats(image: np.ndarray) -> np.ndarray:
-    """Means, standard deviations (0..1) and normalised 16-bin histograms of one (h, w, 3) uint8 image."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or image.size == 0:
-        raise ConfigError(f"expected a non-empty (h, w, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-    pixels = image.reshape(-1, 3)
-    bins = (pixels >> 4).astype(np.int64) + HIST_BINS * np.arange(3)
-    hist = np.bincount(bins.ravel(), minlength=3 * HIST_BINS) / len(pixels)
-    scaled = pixels / 255.0
-    return np.concatenate([scaled.mean(axis=0), scaled.std(axis=0), hist])
 
 
 def _partitions(scan: ScanResult, value) -> tuple[str, list[dict[str, np.ndarray]]]:
@@ -297,27 +284,8 @@ def _indices(scan: ScanResult, indices) -> np.ndarray:
     return out
 
 
-def shortcut_forest(seed: int) -> RandomForestClassifier:
-    """The random forest every shortcut test uses (seeded, all cores)."""
-    return RandomForestClassifier(n_estimators=_N_TREES, random_state=seed, n_jobs=-1)
-
-
-def _forest_accuracy(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> float:
-    forest = shortcut_forest(seed).fit(features[train], labels[train])
-    return float(accuracy_score(labels[test], forest.predict(features[test])))
-
-
-def _chance(test_labels: np.ndarray) -> float:
-    return float(np.bincount(test_labels).max() / len(test_labels))
-
-
-def _well_above_chance(accuracy: float, chance: float) -> bool:
-    """At least halfway from chance to perfect."""
-    return accuracy >= chance + 0.5 * (1 - chance)
-
-
 def _interpretation(colour: float, corner: float, opposite: float, chance: float) -> str:
-    if _well_above_chance(colour, chance):
+    if well_above_chance(colour, chance):
         text = (
             f"Colour statistics alone classify {colour:.1%} of test images (chance {chance:.1%}): the classes "
             "differ in colour, so a model can score well without looking at cell morphology."

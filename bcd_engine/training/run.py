@@ -8,15 +8,18 @@ end on images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bcd_engine.data.colour import apply_colour_mode
 from bcd_engine.data.images import load_images
+from bcd_engine.data.regions import prepare_for_model
 from bcd_engine.data.scan import ScanResult, scan_dataset
 from bcd_engine.data.splits import Split, holdout_split
 from bcd_engine.data.synthetic import is_synthetic
@@ -24,7 +27,7 @@ from bcd_engine.errors import BCDError, CancelledError, ConfigError, WriteError
 from bcd_engine.evaluation.metrics import Evaluation, evaluate_probabilities
 from bcd_engine.files import atomic_path
 from bcd_engine.inference.predict import measure_latency, predict_proba
-from bcd_engine.inference.trust import fit_trust, save_trust
+from bcd_engine.inference.trust import FEATURE_LAYER, fit_trust, save_trust
 from bcd_engine.models.backbones import build_backbone, get_backbone, require_weights_file
 from bcd_engine.models.batches import training_batches
 from bcd_engine.models.config import TrainConfig
@@ -49,7 +52,11 @@ from bcd_engine.models.head import (
     unfreeze_top_layers,
 )
 from bcd_engine.store import TEST_EVALUATION, Protocol, RunStore, artifacts
+from bcd_engine.training.estimate import record_extraction
+from bcd_engine.training.masking import resolve_mask_regions
 from bcd_engine.training.monitor import RunMonitor, heartbeat
+
+LOAD_STEP = 256  # images decoded between two progress reports
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,8 @@ def train(
     """
     require_weights_file(config.weights)
     if scan is None:
-        scan = scan_dataset(data_dir, progress=progress)
+        with _scanning(store, run_id, progress=progress):
+            scan = scan_dataset(data_dir, progress=progress)
     elif Path(scan.root) != Path(data_dir).expanduser().resolve():
         raise ConfigError(f"the scan given is of {scan.root}, not of {Path(data_dir).expanduser().resolve()}")
     root = Path(scan.root)  # resolved, ``~`` expanded
@@ -113,8 +121,10 @@ def train(
             test_fraction=config.test_fraction,
             seed=config.seed,
         )
+    config, mask = resolve_mask_regions(config, scan, split)  # "auto" becomes the regions the run masks
     run_config = {
         "train": config.to_dict(),
+        "mask": mask.to_dict(),
         "data_dir": str(root),
         "class_names": list(scan.class_names),
         "dataset": {
@@ -159,6 +169,7 @@ def train(
                 progress=progress,
                 feature_cache_dir=feature_cache_dir,
                 replicas=replicas,
+                device=environment["device"],
             )
     except CancelledError:
         store.finish_run(run_id, status="cancelled", error="cancelled by user")
@@ -170,6 +181,27 @@ def train(
         raise
     store.finish_run(run_id, status="completed", test_accuracy=evaluation.accuracy, macro_auc=evaluation.macro_auc)
     return _result(store, run_id, "completed", config, split, evaluation, model_path, cache_stats, protocol=protocol)
+
+
+@contextlib.contextmanager
+def _scanning(store: RunStore, run_id: int | None, *, progress: bool) -> Iterator[None]:
+    """The scanning phase of a stored run (a queued one, whose id is known before the scan)."""
+    if run_id is None:
+        yield
+        return
+    with RunMonitor(store, run_id, progress=progress).phase("scanning the dataset"):
+        yield
+
+
+def _load_images(paths, *, image_size: int, monitor: RunMonitor) -> np.ndarray:
+    """The images as one uint8 array, loaded LOAD_STEP at a time so the loading phase reports its progress."""
+    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    with monitor.phase("loading images", len(paths), unit="image") as phase:
+        for start in range(0, len(paths), LOAD_STEP):
+            images[start : start + LOAD_STEP] = load_images(paths[start : start + LOAD_STEP], image_size=image_size)
+            phase.advance(len(paths[start : start + LOAD_STEP]))
+            monitor.check_cancel()
+    return images
 
 
 def _global_batch(config: TrainConfig, replicas: int) -> TrainConfig:
@@ -215,6 +247,7 @@ def _train_and_evaluate(
     progress: bool,
     feature_cache_dir: Path | None,
     replicas: int,
+    device: str,
 ):
     spec = get_backbone(config.backbone)
     preprocess = spec.preprocess()
@@ -222,11 +255,11 @@ def _train_and_evaluate(
     n_classes = len(scan.class_names)
     paths, labels = np.array(scan.paths), scan.labels
     md5s = [record.md5 for record in scan.images]
-    images = apply_colour_mode(load_images(list(paths), image_size=config.image_size, progress=progress), config.colour)
+    images = prepare_for_model(_load_images(list(paths), image_size=config.image_size, monitor=monitor), config)
     monitor.check_cancel()
     weights = class_weight_dict(labels[split.train], n_classes) if config.class_weights else None
 
-    cache_stats, test_prob = None, None
+    cache_stats, test_prob, trust_inputs = None, None, None
     if not spec.pretrained:  # trained end to end on images
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
         head = build_head(backbone.output_shape[-1], n_classes, config, seed=config.seed)
@@ -257,11 +290,12 @@ def _train_and_evaluate(
             seed=config.seed,
             cache=cache,
             batch_size=config.batch_size,
-            progress=progress,
-            on_batch=monitor.check_cancel,
+            monitor=monitor,
         )
+        extracting = time.monotonic()
         train_x = _features_for(extractor, images, md5s, train_idx, train_views, "train views", common)
         val_x = _features_for(extractor, images, md5s, split.val, np.zeros(len(split.val), int), "val", common)
+        record_extraction(config, views=cache.misses, seconds=time.monotonic() - extracting, device=device)
         head = fit_head_on_features(
             train_x,
             labels[train_idx],
@@ -304,8 +338,11 @@ def _train_and_evaluate(
                 common,
             )
             test_prob = _mean_over_views(head, test_x, views)
+            view_0 = [(split.train, train_x[train_views == 0]), (split.val, val_x), (split.test, test_x[::views])]
+            trust_inputs = _pooled_inputs(head, len(paths), view_0)
         cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
     if test_prob is None:
+        monitor.announce(f"test-time evaluation ({config.tta_views} views of {len(split.test)} images)")
         test_prob = predict_proba(
             model,
             images[split.test],
@@ -320,17 +357,18 @@ def _train_and_evaluate(
         labels[split.test], test_prob, class_names=list(scan.class_names), groups=scan.groups[split.test]
     )
     monitor.check_cancel()
+    monitor.announce("fitting the OOD gate and the calibration temperature")
     trust, trust_metrics = fit_trust(
-        model,
-        images,
+        *(trust_inputs or (model, images)),
         labels,
         train=split.train,
         val=split.val,
         test=split.test,
         test_probabilities=test_prob,
-        preprocess=preprocess,
+        preprocess=_unchanged if trust_inputs else preprocess,
         batch_size=config.batch_size,
     )
+    monitor.announce("saving the model and its evaluation")
     saved = save_model(model, run_id)
     save_trust(trust, run_id, store=store)
     evaluation = dataclasses.replace(
@@ -357,6 +395,30 @@ def _train_and_evaluate(
     return evaluation, str(saved), cache_stats
 
 
+def _pooled_inputs(head, n_images: int, view_0: list[tuple[np.ndarray, np.ndarray]]) -> tuple:
+    """(model, inputs) for :func:`fit_trust` when the backbone stayed frozen: the run's model from its pooling layer
+    on (an identity layer named as the pooling layer, then the head) and every image's cached pooled features of
+    view 0 (the untouched image). That is what the whole model computes from the images, without running the
+    backbone over them again.
+
+    ``view_0`` pairs the split's rows (train, val, test) with their features, in the same order.
+    """
+    import keras
+
+    dim = head.input_shape[-1]
+    inputs = np.zeros((n_images, dim), dtype=np.float32)
+    for rows, features in view_0:
+        inputs[rows] = features
+    pooled = keras.Input((dim,))
+    model = keras.Model(pooled, head(keras.layers.Identity(name=FEATURE_LAYER)(pooled)), name="pooled_to_classes")
+    return model, inputs
+
+
+def _unchanged(x):
+    """The identity: cached features need no preprocessing."""
+    return x
+
+
 def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:
     """Head probabilities of features laid out image by image, ``views`` per image, averaged per image."""
     prob = np.asarray(head.predict(features, batch_size=256, verbose=0), dtype=np.float64)
@@ -364,6 +426,8 @@ def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:
 
 
 def _features_for(extractor, images, md5s, indices, views, description, common) -> np.ndarray:
+    """Features of ``images[indices]`` seen as ``views``, reported as the phase "features (``description``)"."""
+    monitor: RunMonitor = common["monitor"]
     return extract_features(
         extractor,
         images,
@@ -371,7 +435,10 @@ def _features_for(extractor, images, md5s, indices, views, description, common) 
         [md5s[i] for i in indices],
         np.asarray(views),
         description=f"features ({description})",
-        **common,
+        report=monitor.reporter(),
+        on_batch=monitor.check_cancel,
+        progress=monitor.progress,
+        **{name: value for name, value in common.items() if name != "monitor"},
     )
 
 

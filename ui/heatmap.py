@@ -13,10 +13,10 @@ from bcd_engine.inference import explain
 SCALE_STEPS = 256  # colours across the scale
 
 
-def colour_scale(width: int = SCALE_STEPS, height: int = 14) -> np.ndarray:
-    """The heatmap's colours from low (left) to high (right) attention, as a uint8 RGB strip."""
-    row = (explain.jet(np.linspace(0.0, 1.0, width)) * 255).round().astype(np.uint8)
-    return np.repeat(row[None], height, axis=0)
+def colour_scale(length: int = SCALE_STEPS, thickness: int = 24) -> np.ndarray:
+    """The heatmap's colours as a standing uint8 RGB strip: high attention at the top, low at the bottom."""
+    column = (explain.jet(np.linspace(1.0, 0.0, length)) * 255).round().astype(np.uint8)
+    return np.repeat(column[:, None], thickness, axis=1)
 
 
 def show(
@@ -31,13 +31,13 @@ def show(
     """``image`` and ``heatmap`` (Grad-CAM, [0, 1]) side by side, the colour scale under them, then a note for each
     region holding most of the heat (the border, the label corner, each of ``regions``: a run's masked or flagged
     ones). ``caption`` names the image (already Markdown-safe)."""
-    original, overlaid = container.columns(2)
+    original, overlaid, scale, words = container.columns([4, 4, 1, 3])
     original.image(image, width="stretch", caption="The image as the model saw it")
     overlaid.image(explain.overlay(image, heatmap, opacity=opacity), width="stretch", caption=caption)
-    container.image(colour_scale(), width="stretch")
-    container.caption(
-        "Colour scale: ← dark blue, little attention · cyan · yellow · dark red, most attention →. "
-        "Relative to this image: its hottest spot is always dark red."
+    scale.image(colour_scale(), width=24)
+    words.caption(
+        "**Colour scale**: dark red at the top, most attention; then yellow, cyan; dark blue at the bottom, little "
+        "attention. Relative to this image: its hottest spot is always dark red."
     )
     for note in explain.heat_share(heatmap, regions=regions).notes:
         container.warning(note, icon=":material/center_focus_weak:")

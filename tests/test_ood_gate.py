@@ -232,3 +232,22 @@ def test_a_gate_saved_before_the_rule_was_named_still_loads_and_a_new_one_keeps_
     assert (new.gate.threshold, new.gate.pass_rate, new.gate.rule) == (30.0, DEFAULT_PASS_RATE, HELD_OUT_BOUND_RULE)
     with np.load(new_file, allow_pickle=False) as data:  # what an older bcd reads is still there
         assert {"means", "precision", "threshold", "pass_rate", "temperature"} <= set(data.files)
+
+
+def test_compare_shows_the_share_of_its_own_test_images_the_gate_refused(smears, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from bcd_engine.training import worker
+
+    monkeypatch.delenv("BCD_DEMO_MODE", raising=False)
+    monkeypatch.setattr(worker, "spawn_worker", lambda: 0)
+    store, loaded, _ = smears
+    monkeypatch.setenv("BCD_DATABASE_URL", store.url)
+    share = store.get_evaluations(loaded.run_id)[0].metrics["ood_flagged_share"]
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception, at.exception
+    assert [m.value for m in at.metric if m.label == "Own test images refused"] == [f"{share:.1%}"]

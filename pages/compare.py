@@ -16,7 +16,7 @@ from bcd_engine.reports import comparison
 from bcd_engine.reports import jobs as job_tables
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import JobQueue, artifacts, latest_evaluation
-from ui import charts, common, tables
+from ui import charts, common, occlusion, tables
 
 TOP = {"t": 110}  # figure margin with room for charts.figure_title's three lines
 AUDIT_DASHES = {"colour only": "dash", "corner only": "dot", "chance": "longdashdot"}
@@ -434,6 +434,7 @@ for g, group_runs in enumerate(by_dataset.values()):
     for root in roots:
         shortcut_audit_box(audit_col, root, str(audited))
         audited += 1
+occlusion.occlusion_section(records, evaluations, selected)
 
 st.subheader("Training curves")
 st.plotly_chart(

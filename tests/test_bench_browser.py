@@ -89,6 +89,8 @@ def bench(tmp_path_factory, synthetic_dataset):
         "BCD_CACHE_DIR": str(tmp / "cache"),
         "BCD_WEIGHTS_DIR": str(weights),
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        # No reloading of edited modules mid-test: a reloaded store module makes a second Protocol class.
+        "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",
     }
     env.pop("BCD_DEMO_MODE", None)
     with pytest.MonkeyPatch.context() as patch:
@@ -152,7 +154,10 @@ def test_the_researchers_bench_in_a_browser(bench, browser):
     settle(page)
 
     page.get_by_role("button", name="Train demo model").click()  # queued and remembered by this visitor
-    page.get_by_text("(scratch_cnn) is queued").first.wait_for(timeout=60_000)
+    try:
+        page.get_by_text("(scratch_cnn) is queued").first.wait_for(timeout=120_000)
+    finally:
+        page.screenshot(path=str(SHOTS / "bench-train-queued.png"))
     run = db.claim_next_queued(worker_id="bench")  # this test is the worker
     for epoch in range(1, 4):
         db.log_epoch(

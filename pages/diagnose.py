@@ -4,6 +4,7 @@ import plotly.express as px
 import streamlit as st
 
 from bcd_engine.data.images import MAX_JPEG_SCANS
+from bcd_engine.data.regions import Region
 from bcd_engine.errors import BCDError
 from bcd_engine.inference import diagnosis
 from bcd_engine.inference.results import Diagnosis, Reading
@@ -124,7 +125,19 @@ def show_answer(result: Diagnosis, run_id: int) -> None:
     except BCDError as exc:
         st.warning(common.public(f"No heatmap for this image: {exc}"))
         return
-    heatmap.show(image, cam, opacity=opacity, caption=f"{common.plain(result.name)} with Grad-CAM (run {run_id})")
+    heatmap.show(
+        image,
+        cam,
+        opacity=opacity,
+        caption=f"{common.plain(result.name)} with Grad-CAM (run {run_id})",
+        regions=masked_regions(run_id),
+    )
+
+
+def masked_regions(run_id: int) -> tuple[Region, ...]:
+    """The regions the run masked (flagged by its dataset's audit, or asked for): heat there gets a note."""
+    recorded = (store.get_run(run_id).config.get("mask") or {}).get("regions") or []
+    return tuple(Region(**region) for region in recorded)
 
 
 def show_detail(result: Diagnosis, run_id: int) -> None:

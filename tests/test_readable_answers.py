@@ -342,3 +342,24 @@ def test_the_explorers_glossary_reads_a_datasets_file_and_reports_a_malformed_on
     glossary = next(e for e in at.expander if e.label == "What the classes mean")
     assert any("not a class of this dataset" in w.value for w in glossary.warning)
     assert any("drawn pro" in m.value for m in glossary.markdown)  # the built-in words instead
+
+
+def test_heat_on_the_label_corner_and_on_a_masked_region_gets_a_note_on_the_page(all_like_store, monkeypatch):
+    store = RunStore.open(common.settings.database_url())
+    monkeypatch.setattr(common, "load_model", lambda run_id: OneClassModel("Pro", run_id=run_id))
+
+    def corner_heat(run_id, image, class_name):
+        heat = np.zeros(image.shape[:2])
+        heat[-6:, -6:] = 1  # the bottom-right corner of a 32-pixel image
+        return image, heat
+
+    monkeypatch.setattr(common, "grad_cam", corner_heat)
+    at = _page()
+    (run_id,) = at.multiselect(key="diagnose_runs").value
+    label = {"x0": 0.75, "y0": 0.75, "x1": 1.0, "y1": 1.0, "name": "the scale-bar label"}
+    store.update_run_config(run_id, {**store.get_run(run_id).config, "mask": {"regions": [label]}})
+    at.file_uploader(key="diagnose_upload").set_value(("cell.png", _png(), "image/png")).run()
+    assert not at.exception, at.exception
+    notes = [w.value for w in at.warning if "of the heat lies" in w.value]
+    assert len(notes) == 3, notes  # the border, the bottom-right corner, and the run's masked region
+    assert "100% of the heat lies on the scale-bar label" in notes[2]

@@ -87,7 +87,9 @@ def render(store: RunStore) -> None:
     busy = LIVE in st.session_state
     if st.button("Train this head", key="class_train", type="primary", icon=":material/school:", disabled=busy):
         _start(source, chosen)
-    _live_panel(run_every=REFRESH_S if LIVE in st.session_state else None)
+    with st.container():  # the live panel's own place: the results below keep theirs whether it shows or not
+        if LIVE in st.session_state:
+            _live_panel()
     _results(store)
 
 
@@ -199,8 +201,10 @@ def _this_session() -> tuple[str | None, Callable[[], bool] | None]:
     return f"class session {session_id}", lambda: Runtime.instance().is_active_session(session_id)
 
 
-def _live_panel(*, run_every: float | None) -> None:
-    st.fragment(_live, run_every=run_every)()
+@st.fragment(run_every=REFRESH_S)
+def _live_panel() -> None:
+    """Refreshed every second while a training of this session is in flight (the page shows it only then)."""
+    _live()
 
 
 def _live() -> None:

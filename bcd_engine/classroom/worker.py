@@ -10,9 +10,12 @@ an epoch each, and the child holds at most one step of work at once. The child l
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bcd_engine.classroom.pack import ClassPack, load_pack, prepare_pack
@@ -26,19 +29,30 @@ PackRef = tuple[str, str] | None
 
 
 class ClassWorker:
-    """The child process and the pipe to it; one request at a time (a lock keeps the pipe's turns)."""
+    """The child process (``python -m bcd_engine.classroom.worker FD``) and the socket to it; one request at a time
+    (a lock keeps the socket's turns). The child ends when the socket closes, with the server.
+
+    A plain subprocess, not ``multiprocessing``'s spawn: that would run the server's ``__main__``, which inside a
+    Streamlit script run is the app's own script.
+    """
 
     def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the server's threads
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child,), name="bcd-class-worker", daemon=True)
-        self._process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "bcd_engine.classroom.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        self._conn = Connection(ours.detach())
         self._lock = threading.Lock()
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._process.poll() is None
 
     def request(self, message: tuple, *, reply: bool = True):
         """Send ``message``; with ``reply`` wait for the answer and return it (its error raised as a BCDError)."""
@@ -168,3 +182,7 @@ def _pack(packs: dict, source: PackRef) -> ClassPack:
     if key not in packs or packs[key][0] != stamp:
         packs[key] = (stamp, prepare_pack(None, use_feature_cache=False) if key is None else load_pack(key))
     return packs[key][1]
+
+
+if __name__ == "__main__":  # the class worker's process: python -m bcd_engine.classroom.worker FD
+    _serve(Connection(int(sys.argv[1])))

@@ -652,11 +652,11 @@ def _cmd_predict(args):
             lines.append(
                 f"{r.name}: out of domain, no answer (score {r.ood_score:.1f} > threshold {r.ood_threshold:.1f})"
             )
-        else:
+        else:  # the answer in words first, then the class, its calibrated probability and the reading
             extra = f", disagreement {r.uncertainty['disagreement']:.2f}" if args.tta else ""
             lines.append(
-                f"{r.name}: {r.reading.value}: {r.predicted_class} (calibrated probability "
-                f"{r.calibrated_probabilities[r.predicted_class]:.3f}{extra})"
+                f"{r.name}: {r.in_words} ({r.answer}, calibrated probability "
+                f"{r.calibrated_probabilities[r.answer]:.3f}; reading {r.reading.value}{extra})"
             )
     code = 0 if any(r.usable for r in results) else 1
     return [_prediction_row(r) for r in results], "\n".join(lines), code

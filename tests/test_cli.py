@@ -180,7 +180,7 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, bcd):
     assert 0 <= evaluated["ood_flagged"] <= evaluated["n_images"]
     calibrated = json.loads(bcd("calibrate", "--run", run_id, "--json").stdout)
     assert calibrated["temperature"] >= 1 and calibrated["images"]["test"] == trained["n_test"]
-    assert calibrated["ood_pass_rate"] == 0.95 and 0 <= calibrated["ood_flagged"] <= trained["n_test"]
+    assert calibrated["ood_pass_rate"] == 0.99 and 0 <= calibrated["ood_flagged"] <= trained["n_test"]
 
     images = sorted(Path(synthetic_dataset).glob("*/*.png"))[:2]
     junk = tmp_path / "junk.jpg"
@@ -189,11 +189,14 @@ def test_train_evaluate_predict_end_to_end(synthetic_dataset, tmp_path, bcd):
     assert proc.returncode == 0, proc.stderr
     predictions = json.loads(proc.stdout)
     assert [p["path"] for p in predictions] == [str(p) for p in [*images, junk]]
-    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions[:2])
     for p in predictions[:2]:  # the result contract: the raw output, the gate's verdict, calibrated probabilities
         assert isinstance(p["in_domain"], bool) and p["ood_score"] >= 0 and p["ood_threshold"] > 0
         assert (p["reading"] == "out_of_domain") == (not p["in_domain"])
-        assert abs(sum(p["calibrated_probabilities"].values()) - 1) < 1e-4
+        # out of domain, the output is no answer: kept apart (issue 25), the answer's fields null
+        output = p if p["in_domain"] else p.pop("model_output_ignored")
+        assert p["in_domain"] or p["predicted_class"] is p["calibrated_probabilities"] is None
+        assert abs(sum(output["probabilities"].values()) - 1) < 1e-4
+        assert abs(sum(output["calibrated_probabilities"].values()) - 1) < 1e-4
     assert "error" in predictions[2] and "predicted_class" not in predictions[2]
     assert bcd("predict", "--run", run_id, junk).returncode == 1
 
@@ -599,7 +602,7 @@ class ChanceModel:
 @pytest.mark.parametrize(
     "ood_score, reading, line",
     [
-        (1.0, "unsure", "unsure: Benign (calibrated probability 0.250)"),
+        (1.0, "unsure", "Looks like hematogones — benign (Benign, calibrated probability 0.250; reading unsure)"),
         (50.0, "out_of_domain", "out of domain, no answer (score 50.0 > threshold 10.0)"),
     ],
 )

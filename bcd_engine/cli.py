@@ -24,6 +24,9 @@ from dataclasses import asdict
 from PIL import Image
 
 from bcd_engine import settings
+from bcd_engine.classroom.pack import DEFAULT_BACKBONE as CLASS_BACKBONE
+from bcd_engine.classroom.pack import DEFAULT_VIEWS as CLASS_VIEWS
+from bcd_engine.classroom.pack import SYNTHETIC_IMAGE_SIZE, prepare_pack, save_pack
 from bcd_engine.data.scan import scan_dataset
 from bcd_engine.data.splits import DEFAULT_FRACTION
 from bcd_engine.errors import BCDError, ConfigError, WriteError
@@ -41,7 +44,9 @@ from bcd_engine.progress import progress_bar
 from bcd_engine.protocols.audit import audit_dataset, run_leakage_audit
 from bcd_engine.protocols.baselines import IMAGE_SIZE, MODELS, cross_validate_classical, train_classical_baseline
 from bcd_engine.protocols.crossval import DEFAULT_FOLDS, cross_validate
+from bcd_engine.protocols.jobs import run_job
 from bcd_engine.protocols.lodo import leave_one_dataset_out, load_dataset_label_map
+from bcd_engine.protocols.occlusion import DEFAULT_GRID, DEFAULT_HEAT_IMAGES, occlusion_audit, with_and_without
 from bcd_engine.protocols.robustness import colour_robustness_of_run
 from bcd_engine.reports.runs import dataset_label
 from bcd_engine.store import RunStore
@@ -54,7 +59,20 @@ BUNDLE = "bundle"  # export --format bundle: the whole run, for the import comma
 EXECUTORS = ("local", "ray")
 # The commands that use TensorFlow: they import it first, with its start-up notices hidden.
 TENSORFLOW_COMMANDS = frozenset(
-    {"train", "cv", "lodo", "evaluate", "calibrate", "robustness", "predict", "explain", "export", "import", "worker"}
+    {
+        "train",
+        "cv",
+        "lodo",
+        "evaluate",
+        "calibrate",
+        "robustness",
+        "predict",
+        "explain",
+        "export",
+        "import",
+        "worker",
+        "prepare-class",
+    }
 )
 QUIET_TF_LOG_LEVEL = "3"  # TF_CPP_MIN_LOG_LEVEL unless set: no TensorFlow C++ INFO, WARNING or ERROR lines
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} ")  # an absl C++ log line starts with its severity and the date (MMDD)
@@ -141,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--seed", type=int, default=0, help="seed of the split audited and of the shortcut classifiers (default 0)"
     )
+    audit.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="with one --run: occlusion audit of its test split (accuracy with each grid cell and with the flagged "
+        "regions masked, Grad-CAM heat on the border and on them); stored with the run",
+    )
+    audit.add_argument(
+        "--grid", type=int, default=DEFAULT_GRID, help=f"cells a side of the occlusion grid (default {DEFAULT_GRID})"
+    )
+    audit.add_argument(
+        "--grid-images",
+        type=int,
+        help="test images the occlusion grid is measured on, evenly spread (default: all; each cell is one pass)",
+    )
+    audit.add_argument(
+        "--heat-images",
+        type=int,
+        default=DEFAULT_HEAT_IMAGES,
+        help=f"test images whose Grad-CAM heat the occlusion audit averages (default {DEFAULT_HEAT_IMAGES}; 0: none)",
+    )
     _add_fraction_options(audit, "of the hold-out split audited (the one `train` makes with the same values)")
 
     evaluate = command("evaluate", _cmd_evaluate, "run a trained model on another folder with the same class names")
@@ -221,6 +259,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="also audit this folder for the card, on the split the run's seed and fractions make",
     )
     export.add_argument("--overwrite", action="store_true", help="replace files already in DIR")
+
+    prepare_class = command(
+        "prepare-class",
+        _cmd_prepare_class,
+        "cache a dataset's features through a frozen backbone as a class pack, for demo mode's class mode "
+        "(students train heads on it in seconds)",
+    )
+    prepare_class.add_argument(
+        "--data", help="folder with one subfolder of images per class (default: the SYNTHETIC demo set)"
+    )
+    prepare_class.add_argument(
+        "--backbone", default=CLASS_BACKBONE, help=f"backbone with frozen features (default {CLASS_BACKBONE})"
+    )
+    prepare_class.add_argument("--weights", help="imagenet, none or a .weights.h5 file (default: none)")
+    prepare_class.add_argument(
+        "--image-size",
+        type=int,
+        help=f"input size in pixels (default: the backbone's native size; {SYNTHETIC_IMAGE_SIZE} for the demo set)",
+    )
+    prepare_class.add_argument(
+        "--views",
+        type=int,
+        default=CLASS_VIEWS,
+        help=f"views cached per training image: the image and views-1 augmented ones (default {CLASS_VIEWS})",
+    )
+    prepare_class.add_argument("--seed", type=int, default=0, help="seed of the split and the augmentation (default 0)")
+    prepare_class.add_argument(
+        "--out", metavar="DIR", help="folder of class packs (default: BCD_CLASS_DIR or class-packs/)"
+    )
 
     worker = command(
         "worker", _cmd_worker, "train queued runs one after another (the dashboard starts one when needed)"
@@ -418,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
     with _stdout_to_stderr() as real_stdout:
-        if args.command in TENSORFLOW_COMMANDS:
+        if args.command in TENSORFLOW_COMMANDS or getattr(args, "occlusion", False):
             _import_tensorflow()
         try:
             payload, text, code = _run(args)
@@ -448,7 +515,8 @@ def _cmd_scan(args):
 
 
 def _cmd_runs(args):
-    records = RunStore.open().list_runs()
+    store = RunStore.open()
+    records = store.list_runs()
     runs = [
         {
             "id": r.id,
@@ -461,6 +529,8 @@ def _cmd_runs(args):
             "created_at": r.created_at,
             "seconds": r.seconds,
             "worker_id": r.worker_id,
+            "mask_regions": r.config.get("train", {}).get("mask_regions", "none"),
+            "accuracy_with_and_without": with_and_without(store.get_evaluations(r.id)).to_dict(),
         }
         for r in records
     ]
@@ -563,6 +633,17 @@ def _cmd_baseline(args):
 
 
 def _cmd_audit(args):
+    if args.occlusion:
+        if not args.run or len(args.run) != 1:
+            raise ConfigError("--occlusion audits one stored run: give exactly one --run")
+        occlusion = occlusion_audit(
+            args.run[0],
+            store=RunStore.open(),
+            grid=args.grid,
+            grid_images=args.grid_images,
+            heat_images=args.heat_images,
+        )
+        return occlusion.to_dict(), occlusion.summary(), 0
     if args.run:
         if _fractions(args):
             raise ConfigError(
@@ -767,8 +848,30 @@ def _cmd_worker(args):
     if args.executor == "ray":
         from bcd_engine.training.ray_executor import run_ray_worker
 
-        done = run_ray_worker(once=args.once, poll_seconds=args.poll, **_ray_options(args))
+        done = run_ray_worker(once=args.once, poll_seconds=args.poll, run_job=run_job, **_ray_options(args))
     else:
-        done = run_worker(once=args.once, poll_seconds=args.poll, store=RunStore.open())
-    text = "\n".join(f"run {d['run_id']}: {d['status']}" for d in done) or "no queued runs"
-    return {"runs": done}, text, 0
+        done = run_worker(once=args.once, poll_seconds=args.poll, store=RunStore.open(), run_job=run_job)
+    runs, jobs = [d for d in done if "run_id" in d], [d for d in done if "job_id" in d]
+    lines = [f"run {d['run_id']}: {d['status']}" for d in runs] + [f"job {d['job_id']}: {d['status']}" for d in jobs]
+    return {"runs": runs, "jobs": jobs}, "\n".join(lines) or "no queued runs", 0
+
+
+def _cmd_prepare_class(args):
+    pack = prepare_pack(
+        args.data,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        views=args.views,
+        seed=args.seed,
+        progress=True,
+    )
+    folder = save_pack(pack, args.out)
+    result = {**pack.to_dict(), "folder": str(folder)}
+    split = result["split"]
+    text = (
+        f"class pack {pack.name} in {folder}: {pack.dataset.n_images} images of {len(pack.class_names)} classes "
+        f"through {pack.backbone} ({pack.weights_label} weights, {pack.image_size} px), {pack.views} views per "
+        f"training image, split {split['train']}/{split['val']}/{split['test']}"
+    )
+    return result, text, 0

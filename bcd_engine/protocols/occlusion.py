@@ -27,13 +27,14 @@ from bcd_engine.evaluation.confidence import bootstrap_ci
 from bcd_engine.evaluation.metrics import evaluate_probabilities
 from bcd_engine.inference.explain import explain_image, heat_share
 from bcd_engine.inference.loading import load_run_model
-from bcd_engine.store import TEST_EVALUATION, RunStore, latest_evaluation
+from bcd_engine.store import TEST_EVALUATION, EvaluationRecord, RunStore, latest_evaluation
 from bcd_engine.training.masking import auto_mask
 
 DEFAULT_GRID = 4
 MAX_GRID = 8
 DEFAULT_HEAT_IMAGES = 64  # Grad-CAMs averaged for the heat shares (evenly spread over the test split)
 MASKED_EVALUATION = "test (flagged regions masked)"
+GRAYSCALE_EVALUATION, REINHARD_EVALUATION = "test (grayscale)", "test (reinhard)"  # stored by colour robustness
 OCCLUSION_KEY = "occlusion"  # where a run's config keeps its latest occlusion audit
 
 
@@ -288,6 +289,35 @@ def occlusion_audit(
     )
     store.update_run_config(run_id, {**store.get_run(run_id).config, OCCLUSION_KEY: audit.to_dict()})
     return audit
+
+
+@dataclass(frozen=True)
+class WithAndWithout:
+    """A run's test accuracy as trained beside its accuracy without each known shortcut of the images: the flagged
+    regions masked (this audit) and the colour taken away (the ``robustness`` command). None where not measured."""
+
+    as_trained: float | None
+    flagged_masked: float | None
+    grayscale: float | None
+    reinhard: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def with_and_without(evaluations: list[EvaluationRecord]) -> WithAndWithout:
+    """:class:`WithAndWithout` from a run's stored evaluations (the latest of each name)."""
+
+    def accuracy(name: str) -> float | None:
+        found = latest_evaluation(evaluations, name)
+        return None if found is None else found.metrics.get("accuracy")
+
+    return WithAndWithout(
+        accuracy(TEST_EVALUATION),
+        accuracy(MASKED_EVALUATION),
+        accuracy(GRAYSCALE_EVALUATION),
+        accuracy(REINHARD_EVALUATION),
+    )
 
 
 def stored_occlusion(config: dict) -> OcclusionAudit | None:

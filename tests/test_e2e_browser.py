@@ -60,6 +60,12 @@ def browser():
         yield chromium
 
 
+def uploader(page):
+    """The page's one file input, once the uploader an upload replaced has gone (Diagnose renews it per upload)."""
+    page.wait_for_function("document.querySelectorAll('input[type=file]').length === 1", timeout=60_000)
+    return page.locator('input[type="file"]')
+
+
 def test_pages_train_demo_model_and_diagnose(app, browser):
     base, url, _cache = app
     for path, heading, name in [
@@ -107,14 +113,14 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
 
     page = open_page(browser, base, "diagnose", "Diagnose images")
     demo_image = next((_cache / "synthetic-demo" / "Pro").glob("*.png"))
-    page.locator('input[type="file"]').set_input_files(str(demo_image))
+    uploader(page).set_input_files(str(demo_image))
     try:
         page.get_by_text("Predicted class").wait_for(timeout=120_000)
     finally:
         page.screenshot(path=str(SHOTS / "diagnose-after-upload.png"), full_page=True)
     settle(page)
     check(page, "diagnose", tour=True)
-    page.locator('input[type="file"]').set_input_files(
+    uploader(page).set_input_files(
         files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"}]
     )
     page.get_by_text("cannot be used").wait_for(timeout=60_000)
@@ -123,7 +129,7 @@ def test_pages_train_demo_model_and_diagnose(app, browser):
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../escape.png", others[0].read_bytes())
-    page.locator('input[type="file"]').set_input_files(
+    uploader(page).set_input_files(
         files=[
             *[{"name": p.name, "mimeType": "image/png", "buffer": p.read_bytes()} for p in others],
             {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"},

@@ -121,3 +121,18 @@ def test_demo_dataset_replaces_an_interrupted_attempt(isolated_cache: Path) -> N
     root = ensure_demo_dataset()
     assert not (root / "Benign" / "half-written.png").exists()
     assert (root / "README.txt").is_file() and len(list((root / "Benign").glob("*.png"))) == 60
+
+
+def test_a_corner_marker_tells_the_class_and_changes_nothing_else(tmp_path: Path) -> None:
+    plain = make_synthetic_dataset(tmp_path / "plain", n_per_class=2, image_size=32)
+    marked = make_synthetic_dataset(tmp_path / "marked", n_per_class=2, image_size=32, corner_marker=True)
+    corners = {}
+    for path in sorted(plain.glob("*/*.png")):
+        before, after = load_image(path), load_image(marked / path.relative_to(plain))
+        changed = np.argwhere((before != after).any(axis=-1))
+        assert len(changed) and (changed >= [26, 23]).all()  # inside the bottom-right corner only
+        corners.setdefault(path.parent.name, set()).add(after[26:31, 23:31].tobytes())
+    assert all(len(found) == 1 for found in corners.values())  # the same label on every image of a class
+    assert len({label for found in corners.values() for label in found}) == 4  # a different one per class
+    assert "bottom-right corner" in (marked / "README.txt").read_text()
+    assert "bottom-right corner" not in (plain / "README.txt").read_text()

@@ -30,7 +30,8 @@ SIZE = 32
 
 
 def loaded_model(model, run_id: int = 1, class_names=CLASSES, size: int = SIZE) -> LoadedModel:
-    config = TrainConfig(backbone="scratch_cnn", image_size=size, batch_size=8)
+    # as a stored run's config holds it: regions resolved (here none), never "auto"
+    config = TrainConfig(backbone="scratch_cnn", image_size=size, batch_size=8, mask_regions="none")
     return LoadedModel(run_id, model, config, list(class_names))
 
 

@@ -117,7 +117,7 @@ def test_a_stored_run_explains_an_image_file(square_model, tmp_path, monkeypatch
 
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
     store = RunStore.open(f"sqlite:///{tmp_path / 'results.db'}")
-    config = TrainConfig(backbone="scratch_cnn", image_size=SIZE)
+    config = TrainConfig(backbone="scratch_cnn", image_size=SIZE, mask_regions="none")  # resolved, as stored
     run_id = store.create_run(
         backbone="scratch_cnn",
         protocol=Protocol.holdout(),

@@ -335,4 +335,5 @@ def _comparison(store: RunStore, numbered: dict[int, ClassResult]) -> pd.DataFra
                     "protocol": run.protocol + ("; the same test images" if run.same_split else ""),
                 }
             )
-    return pd.DataFrame(rows).style.format({"test accuracy": "{:.1%}"}, na_rep=tables.MISSING)
+    frame = pd.DataFrame(rows).astype({"views": "Int64", "epochs run": "Int64"})  # whole numbers beside the host's
+    return frame.style.format({"test accuracy": "{:.1%}"}, na_rep=tables.MISSING)

@@ -33,7 +33,9 @@ PACK_FORMAT = 1
 METADATA = "pack.json"
 FEATURES = "features.npz"
 DEFAULT_VIEWS = 4  # augmented views cached per training image (1 = the image itself only)
-DEFAULT_BACKBONE = "mobilenetv2"
+DEFAULT_BACKBONE = (
+    "vgg16"  # from random weights too its features tell the SYNTHETIC classes apart (MobileNetV2's are 0)
+)
 SYNTHETIC_IMAGE_SIZE = 32  # px, for the SYNTHETIC demo set unless asked otherwise (the backbone's minimum if larger)
 
 
@@ -83,7 +85,7 @@ class ClassPack:
 
     @property
     def label(self) -> str:
-        """'mobilenetv2, ImageNet weights, 224 px, 8 views': how a student picks it."""
+        """'resnet50, ImageNet weights, 224 px, 4 views': how a student picks it."""
         return f"{self.backbone}, {self.weights_label} weights, {self.image_size} px, {self.views} views"
 
     @property
@@ -183,6 +185,13 @@ def prepare_pack(
     features = extract_features(
         extractor, images, everything, md5s, np.zeros(scan.n_images, int), description="features (view 0)", **common
     )
+    features = features.astype(np.float16)  # as the pack keeps them
+    if not np.ptp(features, axis=0).any():
+        raise DataError(
+            f"{spec.name} with {weights_identity(config.weights, seed=seed)} weights at {config.image_size} px gives "
+            "every image the same features, so no head could learn from them; use ImageNet weights or another "
+            f"backbone (e.g. {DEFAULT_BACKBONE})"
+        )
     extra = views - 1
     rows = np.repeat(split.train, extra)
     augmented = (
@@ -211,8 +220,8 @@ def prepare_pack(
         labels=scan.labels,
         groups=scan.groups,
         split=split,
-        features=features.astype(np.float16),
-        train_views=augmented.reshape(len(split.train), extra, -1).astype(np.float16),
+        features=features,
+        train_views=augmented.reshape(len(split.train), extra, features.shape[1]).astype(np.float16),
     )
 
 

@@ -31,9 +31,7 @@ def local_imagenet_weights(backbone: str, folder: str | os.PathLike) -> Path | N
         return None
     files = weights_files(folder)
     exact = [path for path in files if path.name == spec.weights_file]
-    loose = [
-        path for path in files if _squashed(path.name).startswith(spec.name) and "notop" in _squashed(path.name)
-    ]
+    loose = [path for path in files if _squashed(path.name).startswith(spec.name) and "notop" in _squashed(path.name)]
     return next(iter(exact + loose), None)
 
 

@@ -82,7 +82,8 @@ def render(store: RunStore) -> None:
         "them)."
     )
     sources = _sources()
-    _warm_worker(sources[0].ref)
+    if Runtime.exists():  # a served page (not a bare script run, AppTest): start the worker while the student reads
+        _warm_worker(sources[0].ref)
     source, chosen = _settings_form(sources)
     busy = LIVE in st.session_state
     if st.button("Train this head", key="class_train", type="primary", icon=":material/school:", disabled=busy):

@@ -86,15 +86,21 @@ def test_a_region_covers_the_same_share_of_any_image_size():
     assert region.pixels(3, 3) == (slice(2, 3), slice(2, 3))  # at least one pixel
 
 
-def test_painting_uses_each_images_median_colour_and_leaves_the_rest():
+def test_painting_uses_each_images_median_colour_outside_the_regions_and_leaves_the_rest():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     painted = paint_regions(images, [Region(0.5, 0.5, 1, 1)])
     for image, out in zip(images, painted):
-        median = np.median(image.reshape(-1, 3), axis=0).round().astype(np.uint8)
+        outside = np.concatenate([image[:4].reshape(-1, 3), image[4:, :4].reshape(-1, 3)])
+        median = np.median(outside, axis=0).round().astype(np.uint8)  # nothing of the covered pixels
         assert (out[4:, 4:] == median).all()
         assert (out[:4] == image[:4]).all() and (out[:, :4] == image[:, :4]).all()
     assert paint_regions(images, []) is images
+    changed = images.copy()
+    changed[:, 4:, 4:] = 0  # what a region covers does not change what it is painted with
+    np.testing.assert_array_equal(paint_regions(changed, [Region(0.5, 0.5, 1, 1)]), painted)
+    whole = paint_regions(images, [Region(0, 0, 1, 1)])
+    assert (whole == np.median(images.reshape(5, -1, 3), axis=1).round().astype(np.uint8)[:, None, None]).all()
 
 
 def test_prepare_for_model_masks_then_applies_the_colour_mode():

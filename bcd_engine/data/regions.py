@@ -125,7 +125,9 @@ def region_mask(regions: Sequence[Region], height: int, width: int) -> np.ndarra
 
 
 def paint_regions(images: np.ndarray, regions: Sequence[Region], *, chunk: int = 256) -> np.ndarray:
-    """``images`` (n, h, w, 3) uint8 with every region painted in each image's median colour (per channel).
+    """``images`` (n, h, w, 3) uint8 with every region painted in each image's median colour (per channel) outside
+    the regions, so nothing of what they cover reaches the painted image (the whole image's median when the
+    regions cover all of it).
 
     Returns the input itself when there is nothing to paint, else a new array (``chunk`` images at a time).
     """
@@ -134,12 +136,13 @@ def paint_regions(images: np.ndarray, regions: Sequence[Region], *, chunk: int =
         raise ConfigError(f"expected uint8 RGB images of shape (n, h, w, 3), got {images.dtype} {images.shape}")
     if not regions or not len(images):
         return images
-    mask = region_mask(regions, *images.shape[1:3])[None, :, :, None]
+    covered = region_mask(regions, *images.shape[1:3])
+    outside = ~covered if not covered.all() else covered
     out = np.empty_like(images)
     for start in range(0, len(images), chunk):
         batch = images[start : start + chunk]
-        median = np.median(batch.reshape(len(batch), -1, 3), axis=1).round().astype(np.uint8)
-        out[start : start + chunk] = np.where(mask, median[:, None, None, :], batch)
+        median = np.median(batch[:, outside], axis=1).round().astype(np.uint8)
+        out[start : start + chunk] = np.where(covered[None, :, :, None], median[:, None, None, :], batch)
     return out
 
 

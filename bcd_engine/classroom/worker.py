@@ -29,7 +29,7 @@ PackRef = tuple[str, str] | None
 
 
 class ClassWorker:
-    """The child process (``python -m bcd_engine.classroom.worker FD``) and the socket to it; one request at a time
+    """The child process (:func:`serve` on its end of a socket pair) and the socket to it; one request at a time
     (a lock keeps the socket's turns). The child ends when the socket closes, with the server.
 
     A plain subprocess, not ``multiprocessing``'s spawn: that would run the server's ``__main__``, which inside a
@@ -42,7 +42,7 @@ class ClassWorker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         with theirs:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "bcd_engine.classroom.worker", str(theirs.fileno())],
+                [sys.executable, "-c", f"from bcd_engine.classroom.worker import serve; serve({theirs.fileno()})"],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -184,5 +184,6 @@ def _pack(packs: dict, source: PackRef) -> ClassPack:
     return packs[key][1]
 
 
-if __name__ == "__main__":  # the class worker's process: python -m bcd_engine.classroom.worker FD
-    _serve(Connection(int(sys.argv[1])))
+def serve(fd: int) -> None:
+    """The class worker process's entry point: serve the server on the socket ``fd`` until it closes."""
+    _serve(Connection(fd))

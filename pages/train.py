@@ -18,8 +18,9 @@ from bcd_engine.reports import jobs as job_tables
 from bcd_engine.reports import runs as run_tables
 from bcd_engine.store import JobQueue
 from bcd_engine.training import queue, worker
+from bcd_engine.training.estimate import estimate_run
 from ui import charts, classroom, common, tables
-from ui.progress import show_run_progress
+from ui.progress import show_estimate, show_run_progress
 
 st.title("Train")
 common.explain(
@@ -414,7 +415,8 @@ else:
         given["seed"] = _setting_input(c4, "Seed", "seed", 0, 10_000)
         given["class_weights"] = st.checkbox("Weight classes by frequency", key="train_class_weights") or None
         submitted = st.form_submit_button(SUBMIT[protocol], type="primary")
-    if submitted:
+        estimating = st.form_submit_button("Estimate time", help="How long a run of these settings takes here.")
+    if submitted or estimating:
         chosen = weights_path.strip() if weights == "file" else weights
         try:
             if not names:
@@ -426,7 +428,11 @@ else:
             configs = [
                 TrainConfig.for_backbone(name, weights=_resolve_weights(name, chosen), **given) for name in names
             ]
-            if protocol == "lodo":
+            if estimating:  # before queueing: one run's time on this machine, each backbone
+                data_dir = str(Path(folder.strip()).expanduser()) if folder.strip() else dataset.root
+                for config in configs:
+                    show_estimate(estimate_run(config, common.scan(data_dir).n_images))
+            elif protocol == "lodo":
                 datasets, label_map = lodo_datasets()
                 _launch_job(lambda config: protocol_jobs.queue_lodo(store, config, datasets, label_map), configs)
             else:

@@ -242,3 +242,14 @@ def test_the_trust_of_a_frozen_backbone_run_from_its_cached_features_equals_the_
     assert cached.gate.threshold == pytest.approx(whole.gate.threshold, rel=1e-3)
     np.testing.assert_allclose(cached.gate.means, whole.gate.means, rtol=1e-4, atol=1e-5)
     assert cached_metrics["ood_flagged"] == whole_metrics["ood_flagged"]
+
+
+def test_the_train_page_estimates_a_runs_time_before_anything_is_queued(page_store):
+    at = AppTest.from_file(APP, default_timeout=WAIT_S)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    next(button for button in at.button if button.label == "Estimate time").click().run()
+    assert not at.exception, at.exception
+    shown = [element.value for element in [*at.caption, *at.warning]]
+    assert any("Estimated time: about" in text and "nothing measured on this machine yet" in text for text in shown)
+    assert page_store.list_runs() == []  # estimating queues nothing

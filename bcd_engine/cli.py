@@ -701,7 +701,7 @@ def _cmd_calibrate(args):
     text = (
         f"run {args.run}: temperature {result.temperature:.3f}; test ECE {result.ece:.4f} before, "
         f"{result.ece_calibrated:.4f} after; out-of-domain gate threshold {result.ood_threshold:.1f} "
-        f"(passes {result.ood_pass_rate:.0%} of {result.images['val']} validation images), flags "
+        f"(set to let through at least {result.ood_pass_rate:.0%} of new in-domain images), flags "
         f"{result.ood_flagged} of {result.images['test']} test images ({result.ood_flagged_share:.1%})"
     )
     return result.to_dict(), text, 0

@@ -596,7 +596,7 @@ predicted_class = pick_predicted.selectbox(
     index=cell_ev.class_names.index(worst_predicted),
 )
 show_cam = pick_cam.toggle(
-    "Show where the model looked (Grad-CAM)",
+    "Grad-CAM: where it looked",
     key="compare_gradcam",
     help="Red marks the parts of the image that pushed the model towards its answer.",
 )

@@ -206,7 +206,8 @@ def public_path(path: str | os.PathLike) -> bool:
 def demo_banner() -> None:
     if demo_mode():
         st.info(
-            "**Demo mode**: browse and diagnose only. Training and deleting runs are switched off.",
+            "**Demo mode**: browse, diagnose, and train small models in class mode (kept in your tab only). "
+            "The stored runs cannot be trained, changed or deleted.",
             icon=":material/visibility:",
         )
 

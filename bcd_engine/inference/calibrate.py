@@ -14,6 +14,7 @@ import numpy as np
 
 from bcd_engine.errors import DataError, StoreError
 from bcd_engine.inference.loading import load_run_model
+from bcd_engine.inference.predict import predict_proba
 from bcd_engine.inference.trust import fit_trust, load_split_images, save_trust
 from bcd_engine.store import RunStore
 
@@ -66,9 +67,19 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> Ca
     test_paths = [paths[i] for i in index["test"]]
     if any(path not in stored for path in test_paths):
         raise StoreError(f"run {run_id}'s test evaluation does not cover its test split")
-    images = load_split_images(
-        paths, image_size=loaded.config.image_size, seen_as=loaded.config, progress=progress
-    )
+    images = load_split_images(paths, image_size=loaded.config.image_size, seen_as=loaded.config, progress=progress)
+    config = loaded.config
+    val_answers = None
+    if config.tta_views > 1 and len(index["val"]):  # the temperature is fitted on answers made as the test's are
+        val_answers = predict_proba(
+            loaded.model,
+            images[index["val"]],
+            preprocess=loaded.preprocess(),
+            batch_size=config.batch_size,
+            augment=config.augment,
+            tta_views=config.tta_views,
+            seed=config.seed,
+        )
     trust, metrics = fit_trust(
         loaded.model,
         images,
@@ -79,6 +90,7 @@ def calibrate_run(run_id: int, *, store: RunStore, progress: bool = False) -> Ca
         test_probabilities=np.array([stored[p] for p in test_paths]),
         preprocess=loaded.preprocess(),
         batch_size=loaded.config.batch_size,
+        val_probabilities=val_answers,
     )
     save_trust(trust, run_id, store=store)
     store.add_evaluation_metrics(evaluation.id, metrics)

@@ -114,19 +114,25 @@ def fit_trust(
     test_probabilities: np.ndarray,
     preprocess,
     batch_size: int,
+    val_probabilities: np.ndarray | None = None,
 ) -> tuple[RunTrust, dict]:
     """Fit the gate (training images; threshold on held-out in-domain scores: the validation images' and the
     training images' cross-fitted ones, :meth:`MahalanobisGate.fit`) and the temperature (validation), and measure
     both on the test images, which neither saw: (trust, metrics for the test evaluation, among them the share of
     the test images the gate refuses).
 
-    ``test_probabilities`` are the run's test probabilities as evaluated (with its test-time views).
+    ``test_probabilities`` are the run's test probabilities as evaluated (with its test-time views), and
+    ``val_probabilities`` the validation images' seen the same way (None: one view each, computed here). The
+    temperature is fitted on answers made as the test's and Diagnose's are: averaging several views already
+    softens them, so a temperature fitted on single views would make averaged answers under-confident.
     """
     forward = compiled_forward(model, preprocess)
     train_f, _ = features_and_probabilities(forward, images[train], batch_size=batch_size)
     val_f, val_p = features_and_probabilities(forward, images[val], batch_size=batch_size)
     test_f, _ = features_and_probabilities(forward, images[test], batch_size=batch_size)
     gate = MahalanobisGate.fit(train_f, labels[train], val_f)
+    if val_probabilities is not None:
+        val_p = np.asarray(val_probabilities, np.float64)
     trust = RunTrust(gate, fit_temperature(labels[val], val_p) if len(val) else 1.0)
     flagged = ~gate.in_domain(test_f) if len(test_f) else np.zeros(0, bool)
     return trust, {

@@ -259,7 +259,7 @@ def _train_and_evaluate(
     monitor.check_cancel()
     weights = class_weight_dict(labels[split.train], n_classes) if config.class_weights else None
 
-    cache_stats, test_prob, trust_inputs = None, None, None
+    cache_stats, test_prob, val_prob, trust_inputs = None, None, None, None
     if not spec.pretrained:  # trained end to end on images
         backbone = build_backbone(spec, image_size=config.image_size, weights=None)
         head = build_head(backbone.output_shape[-1], n_classes, config, seed=config.seed)
@@ -338,21 +338,25 @@ def _train_and_evaluate(
                 common,
             )
             test_prob = _mean_over_views(head, test_x, views)
+            if views > 1:  # the temperature is fitted on validation answers made as the test's are
+                val_views = _features_for(
+                    extractor,
+                    images,
+                    md5s,
+                    np.repeat(split.val, views),
+                    np.tile(np.arange(views), len(split.val)),
+                    "validation views",
+                    common,
+                )
+                val_prob = _mean_over_views(head, val_views, views)
             view_0 = [(split.train, train_x[train_views == 0]), (split.val, val_x), (split.test, test_x[::views])]
             trust_inputs = _pooled_inputs(head, len(paths), view_0)
         cache_stats = {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)}
     if test_prob is None:
         monitor.announce(f"test-time evaluation ({config.tta_views} views of {len(split.test)} images)")
-        test_prob = predict_proba(
-            model,
-            images[split.test],
-            preprocess=preprocess,
-            batch_size=config.batch_size,
-            augment=config.augment,
-            tta_views=config.tta_views,
-            seed=config.seed,
-            image_keys=[md5s[i] for i in split.test],
-        )
+        test_prob = _answers(model, images, md5s, split.test, config=config, preprocess=preprocess)
+        if config.tta_views > 1:  # the temperature is fitted on validation answers made as the test's are
+            val_prob = _answers(model, images, md5s, split.val, config=config, preprocess=preprocess)
     scores = evaluate_probabilities(
         labels[split.test], test_prob, class_names=list(scan.class_names), groups=scan.groups[split.test]
     )
@@ -367,6 +371,7 @@ def _train_and_evaluate(
         test_probabilities=test_prob,
         preprocess=_unchanged if trust_inputs else preprocess,
         batch_size=config.batch_size,
+        val_probabilities=val_prob,
     )
     monitor.announce("saving the model and its evaluation")
     saved = save_model(model, run_id)
@@ -417,6 +422,20 @@ def _pooled_inputs(head, n_images: int, view_0: list[tuple[np.ndarray, np.ndarra
 def _unchanged(x):
     """The identity: cached features need no preprocessing."""
     return x
+
+
+def _answers(model, images: np.ndarray, md5s: list[str], rows: np.ndarray, *, config: TrainConfig, preprocess):
+    """Probabilities of ``images[rows]`` with the run's test-time views, as the test evaluation makes them."""
+    return predict_proba(
+        model,
+        images[rows],
+        preprocess=preprocess,
+        batch_size=config.batch_size,
+        augment=config.augment,
+        tta_views=config.tta_views,
+        seed=config.seed,
+        image_keys=[md5s[i] for i in rows],
+    )
 
 
 def _mean_over_views(head, features: np.ndarray, views: int) -> np.ndarray:

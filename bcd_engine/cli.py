@@ -555,13 +555,17 @@ def _cmd_backbones(args):
 
 def _cmd_train(args):
     config = _config_from_args(args)
-    result = train(config, args.data, store=RunStore.open(), progress=True).to_dict()
+    store = RunStore.open()
+    result = train(config, args.data, store=store, progress=True).to_dict()
     result.pop("model_path")
     text = (
         f"run {result['run_id']} {result['status']}: {result['backbone']}, test accuracy "
         f"{result['test_accuracy']}, macro AUC {result['macro_auc']} ({result['protocol']}, "
         f"{result['n_train']}/{result['n_val']}/{result['n_test']} images, {result['seconds']:.1f} s)"
     )
+    mask = store.get_run(result["run_id"]).config.get("mask")
+    if mask:  # what --mask-regions masked and why (auto decides from the dataset's region audit)
+        text += f"\nmasked regions: {mask['mask_regions'] or 'none'} ({mask['reason']})"
     return result, text, 0 if result["status"] == "completed" else 1
 
 

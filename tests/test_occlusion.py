@@ -182,3 +182,16 @@ def test_compare_shows_the_runs_with_and_without_the_label_and_their_occlusion_g
     charts = {c.proto.id.rpartition("-")[2]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
     grid = np.array(charts[f"compare_occlusion_{lab['whole']}"]["data"][0]["z"])  # the run's latest audit
     assert np.unravel_index(grid.argmax(), grid.shape) == (len(grid) - 1, len(grid) - 1)  # bottom-right is hottest
+
+
+def test_train_on_the_command_line_says_what_it_masked_and_why(lab, tmp_path, capfd, monkeypatch):
+    workspace_store(tmp_path, monkeypatch).close()
+    capfd.readouterr()
+    args = ["train", "--data", str(lab["data"]), "--backbone", "scratch_cnn", "--image-size", "32", "--epochs", "1"]
+    code = cli.main([*args, "--augment", "1", "--val-fraction", "0.2", "--test-fraction", "0.3"])
+    lines = capfd.readouterr().out.splitlines()
+    reason = lab["store"].get_run(lab["masked"]).config["mask"]["reason"]  # the same images and split: same audit
+    assert code == 0 and "bottom-right corner" in reason
+    assert [line for line in lines if line.startswith("masked regions: ")] == [
+        f"masked regions: {BOTTOM_RIGHT} ({reason})"
+    ]

@@ -342,7 +342,7 @@ def test_calibrate_json_is_what_the_dict_result_printed(run_cli, monkeypatch, tm
         class_names=["a", "b"],
         model=None,
         preprocess=lambda: None,
-        config=SimpleNamespace(image_size=32, colour="rgb", batch_size=8),
+        config=SimpleNamespace(image_size=32, colour="rgb", batch_size=8, tta_views=1),
     )
     monkeypatch.setattr(calibrate, "load_run_model", lambda run_id, *, store: loaded)
     monkeypatch.setattr(calibrate, "load_split_images", lambda paths, **options: np.zeros((len(paths), 1)))

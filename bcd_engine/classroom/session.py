@@ -114,16 +114,12 @@ class ClassResult:
         return data
 
 
-class HeadTraining:
-    """One bounded head training on ``pack`` with ``settings`` (checked here: ConfigError).
+class TrainingJob:
+    """A head training with ``settings`` (checked against ``max_views``: ConfigError) whose :attr:`history` (a
+    copy, safe to read from another thread) grows an epoch at a time while :meth:`steps` runs in the queue."""
 
-    :meth:`steps` is the job for the queue; :attr:`history` (a copy, safe from another thread) grows an epoch at
-    a time while it runs.
-    """
-
-    def __init__(self, pack: ClassPack, settings: HeadSettings, *, max_seconds: float = MAX_SECONDS) -> None:
-        settings.check(max_views=pack.views)
-        self.pack = pack
+    def __init__(self, settings: HeadSettings, *, max_views: int, max_seconds: float) -> None:
+        settings.check(max_views=max_views)
         self.settings = settings
         self.max_seconds = max_seconds
         self._history: list[EpochScores] = []
@@ -133,6 +129,20 @@ class HeadTraining:
     def history(self) -> list[EpochScores]:
         with self._lock:
             return list(self._history)
+
+    def _record(self, epochs: list[EpochScores]) -> int:
+        """Add ``epochs`` to the history; returns the number of epochs recorded so far."""
+        with self._lock:
+            self._history.extend(epochs)
+            return len(self._history)
+
+
+class HeadTraining(TrainingJob):
+    """One bounded head training on ``pack`` with ``settings``, in this process. :meth:`steps` is the job."""
+
+    def __init__(self, pack: ClassPack, settings: HeadSettings, *, max_seconds: float = MAX_SECONDS) -> None:
+        super().__init__(settings, max_views=pack.views, max_seconds=max_seconds)
+        self.pack = pack
 
     def steps(self) -> Steps:
         """Build the head, then train it one epoch per step (yielding (epoch, epochs)); returns a ClassResult."""
@@ -165,8 +175,7 @@ class HeadTraining:
             point = _one_epoch(
                 head, epoch, train_x, train_hot, val_x, val_hot, order=order, batch_size=config.batch_size
             )
-            with self._lock:
-                self._history.append(point)
+            self._record([point])
             if point.val_loss < best_loss:
                 best_loss, best_epoch, best_weights = point.val_loss, epoch, head.get_weights()
             spent += time.perf_counter() - started

@@ -19,7 +19,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bcd_engine.classroom.pack import ClassPack, load_pack, prepare_pack
-from bcd_engine.classroom.session import MAX_SECONDS, ClassResult, EpochScores, HeadSettings, HeadTraining
+from bcd_engine.classroom.session import (
+    MAX_SECONDS,
+    ClassResult,
+    EpochScores,
+    HeadSettings,
+    HeadTraining,
+    TrainingJob,
+)
 from bcd_engine.errors import BCDError
 from bcd_engine.inference.service import Steps
 
@@ -89,7 +96,7 @@ def class_worker() -> ClassWorker:
 _job_ids = itertools.count(1)
 
 
-class RemoteTraining:
+class RemoteTraining(TrainingJob):
     """A :class:`~bcd_engine.classroom.session.HeadTraining` run by the class worker: the same ``settings``,
     ``history`` (an epoch at a time, as the worker reports them) and :meth:`steps` (its result a ClassResult).
 
@@ -99,17 +106,8 @@ class RemoteTraining:
     def __init__(
         self, source: PackRef, settings: HeadSettings, *, max_views: int, max_seconds: float = MAX_SECONDS
     ) -> None:
-        settings.check(max_views=max_views)
+        super().__init__(settings, max_views=max_views, max_seconds=max_seconds)
         self.source = source
-        self.settings = settings
-        self.max_seconds = max_seconds
-        self._history: list[EpochScores] = []
-        self._lock = threading.Lock()
-
-    @property
-    def history(self) -> list[EpochScores]:
-        with self._lock:
-            return list(self._history)
 
     def steps(self) -> Steps:
         """One worker step per step (yielding (epochs done, epochs)); returns the ClassResult. Closing it early
@@ -121,10 +119,9 @@ class RemoteTraining:
         try:
             while result is None:
                 new, result = worker.request(("step", job_id))
-                with self._lock:
-                    self._history.extend(new)
+                recorded = self._record(new)
                 if result is None:
-                    yield len(self._history), self.settings.epochs
+                    yield recorded, self.settings.epochs
             return result
         finally:
             if result is None and worker.alive:

@@ -23,6 +23,12 @@ PRETRAINED_VIEWS = 4
 PRETRAINED_TTA_VIEWS = 1
 RANDOM_START_VIEWS = 4
 _BACKBONE_DEFAULT_HELP = "default: the backbone's, as `backbones --json` lists it"
+_AUGMENT_DEFAULT_HELP = (
+    f"{PRETRAINED_VIEWS} for a pretrained backbone, 1 for the scratch CNN"
+    if PRETRAINED_VIEWS == RANDOM_START_VIEWS
+    else f"{PRETRAINED_VIEWS} from pretrained weights, {RANDOM_START_VIEWS} from random ones, 1 for the scratch CNN"
+)
+_TTA_DEFAULT_HELP = "1" if PRETRAINED_TTA_VIEWS == 1 else f"{PRETRAINED_TTA_VIEWS} from pretrained weights, else 1"
 
 
 @dataclass(frozen=True)
@@ -99,13 +105,11 @@ class TrainConfig:
     augment: AugmentConfig = setting(  # noqa: RUF009 (a field, its default made fresh per instance)
         default_factory=AugmentConfig,
         type=int,
-        help=f"augmented views per training image, 1 to {MAX_AUGMENT} (default: {PRETRAINED_VIEWS} from pretrained "
-        f"weights, {RANDOM_START_VIEWS} from random ones, 1 for the scratch CNN)",
+        help=f"augmented views per training image, 1 to {MAX_AUGMENT} (default: {_AUGMENT_DEFAULT_HELP})",
     )
     tta_views: int = setting(
         1,
-        help="test-time augmentation: average over this many views (1: off; default: "
-        f"{PRETRAINED_TTA_VIEWS} from pretrained weights, else 1)",
+        help=f"test-time augmentation: average over this many views (1: off; default: {_TTA_DEFAULT_HELP})",
     )
     colour: str = setting(
         "rgb",

@@ -23,6 +23,7 @@ from bcd_engine.store.records import (
     Protocol,
     RocCurve,
     RunDataset,
+    RunProgress,
     RunRecord,
     latest_evaluation,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Protocol",
     "RocCurve",
     "RunDataset",
+    "RunProgress",
     "RunRecord",
     "RunStore",
     "latest_evaluation",

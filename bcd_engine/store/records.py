@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from bcd_engine.errors import RecordError
+from bcd_engine.progress import PhaseProgress
 
 PROTOCOL_KINDS = ("holdout", "kfold", "lodo", "external")
 TEST_EVALUATION = "test"  # the name of a run's evaluation on its own test split, stored by training
@@ -166,25 +167,28 @@ class RunProgress:
     updated_at: datetime
 
     @property
-    def fraction(self) -> float | None:
-        """Share of the phase done in 0..1; None for a phase that is not counted."""
-        return min(1.0, self.done / self.total) if self.total else None
-
-    @property
     def elapsed_s(self) -> float:
         """Seconds from the phase's start to its last report."""
         return (self.updated_at - self.started_at).total_seconds()
 
+    def as_phase(self) -> PhaseProgress:
+        """The same report as the training process made it: its share done, rate and time left."""
+        return PhaseProgress(self.phase, self.done, self.total, self.unit, self.elapsed_s)
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the phase done in 0..1; None for a phase that is not counted."""
+        return self.as_phase().fraction
+
     @property
     def rate(self) -> float | None:
         """Units per second over the phase so far; None before the first is done."""
-        return self.done / self.elapsed_s if self.done and self.elapsed_s > 0 else None
+        return self.as_phase().rate
 
     @property
     def seconds_left(self) -> float | None:
         """Time the rest of the phase takes at :attr:`rate`, from ``updated_at``; None without a rate or a total."""
-        rate = self.rate
-        return max(0.0, (self.total - self.done) / rate) if rate and self.total else None
+        return self.as_phase().seconds_left
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,20 @@ from bcd_engine.store import Protocol, RunStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
+# Backbones whose first compiled step takes seconds on every Keras backend; the others compile op by op for
+# minutes on JAX's 2 CPU cores, so the JAX lane leaves them to the TensorFlow suite.
+QUICK_ON_EVERY_BACKEND = ("mobilenetv2", "resnet50", "scratch_cnn", "vgg16")
+
+
+def skip_slow_backbone_off_tensorflow(name: str, what: str) -> None:
+    """Skip ``what`` for backbone ``name`` on a backend other than TensorFlow unless it is quick there."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow" and name not in QUICK_ON_EVERY_BACKEND:
+        pytest.skip(
+            f"{name}'s first step compiles op by op for minutes on another backend's 2 CPU cores; "
+            f"the TensorFlow suite runs {what}"
+        )
 
 
 def subprocess_env() -> dict[str, str]:

@@ -29,16 +29,20 @@ from bcd_engine.inference.explain import explain_image
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.store import RunStore
 
-loaded = load_run_model(int(sys.argv[1]), store=RunStore())
-images = load_images(sys.argv[2:], image_size=loaded.config.image_size)
-probabilities, features = loaded.forward_with_features(images)
-print(json.dumps({
-    "probabilities": probabilities.tolist(),
-    "features": features.tolist(),
-    "tta": loaded.predict_arrays(images).tolist(),
-    "heatmap": explain_image(loaded, images[0]).heatmap.tolist(),
-    "environment": RunStore().get_run(int(sys.argv[1])).environment,
-}))
+def answers(run_id, paths):
+    loaded = load_run_model(run_id, store=RunStore())
+    images = load_images(paths, image_size=loaded.config.image_size)
+    probabilities, features = loaded.forward_with_features(images)
+    return {
+        "probabilities": probabilities.tolist(),
+        "features": features.tolist(),
+        "tta": loaded.predict_arrays(images).tolist(),
+        "heatmap": explain_image(loaded, images[0]).heatmap.tolist(),
+        "environment": RunStore().get_run(run_id).environment,
+    }
+
+run_ids = [int(run_id) for run_id in sys.argv[1].split(",")]
+print(json.dumps({run_id: answers(run_id, sys.argv[2:]) for run_id in run_ids}))
 """
 
 
@@ -68,7 +72,7 @@ def workspace(tmp_path_factory):
 def answers(synthetic_dataset, workspace):
     """{(trained on, answered on): the answers} for a fine-tuned MobileNetV2 trained on each backend."""
     images = [str(path) for path in sorted(synthetic_dataset.glob("*/*.png"))[::6]]
-    found = {}
+    found, run_ids = {}, {}
     for trained_on in BACKENDS:
         result = json.loads(
             _run(
@@ -103,10 +107,11 @@ def answers(synthetic_dataset, workspace):
             ).stdout
         )
         assert result["status"] == "completed"
-        for answered_on in BACKENDS:
-            found[trained_on, answered_on] = json.loads(
-                _run(answered_on, ["-c", ANSWERS, str(result["run_id"]), *images], workspace).stdout
-            )
+        run_ids[trained_on] = str(result["run_id"])
+    for answered_on in BACKENDS:  # one process a backend answers for both runs
+        by_run = json.loads(_run(answered_on, ["-c", ANSWERS, ",".join(run_ids.values()), *images], workspace).stdout)
+        for trained_on, run_id in run_ids.items():
+            found[trained_on, answered_on] = by_run[run_id]
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import skip_slow_backbone_off_tensorflow
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.inference.explain import explain_source, grad_cam, jet, overlay
@@ -71,6 +72,9 @@ def test_grad_cam_peaks_on_the_region_that_decides_the_class(square_model):
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_heatmap_has_the_image_size_and_unit_range_for_every_backbone(name):
+    # Off TensorFlow, what is the backend's own (the gradient through the layers after the last convolution) is
+    # the same code for every backbone; the quick ones run it, the TensorFlow suite runs every backbone.
+    skip_slow_backbone_off_tensorflow(name, "its Grad-CAM")
     size = max(64, get_backbone(name).min_size)
     model, _ = assembled(name, image_size=size, n_classes=3)
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -99,6 +103,7 @@ def test_default_class_is_the_predicted_one_and_bad_input_is_rejected(square_mod
 
 @pytest.mark.parametrize("name", ["scratch_cnn", "efficientnetb0"])
 def test_a_model_loaded_back_from_disk_gives_the_same_heatmap(name, square_model, tmp_path):
+    skip_slow_backbone_off_tensorflow(name, "its Grad-CAM after a save and load")
     model = square_model if name == "scratch_cnn" else assembled(name, image_size=SIZE)[0]
     path = tmp_path / "model.keras"
     model.save(path)

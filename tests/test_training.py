@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import skip_slow_backbone_off_tensorflow
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.models.backbones import BACKBONES, build_backbone, get_backbone
@@ -23,9 +24,6 @@ keras = pytest.importorskip("keras")
 def store(workspace) -> RunStore:
     """A private run store (every test here trains into one)."""
     return workspace
-
-
-QUICK_ON_EVERY_BACKEND = ("mobilenetv2", "resnet50", "scratch_cnn", "vgg16")
 
 
 def tiny_config(backbone: str = "mobilenetv2", **overrides) -> TrainConfig:
@@ -46,11 +44,7 @@ def tiny_config(backbone: str = "mobilenetv2", **overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_and_trains_one_step(name):
-    if keras.backend.backend() != "tensorflow" and name not in QUICK_ON_EVERY_BACKEND:
-        pytest.skip(
-            f"{name}'s first step compiles op by op for minutes on another backend's 2 CPU cores; "
-            "the TensorFlow suite trains it"
-        )
+    skip_slow_backbone_off_tensorflow(name, "its training step")
     spec = get_backbone(name)
     size = max(32, spec.min_size)
     backbone = build_backbone(spec, image_size=size, weights=None)

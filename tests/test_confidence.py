@@ -49,6 +49,42 @@ def test_bootstrap_is_deterministic_for_a_seed():
     assert other["estimate"] == first["estimate"] and (other["low"], other["high"]) != (first["low"], first["high"])
 
 
+def _scikit_learn_interval(y, prob, metric: str, *, n_resamples: int, seed: int, groups) -> tuple[float, float, int]:
+    """The interval as scikit-learn scores each resample built as a list of cases (the draws bootstrap_ci makes)."""
+    codes = np.unique(groups, return_inverse=True)[1]
+    n_groups = codes.max() + 1
+    values = []
+    for draw in np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups)):
+        cases = np.repeat(np.arange(len(y)), np.bincount(draw, minlength=n_groups)[codes])
+        truth, scores, pred = y[cases], prob[cases], prob[cases].argmax(axis=1)
+        if metric == "accuracy":
+            values.append(skm.accuracy_score(truth, pred))
+        elif metric == "macro_f1":
+            labels = np.union1d(truth, pred)
+            values.append(skm.f1_score(truth, pred, labels=labels, average="macro", zero_division=0))
+        elif len(np.unique(truth)) == prob.shape[1]:
+            values.append(
+                skm.roc_auc_score(truth, scores[:, 1])
+                if prob.shape[1] == 2
+                else skm.roc_auc_score(truth, scores, multi_class="ovr", average="macro")
+            )
+    low, high = np.quantile(values, [0.025, 0.975])
+    return low, high, len(values)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_resample_scores_as_scikit_learn_scores_it_ties_and_groups_included(metric, n_classes):
+    y, prob = _calibrated(60, n_classes=n_classes, seed=5)
+    rng = np.random.default_rng(6)
+    prob = np.stack([rng.multinomial(8, row) for row in prob]) / 8  # eighths: many tied scores, rows sum to 1
+    groups = np.arange(60) // 3  # three cases a group, resampled whole
+    ci = bootstrap_ci(y, prob, metric=metric, n_resamples=120, seed=7, groups=groups)
+    low, high, used = _scikit_learn_interval(y, prob, metric, n_resamples=120, seed=7, groups=groups)
+    assert ci["n_resamples"] == used
+    assert ci["low"] == pytest.approx(low, abs=1e-12) and ci["high"] == pytest.approx(high, abs=1e-12)
+
+
 def test_auc_skips_resamples_missing_a_class_and_is_none_without_one():
     y, prob = _calibrated(40)
     y = np.where(y == 2, 1, y)

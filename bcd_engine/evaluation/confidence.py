@@ -49,10 +49,10 @@ def bootstrap_ci(
         return {"estimate": None, "low": None, "high": None, "n_resamples": 0}
     n_groups = int(group_of.max()) + 1
     draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
-    cases = np.arange(len(y))
-    resamples = (np.repeat(cases, np.bincount(draw, minlength=n_groups)[group_of]) for draw in draws)
-    values = [v for v in (_score(metric, y[idx], prob[idx]) for idx in resamples) if v is not None]
-    if not values:
+    scored = [_resample_scores(metric, y, prob, _case_weights(block, group_of)) for block in _blocks(draws)]
+    values = np.concatenate(scored)
+    values = values[~np.isnan(values)]
+    if not len(values):
         return {"estimate": estimate, "low": None, "high": None, "n_resamples": 0}
     alpha = (1 - confidence) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
@@ -72,6 +72,61 @@ def _group_codes(groups, n: int) -> np.ndarray:
     if groups.shape != (n,):
         raise ConfigError(f"groups must hold one id per case ({n}), got shape {groups.shape}")
     return np.unique(groups, return_inverse=True)[1].reshape(n)
+
+
+RESAMPLES_AT_ONCE_CELLS = 4_000_000  # resamples x cases scored together: a few 32 MB arrays at a time
+
+
+def _blocks(draws: np.ndarray) -> list[np.ndarray]:
+    """The resamples' draws in blocks small enough to score together."""
+    per_block = max(1, RESAMPLES_AT_ONCE_CELLS // draws.shape[1])
+    return [draws[start : start + per_block] for start in range(0, len(draws), per_block)]
+
+
+def _case_weights(draws: np.ndarray, group_of: np.ndarray) -> np.ndarray:
+    """(resamples, cases): how many times each case is in each resample (its group's draws)."""
+    n_resamples, n_groups = draws.shape
+    offsets = np.arange(n_resamples)[:, None] * n_groups
+    counts = np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_groups)
+    return counts.reshape(n_resamples, n_groups)[:, group_of].astype(np.float64)
+
+
+def _resample_scores(metric: str, y: np.ndarray, prob: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``metric`` of each resample, given as case counts (rows of ``weights``); NaN where :func:`_score` gives
+    None. A case drawn k times counts k times, so each value is what :func:`_score` gives on the resample."""
+    n_classes = prob.shape[1]
+    pred = prob.argmax(axis=1)
+    if metric == "accuracy":
+        return weights @ (pred == y) / weights.sum(axis=1)
+    if metric == "macro_f1":
+        true_hot = np.eye(n_classes)[y]
+        pred_hot = np.eye(n_classes)[pred]
+        tp, true_n, pred_n = weights @ (true_hot * pred_hot), weights @ true_hot, weights @ pred_hot
+        present = (true_n + pred_n) > 0  # the classes in the resample's labels or predictions
+        f1 = np.divide(2 * tp, true_n + pred_n, out=np.zeros_like(tp), where=present)
+        return f1.sum(axis=1) / present.sum(axis=1)
+    scored_classes = [1] if n_classes == 2 else range(n_classes)  # binary: the AUC of class 1, as _score
+    aucs = np.stack([_weighted_auc(prob[:, c], y == c, weights) for c in scored_classes])
+    every_class = (weights @ np.eye(n_classes)[y] > 0).all(axis=1)
+    return np.where(every_class, aucs.mean(axis=0), np.nan)
+
+
+def _weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``score`` for ``positive`` cases per row of case ``weights``: the weighted share of
+    (positive, negative) pairs the score orders right, ties counting half (NaN for a row without both)."""
+    order = np.argsort(score, kind="stable")
+    sorted_score = score[order]
+    first = np.searchsorted(sorted_score, sorted_score, side="left")  # each case's tie group, in sorted order
+    last = np.searchsorted(sorted_score, sorted_score, side="right") - 1
+    negatives = weights[:, order] * ~positive[order]
+    positives = weights[:, order] * positive[order]
+    below_or_tied = np.cumsum(negatives, axis=1)
+    through_last = below_or_tied[:, last]
+    below = np.where(first > 0, below_or_tied[:, np.maximum(first - 1, 0)], 0.0)
+    pairs = positives.sum(axis=1) * negatives.sum(axis=1)
+    right = (positives * (below + 0.5 * (through_last - below))).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, right / pairs, np.nan)
 
 
 def reliability_diagram(y_true, y_prob, *, n_bins: int = 15) -> dict:

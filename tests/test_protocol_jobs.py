@@ -1,5 +1,6 @@
 """Protocols queued from the dashboard: the store's job queue, the worker running jobs, and a k-fold CV, a LODO and
-a classical baseline queued from the Train page that complete and show on the Compare page."""
+a classical baseline and a colour-robustness check queued from the Train page that complete and show on the Compare
+page."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _submit(at: AppTest, label: str) -> None:
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
 
 
-def test_a_cv_a_lodo_and_a_baseline_queued_from_the_train_page_complete_and_show_in_compare(
+def test_a_cv_a_lodo_a_baseline_and_a_robustness_check_queued_from_the_train_page_complete_and_show_in_compare(
     isolated, synthetic_dataset, tmp_path
 ):
     alpha = make_synthetic_dataset(tmp_path / "alpha", n_per_class=5, image_size=32, seed=1)
@@ -150,3 +151,20 @@ def test_a_cv_a_lodo_and_a_baseline_queued_from_the_train_page_complete_and_show
     (row,) = frame_with(at, "model", "± std").to_dict("records")
     assert (row["model"], row["dataset"]) == ("svm", synthetic_dataset.name)
     assert 0 <= row["test accuracy"] <= 1 and "2-fold" in row["protocol"]
+
+    # The colour-robustness check of a fold's run, queued from the Train page's form, run and shown in Compare.
+    at.switch_page("pages/train.py").run()
+    checked = folds[0].id
+    at.selectbox(key="train_robustness_run").set_value(checked)
+    at.button(key="FormSubmitter:train_robustness_form-Queue robustness check").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    (robustness,) = [job for job in JobQueue(store).list() if job.kind == "robustness"]
+    assert robustness.params == {"run_id": checked, "backbone": "scratch_cnn"} and robustness.status == "queued"
+    assert worker.run_worker(store=store, once=True, run_job=protocol_jobs.run_job) == [
+        {"job_id": robustness.id, "status": "completed"}
+    ]
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception, at.exception
+    table = frame_with(at, "test images", "colour-only accuracy")
+    assert list(table["test images"]) == ["original", "grayscale", "reinhard"] and set(table["run"]) == {checked}
+    assert table["model accuracy"].between(0, 1).all() and table["colour-only accuracy"].between(0, 1).all()

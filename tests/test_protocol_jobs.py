@@ -1,5 +1,5 @@
-"""Protocols queued from the dashboard: the store's job queue, the worker running jobs, and a k-fold CV, a LODO and
-a classical baseline and a colour-robustness check queued from the Train page that complete and show on the Compare
+"""Protocols queued from the dashboard: the store's job queue, the worker running jobs, and a k-fold CV, a LODO, a
+classical baseline and a colour-robustness check queued from the Train page that complete and show on the Compare
 page."""
 
 from __future__ import annotations

@@ -69,13 +69,16 @@ def read_only_tree(root: Path) -> Iterator[Path]:
 
 
 def workspace_store(root: Path, patch: pytest.MonkeyPatch) -> RunStore:
-    """A new SQLite run store under ``root``, with the artifacts and cache folders there too (set on ``patch``).
+    """A new SQLite run store under ``root``, with the artifacts and cache folders there too, all three set on
+    ``patch`` (so the CLI and pages called meanwhile use them, never the checkout's ``results.db``).
 
     For module-scoped fixtures (``with pytest.MonkeyPatch.context() as patch``); tests use ``workspace``.
     """
+    url = f"sqlite:///{root / 'results.db'}"
+    patch.setenv("BCD_DATABASE_URL", url)
     patch.setenv("BCD_ARTIFACTS_DIR", str(root / "artifacts"))
     patch.setenv("BCD_CACHE_DIR", str(root / "cache"))
-    return RunStore.open(f"sqlite:///{root / 'results.db'}")
+    return RunStore.open(url)
 
 
 def scored_evaluation(name: str, paths: list[str], data_dir: str, *, right: float, seed: int) -> dict:

@@ -180,3 +180,28 @@ def test_unknown_runs_and_runs_without_a_model_are_refused(trained, tmp_path):
     with pytest.raises(StoreError, match="not completed"):
         export_run(queued, format="tflite", out_dir=tmp_path, store=store)
     assert not any(tmp_path.iterdir())
+
+
+def test_compare_page_exports_a_run_as_tensorflow_lite_and_offers_the_zip(trained, tmp_path):
+    import io
+    import zipfile
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    store, run_id = trained
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180)
+    at.run()
+    at.switch_page("pages/compare.py").run()
+    at.selectbox(key="compare_export_run").set_value(run_id)
+    at.selectbox(key="compare_export_fmt").set_value("tflite")
+    at.button(key="compare_export").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    exported, fmt, content, max_diff = at.session_state["compare.export"]
+    assert (exported, fmt) == (run_id, "tflite") and max_diff <= TFLITE_ATOL
+    assert any(c.value.startswith("Largest difference from the Keras model's probabilities") for c in at.caption)
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        assert sorted(archive.namelist()) == ["MODEL_CARD.md", "labels.json", "model.tflite"]
+        archive.extract("model.tflite", tmp_path)
+    expected = load_run_model(run_id, store=store).model.predict(_inputs(), verbose=0)
+    np.testing.assert_allclose(tflite_probabilities(tmp_path / "model.tflite", _inputs()), expected, atol=TFLITE_ATOL)

@@ -45,7 +45,6 @@ def store(tmp_path_factory, cluster) -> RunStore:
     root = tmp_path_factory.mktemp("ray-store")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
-        patch.setenv("BCD_DATABASE_URL", f"sqlite:///{root / 'results.db'}")
         yield workspace_store(root, patch)
 
 

@@ -25,7 +25,6 @@ def ray_store(tmp_path):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
-            patch.setenv("BCD_DATABASE_URL", f"sqlite:///{tmp_path / 'results.db'}")
             patch.setenv("BCD_RAY_ADDRESS", ray.get_runtime_context().gcs_address)
             yield workspace_store(tmp_path, patch)
     finally:

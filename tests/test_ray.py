@@ -110,8 +110,8 @@ def test_queued_runs_train_on_ray_and_a_missing_dataset_fails_clearly(store, syn
 
 def test_cv_on_ray_gives_the_folds_and_json_of_the_local_executor(store, synthetic_dataset):
     config = tiny("scratch_cnn")
-    local = cross_validate(config, synthetic_dataset, folds=3, store=store)
-    on_ray = cross_validate(config, synthetic_dataset, folds=3, store=store, executor=ray_executor.RayExecutor(None))
+    local = cross_validate(config, synthetic_dataset, folds=2, store=store)
+    on_ray = cross_validate(config, synthetic_dataset, folds=2, store=store, executor=ray_executor.RayExecutor(None))
     local, on_ray = local.to_dict(), on_ray.to_dict()  # compared in the shape the CLI's JSON has
     assert json.loads(json.dumps(on_ray)).keys() == local.keys()
     assert on_ray["protocol"] == local["protocol"]
@@ -122,7 +122,7 @@ def test_cv_on_ray_gives_the_folds_and_json_of_the_local_executor(store, synthet
     assert [row.keys() for row in on_ray["folds"]] == [row.keys() for row in local["folds"]]
     for row in on_ray["folds"]:
         run = store.get_run(row["run_id"])
-        assert run.status == "completed" and run.protocol == Protocol.kfold(row["fold"], folds=3)
+        assert run.status == "completed" and run.protocol == Protocol.kfold(row["fold"], folds=2)
         assert run.pid != os.getpid()
         assert store.get_split(row["run_id"]) == store.get_split(local["folds"][row["fold"] - 1]["run_id"])
 

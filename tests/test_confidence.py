@@ -85,6 +85,15 @@ def test_every_resample_scores_as_scikit_learn_scores_it_ties_and_groups_include
     assert ci["low"] == pytest.approx(low, abs=1e-12) and ci["high"] == pytest.approx(high, abs=1e-12)
 
 
+def test_resamples_scored_in_small_blocks_give_the_same_interval(monkeypatch):
+    from bcd_engine.evaluation import confidence
+
+    y, prob = _calibrated(90, seed=8)
+    at_once = bootstrap_cis(y, prob, n_resamples=300, seed=2)
+    monkeypatch.setattr(confidence, "RESAMPLES_AT_ONCE_CELLS", 90 * 7)  # blocks of 7 resamples, the last one short
+    assert bootstrap_cis(y, prob, n_resamples=300, seed=2) == at_once
+
+
 def test_auc_skips_resamples_missing_a_class_and_is_none_without_one():
     y, prob = _calibrated(40)
     y = np.where(y == 2, 1, y)

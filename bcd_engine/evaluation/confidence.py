@@ -49,7 +49,8 @@ def bootstrap_ci(
         return {"estimate": None, "low": None, "high": None, "n_resamples": 0}
     n_groups = int(group_of.max()) + 1
     draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
-    scored = [_resample_scores(metric, y, prob, _case_weights(block, group_of)) for block in _blocks(draws)]
+    blocks = _blocks(draws, n_cases=len(y))
+    scored = [_resample_scores(metric, y, prob, _case_weights(block, group_of)) for block in blocks]
     values = np.concatenate(scored)
     values = values[~np.isnan(values)]
     if not len(values):
@@ -77,9 +78,9 @@ def _group_codes(groups, n: int) -> np.ndarray:
 RESAMPLES_AT_ONCE_CELLS = 4_000_000  # resamples x cases scored together: a few 32 MB arrays at a time
 
 
-def _blocks(draws: np.ndarray) -> list[np.ndarray]:
-    """The resamples' draws in blocks small enough to score together."""
-    per_block = max(1, RESAMPLES_AT_ONCE_CELLS // draws.shape[1])
+def _blocks(draws: np.ndarray, *, n_cases: int) -> list[np.ndarray]:
+    """The resamples' draws in blocks small enough to score together (each resample weighs ``n_cases`` cases)."""
+    per_block = max(1, RESAMPLES_AT_ONCE_CELLS // n_cases)
     return [draws[start : start + per_block] for start in range(0, len(draws), per_block)]
 
 

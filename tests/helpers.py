@@ -20,6 +20,7 @@ from bcd_engine.evaluation import metrics as evaluation
 from bcd_engine.store import Protocol, RunStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+APP = str(PROJECT_ROOT / "app.py")  # the dashboard, as AppTest.from_file takes it
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 # Backbones whose first compiled step takes seconds on every Keras backend; the others compile op by op for
 # minutes on JAX's 2 CPU cores, so the JAX lane leaves them to the TensorFlow suite.

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import fill_store
+from helpers import APP, fill_store
 from streamlit.testing.v1 import AppTest
 
 from bcd_engine import cli
@@ -18,7 +18,6 @@ from bcd_engine.training import queue, worker
 
 PAGES = ["pages/explorer.py", "pages/train.py", "pages/compare.py", "pages/diagnose.py"]
 TIMEOUT = 120
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
 @pytest.fixture(autouse=True)

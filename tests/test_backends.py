@@ -29,8 +29,10 @@ from bcd_engine.inference.explain import explain_image
 from bcd_engine.inference.loading import load_run_model
 from bcd_engine.store import RunStore
 
+store = RunStore()
+
 def answers(run_id, paths):
-    loaded = load_run_model(run_id, store=RunStore())
+    loaded = load_run_model(run_id, store=store)
     images = load_images(paths, image_size=loaded.config.image_size)
     probabilities, features = loaded.forward_with_features(images)
     return {
@@ -38,7 +40,7 @@ def answers(run_id, paths):
         "features": features.tolist(),
         "tta": loaded.predict_arrays(images).tolist(),
         "heatmap": explain_image(loaded, images[0]).heatmap.tolist(),
-        "environment": RunStore().get_run(run_id).environment,
+        "environment": store.get_run(run_id).environment,
     }
 
 run_ids = [int(run_id) for run_id in sys.argv[1].split(",")]

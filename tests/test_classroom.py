@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import APP
 from streamlit.testing.v1 import AppTest
 
 from bcd_engine import cli
@@ -28,7 +29,6 @@ from bcd_engine.data.splits import holdout_split
 from bcd_engine.errors import BusyError, ConfigError, DataError
 from bcd_engine.store import Protocol, RunStore
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 VIEWS = 2
 
 

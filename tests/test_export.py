@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
-from helpers import workspace_store
+from helpers import APP, workspace_store
 
 from bcd_engine.errors import ConfigError, RunNotFoundError, StoreError
 from bcd_engine.export.bundle import export_run
@@ -183,14 +185,10 @@ def test_unknown_runs_and_runs_without_a_model_are_refused(trained, tmp_path):
 
 
 def test_compare_page_exports_a_run_as_tensorflow_lite_and_offers_the_zip(trained, tmp_path):
-    import io
-    import zipfile
-    from pathlib import Path
-
     from streamlit.testing.v1 import AppTest
 
     store, run_id = trained
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     at.switch_page("pages/compare.py").run()
     at.selectbox(key="compare_export_run").set_value(run_id)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import PROJECT_ROOT, workspace_store
+from helpers import APP, workspace_store
 
 from bcd_engine import cli
 from bcd_engine.data.images import load_image
@@ -169,7 +169,7 @@ def test_compare_shows_the_runs_with_and_without_the_label_and_their_occlusion_g
     monkeypatch.setenv("BCD_ARTIFACTS_DIR", str(root / "artifacts"))
     monkeypatch.setenv("BCD_CACHE_DIR", str(root / "cache"))
     monkeypatch.setattr(worker, "spawn_worker", lambda: 0)
-    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     at.switch_page("pages/compare.py").run()
     at.multiselect(key="compare_selected").set_value([lab["whole"], lab["masked"]]).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import APP, workspace_store
 
 from bcd_engine.errors import ConfigError
 from bcd_engine.evaluation.ood import (
@@ -138,7 +139,6 @@ def photograph_crops(n: int, *, size: int = SIZE) -> np.ndarray:
 @pytest.fixture(scope="module")
 def smears(tmp_path_factory):
     """A tiny run trained on 240 synthetic smears, and 400 fresh smears the same generator drew with another seed."""
-    from helpers import workspace_store
 
     from bcd_engine.data.images import load_images
     from bcd_engine.data.synthetic import make_synthetic_dataset
@@ -235,7 +235,6 @@ def test_a_gate_saved_before_the_rule_was_named_still_loads_and_a_new_one_keeps_
 
 
 def test_compare_shows_the_share_of_its_own_test_images_the_gate_refused(smears, monkeypatch):
-    from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
 
@@ -246,7 +245,7 @@ def test_compare_shows_the_share_of_its_own_test_images_the_gate_refused(smears,
     store, loaded, _ = smears
     monkeypatch.setenv("BCD_DATABASE_URL", store.url)
     share = store.get_evaluations(loaded.run_id)[0].metrics["ood_flagged_share"]
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     at.switch_page("pages/compare.py").run()
     assert not at.exception, at.exception

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
+from helpers import APP
 from streamlit.testing.v1 import AppTest
 from test_app import frame_with
 
@@ -19,7 +19,6 @@ from bcd_engine.protocols import jobs as protocol_jobs
 from bcd_engine.store import JobQueue, Protocol, RunStore
 from bcd_engine.training import queue, worker
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 LABEL_MAP = {
     "alpha": {"Benign": "benign", "Early": "malignant", "Pre": "malignant", "Pro": "malignant"},
     "beta": {"normal": "benign", "blast": "malignant"},

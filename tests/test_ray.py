@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import workspace_store
+from helpers import APP, workspace_store
 
 from bcd_engine.cli import main
 from bcd_engine.models.config import TrainConfig
@@ -224,7 +224,7 @@ def test_the_train_page_hands_queued_runs_to_the_cluster_and_shows_it(store, syn
     monkeypatch.setattr(worker, "spawn_worker", lambda *options: spawned.append(options) or 0)
     run_id = queue.queue_run(store, tiny(), synthetic_dataset)
     try:
-        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+        at = AppTest.from_file(APP, default_timeout=120)
         at.run()
         at.switch_page("pages/train.py").run()
         assert not at.exception, at.exception

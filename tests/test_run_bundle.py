@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import APP
 from streamlit.testing.v1 import AppTest
 
 from bcd_engine.cli import main
@@ -30,7 +31,6 @@ from bcd_engine.training.run import train
 from ui import common
 
 IMAGE_SIZE = 32
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
 def use_store(patch: pytest.MonkeyPatch, root: Path) -> RunStore:

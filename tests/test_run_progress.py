@@ -7,10 +7,10 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import APP
 from streamlit.testing.v1 import AppTest
 
 from bcd_engine.errors import RunNotFoundError
@@ -20,7 +20,6 @@ from bcd_engine.progress import describe
 from bcd_engine.store import Protocol, RunStore
 from bcd_engine.training import estimate, worker
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 WAIT_S = 120
 
 

@@ -406,13 +406,21 @@ else:
         given["augment"] = _setting_input(
             c4, "Augmentation factor", "augment", 1, MAX_AUGMENT, "Augmented views per training image."
         )
-        c1, c2, c3, c4 = st.columns(4)
+        c1, c2, c3, c4, c5 = st.columns(5)
         given["dense_units"] = _setting_input(c1, "Head dense units", "dense_units", 0, 2048)
         given["dropout"] = _setting_input(c2, "Dropout", "dropout", 0.0, 0.9)
-        given["patience"] = _setting_input(
-            c3, "Patience", "patience", 1, 100, "Stop after this many epochs without a better validation loss."
+        given["label_smoothing"] = _setting_input(
+            c3,
+            "Label smoothing",
+            "label_smoothing",
+            0.0,
+            0.5,
+            "Share of each label's weight spread over the other classes, so the head is not pushed to certainty.",
         )
-        given["seed"] = _setting_input(c4, "Seed", "seed", 0, 10_000)
+        given["patience"] = _setting_input(
+            c4, "Patience", "patience", 1, 100, "Stop after this many epochs without a better validation loss."
+        )
+        given["seed"] = _setting_input(c5, "Seed", "seed", 0, 10_000)
         given["class_weights"] = st.checkbox("Weight classes by frequency", key="train_class_weights") or None
         submitted = st.form_submit_button(SUBMIT[protocol], type="primary")
         estimating = st.form_submit_button("Estimate time", help="How long a run of these settings takes here.")

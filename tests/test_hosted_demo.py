@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import fill_store
+from helpers import APP, PROJECT_ROOT, fill_store
 from markdown_it import MarkdownIt
 from streamlit.runtime.app_session import AppSession
 from streamlit.testing.v1 import AppTest
@@ -24,8 +24,6 @@ from bcd_engine.store import RunStore
 from bcd_engine.training import worker
 from ui import common
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
 WAIT = 30  # seconds a test waits for an event at most
 HOSTILE_NAMES = ["![x](https:evil.example).png", "**Pro 99%** <img src=x>.png", ":red[Benign] #1_a_.png"]
 
@@ -76,13 +74,13 @@ def test_a_cache_clear_loads_no_second_copy_of_a_model_in_use(isolated, monkeypa
 
 
 def test_the_upload_limit_of_the_server_is_the_largest_file_the_engine_takes():
-    server = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["server"]
+    server = tomllib.loads((PROJECT_ROOT / ".streamlit" / "config.toml").read_text())["server"]
     assert server["maxUploadSize"] * 2**20 == diagnosis.MAX_ARCHIVE_UPLOAD_BYTES
     assert diagnosis.MAX_UPLOAD_BYTES <= diagnosis.MAX_ARCHIVE_UPLOAD_BYTES <= diagnosis.MAX_UPLOAD_TOTAL_BYTES
 
 
 def test_the_toolbar_offers_no_deploy_button():
-    client = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["client"]
+    client = tomllib.loads((PROJECT_ROOT / ".streamlit" / "config.toml").read_text())["client"]
     assert client["toolbarMode"] == "viewer"  # Streamlit's Deploy button shows in "auto" and "developer" only
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import fill_store
+from helpers import APP, fill_store
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -35,8 +35,6 @@ from bcd_engine.store import RunStore
 from bcd_engine.training import worker
 from ui import common
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 IN_WORDS = {
     "Benign": "Looks like hematogones — benign",

@@ -87,12 +87,15 @@ def test_launching_a_tiny_run_from_the_form_queues_it(isolated):
     at.multiselect(key="train_backbones_sel").set_value(["mobilenetv2", "scratch_cnn"])
     at.number_input(key="train_image_size").set_value(32)
     at.number_input(key="train_epochs").set_value(1)
+    at.number_input(key="train_label_smoothing").set_value(0.2)
     at.button(key="FormSubmitter:train_form-Queue run(s)").click().run()
     assert not at.exception, at.exception
     runs = RunStore(isolated["url"]).list_runs()
     assert sorted(r.backbone for r in runs) == ["mobilenetv2", "scratch_cnn"]
     assert {r.status for r in runs} == {"queued"}
-    assert runs[0].config["train"]["image_size"] == 32 and runs[0].config["train"]["epochs"] == 1
+    for run in runs:
+        assert (run.config["train"]["image_size"], run.config["train"]["epochs"]) == (32, 1)
+        assert run.config["train"]["label_smoothing"] == 0.2
     assert isolated["spawned"]  # the page asked for a worker
 
 

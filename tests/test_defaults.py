@@ -73,7 +73,7 @@ def test_the_weights_recipe_sets_views_and_label_smoothing_by_where_a_pretrained
 
 def test_the_pretrained_recipe_is_4_training_views_no_test_time_views_and_label_smoothing_0_1():
     """Issue 27 changed the views on purpose from 8 and 8: ResNet50 on the ALL dataset end to end in about the time
-    of a 3-epoch Keras notebook on a CPU (BENCHMARKS.md, 2d); label smoothing 0.1 won back the accuracy (14c)."""
+    of a 3-epoch Keras notebook on a CPU (BENCHMARKS.md, 2d); label smoothing 0.1 halved the head's errors (14c)."""
     assert (PRETRAINED_VIEWS, PRETRAINED_TTA_VIEWS, PRETRAINED_LABEL_SMOOTHING, RANDOM_START_VIEWS) == (4, 1, 0.1, 4)
     config = TrainConfig.for_backbone("resnet50", weights="imagenet")
     assert (config.augment.factor, config.tta_views, config.label_smoothing, config.batch_size) == (4, 1, 0.1, 32)

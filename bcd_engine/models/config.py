@@ -19,8 +19,8 @@ MAX_IMAGE_SIZE = 1024  # pixels a side; larger inputs would not fit a batch in m
 # smoothing of the head's loss when it starts from pretrained weights (ImageNet or a file), and augmented views when
 # it starts from random weights. Until issue 27 pretrained weights took 8 and 8 views: about 12 minutes for ResNet50
 # on the ALL dataset on a 2-core CPU, most of it pushing views through the frozen backbone, for the accuracy that 4
-# and 1 reach (BENCHMARKS.md, 2d). Label smoothing 0.1 halved the head's errors under cross-validation of ResNet50's
-# cached ALL features (26 -> 15 of 2,767; 0.05: 16, 0.2: 20) at no cost in time (BENCHMARKS.md, 14c).
+# and 1 reach (BENCHMARKS.md, 2d). Label smoothing 0.1 about halved the head's errors under cross-validation of
+# ResNet50's cached ALL features (27.3 -> 14.3 of 2,767, mean of three seeds) at no cost in time (BENCHMARKS.md, 14c).
 PRETRAINED_VIEWS = 4
 PRETRAINED_TTA_VIEWS = 1
 PRETRAINED_LABEL_SMOOTHING = 0.1

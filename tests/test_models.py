@@ -3,6 +3,7 @@ state, the precision policy around training only, atomic writes and process chec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -221,3 +222,18 @@ def test_the_feature_cache_key_names_the_backend_and_the_precision(tmp_path):
         mixed = FeatureCache.for_config(config, root=tmp_path)
     assert plain.key_parts["backend"] == keras.backend.backend() and plain.key_parts["precision"] == "float32"
     assert mixed.key != plain.key and FeatureCache.for_config(config, root=tmp_path).key == plain.key
+
+
+def test_a_masked_feature_cache_is_keyed_by_how_regions_are_painted(tmp_path, monkeypatch):
+    """Features of masked images painted by another rule are never read back (the rule changed once, after runs had
+    cached features painted the old way); an unmasked run's cache does not depend on it."""
+    from bcd_engine.models import features
+
+    masked = TrainConfig(backbone="mobilenetv2", weights=None, image_size=32, mask_regions="0.75,0.75,1,1")
+    unmasked = dataclasses.replace(masked, mask_regions="none")
+    before = {c.mask_regions: features.FeatureCache.for_config(c, root=tmp_path) for c in (masked, unmasked)}
+    assert before[masked.mask_regions].key_parts["mask_paint"] == features.PAINT_RULE
+    monkeypatch.setattr(features, "PAINT_RULE", "another-rule")
+    after = {c.mask_regions: features.FeatureCache.for_config(c, root=tmp_path) for c in (masked, unmasked)}
+    assert after[masked.mask_regions].key != before[masked.mask_regions].key
+    assert after["none"].key == before["none"].key and "mask_paint" not in after["none"].key_parts

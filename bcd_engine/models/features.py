@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bcd_engine import settings
-from bcd_engine.data.regions import NO_REGIONS
+from bcd_engine.data.regions import NO_REGIONS, PAINT_RULE
 from bcd_engine.files import atomic_path, file_sha256
 from bcd_engine.models.backbones import BackboneSpec, build_backbone, pooling_layer
 from bcd_engine.models.backend import forward_function
@@ -101,8 +101,9 @@ class FeatureCache:
         }
         if config.colour != "rgb":
             parts["colour"] = config.colour
-        if config.mask_regions != NO_REGIONS:  # likewise: only when regions are masked
+        if config.mask_regions != NO_REGIONS:  # likewise: only when regions are masked, with how they are painted
             parts["mask_regions"] = config.mask_regions
+            parts["mask_paint"] = PAINT_RULE
         return cls(parts, root=root)
 
     def __len__(self) -> int:

@@ -40,7 +40,7 @@ NO_REGIONS = "none"
 AUTO_REGIONS = "auto"
 # How paint_regions fills a region; cached features of masked images are keyed by it, so a change of the rule is never
 # read from features painted by the old one. "median-outside": each image's median colour outside the regions (until
-# stop 30 the whole image's median, cached under no rule name).
+# commit 89a3f06 the whole image's median, cached under no rule name).
 PAINT_RULE = "median-outside"
 _DECIMALS = 4
 _SIZE_SUFFIX = re.compile(r"^(?P<box>[^@]*)@(?P<width>\d+)(?:x(?P<height>\d+))?$")

@@ -63,10 +63,9 @@ def parse_recipe(text: str) -> dict:
     return overrides
 
 
-def cached_views(config: TrainConfig, scan, rows: np.ndarray) -> np.ndarray:
-    """Features (len(rows), views, d) of views 0..factor-1 of ``scan``'s images ``rows``, extracting what the cache
+def cached_views(config: TrainConfig, scan, rows: np.ndarray, views: int) -> np.ndarray:
+    """Features (len(rows), views, d) of views 0..views-1 of ``scan``'s images ``rows``, extracting what the cache
     lacks (into the cache)."""
-    views = config.augment.factor
     cache = FeatureCache.for_config(config)
     md5s = [scan.images[i].md5 for i in rows]
     missing = [(j, v) for j, key in enumerate(md5s) for v in range(views) if cache.get(f"{key}:{v}") is None]
@@ -95,9 +94,9 @@ def cached_views(config: TrainConfig, scan, rows: np.ndarray) -> np.ndarray:
     return np.stack([[cache.get(f"{key}:{v}") for v in range(views)] for key in md5s]).astype(np.float32)
 
 
-def head_errors(config: TrainConfig, x: np.ndarray, y: np.ndarray, train, val, test) -> int:
-    """Test errors of the head ``train`` would fit: trained on every view of ``train``, stopped on view 0 of ``val``,
-    tested on view 0 of ``test`` (rows of ``x``)."""
+def head_errors(config: TrainConfig, x: np.ndarray, y: np.ndarray, train, val, test_x, test_y) -> int:
+    """Errors on ``test_x`` (one vector per image) of the head ``train`` would fit: trained on every view of the
+    rows ``train`` of ``x``, stopped early on view 0 of its rows ``val``."""
     import keras
 
     keras.utils.set_random_seed(config.seed)  # as train() seeds the process before it builds the head
@@ -110,8 +109,8 @@ def head_errors(config: TrainConfig, x: np.ndarray, y: np.ndarray, train, val, t
         n_classes=int(y.max()) + 1,
         config=config,
     )
-    predicted = head.predict(x[test, 0], batch_size=256, verbose=0).argmax(axis=1)
-    return int((predicted != y[test]).sum())
+    predicted = head.predict(test_x, batch_size=256, verbose=0).argmax(axis=1)
+    return int((predicted != test_y).sum())
 
 
 def main() -> None:
@@ -122,24 +121,20 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
 
-    record = RunStore.open().get_run(args.run)
+    store = RunStore.open()
+    record = store.get_run(args.run)
     config = TrainConfig.from_dict(record.config["train"])
     if config.tta_views != 1 or config.fine_tune_epochs:
         sys.exit("the run must test one view and have no phase 2 (the head alone decides its answers)")
     scan = scan_dataset(record.config["data_dir"])
-    split = split_from_assignments(scan, RunStore.open().get_split(args.run))
-    y = np.asarray(scan.labels)
+    split = split_from_assignments(scan, store.get_split(args.run))
+    labels = np.asarray(scan.labels)
     dev = np.sort(np.concatenate([split.train, split.val]))
-    rows = np.concatenate([dev, split.test])
-    x = cached_views(config, scan, rows)
-    x_dev, x_test = x[: len(dev)], x[len(dev) :]
-    inner = group_kfold(y[dev], np.asarray(scan.groups)[dev], folds=INNER_FOLDS, seed=INNER_SEED)
-    # The hold-out split in the rows of x: development images first, then the test images.
-    position = {int(i): k for k, i in enumerate(dev)}
-    holdout_train = np.array([position[int(i)] for i in split.train])
-    holdout_val = np.array([position[int(i)] for i in split.val])
-    x_holdout = np.concatenate([x_dev, x_test])
-    test_rows = np.arange(len(dev), len(rows))
+    x_dev, y_dev = cached_views(config, scan, dev, config.augment.factor), labels[dev]
+    x_test, y_test = cached_views(config, scan, split.test, 1)[:, 0], labels[split.test]  # tested on view 0 only
+    inner = group_kfold(y_dev, np.asarray(scan.groups)[dev], folds=INNER_FOLDS, seed=INNER_SEED)
+    # The hold-out split's training and validation images in the rows of x_dev.
+    holdout_train, holdout_val = np.searchsorted(dev, split.train), np.searchsorted(dev, split.val)
 
     results = []
     for text in args.recipes.split(";"):
@@ -150,8 +145,8 @@ def main() -> None:
             for k, (_, tested) in enumerate(inner):
                 stopping = inner[(k + 1) % INNER_FOLDS][1]
                 training = np.setdiff1d(np.arange(len(dev)), np.concatenate([tested, stopping]))
-                folds.append(head_errors(recipe, x_dev, y[dev], training, stopping, tested))
-            holdout = head_errors(recipe, x_holdout, y[rows], holdout_train, holdout_val, test_rows)
+                folds.append(head_errors(recipe, x_dev, y_dev, training, stopping, x_dev[tested, 0], y_dev[tested]))
+            holdout = head_errors(recipe, x_dev, y_dev, holdout_train, holdout_val, x_test, y_test)
             row = {
                 "recipe": text,
                 "seed": recipe.seed,

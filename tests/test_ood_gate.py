@@ -139,7 +139,6 @@ def photograph_crops(n: int, *, size: int = SIZE) -> np.ndarray:
 @pytest.fixture(scope="module")
 def smears(tmp_path_factory):
     """A tiny run trained on 240 synthetic smears, and 400 fresh smears the same generator drew with another seed."""
-
     from bcd_engine.data.images import load_images
     from bcd_engine.data.synthetic import make_synthetic_dataset
     from bcd_engine.inference.loading import load_run_model
@@ -235,7 +234,6 @@ def test_a_gate_saved_before_the_rule_was_named_still_loads_and_a_new_one_keeps_
 
 
 def test_compare_shows_the_share_of_its_own_test_images_the_gate_refused(smears, monkeypatch):
-
     from streamlit.testing.v1 import AppTest
 
     from bcd_engine.training import worker

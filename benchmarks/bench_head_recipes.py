@@ -9,9 +9,11 @@ of each recipe (the run's own settings with a few fields changed) as ``train`` d
 
 Views missing from the cache (a validation image's augmented views) are extracted into it first. Each recipe is
 ``field=value`` pairs joined by ``,`` (recipes joined by ``;``), for example ``label_smoothing=0.1,dense_units=512``;
-``-`` is the run's own settings.
+``views=N`` sets the number of training views (the augmentation factor); ``-`` is the run's own settings. A recipe
+that changes what is extracted (``image_size``, ``views``) is scored on its own features, extracted into the cache
+with the run's seed; only the head's seed changes with ``--seeds``.
 
-    python benchmarks/bench_head_recipes.py --run 1 [--recipes "label_smoothing=0;label_smoothing=0.1"] \\
+    python benchmarks/bench_head_recipes.py --run 1 [--recipes="-;image_size=256,views=3"] \\
         [--seeds 0,1] [--json]
 
 The store, artifacts and cache are the usual ``BCD_DATABASE_URL``, ``BCD_ARTIFACTS_DIR`` and ``BCD_CACHE_DIR``.
@@ -41,7 +43,7 @@ from bcd_engine.data.splits import group_kfold, split_from_assignments
 from bcd_engine.models.backbones import get_backbone
 from bcd_engine.models.config import TrainConfig
 from bcd_engine.models.features import FeatureCache, build_feature_extractor, extract_features
-from bcd_engine.models.head import fit_head_on_features
+from bcd_engine.models.head import class_weight_dict, fit_head_on_features
 from bcd_engine.store import RunStore
 
 INNER_FOLDS = 5
@@ -50,7 +52,8 @@ DEFAULT_RECIPES = "label_smoothing=0;label_smoothing=0.05;label_smoothing=0.1;la
 
 
 def parse_recipe(text: str) -> dict:
-    """``field=value,...`` as TrainConfig overrides (values read as JSON where they parse, else as text)."""
+    """``field=value,...`` as TrainConfig overrides (values read as JSON where they parse, else as text);
+    ``views`` is read as the augmentation factor."""
     if text.strip() in ("", "-"):
         return {}
     overrides = {}
@@ -61,6 +64,14 @@ def parse_recipe(text: str) -> dict:
         except json.JSONDecodeError:
             overrides[field.strip()] = value.strip()
     return overrides
+
+
+def recipe_config(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """``config`` with ``overrides`` (from :func:`parse_recipe`) applied."""
+    overrides = dict(overrides)
+    if "views" in overrides:
+        overrides["augment"] = dataclasses.replace(config.augment, factor=int(overrides.pop("views")))
+    return dataclasses.replace(config, **overrides)
 
 
 def cached_views(config: TrainConfig, scan, rows: np.ndarray, views: int) -> np.ndarray:
@@ -100,14 +111,15 @@ def head_errors(config: TrainConfig, x: np.ndarray, y: np.ndarray, train, val, t
     import keras
 
     keras.utils.set_random_seed(config.seed)  # as train() seeds the process before it builds the head
-    views = x.shape[1]
+    views, n_classes = x.shape[1], int(y.max()) + 1
     head = fit_head_on_features(
         x[train].reshape(-1, x.shape[-1]),
         np.repeat(y[train], views),
         x[val, 0],
         y[val],
-        n_classes=int(y.max()) + 1,
+        n_classes=n_classes,
         config=config,
+        class_weight=class_weight_dict(y[train], n_classes) if config.class_weights else None,
     )
     predicted = head.predict(test_x, batch_size=256, verbose=0).argmax(axis=1)
     return int((predicted != test_y).sum())
@@ -130,16 +142,28 @@ def main() -> None:
     split = split_from_assignments(scan, store.get_split(args.run))
     labels = np.asarray(scan.labels)
     dev = np.sort(np.concatenate([split.train, split.val]))
-    x_dev, y_dev = cached_views(config, scan, dev, config.augment.factor), labels[dev]
-    x_test, y_test = cached_views(config, scan, split.test, 1)[:, 0], labels[split.test]  # tested on view 0 only
+    y_dev, y_test = labels[dev], labels[split.test]
+    features = {}  # extraction setting -> (development views, test view 0)
+
+    def features_of(extraction: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+        setting = (FeatureCache.for_config(extraction).key, extraction.augment.factor)
+        if setting not in features:
+            features[setting] = (
+                cached_views(extraction, scan, dev, extraction.augment.factor),
+                cached_views(extraction, scan, split.test, 1)[:, 0],  # tested on view 0 only
+            )
+        return features[setting]
+
     inner = group_kfold(y_dev, np.asarray(scan.groups)[dev], folds=INNER_FOLDS, seed=INNER_SEED)
     # The hold-out split's training and validation images in the rows of x_dev.
     holdout_train, holdout_val = np.searchsorted(dev, split.train), np.searchsorted(dev, split.val)
 
     results = []
     for text in args.recipes.split(";"):
+        extraction = recipe_config(config, parse_recipe(text))
+        x_dev, x_test = features_of(extraction)
         for seed in [int(s) for s in args.seeds.split(",")]:
-            recipe = dataclasses.replace(config, **parse_recipe(text), seed=config.seed + seed)
+            recipe = dataclasses.replace(extraction, seed=config.seed + seed)
             started = time.perf_counter()
             folds = []
             for k, (_, tested) in enumerate(inner):
@@ -150,6 +174,8 @@ def main() -> None:
             row = {
                 "recipe": text,
                 "seed": recipe.seed,
+                "image_size": recipe.image_size,
+                "training_views": recipe.augment.factor,
                 "inner_cv_errors": folds,
                 "inner_cv_total": sum(folds),
                 "inner_cv_accuracy": round(1 - sum(folds) / len(dev), 5),

@@ -74,10 +74,9 @@ def recipe_config(config: TrainConfig, overrides: dict) -> TrainConfig:
     return dataclasses.replace(config, **overrides)
 
 
-def cached_views(config: TrainConfig, scan, rows: np.ndarray, views: int) -> np.ndarray:
-    """Features (len(rows), views, d) of views 0..views-1 of ``scan``'s images ``rows``, extracting what the cache
-    lacks (into the cache)."""
-    cache = FeatureCache.for_config(config)
+def cached_views(cache: FeatureCache, config: TrainConfig, scan, rows: np.ndarray, views: int) -> np.ndarray:
+    """Features (len(rows), views, d) of views 0..views-1 of ``scan``'s images ``rows``, extracting what ``cache``
+    (``config``'s) lacks into it."""
     md5s = [scan.images[i].md5 for i in rows]
     missing = [(j, v) for j, key in enumerate(md5s) for v in range(views) if cache.get(f"{key}:{v}") is None]
     if missing:
@@ -146,11 +145,12 @@ def main() -> None:
     features = {}  # extraction setting -> (development views, test view 0)
 
     def features_of(extraction: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-        setting = (FeatureCache.for_config(extraction).key, extraction.augment.factor)
+        cache = FeatureCache.for_config(extraction)  # read once per recipe, shared by both lookups
+        setting = (cache.key, extraction.augment.factor)
         if setting not in features:
             features[setting] = (
-                cached_views(extraction, scan, dev, extraction.augment.factor),
-                cached_views(extraction, scan, split.test, 1)[:, 0],  # tested on view 0 only
+                cached_views(cache, extraction, scan, dev, extraction.augment.factor),
+                cached_views(cache, extraction, scan, split.test, 1)[:, 0],  # tested on view 0 only
             )
         return features[setting]
 
